@@ -1,0 +1,187 @@
+//! Events: how the engine tells the world what happens. It never prints.
+//!
+//! Subscribers are called synchronously, in order, from the scheduler's own task, so they must
+//! be quick (hand heavy work to a thread or channel). The journal writer, the progress bars and
+//! the plain log are all subscribers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::{Handle, TaskError};
+
+/// Why a task runs this time, or why it is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "decision", content = "detail")]
+pub enum Decision {
+    /// Recorded as done, unchanged and still valid.
+    Keep,
+    /// Left in flight by an earlier run and still going: wait for it, don't start it again.
+    Adopt,
+    Run(Reason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "reason", content = "detail")]
+pub enum Reason {
+    /// Not resuming: everything runs.
+    Fresh,
+    NeverRan,
+    Failed,
+    /// Started by a run that ended before the task finished.
+    Interrupted,
+    Changed,
+    /// A task it needs re-runs (named).
+    UpstreamReRan(String),
+    /// Recorded as done, but its check failed (the detail says how).
+    NoLongerAlive(String),
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Keep => f.write_str("kept: done, unchanged and still valid"),
+            Decision::Adopt => f.write_str("adopted: still in flight from the last run"),
+            Decision::Run(r) => write!(f, "runs: {r}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Fresh => f.write_str("fresh run"),
+            Reason::NeverRan => f.write_str("never ran"),
+            Reason::Failed => f.write_str("failed"),
+            Reason::Interrupted => f.write_str("interrupted"),
+            Reason::Changed => f.write_str("changed"),
+            Reason::UpstreamReRan(up) => write!(f, "upstream re-ran (`{up}`)"),
+            Reason::NoLongerAlive(why) => write!(f, "no longer alive ({why})"),
+        }
+    }
+}
+
+/// How a task's turn in a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Done,
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// Never started: something it needs failed, or the run was aborted or cancelled first.
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed-out",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The run begins: what will happen to each task, in topological order.
+    Planned {
+        decisions: Arc<Vec<(Arc<str>, Decision)>>,
+    },
+    Started {
+        index: usize,
+        id: Arc<str>,
+        attempt: u32,
+        adopted: bool,
+    },
+    /// A process exists now; its handle is known before the task is done.
+    Spawned {
+        index: usize,
+        id: Arc<str>,
+        handle: Handle,
+    },
+    Output {
+        id: Arc<str>,
+        line: String,
+    },
+    Retrying {
+        index: usize,
+        id: Arc<str>,
+        attempt: u32,
+        error: String,
+        delay: Duration,
+    },
+    Finished {
+        index: usize,
+        id: Arc<str>,
+        outcome: Outcome,
+        duration: Duration,
+        handle: Option<Handle>,
+        error: Option<TaskError>,
+    },
+    /// A task stopped by teardown (its `undo` ran).
+    Undone {
+        index: usize,
+        id: Arc<str>,
+        error: Option<String>,
+    },
+    /// A task failed and `keep_going` is off: nothing new starts.
+    Aborting {
+        id: Arc<str>,
+    },
+    /// A signal arrived.
+    Cancelling,
+    RunFinished {
+        summary: Summary,
+    },
+}
+
+/// Counts at the end of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub done: usize,
+    pub kept: usize,
+    pub failed: usize,
+    pub timed_out: usize,
+    pub cancelled: usize,
+    pub skipped: usize,
+    pub elapsed_ms: u64,
+}
+
+impl Summary {
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && self.timed_out == 0 && self.cancelled == 0 && self.skipped == 0
+    }
+}
+
+pub trait Subscriber: Send + Sync {
+    fn on_event(&self, event: &Event);
+}
+
+impl<F: Fn(&Event) + Send + Sync> Subscriber for F {
+    fn on_event(&self, event: &Event) {
+        self(event)
+    }
+}
+
+/// The subscribers of one run, cheap to clone into every task's context.
+#[derive(Clone)]
+pub struct Sink(Arc<[Arc<dyn Subscriber>]>);
+
+impl Sink {
+    pub fn new(subscribers: Vec<Arc<dyn Subscriber>>) -> Self {
+        Self(subscribers.into())
+    }
+    pub fn none() -> Self {
+        Self(Arc::new([]))
+    }
+    pub fn emit(&self, event: &Event) {
+        for s in self.0.iter() {
+            s.on_event(event);
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Building and sealing the task graph.
+//!
+//! A [`GraphBuilder`] collects tasks in any order. [`GraphBuilder::seal`] checks the whole
+//! set at once (duplicate ids, unknown dependencies, cycles) and only then hands back a
+//! [`Graph`], the one type the scheduler and the renderers accept. So nothing can run or
+//! draw a graph that was never checked (turborepo's `Engine<Building>` → `Engine<Built>`).
+//!
+//! Indices: task `i` of a sealed graph is the `i`th task added. `deps[i]` and `dependents[i]`
+//! are sorted, so every walk over the graph is deterministic. `topo` is a topological order
+//! that breaks ties by insertion order, which keeps output stable for snapshot tests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::task::Task;
+
+/// Where a task was declared, so that graph errors can point at a file's line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Byte range of the declaration in its source file, if there is a file.
+    pub span: Option<std::ops::Range<usize>>,
+    /// Byte ranges of each entry of its `needs` list, in order.
+    pub need_spans: Vec<Option<std::ops::Range<usize>>>,
+}
+
+/// Errors found while sealing a graph. All of them are reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    #[error("task id `{id}` is declared twice")]
+    Duplicate {
+        id: String,
+        first: Option<std::ops::Range<usize>>,
+        second: Option<std::ops::Range<usize>>,
+    },
+    #[error("task `{task}` needs `{missing}`, which is not a task")]
+    UnknownDependency {
+        task: String,
+        missing: String,
+        span: Option<std::ops::Range<usize>>,
+        suggestion: Option<String>,
+    },
+    #[error("the tasks form a cycle: {}", cycle.join(" → "))]
+    Cycle {
+        /// The ids around the cycle, the first repeated at the end.
+        cycle: Vec<String>,
+        span: Option<std::ops::Range<usize>>,
+    },
+}
+
+/// A graph under construction: any order, not yet checked.
+#[derive(Default)]
+pub struct GraphBuilder {
+    tasks: Vec<Arc<dyn Task>>,
+    origins: Vec<Origin>,
+}
+
+impl GraphBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            tasks: Vec::with_capacity(n),
+            origins: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn add(&mut self, task: Arc<dyn Task>) -> &mut Self {
+        self.add_with_origin(task, Origin::default())
+    }
+
+    pub fn add_with_origin(&mut self, task: Arc<dyn Task>, origin: Origin) -> &mut Self {
+        self.tasks.push(task);
+        self.origins.push(origin);
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Checks the graph and returns it sealed, or every error found.
+    pub fn seal(self) -> Result<Graph, Vec<GraphError>> {
+        let n = self.tasks.len();
+        let mut errors = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
+        for (i, t) in self.tasks.iter().enumerate() {
+            if let Some(&first) = index.get(t.id()) {
+                errors.push(GraphError::Duplicate {
+                    id: t.id().to_string(),
+                    first: self.origins[first].span.clone(),
+                    second: self.origins[i].span.clone(),
+                });
+            } else {
+                index.insert(t.id(), i);
+            }
+        }
+        let mut deps: Vec<Vec<usize>> = Vec::with_capacity(n);
+        for (i, t) in self.tasks.iter().enumerate() {
+            let mut d = BTreeSet::new();
+            for (k, need) in t.needs().iter().enumerate() {
+                match index.get(need.as_str()) {
+                    Some(&j) => {
+                        d.insert(j);
+                    }
+                    None => errors.push(GraphError::UnknownDependency {
+                        task: t.id().to_string(),
+                        missing: need.clone(),
+                        span: self.origins[i]
+                            .need_spans
+                            .get(k)
+                            .cloned()
+                            .flatten()
+                            .or_else(|| self.origins[i].span.clone()),
+                        suggestion: closest(need, index.keys().copied()),
+                    }),
+                }
+            }
+            deps.push(d.into_iter().collect());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, d) in deps.iter().enumerate() {
+            for &j in d {
+                dependents[j].push(i);
+            }
+        }
+        // Kahn's algorithm with a min-heap on the index: a stable topological order.
+        let mut indeg: Vec<usize> = deps.iter().map(Vec::len).collect();
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = indeg
+            .iter()
+            .enumerate()
+            .filter(|(_, &d)| d == 0)
+            .map(|(i, _)| std::cmp::Reverse(i))
+            .collect();
+        let mut topo = Vec::with_capacity(n);
+        while let Some(std::cmp::Reverse(i)) = heap.pop() {
+            topo.push(i);
+            for &k in &dependents[i] {
+                indeg[k] -= 1;
+                if indeg[k] == 0 {
+                    heap.push(std::cmp::Reverse(k));
+                }
+            }
+        }
+        if topo.len() < n {
+            let cycle = find_cycle(&deps, &indeg);
+            let ids: Vec<String> = cycle
+                .iter()
+                .map(|&i| self.tasks[i].id().to_string())
+                .collect();
+            return Err(vec![GraphError::Cycle {
+                span: self.origins[cycle[0]].span.clone(),
+                cycle: ids,
+            }]);
+        }
+        let by_id = index
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        Ok(Graph {
+            tasks: self.tasks,
+            origins: self.origins,
+            deps,
+            dependents,
+            topo,
+            by_id,
+        })
+    }
+}
+
+/// Finds one cycle among the nodes Kahn's algorithm could not order (those with `indeg > 0`),
+/// returned as the path `a, b, ..., a` in dependency direction (`a` needs `b`).
+fn find_cycle(deps: &[Vec<usize>], indeg: &[usize]) -> Vec<usize> {
+    let mut g = DiGraph::<usize, ()>::new();
+    let nodes: Vec<NodeIndex> = (0..deps.len()).map(|i| g.add_node(i)).collect();
+    for (i, d) in deps.iter().enumerate() {
+        if indeg[i] == 0 {
+            continue;
+        }
+        for &j in d {
+            if indeg[j] > 0 {
+                g.add_edge(nodes[i], nodes[j], ());
+            }
+        }
+    }
+    // The smallest strongly connected component with more than one node (or a self loop)
+    // holds a cycle; walk it from its smallest index.
+    let mut sccs: Vec<Vec<NodeIndex>> = petgraph::algo::tarjan_scc(&g)
+        .into_iter()
+        .filter(|c| c.len() > 1 || g.contains_edge(c[0], c[0]))
+        .collect();
+    sccs.sort_by_key(|c| c.iter().map(|n| n.index()).min());
+    let Some(scc) = sccs.first() else {
+        return vec![];
+    };
+    let members: BTreeSet<usize> = scc.iter().map(|n| g[*n]).collect();
+    let Some(&start) = members.iter().next() else {
+        return vec![];
+    };
+    // Breadth-first search for the shortest way back to `start` inside the component.
+    let mut prev: HashMap<usize, usize> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(u) = queue.pop_front() {
+        for &v in &deps[u] {
+            if !members.contains(&v) {
+                continue;
+            }
+            if v == start {
+                let mut path = vec![start];
+                let mut cur = u;
+                while cur != start {
+                    path.push(cur);
+                    cur = prev[&cur];
+                }
+                path.push(start);
+                let len = path.len();
+                path[1..len - 1].reverse();
+                return path;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(v) {
+                e.insert(u);
+                queue.push_back(v);
+            }
+        }
+    }
+    vec![start, start]
+}
+
+/// The closest id to a misspelt one, if any is close enough to be a likely typo.
+pub fn closest<'a>(wrong: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = levenshtein(wrong, c);
+        let limit = (wrong.len().max(c.len()) / 3).max(1);
+        if d <= limit && best.is_none_or(|(bd, bc)| (d, c) < (bd, bc)) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c.to_string())
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A checked, acyclic task graph: the only thing the scheduler runs.
+pub struct Graph {
+    tasks: Vec<Arc<dyn Task>>,
+    origins: Vec<Origin>,
+    deps: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    topo: Vec<usize>,
+    by_id: HashMap<String, usize>,
+}
+
+impl Graph {
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+    pub fn task(&self, i: usize) -> &Arc<dyn Task> {
+        &self.tasks[i]
+    }
+    pub fn tasks(&self) -> &[Arc<dyn Task>] {
+        &self.tasks
+    }
+    pub fn origin(&self, i: usize) -> &Origin {
+        &self.origins[i]
+    }
+    /// Indices of the tasks `i` needs, sorted.
+    pub fn deps(&self, i: usize) -> &[usize] {
+        &self.deps[i]
+    }
+    /// Indices of the tasks that need `i`, sorted.
+    pub fn dependents(&self, i: usize) -> &[usize] {
+        &self.dependents[i]
+    }
+    /// A topological order, ties broken by insertion order.
+    pub fn topo(&self) -> &[usize] {
+        &self.topo
+    }
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+    /// Every task reachable from `roots` through dependents, roots included, in topo order.
+    pub fn descendants(&self, roots: &[usize]) -> Vec<usize> {
+        let mut seen = vec![false; self.len()];
+        let mut stack: Vec<usize> = roots.to_vec();
+        while let Some(i) = stack.pop() {
+            if !seen[i] {
+                seen[i] = true;
+                stack.extend_from_slice(&self.dependents[i]);
+            }
+        }
+        self.topo.iter().copied().filter(|&i| seen[i]).collect()
+    }
+    /// The length of each task's longest dependency chain (0 for roots), by topo order.
+    pub fn depths(&self) -> Vec<usize> {
+        let mut depth = vec![0; self.len()];
+        for &i in &self.topo {
+            depth[i] = self.deps[i].iter().map(|&j| depth[j] + 1).max().unwrap_or(0);
+        }
+        depth
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeTask;
+
+    fn build(specs: &[(&str, &[&str])]) -> Result<Graph, Vec<GraphError>> {
+        let mut b = GraphBuilder::new();
+        for (id, needs) in specs {
+            b.add(FakeTask::new(id, needs).arc());
+        }
+        b.seal()
+    }
+
+    #[test]
+    fn topo_is_stable_and_respects_deps() {
+        let g = build(&[("c", &["a", "b"]), ("a", &[]), ("b", &["a"])]).expect("valid");
+        let ids: Vec<&str> = g.topo().iter().map(|&i| g.task(i).id()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn names_the_cycle() {
+        let err = build(&[("x", &["z"]), ("y", &["x"]), ("z", &["y"]), ("w", &[])])
+            .err()
+            .expect("a cycle");
+        assert_eq!(err[0].to_string(), "the tasks form a cycle: x → z → y → x");
+    }
+
+    #[test]
+    fn self_loop_is_a_cycle() {
+        let err = build(&[("a", &["a"])]).err().expect("a cycle");
+        assert_eq!(err[0].to_string(), "the tasks form a cycle: a → a");
+    }
+
+    #[test]
+    fn reports_all_duplicates_and_unknowns_at_once() {
+        let err = build(&[("a", &[]), ("a", &[]), ("b", &["compile", "zzz"])])
+            .err()
+            .expect("errors");
+        assert_eq!(err.len(), 3);
+        assert!(matches!(&err[0], GraphError::Duplicate { id, .. } if id == "a"));
+        assert!(matches!(&err[1], GraphError::UnknownDependency { missing, .. } if missing == "compile"));
+    }
+
+    #[test]
+    fn suggests_a_near_miss() {
+        assert_eq!(
+            closest("comple", ["compile", "link"].into_iter()),
+            Some("compile".into())
+        );
+        assert_eq!(closest("zzz", ["compile", "link"].into_iter()), None);
+    }
+}

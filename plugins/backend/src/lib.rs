@@ -1,0 +1,127 @@
+//! The backend plugin API: where and how a task's process runs.
+//!
+//! A backend turns node names of a plan (`node0`, `node1`, ...) into machines, and runs
+//! processes on them. Every operation takes and returns plain data, so that the same calls
+//! can cross a process boundary (a site plugin speaking JSON lines) as easily as a function
+//! call:
+//!
+//! - [`Backend::allocate`] gets nodes and says their addresses; [`Backend::release`] gives
+//!   them back.
+//! - [`Backend::spawn`] starts a process on a node (argv, env, files to place, a log) and
+//!   returns a [`ProcHandle`]: JSON the journal keeps, so a later prl-flow can check, stop
+//!   or wait for the process ([`Backend::status`], [`Backend::stop`], [`Backend::wait`]).
+//!   Reattaching is no more than using a recorded handle again.
+//! - A handle must identify its process for good: a pid alone is not enough (pids are
+//!   reused), so backends record what makes it unique (start time, job and step ids).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// What a backend returns for a process: opaque JSON, kept in the journal.
+pub type ProcHandle = serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{message}")]
+pub struct BackendError {
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<std::io::Error> for BackendError {
+    fn from(e: std::io::Error) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+/// A process to start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SpawnSpec {
+    /// The task it belongs to (for names and messages).
+    pub task: String,
+    /// The node to run on; `None` is the machine prl-flow runs on.
+    pub node: Option<String>,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Files to write into the run dir before starting: relative path → content.
+    pub files: BTreeMap<String, String>,
+    /// The directory the process starts in (created; files are placed there).
+    pub run_dir: PathBuf,
+    /// Where stdout and stderr go.
+    pub log: PathBuf,
+    /// A service keeps running; a one-shot's exit status is what matters.
+    pub service: bool,
+}
+
+/// Nodes given to a deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Node name → address (hostname or IP) that services bind and clients reach.
+    pub hosts: BTreeMap<String, String>,
+    /// What the backend needs to release it later.
+    pub handle: ProcHandle,
+}
+
+/// The state of a process, as far as the backend can tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "code")]
+pub enum ProcState {
+    Running,
+    /// It exited with this code (`None`: killed by a signal).
+    Exited(Option<i32>),
+    /// It is gone and nothing says how it ended.
+    Gone,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &str;
+
+    /// Gets the nodes named (in order) and says their addresses.
+    async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError>;
+
+    /// Is an allocation recorded earlier still there?
+    async fn allocation_alive(&self, _allocation: &Allocation) -> Result<bool, BackendError> {
+        Ok(true)
+    }
+
+    async fn release(&self, allocation: &Allocation) -> Result<(), BackendError>;
+
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError>;
+
+    async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError>;
+
+    /// Resolves when the process has ended (never before), with how it ended.
+    async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError>;
+
+    /// Signals the process group, waits up to `grace`, then kills it. Stopping a process
+    /// that is already gone is not an error.
+    async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError>;
+
+    /// The last `lines` lines of the process's log.
+    async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError>;
+
+    /// The whole log, or from a byte offset: (text, new offset). For `logs -f`.
+    async fn read_log(
+        &self,
+        handle: &ProcHandle,
+        offset: u64,
+    ) -> Result<(String, u64), BackendError>;
+}
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}

@@ -1,0 +1,372 @@
+//! The local backend: every node is this machine, reached at its own loopback address.
+//!
+//! `node0` is 127.0.0.1, `node1` 127.0.0.2, and so on (Linux routes all of 127.0.0.0/8 to
+//! loopback), so a recipe keeps its real ports even with several "nodes" on one machine.
+//!
+//! Processes:
+//! - each starts in its own process group, so a Ctrl-C at the terminal reaches prl-flow
+//!   alone, which then decides what to stop; stopping signals the whole group (SIGTERM, a
+//!   grace period, SIGKILL);
+//! - stdout and stderr go to the task's log file;
+//! - a handle records the pid *and* the process's start time from `/proc/PID/stat`, so a
+//!   reused pid is never taken for ours;
+//! - a one-shot runs under a tiny `sh` trap that writes its exit status to a file when it
+//!   ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the next
+//!   `--resume` reads the file (or sees it still running and waits) instead of running it
+//!   a second time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use prl_flow_backend::{
+    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// How often to look at a process that is not our child.
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Handle {
+    backend: String,
+    pid: i32,
+    /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
+    start: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    log: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status_file: Option<PathBuf>,
+}
+
+#[derive(Default)]
+pub struct LocalBackend {
+    /// Exit states of the children this process started, by pid.
+    children: Mutex<HashMap<i32, watch::Receiver<Option<ProcState>>>>,
+}
+
+impl LocalBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The loopback address of the `i`th node.
+    pub fn address(i: usize) -> String {
+        let i = i + 1;
+        format!("127.0.{}.{}", (i >> 8) & 0xff, i & 0xff)
+    }
+
+    fn parse(handle: &ProcHandle) -> Result<Handle, BackendError> {
+        serde_json::from_value(handle.clone())
+            .map_err(|e| BackendError::new(format!("not a local process handle ({e}): {handle}")))
+    }
+
+    fn child(&self, pid: i32) -> Option<watch::Receiver<Option<ProcState>>> {
+        self.children.lock().ok()?.get(&pid).cloned()
+    }
+
+    fn state_of(&self, h: &Handle) -> ProcState {
+        if let Some(rx) = self.child(h.pid) {
+            if let Some(s) = rx.borrow().clone() {
+                return s;
+            }
+            return ProcState::Running;
+        }
+        match proc_start(h.pid) {
+            Some((start, state)) if start == h.start && state != 'Z' && state != 'X' => {
+                ProcState::Running
+            }
+            _ => match h.status_file.as_deref().and_then(read_status) {
+                Some(code) => ProcState::Exited(Some(code)),
+                None => ProcState::Gone,
+            },
+        }
+    }
+}
+
+/// `(start time, state letter)` of a live pid, from `/proc/PID/stat`.
+fn proc_start(pid: i32) -> Option<(u64, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 overall is index 19 after the state (field 3).
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+fn read_status(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
+        Ok(Allocation {
+            hosts: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), Self::address(i)))
+                .collect(),
+            handle: serde_json::json!({ "backend": "local" }),
+        })
+    }
+
+    async fn release(&self, _allocation: &Allocation) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
+        if spec.argv.is_empty() {
+            return Err(BackendError::new(format!("task `{}` has an empty command", spec.task)));
+        }
+        std::fs::create_dir_all(&spec.run_dir)?;
+        for (rel, content) in &spec.files {
+            let path = spec.run_dir.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, content)?;
+        }
+        if let Some(parent) = spec.log.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))?;
+        let log_err = log.try_clone()?;
+
+        let status_file = (!spec.service).then(|| spec.run_dir.join("exit-status"));
+        let argv: Vec<String> = match &status_file {
+            None => spec.argv.clone(),
+            Some(f) => {
+                let _ = std::fs::remove_file(f);
+                wrap_with_status(&spec.argv, f)
+            }
+        };
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(&spec.env)
+            .current_dir(&spec.run_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            BackendError::new(format!("cannot start `{}`: {e}", spec.argv[0]))
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| BackendError::new("the process ended before it had a pid"))?
+            as i32;
+        let start = proc_start(pid).map(|(s, _)| s).unwrap_or(0);
+        let (tx, rx) = watch::channel(None);
+        if let Ok(mut m) = self.children.lock() {
+            m.insert(pid, rx);
+        }
+        tokio::spawn(async move {
+            let state = match child.wait().await {
+                Ok(s) => ProcState::Exited(s.code()),
+                Err(_) => ProcState::Gone,
+            };
+            let _ = tx.send(Some(state));
+        });
+        let h = Handle {
+            backend: "local".into(),
+            pid,
+            start,
+            node: spec.node.clone(),
+            log: spec.log.clone(),
+            status_file,
+        };
+        serde_json::to_value(h).map_err(|e| BackendError::new(e.to_string()))
+    }
+
+    async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
+        Ok(self.state_of(&Self::parse(handle)?))
+    }
+
+    async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
+        let h = Self::parse(handle)?;
+        if let Some(mut rx) = self.child(h.pid) {
+            let s = rx
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| BackendError::new("lost track of the process"))?;
+            return Ok(s.clone().unwrap_or(ProcState::Gone));
+        }
+        loop {
+            match self.state_of(&h) {
+                ProcState::Running => tokio::time::sleep(POLL).await,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
+        let h = Self::parse(handle)?;
+        if self.state_of(&h) != ProcState::Running {
+            return Ok(());
+        }
+        let group = Pid::from_raw(h.pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.state_of(&h) != ProcState::Running {
+                // The leader is gone; make sure nothing of its group lingers.
+                let _ = killpg(group, Signal::SIGKILL);
+                return Ok(());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.state_of(&h) == ProcState::Running {
+            if Instant::now() > deadline {
+                return Err(BackendError::new(format!(
+                    "process {} did not end after SIGKILL",
+                    h.pid
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(())
+    }
+
+    async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
+        let h = Self::parse(handle)?;
+        Ok(last_lines(&tail_bytes(&h.log, 64 * 1024)?, lines))
+    }
+
+    async fn read_log(
+        &self,
+        handle: &ProcHandle,
+        offset: u64,
+    ) -> Result<(String, u64), BackendError> {
+        let h = Self::parse(handle)?;
+        read_from(&h.log, offset)
+    }
+}
+
+/// Runs `argv` under `sh`, writing its exit status to `status` when it ends (not when it is
+/// killed: then there is no status, which is the truth).
+fn wrap_with_status(argv: &[String], status: &Path) -> Vec<String> {
+    let trap = "trap 'echo $? > \"$0\"' EXIT";
+    let status = status.to_string_lossy().into_owned();
+    match argv {
+        // A shell command line: one shell, with the trap in front.
+        [sh, c, script] if sh == "sh" && c == "-c" => {
+            vec!["sh".into(), "-c".into(), format!("{trap}\n{script}"), status]
+        }
+        _ => {
+            let mut v = vec!["sh".into(), "-c".into(), format!("{trap}; \"$@\""), status];
+            v.extend(argv.iter().cloned());
+            v
+        }
+    }
+}
+
+fn tail_bytes(path: &Path, max: u64) -> Result<String, BackendError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Reads a file from `offset`: (text, offset after it).
+pub fn read_from(path: &Path, offset: u64) -> Result<(String, u64), BackendError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), offset)),
+        Err(e) => return Err(e.into()),
+    };
+    let len = f.metadata()?.len();
+    let from = if offset > len { 0 } else { offset };
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let end = from + buf.len() as u64;
+    Ok((String::from_utf8_lossy(&buf).into_owned(), end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, argv: &[&str], service: bool) -> SpawnSpec {
+        SpawnSpec {
+            task: "t".into(),
+            node: None,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: Default::default(),
+            files: [("conf/a.json".to_string(), "{}".to_string())].into(),
+            run_dir: dir.join("run"),
+            log: dir.join("t.log"),
+            service,
+        }
+    }
+
+    #[test]
+    fn addresses_are_loopback() {
+        assert_eq!(LocalBackend::address(0), "127.0.0.1");
+        assert_eq!(LocalBackend::address(1), "127.0.0.2");
+        assert_eq!(LocalBackend::address(255), "127.0.1.0");
+    }
+
+    #[tokio::test]
+    async fn oneshot_exit_status_is_recorded_and_readable_without_the_child() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::new();
+        let h = b
+            .spawn(&spec(dir.path(), &["sh", "-c", "echo hi; exit 3"], false))
+            .await
+            .expect("spawn");
+        assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
+        assert!(dir.path().join("run/conf/a.json").exists());
+        assert_eq!(b.log_tail(&h, 5).await.expect("log"), "hi");
+        // Another backend instance (a later prl-flow) reads the status file.
+        let later = LocalBackend::new();
+        assert_eq!(later.status(&h).await.expect("status"), ProcState::Exited(Some(3)));
+    }
+
+    #[tokio::test]
+    async fn service_stops_with_its_group_and_pid_reuse_is_detected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::new();
+        let h = b
+            .spawn(&spec(dir.path(), &["sh", "-c", "sleep 30 & sleep 30; wait"], true))
+            .await
+            .expect("spawn");
+        assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
+        b.stop(&h, Duration::from_secs(2)).await.expect("stop");
+        assert_ne!(b.status(&h).await.expect("status"), ProcState::Running);
+        // A handle with the right pid but another start time is not ours.
+        let mut fake: Handle = serde_json::from_value(h.clone()).expect("handle");
+        fake.pid = std::process::id() as i32;
+        fake.start += 1;
+        let fake = serde_json::to_value(fake).expect("json");
+        assert_eq!(LocalBackend::new().status(&fake).await.expect("status"), ProcState::Gone);
+    }
+}

@@ -1,0 +1,267 @@
+//! The Plan: pure data, the DAG of task specs that `plan` and `graph` print and `run`
+//! executes. Nothing in a Plan has touched a machine.
+//!
+//! Both inputs end here: a generic workflow file (`[[task]]` entries) and a deployment
+//! recipe (`[inference]`, rendered by the shapes). Each [`TaskSpec`] carries everything its
+//! execution needs, and its fingerprint is a hash of exactly that, so a resume can tell
+//! whether a task would now do something different.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The whole plan of one workflow or deployment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    /// The recipe's or workflow's name (the file stem by default): names the state dir.
+    pub name: String,
+    /// The backend it is meant for (`local`, `ssh`, `slurm`, a plugin's name).
+    pub backend: String,
+    /// The `[backend]` table's other fields (partition, hosts, ...), for the backend to read.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub backend_config: serde_json::Value,
+    /// Nodes the plan uses, in order (`node0`, `node1`, ...). Empty for a plain workflow,
+    /// whose tasks run on this machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    pub tasks: Vec<TaskSpec>,
+    /// Where the deployment answers once it is up (the router's URL), for the closing
+    /// message of `run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// The placeholder for a node's address in argv, env, files and probe URLs: `${host:node1}`.
+/// Addresses are known only once nodes are allocated (a SLURM allocation names them), so the
+/// plan keeps the placeholder and the run fills it in; `plan --backend local` shows them
+/// filled.
+pub fn host_ref(node: &str) -> String {
+    format!("${{host:{node}}}")
+}
+
+/// Replaces every `${host:NODE}` in `text` by `lookup(NODE)`; unknown nodes stay as they are.
+pub fn resolve_hosts(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    if !text.contains("${host:") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("${host:") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 7..];
+        match after.find('}') {
+            Some(end) => {
+                let node = &after[..end];
+                match lookup(node) {
+                    Some(addr) => out.push_str(&addr),
+                    None => out.push_str(&rest[at..at + 7 + end + 1]),
+                }
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[at..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One task, fully rendered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TaskSpec {
+    /// Stable id, e.g. `prefill[0].node[1]`.
+    pub id: String,
+    /// `custom` for workflow tasks; for deployments `allocate`, `mooncake-master`,
+    /// `metadata-server`, `mooncake-client`, `engine`, `prefill`, `decode`, `router`,
+    /// `register`, `health-probe`.
+    pub kind: String,
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// The node it runs on (`None`: this machine, where prl-flow runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What to execute: an argv, a shell command, or a built-in action.
+    pub command: Command,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Files to place before the command starts, relative to the task's run dir.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileSpec>,
+    /// Ports the task listens on (for clash checks and displays).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// A service keeps running once ready; a one-shot is done when it exits 0.
+    #[serde(default)]
+    pub service: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<Readiness>,
+    /// The whole attempt, readiness included.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retries: u32,
+    /// The pause before the first retry (doubled each time); the engine's default if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub backoff: Option<Duration>,
+    /// Where the task was declared in its source file (not part of the fingerprint).
+    #[serde(skip)]
+    pub span: Option<Range<usize>>,
+    /// Byte ranges of each `needs` entry in the source file.
+    #[serde(skip)]
+    pub need_spans: Vec<Option<Range<usize>>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum Command {
+    /// An argv, executed without a shell.
+    Argv { argv: Vec<String> },
+    /// A shell command line, run with `sh -c`.
+    Shell { script: String },
+    /// Something prl-flow does itself rather than by a process on a node: a readiness
+    /// check, a completion through the router, a registration call. `action` names it;
+    /// `args` says the rest.
+    Builtin {
+        action: String,
+        #[serde(default)]
+        args: serde_json::Value,
+    },
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Argv { argv: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileSpec {
+    pub path: String,
+    pub content: String,
+}
+
+/// How to tell a service is ready, as docker compose's healthchecks do.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Readiness {
+    pub probe: Probe,
+    /// Time between probes.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// One probe's time limit.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Failures in this first stretch don't count against the service (a large model
+    /// takes minutes to load).
+    #[serde(with = "duration")]
+    pub start_period: Duration,
+    /// Give up if not ready after this long (from the start).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub ready_timeout: Option<Duration>,
+}
+
+impl Readiness {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+    pub fn new(probe: Probe) -> Self {
+        Self {
+            probe,
+            interval: Self::DEFAULT_INTERVAL,
+            timeout: Self::DEFAULT_TIMEOUT,
+            start_period: Duration::ZERO,
+            ready_timeout: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Probe {
+    /// Ready when `GET url` answers 2xx.
+    Http { url: String },
+    /// Ready when a TCP connection to `addr` (`host:port`) succeeds.
+    Tcp { addr: String },
+    /// Ready when a line of the task's log matches the regex.
+    Log { regex: String },
+}
+
+impl Probe {
+    pub fn describe(&self) -> String {
+        match self {
+            Probe::Http { url } => format!("GET {url}"),
+            Probe::Tcp { addr } => format!("tcp {addr}"),
+            Probe::Log { regex } => format!("log /{regex}/"),
+        }
+    }
+}
+
+impl TaskSpec {
+    /// A hash of everything that changes what the task does.
+    pub fn fingerprint(&self) -> String {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The command as one line for people (`plan` output).
+    pub fn command_line(&self) -> String {
+        match &self.command {
+            Command::Argv { argv } => shlex::try_join(argv.iter().map(String::as_str))
+                .unwrap_or_else(|_| argv.join(" ")),
+            Command::Shell { script } => script.clone(),
+            Command::Builtin { action, args } => {
+                if args.is_null() {
+                    format!("(built-in) {action}")
+                } else {
+                    format!("(built-in) {action} {args}")
+                }
+            }
+        }
+    }
+}
+
+/// Parses `500ms`, `10s`, `10m`, `1h30m` (humantime's syntax).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. `500ms`, `30s`, `10m`"))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    prl_flow_engine::fmt_duration(d)
+}
+
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}

@@ -1,0 +1,1 @@
+//! Deployment recipes (being written).

@@ -1,0 +1,404 @@
+//! The generic workflow file: `[[task]]` entries of shell commands, so the engine can be used
+//! (and tested, and measured) on its own. Recipes may carry the same entries to add steps of
+//! their own to a deployment.
+//!
+//! ```toml
+//! [[task]]
+//! id = "server"
+//! run = "python3 -m http.server 8000"   # or argv = ["python3", "-m", "http.server", "8000"]
+//! service = true
+//! ready = { http = "http://127.0.0.1:8000/", interval = "100ms", start_period = "5s" }
+//! ```
+//!
+//! Parsing is serde with `deny_unknown_fields` and spans (`toml::Spanned`): a structural
+//! problem is reported at its place with a "did you mean" where a field is misspelt. Then
+//! every entry is checked in one pass (durations, commands, readiness), and problems are
+//! returned together.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diag::{did_you_mean, Problem, Problems};
+use crate::plan::{parse_duration, Command, Plan, Probe, Readiness, TaskSpec};
+
+/// The fields of a `[[task]]` entry, for messages and suggestions.
+pub const TASK_FIELDS: &[&str] = &[
+    "id", "run", "argv", "needs", "before", "node", "env", "service", "ready", "timeout",
+    "retries", "backoff",
+];
+const READY_FIELDS: &[&str] = &[
+    "http",
+    "tcp",
+    "log",
+    "interval",
+    "timeout",
+    "start_period",
+    "ready_timeout",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkflowFile {
+    name: Option<String>,
+    #[serde(default)]
+    task: Vec<Spanned<TaskEntry>>,
+}
+
+/// One `[[task]]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskEntry {
+    pub id: Spanned<String>,
+    pub run: Option<Spanned<String>>,
+    pub argv: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub needs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub before: Vec<Spanned<String>>,
+    pub node: Option<Spanned<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub service: bool,
+    pub ready: Option<Spanned<ReadyEntry>>,
+    pub timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub retries: u32,
+    pub backoff: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyEntry {
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub log: Option<String>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub start_period: Option<Spanned<String>>,
+    pub ready_timeout: Option<Spanned<String>>,
+}
+
+/// A task spec with the extras that only matter while assembling a plan.
+pub struct Entry {
+    pub spec: TaskSpec,
+    pub before: Vec<Spanned<String>>,
+}
+
+/// Parses a workflow file into a plan named `default_name` (unless the file names itself).
+pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan, Problems> {
+    let mut problems = Problems::new(path, source.clone());
+    let file: WorkflowFile = match toml::from_str(&source) {
+        Ok(f) => f,
+        Err(e) => {
+            problems.push(toml_problem(&e, TASK_FIELDS));
+            return Err(problems);
+        }
+    };
+    if file.task.is_empty() {
+        problems.push(
+            Problem::new("the file declares no `[[task]]`")
+                .help("add a task: `[[task]]` then `id = \"hello\"` and `run = \"echo hello\"`"),
+        );
+        return Err(problems);
+    }
+    let entries: Vec<Entry> = file
+        .task
+        .iter()
+        .filter_map(|t| entry_to_spec(t, "custom", &mut problems))
+        .collect();
+    let tasks = apply_before(entries, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Plan {
+        name: file.name.unwrap_or_else(|| default_name.to_string()),
+        backend: "local".into(),
+        backend_config: serde_json::Value::Null,
+        nodes: Vec::new(),
+        tasks,
+        endpoint: None,
+    })
+}
+
+/// Turns a toml/serde error into a problem at its place, with a suggestion for a misspelt
+/// field.
+pub fn toml_problem(e: &toml::de::Error, fields: &[&str]) -> Problem {
+    let msg = e.message().trim().to_string();
+    let mut p = Problem::new(msg.clone()).at(e.span()).label("here");
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some(name) = rest.split('`').next() {
+            let candidates: Vec<&str> = if msg.contains("expected one of") {
+                msg.split("expected one of")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .collect()
+            } else {
+                fields.to_vec()
+            };
+            p = p.label("not a known field");
+            p.help = Some(match did_you_mean(name, candidates.iter().copied()) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("known fields: {}", candidates.join(", ")),
+            });
+        }
+    } else if msg.starts_with("missing field") {
+        p = p.label("in this entry");
+    }
+    p
+}
+
+/// Converts one entry; problems go to `problems` and the entry is dropped.
+pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems) -> Option<Entry> {
+    let e = t.get_ref();
+    let before = problems.len();
+    let id = e.id.get_ref().trim().to_string();
+    if id.is_empty() {
+        problems.push(
+            Problem::new("`id` is empty")
+                .at(Some(e.id.span()))
+                .help("give the task a name, e.g. `id = \"compile\"`"),
+        );
+    }
+    let command = match (&e.run, &e.argv) {
+        (Some(r), None) => Command::Shell {
+            script: r.get_ref().clone(),
+        },
+        (None, Some(a)) if !a.get_ref().is_empty() => Command::Argv {
+            argv: a.get_ref().clone(),
+        },
+        (None, Some(a)) => {
+            problems.push(
+                Problem::new(format!("`argv` of task `{id}` is empty"))
+                    .at(Some(a.span()))
+                    .help("name the program and its arguments: `argv = [\"echo\", \"hi\"]`"),
+            );
+            Command::default()
+        }
+        (Some(r), Some(_)) => {
+            problems.push(
+                Problem::new(format!("task `{id}` has both `run` and `argv`"))
+                    .at(Some(r.span()))
+                    .help("keep one: `run` for a shell command line, `argv` for a program and its arguments"),
+            );
+            Command::default()
+        }
+        (None, None) => {
+            problems.push(
+                Problem::new(format!("task `{id}` has no command"))
+                    .at(Some(t.span()))
+                    .label("this task")
+                    .help("add `run = \"...\"` (a shell command) or `argv = [...]`"),
+            );
+            Command::default()
+        }
+    };
+    let mut duration = |v: &Option<Spanned<String>>, field: &str| {
+        v.as_ref().and_then(|s| match parse_duration(s.get_ref()) {
+            Ok(d) => Some(d),
+            Err(msg) => {
+                problems.push(
+                    Problem::new(format!("`{field}` of task `{id}`: {msg}"))
+                        .at(Some(s.span()))
+                        .label("not a duration"),
+                );
+                None
+            }
+        })
+    };
+    let timeout = duration(&e.timeout, "timeout");
+    let backoff = duration(&e.backoff, "backoff");
+    let ready = match &e.ready {
+        None => None,
+        Some(r) => {
+            let rr = r.get_ref();
+            let interval = duration(&rr.interval, "ready.interval");
+            let ptimeout = duration(&rr.timeout, "ready.timeout");
+            let start_period = duration(&rr.start_period, "ready.start_period");
+            let ready_timeout = duration(&rr.ready_timeout, "ready.ready_timeout");
+            let probes: Vec<Probe> = [
+                rr.http.clone().map(|url| Probe::Http { url }),
+                rr.tcp.clone().map(|addr| Probe::Tcp { addr }),
+                rr.log.clone().map(|regex| Probe::Log { regex }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if let Some(Probe::Log { regex }) = probes.first() {
+                if let Err(err) = regex::Regex::new(regex) {
+                    problems.push(
+                        Problem::new(format!("`ready.log` of task `{id}` is not a valid regex: {err}"))
+                            .at(Some(r.span())),
+                    );
+                }
+            }
+            if let Some(Probe::Tcp { addr }) = probes.first() {
+                if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                    problems.push(
+                        Problem::new(format!("`ready.tcp` of task `{id}` must be `host:port`, not `{addr}`"))
+                            .at(Some(r.span())),
+                    );
+                }
+            }
+            if probes.len() != 1 {
+                problems.push(
+                    Problem::new(format!(
+                        "`ready` of task `{id}` needs exactly one probe: `http`, `tcp` or `log`"
+                    ))
+                    .at(Some(r.span()))
+                    .help(format!(
+                        "e.g. `ready = {{ http = \"http://127.0.0.1:8000/\" }}`; fields: {}",
+                        READY_FIELDS.join(", ")
+                    )),
+                );
+                None
+            } else if !e.service {
+                problems.push(
+                    Problem::new(format!("task `{id}` has `ready` but is not a service"))
+                        .at(Some(r.span()))
+                        .help("add `service = true` (it keeps running once ready), or drop `ready`"),
+                );
+                None
+            } else {
+                let mut rd = Readiness::new(probes.into_iter().next()?);
+                if let Some(v) = interval {
+                    rd.interval = v;
+                }
+                if let Some(v) = ptimeout {
+                    rd.timeout = v;
+                }
+                if let Some(v) = start_period {
+                    rd.start_period = v;
+                }
+                rd.ready_timeout = ready_timeout;
+                Some(rd)
+            }
+        }
+    };
+    if problems.len() > before {
+        return None;
+    }
+    Some(Entry {
+        spec: TaskSpec {
+            id,
+            kind: kind.to_string(),
+            needs: e.needs.iter().map(|n| n.get_ref().clone()).collect(),
+            node: e.node.as_ref().map(|n| n.get_ref().clone()),
+            command,
+            env: e.env.clone(),
+            files: Vec::new(),
+            ports: Vec::new(),
+            service: e.service,
+            ready,
+            timeout,
+            retries: e.retries,
+            backoff,
+            span: Some(t.span()),
+            need_spans: e.needs.iter().map(|n| Some(n.span())).collect(),
+        },
+        before: e.before.clone(),
+    })
+}
+
+/// Resolves `before = [...]`: the named tasks get this one added to their `needs`. Works
+/// over the entries of the file and any tasks already in `tasks` (a recipe's).
+pub fn apply_before(entries: Vec<Entry>, problems: &mut Problems) -> Vec<TaskSpec> {
+    let mut tasks: Vec<TaskSpec> = Vec::with_capacity(entries.len());
+    let mut befores = Vec::new();
+    for e in entries {
+        for b in &e.before {
+            befores.push((e.spec.id.clone(), b.clone()));
+        }
+        tasks.push(e.spec);
+    }
+    add_before(&mut tasks, befores, problems);
+    tasks
+}
+
+/// Adds each `(task, before target)` pair as a dependency of the target.
+pub fn add_before(
+    tasks: &mut [TaskSpec],
+    befores: Vec<(String, Spanned<String>)>,
+    problems: &mut Problems,
+) {
+    for (id, target) in befores {
+        let name = target.get_ref();
+        match tasks.iter_mut().find(|t| &t.id == name) {
+            Some(t) => {
+                if !t.needs.contains(&id) {
+                    t.needs.push(id);
+                    t.need_spans.push(Some(target.span()));
+                }
+            }
+            None => {
+                let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+                let mut p = Problem::new(format!(
+                    "task `{id}` is to run before `{name}`, which is not a task"
+                ))
+                .at(Some(target.span()))
+                .label("unknown task");
+                if let Some(s) = did_you_mean(name, ids.iter().map(String::as_str)) {
+                    p = p.help(format!("did you mean `{s}`?"));
+                }
+                problems.push(p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Plan, Problems> {
+        parse("wf.toml", Arc::new(s.to_string()), "wf")
+    }
+
+    #[test]
+    fn parses_tasks_and_before() {
+        let plan = parse_str(
+            r#"
+[[task]]
+id = "a"
+run = "echo a"
+before = ["b"]
+
+[[task]]
+id = "b"
+argv = ["echo", "b"]
+timeout = "10s"
+retries = 2
+"#,
+        )
+        .expect("valid");
+        assert_eq!(plan.tasks.len(), 2);
+        assert_eq!(plan.tasks[1].needs, ["a"]);
+        assert_eq!(plan.tasks[1].timeout, Some(std::time::Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn unknown_field_is_placed_with_a_suggestion() {
+        let err = parse_str("[[task]]\nid = \"a\"\nrun = \"x\"\nneeds = []\nretires = 2\n")
+            .err()
+            .expect("error");
+        let out = err.render(false);
+        assert!(out.contains("wf.toml:5:1"), "{out}");
+        assert!(out.contains("did you mean `retries`?"), "{out}");
+    }
+
+    #[test]
+    fn collects_every_problem() {
+        let err = parse_str(
+            "[[task]]\nid = \"a\"\n\n[[task]]\nid = \"b\"\nrun = \"x\"\ntimeout = \"soon\"\nready = { http = \"h\" }\n",
+        )
+        .err()
+        .expect("error");
+        assert_eq!(err.len(), 3, "{}", err.render(false));
+    }
+}
