@@ -5,8 +5,12 @@
 //! [`plan::Plan`], pure data; [`exec`] turns each task spec into an engine task bound to a
 //! backend; the engine runs the graph; the [`cli`] shows events and writes the journal.
 
+pub mod builtin;
 pub mod cli;
 pub mod diag;
+pub mod exec;
+pub mod graph_render;
+pub mod progress;
 pub mod workflow;
 pub mod mock;
 pub mod plan;

@@ -198,6 +198,8 @@ fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, File)> {
 
 enum Msg {
     Put(Box<Record>),
+    /// Start the log afresh (its records were dropped).
+    Reset,
     Flush(mpsc::Sender<()>),
 }
 
@@ -228,19 +230,20 @@ impl Journal {
             records: records.clone(),
         };
         write_atomic(&dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+        // The snapshot now holds everything: start the log empty, in append mode so that
+        // every write lands at its end (also after a reset truncates it).
+        File::create(dir.join(LOG)).map_err(io)?;
         let log = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
+            .append(true)
             .open(dir.join(LOG))
             .map_err(io)?;
         let records = Arc::new(Mutex::new(records));
         let (tx, rx) = mpsc::channel();
         let writer = {
-            let records = records.clone();
+            let snap = dir.join(SNAPSHOT);
             std::thread::Builder::new()
                 .name("journal".into())
-                .spawn(move || writer_loop(rx, log, records))
+                .spawn(move || writer_loop(rx, log, snap))
                 .map_err(io)?
         };
         Ok(Self {
@@ -285,6 +288,21 @@ impl Journal {
             r.clone()
         };
         let _ = self.tx.send(Msg::Put(Box::new(rec)));
+    }
+
+    /// Forgets every record (a fresh run): the snapshot and the log are emptied.
+    pub fn reset(&self) {
+        let ids: Vec<String> = match self.records.lock() {
+            Ok(mut m) => {
+                let ids = m.keys().cloned().collect();
+                m.clear();
+                ids
+            }
+            Err(_) => return,
+        };
+        if !ids.is_empty() {
+            let _ = self.tx.send(Msg::Reset);
+        }
     }
 
     /// Waits until everything written so far is on disk.
@@ -371,7 +389,7 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 fn writer_loop(
     rx: mpsc::Receiver<Msg>,
     mut log: File,
-    _records: Arc<Mutex<BTreeMap<String, Record>>>,
+    snapshot_path: PathBuf,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut last_sync = Instant::now();
@@ -393,15 +411,27 @@ fn writer_loop(
         };
         let mut acks = Vec::new();
         let mut batch: Vec<Box<Record>> = Vec::new();
+        let mut reset = false;
         let mut take = |m: Msg| match m {
             Msg::Put(r) => batch.push(r),
             Msg::Flush(ack) => acks.push(ack),
+            Msg::Reset => {
+                batch.clear();
+                reset = true;
+            }
         };
         if let Some(m) = first {
             take(m);
         }
         while let Ok(m) = rx.try_recv() {
             take(m);
+        }
+        if reset {
+            // The snapshot is rewritten empty at close; until then the log must not replay
+            // records of the earlier run over it.
+            log.set_len(0)?;
+            write_atomic(&snapshot_path, b"{\"version\":1,\"records\":{}}\n")?;
+            dirty = true;
         }
         if !batch.is_empty() {
             // Keep only the last update of each id in this batch.

@@ -747,7 +747,7 @@ mod tests {
         let s = setup(vec![
             FakeTask::new("ok", &[]),
             FakeTask::new("changed", &[]).fingerprint("2"),
-            FakeTask::new("down", &["ok"]).check(Check::Invalid("process 12 is gone".into())),
+            FakeTask::new("down", &["ok"]).service().check(Check::Invalid("process 12 is gone".into())),
             FakeTask::new("failed", &[]),
             FakeTask::new("child", &["failed"]),
             FakeTask::new("new", &[]),

@@ -1,0 +1,151 @@
+//! Actions prl-flow performs itself, as tasks of a deployment: making sure a router lists
+//! its workers, and proving the deployment answers.
+
+use std::time::{Duration, Instant};
+
+use prl_flow_engine::TaskError;
+use serde_json::Value;
+
+use crate::exec::Exec;
+
+fn strings(v: &Value, key: &str) -> Vec<String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+fn arg(ex: &Exec, args: &Value, key: &str) -> Result<String, TaskError> {
+    args.get(key)
+        .and_then(Value::as_str)
+        .map(|s| ex.resolve(s))
+        .ok_or_else(|| TaskError::new(format!("built-in action lacks `{key}`")))
+}
+
+/// Every URL-looking string anywhere in a JSON answer.
+fn urls_in(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => {
+            out.push(s.trim_end_matches('/').to_string())
+        }
+        Value::Array(a) => a.iter().for_each(|x| urls_in(x, out)),
+        Value::Object(o) => o.values().for_each(|x| urls_in(x, out)),
+        _ => {}
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap_or_default()
+}
+
+async fn listed(http: &reqwest::Client, router: &str) -> Result<Vec<String>, TaskError> {
+    let url = format!("{router}/list_workers");
+    let resp = http
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| TaskError::new(format!("GET {url}: {e}")))?;
+    let body: Value = resp
+        .json()
+        .await
+        .map_err(|e| TaskError::new(format!("GET {url}: not JSON: {e}")))?;
+    let mut out = Vec::new();
+    urls_in(&body, &mut out);
+    Ok(out)
+}
+
+/// Regular mode: adds each worker the router does not list (after an engine restart the
+/// router may have dropped it). P/D mode: the lists are fixed at the router's start, so
+/// check them.
+pub async fn register(ex: &Exec, args: &Value) -> Result<(), TaskError> {
+    let router = arg(ex, args, "router")?;
+    let http = client();
+    let have = listed(&http, &router).await?;
+    let mode = args.get("mode").and_then(Value::as_str).unwrap_or("regular");
+    let want: Vec<String> = if mode == "pd" {
+        [strings(args, "prefill"), strings(args, "decode")].concat()
+    } else {
+        strings(args, "workers")
+    };
+    let mut missing = Vec::new();
+    for w in want.iter().map(|w| ex.resolve(w).trim_end_matches('/').to_string()) {
+        if have.contains(&w) {
+            continue;
+        }
+        if mode == "pd" {
+            missing.push(w);
+            continue;
+        }
+        let url = format!("{router}/add_worker");
+        let resp = http
+            .post(&url)
+            .query(&[("url", w.as_str())])
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .map_err(|e| TaskError::new(format!("POST {url}?url={w}: {e}")))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            return Err(TaskError::new(format!(
+                "the router at {router} refused worker {w}: {status} {text}"
+            )));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(TaskError::new(format!(
+            "the router at {router} does not list {}",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The router is ready, then one completion comes back through it.
+pub async fn health_probe(ex: &Exec, args: &Value) -> Result<(), TaskError> {
+    let router = arg(ex, args, "router")?;
+    let model = args.get("model").and_then(Value::as_str).unwrap_or("default");
+    let http = client();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let readiness = format!("{router}/readiness");
+    loop {
+        match http.get(&readiness).timeout(Duration::from_secs(5)).send().await {
+            Ok(r) if r.status().is_success() => break,
+            other => {
+                if Instant::now() > deadline {
+                    let why = match other {
+                        Ok(r) => format!("answered {}", r.status()),
+                        Err(e) => e.to_string(),
+                    };
+                    return Err(TaskError::new(format!("GET {readiness} {why}")));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("{router}/v1/completions");
+    let resp = http
+        .post(&url)
+        .header("X-Session-ID", "prl-flow-health-probe")
+        .json(&serde_json::json!({ "model": model, "prompt": "Say hello.", "max_tokens": 8 }))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .map_err(|e| TaskError::new(format!("POST {url}: {e}")))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let text = body
+        .pointer("/choices/0/text")
+        .and_then(Value::as_str)
+        .map(String::from);
+    match (status.is_success(), text) {
+        (true, Some(_)) => Ok(()),
+        _ => Err(TaskError::new(format!(
+            "a completion through {url} failed: {status} {body}"
+        ))),
+    }
+}

@@ -1,0 +1,497 @@
+//! Executing a plan: each [`TaskSpec`] becomes an engine [`Task`] bound to a backend.
+//!
+//! A spec's command runs through the backend (`spawn`, then `wait` for a one-shot or the
+//! readiness probe for a service). Built-in actions run here, in prl-flow itself:
+//! `allocate` (asks the backend for the plan's nodes and learns their addresses),
+//! `register` (makes sure a router lists its workers) and `health-probe` (router ready, then
+//! one real completion through it).
+//!
+//! Node addresses are not known when a plan is made (a SLURM allocation names them). Specs
+//! carry `${host:nodeK}` placeholders; [`Exec::hosts`] fills them in at the last moment,
+//! from the `allocate` task's result, or on resume from its journal record.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use prl_flow_backend::{Allocation, Backend, ProcHandle, ProcState, SpawnSpec};
+use prl_flow_engine::{
+    Check, Done, GraphBuilder, GraphError, Handle, Origin, Policy, Record, Task, TaskContext,
+    TaskError,
+};
+
+use crate::plan::{resolve_hosts, Command, Plan, Probe, Readiness, TaskSpec};
+
+/// How long a stopped process gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of a log quoted in a failure message.
+pub const LOG_LINES: usize = 15;
+
+/// What every task of one run shares.
+pub struct Exec {
+    pub backend: Arc<dyn Backend>,
+    pub state_dir: PathBuf,
+    pub nodes: Vec<String>,
+    hosts: RwLock<BTreeMap<String, String>>,
+    http: reqwest::Client,
+    pub grace: Duration,
+}
+
+impl Exec {
+    pub fn new(backend: Arc<dyn Backend>, state_dir: &Path, nodes: Vec<String>) -> Self {
+        Self {
+            backend,
+            // Processes start in their own run dirs: every path handed to them is absolute.
+            state_dir: std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()),
+            nodes,
+            hosts: RwLock::new(BTreeMap::new()),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
+            grace: STOP_GRACE,
+        }
+    }
+
+    pub fn set_hosts(&self, hosts: BTreeMap<String, String>) {
+        if let Ok(mut h) = self.hosts.write() {
+            *h = hosts;
+        }
+    }
+
+    /// Learns node addresses from an `allocate` record of an earlier run.
+    pub fn prime(&self, records: &BTreeMap<String, Record>) {
+        for r in records.values() {
+            if r.kind == "allocate" {
+                if let Some(a) = r
+                    .handle
+                    .as_ref()
+                    .and_then(|h| serde_json::from_value::<Allocation>(h.clone()).ok())
+                {
+                    self.set_hosts(a.hosts);
+                }
+            }
+        }
+    }
+
+    pub fn resolve(&self, text: &str) -> String {
+        let hosts = self.hosts.read().map(|h| h.clone()).unwrap_or_default();
+        resolve_hosts(text, &|n| hosts.get(n).cloned())
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{}.log", file_name(id)))
+    }
+
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("run").join(file_name(id))
+    }
+
+    /// One probe, with its own time limit. `Err` says why it is not ready.
+    pub async fn probe_once(&self, probe: &Probe, limit: Duration, log: &Path) -> Result<(), String> {
+        match probe {
+            Probe::Http { url } => {
+                let url = self.resolve(url);
+                match self.http.get(&url).timeout(limit).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("GET {url} answered {}", r.status())),
+                    Err(e) => Err(format!("GET {url}: {}", short_error(&e))),
+                }
+            }
+            Probe::Tcp { addr } => {
+                let addr = self.resolve(addr);
+                match tokio::time::timeout(limit, tokio::net::TcpStream::connect(&addr)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("tcp {addr}: {e}")),
+                    Err(_) => Err(format!("tcp {addr}: no answer in {}", crate::plan::format_duration(limit))),
+                }
+            }
+            Probe::Log { regex } => {
+                let re = regex::Regex::new(regex).map_err(|e| e.to_string())?;
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                if text.lines().any(|l| re.is_match(l)) {
+                    Ok(())
+                } else {
+                    Err(format!("no line of the log matches /{regex}/ yet"))
+                }
+            }
+        }
+    }
+}
+
+fn short_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection refused".into()
+    } else {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(inner) = src {
+            s = inner.to_string();
+            src = inner.source();
+        }
+        s
+    }
+}
+
+/// A task id as a file name: `/` and white space would break paths.
+pub fn file_name(id: &str) -> String {
+    id.chars()
+        .map(|c| if c == '/' || c.is_whitespace() { '_' } else { c })
+        .collect()
+}
+
+/// Builds the engine graph of a plan. Errors carry the spans of the source file.
+pub fn build_graph(
+    plan: &Plan,
+    exec: &Arc<Exec>,
+) -> Result<prl_flow_engine::Graph, Vec<GraphError>> {
+    let mut b = GraphBuilder::with_capacity(plan.tasks.len());
+    for spec in &plan.tasks {
+        let origin = Origin {
+            span: spec.span.clone(),
+            need_spans: spec.need_spans.clone(),
+        };
+        b.add_with_origin(Arc::new(SpecTask::new(spec.clone(), exec.clone())), origin);
+    }
+    b.seal()
+}
+
+pub struct SpecTask {
+    spec: TaskSpec,
+    fingerprint: String,
+    exec: Arc<Exec>,
+}
+
+impl SpecTask {
+    pub fn new(spec: TaskSpec, exec: Arc<Exec>) -> Self {
+        Self {
+            fingerprint: spec.fingerprint(),
+            spec,
+            exec,
+        }
+    }
+
+    fn action(&self) -> Option<&str> {
+        match &self.spec.command {
+            Command::Builtin { action, .. } => Some(action),
+            _ => None,
+        }
+    }
+
+    fn where_(&self) -> String {
+        match &self.spec.node {
+            Some(n) => {
+                let addr = self.exec.resolve(&crate::plan::host_ref(n));
+                if addr.starts_with("${") {
+                    format!(" on {n}")
+                } else {
+                    format!(" on {n} ({addr})")
+                }
+            }
+            None => String::new(),
+        }
+    }
+
+    fn spawn_spec(&self) -> SpawnSpec {
+        let ex = &self.exec;
+        let argv = match &self.spec.command {
+            Command::Argv { argv } => argv.iter().map(|a| ex.resolve(a)).collect(),
+            Command::Shell { script } => vec!["sh".into(), "-c".into(), ex.resolve(script)],
+            Command::Builtin { .. } => Vec::new(),
+        };
+        SpawnSpec {
+            task: self.spec.id.clone(),
+            node: self.spec.node.clone(),
+            argv,
+            env: self
+                .spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), ex.resolve(v)))
+                .collect(),
+            files: self
+                .spec
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), ex.resolve(&f.content)))
+                .collect(),
+            run_dir: ex.run_dir(&self.spec.id),
+            log: ex.log_path(&self.spec.id),
+            service: self.spec.service,
+        }
+    }
+
+    async fn failure(&self, handle: &ProcHandle, what: String) -> TaskError {
+        let tail = self
+            .exec
+            .backend
+            .log_tail(handle, LOG_LINES)
+            .await
+            .unwrap_or_default();
+        let log = self.exec.log_path(&self.spec.id);
+        let mut msg = format!("`{}`{} {what}", self.spec.id, self.where_());
+        if tail.trim().is_empty() {
+            msg.push_str(&format!("\n  its log ({}) is empty", log.display()));
+        } else {
+            msg.push_str(&format!("\n  last lines of {}:", log.display()));
+            for l in tail.lines() {
+                msg.push_str("\n    ");
+                msg.push_str(l);
+            }
+        }
+        TaskError::new(msg)
+    }
+
+    /// Waits until the service answers its probe; fails at once if it exits first.
+    async fn wait_ready(&self, handle: &ProcHandle, cx: &TaskContext) -> Result<(), TaskError> {
+        let Some(ready) = &self.spec.ready else {
+            return Ok(());
+        };
+        let began = Instant::now();
+        let log = self.exec.log_path(&self.spec.id);
+        let exit = self.exec.backend.wait(handle);
+        tokio::pin!(exit);
+        loop {
+            let probe = self.exec.probe_once(&ready.probe, ready.timeout, &log);
+            let outcome = tokio::select! {
+                r = probe => Some(r),
+                st = &mut exit => {
+                    let how = match st {
+                        Ok(ProcState::Exited(Some(c))) => format!("exited with status {c}"),
+                        Ok(ProcState::Exited(None)) => "was killed by a signal".to_string(),
+                        Ok(_) => "is gone".to_string(),
+                        Err(e) => format!("could not be watched: {e}"),
+                    };
+                    return Err(self.failure(handle, format!("{how} before it was ready")).await);
+                }
+                () = cx.cancel.cancelled() => None,
+            };
+            let last = match outcome {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => e,
+                None => return Err(self.stopped(handle, "stopped while waiting to be ready").await),
+            };
+            let waited = began.elapsed();
+            if let Some(limit) = ready.ready_timeout {
+                if waited >= limit {
+                    let _ = self.exec.backend.stop(handle, self.exec.grace).await;
+                    return Err(self
+                        .failure(
+                            handle,
+                            format!(
+                                "was not ready after {} (last probe: {last})",
+                                crate::plan::format_duration(limit)
+                            ),
+                        )
+                        .await);
+                }
+            }
+            if waited >= ready.start_period {
+                cx.output(format!("not ready yet: {last}"));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(ready.interval) => {}
+                () = cx.cancel.cancelled() => {
+                    return Err(self.stopped(handle, "stopped while waiting to be ready").await);
+                }
+            }
+        }
+    }
+
+    async fn stopped(&self, handle: &ProcHandle, why: &str) -> TaskError {
+        let _ = self.exec.backend.stop(handle, self.exec.grace).await;
+        TaskError::new(format!("`{}`{} {why}", self.spec.id, self.where_()))
+    }
+
+    /// Waits for a one-shot to end; stops it if the task is cancelled.
+    async fn wait_exit(&self, handle: &ProcHandle, cx: &TaskContext) -> Result<Done, TaskError> {
+        let state = tokio::select! {
+            s = self.exec.backend.wait(handle) => s,
+            () = cx.cancel.cancelled() => {
+                let _ = self.exec.backend.stop(handle, self.exec.grace).await;
+                return Err(TaskError::new(format!("`{}` was stopped", self.spec.id))
+                    .with_handle(Some(handle.clone())));
+            }
+        };
+        match state {
+            Ok(ProcState::Exited(Some(0))) => Ok(Done {
+                handle: Some(handle.clone()),
+            }),
+            Ok(ProcState::Exited(code)) => {
+                let what = match code {
+                    Some(c) => format!("exited with status {c}"),
+                    None => "was killed by a signal".into(),
+                };
+                Err(self.failure(handle, what).await.with_exit_code(code))
+            }
+            Ok(_) => Err(self.failure(handle, "ended without an exit status".into()).await),
+            Err(e) => Err(TaskError::new(format!("`{}`: {e}", self.spec.id))),
+        }
+    }
+
+    async fn run_builtin(&self, action: &str, args: &serde_json::Value) -> Result<Done, TaskError> {
+        let ex = &self.exec;
+        match action {
+            "allocate" => {
+                let a = ex
+                    .backend
+                    .allocate(&ex.nodes)
+                    .await
+                    .map_err(|e| TaskError::new(format!("allocating {} nodes: {e}", ex.nodes.len())))?;
+                ex.set_hosts(a.hosts.clone());
+                let handle = serde_json::to_value(&a).map_err(|e| TaskError::new(e.to_string()))?;
+                Ok(Done {
+                    handle: Some(handle),
+                })
+            }
+            "register" => crate::builtin::register(ex, args).await.map(|()| Done::default()),
+            "health-probe" => crate::builtin::health_probe(ex, args)
+                .await
+                .map(|()| Done::default()),
+            other => Err(TaskError::new(format!("unknown built-in action `{other}`"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Task for SpecTask {
+    fn id(&self) -> &str {
+        &self.spec.id
+    }
+    fn needs(&self) -> &[String] {
+        &self.spec.needs
+    }
+    fn kind(&self) -> &str {
+        &self.spec.kind
+    }
+    fn is_service(&self) -> bool {
+        // An allocation is held like a service: released on teardown.
+        self.spec.service || self.action() == Some("allocate")
+    }
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+    fn policy(&self) -> Policy {
+        Policy {
+            timeout: self.spec.timeout,
+            retries: self.spec.retries,
+            backoff: self.spec.backoff.unwrap_or(Policy::default().backoff),
+        }
+    }
+    fn meta(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node": self.spec.node,
+            "log": self.exec.log_path(&self.spec.id),
+            "ready": self.spec.ready,
+        })
+    }
+
+    async fn run(&self, cx: &TaskContext) -> Result<Done, TaskError> {
+        if let Command::Builtin { action, args } = &self.spec.command {
+            return self.run_builtin(action, args).await;
+        }
+        let spec = self.spawn_spec();
+        let handle = self.exec.backend.spawn(&spec).await.map_err(|e| {
+            TaskError::new(format!("`{}`{} could not start: {e}", self.spec.id, self.where_()))
+        })?;
+        cx.started(handle.clone());
+        if self.spec.service {
+            match self.wait_ready(&handle, cx).await {
+                Ok(()) => Ok(Done {
+                    handle: Some(handle),
+                }),
+                Err(e) => Err(e.with_handle(Some(handle))),
+            }
+        } else {
+            self.wait_exit(&handle, cx).await
+        }
+    }
+
+    async fn check(&self, handle: Option<&Handle>) -> Check {
+        let Some(handle) = handle else {
+            return match self.action() {
+                Some("allocate") | None => Check::Invalid("nothing was recorded".into()),
+                Some(_) => Check::Invalid("interrupted".into()),
+            };
+        };
+        if self.action() == Some("allocate") {
+            let Ok(a) = serde_json::from_value::<Allocation>(handle.clone()) else {
+                return Check::Invalid("the recorded allocation is unreadable".into());
+            };
+            return match self.exec.backend.allocation_alive(&a).await {
+                Ok(true) => {
+                    self.exec.set_hosts(a.hosts);
+                    Check::Valid
+                }
+                Ok(false) => Check::Invalid("the allocation has ended".into()),
+                Err(e) => Check::Invalid(e.to_string()),
+            };
+        }
+        if self.action().is_some() {
+            return Check::Invalid("interrupted".into());
+        }
+        let state = match self.exec.backend.status(handle).await {
+            Ok(s) => s,
+            Err(e) => return Check::Invalid(e.to_string()),
+        };
+        match (self.spec.service, state) {
+            (true, ProcState::Running) => match &self.spec.ready {
+                None => Check::Valid,
+                Some(r) => {
+                    let log = self.exec.log_path(&self.spec.id);
+                    match self.exec.probe_once(&r.probe, r.timeout, &log).await {
+                        Ok(()) => Check::Valid,
+                        // Alive but not (yet) ready: an earlier run left it starting up.
+                        Err(_) => Check::InFlight,
+                    }
+                }
+            },
+            (false, ProcState::Running) => Check::InFlight,
+            (false, ProcState::Exited(Some(0))) => Check::Valid,
+            (_, ProcState::Exited(Some(c))) => Check::Invalid(format!("exited with status {c}")),
+            (_, ProcState::Exited(None)) => Check::Invalid("killed by a signal".into()),
+            (_, ProcState::Gone) => Check::Invalid("the process is gone".into()),
+        }
+    }
+
+    async fn adopt(&self, handle: &Handle, cx: &TaskContext) -> Result<Done, TaskError> {
+        if self.spec.service {
+            self.wait_ready(handle, cx).await?;
+            Ok(Done {
+                handle: Some(handle.clone()),
+            })
+        } else {
+            self.wait_exit(handle, cx).await
+        }
+    }
+
+    async fn undo(&self, handle: &Handle) -> Result<(), TaskError> {
+        if self.action() == Some("allocate") {
+            let a: Allocation = serde_json::from_value(handle.clone())
+                .map_err(|e| TaskError::new(format!("unreadable allocation: {e}")))?;
+            return self
+                .exec
+                .backend
+                .release(&a)
+                .await
+                .map_err(|e| TaskError::new(e.to_string()));
+        }
+        if self.action().is_some() {
+            return Ok(());
+        }
+        self.exec
+            .backend
+            .stop(handle, self.exec.grace)
+            .await
+            .map_err(|e| TaskError::new(e.to_string()))
+    }
+}
+
+/// The readiness recorded in a journal record's meta, if any.
+pub fn recorded_readiness(meta: &serde_json::Value) -> Option<Readiness> {
+    serde_json::from_value(meta.get("ready")?.clone()).ok()
+}

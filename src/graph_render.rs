@@ -1,0 +1,207 @@
+//! Drawing a plan's graph: ASCII for a terminal, DOT for Graphviz, Mermaid for Markdown, and
+//! JSON for tools. Output is deterministic (declaration order within each stage, sorted
+//! edges), so it can be snapshot-tested and diffed.
+//!
+//! The ASCII form groups tasks by *stage*: the length of the longest chain of dependencies
+//! before them. Everything in a stage can run at once once the stage before is done; each
+//! task lists what it needs, so a few hundred tasks stay readable.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use crate::plan::{Command, Plan};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Ascii,
+    Dot,
+    Mermaid,
+    Json,
+}
+
+/// Stage of every task (`None` for a plan whose graph is not sound; seal it first).
+fn stages(plan: &Plan) -> Vec<usize> {
+    let index: HashMap<&str, usize> = plan
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), i))
+        .collect();
+    let n = plan.tasks.len();
+    let mut stage = vec![0usize; n];
+    let mut done = vec![false; n];
+    let mut remaining = n;
+    // Repeated passes in declaration order; a sealed graph is acyclic, so each pass settles
+    // at least one task. Bounded by n passes even for bad input.
+    for _ in 0..=n {
+        if remaining == 0 {
+            break;
+        }
+        for (i, t) in plan.tasks.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let deps: Vec<usize> = t.needs.iter().filter_map(|d| index.get(d.as_str()).copied()).collect();
+            if deps.iter().all(|&d| done[d]) {
+                stage[i] = deps.iter().map(|&d| stage[d] + 1).max().unwrap_or(0);
+                done[i] = true;
+                remaining -= 1;
+            }
+        }
+    }
+    stage
+}
+
+fn is_service(t: &crate::plan::TaskSpec) -> bool {
+    t.service || matches!(&t.command, Command::Builtin { action, .. } if action == "allocate")
+}
+
+pub fn render(plan: &Plan, format: Format) -> String {
+    match format {
+        Format::Ascii => ascii(plan),
+        Format::Dot => dot(plan),
+        Format::Mermaid => mermaid(plan),
+        Format::Json => json(plan),
+    }
+}
+
+fn ascii(plan: &Plan) -> String {
+    let stage = stages(plan);
+    let max = stage.iter().copied().max().unwrap_or(0);
+    let width = plan.tasks.iter().map(|t| t.id.chars().count()).max().unwrap_or(0);
+    let mut out = String::new();
+    let services = plan.tasks.iter().filter(|t| is_service(t)).count();
+    let _ = writeln!(
+        out,
+        "{}: {} tasks ({} services), {} stages",
+        plan.name,
+        plan.tasks.len(),
+        services,
+        max + 1
+    );
+    for s in 0..=max {
+        let _ = writeln!(out, "\nstage {s}");
+        for (i, t) in plan.tasks.iter().enumerate().filter(|(i, _)| stage[*i] == s) {
+            let _ = i;
+            let kind = if is_service(t) {
+                format!("{} (service)", t.kind)
+            } else {
+                t.kind.clone()
+            };
+            let mut line = format!("  {:<width$}  {}", t.id, kind);
+            if let Some(n) = &t.node {
+                line.push_str(&format!(" @{n}"));
+            }
+            if !t.needs.is_empty() {
+                line.push_str(&format!("  ← {}", t.needs.join(", ")));
+            }
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+    }
+    out
+}
+
+fn dot_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Shape and colour per kind, so a deployment's structure shows at a glance.
+fn dot_style(kind: &str, service: bool) -> &'static str {
+    match kind {
+        "allocate" => "shape=folder, fillcolor=\"#eeeeee\"",
+        "mooncake-master" | "metadata-server" | "mooncake-client" => {
+            "shape=cylinder, fillcolor=\"#ffe0b2\""
+        }
+        "engine" => "shape=box3d, fillcolor=\"#c8e6c9\"",
+        "prefill" => "shape=box3d, fillcolor=\"#bbdefb\"",
+        "decode" => "shape=box3d, fillcolor=\"#d1c4e9\"",
+        "router" => "shape=hexagon, fillcolor=\"#fff59d\"",
+        "register" => "shape=cds, fillcolor=\"#f0f4c3\"",
+        "health-probe" => "shape=doubleoctagon, fillcolor=\"#b2dfdb\"",
+        _ if service => "shape=box, style=\"rounded,filled\", fillcolor=\"#e1f5fe\"",
+        _ => "shape=box, fillcolor=\"#ffffff\"",
+    }
+}
+
+fn dot(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph \"{}\" {{", dot_escape(&plan.name));
+    let _ = writeln!(out, "  rankdir=LR;");
+    let _ = writeln!(out, "  node [style=filled, fontname=\"Helvetica\"];");
+    for t in &plan.tasks {
+        let label = match &t.node {
+            Some(n) => format!("{}\\n{} @{}", dot_escape(&t.id), t.kind, n),
+            None => format!("{}\\n{}", dot_escape(&t.id), t.kind),
+        };
+        let _ = writeln!(
+            out,
+            "  \"{}\" [label=\"{}\", {}];",
+            dot_escape(&t.id),
+            label,
+            dot_style(&t.kind, is_service(t))
+        );
+    }
+    let mut edges: Vec<(&str, &str)> = plan
+        .tasks
+        .iter()
+        .flat_map(|t| t.needs.iter().map(move |d| (d.as_str(), t.id.as_str())))
+        .collect();
+    edges.sort_unstable();
+    edges.dedup();
+    for (a, b) in edges {
+        let _ = writeln!(out, "  \"{}\" -> \"{}\";", dot_escape(a), dot_escape(b));
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn mermaid(plan: &Plan) -> String {
+    let ids: HashMap<&str, String> = plan
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), format!("t{i}")))
+        .collect();
+    let mut out = String::from("flowchart LR\n");
+    for (i, t) in plan.tasks.iter().enumerate() {
+        let label = format!("{}<br/>{}", t.id, t.kind).replace('"', "#quot;");
+        let (open, close) = if is_service(t) { ("([", "])") } else { ("[", "]") };
+        let _ = writeln!(out, "  t{i}{open}\"{label}\"{close}");
+    }
+    let mut edges: Vec<(&str, &str)> = plan
+        .tasks
+        .iter()
+        .flat_map(|t| t.needs.iter().map(move |d| (d.as_str(), t.id.as_str())))
+        .collect();
+    edges.sort_unstable();
+    edges.dedup();
+    for (a, b) in edges {
+        if let (Some(a), Some(b)) = (ids.get(a), ids.get(b)) {
+            let _ = writeln!(out, "  {a} --> {b}");
+        }
+    }
+    out
+}
+
+fn json(plan: &Plan) -> String {
+    let stage = stages(plan);
+    let tasks: Vec<serde_json::Value> = plan
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({
+                "id": t.id,
+                "kind": t.kind,
+                "service": is_service(t),
+                "node": t.node,
+                "needs": t.needs,
+                "stage": stage[i],
+            })
+        })
+        .collect();
+    let mut s = serde_json::to_string_pretty(&serde_json::json!({ "name": plan.name, "tasks": tasks }))
+        .unwrap_or_default();
+    s.push('\n');
+    s
+}
