@@ -149,6 +149,10 @@ struct RunArgs {
     /// Print, per task, why it runs or is kept.
     #[arg(long)]
     explain: bool,
+    /// Once up, stay in the foreground: report services that die, and stop everything on
+    /// Ctrl-C (or when `prl-flow down` is run elsewhere).
+    #[arg(long)]
+    attach: bool,
 }
 
 #[derive(Args)]
@@ -223,6 +227,7 @@ pub fn main() -> i32 {
             };
         }
     };
+    find_router();
     if cli.verbose > 0 {
         let filter = if cli.verbose > 1 { "debug" } else { "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug" };
         let _ = tracing_subscriber::fmt()
@@ -259,6 +264,36 @@ pub fn main() -> i32 {
             }
             1
         }
+    }
+}
+
+/// The router version `./dev` installs, and where: `$XDG_CACHE_HOME/prl-flow/router-VERSION`.
+pub const ROUTER_VERSION: &str = "0.1.17";
+
+pub fn router_venv() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("prl-flow").join(format!("router-{ROUTER_VERSION}")))
+}
+
+/// Makes `vllm-router` findable by the processes prl-flow starts: `PRL_FLOW_ROUTER` (a path
+/// to the program) comes first; else the venv `./dev` installs is searched after the
+/// user's own PATH. This runs before any thread starts.
+fn find_router() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    if let Some(p) = std::env::var_os("PRL_FLOW_ROUTER") {
+        if let Some(d) = Path::new(&p).parent() {
+            dirs.insert(0, d.to_path_buf());
+        }
+    } else if let Some(v) = router_venv() {
+        dirs.push(v.join("bin"));
+    } else {
+        return;
+    }
+    if let Ok(joined) = std::env::join_paths(dirs) {
+        std::env::set_var("PATH", joined);
     }
 }
 
@@ -667,9 +702,13 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
                 })
                 .unwrap_or_else(|| "default".into());
             out(&format!(
-                "endpoint: {url}\ntry:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' -H 'X-Session-ID: demo' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\nstop it with: prl-flow down {file}\n"
+                "endpoint: {url}\ntry:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' -H 'X-Session-ID: demo' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
             ));
-        } else if plan.tasks.iter().any(|t| t.service) {
+        }
+        if a.attach {
+            return attach(&dir, backend.as_ref(), cli.quiet).await;
+        }
+        if plan.tasks.iter().any(|t| t.service) {
             eprintln!("services keep running; stop them with `prl-flow down {file}`");
         }
         return Ok(0);
@@ -868,7 +907,13 @@ async fn liveness(exec: &Exec, r: &Record) -> (&'static str, Option<String>) {
 async fn down(cli: &Cli, a: &StateArgs) -> R<i32> {
     let (dir, _) = state_dir_of(a.file.as_deref(), a.state_dir.as_deref())?;
     read_records(&dir)?;
-    let journal = Journal::open(&dir, true, "prl-flow down").map_err(journal_error)?;
+    stop_recorded(&dir, cli.quiet).await
+}
+
+/// Stops every process the journal of `dir` records as possibly running, last started
+/// first, and releases allocations.
+async fn stop_recorded(dir: &Path, quiet: bool) -> R<i32> {
+    let journal = Journal::open(dir, true, "prl-flow down").map_err(journal_error)?;
     let mut records: Vec<Record> = journal.records().into_values().collect();
     records.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let mut stopped = 0;
@@ -888,7 +933,7 @@ async fn down(cli: &Cli, a: &StateArgs) -> R<i32> {
         } else {
             let was_running = matches!(backend.status(h).await, Ok(ProcState::Running));
             let res = backend.stop(h, crate::exec::STOP_GRACE).await;
-            if was_running && res.is_ok() && !cli.quiet {
+            if was_running && res.is_ok() && !quiet {
                 eprintln!("stopped {}", r.id);
             }
             if was_running {
@@ -903,11 +948,58 @@ async fn down(cli: &Cli, a: &StateArgs) -> R<i32> {
     }
     journal.close().map_err(journal_error)?;
     if failures.is_empty() {
-        eprintln!("down: {stopped} process{} stopped; nothing of `{}` runs", if stopped == 1 { "" } else { "es" }, dir.display());
+        eprintln!(
+            "down: {stopped} process{} stopped; nothing of `{}` runs",
+            if stopped == 1 { "" } else { "es" },
+            dir.display()
+        );
         Ok(0)
     } else {
-        Err(Exit::Failed(format!("error: could not stop everything:\n  {}", failures.join("\n  "))))
+        Err(Exit::Failed(format!(
+            "error: could not stop everything:\n  {}",
+            failures.join("\n  ")
+        )))
     }
+}
+
+/// Stays with a deployment that is up: says when a service dies, and tears everything down
+/// on Ctrl-C or SIGTERM. Ends by itself when `prl-flow down` stopped it from elsewhere.
+async fn attach(dir: &Path, backend: &dyn Backend, quiet: bool) -> R<i32> {
+    eprintln!("attached: Ctrl-C stops the deployment (or run `prl-flow down` elsewhere)");
+    let mut reported: std::collections::BTreeSet<String> = Default::default();
+    let signal = wait_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let Ok(records) = journal::load(dir) else { continue };
+        let services: Vec<&Record> = records
+            .values()
+            .filter(|r| r.service && r.kind != "allocate" && r.handle.is_some())
+            .collect();
+        if !services.is_empty() && services.iter().all(|r| r.status == Status::Stopped) {
+            eprintln!("the deployment was stopped by `prl-flow down`");
+            return Ok(0);
+        }
+        for r in services {
+            if r.status != Status::Done || reported.contains(&r.id) {
+                continue;
+            }
+            if let Some(h) = &r.handle {
+                if !matches!(backend.status(h).await, Ok(ProcState::Running)) {
+                    eprintln!(
+                        "warning: `{}` is down; `prl-flow status` shows more, `run --resume` restarts it",
+                        r.id
+                    );
+                    reported.insert(r.id.clone());
+                }
+            }
+        }
+    }
+    eprintln!("stopping the deployment");
+    stop_recorded(dir, quiet).await
 }
 
 async fn logs(a: &LogsArgs) -> R<i32> {
