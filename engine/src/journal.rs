@@ -305,6 +305,24 @@ impl Journal {
         }
     }
 
+    /// A kept task recorded as running finished while no prl-flow watched: mark it done.
+    fn settle_kept(&self, id: &str) {
+        let rec = {
+            let Ok(mut m) = self.records.lock() else {
+                return;
+            };
+            match m.get_mut(id) {
+                Some(r) if r.status == Status::Running => {
+                    r.status = Status::Done;
+                    r.finished_ms = Some(now_ms());
+                    r.clone()
+                }
+                _ => return,
+            }
+        };
+        let _ = self.tx.send(Msg::Put(Box::new(rec)));
+    }
+
     /// Waits until everything written so far is on disk.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
@@ -506,6 +524,15 @@ struct Recorder {
 impl Subscriber for Recorder {
     fn on_event(&self, event: &Event) {
         match event {
+            Event::Planned { decisions } => {
+                // Work a killed run left in flight that has since finished is kept: record
+                // it as done.
+                for (id, d) in decisions.iter() {
+                    if *d == crate::event::Decision::Keep {
+                        self.journal.settle_kept(id);
+                    }
+                }
+            }
             Event::Started {
                 index,
                 attempt,
