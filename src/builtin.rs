@@ -11,7 +11,11 @@ use crate::exec::Exec;
 fn strings(v: &Value, key: &str) -> Vec<String> {
     v.get(key)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -65,14 +69,20 @@ pub async fn register(ex: &Exec, args: &Value) -> Result<(), TaskError> {
     let router = arg(ex, args, "router")?;
     let http = client();
     let have = listed(&http, &router).await?;
-    let mode = args.get("mode").and_then(Value::as_str).unwrap_or("regular");
+    let mode = args
+        .get("mode")
+        .and_then(Value::as_str)
+        .unwrap_or("regular");
     let want: Vec<String> = if mode == "pd" {
         [strings(args, "prefill"), strings(args, "decode")].concat()
     } else {
         strings(args, "workers")
     };
     let mut missing = Vec::new();
-    for w in want.iter().map(|w| ex.resolve(w).trim_end_matches('/').to_string()) {
+    for w in want
+        .iter()
+        .map(|w| ex.resolve(w).trim_end_matches('/').to_string())
+    {
         if have.contains(&w) {
             continue;
         }
@@ -108,12 +118,20 @@ pub async fn register(ex: &Exec, args: &Value) -> Result<(), TaskError> {
 /// The router is ready, then one completion comes back through it.
 pub async fn health_probe(ex: &Exec, args: &Value) -> Result<(), TaskError> {
     let router = arg(ex, args, "router")?;
-    let model = args.get("model").and_then(Value::as_str).unwrap_or("default");
+    let model = args
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let http = client();
     let deadline = Instant::now() + Duration::from_secs(120);
     let readiness = format!("{router}/readiness");
     loop {
-        match http.get(&readiness).timeout(Duration::from_secs(5)).send().await {
+        match http
+            .get(&readiness)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
             Ok(r) if r.status().is_success() => break,
             other => {
                 if Instant::now() > deadline {

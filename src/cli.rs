@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use prl_flow_backend::{Backend, ProcState};
 use prl_flow_engine::{
-    decide, journal, Decision, Graph, GraphError, Journal, JournalError, Record, RunOptions,
-    Sink, Status, Subscriber,
+    decide, journal, Decision, Graph, GraphError, Journal, JournalError, Record, RunOptions, Sink,
+    Status, Subscriber,
 };
 
 use crate::diag::{Problem, Problems};
@@ -88,10 +88,14 @@ A failed or interrupted run stops the services it started (unless --keep). Fix t
   prl-flow status recipes/local/single_node.toml -v    also say what a --resume would do")]
     Status(StateArgs),
     /// Stop every service the journal records, in reverse order, and release nodes.
-    #[command(after_help = "Examples:\n  prl-flow down\n  prl-flow down --state-dir /scratch/run1")]
+    #[command(
+        after_help = "Examples:\n  prl-flow down\n  prl-flow down --state-dir /scratch/run1"
+    )]
     Down(StateArgs),
     /// Print a task's log (`-f` to follow it).
-    #[command(after_help = "Examples:\n  prl-flow logs router\n  prl-flow logs 'prefill[0].node[0]' -f")]
+    #[command(
+        after_help = "Examples:\n  prl-flow logs router\n  prl-flow logs 'prefill[0].node[0]' -f"
+    )]
     Logs(LogsArgs),
     /// The stand-in for `vllm serve` used where there is no GPU (takes vllm serve's flags).
     #[command(hide = true, disable_help_flag = true)]
@@ -229,7 +233,11 @@ pub fn main() -> i32 {
     };
     find_router();
     if cli.verbose > 0 {
-        let filter = if cli.verbose > 1 { "debug" } else { "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug" };
+        let filter = if cli.verbose > 1 {
+            "debug"
+        } else {
+            "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug"
+        };
         let _ = tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_env_filter(
@@ -238,7 +246,10 @@ pub fn main() -> i32 {
             )
             .try_init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -274,7 +285,11 @@ pub fn router_venv() -> Option<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(cache.join("prl-flow").join(format!("router-{ROUTER_VERSION}")))
+    Some(
+        cache
+            .join("prl-flow")
+            .join(format!("router-{ROUTER_VERSION}")),
+    )
 }
 
 /// Makes `vllm-router` findable by the processes prl-flow starts: `PRL_FLOW_ROUTER` (a path
@@ -324,11 +339,11 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             let (plan, _) = load_checked(a)?;
             let services = plan.tasks.iter().filter(|t| t.service).count();
             out(&format!(
-                "`{}` is valid: {} tasks ({} services) on {} nodes, backend `{}`\n",
+                "`{}` is valid: {} ({}) on {}, backend `{}`\n",
                 a.file.display(),
-                plan.tasks.len(),
-                services,
-                plan.nodes.len(),
+                crate::diag::count(plan.tasks.len(), "task"),
+                crate::diag::count(services, "service"),
+                crate::diag::count(plan.nodes.len(), "node"),
                 plan.backend
             ));
             Ok(0)
@@ -343,7 +358,10 @@ async fn dispatch(cli: &Cli) -> R<i32> {
 /// Prints to stdout; a closed pipe ends quietly.
 fn out(text: &str) {
     let mut o = std::io::stdout().lock();
-    if o.write_all(text.as_bytes()).and_then(|()| o.flush()).is_err() {
+    if o.write_all(text.as_bytes())
+        .and_then(|()| o.flush())
+        .is_err()
+    {
         std::process::exit(0);
     }
 }
@@ -351,29 +369,28 @@ fn out(text: &str) {
 /// Reads a file and makes a plan of it: a recipe when it has `[inference]`, else a workflow.
 fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
     let path = &a.file;
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Exit::Usage(format!("error: cannot read `{}`: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Exit::Usage(format!("error: cannot read `{}`: {e}", path.display())))?;
     let source = Arc::new(text);
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".into());
     let shown = path.display().to_string();
-    let mut plan = if recipe_api::is_recipe(&source) {
+    let mut plan = if crate::recipe::is_recipe(&source) {
         let engine = match a.engine {
-            EngineArg::Real => recipe_api::Engine::Real,
-            EngineArg::Mock => recipe_api::Engine::Mock {
+            EngineArg::Real => crate::recipe::Engine::Real,
+            EngineArg::Mock => crate::recipe::Engine::Mock {
                 argv_prefix: vec![self_exe(), "mock-engine".into()],
             },
         };
-        let opts = recipe_api::Options {
+        let opts = crate::recipe::Options {
             backend: a.backend.clone(),
             templates: a.templates.clone(),
             engine,
             router: a.router.as_ref().map(|r| vec![r.clone()]),
         };
-        recipe_api::load(&shown, source.clone(), &name, &opts).map_err(Exit::Problems)?
+        crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(Exit::Problems)?
     } else {
         crate::workflow::parse(&shown, source.clone(), &name).map_err(Exit::Problems)?
     };
@@ -410,7 +427,9 @@ fn graph_problems(path: &Path, source: &Arc<String>, errors: Vec<GraphError>) ->
                 .at(second)
                 .label("declared again here")
                 .help("give each task its own `id`"),
-            GraphError::UnknownDependency { span, suggestion, .. } => {
+            GraphError::UnknownDependency {
+                span, suggestion, ..
+            } => {
                 let q = Problem::new(msg).at(span).label("no task has this id");
                 match suggestion {
                     Some(s) => q.help(format!("did you mean `{s}`?")),
@@ -439,7 +458,9 @@ fn resolve_local(plan: &mut Plan) {
             crate::plan::Command::Argv { argv } => crate::plan::Command::Argv {
                 argv: argv.iter().map(|a| f(a)).collect(),
             },
-            crate::plan::Command::Shell { script } => crate::plan::Command::Shell { script: f(&script) },
+            crate::plan::Command::Shell { script } => {
+                crate::plan::Command::Shell { script: f(&script) }
+            }
             crate::plan::Command::Builtin { action, args } => {
                 let text = f(&args.to_string());
                 crate::plan::Command::Builtin {
@@ -526,7 +547,11 @@ fn plan_text(plan: &Plan) -> String {
         plan.name,
         plan.tasks.len(),
         plan.backend,
-        if plan.nodes.is_empty() { String::new() } else { format!(", nodes {}", plan.nodes.join(" ")) }
+        if plan.nodes.is_empty() {
+            String::new()
+        } else {
+            format!(", nodes {}", plan.nodes.join(" "))
+        }
     );
     for t in &plan.tasks {
         let _ = writeln!(s);
@@ -556,10 +581,16 @@ fn plan_text(plan: &Plan) -> String {
                 crate::plan::format_duration(r.interval)
             );
             if !r.start_period.is_zero() {
-                line.push_str(&format!(", start period {}", crate::plan::format_duration(r.start_period)));
+                line.push_str(&format!(
+                    ", start period {}",
+                    crate::plan::format_duration(r.start_period)
+                ));
             }
             if let Some(t) = r.ready_timeout {
-                line.push_str(&format!(", give up after {}", crate::plan::format_duration(t)));
+                line.push_str(&format!(
+                    ", give up after {}",
+                    crate::plan::format_duration(t)
+                ));
             }
             let _ = writeln!(s, "{line}");
         }
@@ -611,6 +642,15 @@ async fn live_services(backend: &dyn Backend, records: &BTreeMap<String, Record>
     live
 }
 
+/// The file as hints name it, with `--state-dir` when one was given (`prl-flow down FILE`
+/// alone would look in the default state dir).
+fn hint_args(a: &RunArgs) -> String {
+    match &a.state_dir {
+        Some(d) => format!("{} --state-dir {}", a.file.file.display(), d.display()),
+        None => a.file.file.display().to_string(),
+    }
+}
+
 fn holder(args: &RunArgs) -> String {
     format!("prl-flow run {}", args.file.file.display())
 }
@@ -618,7 +658,10 @@ fn holder(args: &RunArgs) -> String {
 async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let (plan, source) = load(&a.file)?;
     let backend = backend_for(&plan.backend)?;
-    let dir = a.state_dir.clone().unwrap_or_else(|| default_state_dir(&plan));
+    let dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&plan));
     let exec = Arc::new(Exec::new(backend.clone(), &dir, plan.nodes.clone()));
     let graph = build_graph(&plan, &exec).map_err(|e| graph_problems(&a.file.file, &source, e))?;
 
@@ -627,7 +670,7 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     if !a.resume {
         let live = live_services(backend.as_ref(), &previous).await;
         if !live.is_empty() {
-            let file = a.file.file.display();
+            let file = hint_args(a);
             return Err(Exit::Usage(format!(
                 "error: `{}` has {} live service{} from an earlier run: {}\n  help: `prl-flow run {file} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops them first",
                 dir.display(),
@@ -637,6 +680,14 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
             )));
         }
         journal.reset();
+    }
+    let mut previous = previous;
+    if a.resume {
+        for id in prl_flow_engine::recover_handles(&graph, &mut previous).await {
+            if let Some(h) = previous.get(&id).and_then(|r| r.handle.clone()) {
+                journal.update(&id, |r| r.handle = Some(h));
+            }
+        }
     }
     let journal = Arc::new(journal);
     exec.prime(&previous);
@@ -648,7 +699,12 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
 
     let mut subs: Vec<Arc<dyn Subscriber>> = vec![journal.recorder(&graph)];
     let tty = std::io::stderr().is_terminal();
-    if cli.verbose == 0 && tty && !cli.no_progress && !cli.quiet && std::env::var_os("NO_COLOR").is_none() {
+    if cli.verbose == 0
+        && tty
+        && !cli.no_progress
+        && !cli.quiet
+        && std::env::var_os("NO_COLOR").is_none()
+    {
         subs.push(Arc::new(crate::progress::Bars::new()));
     } else {
         subs.push(Arc::new(crate::progress::Lines::stderr(cli.quiet)));
@@ -658,7 +714,10 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
         jobs: a.jobs.unwrap_or(if is_deployment {
             256
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 2
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                + 2
         }),
         keep_going: a.keep_going,
         keep: a.keep,
@@ -676,7 +735,15 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
             std::process::exit(130);
         })
     };
-    let report = prl_flow_engine::run(&graph, &decisions, previous.as_ref(), &options, Sink::new(subs), token).await;
+    let report = prl_flow_engine::run(
+        &graph,
+        &decisions,
+        previous.as_ref(),
+        &options,
+        Sink::new(subs),
+        token,
+    )
+    .await;
     signals.abort();
     journal.flush();
     drop(graph);
@@ -686,10 +753,17 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
 
     let s = &report.summary;
     let took = prl_flow_engine::fmt_duration(Duration::from_millis(s.elapsed_ms));
-    let file = a.file.file.display();
+    let file = hint_args(a);
     if report.ok() {
-        let kept = if s.kept > 0 { format!(", {} kept", s.kept) } else { String::new() };
-        eprintln!("ok: {} tasks done{kept} in {took}", s.done);
+        let kept = if s.kept > 0 {
+            format!(", {} kept", s.kept)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "ok: {} done{kept} in {took}",
+            crate::diag::count(s.done, "task")
+        );
         if let Some(e) = &plan.endpoint {
             let url = exec.resolve(e);
             let model = plan
@@ -697,7 +771,9 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
                 .iter()
                 .find(|t| t.kind == "health-probe")
                 .and_then(|t| match &t.command {
-                    crate::plan::Command::Builtin { args, .. } => args.get("model").and_then(|m| m.as_str()).map(String::from),
+                    crate::plan::Command::Builtin { args, .. } => {
+                        args.get("model").and_then(|m| m.as_str()).map(String::from)
+                    }
                     _ => None,
                 })
                 .unwrap_or_else(|| "default".into());
@@ -716,16 +792,27 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let mut msg = String::new();
     for (i, e) in report.errors.iter().enumerate() {
         if let (Some(e), Some(o)) = (e, report.outcomes[i]) {
-            msg.push_str(&format!("error: task {} {}: {}\n", exec_id(&plan, i), o.as_str(), e.message));
+            msg.push_str(&format!(
+                "error: task {} {}: {}\n",
+                exec_id(&plan, i),
+                o.as_str(),
+                e.message
+            ));
         }
     }
-    let what = if report.cancelled { "run cancelled" } else { "run failed" };
+    let what = if report.cancelled {
+        "run cancelled"
+    } else {
+        "run failed"
+    };
     msg.push_str(&format!(
         "{what}: {} done, {} kept, {} failed, {} timed out, {} cancelled, {} skipped ({took})\n",
         s.done, s.kept, s.failed, s.timed_out, s.cancelled, s.skipped
     ));
     if a.keep {
-        msg.push_str(&format!("services were left running (--keep); `prl-flow down {file}` stops them\n"));
+        msg.push_str(&format!(
+            "services were left running (--keep); `prl-flow down {file}` stops them\n"
+        ));
     }
     msg.push_str(&format!(
         "  help: fix the cause, then `prl-flow run {file} --resume` re-runs only what failed and what depends on it"
@@ -753,7 +840,12 @@ async fn wait_signal() {
 }
 
 fn explain(graph: &Graph, decisions: &[Decision]) -> String {
-    let width = graph.tasks().iter().map(|t| t.id().len()).max().unwrap_or(0);
+    let width = graph
+        .tasks()
+        .iter()
+        .map(|t| t.id().len())
+        .max()
+        .unwrap_or(0);
     let mut s = String::new();
     for &i in graph.topo() {
         let (word, why) = match &decisions[i] {
@@ -761,13 +853,19 @@ fn explain(graph: &Graph, decisions: &[Decision]) -> String {
             Decision::Adopt => ("adopt", "still in flight from the last run".to_string()),
             Decision::Run(r) => ("run", r.to_string()),
         };
-        s.push_str(&format!("{word:<5} {:<width$}  {why}\n", graph.task(i).id()));
+        s.push_str(&format!(
+            "{word:<5} {:<width$}  {why}\n",
+            graph.task(i).id()
+        ));
     }
     s
 }
 
 /// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`.
-fn state_dir_of(file: Option<&Path>, dir: Option<&Path>) -> R<(PathBuf, Option<(Plan, Arc<String>)>)> {
+fn state_dir_of(
+    file: Option<&Path>,
+    dir: Option<&Path>,
+) -> R<(PathBuf, Option<(Plan, Arc<String>)>)> {
     if let Some(d) = dir {
         let loaded = match file {
             Some(f) => Some(load(&file_args(f))?),
@@ -822,7 +920,11 @@ fn read_records(dir: &Path) -> R<BTreeMap<String, Record>> {
 }
 
 fn handle_backend(r: &Record) -> Option<String> {
-    r.handle.as_ref()?.get("backend")?.as_str().map(String::from)
+    r.handle
+        .as_ref()?
+        .get("backend")?
+        .as_str()
+        .map(String::from)
 }
 
 async fn status(cli: &Cli, a: &StateArgs) -> R<i32> {
@@ -830,20 +932,42 @@ async fn status(cli: &Cli, a: &StateArgs) -> R<i32> {
     let records = read_records(&dir)?;
     let mut rows: Vec<&Record> = records.values().collect();
     rows.sort_by_key(|r| (r.started_ms.is_none(), r.seq, r.id.clone()));
-    let backend_name = rows.iter().find_map(|r| handle_backend(r)).unwrap_or_else(|| "local".into());
+    let backend_name = rows
+        .iter()
+        .find_map(|r| handle_backend(r))
+        .unwrap_or_else(|| "local".into());
     let backend = backend_for(&backend_name)?;
     let exec = Exec::new(backend.clone(), &dir, Vec::new());
     exec.prime(&records);
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(4).max(4);
-    let mut s = format!("{:<width$}  {:<15} {:<10} {:<6} {}\n", "TASK", "KIND", "STATUS", "LIVE", "DETAIL");
+    let mut s = format!(
+        "{:<width$}  {:<15} {:<10} {:<6} {}\n",
+        "TASK", "KIND", "STATUS", "LIVE", "DETAIL"
+    );
     let mut down = 0;
     for r in &rows {
         let (live, detail) = liveness(&exec, r).await;
         if live == "down" {
             down += 1;
         }
-        let detail = detail.or_else(|| r.error.as_ref().map(|e| e.lines().next().unwrap_or("").to_string())).unwrap_or_default();
-        s.push_str(&format!("{:<width$}  {:<15} {:<10} {:<6} {}\n", r.id, r.kind, r.status.as_str(), live, detail).trim_end());
+        let detail = detail
+            .or_else(|| {
+                r.error
+                    .as_ref()
+                    .map(|e| e.lines().next().unwrap_or("").to_string())
+            })
+            .unwrap_or_default();
+        s.push_str(
+            &format!(
+                "{:<width$}  {:<15} {:<10} {:<6} {}\n",
+                r.id,
+                r.kind,
+                r.status.as_str(),
+                live,
+                detail
+            )
+            .trim_end(),
+        );
         s.push('\n');
     }
     out(&s);
@@ -865,13 +989,20 @@ async fn status(cli: &Cli, a: &StateArgs) -> R<i32> {
 
 /// (`up` / `down` / `-`, a detail) for a record.
 async fn liveness(exec: &Exec, r: &Record) -> (&'static str, Option<String>) {
-    let Some(h) = &r.handle else { return ("-", None) };
+    let Some(h) = &r.handle else {
+        return ("-", None);
+    };
     if r.kind == "allocate" {
         return ("-", None);
     }
     let state = exec.backend.status(h).await;
     let pid = h.get("pid").and_then(|p| p.as_i64());
-    let on = r.meta.get("node").and_then(|n| n.as_str()).map(|n| format!(" on {n}")).unwrap_or_default();
+    let on = r
+        .meta
+        .get("node")
+        .and_then(|n| n.as_str())
+        .map(|n| format!(" on {n}"))
+        .unwrap_or_default();
     match state {
         Ok(ProcState::Running) => {
             let pid = pid.map(|p| format!("pid {p}")).unwrap_or_default();
@@ -889,13 +1020,17 @@ async fn liveness(exec: &Exec, r: &Record) -> (&'static str, Option<String>) {
                 None => ("up", Some(format!("{pid}{on}"))),
             }
         }
-        Ok(ProcState::Exited(code)) if r.service && matches!(r.status, Status::Done | Status::Running) => (
-            "down",
-            Some(match code {
-                Some(c) => format!("exited with status {c}"),
-                None => "killed by a signal".into(),
-            }),
-        ),
+        Ok(ProcState::Exited(code))
+            if r.service && matches!(r.status, Status::Done | Status::Running) =>
+        {
+            (
+                "down",
+                Some(match code {
+                    Some(c) => format!("exited with status {c}"),
+                    None => "killed by a signal".into(),
+                }),
+            )
+        }
         Ok(ProcState::Gone) if r.service && matches!(r.status, Status::Done | Status::Running) => {
             ("down", Some("the process is gone".into()))
         }
@@ -974,7 +1109,9 @@ async fn attach(dir: &Path, backend: &dyn Backend, quiet: bool) -> R<i32> {
             () = &mut signal => break,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let Ok(records) = journal::load(dir) else { continue };
+        let Ok(records) = journal::load(dir) else {
+            continue;
+        };
         let services: Vec<&Record> = records
             .values()
             .filter(|r| r.service && r.kind != "allocate" && r.handle.is_some())
@@ -1011,7 +1148,11 @@ async fn logs(a: &LogsArgs) -> R<i32> {
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("tasks: {}", ids.join(", ")),
         };
-        return Err(Exit::Usage(format!("error: no task `{}` in `{}`\n  help: {hint}", a.task, dir.display())));
+        return Err(Exit::Usage(format!(
+            "error: no task `{}` in `{}`\n  help: {hint}",
+            a.task,
+            dir.display()
+        )));
     };
     let Some(h) = &r.handle else {
         return Err(Exit::Usage(format!(
@@ -1021,7 +1162,10 @@ async fn logs(a: &LogsArgs) -> R<i32> {
         )));
     };
     let backend = backend_for(&handle_backend(r).unwrap_or_else(|| "local".into()))?;
-    let (text, mut offset) = backend.read_log(h, 0).await.map_err(|e| Exit::Failed(format!("error: {e}")))?;
+    let (text, mut offset) = backend
+        .read_log(h, 0)
+        .await
+        .map_err(|e| Exit::Failed(format!("error: {e}")))?;
     out(&text);
     if !a.follow {
         return Ok(0);
@@ -1031,7 +1175,10 @@ async fn logs(a: &LogsArgs) -> R<i32> {
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
-        let (more, next) = backend.read_log(h, offset).await.map_err(|e| Exit::Failed(format!("error: {e}")))?;
+        let (more, next) = backend
+            .read_log(h, offset)
+            .await
+            .map_err(|e| Exit::Failed(format!("error: {e}")))?;
         out(&more);
         offset = next;
         if !matches!(backend.status(h).await, Ok(ProcState::Running)) {
@@ -1039,32 +1186,5 @@ async fn logs(a: &LogsArgs) -> R<i32> {
             out(&rest);
             return Ok(0);
         }
-    }
-}
-
-/// Stand-in until the recipe module exposes its API.
-mod recipe_api {
-    use std::sync::Arc;
-
-    pub struct Options {
-        pub backend: Option<String>,
-        pub templates: Option<std::path::PathBuf>,
-        pub engine: Engine,
-        pub router: Option<Vec<String>>,
-    }
-    pub enum Engine {
-        Real,
-        Mock { argv_prefix: Vec<String> },
-    }
-    pub fn is_recipe(_s: &str) -> bool {
-        false
-    }
-    pub fn load(
-        path: &str,
-        source: Arc<String>,
-        _name: &str,
-        _opts: &Options,
-    ) -> Result<crate::plan::Plan, crate::diag::Problems> {
-        Err(crate::diag::Problems::new(path, source))
     }
 }

@@ -158,7 +158,9 @@ impl std::error::Error for Rendered {}
 
 impl miette::Diagnostic for Rendered {
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        self.span.as_ref().map(|_| &self.src as &dyn miette::SourceCode)
+        self.span
+            .as_ref()
+            .map(|_| &self.src as &dyn miette::SourceCode)
     }
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
         let span = self.span.clone()?;
@@ -175,8 +177,20 @@ impl miette::Diagnostic for Rendered {
     }
 }
 
+/// `1 task`, `2 tasks`.
+pub fn count(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
 /// The closest of `candidates` to `wrong`, when it is close enough to be a typo.
-pub fn did_you_mean<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    wrong: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     prl_flow_engine::graph::closest(wrong, candidates.into_iter())
 }
 
@@ -203,7 +217,10 @@ mod tests {
                 .help("did you mean `name`?"),
         );
         let out = p.render(false);
-        assert!(out.starts_with("error: wf.toml:3:1: unknown field `nmae`"), "{out}");
+        assert!(
+            out.starts_with("error: wf.toml:3:1: unknown field `nmae`"),
+            "{out}"
+        );
         assert!(out.contains("did you mean `name`?"), "{out}");
         assert!(out.contains("1 problem in `wf.toml`"), "{out}");
     }

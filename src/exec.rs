@@ -82,7 +82,9 @@ impl Exec {
     }
 
     pub fn log_path(&self, id: &str) -> PathBuf {
-        self.state_dir.join("logs").join(format!("{}.log", file_name(id)))
+        self.state_dir
+            .join("logs")
+            .join(format!("{}.log", file_name(id)))
     }
 
     pub fn run_dir(&self, id: &str) -> PathBuf {
@@ -90,7 +92,12 @@ impl Exec {
     }
 
     /// One probe, with its own time limit. `Err` says why it is not ready.
-    pub async fn probe_once(&self, probe: &Probe, limit: Duration, log: &Path) -> Result<(), String> {
+    pub async fn probe_once(
+        &self,
+        probe: &Probe,
+        limit: Duration,
+        log: &Path,
+    ) -> Result<(), String> {
         match probe {
             Probe::Http { url } => {
                 let url = self.resolve(url);
@@ -105,7 +112,10 @@ impl Exec {
                 match tokio::time::timeout(limit, tokio::net::TcpStream::connect(&addr)).await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(format!("tcp {addr}: {e}")),
-                    Err(_) => Err(format!("tcp {addr}: no answer in {}", crate::plan::format_duration(limit))),
+                    Err(_) => Err(format!(
+                        "tcp {addr}: no answer in {}",
+                        crate::plan::format_duration(limit)
+                    )),
                 }
             }
             Probe::Log { regex } => {
@@ -140,7 +150,13 @@ fn short_error(e: &reqwest::Error) -> String {
 /// A task id as a file name: `/` and white space would break paths.
 pub fn file_name(id: &str) -> String {
     id.chars()
-        .map(|c| if c == '/' || c.is_whitespace() { '_' } else { c })
+        .map(|c| {
+            if c == '/' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -273,7 +289,11 @@ impl SpecTask {
             let last = match outcome {
                 Some(Ok(())) => return Ok(()),
                 Some(Err(e)) => e,
-                None => return Err(self.stopped(handle, "stopped while waiting to be ready").await),
+                None => {
+                    return Err(self
+                        .stopped(handle, "stopped while waiting to be ready")
+                        .await)
+                }
             };
             let waited = began.elapsed();
             if let Some(limit) = ready.ready_timeout {
@@ -328,7 +348,9 @@ impl SpecTask {
                 };
                 Err(self.failure(handle, what).await.with_exit_code(code))
             }
-            Ok(_) => Err(self.failure(handle, "ended without an exit status".into()).await),
+            Ok(_) => Err(self
+                .failure(handle, "ended without an exit status".into())
+                .await),
             Err(e) => Err(TaskError::new(format!("`{}`: {e}", self.spec.id))),
         }
     }
@@ -337,18 +359,18 @@ impl SpecTask {
         let ex = &self.exec;
         match action {
             "allocate" => {
-                let a = ex
-                    .backend
-                    .allocate(&ex.nodes)
-                    .await
-                    .map_err(|e| TaskError::new(format!("allocating {} nodes: {e}", ex.nodes.len())))?;
+                let a = ex.backend.allocate(&ex.nodes).await.map_err(|e| {
+                    TaskError::new(format!("allocating {} nodes: {e}", ex.nodes.len()))
+                })?;
                 ex.set_hosts(a.hosts.clone());
                 let handle = serde_json::to_value(&a).map_err(|e| TaskError::new(e.to_string()))?;
                 Ok(Done {
                     handle: Some(handle),
                 })
             }
-            "register" => crate::builtin::register(ex, args).await.map(|()| Done::default()),
+            "register" => crate::builtin::register(ex, args)
+                .await
+                .map(|()| Done::default()),
             "health-probe" => crate::builtin::health_probe(ex, args)
                 .await
                 .map(|()| Done::default()),
@@ -396,7 +418,11 @@ impl Task for SpecTask {
         }
         let spec = self.spawn_spec();
         let handle = self.exec.backend.spawn(&spec).await.map_err(|e| {
-            TaskError::new(format!("`{}`{} could not start: {e}", self.spec.id, self.where_()))
+            TaskError::new(format!(
+                "`{}`{} could not start: {e}",
+                self.spec.id,
+                self.where_()
+            ))
         })?;
         cx.started(handle.clone());
         if self.spec.service {
@@ -456,6 +482,18 @@ impl Task for SpecTask {
             (_, ProcState::Exited(None)) => Check::Invalid("killed by a signal".into()),
             (_, ProcState::Gone) => Check::Invalid("the process is gone".into()),
         }
+    }
+
+    async fn recover(&self, record: &Record) -> Option<Handle> {
+        if self.action().is_some() {
+            return None;
+        }
+        self.exec
+            .backend
+            .recover(&self.spawn_spec(), record.started_ms.unwrap_or(0))
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn adopt(&self, handle: &Handle, cx: &TaskContext) -> Result<Done, TaskError> {

@@ -41,7 +41,11 @@ fn stages(plan: &Plan) -> Vec<usize> {
             if done[i] {
                 continue;
             }
-            let deps: Vec<usize> = t.needs.iter().filter_map(|d| index.get(d.as_str()).copied()).collect();
+            let deps: Vec<usize> = t
+                .needs
+                .iter()
+                .filter_map(|d| index.get(d.as_str()).copied())
+                .collect();
             if deps.iter().all(|&d| done[d]) {
                 stage[i] = deps.iter().map(|&d| stage[d] + 1).max().unwrap_or(0);
                 done[i] = true;
@@ -68,20 +72,30 @@ pub fn render(plan: &Plan, format: Format) -> String {
 fn ascii(plan: &Plan) -> String {
     let stage = stages(plan);
     let max = stage.iter().copied().max().unwrap_or(0);
-    let width = plan.tasks.iter().map(|t| t.id.chars().count()).max().unwrap_or(0);
+    let width = plan
+        .tasks
+        .iter()
+        .map(|t| t.id.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut out = String::new();
     let services = plan.tasks.iter().filter(|t| is_service(t)).count();
     let _ = writeln!(
         out,
-        "{}: {} tasks ({} services), {} stages",
+        "{}: {} ({}), {}",
         plan.name,
-        plan.tasks.len(),
-        services,
-        max + 1
+        crate::diag::count(plan.tasks.len(), "task"),
+        crate::diag::count(services, "service"),
+        crate::diag::count(max + 1, "stage")
     );
     for s in 0..=max {
         let _ = writeln!(out, "\nstage {s}");
-        for (i, t) in plan.tasks.iter().enumerate().filter(|(i, _)| stage[*i] == s) {
+        for (i, t) in plan
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| stage[*i] == s)
+        {
             let _ = i;
             let kind = if is_service(t) {
                 format!("{} (service)", t.kind)
@@ -165,7 +179,11 @@ fn mermaid(plan: &Plan) -> String {
     let mut out = String::from("flowchart LR\n");
     for (i, t) in plan.tasks.iter().enumerate() {
         let label = format!("{}<br/>{}", t.id, t.kind).replace('"', "#quot;");
-        let (open, close) = if is_service(t) { ("([", "])") } else { ("[", "]") };
+        let (open, close) = if is_service(t) {
+            ("([", "])")
+        } else {
+            ("[", "]")
+        };
         let _ = writeln!(out, "  t{i}{open}\"{label}\"{close}");
     }
     let mut edges: Vec<(&str, &str)> = plan
@@ -200,8 +218,9 @@ fn json(plan: &Plan) -> String {
             })
         })
         .collect();
-    let mut s = serde_json::to_string_pretty(&serde_json::json!({ "name": plan.name, "tasks": tasks }))
-        .unwrap_or_default();
+    let mut s =
+        serde_json::to_string_pretty(&serde_json::json!({ "name": plan.name, "tasks": tasks }))
+            .unwrap_or_default();
     s.push('\n');
     s
 }

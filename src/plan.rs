@@ -101,12 +101,20 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<Readiness>,
     /// The whole attempt, readiness included.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub retries: u32,
     /// The pause before the first retry (doubled each time); the engine's default if unset.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
     pub backoff: Option<Duration>,
     /// Where the task was declared in its source file (not part of the fingerprint).
     #[serde(skip)]
@@ -160,7 +168,11 @@ pub struct Readiness {
     #[serde(with = "duration")]
     pub start_period: Duration,
     /// Give up if not ready after this long (from the start).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
     pub ready_timeout: Option<Duration>,
 }
 
@@ -211,8 +223,9 @@ impl TaskSpec {
     /// The command as one line for people (`plan` output).
     pub fn command_line(&self) -> String {
         match &self.command {
-            Command::Argv { argv } => shlex::try_join(argv.iter().map(String::as_str))
-                .unwrap_or_else(|_| argv.join(" ")),
+            Command::Argv { argv } => {
+                shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
+            }
             Command::Shell { script } => script.clone(),
             Command::Builtin { action, args } => {
                 if args.is_null() {
@@ -227,7 +240,8 @@ impl TaskSpec {
 
 /// Parses `500ms`, `10s`, `10m`, `1h30m` (humantime's syntax).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. `500ms`, `30s`, `10m`"))
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. `500ms`, `30s`, `10m`"))
 }
 
 pub fn format_duration(d: Duration) -> String {

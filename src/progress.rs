@@ -55,15 +55,26 @@ impl Subscriber for Lines {
     fn on_event(&self, e: &Event) {
         match e {
             Event::Planned { decisions } if !self.quiet => {
-                let kept = decisions.iter().filter(|(_, d)| *d == Decision::Keep).count();
+                let kept = decisions
+                    .iter()
+                    .filter(|(_, d)| *d == Decision::Keep)
+                    .count();
                 let n = decisions.len();
                 if kept > 0 {
-                    self.say(&format!("plan: {n} tasks, {kept} kept from the last run"));
+                    self.say(&format!(
+                        "plan: {}, {kept} kept from the last run",
+                        crate::diag::count(n, "task")
+                    ));
                 } else {
-                    self.say(&format!("plan: {n} tasks"));
+                    self.say(&format!("plan: {}", crate::diag::count(n, "task")));
                 }
             }
-            Event::Started { id, attempt, adopted, .. } if !self.quiet => {
+            Event::Started {
+                id,
+                attempt,
+                adopted,
+                ..
+            } if !self.quiet => {
                 if *adopted {
                     self.say(&format!("adopt  {id} (left running by the last run)"));
                 } else if *attempt > 1 {
@@ -72,11 +83,19 @@ impl Subscriber for Lines {
                     self.say(&format!("start  {id}"));
                 }
             }
-            Event::Retrying { id, error, delay, .. } => {
+            Event::Retrying {
+                id, error, delay, ..
+            } => {
                 let first = error.lines().next().unwrap_or("");
                 self.say(&format!("retry  {id} in {}: {first}", fmt_duration(*delay)));
             }
-            Event::Finished { id, outcome, duration, error, .. } => match outcome {
+            Event::Finished {
+                id,
+                outcome,
+                duration,
+                error,
+                ..
+            } => match outcome {
                 Outcome::Done if !self.quiet => {
                     self.say(&format!("done   {id} ({})", fmt_duration(*duration)))
                 }
@@ -142,20 +161,32 @@ impl Subscriber for Bars {
     fn on_event(&self, e: &Event) {
         match e {
             Event::Planned { decisions } => {
-                let kept = decisions.iter().filter(|(_, d)| *d == Decision::Keep).count();
+                let kept = decisions
+                    .iter()
+                    .filter(|(_, d)| *d == Decision::Keep)
+                    .count();
                 self.overall.set_length(decisions.len() as u64);
                 self.overall.set_position(kept as u64);
                 if kept > 0 {
                     self.overall.set_message(format!("({kept} kept)"));
                 }
             }
-            Event::Started { index, id, attempt, adopted } => {
-                let Ok(mut running) = self.running.lock() else { return };
+            Event::Started {
+                index,
+                id,
+                attempt,
+                adopted,
+            } => {
+                let Ok(mut running) = self.running.lock() else {
+                    return;
+                };
                 let bar = running.entry(*index).or_insert_with(|| {
                     let b = self.multi.add(ProgressBar::new_spinner());
                     b.set_style(
-                        ProgressStyle::with_template("  {spinner:.green} {prefix:.bold} {elapsed} {wide_msg:.dim}")
-                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        ProgressStyle::with_template(
+                            "  {spinner:.green} {prefix:.bold} {elapsed} {wide_msg:.dim}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                     );
                     b.enable_steady_tick(Duration::from_millis(120));
                     b
@@ -176,11 +207,20 @@ impl Subscriber for Bars {
                     }
                 }
             }
-            Event::Retrying { id, error, delay, .. } => {
+            Event::Retrying {
+                id, error, delay, ..
+            } => {
                 let first = error.lines().next().unwrap_or("");
                 self.line(format!("retry {id} in {}: {first}", fmt_duration(*delay)));
             }
-            Event::Finished { index, id, outcome, duration, error, .. } => {
+            Event::Finished {
+                index,
+                id,
+                outcome,
+                duration,
+                error,
+                ..
+            } => {
                 if let Ok(mut running) = self.running.lock() {
                     if let Some(b) = running.remove(index) {
                         b.finish_and_clear();
@@ -202,7 +242,9 @@ impl Subscriber for Bars {
                 None => self.line(format!("  ■ stopped {id}")),
                 Some(e) => self.line(format!("  ■ stopping {id} failed: {e}")),
             },
-            Event::Aborting { id } => self.line(format!("abort: `{id}` failed; starting nothing new")),
+            Event::Aborting { id } => {
+                self.line(format!("abort: `{id}` failed; starting nothing new"))
+            }
             Event::Cancelling => self.line("cancel: stopping what this run started".into()),
             Event::RunFinished { .. } => {
                 self.overall.finish_and_clear();

@@ -233,16 +233,24 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             if let Some(Probe::Log { regex }) = probes.first() {
                 if let Err(err) = regex::Regex::new(regex) {
                     problems.push(
-                        Problem::new(format!("`ready.log` of task `{id}` is not a valid regex: {err}"))
-                            .at(Some(r.span())),
+                        Problem::new(format!(
+                            "`ready.log` of task `{id}` is not a valid regex: {err}"
+                        ))
+                        .at(Some(r.span())),
                     );
                 }
             }
             if let Some(Probe::Tcp { addr }) = probes.first() {
-                if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                if addr
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
                     problems.push(
-                        Problem::new(format!("`ready.tcp` of task `{id}` must be `host:port`, not `{addr}`"))
-                            .at(Some(r.span())),
+                        Problem::new(format!(
+                            "`ready.tcp` of task `{id}` must be `host:port`, not `{addr}`"
+                        ))
+                        .at(Some(r.span())),
                     );
                 }
             }
@@ -262,7 +270,9 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
                 problems.push(
                     Problem::new(format!("task `{id}` has `ready` but is not a service"))
                         .at(Some(r.span()))
-                        .help("add `service = true` (it keeps running once ready), or drop `ready`"),
+                        .help(
+                            "add `service = true` (it keeps running once ready), or drop `ready`",
+                        ),
                 );
                 None
             } else {
@@ -379,7 +389,10 @@ retries = 2
         .expect("valid");
         assert_eq!(plan.tasks.len(), 2);
         assert_eq!(plan.tasks[1].needs, ["a"]);
-        assert_eq!(plan.tasks[1].timeout, Some(std::time::Duration::from_secs(10)));
+        assert_eq!(
+            plan.tasks[1].timeout,
+            Some(std::time::Duration::from_secs(10))
+        );
     }
 
     #[test]

@@ -1,1 +1,173 @@
-fn main(){}
+//! Scheduler overhead: what the engine itself costs per task, with tasks that do nothing.
+//!
+//! The graph: 100 layers of 1,000 no-op tasks; each task of a layer needs 2 distinct random
+//! tasks of the layer before (fixed seed, so every run measures the same graph). Timed:
+//! `decide` + `run`, on a current-thread tokio runtime like the scheduler's own task, with
+//!
+//! - no subscribers, for several `jobs` bounds (`no_subscribers/jobs=N`);
+//! - a [`Journal`] in a temp dir as the one subscriber (`journal/run`: decide + run, the
+//!   journal opened before and closed after the timed part; `journal/total`: open, decide,
+//!   run, close, i.e. everything a run pays for its journal, including the final snapshot).
+//!
+//! Criterion prints the time per iteration; divide by 100,000 for the time per task (the
+//! throughput line says the same in tasks per second). Building and sealing the graph is
+//! not timed here.
+//!
+//! ```sh
+//! cargo bench -p prl-flow-engine --bench scheduler
+//! cargo bench -p prl-flow-engine --bench scheduler -- no_subscribers/jobs=1024
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use prl_flow_engine::{
+    decide, run, Cancel, Done, Graph, GraphBuilder, Journal, RunOptions, Sink, Task, TaskContext,
+    TaskError,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const LAYERS: usize = 100;
+const WIDTH: usize = 1000;
+const TASKS: usize = LAYERS * WIDTH;
+const SEED: u64 = 0x5eed_da65;
+
+/// A task whose `run` returns at once.
+struct Noop {
+    id: String,
+    needs: Vec<String>,
+}
+
+#[async_trait]
+impl Task for Noop {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn needs(&self) -> &[String] {
+        &self.needs
+    }
+    fn fingerprint(&self) -> String {
+        String::new()
+    }
+    async fn run(&self, _cx: &TaskContext) -> Result<Done, TaskError> {
+        Ok(Done::default())
+    }
+}
+
+fn layered_graph() -> Graph {
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let mut b = GraphBuilder::with_capacity(TASKS);
+    for layer in 0..LAYERS {
+        for k in 0..WIDTH {
+            let needs = if layer == 0 {
+                Vec::new()
+            } else {
+                let a = rng.gen_range(0..WIDTH);
+                let mut c = rng.gen_range(0..WIDTH - 1);
+                if c >= a {
+                    c += 1;
+                }
+                vec![format!("l{}_{a}", layer - 1), format!("l{}_{c}", layer - 1)]
+            };
+            b.add(Arc::new(Noop {
+                id: format!("l{layer}_{k}"),
+                needs,
+            }));
+        }
+    }
+    b.seal()
+        .map_err(|e| format!("{e:?}"))
+        .expect("the bench graph seals")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+async fn decide_and_run(graph: &Graph, jobs: usize, sink: Sink) {
+    let decisions = decide(graph, None).await;
+    let options = RunOptions {
+        jobs,
+        ..RunOptions::default()
+    };
+    let report = run(graph, &decisions, None, &options, sink, Cancel::never()).await;
+    assert_eq!(report.summary.done, TASKS);
+}
+
+fn bench(c: &mut Criterion) {
+    let built = Instant::now();
+    let graph = layered_graph();
+    eprintln!(
+        "graph: {TASKS} tasks, built and sealed in {:.0} ms (not timed below)",
+        built.elapsed().as_secs_f64() * 1e3
+    );
+    let rt = runtime();
+
+    let mut g = c.benchmark_group("no_subscribers");
+    g.throughput(Throughput::Elements(TASKS as u64));
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_secs(1));
+    for jobs in [1, 16, 1024, TASKS] {
+        g.bench_with_input(BenchmarkId::new("jobs", jobs), &jobs, |b, &jobs| {
+            b.iter(|| rt.block_on(decide_and_run(&graph, jobs, Sink::none())));
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("journal");
+    g.throughput(Throughput::Elements(TASKS as u64));
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_secs(1));
+    let open = |dir: &std::path::Path| Arc::new(Journal::open(dir, false, "bench").expect("open"));
+    let close = |j: Arc<Journal>| {
+        Arc::try_unwrap(j)
+            .map_err(|_| "the journal is still shared after the run")
+            .expect("sole owner")
+            .close()
+            .expect("close");
+    };
+    g.bench_function("run", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempdir();
+                let journal = open(dir.path());
+                let sink = Sink::new(vec![journal.recorder(&graph)]);
+                let t = Instant::now();
+                rt.block_on(decide_and_run(&graph, 1024, sink));
+                spent += t.elapsed();
+                close(journal);
+            }
+            spent
+        });
+    });
+    g.bench_function("total", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempdir();
+                let t = Instant::now();
+                let journal = open(dir.path());
+                let sink = Sink::new(vec![journal.recorder(&graph)]);
+                rt.block_on(decide_and_run(&graph, 1024, sink));
+                close(journal);
+                spent += t.elapsed();
+            }
+            spent
+        });
+    });
+    g.finish();
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temp dir")
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -163,10 +163,7 @@ impl GraphBuilder {
                 cycle: ids,
             }]);
         }
-        let by_id = index
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let by_id = index.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         Ok(Graph {
             tasks: self.tasks,
             origins: self.origins,
@@ -323,7 +320,11 @@ impl Graph {
     pub fn depths(&self) -> Vec<usize> {
         let mut depth = vec![0; self.len()];
         for &i in &self.topo {
-            depth[i] = self.deps[i].iter().map(|&j| depth[j] + 1).max().unwrap_or(0);
+            depth[i] = self.deps[i]
+                .iter()
+                .map(|&j| depth[j] + 1)
+                .max()
+                .unwrap_or(0);
         }
         depth
     }
@@ -370,7 +371,9 @@ mod tests {
             .expect("errors");
         assert_eq!(err.len(), 3);
         assert!(matches!(&err[0], GraphError::Duplicate { id, .. } if id == "a"));
-        assert!(matches!(&err[1], GraphError::UnknownDependency { missing, .. } if missing == "compile"));
+        assert!(
+            matches!(&err[1], GraphError::UnknownDependency { missing, .. } if missing == "compile")
+        );
     }
 
     #[test]

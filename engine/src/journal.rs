@@ -8,17 +8,20 @@
 //!   an id wins. A torn last line (the machine died mid-write) is ignored on load;
 //! - `lock`: held with `flock` for the whole run, and naming its holder.
 //!
-//! Group commit: a writer thread takes updates from a channel, writes whatever has queued up
-//! in one `write`, and calls `fsync` at most every [`SYNC_EVERY`]. A `write` reaches the
-//! kernel at once, so a `kill -9` of prl-flow loses nothing; only a crash of the machine can
-//! lose the last moments. Thousands of tasks mean a handful of fsyncs, not thousands.
+//! Group commit: records queue up in memory and go to the file in one `write`, either at
+//! once when they must be on file before the caller goes on (a task about to start a
+//! process: a `kill -9` right after the fork must not leave a journal that never heard of
+//! it), or within [`SYNC_EVERY`] from a background thread, which also calls `fsync` at most
+//! that often. A `write` reaches the kernel at once, so a `kill -9` of prl-flow loses only
+//! what was still queued (never a start); a crash of the machine can lose the last moments.
+//! Thousands of tasks mean a handful of fsyncs, not thousands.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -196,20 +199,45 @@ fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, File)> {
     Ok((tmp, f))
 }
 
-enum Msg {
-    Put(Box<Record>),
-    /// Start the log afresh (its records were dropped).
-    Reset,
-    Flush(mpsc::Sender<()>),
+/// What the journal holds while open: the records, and lines not yet written.
+struct Inner {
+    records: BTreeMap<String, Record>,
+    log: File,
+    /// Lines waiting for the next write.
+    buf: Vec<u8>,
+    /// Written since the last fsync.
+    unsynced: bool,
+    next_seq: u64,
+    /// The first write error, reported at close.
+    error: Option<String>,
 }
 
-/// An open journal: holds the state dir's lock and a writer thread.
+impl Inner {
+    fn queue(&mut self, r: &Record) {
+        if serde_json::to_writer(&mut self.buf, r).is_ok() {
+            self.buf.push(b'\n');
+        }
+    }
+    fn write(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if let Err(e) = self.log.write_all(&self.buf) {
+            self.error.get_or_insert_with(|| e.to_string());
+        }
+        self.buf.clear();
+        self.unsynced = true;
+    }
+}
+
+/// An open journal: holds the state dir's lock. Records are written under a mutex by the
+/// thread that makes them; a background thread writes what is queued and fsyncs at most
+/// every [`SYNC_EVERY`].
 pub struct Journal {
     dir: PathBuf,
-    tx: mpsc::Sender<Msg>,
-    writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-    records: Arc<Mutex<BTreeMap<String, Record>>>,
-    next_seq: Arc<Mutex<u64>>,
+    inner: Arc<Mutex<Inner>>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    syncer: Option<std::thread::JoinHandle<()>>,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -237,23 +265,34 @@ impl Journal {
             .append(true)
             .open(dir.join(LOG))
             .map_err(io)?;
-        let records = Arc::new(Mutex::new(records));
-        let (tx, rx) = mpsc::channel();
-        let writer = {
-            let snap = dir.join(SNAPSHOT);
+        let inner = Arc::new(Mutex::new(Inner {
+            records,
+            log,
+            buf: Vec::with_capacity(64 * 1024),
+            unsynced: false,
+            next_seq,
+            error: None,
+        }));
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let syncer = {
+            let inner = inner.clone();
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name("journal".into())
-                .spawn(move || writer_loop(rx, log, snap))
+                .spawn(move || sync_loop(&inner, &stop))
                 .map_err(io)?
         };
         Ok(Self {
             dir: dir.to_path_buf(),
-            tx,
-            writer: Some(writer),
-            records,
-            next_seq: Arc::new(Mutex::new(next_seq)),
+            inner,
+            stop,
+            syncer: Some(syncer),
             _lock: lock,
         })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn dir(&self) -> &Path {
@@ -262,72 +301,86 @@ impl Journal {
 
     /// The records as they stand now.
     pub fn records(&self) -> BTreeMap<String, Record> {
-        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+        self.inner().records.clone()
     }
 
     pub fn get(&self, id: &str) -> Option<Record> {
-        self.records.lock().ok()?.get(id).cloned()
+        self.inner().records.get(id).cloned()
     }
 
-    /// Writes a record (it replaces the earlier one of its id).
+    /// Records `record` (it replaces the earlier one of its id). It reaches the file with
+    /// the next write, within [`SYNC_EVERY`].
     pub fn put(&self, record: Record) {
-        if let Ok(mut m) = self.records.lock() {
-            m.insert(record.id.clone(), record.clone());
-        }
-        let _ = self.tx.send(Msg::Put(Box::new(record)));
+        let mut g = self.inner();
+        g.queue(&record);
+        g.records.insert(record.id.clone(), record);
+    }
+
+    /// Records `record` and writes it (with everything queued before it) at once: for what
+    /// must be on file before the caller goes on, such as a task about to start a process.
+    pub fn put_now(&self, record: Record) {
+        let mut g = self.inner();
+        g.queue(&record);
+        g.records.insert(record.id.clone(), record);
+        g.write();
     }
 
     /// Changes a record in place, if it exists.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Record)) {
-        let rec = {
-            let Ok(mut m) = self.records.lock() else {
-                return;
-            };
-            let Some(r) = m.get_mut(id) else { return };
-            f(r);
-            r.clone()
+        let mut g = self.inner();
+        let Some(r) = g.records.get_mut(id) else {
+            return;
         };
-        let _ = self.tx.send(Msg::Put(Box::new(rec)));
+        f(r);
+        let r = r.clone();
+        g.queue(&r);
     }
 
     /// Forgets every record (a fresh run): the snapshot and the log are emptied.
     pub fn reset(&self) {
-        let ids: Vec<String> = match self.records.lock() {
-            Ok(mut m) => {
-                let ids = m.keys().cloned().collect();
-                m.clear();
-                ids
-            }
-            Err(_) => return,
-        };
-        if !ids.is_empty() {
-            let _ = self.tx.send(Msg::Reset);
+        let mut g = self.inner();
+        if g.records.is_empty() {
+            return;
+        }
+        g.records.clear();
+        g.buf.clear();
+        let cleared = g.log.set_len(0).and_then(|()| {
+            write_atomic(
+                &self.dir.join(SNAPSHOT),
+                &to_json(&Snapshot {
+                    version: 1,
+                    records: BTreeMap::new(),
+                }),
+            )
+        });
+        if let Err(e) = cleared {
+            g.error.get_or_insert_with(|| e.to_string());
         }
     }
 
     /// A kept task recorded as running finished while no prl-flow watched: mark it done.
     fn settle_kept(&self, id: &str) {
-        let rec = {
-            let Ok(mut m) = self.records.lock() else {
-                return;
-            };
-            match m.get_mut(id) {
-                Some(r) if r.status == Status::Running => {
-                    r.status = Status::Done;
-                    r.finished_ms = Some(now_ms());
-                    r.clone()
-                }
-                _ => return,
+        let mut g = self.inner();
+        let r = match g.records.get_mut(id) {
+            Some(r) if r.status == Status::Running => {
+                r.status = Status::Done;
+                r.finished_ms = Some(now_ms());
+                r.clone()
             }
+            _ => return,
         };
-        let _ = self.tx.send(Msg::Put(Box::new(rec)));
+        g.queue(&r);
     }
 
-    /// Waits until everything written so far is on disk.
+    /// Writes everything queued and waits until it is on disk.
     pub fn flush(&self) {
-        let (tx, rx) = mpsc::channel();
-        if self.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv();
+        let mut g = self.inner();
+        g.write();
+        if g.unsynced {
+            if let Err(e) = g.log.sync_data() {
+                g.error.get_or_insert_with(|| e.to_string());
+            }
+            g.unsynced = false;
         }
     }
 
@@ -360,35 +413,47 @@ impl Journal {
     }
 
     fn take_seq(&self) -> u64 {
-        let mut s = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
-        let v = *s;
-        *s += 1;
+        let mut g = self.inner();
+        let v = g.next_seq;
+        g.next_seq += 1;
         v
     }
 
-    /// Flushes, writes the snapshot atomically and empties the log.
+    /// Writes everything, replaces the snapshot atomically and empties the log.
     pub fn close(mut self) -> Result<(), JournalError> {
         self.finish()
     }
 
     fn finish(&mut self) -> Result<(), JournalError> {
-        let io = |source| JournalError::Io {
-            dir: self.dir.clone(),
-            source,
-        };
-        let Some(writer) = self.writer.take() else {
+        let Some(syncer) = self.syncer.take() else {
             return Ok(());
         };
-        let (tx, _) = mpsc::channel();
-        let _ = std::mem::replace(&mut self.tx, tx);
-        let _ = writer.join();
+        {
+            let (lock, cv) = &*self.stop;
+            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+        let _ = syncer.join();
+        let dir = self.dir.clone();
+        let io = |source| JournalError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        let mut g = self.inner();
+        g.write();
         let snapshot = Snapshot {
             version: 1,
-            records: self.records(),
+            records: g.records.clone(),
         };
         write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
-        File::create(self.dir.join(LOG)).map_err(io)?;
-        Ok(())
+        g.log.set_len(0).map_err(io)?;
+        match g.error.take() {
+            Some(e) => Err(JournalError::Io {
+                dir: self.dir.clone(),
+                source: std::io::Error::other(e),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -404,82 +469,33 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     bytes
 }
 
-fn writer_loop(
-    rx: mpsc::Receiver<Msg>,
-    mut log: File,
-    snapshot_path: PathBuf,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut last_sync = Instant::now();
-    let mut dirty = false;
+/// Every [`SYNC_EVERY`]: write what is queued, and fsync what was written, outside the lock
+/// (on a duplicate of the file descriptor) so that writers never wait for the disk.
+fn sync_loop(inner: &Mutex<Inner>, stop: &(Mutex<bool>, Condvar)) {
+    let (lock, cv) = stop;
     loop {
-        // Block for the first message, or until a pending fsync is due.
-        let first = if dirty {
-            let wait = SYNC_EVERY.saturating_sub(last_sync.elapsed());
-            match rx.recv_timeout(wait) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        {
+            let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (stopped, _) = cv
+                .wait_timeout(stopped, SYNC_EVERY)
+                .unwrap_or_else(|e| e.into_inner());
+            if *stopped {
+                return;
             }
-        } else {
-            match rx.recv() {
-                Ok(m) => Some(m),
-                Err(_) => break,
+        }
+        let file = {
+            let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.write();
+            if !g.unsynced {
+                continue;
             }
+            g.unsynced = false;
+            g.log.try_clone()
         };
-        let mut acks = Vec::new();
-        let mut batch: Vec<Box<Record>> = Vec::new();
-        let mut reset = false;
-        let mut take = |m: Msg| match m {
-            Msg::Put(r) => batch.push(r),
-            Msg::Flush(ack) => acks.push(ack),
-            Msg::Reset => {
-                batch.clear();
-                reset = true;
-            }
-        };
-        if let Some(m) = first {
-            take(m);
-        }
-        while let Ok(m) = rx.try_recv() {
-            take(m);
-        }
-        if reset {
-            // The snapshot is rewritten empty at close; until then the log must not replay
-            // records of the earlier run over it.
-            log.set_len(0)?;
-            write_atomic(&snapshot_path, b"{\"version\":1,\"records\":{}}\n")?;
-            dirty = true;
-        }
-        if !batch.is_empty() {
-            // Keep only the last update of each id in this batch.
-            let mut last: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-            for (i, r) in batch.iter().enumerate() {
-                last.insert(r.id.as_str(), i);
-            }
-            buf.clear();
-            for (i, r) in batch.iter().enumerate() {
-                if last.get(r.id.as_str()) == Some(&i) {
-                    serde_json::to_writer(&mut buf, r).map_err(std::io::Error::other)?;
-                    buf.push(b'\n');
-                }
-            }
-            log.write_all(&buf)?;
-            dirty = true;
-        }
-        if dirty && (!acks.is_empty() || last_sync.elapsed() >= SYNC_EVERY) {
-            log.sync_data()?;
-            last_sync = Instant::now();
-            dirty = false;
-        }
-        for a in acks {
-            let _ = a.send(());
+        if let Ok(f) = file {
+            let _ = f.sync_data();
         }
     }
-    if dirty {
-        log.sync_data()?;
-    }
-    Ok(())
 }
 
 fn lock(dir: &Path, holder: &str) -> Result<nix::fcntl::Flock<File>, JournalError> {
@@ -540,9 +556,8 @@ impl Subscriber for Recorder {
                 ..
             } => {
                 let mut r = self.info[*index].clone();
-                let old = self.journal.get(&r.id);
                 if *adopted {
-                    if let Some(old) = old {
+                    if let Some(old) = self.journal.get(&r.id) {
                         r = Record {
                             status: Status::Running,
                             ..old
@@ -553,7 +568,8 @@ impl Subscriber for Recorder {
                     r.attempts = *attempt;
                     r.started_ms = Some(now_ms());
                 }
-                self.journal.put(r);
+                // On file before the task can start a process.
+                self.journal.put_now(r);
             }
             Event::Spawned { id, handle, .. } => {
                 self.journal.update(id, |r| r.handle = Some(handle.clone()));
@@ -590,7 +606,11 @@ impl Subscriber for Recorder {
             }
             Event::Undone { id, error, .. } => {
                 self.journal.update(id, |r| {
-                    r.status = Status::Stopped;
+                    // A service that failed, timed out or was cancelled keeps saying so
+                    // (`status`, and `--resume --explain`); only one that was up is `stopped`.
+                    if matches!(r.status, Status::Done | Status::Running) {
+                        r.status = Status::Stopped;
+                    }
                     if let Some(e) = error {
                         r.error = Some(e.clone());
                     }

@@ -146,6 +146,25 @@ pub async fn decide(graph: &Graph, previous: Option<&BTreeMap<String, Record>>) 
     out
 }
 
+/// Fills in the handles of tasks recorded as running without one (a run killed between
+/// starting a process and recording it), so that [`decide`] can check and adopt them instead
+/// of starting them a second time. Returns the ids it found something for.
+pub async fn recover_handles(graph: &Graph, records: &mut BTreeMap<String, Record>) -> Vec<String> {
+    let mut found = Vec::new();
+    for task in graph.tasks() {
+        let Some(r) = records.get_mut(task.id()) else {
+            continue;
+        };
+        if r.status == Status::Running && r.handle.is_none() && r.fingerprint == task.fingerprint() {
+            if let Some(h) = task.recover(r).await {
+                r.handle = Some(h);
+                found.push(r.id.clone());
+            }
+        }
+    }
+    found
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Waiting,
@@ -457,9 +476,7 @@ fn start(
                     duration: began.elapsed(),
                 };
             }
-            let delay = policy
-                .backoff
-                .saturating_mul(1u32 << (attempt - 1).min(16));
+            let delay = policy.backoff.saturating_mul(1u32 << (attempt - 1).min(16));
             sink.emit(&Event::Retrying {
                 index,
                 id: id.clone(),
@@ -589,7 +606,14 @@ mod tests {
                 })
                 .collect(),
         );
-        go(&s, RunOptions { jobs: 2, ..Default::default() }).await;
+        go(
+            &s,
+            RunOptions {
+                jobs: 2,
+                ..Default::default()
+            },
+        )
+        .await;
         let trace = s.trace.lock().expect("trace").clone();
         let mut running = 0i32;
         let mut max = 0;
@@ -612,7 +636,14 @@ mod tests {
             FakeTask::new("after_bad", &["bad"]),
             FakeTask::new("after_slow", &["slow"]),
         ]);
-        let r = go(&s, RunOptions { jobs: 4, ..Default::default() }).await;
+        let r = go(
+            &s,
+            RunOptions {
+                jobs: 4,
+                ..Default::default()
+            },
+        )
+        .await;
         assert!(!r.ok());
         assert_eq!(r.outcomes[0], Some(Outcome::Failed));
         assert_eq!(r.outcomes[1], Some(Outcome::Done));
@@ -628,7 +659,14 @@ mod tests {
             FakeTask::new("after_bad", &["bad"]),
             FakeTask::new("after_slow", &["slow"]),
         ]);
-        let r = go(&s, RunOptions { keep_going: true, ..Default::default() }).await;
+        let r = go(
+            &s,
+            RunOptions {
+                keep_going: true,
+                ..Default::default()
+            },
+        )
+        .await;
         assert_eq!(r.outcomes[2], Some(Outcome::Skipped));
         assert_eq!(r.outcomes[3], Some(Outcome::Done));
     }
@@ -641,9 +679,20 @@ mod tests {
                 FakeTask::new("web", &["db"]).service(),
                 FakeTask::new("bad", &["web"]).behaviour(Behaviour::Fail),
             ]);
-            let r = go(&s, RunOptions { keep, ..Default::default() }).await;
+            let r = go(
+                &s,
+                RunOptions {
+                    keep,
+                    ..Default::default()
+                },
+            )
+            .await;
             assert!(!r.ok());
-            let undos: Vec<u32> = s.tasks.iter().map(|t| t.undos.load(Ordering::SeqCst)).collect();
+            let undos: Vec<u32> = s
+                .tasks
+                .iter()
+                .map(|t| t.undos.load(Ordering::SeqCst))
+                .collect();
             if keep {
                 assert_eq!(undos, [0, 0, 0]);
             } else {
@@ -657,7 +706,11 @@ mod tests {
     async fn retries_with_backoff_then_succeeds() {
         let s = setup(vec![FakeTask::new("flaky", &[])
             .behaviour(Behaviour::FailTimes(2))
-            .policy(Policy { retries: 2, backoff: Duration::from_millis(1), timeout: None })]);
+            .policy(Policy {
+                retries: 2,
+                backoff: Duration::from_millis(1),
+                timeout: None,
+            })]);
         let r = go(&s, RunOptions::default()).await;
         assert!(r.ok());
         assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 3);
@@ -667,7 +720,11 @@ mod tests {
     async fn retries_are_bounded() {
         let s = setup(vec![FakeTask::new("flaky", &[])
             .behaviour(Behaviour::FailTimes(5))
-            .policy(Policy { retries: 1, backoff: Duration::from_millis(1), timeout: None })]);
+            .policy(Policy {
+                retries: 1,
+                backoff: Duration::from_millis(1),
+                timeout: None,
+            })]);
         let r = go(&s, RunOptions::default()).await;
         assert_eq!(r.outcomes[0], Some(Outcome::Failed));
         assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 2);
@@ -677,12 +734,18 @@ mod tests {
     async fn timeout_stops_the_task_and_says_so() {
         let s = setup(vec![FakeTask::new("stuck", &[])
             .behaviour(Behaviour::Hang)
-            .policy(Policy { timeout: Some(Duration::from_millis(50)), ..Default::default() })]);
+            .policy(Policy {
+                timeout: Some(Duration::from_millis(50)),
+                ..Default::default()
+            })]);
         let r = go(&s, RunOptions::default()).await;
         assert_eq!(r.outcomes[0], Some(Outcome::TimedOut));
         let msg = r.errors[0].as_ref().expect("error").message.clone();
         assert!(msg.starts_with("timed out after 50ms"), "{msg}");
-        assert!(pos(&s.trace, "end:stuck").is_some(), "the task saw its cancel");
+        assert!(
+            pos(&s.trace, "end:stuck").is_some(),
+            "the task saw its cancel"
+        );
     }
 
     #[tokio::test]
@@ -703,21 +766,24 @@ mod tests {
             src.fire();
         };
         let opts = RunOptions::default();
-        let (r, ()) = tokio::join!(
-            run(&s.graph, &d, None, &opts, Sink::none(), token),
-            fire
-        );
+        let (r, ()) = tokio::join!(run(&s.graph, &d, None, &opts, Sink::none(), token), fire);
         assert!(r.cancelled);
         assert_eq!(r.outcomes[1], Some(Outcome::Cancelled));
         assert_eq!(r.outcomes[2], Some(Outcome::Skipped));
-        assert_eq!(s.tasks[0].undos.load(Ordering::SeqCst), 1, "the service is stopped");
+        assert_eq!(
+            s.tasks[0].undos.load(Ordering::SeqCst),
+            1,
+            "the service is stopped"
+        );
     }
 
     #[tokio::test]
     async fn abort_stops_services_still_waiting_to_be_ready() {
         let s = setup(vec![
             FakeTask::new("bad", &[]).behaviour(Behaviour::Fail),
-            FakeTask::new("svc", &[]).service().behaviour(Behaviour::Hang),
+            FakeTask::new("svc", &[])
+                .service()
+                .behaviour(Behaviour::Hang),
         ]);
         let r = go(&s, RunOptions::default()).await;
         assert_eq!(r.outcomes[1], Some(Outcome::Cancelled));
@@ -747,7 +813,9 @@ mod tests {
         let s = setup(vec![
             FakeTask::new("ok", &[]),
             FakeTask::new("changed", &[]).fingerprint("2"),
-            FakeTask::new("down", &["ok"]).service().check(Check::Invalid("process 12 is gone".into())),
+            FakeTask::new("down", &["ok"])
+                .service()
+                .check(Check::Invalid("process 12 is gone".into())),
             FakeTask::new("failed", &[]),
             FakeTask::new("child", &["failed"]),
             FakeTask::new("new", &[]),
@@ -767,12 +835,23 @@ mod tests {
         let d = decide(&s.graph, Some(&prev)).await;
         assert_eq!(d[0], Decision::Keep);
         assert_eq!(d[1], Decision::Run(Reason::Changed));
-        assert_eq!(d[2], Decision::Run(Reason::NoLongerAlive("process 12 is gone".into())));
+        assert_eq!(
+            d[2],
+            Decision::Run(Reason::NoLongerAlive("process 12 is gone".into()))
+        );
         assert_eq!(d[3], Decision::Run(Reason::Failed));
         assert_eq!(d[4], Decision::Run(Reason::UpstreamReRan("failed".into())));
         assert_eq!(d[5], Decision::Run(Reason::NeverRan));
         assert_eq!(d[6], Decision::Adopt);
-        let r = run(&s.graph, &d, Some(&prev), &RunOptions::default(), Sink::none(), Cancel::never()).await;
+        let r = run(
+            &s.graph,
+            &d,
+            Some(&prev),
+            &RunOptions::default(),
+            Sink::none(),
+            Cancel::never(),
+        )
+        .await;
         assert!(r.ok());
         assert_eq!(r.summary.kept, 1);
         assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 0);

@@ -216,6 +216,11 @@ pub trait Task: Send + Sync + 'static {
     async fn check(&self, _handle: Option<&Handle>) -> Check {
         Check::Valid
     }
+    /// Finds what an attempt recorded as started left behind when its handle never reached
+    /// the journal (the run was killed between starting a process and recording it).
+    async fn recover(&self, _record: &crate::journal::Record) -> Option<Handle> {
+        None
+    }
     async fn adopt(&self, _handle: &Handle, _cx: &TaskContext) -> Result<Done, TaskError> {
         Err(TaskError::new("cannot adopt work left in flight"))
     }

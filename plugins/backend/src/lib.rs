@@ -108,6 +108,17 @@ pub trait Backend: Send + Sync {
     /// that is already gone is not an error.
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError>;
 
+    /// Finds the process a spawn of `spec` started at or after `since_ms` (ms since the
+    /// epoch), when its handle never reached the journal (prl-flow was killed between the
+    /// fork and the journal write). `None`: nothing was started.
+    async fn recover(
+        &self,
+        _spec: &SpawnSpec,
+        _since_ms: u64,
+    ) -> Result<Option<ProcHandle>, BackendError> {
+        Ok(None)
+    }
+
     /// The last `lines` lines of the process's log.
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError>;
 
@@ -117,6 +128,21 @@ pub trait Backend: Send + Sync {
         handle: &ProcHandle,
         offset: u64,
     ) -> Result<(String, u64), BackendError>;
+}
+
+/// Backends write this at the start of a line of a task's log each time they start its
+/// process, so that a failure quotes only the lines of the last attempt.
+pub const LOG_MARK: &str = "── prl-flow: ";
+
+/// The part of a log written since the last [`LOG_MARK`] line.
+pub fn since_last_mark(text: &str) -> &str {
+    match text.rfind(LOG_MARK) {
+        Some(at) => match text[at..].find('\n') {
+            Some(nl) => &text[at + nl + 1..],
+            None => "",
+        },
+        None => text,
+    }
 }
 
 /// The last `n` lines of `text`.

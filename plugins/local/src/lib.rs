@@ -24,10 +24,13 @@ use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
+    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+const PID_FILE: &str = "pid";
+const STATUS_FILE: &str = "exit-status";
 
 /// How often to look at a process that is not our child.
 const POLL: Duration = Duration::from_millis(20);
@@ -129,7 +132,10 @@ impl Backend for LocalBackend {
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
         if spec.argv.is_empty() {
-            return Err(BackendError::new(format!("task `{}` has an empty command", spec.task)));
+            return Err(BackendError::new(format!(
+                "task `{}` has an empty command",
+                spec.task
+            )));
         }
         std::fs::create_dir_all(&spec.run_dir)?;
         for (rel, content) in &spec.files {
@@ -146,17 +152,25 @@ impl Backend for LocalBackend {
             .create(true)
             .append(true)
             .open(&spec.log)
-            .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))?;
+            .map_err(|e| {
+                BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display()))
+            })?;
         let log_err = log.try_clone()?;
+        {
+            use std::io::Write as _;
+            let mut l = &log;
+            let _ = writeln!(l, "{LOG_MARK}`{}` starts ──", spec.task);
+        }
 
-        let status_file = (!spec.service).then(|| spec.run_dir.join("exit-status"));
-        let argv: Vec<String> = match &status_file {
-            None => spec.argv.clone(),
-            Some(f) => {
-                let _ = std::fs::remove_file(f);
-                wrap_with_status(&spec.argv, f)
-            }
-        };
+        // The child writes its own pid before anything else, so that a prl-flow killed
+        // between the fork and its journal write can still find it (see `recover`).
+        let pid_file = spec.run_dir.join(PID_FILE);
+        let _ = std::fs::remove_file(&pid_file);
+        let status_file = (!spec.service).then(|| spec.run_dir.join(STATUS_FILE));
+        if let Some(f) = &status_file {
+            let _ = std::fs::remove_file(f);
+        }
+        let argv = wrap(&spec.argv, &spec.run_dir, spec.service);
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(&spec.env)
@@ -166,9 +180,9 @@ impl Backend for LocalBackend {
             .stderr(log_err)
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| {
-            BackendError::new(format!("cannot start `{}`: {e}", spec.argv[0]))
-        })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| BackendError::new(format!("cannot start `{}`: {e}", spec.argv[0])))?;
         let pid = child
             .id()
             .ok_or_else(|| BackendError::new("the process ended before it had a pid"))?
@@ -247,9 +261,49 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
+    async fn recover(
+        &self,
+        spec: &SpawnSpec,
+        since_ms: u64,
+    ) -> Result<Option<ProcHandle>, BackendError> {
+        let pid_file = spec.run_dir.join(PID_FILE);
+        let Ok(meta) = std::fs::metadata(&pid_file) else {
+            return Ok(None);
+        };
+        // A pid file older than the attempt is an earlier attempt's.
+        let written = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if written + 1 < since_ms {
+            return Ok(None);
+        }
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        else {
+            return Ok(None);
+        };
+        let h = Handle {
+            backend: "local".into(),
+            pid,
+            // A dead process has no start time to read; 0 never matches a live one.
+            start: proc_start(pid).map(|(s, _)| s).unwrap_or(0),
+            node: spec.node.clone(),
+            log: spec.log.clone(),
+            status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
+        };
+        serde_json::to_value(h)
+            .map(Some)
+            .map_err(|e| BackendError::new(e.to_string()))
+    }
+
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
         let h = Self::parse(handle)?;
-        Ok(last_lines(&tail_bytes(&h.log, 64 * 1024)?, lines))
+        let text = tail_bytes(&h.log, 64 * 1024)?;
+        Ok(last_lines(prl_flow_backend::since_last_mark(&text), lines))
     }
 
     async fn read_log(
@@ -262,22 +316,26 @@ impl Backend for LocalBackend {
     }
 }
 
-/// Runs `argv` under `sh`, writing its exit status to `status` when it ends (not when it is
-/// killed: then there is no status, which is the truth).
-fn wrap_with_status(argv: &[String], status: &Path) -> Vec<String> {
-    let trap = "trap 'echo $? > \"$0\"' EXIT";
-    let status = status.to_string_lossy().into_owned();
-    match argv {
+/// Runs `argv` under `sh`, which first writes its pid to `RUN_DIR/pid`. A one-shot also
+/// leaves its exit status in `RUN_DIR/exit-status` when it ends (not when it is killed: then
+/// there is no status, which is the truth); a service `exec`s, keeping the pid.
+fn wrap(argv: &[String], run_dir: &Path, service: bool) -> Vec<String> {
+    let pid = format!("echo $$ > \"$0/{PID_FILE}\"");
+    let run_dir = run_dir.to_string_lossy().into_owned();
+    let script = match (service, argv) {
+        (true, _) => format!("{pid}; exec \"$@\""),
         // A shell command line: one shell, with the trap in front.
-        [sh, c, script] if sh == "sh" && c == "-c" => {
-            vec!["sh".into(), "-c".into(), format!("{trap}\n{script}"), status]
+        (false, [sh, c, script]) if sh == "sh" && c == "-c" => {
+            format!("{pid}; trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT\n{script}")
         }
-        _ => {
-            let mut v = vec!["sh".into(), "-c".into(), format!("{trap}; \"$@\""), status];
-            v.extend(argv.iter().cloned());
-            v
-        }
+        (false, _) => format!("{pid}; trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT; \"$@\""),
+    };
+    let mut v = vec!["sh".to_string(), "-c".to_string(), script, run_dir];
+    match (service, argv) {
+        (false, [sh, c, _]) if sh == "sh" && c == "-c" => {}
+        _ => v.extend(argv.iter().cloned()),
     }
+    v
 }
 
 fn tail_bytes(path: &Path, max: u64) -> Result<String, BackendError> {
@@ -348,7 +406,10 @@ mod tests {
         assert_eq!(b.log_tail(&h, 5).await.expect("log"), "hi");
         // Another backend instance (a later prl-flow) reads the status file.
         let later = LocalBackend::new();
-        assert_eq!(later.status(&h).await.expect("status"), ProcState::Exited(Some(3)));
+        assert_eq!(
+            later.status(&h).await.expect("status"),
+            ProcState::Exited(Some(3))
+        );
     }
 
     #[tokio::test]
@@ -356,7 +417,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let b = LocalBackend::new();
         let h = b
-            .spawn(&spec(dir.path(), &["sh", "-c", "sleep 30 & sleep 30; wait"], true))
+            .spawn(&spec(
+                dir.path(),
+                &["sh", "-c", "sleep 30 & sleep 30; wait"],
+                true,
+            ))
             .await
             .expect("spawn");
         assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
@@ -367,6 +432,9 @@ mod tests {
         fake.pid = std::process::id() as i32;
         fake.start += 1;
         let fake = serde_json::to_value(fake).expect("json");
-        assert_eq!(LocalBackend::new().status(&fake).await.expect("status"), ProcState::Gone);
+        assert_eq!(
+            LocalBackend::new().status(&fake).await.expect("status"),
+            ProcState::Gone
+        );
     }
 }

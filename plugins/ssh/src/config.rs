@@ -1,0 +1,623 @@
+//! The `[backend]` table of an ssh recipe, checked in one pass.
+//!
+//! ```toml
+//! [backend]
+//! type = "ssh"
+//! hosts = ["gpu1", "ubuntu@10.0.0.12", "10.0.0.13:2222", { host = "gpu4", address = "192.168.1.4" }]
+//! # or, instead of `hosts`, a site file with one host per line in the same syntax:
+//! # hosts_file = "/etc/prl-flow/hosts"
+//! accept_new_host_keys = false   # the default: an unknown host key is an error
+//! ```
+//!
+//! Nodes of the recipe take the hosts in order (`node0` the first). Every problem is
+//! reported at once, each with the field it is about (`hosts[2]`), so the recipe module can
+//! point at the place in the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One problem with the `[backend]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field it is about, as written under `[backend]`: `hosts`, `hosts[2]`, `options.User`.
+    pub field: String,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+            help: None,
+        }
+    }
+
+    fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`[backend] {}`: {}", self.field, self.message)?;
+        if let Some(h) = &self.help {
+            write!(f, "\n  help: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One host as the recipe names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HostSpec {
+    /// What ssh connects to: a name from `~/.ssh/config`, a DNS name or an address.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The address services on this host bind and are reached at, when it is not the one
+    /// ssh resolves `host` to (a separate data network, a host behind a jump host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl HostSpec {
+    /// Parses `[user@]host[:port]`; an IPv6 address with a port is written `[::1]:22`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("a host is empty".into());
+        }
+        let (user, rest) = match text.rsplit_once('@') {
+            Some((u, r)) => (Some(u.to_string()), r),
+            None => (None, text),
+        };
+        let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let Some((h, after)) = inner.split_once(']') else {
+                return Err(format!("`{text}`: `[` without `]`"));
+            };
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("`{text}`: expected `:PORT` after `]`"))?,
+                ),
+            };
+            (h.to_string(), port)
+        } else if rest.matches(':').count() > 1 {
+            // A bare IPv6 address: no port possible without brackets.
+            (rest.to_string(), None)
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        let port = match port {
+            None => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("`{text}`: `{p}` is not a port"))?,
+            ),
+        };
+        let spec = Self {
+            host,
+            user,
+            port,
+            address: None,
+        };
+        spec.check().map_err(|e| format!("`{text}`: {e}"))?;
+        Ok(spec)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        // A leading `-` would be read by ssh as an option; white space and quotes have no
+        // place in a host name either.
+        let bad = |s: &str| {
+            s.is_empty()
+                || s.starts_with('-')
+                || s.chars().any(|c| c.is_whitespace() || c.is_control() || "'\"`$;&|<>\\".contains(c))
+        };
+        if bad(&self.host) {
+            return Err(format!("`{}` is not a host name or address", self.host));
+        }
+        if let Some(u) = &self.user {
+            if bad(u) || u.contains('@') {
+                return Err(format!("`{u}` is not a user name"));
+            }
+        }
+        if let Some(a) = &self.address {
+            if bad(a) {
+                return Err(format!("`{a}` is not an address"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for HostSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        match self.port {
+            Some(p) if self.host.contains(':') => write!(f, "[{}]:{p}", self.host),
+            Some(p) => write!(f, "{}:{p}", self.host),
+            None => write!(f, "{}", self.host),
+        }
+    }
+}
+
+/// The validated `[backend]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshConfig {
+    pub hosts: Vec<HostSpec>,
+    /// `ssh -F FILE`: instead of `~/.ssh/config` (tests use it; sites rarely need it).
+    pub ssh_config: Option<PathBuf>,
+    /// Extra `-o Key=Value` options, before prl-flow's own.
+    pub options: BTreeMap<String, String>,
+    /// `StrictHostKeyChecking accept-new` instead of `yes`.
+    pub accept_new_host_keys: bool,
+    /// Where run dirs go on the hosts; relative paths are under the remote home.
+    pub remote_dir: String,
+    /// Where the local ControlMaster sockets live.
+    pub control_dir: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// `ServerAliveInterval`: a dropped link is noticed after three missed answers.
+    pub server_alive_interval: Duration,
+    /// How long an idle master connection stays open after the last task used it.
+    pub control_persist: Duration,
+    /// sshd's `MaxSessions` on the hosts (10 unless changed): prl-flow opens no more
+    /// sessions than this at once over one connection.
+    pub max_sessions: usize,
+}
+
+pub const DEFAULT_REMOTE_DIR: &str = ".prl-flow/remote";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SERVER_ALIVE: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONTROL_PERSIST: Duration = Duration::from_secs(600);
+pub const DEFAULT_MAX_SESSIONS: usize = 10;
+
+/// The fields `[backend]` may have for `type = "ssh"`.
+pub const FIELDS: &[&str] = &[
+    "type",
+    "hosts",
+    "hosts_file",
+    "ssh_config",
+    "options",
+    "accept_new_host_keys",
+    "remote_dir",
+    "control_dir",
+    "connect_timeout",
+    "server_alive_interval",
+    "control_persist",
+    "max_sessions",
+];
+
+/// ssh options prl-flow sets itself: a recipe may not override them through `options`.
+const OWN_OPTIONS: &[(&str, &str)] = &[
+    ("batchmode", "prl-flow runs ssh without a terminal, so it always sets `BatchMode yes`"),
+    (
+        "stricthostkeychecking",
+        "host keys are always checked; set `accept_new_host_keys = true` to accept keys of hosts not yet known",
+    ),
+    ("controlmaster", "prl-flow keeps one master connection per host itself"),
+    ("controlpath", "set `control_dir` to choose where the master sockets live"),
+    ("controlpersist", "set `control_persist` (a duration)"),
+    ("connecttimeout", "set `connect_timeout` (a duration)"),
+    ("serveraliveinterval", "set `server_alive_interval` (a duration)"),
+    ("user", "write the user in the host: `user@host`, or `{ host = ..., user = ... }`"),
+    ("port", "write the port in the host: `host:2222`, or `{ host = ..., port = 2222 }`"),
+];
+
+impl SshConfig {
+    /// Reads and checks `[backend]` (as JSON); relative `hosts_file` and `ssh_config` paths
+    /// are taken from `base_dir` (the recipe's directory) when given, else from the current
+    /// directory.
+    pub fn from_value(value: &Value, base_dir: Option<&Path>) -> Result<Self, Vec<ConfigError>> {
+        let mut errs = Vec::new();
+        let empty = serde_json::Map::new();
+        let table = match value {
+            Value::Object(m) => m,
+            Value::Null => &empty,
+            other => {
+                return Err(vec![ConfigError::new("", format!("expected a table, found {other}"))]);
+            }
+        };
+        for key in table.keys() {
+            if !FIELDS.contains(&key.as_str()) {
+                let mut e = ConfigError::new(key.clone(), "not a field of the ssh backend");
+                e = match closest(key, FIELDS) {
+                    Some(s) => e.help(format!("did you mean `{s}`?")),
+                    None => e.help(format!("fields: {}", FIELDS.join(", "))),
+                };
+                errs.push(e);
+            }
+        }
+        let resolve = |p: &str| -> PathBuf {
+            let p = PathBuf::from(p);
+            match base_dir {
+                Some(b) if p.is_relative() => b.join(p),
+                _ => p,
+            }
+        };
+
+        let mut hosts = Vec::new();
+        match (table.get("hosts"), table.get("hosts_file")) {
+            (Some(_), Some(_)) => errs.push(
+                ConfigError::new("hosts_file", "both `hosts` and `hosts_file` are given")
+                    .help("keep one: the list in the recipe, or the site file"),
+            ),
+            (None, None) => errs.push(
+                ConfigError::new("hosts", "the ssh backend needs hosts")
+                    .help("add `hosts = [\"host1\", \"user@host2:2222\"]`, or `hosts_file = \"PATH\"` (one host per line)"),
+            ),
+            (Some(v), None) => hosts = parse_hosts(v, &mut errs),
+            (None, Some(v)) => match v.as_str() {
+                Some(p) => {
+                    let path = resolve(p);
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => hosts = parse_hosts_file(&text, &path, &mut errs),
+                        Err(e) => errs.push(ConfigError::new(
+                            "hosts_file",
+                            format!("cannot read `{}`: {e}", path.display()),
+                        )),
+                    }
+                }
+                None => errs.push(ConfigError::new("hosts_file", "expected a path (a string)")),
+            },
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            if let Some(j) = hosts[..i].iter().position(|o| o == h) {
+                errs.push(
+                    ConfigError::new(format!("hosts[{i}]"), format!("`{h}` is listed twice (also hosts[{j}])"))
+                        .help("each node needs a host of its own"),
+                );
+            }
+        }
+
+        let string = |key: &str, errs: &mut Vec<ConfigError>| -> Option<String> {
+            match table.get(key) {
+                None => None,
+                Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+                Some(_) => {
+                    errs.push(ConfigError::new(key, "expected a non-empty string"));
+                    None
+                }
+            }
+        };
+        let duration = |key: &str, default: Duration, errs: &mut Vec<ConfigError>| -> Duration {
+            match table.get(key) {
+                None => default,
+                Some(Value::String(s)) => match humantime::parse_duration(s.trim()) {
+                    Ok(d) if d >= Duration::from_secs(1) => d,
+                    Ok(_) => {
+                        errs.push(ConfigError::new(key, format!("`{s}` is under a second")).help("ssh counts these in whole seconds"));
+                        default
+                    }
+                    Err(e) => {
+                        errs.push(ConfigError::new(key, format!("`{s}` is not a duration ({e})")).help("write e.g. `10s` or `2m`"));
+                        default
+                    }
+                },
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(s) if s > 0 => Duration::from_secs(s),
+                    _ => {
+                        errs.push(ConfigError::new(key, format!("`{n}` is not a positive number of seconds")));
+                        default
+                    }
+                },
+                Some(other) => {
+                    errs.push(ConfigError::new(key, format!("expected a duration like \"10s\", found {other}")));
+                    default
+                }
+            }
+        };
+
+        let ssh_config = string("ssh_config", &mut errs).map(|p| resolve(&p));
+        let mut options = BTreeMap::new();
+        match table.get("options") {
+            None => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    let field = format!("options.{k}");
+                    let value = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
+                        _ => {
+                            errs.push(ConfigError::new(field, "expected a string, number or boolean"));
+                            continue;
+                        }
+                    };
+                    if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric()) {
+                        errs.push(ConfigError::new(field, "not an ssh option name").help("see `man ssh_config`: e.g. `IdentityFile`, `ProxyJump`"));
+                        continue;
+                    }
+                    if let Some((_, why)) = OWN_OPTIONS.iter().find(|(o, _)| o.eq_ignore_ascii_case(k)) {
+                        errs.push(ConfigError::new(field, format!("`{k}` is set by prl-flow")).help(*why));
+                        continue;
+                    }
+                    if value.contains(['\n', '\r', '\0']) {
+                        errs.push(ConfigError::new(field, "a value may not span lines"));
+                        continue;
+                    }
+                    options.insert(k.clone(), value);
+                }
+            }
+            Some(_) => errs.push(
+                ConfigError::new("options", "expected a table of ssh options")
+                    .help("e.g. `options = { ProxyJump = \"bastion\", IdentityFile = \"~/.ssh/cluster\" }`"),
+            ),
+        }
+        let accept_new_host_keys = match table.get("accept_new_host_keys") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                errs.push(ConfigError::new("accept_new_host_keys", "expected true or false"));
+                false
+            }
+        };
+        let remote_dir = string("remote_dir", &mut errs).unwrap_or_else(|| DEFAULT_REMOTE_DIR.into());
+        if remote_dir.contains(['\n', '\0']) {
+            errs.push(ConfigError::new("remote_dir", "a path may not span lines"));
+        }
+        let control_dir = string("control_dir", &mut errs).map(|p| resolve(&p));
+        let connect_timeout = duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT, &mut errs);
+        let server_alive_interval = duration("server_alive_interval", DEFAULT_SERVER_ALIVE, &mut errs);
+        let control_persist = duration("control_persist", DEFAULT_CONTROL_PERSIST, &mut errs);
+        let max_sessions = match table.get("max_sessions") {
+            None => DEFAULT_MAX_SESSIONS,
+            Some(v) => match v.as_u64() {
+                Some(n) if (2..=1000).contains(&n) => n as usize,
+                _ => {
+                    errs.push(ConfigError::new("max_sessions", format!("`{v}` is not a number from 2 to 1000")).help("set it to the hosts' sshd `MaxSessions` (10 by default)"));
+                    DEFAULT_MAX_SESSIONS
+                }
+            },
+        };
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        Ok(Self {
+            hosts,
+            ssh_config,
+            options,
+            accept_new_host_keys,
+            remote_dir,
+            control_dir,
+            connect_timeout,
+            server_alive_interval,
+            control_persist,
+            max_sessions,
+        })
+    }
+
+    /// Is there a host for each of `nodes` nodes?
+    pub fn check_nodes(&self, nodes: usize) -> Result<(), ConfigError> {
+        if nodes <= self.hosts.len() {
+            return Ok(());
+        }
+        let listed: Vec<String> = self.hosts.iter().map(|h| h.to_string()).collect();
+        Err(ConfigError::new(
+            "hosts",
+            format!(
+                "the recipe needs {nodes} node{} but {} host{} {} given ({})",
+                if nodes == 1 { "" } else { "s" },
+                self.hosts.len(),
+                if self.hosts.len() == 1 { "" } else { "s" },
+                if self.hosts.len() == 1 { "is" } else { "are" },
+                listed.join(", ")
+            ),
+        )
+        .help(format!(
+            "add {} more host{}, or make the deployment smaller",
+            nodes - self.hosts.len(),
+            if nodes - self.hosts.len() == 1 { "" } else { "s" }
+        )))
+    }
+}
+
+/// Checks `[backend]` for a plan of `nodes` nodes: every problem at once.
+pub fn validate(value: &Value, nodes: usize, base_dir: Option<&Path>) -> Result<SshConfig, Vec<ConfigError>> {
+    let config = SshConfig::from_value(value, base_dir)?;
+    config.check_nodes(nodes).map_err(|e| vec![e])?;
+    Ok(config)
+}
+
+fn parse_hosts(v: &Value, errs: &mut Vec<ConfigError>) -> Vec<HostSpec> {
+    let Some(list) = v.as_array() else {
+        errs.push(ConfigError::new("hosts", "expected a list of hosts").help("e.g. `hosts = [\"gpu1\", \"root@10.0.0.2:2222\"]`"));
+        return Vec::new();
+    };
+    if list.is_empty() {
+        errs.push(ConfigError::new("hosts", "the list is empty").help("name at least one host"));
+    }
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let field = format!("hosts[{i}]");
+        match item {
+            Value::String(s) => match HostSpec::parse(s) {
+                Ok(h) => out.push(h),
+                Err(e) => errs.push(ConfigError::new(field, e).help("write `host`, `user@host`, `host:port` or `user@[::1]:port`")),
+            },
+            Value::Object(m) => {
+                let known = ["host", "user", "port", "address"];
+                let mut ok = true;
+                for k in m.keys() {
+                    if !known.contains(&k.as_str()) {
+                        errs.push(ConfigError::new(format!("{field}.{k}"), "not a field of a host").help("a host has `host`, `user`, `port` and `address`"));
+                        ok = false;
+                    }
+                }
+                let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+                let Some(host) = text("host") else {
+                    errs.push(ConfigError::new(field, "a host table needs `host` (a string)"));
+                    continue;
+                };
+                let port = match m.get("port") {
+                    None => None,
+                    Some(p) => match p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) {
+                        Some(p) => Some(p),
+                        None => {
+                            errs.push(ConfigError::new(format!("{field}.port"), format!("`{p}` is not a port")));
+                            ok = false;
+                            None
+                        }
+                    },
+                };
+                for k in ["user", "address"] {
+                    if m.get(k).is_some_and(|v| !v.is_string()) {
+                        errs.push(ConfigError::new(format!("{field}.{k}"), "expected a string"));
+                        ok = false;
+                    }
+                }
+                let spec = HostSpec {
+                    host,
+                    user: text("user"),
+                    port,
+                    address: text("address"),
+                };
+                if let Err(e) = spec.check() {
+                    errs.push(ConfigError::new(field, e));
+                    ok = false;
+                }
+                if ok {
+                    out.push(spec);
+                }
+            }
+            other => errs.push(ConfigError::new(field, format!("expected a host (a string or a table), found {other}"))),
+        }
+    }
+    out
+}
+
+/// A site file: one host per line (`[user@]host[:port]`), `#` comments, blank lines.
+fn parse_hosts_file(text: &str, path: &Path, errs: &mut Vec<ConfigError>) -> Vec<HostSpec> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        if line.split_whitespace().count() > 1 {
+            errs.push(ConfigError::new("hosts_file", format!("{at}: one host per line, found `{line}`")));
+            continue;
+        }
+        match HostSpec::parse(line) {
+            Ok(h) => out.push(h),
+            Err(e) => errs.push(ConfigError::new("hosts_file", format!("{at}: {e}"))),
+        }
+    }
+    if out.is_empty() && errs.is_empty() {
+        errs.push(ConfigError::new("hosts_file", format!("`{}` names no host", path.display())));
+    }
+    out
+}
+
+/// The closest of `candidates` to `word`, if one is close enough to be a misspelling.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn host_syntax() {
+        let h = HostSpec::parse("ubuntu@10.0.0.2:2222").expect("parse");
+        assert_eq!((h.user.as_deref(), h.host.as_str(), h.port), (Some("ubuntu"), "10.0.0.2", Some(2222)));
+        let h = HostSpec::parse("gpu1").expect("parse");
+        assert_eq!((h.user, h.host.as_str(), h.port), (None, "gpu1", None));
+        let h = HostSpec::parse("root@[fd00::2]:22").expect("parse");
+        assert_eq!((h.host.as_str(), h.port), ("fd00::2", Some(22)));
+        assert_eq!(h.to_string(), "root@[fd00::2]:22");
+        let h = HostSpec::parse("fd00::2").expect("parse");
+        assert_eq!((h.host.as_str(), h.port), ("fd00::2", None));
+        for bad in ["", "-oProxyCommand=x", "host:0", "host:99999", "a b", "h;rm", "u@[::1"] {
+            assert!(HostSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn too_few_hosts_is_refused_with_the_numbers() {
+        let v = json!({ "hosts": ["a", "b", "c"] });
+        let errs = validate(&v, 4, None).expect_err("4 > 3");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "hosts");
+        assert!(errs[0].message.contains("needs 4 nodes but 3 hosts are given (a, b, c)"), "{}", errs[0]);
+        assert!(validate(&v, 3, None).is_ok());
+    }
+
+    #[test]
+    fn every_problem_at_once() {
+        let v = json!({
+            "type": "ssh",
+            "hosts": ["a", "a", { "host": "b", "port": 70000 }, 3],
+            "hots": 1,
+            "options": { "StrictHostKeyChecking": "no", "ProxyJump": "bastion" },
+            "accept_new_host_keys": "yes",
+            "connect_timeout": "soon",
+        });
+        let errs = SshConfig::from_value(&v, None).expect_err("bad");
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in ["hots", "hosts[1]", "hosts[2].port", "hosts[3]", "options.StrictHostKeyChecking", "accept_new_host_keys", "connect_timeout"] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        let typo = errs.iter().find(|e| e.field == "hots").expect("typo");
+        assert_eq!(typo.help.as_deref(), Some("did you mean `hosts`?"));
+    }
+
+    #[test]
+    fn site_file_and_tables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("hosts"), "# the rack\nroot@10.0.0.2\n\n10.0.0.3:2222  # spare\n").expect("write");
+        let c = SshConfig::from_value(&json!({ "hosts_file": "hosts" }), Some(dir.path())).expect("ok");
+        assert_eq!(c.hosts.len(), 2);
+        assert_eq!(c.hosts[1].port, Some(2222));
+        assert!(!c.accept_new_host_keys, "never a silent default");
+        let c = SshConfig::from_value(
+            &json!({ "hosts": [{ "host": "gpu4", "user": "me", "port": 22, "address": "192.168.1.4" }], "control_persist": 30 }),
+            None,
+        )
+        .expect("ok");
+        assert_eq!(c.hosts[0].address.as_deref(), Some("192.168.1.4"));
+        assert_eq!(c.control_persist, Duration::from_secs(30));
+        let errs = SshConfig::from_value(&json!({ "hosts_file": "nope" }), Some(dir.path())).expect_err("missing");
+        assert!(errs[0].message.contains("cannot read"), "{}", errs[0]);
+    }
+}

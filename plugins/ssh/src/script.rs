@@ -1,0 +1,371 @@
+//! The shell scripts prl-flow runs on a host, and how their answers are read.
+//!
+//! Each script is a fixed prelude of functions plus a few variable assignments whose values
+//! are quoted with `shlex` (never by hand), then a fixed body. Only POSIX `sh`, `setsid`
+//! (util-linux) and Linux `/proc` are needed on the host.
+//!
+//! A process is identified by its pid, its start time (field 22 of `/proc/PID/stat`, in clock
+//! ticks since boot) and the host's boot id: a pid alone could be reused, and start times
+//! restart at each boot.
+//!
+//! Every process runs under a small wrapper `sh`, started with `setsid` so it leads a
+//! session and process group of its own (stopping signals the whole group, and a dropped ssh
+//! connection signals nothing in it). The wrapper writes its pid to a file (how the spawn
+//! script learns it when `setsid -f` forks), runs the command as its child, and writes the
+//! command's exit status to `exit-status` when it ends. A service is started with
+//! `setsid -f`, so it keeps default signal dispositions; a one-shot is started in the
+//! background of the spawn session, which then `wait`s for it and says how it ended the
+//! moment it does, over the same session.
+
+use prl_flow_backend::{BackendError, ProcState};
+
+/// Functions every script starts with.
+const PRELUDE: &str = r#"set -u
+set -f
+say() { printf 'PRLFLOW %s\n' "$*"; }
+boot_id() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo none; }
+# "START STATE" of a pid; fails when there is no such process.
+proc_start() {
+	_s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	# The command name (field 2) may hold spaces and parentheses: cut after the last ") ".
+	_r=${_s##*) }
+	set -- $_r
+	[ $# -ge 20 ] || return 1
+	echo "${20} $1"
+}
+# Is pid $1 the process that started at $2 during boot $3, and not a zombie?
+ours() {
+	[ "$(boot_id)" = "$3" ] || return 1
+	_p=$(proc_start "$1") || return 1
+	[ "${_p% *}" = "$2" ] || return 1
+	case ${_p#* } in Z|X) return 1 ;; esac
+	return 0
+}
+# How pid $1 (start $2, boot $3, exit status file $4) is: running, exited CODE, or gone.
+state() {
+	if ours "$1" "$2" "$3"; then echo running; return 0; fi
+	if [ -s "$4" ]; then
+		_c=$(cat "$4" 2>/dev/null) || _c=
+		case $_c in '' | *[!0-9]*) ;; *) echo "exited $_c"; return 0 ;; esac
+	fi
+	echo gone
+}
+# Stops the group of pid $1 (start $2, boot $3): SIGTERM, up to $4 tenths of a second, SIGKILL.
+stop_group() {
+	ours "$1" "$2" "$3" || { echo none; return 0; }
+	kill -s TERM -- "-$1" 2>/dev/null
+	_i=0
+	while kill -s 0 -- "-$1" 2>/dev/null && [ "$_i" -lt "$4" ]; do sleep 0.1; _i=$((_i + 1)); done
+	kill -s 0 -- "-$1" 2>/dev/null || { echo term; return 0; }
+	kill -s KILL -- "-$1" 2>/dev/null
+	_i=0
+	while kill -s 0 -- "-$1" 2>/dev/null && [ "$_i" -lt 50 ]; do sleep 0.1; _i=$((_i + 1)); done
+	kill -s 0 -- "-$1" 2>/dev/null && { echo stuck; return 0; }
+	echo kill
+}
+"#;
+
+/// The wrapper every process runs under: `sh -c WRAPPER prl-flow PIDFILE STATUSFILE ARGV...`.
+const WRAPPER: &str = r#"pidf=$1 statf=$2
+shift 2
+echo "$$" >"$pidf.tmp" && mv -f "$pidf.tmp" "$pidf"
+trap 'c=$?; echo "$c" >"$statf.tmp" && mv -f "$statf.tmp" "$statf"' EXIT
+"$@"
+exit $?"#;
+
+/// Sets up the run dir, places the files and stops an earlier unrecorded instance; after the
+/// start line, [`SPAWN_AFTER`] says `spawned PID START BOOT BASE` and, for a watched
+/// one-shot, waits and says `state ...`.
+const SPAWN_BEFORE: &str = r#"command -v setsid >/dev/null 2>&1 || { say error "\`setsid\` is not installed on this host (package util-linux)"; exit 3; }
+mkdir -p "$base/run/$name" "$base/logs" || { say error "cannot make the run dir $base/run/$name"; exit 3; }
+base=$(cd "$base" && pwd -P) || { say error "cannot enter $base"; exit 3; }
+rd=$base/run/$name
+lf=$base/logs/$logname
+pf=$rd/.pid
+sf=$rd/exit-status
+boot=$(boot_id)
+# A process of this task that no journal records (its spawn's answer was lost with the
+# connection) must not run twice.
+if [ -s "$rd/.proc" ]; then
+	read -r opid ostart oboot <"$rd/.proc" || opid=
+	if [ -n "$opid" ] && ours "$opid" "$ostart" "$oboot"; then
+		echo "prl-flow: stopping an earlier instance (pid $opid) that no run recorded" >>"$lf"
+		stop_group "$opid" "$ostart" "$oboot" 50 >/dev/null
+	fi
+fi
+rm -f "$pf" "$sf" "$pf.tmp" "$sf.tmp" "$rd/.proc"
+place_files || exit 3
+cd "$rd" || { say error "cannot enter $rd"; exit 3; }
+"#;
+
+/// After the start line (which sets `bg` to the background pid of a one-shot).
+const SPAWN_AFTER: &str = r#"i=0
+while [ ! -s "$pf" ]; do
+	i=$((i + 1))
+	[ "$i" -gt 1000 ] && { say error "the process did not start (no pid after 10s)"; exit 3; }
+	sleep 0.01
+done
+pid=$(cat "$pf")
+start=0
+st=$(proc_start "$pid") && start=${st% *}
+echo "$pid $start $boot" >"$rd/.proc"
+say spawned "$pid" "$start" "$boot" "$base"
+[ "$watch" = 1 ] || exit 0
+if [ "$bg" = "$pid" ]; then
+	wait "$pid"
+	code=$?
+	if [ -s "$sf" ]; then
+		say state "$(state "$pid" "$start" "$boot" "$sf")"
+	elif [ "$code" -gt 128 ]; then
+		say state killed
+	else
+		say state "exited $code"
+	fi
+else
+	while ours "$pid" "$start" "$boot"; do echo; sleep 0.1; done
+	say state "$(state "$pid" "$start" "$boot" "$sf")"
+fi
+"#;
+
+/// A script under construction: the prelude, then quoted assignments and body lines.
+pub struct Script {
+    text: String,
+}
+
+impl Script {
+    pub fn new() -> Self {
+        Self {
+            text: PRELUDE.to_string(),
+        }
+    }
+
+    /// `var=VALUE`, quoted.
+    pub fn set(&mut self, var: &str, value: &str) -> Result<&mut Self, BackendError> {
+        let q = quote(value)?;
+        self.text.push_str(&format!("{var}={q}\n"));
+        Ok(self)
+    }
+
+    pub fn line(&mut self, line: &str) -> &mut Self {
+        self.text.push_str(line);
+        self.text.push('\n');
+        self
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One word for the remote shell. Text with a NUL byte cannot be passed to a program at all.
+pub fn quote(s: &str) -> Result<String, BackendError> {
+    shlex::try_quote(s)
+        .map(|c| c.into_owned())
+        .map_err(|_| BackendError::new(format!("cannot pass text with a NUL byte to a remote shell: {s:?}")))
+}
+
+/// What to start, for [`spawn`].
+pub struct Start<'a> {
+    pub base: &'a str,
+    pub name: &'a str,
+    pub log_name: &'a str,
+    pub argv: &'a [String],
+    pub env: &'a std::collections::BTreeMap<String, String>,
+    pub files: &'a std::collections::BTreeMap<String, String>,
+    pub service: bool,
+    pub watch: bool,
+}
+
+/// The spawn script.
+pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
+    let mut sc = Script::new();
+    sc.set("base", s.base)?
+        .set("name", s.name)?
+        .set("logname", s.log_name)?
+        .set("service", if s.service { "1" } else { "0" })?
+        .set("watch", if s.watch { "1" } else { "0" })?;
+
+    // The files: one `printf` per file, its content a single quoted word.
+    sc.line("place_files() {");
+    for (rel, content) in s.files {
+        // `"$rd"/'a b/c.json'`: the run dir, then the relative path as one quoted word.
+        let path = format!("\"$rd\"/{}", quote(rel)?);
+        let dir = match rel.rsplit_once('/') {
+            Some((d, _)) => format!("\"$rd\"/{}", quote(d)?),
+            None => "\"$rd\"".to_string(),
+        };
+        sc.line(&format!(
+            "\tmkdir -p {dir} && printf '%s' {c} >{path} || {{ say error {msg}; return 1; }}",
+            c = quote(content)?,
+            msg = quote(&format!("cannot write {rel} in the run dir"))?,
+        ));
+    }
+    sc.line("\treturn 0");
+    sc.line("}");
+
+    // The command: env assignments through `env`, then argv, each word quoted.
+    let mut words: Vec<String> = vec![
+        "setsid".into(),
+        if s.service { "-f".into() } else { String::new() },
+        "sh".into(),
+        "-c".into(),
+        quote(WRAPPER)?,
+        "prl-flow".into(),
+        "\"$pf\"".into(),
+        "\"$sf\"".into(),
+    ];
+    words.retain(|w| !w.is_empty());
+    if !s.env.is_empty() {
+        words.push("env".into());
+        for (k, v) in s.env {
+            words.push(quote(&format!("{k}={v}"))?);
+        }
+    }
+    for a in s.argv {
+        words.push(quote(a)?);
+    }
+    sc.line(SPAWN_BEFORE);
+    // A one-shot is a plain background command, so that `$!` is the wrapper itself (setsid
+    // does not fork when its caller leads no group) and the session can `wait` for it.
+    let redirect = "</dev/null >>\"$lf\" 2>&1";
+    if s.service {
+        sc.line(&format!("{} {redirect}", words.join(" ")));
+        sc.line("bg=");
+    } else {
+        sc.line(&format!("{} {redirect} &", words.join(" ")));
+        sc.line("bg=$!");
+    }
+    sc.line(SPAWN_AFTER);
+    Ok(sc.text().to_string())
+}
+
+/// Identity of a process on the host, quoted for a script.
+pub struct Proc<'a> {
+    pub pid: i32,
+    pub start: u64,
+    pub boot: &'a str,
+    pub status_file: &'a str,
+}
+
+fn with_proc(p: &Proc<'_>) -> Result<Script, BackendError> {
+    let mut sc = Script::new();
+    sc.set("pid", &p.pid.to_string())?
+        .set("start", &p.start.to_string())?
+        .set("boot", p.boot)?
+        .set("sf", p.status_file)?;
+    Ok(sc)
+}
+
+/// Says `state ...` once.
+pub fn status(p: &Proc<'_>) -> Result<String, BackendError> {
+    let mut sc = with_proc(p)?;
+    sc.line(r#"say state "$(state "$pid" "$start" "$boot" "$sf")""#);
+    Ok(sc.text().to_string())
+}
+
+/// Waits on the host until the process ends, then says `state ...`. An empty line every
+/// 200 ms makes the loop end (SIGPIPE) if prl-flow goes away.
+pub fn wait(p: &Proc<'_>) -> Result<String, BackendError> {
+    let mut sc = with_proc(p)?;
+    sc.line(r#"while ours "$pid" "$start" "$boot"; do echo; sleep 0.2; done"#);
+    sc.line(r#"say state "$(state "$pid" "$start" "$boot" "$sf")""#);
+    Ok(sc.text().to_string())
+}
+
+/// Stops the process group; says `stopped none|term|kill|stuck`.
+pub fn stop(p: &Proc<'_>, grace: std::time::Duration) -> Result<String, BackendError> {
+    let mut sc = with_proc(p)?;
+    let tenths = (grace.as_millis() / 100).max(1);
+    sc.line(&format!(r#"say stopped "$(stop_group "$pid" "$start" "$boot" {tenths})""#));
+    Ok(sc.text().to_string())
+}
+
+/// Says `log FROM SIZE` and then prints the log from byte `from` to its size then.
+pub fn read_log(log: &str, from: u64) -> Result<String, BackendError> {
+    let mut sc = Script::new();
+    sc.set("lf", log)?.set("from", &from.to_string())?;
+    sc.line(
+        r#"if [ ! -f "$lf" ]; then say log "$from" "$from"; exit 0; fi
+size=$(wc -c <"$lf") || size=0
+size=$((size + 0))
+[ "$from" -gt "$size" ] && from=0
+say log "$from" "$size"
+tail -c "+$((from + 1))" "$lf" | head -c "$((size - from))""#,
+    );
+    Ok(sc.text().to_string())
+}
+
+/// Says `log 0 0` and then prints up to the last `bytes` bytes of the log.
+pub fn tail_log(log: &str, bytes: u64) -> Result<String, BackendError> {
+    let mut sc = Script::new();
+    sc.set("lf", log)?;
+    sc.line(&format!(r#"say log 0 0; tail -c {bytes} "$lf" 2>/dev/null; exit 0"#));
+    Ok(sc.text().to_string())
+}
+
+/// Reads `state ...` words.
+pub fn parse_state(words: &[&str]) -> Option<ProcState> {
+    match words {
+        ["running"] => Some(ProcState::Running),
+        ["gone"] => Some(ProcState::Gone),
+        ["killed"] => Some(ProcState::Exited(None)),
+        ["exited", code] => {
+            let c: i32 = code.parse().ok()?;
+            // The shell reports death by signal N as 128+N.
+            Some(if c > 128 { ProcState::Exited(None) } else { ProcState::Exited(Some(c)) })
+        }
+        _ => None,
+    }
+}
+
+/// The text after the `PRLFLOW log ...` line of a reply, and that line's words.
+pub fn split_log(raw: &str) -> Option<(Vec<&str>, &str)> {
+    let at = raw.find("PRLFLOW log ")?;
+    let rest = &raw[at + "PRLFLOW log ".len()..];
+    let (line, body) = rest.split_once('\n').unwrap_or((rest, ""));
+    Some((line.split(' ').collect(), body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn every_value_is_quoted() {
+        let argv = vec!["sh".to_string(), "-c".to_string(), "echo \"$HOME\" 'x'; rm -rf /nope".to_string()];
+        let env: BTreeMap<String, String> = [("A".to_string(), "it's $x".to_string())].into();
+        let files: BTreeMap<String, String> = [("conf/a b.json".to_string(), "{\"k\": '$(id)'}".to_string())].into();
+        let text = spawn(&Start {
+            base: ".prl-flow/remote/x y",
+            name: "t",
+            log_name: "t.log",
+            argv: &argv,
+            env: &env,
+            files: &files,
+            service: true,
+            watch: false,
+        })
+        .expect("script");
+        assert!(text.contains("base='.prl-flow/remote/x y'"), "{text}");
+        assert!(text.contains(&quote("A=it's $x").expect("q")));
+        assert!(text.contains(&quote("echo \"$HOME\" 'x'; rm -rf /nope").expect("q")));
+        assert!(quote("a\0b").is_err());
+    }
+
+    #[test]
+    fn states() {
+        assert_eq!(parse_state(&["exited", "3"]), Some(ProcState::Exited(Some(3))));
+        assert_eq!(parse_state(&["exited", "143"]), Some(ProcState::Exited(None)));
+        assert_eq!(parse_state(&["running"]), Some(ProcState::Running));
+        assert_eq!(parse_state(&["what"]), None);
+        let (w, body) = split_log("motd\nPRLFLOW log 0 5\nhello").expect("log");
+        assert_eq!((w, body), (vec!["0", "5"], "hello"));
+    }
+}

@@ -1,0 +1,558 @@
+//! From the deployment to the plan's task specs: templates render every command line, and
+//! the rest (env, files, ports, readiness, dependencies) is filled in from the deployment.
+//!
+//! Templates are minijinja files under `templates/`, embedded in the binary. A site may
+//! override any of them with a file of the same name in a directory (`--templates DIR` or
+//! the recipe's `templates` field). An argv template writes one argument per line; each
+//! line is trimmed and blank lines are dropped, so templates can be laid out freely and an
+//! argument may hold spaces (JSON does) but no line break.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Serialize;
+use serde_json::json;
+
+use super::deploy::{
+    node_name, url, Deployment, Engine, Mooncake, Router, MOONCAKE_CONFIG_FILE, ROUTER_STARTUP_SECS,
+};
+use crate::diag::{Problem, Problems};
+use crate::plan::{host_ref, Command, FileSpec, Probe, Readiness, TaskSpec};
+
+/// The built-in templates, by file name.
+pub const TEMPLATES: &[(&str, &str)] = &[
+    (
+        "engine.argv.j2",
+        include_str!("../../templates/engine.argv.j2"),
+    ),
+    (
+        "router.argv.j2",
+        include_str!("../../templates/router.argv.j2"),
+    ),
+    (
+        "mooncake_master.argv.j2",
+        include_str!("../../templates/mooncake_master.argv.j2"),
+    ),
+    (
+        "metadata_server.argv.j2",
+        include_str!("../../templates/metadata_server.argv.j2"),
+    ),
+    (
+        "mooncake_client.argv.j2",
+        include_str!("../../templates/mooncake_client.argv.j2"),
+    ),
+    (
+        "mooncake_config.json.j2",
+        include_str!("../../templates/mooncake_config.json.j2"),
+    ),
+];
+
+/// The templates in force for one load.
+pub struct Templates {
+    env: Environment<'static>,
+    /// Where overrides came from (for messages), and the recipe span that named it.
+    origin: Option<(String, Option<Range<usize>>)>,
+}
+
+impl Templates {
+    /// The built-in templates, each replaced by a same-named file of `dir` if there is one.
+    /// `span` is the recipe field that named `dir` (none for `--templates`).
+    pub fn load(dir: Option<(&Path, Option<Range<usize>>)>, p: &mut Problems) -> Option<Self> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.add_filter("tojson", |v: minijinja::Value| {
+            serde_json::to_string(&v).map_err(|e| {
+                minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+            })
+        });
+        let before = p.len();
+        let origin = dir
+            .as_ref()
+            .map(|(d, s)| (d.display().to_string(), s.clone()));
+        let mut sources: Vec<(&'static str, String)> =
+            TEMPLATES.iter().map(|(n, s)| (*n, s.to_string())).collect();
+        if let Some((dir, span)) = dir {
+            let at = span.clone();
+            match std::fs::read_dir(dir) {
+                Err(e) => p.push(
+                    Problem::new(format!("cannot read the templates directory `{}`: {e}", dir.display()))
+                        .at(at.clone())
+                        .help("name an existing directory holding `*.j2` files to override; see docs/recipes.md"),
+                ),
+                Ok(entries) => {
+                    let mut names: Vec<String> = entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.ends_with(".j2"))
+                        .collect();
+                    names.sort();
+                    for name in names {
+                        let Some(slot) = sources.iter_mut().find(|(n, _)| *n == name) else {
+                            let known = TEMPLATES.iter().map(|(n, _)| *n);
+                            let mut prob = Problem::new(format!(
+                                "`{}` overrides no template: there is no template named `{name}`",
+                                dir.join(&name).display()
+                            ))
+                            .at(at.clone());
+                            prob = prob.help(match super::doc::near(&name, known) {
+                                Some(s) => format!("did you mean `{s}`?"),
+                                None => format!(
+                                    "templates: {}",
+                                    TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                                ),
+                            });
+                            p.push(prob);
+                            continue;
+                        };
+                        match std::fs::read_to_string(dir.join(&name)) {
+                            Ok(text) => slot.1 = text,
+                            Err(e) => p.push(
+                                Problem::new(format!("cannot read `{}`: {e}", dir.join(&name).display()))
+                                    .at(at.clone()),
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        for (name, source) in sources {
+            if let Err(e) = env.add_template_owned(name, source) {
+                p.push(template_problem(&origin, name, &e));
+            }
+        }
+        (p.len() == before).then_some(Self { env, origin })
+    }
+
+    fn text(&self, name: &str, ctx: &impl Serialize) -> Result<String, minijinja::Error> {
+        self.env.get_template(name)?.render(ctx)
+    }
+
+    /// Renders an argv template: one argument per line, trimmed, blank lines dropped.
+    fn argv(&self, name: &str, ctx: &impl Serialize) -> Result<Vec<String>, minijinja::Error> {
+        let text = self.text(name, ctx)?;
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn problem(&self, name: &str, e: &minijinja::Error) -> Problem {
+        template_problem(&self.origin, name, e)
+    }
+}
+
+fn template_problem(
+    origin: &Option<(String, Option<Range<usize>>)>,
+    name: &str,
+    e: &minijinja::Error,
+) -> Problem {
+    let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    let (from, span) = match origin {
+        Some((dir, span)) => (format!(" (templates from `{dir}`)"), span.clone()),
+        None => (String::new(), None),
+    };
+    Problem::new(format!("template `{name}`{line}{from}: {detail}"))
+        .at(span)
+        .label("templates from here")
+        .help("fix the template; the variables each template gets are listed at its top and in docs/recipes.md")
+}
+
+#[derive(Serialize)]
+struct EngineCtx<'a> {
+    launcher: &'a [String],
+    model: &'a str,
+    role: &'static str,
+    host: String,
+    port: u16,
+    headless: bool,
+    tp: u32,
+    dp: u32,
+    dp_local: u32,
+    dp_start_rank: u32,
+    dp_address: String,
+    dp_rpc_port: u16,
+    multi_node: bool,
+    expert_parallel: bool,
+    dbo: bool,
+    eplb: bool,
+    return_routed_experts: bool,
+    prefix_caching: Option<bool>,
+    kv_transfer_config: Option<&'a str>,
+    extra: &'a [String],
+}
+
+#[derive(Serialize)]
+struct RouterCtx<'a> {
+    launcher: &'a [String],
+    host: String,
+    port: u16,
+    metrics_port: u16,
+    policy: &'a str,
+    pd: bool,
+    workers: &'a [String],
+    prefill: &'a [String],
+    decode: &'a [String],
+    startup_timeout_secs: u64,
+}
+
+#[derive(Serialize)]
+struct MooncakeCtx<'a> {
+    host: String,
+    rpc_port: u16,
+    metrics_port: u16,
+    port: u16,
+    master_address: String,
+    metadata_url: String,
+    protocol: &'a str,
+    device_name: &'a str,
+    segment_bytes: u64,
+    disk: Option<&'a str>,
+}
+
+/// What the caller decides rather than the recipe.
+pub struct Launchers<'a> {
+    pub engine: &'a [String],
+    pub router: &'a [String],
+}
+
+/// Renders every deployment task, in a stable order: allocate, the Mooncake store, engines
+/// (replica by replica, node by node), routers, registrations, health probes.
+pub fn tasks(
+    dep: &Deployment,
+    t: &Templates,
+    launchers: &Launchers<'_>,
+    p: &mut Problems,
+) -> Vec<TaskSpec> {
+    let mut out = Vec::with_capacity(dep.engines.len() * 2 + dep.routers.len() * 3 + dep.nodes + 3);
+    out.push(TaskSpec {
+        id: "allocate".into(),
+        kind: "allocate".into(),
+        command: Command::Builtin {
+            action: "allocate".into(),
+            args: json!({ "nodes": dep.nodes, "gpus_per_node": dep.gpus_per_node }),
+        },
+        ..TaskSpec::default()
+    });
+    if let Some(m) = &dep.mooncake {
+        mooncake_tasks(dep, m, t, p, &mut out);
+    }
+    for e in &dep.engines {
+        if let Some(task) = engine_task(dep, e, t, launchers.engine, p) {
+            out.push(task);
+        }
+    }
+    for r in &dep.routers {
+        if let Some(task) = router_task(dep, r, t, launchers.router, p) {
+            out.push(task);
+        }
+    }
+    for r in &dep.routers {
+        out.push(TaskSpec {
+            id: format!("register{}", r.suffix),
+            kind: "register".into(),
+            needs: vec![r.id.clone()],
+            command: Command::Builtin {
+                action: "register".into(),
+                args: json!({
+                    "router": r.url(),
+                    "mode": if r.pd { "pd" } else { "regular" },
+                    "workers": r.workers,
+                    "prefill": r.prefill,
+                    "decode": r.decode,
+                }),
+            },
+            ..TaskSpec::default()
+        });
+    }
+    for r in &dep.routers {
+        out.push(TaskSpec {
+            id: format!("health-probe{}", r.suffix),
+            kind: "health-probe".into(),
+            needs: vec![format!("register{}", r.suffix)],
+            command: Command::Builtin {
+                action: "health-probe".into(),
+                args: json!({ "router": r.url(), "model": dep.served_model_name }),
+            },
+            ..TaskSpec::default()
+        });
+    }
+    out
+}
+
+fn readiness(
+    probe: Probe,
+    interval: Duration,
+    start_period: Duration,
+    ready_timeout: Duration,
+) -> Readiness {
+    let mut r = Readiness::new(probe);
+    r.interval = interval;
+    r.start_period = start_period;
+    r.ready_timeout = Some(ready_timeout);
+    r
+}
+
+fn mooncake_ctx<'a>(dep: &'a Deployment, m: &'a Mooncake, node: usize) -> MooncakeCtx<'a> {
+    let offload = dep.offload.as_ref();
+    MooncakeCtx {
+        host: host_ref(&node_name(node)),
+        rpc_port: m.master_port,
+        metrics_port: m.metrics_port,
+        port: if node == m.node {
+            m.metadata_port
+        } else {
+            m.client_port
+        },
+        master_address: m.master_address(),
+        metadata_url: m.metadata_url(),
+        protocol: &m.protocol,
+        device_name: &m.device_name,
+        segment_bytes: offload.map_or(0, |o| o.cpu_bytes),
+        disk: offload.and_then(|o| o.disk.as_deref()),
+    }
+}
+
+/// The store takes a second or so to come up; these bounds are generous.
+const STORE_START: Duration = Duration::from_secs(30);
+const STORE_READY: Duration = Duration::from_secs(120);
+
+fn mooncake_tasks(
+    dep: &Deployment,
+    m: &Mooncake,
+    t: &Templates,
+    p: &mut Problems,
+    out: &mut Vec<TaskSpec>,
+) {
+    let head = node_name(m.node);
+    let mut render = |name: &str, ctx: &MooncakeCtx<'_>| match t.argv(name, ctx) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            p.push(t.problem(name, &e));
+            None
+        }
+    };
+    let ctx = mooncake_ctx(dep, m, m.node);
+    if let Some(argv) = render("mooncake_master.argv.j2", &ctx) {
+        out.push(TaskSpec {
+            id: "mooncake-master".into(),
+            kind: "mooncake-master".into(),
+            needs: vec!["allocate".into()],
+            node: Some(head.clone()),
+            command: Command::Argv { argv },
+            ports: vec![m.master_port, m.metrics_port],
+            service: true,
+            ready: Some(readiness(
+                Probe::Http {
+                    url: format!("{}/health", url(m.node, m.metrics_port)),
+                },
+                dep.probe_interval,
+                STORE_START,
+                STORE_READY,
+            )),
+            ..TaskSpec::default()
+        });
+    }
+    if let Some(argv) = render("metadata_server.argv.j2", &ctx) {
+        let mut env = BTreeMap::new();
+        // It refuses a non-loopback address without a token; the cluster network is trusted.
+        env.insert(
+            "MC_METADATA_HTTP_ALLOW_INSECURE".to_string(),
+            "1".to_string(),
+        );
+        out.push(TaskSpec {
+            id: "metadata-server".into(),
+            kind: "metadata-server".into(),
+            needs: vec!["allocate".into(), "mooncake-master".into()],
+            node: Some(head.clone()),
+            command: Command::Argv { argv },
+            env,
+            ports: vec![m.metadata_port],
+            service: true,
+            // The standalone server has no /health; an open port means it is up.
+            ready: Some(readiness(
+                Probe::Tcp {
+                    addr: format!("{}:{}", host_ref(&head), m.metadata_port),
+                },
+                dep.probe_interval,
+                STORE_START,
+                STORE_READY,
+            )),
+            ..TaskSpec::default()
+        });
+    }
+    for node in 0..dep.nodes {
+        let mut ctx = mooncake_ctx(dep, m, node);
+        ctx.port = m.client_port;
+        let Some(argv) = render("mooncake_client.argv.j2", &ctx) else {
+            continue;
+        };
+        let mut env = BTreeMap::new();
+        if let Some(disk) = ctx.disk {
+            env.insert(
+                "MOONCAKE_OFFLOAD_FILE_STORAGE_PATH".to_string(),
+                disk.to_string(),
+            );
+        }
+        out.push(TaskSpec {
+            id: format!("mooncake-client.node[{node}]"),
+            kind: "mooncake-client".into(),
+            needs: vec![
+                "allocate".into(),
+                "mooncake-master".into(),
+                "metadata-server".into(),
+            ],
+            node: Some(node_name(node)),
+            command: Command::Argv { argv },
+            env,
+            ports: vec![m.client_port],
+            service: true,
+            ready: Some(readiness(
+                Probe::Tcp {
+                    addr: format!("{}:{}", host_ref(&node_name(node)), m.client_port),
+                },
+                dep.probe_interval,
+                STORE_START,
+                STORE_READY,
+            )),
+            ..TaskSpec::default()
+        });
+    }
+}
+
+fn engine_task(
+    dep: &Deployment,
+    e: &Engine,
+    t: &Templates,
+    launcher: &[String],
+    p: &mut Problems,
+) -> Option<TaskSpec> {
+    let node = node_name(e.node);
+    let ctx = EngineCtx {
+        launcher,
+        model: &dep.model,
+        role: e.role.kind(),
+        host: host_ref(&node),
+        port: e.port,
+        headless: e.headless,
+        tp: dep.tp,
+        dp: e.dp_size,
+        dp_local: e.dp_local,
+        dp_start_rank: e.dp_start_rank,
+        dp_address: host_ref(&node_name(e.head)),
+        dp_rpc_port: e.rpc_port,
+        multi_node: e.group_nodes > 1,
+        expert_parallel: dep.expert_parallel,
+        dbo: dep.dbo,
+        eplb: dep.eplb,
+        return_routed_experts: dep.return_routed_experts,
+        prefix_caching: dep.prefix_caching,
+        kv_transfer_config: e.kv_transfer_config.as_deref(),
+        extra: &dep.extra_args,
+    };
+    let argv = match t.argv("engine.argv.j2", &ctx) {
+        Ok(a) => a,
+        Err(err) => {
+            p.push(t.problem("engine.argv.j2", &err));
+            return None;
+        }
+    };
+    let mut needs = vec!["allocate".to_string()];
+    let mut files = Vec::new();
+    if let Some(m) = &dep.mooncake {
+        needs.push(format!("mooncake-client.node[{}]", e.node));
+        let mctx = mooncake_ctx(dep, m, e.node);
+        match t.text("mooncake_config.json.j2", &mctx) {
+            Ok(content) => files.push(FileSpec {
+                path: MOONCAKE_CONFIG_FILE.into(),
+                content,
+            }),
+            Err(err) => p.push(t.problem("mooncake_config.json.j2", &err)),
+        }
+    }
+    // A headless node has no HTTP server: it is up once started, and its replica's head
+    // answers /health only when every rank has joined.
+    let ready = (!e.headless).then(|| {
+        readiness(
+            Probe::Http {
+                url: format!("{}/health", url(e.node, e.port)),
+            },
+            dep.probe_interval,
+            dep.ready_timeout,
+            dep.ready_timeout,
+        )
+    });
+    Some(TaskSpec {
+        id: e.id.clone(),
+        kind: e.role.kind().into(),
+        needs,
+        node: Some(node),
+        command: Command::Argv { argv },
+        env: e.env.clone(),
+        files,
+        ports: e.ports.clone(),
+        service: true,
+        ready,
+        ..TaskSpec::default()
+    })
+}
+
+fn router_task(
+    dep: &Deployment,
+    r: &Router,
+    t: &Templates,
+    launcher: &[String],
+    p: &mut Problems,
+) -> Option<TaskSpec> {
+    let ctx = RouterCtx {
+        launcher,
+        host: host_ref(&node_name(r.node)),
+        port: r.port,
+        metrics_port: r.metrics_port,
+        policy: &dep.router_policy,
+        pd: r.pd,
+        workers: &r.workers,
+        prefill: &r.prefill,
+        decode: &r.decode,
+        startup_timeout_secs: ROUTER_STARTUP_SECS,
+    };
+    let argv = match t.argv("router.argv.j2", &ctx) {
+        Ok(a) => a,
+        Err(err) => {
+            p.push(t.problem("router.argv.j2", &err));
+            return None;
+        }
+    };
+    let mut needs = vec!["allocate".to_string()];
+    needs.extend(r.engines.iter().cloned());
+    Some(TaskSpec {
+        id: r.id.clone(),
+        kind: "router".into(),
+        needs,
+        node: Some(node_name(r.node)),
+        command: Command::Argv { argv },
+        ports: vec![r.port, r.metrics_port],
+        service: true,
+        // `/readiness`, not `/health`: the router answers /health with no worker at all.
+        ready: Some(readiness(
+            Probe::Http {
+                url: format!("{}/readiness", r.url()),
+            },
+            dep.probe_interval,
+            Duration::from_secs(ROUTER_STARTUP_SECS),
+            Duration::from_secs(ROUTER_STARTUP_SECS + 30),
+        )),
+        ..TaskSpec::default()
+    })
+}

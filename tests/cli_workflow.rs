@@ -1,0 +1,874 @@
+//! The CLI on plain workflow files, end to end: the real `prl-flow` binary, real processes,
+//! real signals. Fixtures are in `tests/fixtures/workflows/`; each task of a fixture that
+//! matters appends its id to `$WORK/marks`, so a test can count how often it ran.
+//!
+//! Every test works in its own [`Sandbox`] (a temp dir as cwd, `--state-dir` inside it), waits
+//! on conditions with deadlines, and leaves nothing running (see `tests/common/mod.rs`).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{
+    alive, group_members, have, pid_of, records, status_of, wait_for, wait_gone, wait_until,
+    Sandbox, COMMAND_DEADLINE, WAIT,
+};
+use nix::sys::signal::Signal;
+
+// ---------------------------------------------------------------------------------------
+// 1. graph
+
+#[test]
+fn graph_renders_a_diamond_and_a_service_in_every_format() {
+    let sb = Sandbox::new();
+    sb.fixture("diamond.toml", "diamond.toml", &[]);
+    for format in ["ascii", "dot", "mermaid", "json"] {
+        let out = sb.run(&["graph", "diamond.toml", "--format", format]);
+        out.expect_code(0);
+        sb.settings()
+            .bind(|| insta::assert_snapshot!(format!("graph_{format}"), out.stdout));
+    }
+    // Without --format: ascii.
+    let plain = sb.run(&["graph", "diamond.toml"]);
+    plain.expect_code(0);
+    let ascii = sb.run(&["graph", "diamond.toml", "--format", "ascii"]);
+    assert_eq!(plain.stdout, ascii.stdout);
+    // The JSON is JSON, with every task once.
+    let json = sb.run(&["graph", "diamond.toml", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("graph json parses");
+    let ids: Vec<&str> = v["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["fetch", "left", "right", "server", "report"]);
+    assert!(
+        !sb.join(".prl-flow").exists(),
+        "`graph` must not create a state dir"
+    );
+}
+
+#[test]
+fn graph_dot_is_accepted_by_graphviz() {
+    if !have("dot", &["-V"]) {
+        eprintln!("note: skipped: graphviz `dot` is not installed (CI installs it)");
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.fixture("diamond.toml", "diamond.toml", &[]);
+    let graph = sb.run(&["graph", "diamond.toml", "--format", "dot"]);
+    graph.expect_code(0);
+    sb.write("graph.dot", &graph.stdout);
+    let mut dot = std::process::Command::new("dot");
+    dot.args(["-Tsvg", "graph.dot"]).current_dir(sb.path());
+    let svg = common::output_within(dot, COMMAND_DEADLINE);
+    assert_eq!(svg.code, Some(0), "dot rejected the graph:\n{}", svg.stderr);
+    assert!(svg.stdout.contains("<svg"), "{}", svg.stdout);
+    for id in ["fetch", "left", "right", "server", "report"] {
+        assert!(svg.stdout.contains(id), "`{id}` is not in the SVG");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. bad input
+
+#[test]
+fn bad_input_exits_2_starts_nothing_and_says_where() {
+    // (fixture, what the message must say)
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "bad_duplicate_id.toml",
+            &[
+                "bad_duplicate_id.toml:10:1",
+                "task id `build` is declared twice",
+            ],
+        ),
+        (
+            "bad_unknown_dependency.toml",
+            &[
+                "bad_unknown_dependency.toml:8:10",
+                "task `test` needs `compiel`, which is not a task",
+                "did you mean `compile`?",
+            ],
+        ),
+        ("bad_cycle.toml", &["the tasks form a cycle: x → y → z → x"]),
+        (
+            "bad_unknown_field.toml",
+            &[
+                "bad_unknown_field.toml:4:1",
+                "unknown field `retires`",
+                "did you mean `retries`?",
+            ],
+        ),
+        (
+            "bad_duration.toml",
+            &[
+                "bad_duration.toml:4:11",
+                "`timeout` of task `slow`",
+                "`soon` is not a duration",
+            ],
+        ),
+        (
+            "bad_run_and_argv.toml",
+            &[
+                "bad_run_and_argv.toml:3:7",
+                "task `both` has both `run` and `argv`",
+            ],
+        ),
+        (
+            "bad_ready_without_service.toml",
+            &[
+                "bad_ready_without_service.toml:4:9",
+                "task `probe` has `ready` but is not a service",
+                "service = true",
+            ],
+        ),
+    ];
+    let sb = Sandbox::new();
+    for (fixture, says) in cases {
+        sb.fixture(fixture, fixture, &[]);
+        let out = sb.run(&["run", fixture, "--state-dir", "st"]);
+        out.expect_code(2);
+        assert!(
+            out.stdout.is_empty(),
+            "{fixture}: stdout is for results: {}",
+            out.stdout
+        );
+        for s in *says {
+            assert!(
+                out.stderr.contains(s),
+                "{fixture}: no `{s}` in:\n{}",
+                out.stderr
+            );
+        }
+        assert!(
+            out.stderr.contains("nothing was started"),
+            "{fixture}: {}",
+            out.stderr
+        );
+        // Every process's log and run dir live in the state dir, which a run creates before
+        // it starts anything: no state dir, nothing started.
+        assert!(
+            !sb.join("st").exists(),
+            "{fixture}: the state dir was created"
+        );
+        assert!(
+            !sb.join(".prl-flow").exists(),
+            "{fixture}: `.prl-flow` was created"
+        );
+        let name = fixture.trim_end_matches(".toml");
+        sb.settings()
+            .bind(|| insta::assert_snapshot!(format!("{name}_stderr"), out.stderr));
+        // `validate` says the same, and exits 2 too.
+        let v = sb.run(&["validate", fixture]);
+        v.expect_code(2);
+        assert_eq!(
+            v.stderr, out.stderr,
+            "{fixture}: `validate` and `run` disagree"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. a failing task, then a resume after the fix
+
+#[test]
+fn failing_task_names_its_log_and_resume_reruns_only_it_and_what_follows() {
+    let sb = Sandbox::new();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["-q", "run", "pipeline.toml", "--state-dir", "st"];
+        args.extend_from_slice(extra);
+        sb.run(&args)
+    };
+    // A first version that passes: every task once.
+    sb.fixture("pipeline_v1.toml", "pipeline.toml", &[]);
+    run(&[]).expect_code(0);
+
+    // `compile` breaks, and a task `test` after it is new.
+    sb.fixture("pipeline_v2_broken.toml", "pipeline.toml", &[]);
+    let failed = run(&["--resume"]);
+    failed.expect_code(1);
+    for s in [
+        "error: task `compile` failed: `compile` exited with status 2",
+        "last lines of",
+        "compile.log",
+        "main.c:3:5: error: use of undeclared identifier 'x'",
+        "1 error generated.",
+        "`prl-flow run pipeline.toml --state-dir st --resume`",
+    ] {
+        assert!(failed.stderr.contains(s), "no `{s}` in:\n{}", failed.stderr);
+    }
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("failing_task_stderr", failed.stderr));
+    assert_eq!(
+        status_of(&sb.join("st"), "compile").as_deref(),
+        Some("failed")
+    );
+
+    // Fixed: the resume says why each task runs or is kept, and runs only those.
+    sb.fixture("pipeline_v3_fixed.toml", "pipeline.toml", &[]);
+    let fixed = run(&["--resume", "--explain"]);
+    fixed.expect_code(0);
+    let explain: Vec<&str> = fixed.stdout.lines().collect();
+    let line = |id: &str| {
+        explain
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(id))
+            .copied()
+            .unwrap_or_else(|| panic!("`{id}` is not explained:\n{}", fixed.stdout))
+    };
+    assert!(line("setup").starts_with("keep"), "{}", fixed.stdout);
+    assert!(line("lint").starts_with("keep"), "{}", fixed.stdout);
+    assert!(line("compile").starts_with("run") && line("compile").ends_with("failed"));
+    assert!(line("test").starts_with("run") && line("test").ends_with("never ran"));
+    assert!(
+        line("package").starts_with("run")
+            && line("package").ends_with("upstream re-ran (`compile`)"),
+        "{}",
+        fixed.stdout
+    );
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("resume_explain_after_fix", fixed.stdout));
+
+    // Counted over the three runs: v1 ran everything, v2 ran `compile` (which failed), the
+    // fixed resume ran `compile`, `test` and `package`.
+    for (id, times) in [
+        ("setup", 1),
+        ("lint", 1),
+        ("compile", 3),
+        ("test", 1),
+        ("package", 2),
+    ] {
+        assert_eq!(
+            sb.count("marks", id),
+            times,
+            "`{id}` ran {} times",
+            sb.count("marks", id)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. kill -9 of prl-flow, then --resume
+
+/// Ids of tasks that were spawned but whose handle never reached the journal: a `kill -9`
+/// landed between the two. See `kill_9_right_after_a_spawn_does_not_run_the_task_twice`.
+fn spawned_without_handle(st: &Path) -> Vec<String> {
+    records(st)
+        .into_iter()
+        .filter(|(id, r)| {
+            r["status"] == "running"
+                && r.get("handle").is_none()
+                && st.join("run").join(id).exists()
+        })
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Whether a `kill -9` now would find the journal consistent: every task spawned so far has
+/// its handle recorded, and no spawn is about to happen, because what runs are only tasks of
+/// `thirty.toml` that sleep (even ids) and started less than 100 ms ago (they sleep 200 ms).
+fn thirty_is_quiet(st: &Path) -> bool {
+    let recs = records(st);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let spawned_are_recorded = std::fs::read_dir(st.join("run"))
+        .map(|rd| {
+            rd.flatten().all(|e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                recs.get(&id).is_some_and(|r| r.get("handle").is_some())
+            })
+        })
+        .unwrap_or(false);
+    let running: Vec<(&String, &serde_json::Value)> = recs
+        .iter()
+        .filter(|(_, r)| r["status"] == "running")
+        .collect();
+    let settled = running.iter().all(|(id, r)| {
+        let sleeps = id[1..].parse::<u32>().is_ok_and(|i| i % 2 == 0);
+        let started = r["started_ms"].as_u64().unwrap_or(0);
+        r.get("handle").is_some() && sleeps && now.saturating_sub(started) < 100
+    });
+    spawned_are_recorded && !running.is_empty() && settled
+}
+
+/// Starts `thirty.toml` and kills prl-flow with SIGKILL once at least `at` of its 30 tasks
+/// are done (by the marker file) and, if `quiet`, the journal is consistent. Returns how many
+/// were done at the kill, or `None` if the run ended first.
+fn kill_thirty_mid_run(sb: &Sandbox, at: usize, quiet: bool) -> Option<usize> {
+    sb.fixture("thirty.toml", "thirty.toml", &[]);
+    let st = sb.join("st");
+    let mut run = sb.spawn(
+        "first",
+        &["run", "thirty.toml", "--state-dir", "st", "-j", "4"],
+    );
+    let now = wait_for(&format!("{at} tasks of 30 to be done"), WAIT, || {
+        let n = sb.lines("marks").len();
+        if n >= 30 {
+            return Some(false);
+        }
+        (n >= at && (!quiet || thirty_is_quiet(&st))).then_some(true)
+    });
+    run.kill9();
+    let done = sb.lines("marks").len();
+    (now && done < 30).then_some(done)
+}
+
+fn assert_each_of_thirty_once(sb: &Sandbox) {
+    let marks = sb.lines("marks");
+    for i in 0..30 {
+        let id = format!("t{i:02}");
+        let n = sb.count("marks", &id);
+        assert_eq!(n, 1, "`{id}` ran {n} times; marks:\n{}", marks.join(" "));
+    }
+    assert_eq!(marks.len(), 30, "{marks:?}");
+}
+
+#[test]
+fn kill_9_mid_run_then_resume_runs_nothing_twice() {
+    // The kill waits for a moment when the journal knows every process it started: a kill
+    // between a spawn and its journal record makes the resume run that task again (a known
+    // bug, see the ignored test below). Should one land there all the same, or the run end
+    // before a kill point is found, the attempt says so and starts over.
+    for attempt in 1..=5 {
+        let sb = Sandbox::new();
+        let st = sb.join("st");
+        let Some(done) = kill_thirty_mid_run(&sb, 8, true) else {
+            eprintln!("note: attempt {attempt}: the run ended before it could be killed");
+            continue;
+        };
+        let racy = spawned_without_handle(&st);
+        if !racy.is_empty() {
+            eprintln!(
+                "note: attempt {attempt}: the kill landed between the spawn of {racy:?} and its \
+                 journal record (known bug); trying again"
+            );
+            continue;
+        }
+        let out = sb.run(&[
+            "run",
+            "thirty.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ]);
+        out.expect_code(0);
+        let kept = out.stdout.lines().filter(|l| l.starts_with("keep")).count();
+        let adopted = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("adopt"))
+            .count();
+        assert!(
+            (1..30).contains(&kept),
+            "{done} were done at the kill:\n{}",
+            out.stdout
+        );
+        assert!(
+            adopted >= 1,
+            "the sleeping tasks in flight are adopted:\n{}",
+            out.stdout
+        );
+        assert_each_of_thirty_once(&sb);
+        return;
+    }
+    panic!("no attempt in five could kill the run at a consistent moment");
+}
+
+/// The bug the test above steps around: `Started` is journaled, the process is spawned, and
+/// only then is its handle journaled. A `kill -9` in between leaves a record `running`
+/// without a handle; the resume cannot find the orphan, calls the task `interrupted` and
+/// runs it a second time while the orphan finishes the first. Fixed: the start is on file
+/// before the fork, and the child writes its own pid, which the resume recovers. The test
+/// kills at arbitrary points, up to 40 times, and checks the first kill that hits the window.
+#[test]
+fn kill_9_right_after_a_spawn_does_not_run_the_task_twice() {
+    for attempt in 0..40 {
+        let sb = Sandbox::new();
+        let st = sb.join("st");
+        if kill_thirty_mid_run(&sb, 3 + attempt % 24, false).is_none()
+            || spawned_without_handle(&st).is_empty()
+        {
+            continue;
+        }
+        let out = sb.run(&[
+            "run",
+            "thirty.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ]);
+        out.expect_code(0);
+        assert_each_of_thirty_once(&sb);
+        return;
+    }
+    eprintln!("note: no kill landed between a spawn and its journal record in 40 tries");
+}
+
+#[test]
+fn kill_9_with_a_long_oneshot_in_flight_adopts_it_instead_of_rerunning_it() {
+    let sb = Sandbox::new();
+    sb.fixture("adopt.toml", "adopt.toml", &[]);
+    let st = sb.join("st");
+    let mut first = sb.spawn("first", &["run", "adopt.toml", "--state-dir", "st"]);
+    // Kill when `long` runs (its handle recorded) and nothing else can start: `side` is
+    // done and `finish` waits for `long`.
+    let long_pid = wait_for("`long` in flight and `side` done", WAIT, || {
+        let recs = records(&st);
+        let long = recs.get("long")?;
+        let side_done = recs.get("side")?["status"] == "done";
+        (long["status"] == "running" && side_done && sb.count("marks", "long-start") == 1)
+            .then(|| long["handle"]["pid"].as_i64())
+            .flatten()
+            .map(|p| p as i32)
+    });
+    first.kill9();
+    assert!(
+        alive(long_pid),
+        "the one-shot must outlive a `kill -9` of prl-flow"
+    );
+
+    let mut resume = sb.spawn(
+        "resume",
+        &[
+            "run",
+            "adopt.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ],
+    );
+    wait_until("the resume to adopt `long`", WAIT, || {
+        resume.stderr_text().contains("adopt  long")
+    });
+    // While the resume waits for it, `long` has started once, and `finish` not at all.
+    assert_eq!(sb.count("marks", "long-start"), 1);
+    assert_eq!(sb.count("marks", "finish"), 0);
+    sb.write("gate", "");
+    let out = resume.wait(COMMAND_DEADLINE);
+    out.expect_code(0);
+    for (id, times) in [
+        ("prepare", 1),
+        ("long-start", 1),
+        ("long", 1),
+        ("side", 1),
+        ("finish", 1),
+    ] {
+        assert_eq!(
+            sb.count("marks", id),
+            times,
+            "`{id}`: {:?}",
+            sb.lines("marks")
+        );
+    }
+    assert_eq!(
+        pid_of(&st, "long"),
+        Some(long_pid),
+        "the journal keeps the adopted process, not a new one"
+    );
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("adopt_explain", out.stdout));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Ctrl-C and SIGTERM
+
+/// Starts `signals.toml` and waits until its service is ready and the long one-shot runs.
+/// Returns (prl-flow, service pid, one-shot pid).
+fn start_signals(sb: &Sandbox, extra: &[&str]) -> (common::Running, i32, i32) {
+    sb.fixture("signals.toml", "signals.toml", &[]);
+    let st = sb.join("st");
+    let mut args = vec!["run", "signals.toml", "--state-dir", "st"];
+    args.extend_from_slice(extra);
+    let run = sb.spawn("run", &args);
+    let (server, long) = wait_for("the service up and `long` running", WAIT, || {
+        if sb.count("marks", "long-start") == 0 {
+            return None;
+        }
+        Some((pid_of(&st, "server")?, pid_of(&st, "long")?))
+    });
+    assert!(alive(server) && alive(long));
+    // Each runs in its own process group, with a child (`sleep`) in it.
+    wait_until(
+        "the service's child `sleep` to be in its group",
+        WAIT,
+        || group_members(server).len() >= 2,
+    );
+    (run, server, long)
+}
+
+fn signal_stops_everything_it_started(sig: Signal) {
+    let sb = Sandbox::new();
+    let (mut run, server, long) = start_signals(&sb, &[]);
+    run.signal(sig);
+    let out = run.wait(COMMAND_DEADLINE);
+    assert!(
+        out.code.is_some_and(|c| c != 0),
+        "{sig}: expected a non-zero exit, got {:?}\n{}",
+        out.code,
+        out.stderr
+    );
+    assert!(out.stderr.contains("run cancelled"), "{}", out.stderr);
+    // prl-flow waited for its processes before exiting: the group leaders are gone now.
+    assert!(!alive(server), "{sig}: the service outlived prl-flow");
+    assert!(!alive(long), "{sig}: the one-shot outlived prl-flow");
+    wait_gone("the service's group", server);
+    wait_gone("the one-shot's group", long);
+    let st = sb.join("st");
+    assert_eq!(status_of(&st, "server").as_deref(), Some("stopped"));
+    assert_eq!(status_of(&st, "long").as_deref(), Some("cancelled"));
+}
+
+#[test]
+fn ctrl_c_stops_the_service_and_the_oneshot_and_exits_nonzero() {
+    signal_stops_everything_it_started(Signal::SIGINT);
+}
+
+#[test]
+fn sigterm_stops_the_service_and_the_oneshot_and_exits_nonzero() {
+    signal_stops_everything_it_started(Signal::SIGTERM);
+}
+
+#[test]
+fn ctrl_c_with_keep_leaves_the_service_up_until_down() {
+    let sb = Sandbox::new();
+    let (mut run, server, long) = start_signals(&sb, &["--keep"]);
+    run.signal(Signal::SIGINT);
+    let out = run.wait(COMMAND_DEADLINE);
+    assert!(
+        out.code.is_some_and(|c| c != 0),
+        "{:?}\n{}",
+        out.code,
+        out.stderr
+    );
+    assert!(out.stderr.contains("--keep"), "{}", out.stderr);
+    // The one-shot is stopped all the same; the service is left.
+    wait_gone("the one-shot's group", long);
+    assert!(alive(server), "--keep: the service must stay up");
+    assert_eq!(group_members(server).len(), 2);
+
+    let down = sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    assert!(down.stderr.contains("stopped server"), "{}", down.stderr);
+    wait_gone("the service's group", server);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. live services: refuse a fresh run, status, resume after a death, logs, down
+
+#[test]
+fn live_service_status_resume_logs_and_down() {
+    if !have("python3", &["--version"]) {
+        eprintln!("note: skipped: `python3` is not installed (the HTTP service needs it)");
+        return;
+    }
+    let sb = Sandbox::new();
+    let port = common::free_port().to_string();
+    sb.fixture("live.toml", "live.toml", &[("PORT", &port)]);
+    let st = sb.join("st");
+    let up = sb.run(&["run", "live.toml", "--state-dir", "st"]);
+    up.expect_code(0);
+    assert!(up.stderr.contains("services keep running"), "{}", up.stderr);
+    let server = pid_of(&st, "server").expect("the service's pid is recorded");
+    assert!(alive(server));
+
+    // A fresh run while the service lives is refused, with the way out.
+    let again = sb.run(&["run", "live.toml", "--state-dir", "st"]);
+    again.expect_code(2);
+    for s in [
+        "1 live service",
+        "server",
+        "`prl-flow run live.toml --state-dir st --resume`",
+        "`prl-flow down live.toml --state-dir st`",
+    ] {
+        assert!(again.stderr.contains(s), "no `{s}` in:\n{}", again.stderr);
+    }
+    assert_eq!(
+        sb.count("marks", "server"),
+        1,
+        "the refused run started something"
+    );
+    assert_eq!(pid_of(&st, "server"), Some(server));
+
+    let status = sb.run(&["status", "--state-dir", "st"]);
+    status.expect_code(0);
+    let row = |out: &common::Out, id: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no row for `{id}`:\n{}", out.stdout))
+    };
+    let server_row = row(&status, "server");
+    assert!(server_row.contains(" up "), "{server_row}");
+    assert!(
+        server_row.contains(&format!("ready, pid {server}")),
+        "{server_row}"
+    );
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("status_service_up", status.stdout));
+
+    // The service dies.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server), Signal::SIGKILL)
+        .expect("kill the service");
+    wait_until("the killed service to be gone", WAIT, || !alive(server));
+    let status = sb.run(&["status", "--state-dir", "st"]);
+    status.expect_code(1);
+    assert!(
+        row(&status, "server").contains(" down "),
+        "{}",
+        status.stdout
+    );
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("status_service_down", status.stdout));
+
+    // The resume restarts it and what needs it, and keeps the rest.
+    let resume = sb.run(&[
+        "run",
+        "live.toml",
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
+    resume.expect_code(0);
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("resume_explain_dead_service", resume.stdout));
+    for (id, times) in [("server", 2), ("client", 2), ("other", 1)] {
+        assert_eq!(
+            sb.count("marks", id),
+            times,
+            "`{id}`: {:?}",
+            sb.lines("marks")
+        );
+    }
+    let server2 = pid_of(&st, "server").expect("the new service's pid");
+    assert_ne!(server2, server);
+    assert!(alive(server2));
+
+    // Logs: the service's own output (the readiness probe's requests).
+    let logs = sb.run(&["logs", "server", "--state-dir", "st"]);
+    logs.expect_code(0);
+    assert!(
+        logs.stdout.contains("\"GET / HTTP/1.1\" 200"),
+        "{}",
+        logs.stdout
+    );
+    let near = sb.run(&["logs", "sever", "--state-dir", "st"]);
+    near.expect_code(2);
+    assert!(
+        near.stderr.contains("did you mean `server`?"),
+        "{}",
+        near.stderr
+    );
+    let unknown = sb.run(&["logs", "nosuch", "--state-dir", "st"]);
+    unknown.expect_code(2);
+    assert!(unknown.stdout.is_empty());
+    sb.settings()
+        .bind(|| insta::assert_snapshot!("logs_unknown_task", unknown.stderr));
+
+    // Down: nothing is left.
+    let down = sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    assert!(down.stderr.contains("stopped server"), "{}", down.stderr);
+    assert!(!alive(server2), "`down` returned with the service alive");
+    wait_gone("the service's group", server2);
+    let status = sb.run(&["status", "--state-dir", "st"]);
+    status.expect_code(0);
+    assert!(
+        row(&status, "server").contains("stopped"),
+        "{}",
+        status.stdout
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. the state dir's lock
+
+#[test]
+fn second_run_on_a_busy_state_dir_exits_2_naming_the_holder() {
+    let sb = Sandbox::new();
+    sb.fixture("lock.toml", "lock.toml", &[]);
+    let st = sb.join("st");
+    let mut first = sb.spawn("first", &["run", "lock.toml", "--state-dir", "st"]);
+    let waiting = wait_for(
+        "the service to be started and waiting for readiness",
+        WAIT,
+        || {
+            let pid = pid_of(&st, "waiting")?;
+            let log = std::fs::read_to_string(st.join("logs/waiting.log")).unwrap_or_default();
+            log.contains("booting").then_some(pid)
+        },
+    );
+
+    let second = sb.run(&["run", "lock.toml", "--state-dir", "st", "--resume"]);
+    second.expect_code(2);
+    let holder = format!(
+        "in use by another prl-flow: prl-flow run lock.toml (pid {})",
+        first.pid()
+    );
+    assert!(
+        second.stderr.contains(&holder),
+        "no `{holder}` in:\n{}",
+        second.stderr
+    );
+    let log = std::fs::read_to_string(st.join("logs/waiting.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("booting").count(),
+        1,
+        "the refused run started the service"
+    );
+    assert!(first.is_running(), "the first run must go on");
+    assert_eq!(pid_of(&st, "waiting"), Some(waiting));
+
+    first.signal(Signal::SIGTERM);
+    let out = first.wait(COMMAND_DEADLINE);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    wait_gone("the service", waiting);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. readiness, timeouts, retries
+
+#[test]
+fn service_that_exits_before_ready_fails_at_once_with_its_log() {
+    let sb = Sandbox::new();
+    let port = common::free_port().to_string();
+    sb.fixture("ready_crash.toml", "ready_crash.toml", &[("PORT", &port)]);
+    let began = Instant::now();
+    let out = sb.run(&["run", "ready_crash.toml", "--state-dir", "st"]);
+    let took = began.elapsed();
+    out.expect_code(1);
+    // Its ready_timeout is 60s: failing "at once" is failing well before that.
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}: it waited for the timeout"
+    );
+    for s in [
+        "`engine` exited with status 7 before it was ready",
+        "loading model",
+        "fatal: no GPU found",
+    ] {
+        assert!(out.stderr.contains(s), "no `{s}` in:\n{}", out.stderr);
+    }
+    assert_eq!(
+        sb.count("marks", "client"),
+        0,
+        "a task after a failed service ran"
+    );
+    assert_eq!(
+        status_of(&sb.join("st"), "engine").as_deref(),
+        Some("failed")
+    );
+    assert_eq!(
+        status_of(&sb.join("st"), "client").as_deref(),
+        Some("skipped")
+    );
+    // A resume says it failed (not merely that it was stopped), and fails the same way.
+    let again = sb.run(&[
+        "run",
+        "ready_crash.toml",
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
+    again.expect_code(1);
+    assert!(
+        again
+            .stdout
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["run", "engine", "failed"]),
+        "{}",
+        again.stdout
+    );
+}
+
+#[test]
+fn service_that_never_becomes_ready_fails_at_its_ready_timeout_and_is_stopped() {
+    let sb = Sandbox::new();
+    let port = common::free_port().to_string();
+    sb.fixture("ready_never.toml", "ready_never.toml", &[("PORT", &port)]);
+    let out = sb.run(&["run", "ready_never.toml", "--state-dir", "st"]);
+    out.expect_code(1);
+    let says = format!("`engine` was not ready after 1s (last probe: tcp 127.0.0.1:{port}");
+    assert!(
+        out.stderr.contains(&says),
+        "no `{says}` in:\n{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("loading weights"), "{}", out.stderr);
+    let pid = pid_of(&sb.join("st"), "engine").expect("engine's pid");
+    assert!(!alive(pid), "the service that was never ready still runs");
+    wait_gone("the unready service", pid);
+}
+
+#[test]
+fn task_over_its_timeout_is_stopped() {
+    let sb = Sandbox::new();
+    sb.fixture("timeout.toml", "timeout.toml", &[]);
+    let out = sb.run(&["run", "timeout.toml", "--state-dir", "st"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("timed out after 500ms"),
+        "{}",
+        out.stderr
+    );
+    let st = sb.join("st");
+    assert_eq!(status_of(&st, "slow").as_deref(), Some("timed-out"));
+    assert_eq!(sb.count("marks", "slow-start"), 1);
+    let pid = pid_of(&st, "slow").expect("slow's pid");
+    assert!(!alive(pid), "the timed-out task still runs");
+    wait_gone("the timed-out task", pid);
+}
+
+#[test]
+fn retries_rerun_a_flaky_task_until_it_passes() {
+    let sb = Sandbox::new();
+    sb.fixture("flaky.toml", "flaky.toml", &[]);
+    let out = sb.run(&["run", "flaky.toml", "--state-dir", "st"]);
+    out.expect_code(0);
+    assert_eq!(sb.count("marks", "flaky"), 2, "{:?}", sb.lines("marks"));
+    assert_eq!(sb.count("marks", "after"), 1);
+    assert!(out.stderr.contains("retry  flaky"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("start  flaky (attempt 2)"),
+        "{}",
+        out.stderr
+    );
+    let recs = records(&sb.join("st"));
+    assert_eq!(recs["flaky"]["attempts"], 2);
+    assert_eq!(recs["flaky"]["status"], "done");
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. help
+
+#[test]
+fn help_of_every_subcommand_shows_an_example() {
+    let sb = Sandbox::new();
+    for sub in [
+        "", "run", "graph", "plan", "validate", "status", "down", "logs",
+    ] {
+        let mut args: Vec<&str> = Vec::new();
+        if !sub.is_empty() {
+            args.push(sub);
+        }
+        args.push("--help");
+        let out = sb.run(&args);
+        out.expect_code(0);
+        assert!(
+            out.stdout.contains("Example"),
+            "`prl-flow {sub} --help` shows no example:\n{}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("prl-flow"), "{}", out.stdout);
+    }
+}

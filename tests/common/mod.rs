@@ -1,0 +1,516 @@
+//! Shared helpers for the integration tests: they run the real `prl-flow` binary against
+//! real processes.
+//!
+//! Every test takes a [`Sandbox`]: its own temp dir, used as the working directory of every
+//! command it runs and as `$WORK` in their environment (fixtures write their marker files
+//! there). A sandbox cleans up after itself even when the test panics: the prl-flow runs it
+//! started in the background are killed (each [`Running`] kills its child when dropped),
+//! then for every state dir the sandbox knows of, `prl-flow down --state-dir DIR` stops what
+//! the journal records, and whatever is still alive of a recorded process group is killed.
+//!
+//! Waiting is always on a condition (a marker file, the journal, a process) with a deadline,
+//! never a bare sleep: [`wait_until`] and [`wait_for`]. Commands run with a watchdog deadline
+//! too, so a hang fails the test instead of the suite.
+//!
+//! Tests run in parallel: take ports from the OS ([`free_port`]), never a fixed one, and pass
+//! `--state-dir` inside the sandbox.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The longest any one command may take before the test fails as hung.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+/// The default deadline for [`wait_until`] in tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+/// How often a condition is looked at.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_prl-flow"))
+}
+
+/// `tests/fixtures/workflows/NAME`.
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/workflows")
+        .join(name)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local address").port()
+}
+
+/// Waits until `cond` holds, polling; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, timeout, || cond().then_some(()))
+}
+
+/// Waits until `f` returns `Some`, polling; panics naming `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// What a finished command left.
+#[derive(Debug)]
+pub struct Out {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    /// Panics, showing both streams, unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit code {code}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `cmd` to its end, with a watchdog: past `deadline` it is killed and the test fails.
+pub fn output_within(mut cmd: Command, deadline: Duration) -> Out {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let status = wait_child(&mut child, deadline).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{shown} did not finish within {deadline:?}");
+    });
+    Out {
+        code: status.code(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+fn wait_child(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A temp dir to run prl-flow in, which stops everything it started when dropped.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+    /// State dirs to tear down at the end.
+    state_dirs: Mutex<Vec<PathBuf>>,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("prl-flow-test-")
+            .tempdir()
+            .expect("create a temp dir");
+        Self {
+            dir,
+            state_dirs: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: impl AsRef<Path>, text: &str) {
+        let path = self.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create dirs");
+        }
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Copies `tests/fixtures/workflows/NAME` to `dest` in the sandbox, replacing each
+    /// `@KEY@` of `vars` with its value.
+    pub fn fixture(&self, name: &str, dest: &str, vars: &[(&str, &str)]) {
+        let path = fixture_path(name);
+        let mut text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read fixture {}: {e}", path.display()));
+        for (k, v) in vars {
+            text = text.replace(&format!("@{k}@"), v);
+        }
+        self.write(dest, &text);
+    }
+
+    /// Remembers a state dir (relative to the sandbox) for the teardown at the end.
+    pub fn track_state_dir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let p = self.join(rel);
+        if let Ok(mut v) = self.state_dirs.lock() {
+            if !v.contains(&p) {
+                v.push(p.clone());
+            }
+        }
+        p
+    }
+
+    /// `prl-flow ARGS` in the sandbox: cwd is the sandbox, `$WORK` names it, no colour.
+    /// A `--state-dir DIR` among the args is tracked for teardown.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        if let Some(i) = args.iter().position(|a| *a == "--state-dir") {
+            if let Some(d) = args.get(i + 1) {
+                self.track_state_dir(d);
+            }
+        }
+        let mut c = Command::new(bin());
+        c.args(args)
+            .current_dir(self.path())
+            .env("WORK", self.path())
+            .env("NO_COLOR", "1")
+            .env_remove("PRL_FLOW_LOG")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs `prl-flow ARGS` to its end (with the watchdog deadline).
+    pub fn run(&self, args: &[&str]) -> Out {
+        output_within(self.cmd(args), COMMAND_DEADLINE)
+    }
+
+    /// Starts `prl-flow ARGS` in the background; its stdout and stderr go to files
+    /// `NAME.stdout` and `NAME.stderr` in the sandbox, so a test can wait on what it says.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Running {
+        let stdout = self.join(format!("{name}.stdout"));
+        let stderr = self.join(format!("{name}.stderr"));
+        let mut c = self.cmd(args);
+        c.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let child = c.spawn().expect("start prl-flow");
+        Running {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The lines of a file in the sandbox (none if it does not exist).
+    pub fn lines(&self, rel: impl AsRef<Path>) -> Vec<String> {
+        std::fs::read_to_string(self.join(rel))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many lines of a file in the sandbox are exactly `line`.
+    pub fn count(&self, rel: impl AsRef<Path>, line: &str) -> usize {
+        self.lines(rel).iter().filter(|l| *l == line).count()
+    }
+
+    /// Insta settings for output produced in this sandbox: the sandbox path, clock times,
+    /// durations and pids are replaced by placeholders.
+    pub fn settings(&self) -> insta::Settings {
+        let mut s = insta::Settings::clone_current();
+        for p in [
+            self.path().to_path_buf(),
+            self.path().canonicalize().unwrap_or_default(),
+        ] {
+            let p = p.to_string_lossy().into_owned();
+            if !p.is_empty() {
+                s.add_filter(&regex::escape(&p), "[SANDBOX]");
+            }
+        }
+        for (re, with) in output_filters() {
+            s.add_filter(re, with);
+        }
+        s
+    }
+}
+
+/// Filters for what changes from run to run: clock times, measured durations (`(24ms)`,
+/// `in 1m3s`; a duration written in a file, like `timeout = "500ms"`, stays), pids.
+pub fn output_filters() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (r"\b\d{2}:\d{2}:\d{2}\.\d{3}\b", "[TIME]"),
+        (r"\((\d+h)?(\d+m)?\d+(ms|s)\)", "([DURATION])"),
+        (
+            r"\b(done|kept) in (\d+h)?(\d+m)?\d+(ms|s)\b",
+            "$1 in [DURATION]",
+        ),
+        (r"\bpid \d+\b", "pid [PID]"),
+    ]
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let dirs = self
+            .state_dirs
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        for dir in dirs.iter().rev() {
+            if !dir.join("journal.json").exists() {
+                continue;
+            }
+            // `down` stops what the journal records (services, one-shots left running).
+            let mut c = Command::new(bin());
+            c.args(["-q", "down", "--state-dir"])
+                .arg(dir)
+                .current_dir(self.path());
+            c.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Ok(mut child) = c.spawn() {
+                if wait_child(&mut child, Duration::from_secs(30)).is_none() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+            // Whatever is still alive of a recorded process group goes now.
+            for pid in recorded_pids(dir) {
+                if proc_matches(pid.0, pid.1) {
+                    let _ = killpg(Pid::from_raw(pid.0), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// A prl-flow started in the background. Dropping it kills it (SIGKILL) if it still runs.
+pub struct Running {
+    child: Option<Child>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid()), sig).expect("signal prl-flow");
+    }
+
+    /// Whether it still runs (not yet exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// What it has written to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// `kill -9`, and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for it to exit (failing the test past `deadline`).
+    pub fn wait(&mut self, deadline: Duration) -> Out {
+        let mut c = self
+            .child
+            .take()
+            .expect("the process was already waited for");
+        let status = wait_child(&mut c, deadline).unwrap_or_else(|| {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!(
+                "prl-flow did not exit within {deadline:?}\n--- stderr\n{}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+        });
+        Out {
+            code: status.code(),
+            stdout: self.stdout_text(),
+            stderr: self.stderr_text(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The journal records of a state dir, as JSON: the snapshot, then the log replayed over it
+/// (the last line of an id wins; a torn line is skipped), as prl-flow reads it.
+pub fn records(state_dir: &Path) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(state_dir.join("journal.json")) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            if let Some(m) = v.get("records").and_then(Value::as_object) {
+                for (k, r) in m {
+                    out.insert(k.clone(), r.clone());
+                }
+            }
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string(state_dir.join("journal.log")) {
+        for line in text.lines() {
+            if let Ok(r) = serde_json::from_str::<Value>(line) {
+                if let Some(id) = r.get("id").and_then(Value::as_str) {
+                    out.insert(id.to_string(), r.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A record's status (`done`, `running`, ...), if the task has a record.
+pub fn status_of(state_dir: &Path, id: &str) -> Option<String> {
+    records(state_dir)
+        .get(id)?
+        .get("status")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The pid in a task's recorded handle, if it has one.
+pub fn pid_of(state_dir: &Path, id: &str) -> Option<i32> {
+    records(state_dir)
+        .get(id)?
+        .get("handle")?
+        .get("pid")?
+        .as_i64()
+        .map(|p| p as i32)
+}
+
+/// `(pid, start time)` of every recorded local process handle.
+fn recorded_pids(state_dir: &Path) -> Vec<(i32, u64)> {
+    records(state_dir)
+        .values()
+        .filter_map(|r| {
+            let h = r.get("handle")?;
+            Some((h.get("pid")?.as_i64()? as i32, h.get("start")?.as_u64()?))
+        })
+        .collect()
+}
+
+/// `(state letter, process group, start time)` from `/proc/PID/stat`.
+fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: split after the last ')'.
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let state = f.first()?.chars().next()?;
+    let pgrp = f.get(2)?.parse().ok()?;
+    let start = f.get(19)?.parse().ok()?;
+    Some((state, pgrp, start))
+}
+
+/// Whether `pid` is a live process (a zombie is not: it has ended, only its parent has not
+/// collected it yet).
+pub fn alive(pid: i32) -> bool {
+    matches!(proc_stat(pid), Some((s, _, _)) if s != 'Z' && s != 'X')
+}
+
+/// Whether `pid` is alive and is still the process that started at `start`.
+fn proc_matches(pid: i32, start: u64) -> bool {
+    matches!(proc_stat(pid), Some((s, _, st)) if s != 'Z' && s != 'X' && st == start)
+}
+
+/// The live processes of process group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(
+            |&pid| matches!(proc_stat(pid), Some((s, g, _)) if g == pgid && s != 'Z' && s != 'X'),
+        )
+        .collect()
+}
+
+/// Waits until neither `pid` nor anything of its process group is alive.
+#[track_caller]
+pub fn wait_gone(what: &str, pid: i32) {
+    wait_until(
+        &format!("{what} (pid {pid}) and its process group to be gone"),
+        Duration::from_secs(15),
+        || !alive(pid) && group_members(pid).is_empty(),
+    );
+}
+
+/// Whether `program --version`-style `args` runs and exits 0 (for optional tools).
+pub fn have(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

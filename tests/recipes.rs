@@ -1,0 +1,743 @@
+//! Recipes end to end through the library: every shipped recipe plans (snapshots), every
+//! rendered flag is one its program accepts, every bad recipe of the corpus fails with its
+//! message at a `file:line:col`, no input panics, and random valid recipes plan to an
+//! acyclic graph without port clashes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prl_flow::plan::{Command, Plan};
+use prl_flow::recipe::flags::{check_mooncake_args, check_router_args, check_vllm_args};
+use prl_flow::recipe::{load, Engine, Options};
+use proptest::prelude::*;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every `*.toml` under `dir`, sorted.
+fn tomls(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "toml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn recipes() -> Vec<PathBuf> {
+    let all = tomls(&root().join("recipes"));
+    assert!(
+        all.len() >= 8,
+        "recipes/ should hold the four shapes and the local ones"
+    );
+    all
+}
+
+fn rel(p: &Path) -> String {
+    p.strip_prefix(root()).unwrap_or(p).display().to_string()
+}
+
+fn load_file(p: &Path, opts: &Options) -> Result<Plan, prl_flow::diag::Problems> {
+    let text = std::fs::read_to_string(p).expect("read recipe");
+    let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("recipe");
+    load(&rel(p), Arc::new(text), stem, opts)
+}
+
+fn load_str(src: &str, opts: &Options) -> Result<Plan, prl_flow::diag::Problems> {
+    load("t.toml", Arc::new(src.to_string()), "t", opts)
+}
+
+#[test]
+fn every_recipe_plans_as_snapshotted() {
+    for p in recipes() {
+        let plan = match load_file(&p, &Options::default()) {
+            Ok(plan) => plan,
+            Err(e) => panic!("{} does not plan:\n{}", rel(&p), e.render(false)),
+        };
+        let name = rel(&p)
+            .trim_start_matches("recipes/")
+            .trim_end_matches(".toml")
+            .replace('/', "__");
+        insta::assert_json_snapshot!(format!("plan__{name}"), plan);
+    }
+}
+
+#[test]
+fn the_four_shapes_have_their_tasks() {
+    let kinds = |file: &str| -> BTreeSet<String> {
+        let plan =
+            load_file(&root().join("recipes").join(file), &Options::default()).expect("plans");
+        plan.tasks.iter().map(|t| t.kind.clone()).collect()
+    };
+    let base = ["allocate", "router", "register", "health-probe"];
+    for file in ["single_node.toml", "multi_node.toml", "wide_ep.toml"] {
+        let k = kinds(file);
+        assert!(k.contains("engine"), "{file}: {k:?}");
+        assert!(base.iter().all(|b| k.contains(*b)), "{file}: {k:?}");
+    }
+    let k = kinds("disaggregated.toml");
+    for want in [
+        "allocate",
+        "mooncake-master",
+        "metadata-server",
+        "mooncake-client",
+        "prefill",
+        "decode",
+        "router",
+        "register",
+        "health-probe",
+    ] {
+        assert!(k.contains(want), "disaggregated lacks {want}: {k:?}");
+    }
+}
+
+#[test]
+fn disaggregated_is_the_full_chain() {
+    let plan = load_file(
+        &root().join("recipes/disaggregated.toml"),
+        &Options::default(),
+    )
+    .expect("plans");
+    let needs = |id: &str| -> Vec<String> {
+        plan.tasks
+            .iter()
+            .find(|t| t.id == id)
+            .map(|t| t.needs.clone())
+            .unwrap_or_else(|| panic!("no task {id}"))
+    };
+    assert!(needs("mooncake-master").contains(&"allocate".to_string()));
+    assert!(needs("metadata-server").contains(&"mooncake-master".to_string()));
+    assert!(needs("mooncake-client.node[3]").contains(&"metadata-server".to_string()));
+    assert!(needs("prefill[0].node[0]").contains(&"mooncake-client.node[0]".to_string()));
+    assert!(needs("decode[0].node[3]").contains(&"mooncake-client.node[3]".to_string()));
+    let router = needs("router");
+    for e in [
+        "prefill[0].node[0]",
+        "prefill[0].node[1]",
+        "decode[0].node[2]",
+        "decode[0].node[3]",
+    ] {
+        assert!(router.contains(&e.to_string()), "router needs {e}");
+    }
+    assert_eq!(needs("register"), ["router"]);
+    assert_eq!(needs("health-probe"), ["register"]);
+    let engine = plan
+        .tasks
+        .iter()
+        .find(|t| t.id == "decode[0].node[3]")
+        .expect("decode");
+    assert_eq!(
+        engine.env.get("MOONCAKE_CONFIG_PATH").map(String::as_str),
+        Some("mooncake.json")
+    );
+    assert_eq!(engine.files.len(), 1);
+    let config: serde_json::Value =
+        serde_json::from_str(&engine.files[0].content).expect("mooncake config is JSON");
+    assert_eq!(config["local_hostname"], "${host:node3}");
+    assert_eq!(config["master_server_address"], "${host:node0}:50051");
+}
+
+fn argv(t: &prl_flow::plan::TaskSpec) -> Option<&[String]> {
+    match &t.command {
+        Command::Argv { argv } => Some(argv),
+        _ => None,
+    }
+}
+
+/// Every rendered vllm, router and mooncake flag exists in the flag tables with a valid
+/// value. A marked launcher prefix shows where the program's own arguments start.
+#[test]
+fn every_rendered_flag_is_real() {
+    let opts = Options {
+        engine: Engine::Mock {
+            argv_prefix: vec!["ENGINE".into()],
+        },
+        router: Some(vec!["ROUTER".into()]),
+        ..Options::default()
+    };
+    let mut checked = BTreeMap::<String, usize>::new();
+    for p in recipes() {
+        let plan = load_file(&p, &opts).expect("plans");
+        for t in &plan.tasks {
+            let Some(a) = argv(t) else { continue };
+            let errors = match t.kind.as_str() {
+                "engine" | "prefill" | "decode" => {
+                    assert_eq!(a[0], "ENGINE", "{}", t.id);
+                    assert!(!a[1].starts_with("--"), "{}: the model comes first", t.id);
+                    check_vllm_args(&a[2..])
+                }
+                "router" => {
+                    assert_eq!(a[0], "ROUTER");
+                    check_router_args(&a[1..])
+                }
+                "mooncake-master" | "metadata-server" | "mooncake-client" => {
+                    check_mooncake_args(&a[0], &a[1..])
+                }
+                other => panic!("unexpected argv task kind {other}"),
+            };
+            assert!(
+                errors.is_empty(),
+                "{} in {}: {errors:?}\nargv: {a:?}",
+                t.id,
+                rel(&p)
+            );
+            let kind = if t.kind == "prefill" || t.kind == "decode" {
+                "engine"
+            } else {
+                t.kind.as_str()
+            };
+            *checked.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+    for k in [
+        "engine",
+        "router",
+        "mooncake-master",
+        "metadata-server",
+        "mooncake-client",
+    ] {
+        assert!(
+            checked.get(k).copied().unwrap_or(0) > 0,
+            "no {k} argv was checked: {checked:?}"
+        );
+    }
+}
+
+#[test]
+fn engines_carry_their_shape() {
+    let plan = load_file(&root().join("recipes/wide_ep.toml"), &Options::default()).expect("plans");
+    let head = plan
+        .tasks
+        .iter()
+        .find(|t| t.id == "engine[0].node[0]")
+        .expect("head");
+    let tail = plan
+        .tasks
+        .iter()
+        .find(|t| t.id == "engine[0].node[1]")
+        .expect("headless");
+    let h = argv(head).expect("argv").join(" ");
+    let t = argv(tail).expect("argv").join(" ");
+    assert!(
+        h.starts_with("vllm serve deepseek-ai/DeepSeek-V3 --host ${host:node0} --port 8100"),
+        "{h}"
+    );
+    assert!(h.contains("--data-parallel-size 16 --data-parallel-size-local 8 --data-parallel-address ${host:node0} --data-parallel-rpc-port 29550"), "{h}");
+    assert!(
+        h.contains("--enable-expert-parallel")
+            && h.contains("--enable-eplb")
+            && h.contains("--enable-dbo"),
+        "{h}"
+    );
+    assert!(
+        t.contains("--headless") && t.contains("--data-parallel-start-rank 8"),
+        "{t}"
+    );
+    assert!(!t.contains("--port"), "{t}");
+    assert!(head.ready.is_some() && tail.ready.is_none());
+
+    let plan = load_file(
+        &root().join("recipes/local/disaggregated.toml"),
+        &Options::default(),
+    )
+    .expect("plans");
+    let prefill = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "prefill")
+        .expect("prefill");
+    let a = argv(prefill).expect("argv").join(" ");
+    assert!(
+        a.contains("--all2all-backend deepep_high_throughput"),
+        "{a}"
+    );
+    assert!(
+        a.contains(r#""kv_connector":"MultiConnector""#)
+            && a.contains("kv_producer")
+            && a.contains("OffloadingConnector"),
+        "{a}"
+    );
+    assert!(a.contains("--enable-prefix-caching"), "{a}");
+    assert_eq!(
+        prefill
+            .env
+            .get("VLLM_NIXL_SIDE_CHANNEL_HOST")
+            .map(String::as_str),
+        Some("${host:node0}")
+    );
+    let router = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "router")
+        .expect("router");
+    let r = argv(router).expect("argv").join(" ");
+    assert!(
+        r.contains("--vllm-pd-disaggregation")
+            && r.contains(
+                "--prefill http://${host:node0}:18130 none --decode http://${host:node1}:18130"
+            ),
+        "{r}"
+    );
+    let probe = match &router.ready.as_ref().expect("ready").probe {
+        prl_flow::plan::Probe::Http { url } => url.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(probe, "http://${host:node0}:18030/readiness");
+}
+
+#[test]
+fn options_replace_launchers_and_backend() {
+    let src = "[inference]\nmodel = \"m\"\nlauncher = [\"uv\", \"run\", \"vllm\", \"serve\"]\n[backend]\ntype = \"slurm\"\npartition = \"gpu\"\n";
+    let plan = load_str(src, &Options::default()).expect("plans");
+    assert_eq!(plan.backend, "slurm");
+    assert_eq!(
+        plan.backend_config,
+        serde_json::json!({ "partition": "gpu" })
+    );
+    let engine = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "engine")
+        .expect("engine");
+    assert_eq!(
+        &argv(engine).expect("argv")[..5],
+        ["uv", "run", "vllm", "serve", "m"]
+    );
+    let opts = Options {
+        backend: Some("local".into()),
+        engine: Engine::Mock {
+            argv_prefix: vec!["/bin/prl-flow".into(), "mock-engine".into()],
+        },
+        router: Some(vec!["/venv/bin/vllm-router".into()]),
+        ..Options::default()
+    };
+    let plan = load_str(src, &opts).expect("plans");
+    assert_eq!(plan.backend, "local");
+    let engine = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "engine")
+        .expect("engine");
+    assert_eq!(
+        &argv(engine).expect("argv")[..3],
+        ["/bin/prl-flow", "mock-engine", "m"]
+    );
+    let router = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "router")
+        .expect("router");
+    assert_eq!(argv(router).expect("argv")[0], "/venv/bin/vllm-router");
+}
+
+#[test]
+fn custom_tasks_weave_in_by_kind_and_node() {
+    let src = r#"
+[inference]
+model = "m"
+[inference.deployment]
+type = "multi_node"
+num_nodes = 2
+
+[[task]]
+id = "download"
+run = "huggingface-cli download m"
+
+[[task]]
+id = "stage"
+run = "cp -r /shared/m /tmp/m"
+node = "each"
+needs = ["download"]
+before = ["engine"]
+
+[[task]]
+id = "smoke"
+argv = ["curl", "-sf", "http://${host:node0}:8000/v1/models"]
+needs = ["health-probe"]
+"#;
+    let plan = load_str(src, &Options::default()).expect("plans");
+    let task = |id: &str| {
+        plan.tasks
+            .iter()
+            .find(|t| t.id == id)
+            .unwrap_or_else(|| panic!("no {id}"))
+    };
+    assert_eq!(task("stage.node[1]").node.as_deref(), Some("node1"));
+    assert_eq!(task("stage.node[1]").needs, ["allocate", "download"]);
+    assert!(task("engine[1].node[1]")
+        .needs
+        .contains(&"stage.node[1]".to_string()));
+    assert!(!task("engine[1].node[1]")
+        .needs
+        .contains(&"stage.node[0]".to_string()));
+    assert_eq!(task("download").node, None);
+    assert_eq!(task("smoke").needs, ["health-probe"]);
+    assert_eq!(task("smoke").kind, "custom");
+}
+
+#[test]
+fn several_pd_groups_get_a_router_each() {
+    let src = r#"
+[inference]
+model = "m"
+[inference.deployment]
+type = "disaggregated"
+gpus_per_node = 1
+num_prefill_nodes = 2
+num_decode_nodes = 2
+num_prefill_replicas = 2
+num_decode_replicas = 2
+"#;
+    let plan = load_str(src, &Options::default()).expect("plans");
+    let routers: Vec<&prl_flow::plan::TaskSpec> =
+        plan.tasks.iter().filter(|t| t.kind == "router").collect();
+    assert_eq!(routers.len(), 2);
+    assert_eq!(routers[0].id, "router[0]");
+    assert_eq!(routers[1].node.as_deref(), Some("node1"));
+    assert_eq!(
+        routers[1].needs,
+        ["allocate", "prefill[1].node[1]", "decode[1].node[3]"]
+    );
+    assert_ne!(
+        routers[0].ports, routers[1].ports,
+        "metrics ports differ per router"
+    );
+    assert!(plan.tasks.iter().any(|t| t.id == "health-probe[1]"));
+    assert_eq!(
+        plan.endpoint.as_deref(),
+        Some("http://${host:node0}:8000 http://${host:node1}:8000")
+    );
+}
+
+/// `# expect: TEXT` lines of a bad recipe.
+fn expectations(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# expect:"))
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn bad_recipes_fail_with_their_messages_and_places() {
+    let files = tomls(&root().join("tests/bad_recipes"));
+    assert!(files.len() >= 30, "the corpus should cover every rule");
+    let placed = regex::Regex::new(r"(?m)^error: tests/bad_recipes/[a-z0-9_]+\.toml:\d+:\d+: ")
+        .expect("regex");
+    for p in files {
+        let text = std::fs::read_to_string(&p).expect("read");
+        let expected = expectations(&text);
+        assert!(!expected.is_empty(), "{} has no `# expect:` line", rel(&p));
+        let err = match load_file(&p, &Options::default()) {
+            Ok(_) => panic!("{} planned, but should fail", rel(&p)),
+            Err(e) => e,
+        };
+        let out = err.render(false);
+        for want in &expected {
+            assert!(
+                out.contains(want.as_str()),
+                "{}: expected `{want}` in:\n{out}",
+                rel(&p)
+            );
+        }
+        for item in &err.items {
+            assert!(
+                item.span.is_some(),
+                "{}: `{}` has no place",
+                rel(&p),
+                item.message
+            );
+            assert!(
+                item.help.is_some(),
+                "{}: `{}` says no fix",
+                rel(&p),
+                item.message
+            );
+        }
+        assert_eq!(
+            placed.find_iter(&out).count(),
+            err.len(),
+            "{}: every problem names file:line:col:\n{out}",
+            rel(&p)
+        );
+    }
+}
+
+/// Replaces the value of every `key = value` line of every recipe, one at a time, with
+/// values of every kind: loading never panics, and a failure always has places.
+#[test]
+fn no_edit_of_a_recipe_panics() {
+    let weird = [
+        "0",
+        "-1",
+        "99999999999999",
+        "1.5",
+        "\"\"",
+        "\"x\\ny\"",
+        "[]",
+        "[1, \"a\"]",
+        "{}",
+        "{ a = 1 }",
+        "true",
+        "1979-05-27",
+    ];
+    for p in recipes() {
+        let text = std::fs::read_to_string(&p).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            if key.starts_with('#') {
+                continue;
+            }
+            for w in weird {
+                let mut edited = lines.clone();
+                let new = format!("{key} = {w}");
+                edited[i] = &new;
+                let src = edited.join("\n");
+                if let Err(e) = load_str(&src, &Options::default()) {
+                    for item in &e.items {
+                        assert!(
+                            item.span.is_some(),
+                            "{} line {} = {w}: `{}` has no place",
+                            rel(&p),
+                            i + 1,
+                            item.message
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Shape {
+    kind: u8,
+    nodes: u32,
+    replicas: u32,
+    decode_replicas: u32,
+    gpus: u32,
+    tp: u32,
+    offload: u8,
+    ep: bool,
+    custom: bool,
+}
+
+fn divisor(n: u32, pick: u32) -> u32 {
+    let ds: Vec<u32> = (1..=n).filter(|d| n % d == 0).collect();
+    ds[(pick as usize) % ds.len()]
+}
+
+/// A valid recipe of a random shape, counts, and tp/dp consistent with them.
+fn recipe_text(s: &Shape) -> String {
+    let tp = divisor(s.gpus, s.tp);
+    let mut out = String::from("[inference]\nmodel = \"m\"\n");
+    let (shape, body, k, backend) = match s.kind % 3 {
+        0 => ("single_node", String::new(), 1, "local"),
+        1 => {
+            let r = divisor(s.nodes, s.replicas);
+            let k = s.nodes / r;
+            (
+                "multi_node",
+                format!("num_nodes = {}\nnum_replicas = {r}\n", s.nodes),
+                k,
+                "slurm",
+            )
+        }
+        _ => {
+            // Both sides span the same number of nodes per replica, so one dp fits both.
+            let pr = divisor(s.nodes, s.replicas);
+            let k = s.nodes / pr;
+            let dr = s.decode_replicas;
+            (
+                "disaggregated",
+                format!(
+                    "num_prefill_nodes = {}\nnum_prefill_replicas = {pr}\nnum_decode_nodes = {}\nnum_decode_replicas = {dr}\n",
+                    s.nodes,
+                    dr * k
+                ),
+                k,
+                "slurm",
+            )
+        }
+    };
+    let ep = s.ep && shape == "multi_node";
+    // Ranks per node: all GPUs for wide-EP, else anything that fits.
+    let local = if ep {
+        s.gpus / tp
+    } else {
+        1 + (s.tp % (s.gpus / tp))
+    };
+    let dp = local * k;
+    if ep {
+        out.push_str("enable_expert_parallel = true\n");
+    }
+    out.push_str(&format!("[inference.parallel]\ntp = {tp}\ndp = {dp}\n"));
+    out.push_str(&format!(
+        "[inference.deployment]\ntype = \"{shape}\"\ngpus_per_node = {}\n{body}",
+        s.gpus
+    ));
+    match s.offload % 3 {
+        1 => out.push_str("[inference.kv_cache_offload]\ntype = \"native\"\ncpu = { num_bytes = 1000 }\ndisk = { path = \"/d\" }\n"),
+        2 if backend == "slurm" => out.push_str("[inference.kv_cache_offload]\ntype = \"mooncake\"\ncpu = { num_bytes = 1000 }\n"),
+        _ => {}
+    }
+    out.push_str(&format!("[backend]\ntype = \"{backend}\"\n"));
+    if s.custom {
+        let targets = if shape == "disaggregated" {
+            "\"prefill\", \"decode\""
+        } else {
+            "\"engine\""
+        };
+        out.push_str(&format!(
+            "[[task]]\nid = \"stage\"\nrun = \"true\"\nnode = \"each\"\nbefore = [{targets}]\n"
+        ));
+    }
+    out
+}
+
+fn shapes() -> impl Strategy<Value = Shape> {
+    (
+        0u8..3,
+        1u32..9,
+        0u32..8,
+        1u32..4,
+        prop::sample::select(vec![1u32, 2, 4, 8]),
+        0u32..8,
+        0u8..3,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(kind, nodes, replicas, decode_replicas, gpus, tp, offload, ep, custom)| Shape {
+                kind,
+                nodes,
+                replicas,
+                decode_replicas,
+                gpus,
+                tp,
+                offload,
+                ep,
+                custom,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_valid_recipes_plan_to_acyclic_graphs_without_port_clashes(s in shapes()) {
+        let text = recipe_text(&s);
+        let plan = match load_str(&text, &Options::default()) {
+            Ok(p) => p,
+            Err(e) => panic!("valid recipe rejected:\n{text}\n{}", e.render(false)),
+        };
+        // Acyclic, unique ids, every need known: the engine's own sealing says so.
+        let mut g = prl_flow_engine::GraphBuilder::new();
+        for t in &plan.tasks {
+            let needs: Vec<&str> = t.needs.iter().map(String::as_str).collect();
+            g.add(prl_flow_engine::testing::FakeTask::new(&t.id, &needs).arc());
+        }
+        if let Err(errors) = g.seal() {
+            panic!("graph errors {errors:?} for\n{text}");
+        }
+        // No two services on one node share a port.
+        let mut seen: BTreeMap<(String, u16), String> = BTreeMap::new();
+        for t in plan.tasks.iter().filter(|t| t.service) {
+            let node = t.node.clone().unwrap_or_default();
+            prop_assert!(node.is_empty() || plan.nodes.contains(&node), "{} on unknown node {node}", t.id);
+            for port in &t.ports {
+                if let Some(other) = seen.insert((node.clone(), *port), t.id.clone()) {
+                    panic!("port {port} on {node} used by {other} and {}\n{text}", t.id);
+                }
+            }
+        }
+        // Every task on a node waits for the allocation.
+        for t in plan.tasks.iter().filter(|t| t.node.is_some()) {
+            prop_assert!(t.needs.iter().any(|n| n == "allocate"), "{} does not need allocate", t.id);
+        }
+    }
+}
+
+#[test]
+fn a_site_overrides_templates_by_file_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let builtin = prl_flow::recipe::render::TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == "engine.argv.j2")
+        .map(|(_, s)| *s)
+        .expect("engine template");
+    // A site that pins its own all2all backend and adds a flag.
+    let site = builtin.replace("deepep_low_latency", "pplx") + "--disable-log-requests\n";
+    std::fs::write(dir.path().join("engine.argv.j2"), site).expect("write");
+    let recipe = root().join("recipes/local/disaggregated.toml");
+    let opts = Options {
+        templates: Some(dir.path().to_path_buf()),
+        ..Options::default()
+    };
+    let plan = load_file(&recipe, &opts).expect("plans");
+    let decode = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "decode")
+        .expect("decode");
+    let a = argv(decode).expect("argv").join(" ");
+    assert!(a.contains("--all2all-backend pplx"), "{a}");
+    assert!(a.ends_with("--disable-log-requests"), "{a}");
+
+    // A template error is a problem naming the template and its line.
+    std::fs::write(
+        dir.path().join("router.argv.j2"),
+        "{{ launcher }}\n{{ no_such_variable }}\n",
+    )
+    .expect("write");
+    let err = load_file(&recipe, &opts).expect_err("undefined variable");
+    let out = err.render(false);
+    assert!(out.contains("template `router.argv.j2` (line 2)"), "{out}");
+
+    // A misspelt override file would silently do nothing: it is a problem too.
+    std::fs::remove_file(dir.path().join("router.argv.j2")).expect("rm");
+    std::fs::write(dir.path().join("engine.arg.j2"), "x").expect("write");
+    let err = load_file(&recipe, &opts).expect_err("unknown template");
+    let out = err.render(false);
+    assert!(out.contains("did you mean `engine.argv.j2`?"), "{out}");
+}
+
+#[test]
+fn the_recipe_field_names_a_templates_dir_beside_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("site")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("site/metadata_server.argv.j2"),
+        "mooncake_http_metadata_server\n--host\n0.0.0.0\n--port\n{{ port }}\n",
+    )
+    .expect("write");
+    let src = std::fs::read_to_string(root().join("recipes/disaggregated.toml")).expect("read");
+    let src = format!("templates = \"site\"\n{src}");
+    let path = dir.path().join("r.toml");
+    let plan = load(
+        &path.display().to_string(),
+        Arc::new(src),
+        "r",
+        &Options::default(),
+    )
+    .expect("plans");
+    let md = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "metadata-server")
+        .expect("metadata");
+    assert_eq!(argv(md).expect("argv")[2], "0.0.0.0");
+}

@@ -1,0 +1,835 @@
+//! The ssh backend against real sshd hosts.
+//!
+//! Each test makes its own hosts with `tests/support/netns_hosts.sh`: N network namespaces on
+//! a private bridge, each with its own address, hostname and sshd, and its own client key,
+//! known_hosts and ssh config in a temp dir (nothing touches `~/.ssh`). A [`Hosts`] guard
+//! removes them when the test ends, passing or not, after killing every process in them.
+//! Names and subnets come from the test process's pid and a counter, so tests run in
+//! parallel. Where network namespaces cannot be made, the hosts are sshd instances on
+//! loopback ports instead, and the tests that cut a link are skipped, loudly.
+//!
+//! The processes a task starts on a "host" run in that host's namespace, and the pid space
+//! is shared, so `ip netns pids` tells exactly what runs on which host.
+//!
+//! Needs (installed by `./dev test`): openssh-server, openssh-client, iproute2, and root. The
+//! end-to-end test also needs the router (`PRL_FLOW_ROUTER`, or the venv `./dev` installs).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prl_flow::exec::{build_graph, Exec};
+use prl_flow::plan::{Command as Cmd, FileSpec, Plan, Probe, Readiness, TaskSpec};
+use prl_flow_backend::{Backend, ProcState, SpawnSpec};
+use prl_flow_engine::{decide, Event, Journal, Outcome, Report, RunOptions, Sink, Status, Subscriber};
+use prl_flow_ssh::SshBackend;
+use serde_json::{json, Value};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/netns_hosts.sh");
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// One line of the hosts file the script writes.
+#[derive(Debug, Clone)]
+struct Host {
+    name: String,
+    /// What the recipe names: the address (namespaces) or `127.0.0.1:PORT` (loopback).
+    target: String,
+    netns: Option<String>,
+}
+
+/// Test hosts; removed on drop.
+struct Hosts {
+    dir: tempfile::TempDir,
+    tag: String,
+    list: Vec<Host>,
+}
+
+impl Hosts {
+    /// `n` hosts in network namespaces, or on loopback ports where namespaces are impossible
+    /// (then `netns()` is false). `None` (after a loud message) when sshd cannot run at all.
+    fn up(n: usize) -> Option<Hosts> {
+        let k = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let tag = format!("{:x}{k}", pid % 0xfff);
+        let dir = tempfile::tempdir().expect("tempdir");
+        if !Path::new("/usr/sbin/sshd").exists() {
+            eprintln!("\n!!! SKIPPED: /usr/sbin/sshd is missing (apt-get install openssh-server); the ssh backend is NOT tested\n");
+            return None;
+        }
+        // Leftovers of an earlier run with the same tag (a killed test) go first.
+        let _ = script(&["down", path(dir.path()), &tag, "40"]);
+        let mut hosts = Hosts {
+            dir,
+            tag: tag.clone(),
+            list: Vec::new(),
+        };
+        let d = path(hosts.dir.path()).to_string();
+        let ok = if netns_possible(&tag) {
+            let net = free_subnet(pid, k);
+            script(&["up", &d, &tag, &net, &n.to_string()])
+        } else {
+            eprintln!("\n!!! network namespaces are not available here: hosts are sshd on loopback ports, and link-cut checks are SKIPPED\n");
+            script(&["loopback", &d, &tag, &n.to_string()])
+        };
+        if let Err(e) = ok {
+            panic!("cannot make the test hosts: {e}");
+        }
+        let text = std::fs::read_to_string(hosts.dir.path().join("hosts")).expect("hosts file");
+        hosts.list = text
+            .lines()
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                Host {
+                    name: w[0].to_string(),
+                    target: w[1].to_string(),
+                    netns: (w[2] != "-").then(|| w[2].to_string()),
+                }
+            })
+            .collect();
+        Some(hosts)
+    }
+
+    fn netns(&self) -> bool {
+        self.list.first().is_some_and(|h| h.netns.is_some())
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `[backend]` table for these hosts (as the recipe module hands it over).
+    fn config(&self) -> Value {
+        json!({
+            "type": "ssh",
+            "hosts": self.list.iter().map(|h| h.target.clone()).collect::<Vec<_>>(),
+            "ssh_config": self.dir().join("ssh_config"),
+            "control_dir": self.dir().join("cm"),
+            "remote_dir": self.dir().join("remote"),
+            "connect_timeout": "2s",
+            "server_alive_interval": "1s",
+        })
+    }
+
+    fn backend(&self, state_dir: &Path) -> SshBackend {
+        SshBackend::from_config(&self.config(), state_dir).expect("config")
+    }
+
+    fn cut(&self, k: usize) {
+        script(&["cut", &self.tag, &k.to_string()]).expect("cut");
+    }
+
+    fn restore(&self, k: usize) {
+        script(&["restore", &self.tag, &k.to_string()]).expect("restore");
+    }
+
+    /// Command lines of the processes running on host `k` (sshd itself left out).
+    fn processes(&self, k: usize) -> Vec<String> {
+        let Some(ns) = &self.list[k].netns else {
+            return Vec::new();
+        };
+        let out = Command::new("ip").args(["netns", "pids", ns]).output().expect("ip netns pids");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| {
+                let raw = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_string();
+                (!cmd.is_empty() && !cmd.starts_with("sshd")).then_some(cmd)
+            })
+            .collect()
+    }
+
+    /// Waits (up to 5 s: sessions being closed take a moment) until host `k` runs nothing
+    /// but sshd, and says what it still runs otherwise.
+    fn settle(&self, k: usize) -> Vec<String> {
+        let began = Instant::now();
+        loop {
+            let p = self.processes(k);
+            if p.is_empty() || began.elapsed() > Duration::from_secs(5) {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn count(&self, k: usize, needle: &str) -> usize {
+        self.processes(k).iter().filter(|c| c.contains(needle) && !c.starts_with("sh -c")).count()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Masters first (they are ours, in this namespace), then everything in the hosts.
+        for entry in std::fs::read_dir(self.dir().join("cm")).into_iter().flatten().flatten() {
+            let _ = Command::new("ssh")
+                .args(["-o", &format!("ControlPath={}", entry.path().display()), "-O", "exit", "x"])
+                .output();
+        }
+        let d = path(self.dir.path()).to_string();
+        if let Err(e) = script(&["down", &d, &self.tag, &self.list.len().max(1).to_string()]) {
+            eprintln!("warning: removing the test hosts: {e}");
+        }
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn script(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("bash").arg(SCRIPT).args(args).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "netns_hosts.sh {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn netns_possible(tag: &str) -> bool {
+    let probe = format!("pf-probe-{tag}");
+    let ok = Command::new("ip").args(["netns", "add", &probe]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+    }
+    ok
+}
+
+/// A /24 no interface here uses yet: `10.A.B` from the pid and a counter.
+fn free_subnet(pid: u32, k: usize) -> String {
+    let used = Command::new("ip")
+        .args(["-o", "-4", "addr"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for i in 0..250 {
+        let net = format!("10.{}.{}", 150 + (pid % 100), (k * 7 + i) % 250 + 1);
+        if !used.contains(&format!(" {net}.")) {
+            return net;
+        }
+    }
+    panic!("no free 10.x.y.0/24 subnet");
+}
+
+fn spec(task: &str, node: Option<&str>, argv: &[&str], service: bool, dir: &Path) -> SpawnSpec {
+    SpawnSpec {
+        task: task.into(),
+        node: node.map(String::from),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+        files: BTreeMap::new(),
+        run_dir: dir.join("run").join(task),
+        log: dir.join("logs").join(format!("{task}.log")),
+        service,
+    }
+}
+
+/// Polls `f` until it gives `Some`, for at most `limit`.
+async fn eventually<T, Fut: std::future::Future<Output = Option<T>>>(what: &str, limit: Duration, mut f: impl FnMut() -> Fut) -> T {
+    let began = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(began.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_on_real_hosts_start_report_and_stop() {
+    let Some(hosts) = Hosts::up(2) else { return };
+    let state = hosts.dir().join("state");
+    let b = hosts.backend(&state);
+    let nodes = vec!["node0".to_string(), "node1".to_string()];
+    let alloc = b.allocate(&nodes).await.expect("allocate");
+    assert_eq!(alloc.hosts.len(), 2);
+
+    // A one-shot on each host says which host it ran on, and its end is known at once.
+    for (k, node) in nodes.iter().enumerate() {
+        let mut s = spec(&format!("hello{k}"), Some(node), &["sh", "-c", "echo \"on $(hostname)\"; exit 3"], false, &state);
+        s.env.insert("ODD VALUE".into(), "it's $HOME".into());
+        let h = b.spawn(&s).await.expect("spawn");
+        assert_eq!(h["backend"], "ssh");
+        assert_eq!(h["host"], hosts.list[k].target.split(':').next().unwrap_or_default());
+        assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
+        let log = b.log_tail(&h, 5).await.expect("log");
+        if hosts.netns() {
+            assert_eq!(log, format!("on {}", hosts.list[k].name));
+        }
+        // A later prl-flow, with only the handle, reads the recorded exit status.
+        assert_eq!(SshBackend::from_handles().status(&h).await.expect("status"), ProcState::Exited(Some(3)));
+    }
+
+    // A service gets its files (quoting survives anything), keeps running, logs, stops.
+    let mut s = spec("svc", Some("node1"), &["sh", "-c", "cat conf/odd.json; echo; echo \"$GREETING\"; exec sleep 300"], true, &state);
+    let tricky = "{\"a\": 'single' \"$(touch /tmp/pwned)\" `x` \\ \n last}";
+    s.files.insert("conf/odd.json".into(), tricky.into());
+    s.env.insert("GREETING".into(), "hello; rm -rf /".into());
+    let h = b.spawn(&s).await.expect("spawn service");
+    assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
+    let later = SshBackend::from_handles();
+    let text = eventually("the service's log", Duration::from_secs(10), || async {
+        let t = later.read_log(&h, 0).await.map(|(t, _)| t).unwrap_or_default();
+        t.contains("hello; rm -rf /").then_some(t)
+    })
+    .await;
+    assert_eq!(text, format!("{tricky}\nhello; rm -rf /\n"));
+    let (_, end) = later.read_log(&h, 0).await.expect("log");
+    let (more, end2) = later.read_log(&h, end).await.expect("log from offset");
+    assert_eq!((more.as_str(), end2), ("", end));
+    assert!(!Path::new("/tmp/pwned").exists());
+
+    // A handle whose start time is not the process's names nothing.
+    let mut fake = h.clone();
+    fake["start"] = json!(h["start"].as_u64().unwrap_or(0) + 1);
+    assert_eq!(later.status(&fake).await.expect("status"), ProcState::Gone);
+    later.stop(&fake, Duration::from_secs(1)).await.expect("stopping a stranger is a no-op");
+    assert_eq!(later.status(&h).await.expect("status"), ProcState::Running);
+
+    // Stop, from a backend made from the handle alone.
+    later.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    assert_ne!(b.status(&h).await.expect("status"), ProcState::Running);
+    if hosts.netns() {
+        assert_eq!(hosts.count(1, "sleep 300"), 0, "{:?}", hosts.processes(1));
+    }
+
+    // A task without a node runs on this machine.
+    let h = b.spawn(&spec("here", None, &["true"], false, &state)).await.expect("local spawn");
+    assert_eq!(h["backend"], "local");
+    assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(0)));
+
+    // More nodes than hosts: refused with the numbers.
+    let e = b.allocate(&["node0".into(), "node1".into(), "node2".into()]).await.expect_err("3 > 2");
+    assert!(e.message.contains("needs 3 nodes but 2 hosts"), "{e}");
+
+    b.release(&alloc).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_keys_are_refused_unless_the_recipe_accepts_new_ones() {
+    let Some(hosts) = Hosts::up(1) else { return };
+    // The same client setup with an empty known_hosts.
+    let cfg = std::fs::read_to_string(hosts.dir().join("ssh_config")).expect("ssh_config");
+    let empty = hosts.dir().join("known_hosts.empty");
+    std::fs::write(&empty, "").expect("write");
+    let strict = cfg.replace(path(&hosts.dir().join("known_hosts")), path(&empty));
+    std::fs::write(hosts.dir().join("ssh_config.strict"), strict).expect("write");
+    let mut config = hosts.config();
+    config["ssh_config"] = json!(hosts.dir().join("ssh_config.strict"));
+    config["control_dir"] = json!(hosts.dir().join("cm2"));
+    let state = hosts.dir().join("state");
+
+    let b = SshBackend::from_config(&config, &state).expect("config");
+    let e = b.allocate(&["node0".into()]).await.expect_err("unknown host key");
+    let target = hosts.list[0].target.split(':').next().unwrap_or_default().to_string();
+    assert!(e.message.contains(&format!("host `{}`", hosts.list[0].target)), "{e}");
+    assert!(e.message.contains("Host key verification failed"), "{e}");
+    assert!(e.message.contains("accept_new_host_keys = true"), "{e}");
+    assert_eq!(std::fs::read_to_string(&empty).expect("read"), "", "nothing was learnt silently");
+
+    config["accept_new_host_keys"] = json!(true);
+    let b = SshBackend::from_config(&config, &state).expect("config");
+    b.allocate(&["node0".into()]).await.expect("accepted");
+    let learnt = std::fs::read_to_string(&empty).expect("read");
+    assert!(learnt.contains(&target) || learnt.contains('['), "{learnt}");
+    b.disconnect_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_names_the_host_and_spares_its_processes() {
+    let Some(hosts) = Hosts::up(2) else { return };
+    if !hosts.netns() {
+        eprintln!("!!! SKIPPED: cutting a link needs network namespaces");
+        return;
+    }
+    let state = hosts.dir().join("state");
+    let b = hosts.backend(&state);
+    b.allocate(&["node0".into(), "node1".into()]).await.expect("allocate");
+    let h = b
+        .spawn(&spec("svc", Some("node1"), &["sleep", "300"], true, &state))
+        .await
+        .expect("spawn");
+
+    hosts.cut(1);
+    let began = Instant::now();
+    let e = b.status(&h).await.expect_err("host 1 is cut off");
+    assert!(began.elapsed() < Duration::from_secs(15), "took {:?}", began.elapsed());
+    assert!(e.message.contains(&format!("host `{}`", hosts.list[1].target)), "{e}");
+    let e = b
+        .spawn(&spec("more", Some("node1"), &["true"], false, &state))
+        .await
+        .expect_err("cannot start on a cut host");
+    assert!(e.message.contains(&hosts.list[1].target), "{e}");
+    // The other host is not affected.
+    let ok = b.spawn(&spec("other", Some("node0"), &["true"], false, &state)).await.expect("node0");
+    assert_eq!(b.wait(&ok).await.expect("wait"), ProcState::Exited(Some(0)));
+    // The service did not notice.
+    assert_eq!(hosts.count(1, "sleep 300"), 1);
+
+    hosts.restore(1);
+    let later = SshBackend::from_handles();
+    let state_now = eventually("host 1 to answer again", Duration::from_secs(20), || async { later.status(&h).await.ok() }).await;
+    assert_eq!(state_now, ProcState::Running);
+    later.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    assert_eq!(hosts.count(1, "sleep 300"), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// A deployment through the engine: the library-level twin of
+// `prl-flow run recipes/local/multi_node.toml` on three ssh hosts.
+
+fn router_program() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PRL_FLOW_ROUTER") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let p = home.join(format!("prl-flow/router-{}/bin/vllm-router", prl_flow::cli::ROUTER_VERSION));
+    p.exists().then_some(p)
+}
+
+fn task(id: &str, kind: &str, needs: &[&str], node: Option<&str>, command: Cmd) -> TaskSpec {
+    TaskSpec {
+        id: id.into(),
+        kind: kind.into(),
+        needs: needs.iter().map(|s| s.to_string()).collect(),
+        node: node.map(String::from),
+        command,
+        ..Default::default()
+    }
+}
+
+fn http_ready(url: String) -> Option<Readiness> {
+    let mut r = Readiness::new(Probe::Http { url });
+    r.interval = Duration::from_millis(100);
+    r.ready_timeout = Some(Duration::from_secs(90));
+    Some(r)
+}
+
+/// allocate → engine on each node → router on node0 → health probe (one completion).
+/// `slow` engines take that long to become ready.
+fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan {
+    let bin = env!("CARGO_BIN_EXE_prl-flow");
+    let node_names: Vec<String> = (0..nodes).map(|k| format!("node{k}")).collect();
+    let mut tasks = vec![task("allocate", "allocate", &[], None, Cmd::Builtin { action: "allocate".into(), args: Value::Null })];
+    let mut engines = Vec::new();
+    for (k, node) in node_names.iter().enumerate() {
+        let host = format!("${{host:{node}}}");
+        let id = format!("engine{k}");
+        let mut t = task(
+            &id,
+            "engine",
+            &["allocate"],
+            Some(node),
+            Cmd::Argv {
+                argv: vec![bin.into(), "mock-engine".into(), "--host".into(), host.clone(), "--port".into(), "18110".into()],
+            },
+        );
+        t.service = true;
+        t.ready = http_ready(format!("http://{host}:18110/health"));
+        t.files = vec![FileSpec { path: "conf/engine.json".into(), content: format!("{{\"node\": \"{node}\"}}\n") }];
+        if let Some((_, d)) = slow.iter().find(|(i, _)| *i == k) {
+            t.env.insert("PRL_MOCK_STARTUP_DELAY".into(), d.to_string());
+        }
+        tasks.push(t);
+        engines.push(id);
+    }
+    let mut argv = vec![
+        router.to_string_lossy().into_owned(),
+        "--host".into(),
+        "${host:node0}".into(),
+        "--port".into(),
+        "18010".into(),
+        "--prometheus-port".into(),
+        "18910".into(),
+        "--policy".into(),
+        "round_robin".into(),
+        "--worker-startup-check-interval".into(),
+        "1".into(),
+        "--worker-startup-timeout-secs".into(),
+        "60".into(),
+        "--health-check-interval-secs".into(),
+        "5".into(),
+        "--worker-urls".into(),
+    ];
+    argv.extend(node_names.iter().map(|n| format!("http://${{host:{n}}}:18110")));
+    let needs: Vec<&str> = engines.iter().map(String::as_str).collect();
+    let mut r = task("router", "router", &needs, Some("node0"), Cmd::Argv { argv });
+    r.service = true;
+    r.ready = http_ready("http://${host:node0}:18010/readiness".into());
+    tasks.push(r);
+    tasks.push(task(
+        "health",
+        "health-probe",
+        &["router"],
+        None,
+        Cmd::Builtin { action: "health-probe".into(), args: json!({ "router": "http://${host:node0}:18010", "model": "Qwen/Qwen3-0.6B" }) },
+    ));
+    Plan {
+        name: "multi_node".into(),
+        backend: "ssh".into(),
+        nodes: node_names,
+        tasks,
+        ..Default::default()
+    }
+}
+
+/// Task durations as the engine reports them.
+#[derive(Default)]
+struct Durations(Mutex<BTreeMap<String, Duration>>);
+
+impl Subscriber for Durations {
+    fn on_event(&self, e: &Event) {
+        if let Event::Finished { id, duration, outcome: Outcome::Done, .. } = e {
+            if let Ok(mut m) = self.0.lock() {
+                m.insert(id.to_string(), *duration);
+            }
+        }
+    }
+}
+
+/// `prl-flow run [--resume]`, as the CLI does it, through the library.
+async fn run_plan(plan: &Plan, backend: Arc<dyn Backend>, dir: &Path, resume: bool, durations: Option<Arc<Durations>>) -> Report {
+    let exec = Arc::new(Exec::new(backend, dir, plan.nodes.clone()));
+    let graph = build_graph(plan, &exec).map_err(|e| format!("{e:?}")).expect("graph");
+    let journal = Journal::open(dir, true, "tests/ssh.rs").expect("journal");
+    let previous = journal.records();
+    if !resume {
+        journal.reset();
+    }
+    let journal = Arc::new(journal);
+    exec.prime(&previous);
+    let previous = resume.then_some(previous);
+    let decisions = decide(&graph, previous.as_ref()).await;
+    let mut subs: Vec<Arc<dyn Subscriber>> = vec![journal.recorder(&graph)];
+    if let Some(d) = durations {
+        subs.push(d);
+    }
+    let options = RunOptions { jobs: 64, keep_going: false, keep: false };
+    let report = prl_flow_engine::run(&graph, &decisions, previous.as_ref(), &options, Sink::new(subs), prl_flow_engine::Cancel::never()).await;
+    journal.flush();
+    drop(graph);
+    if let Ok(j) = Arc::try_unwrap(journal) {
+        j.close().expect("close journal");
+    }
+    report
+}
+
+/// `prl-flow down`, as the CLI does it: every recorded process, last started first, with a
+/// backend rebuilt from the journal alone.
+async fn down(dir: &Path) {
+    let journal = Journal::open(dir, true, "tests/ssh.rs down").expect("journal");
+    let mut records: Vec<_> = journal.records().into_values().collect();
+    records.sort_by_key(|r| std::cmp::Reverse(r.seq));
+    let b = SshBackend::from_handles();
+    for r in records {
+        let Some(h) = &r.handle else { continue };
+        if r.status == Status::Stopped || !(r.service || r.status == Status::Running) {
+            continue;
+        }
+        if r.kind == "allocate" {
+            let a = serde_json::from_value(h.clone()).expect("allocation");
+            b.release(&a).await.expect("release");
+        } else {
+            b.stop(h, Duration::from_secs(5)).await.expect("stop");
+        }
+        journal.update(&r.id, |rec| rec.status = Status::Stopped);
+    }
+    journal.close().expect("close");
+}
+
+fn errors(r: &Report) -> String {
+    r.errors.iter().flatten().map(|e| e.message.clone()).collect::<Vec<_>>().join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_duplicates() {
+    let Some(router) = router_program() else {
+        eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
+        return;
+    };
+    let Some(hosts) = Hosts::up(3) else { return };
+    let state = hosts.dir().join("state");
+    let backend: Arc<dyn Backend> = Arc::new(hosts.backend(&state));
+
+    // 1. Up: three mock engines and the real router, healthy (one completion through it).
+    let plan = multi_node_plan(3, &router, &[]);
+    let report = run_plan(&plan, backend.clone(), &state, false, None).await;
+    assert!(report.ok(), "{}", errors(&report));
+    if hosts.netns() {
+        for k in 0..3 {
+            assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+        }
+        assert_eq!(hosts.count(0, "router"), 1, "{:?}", hosts.processes(0));
+    }
+    down(&state).await;
+    if hosts.netns() {
+        for k in 0..3 {
+            assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
+        }
+    }
+
+    if !hosts.netns() {
+        eprintln!("!!! SKIPPED: the link-cut half of this test needs network namespaces");
+        return;
+    }
+    // 2. A fresh bring-up in which host 2's engine is slow to load; its link is cut while it
+    // loads. The run fails, naming that host.
+    let plan = multi_node_plan(3, &router, &[(2, "4s")]);
+    let cutter = {
+        let tag = hosts.tag.clone();
+        let dir = state.clone();
+        tokio::spawn(async move {
+            // Cut once the engine of host 2 has started.
+            let began = Instant::now();
+            while began.elapsed() < Duration::from_secs(60) {
+                let started = prl_flow_engine::journal::load(&dir)
+                    .ok()
+                    .and_then(|r| r.get("engine2").cloned())
+                    .is_some_and(|r| r.status == Status::Running && r.handle.is_some());
+                if started {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            script(&["cut", &tag, "2"]).expect("cut");
+        })
+    };
+    let report = run_plan(&plan, backend.clone(), &state, false, None).await;
+    cutter.await.expect("cutter");
+    assert!(!report.ok());
+    let msg = errors(&report);
+    assert!(msg.contains(&format!("host `{}`", hosts.list[2].target)), "{msg}");
+    eprintln!("the failed run said:\n{msg}");
+    // The engine on the cut host still runs: a lost connection kills nothing.
+    assert_eq!(hosts.count(2, "mock-engine"), 1, "{:?}", hosts.processes(2));
+
+    // 3. The link is back: --resume completes, with one engine per host and one router.
+    hosts.restore(2);
+    let report = run_plan(&plan, backend.clone(), &state, true, None).await;
+    assert!(report.ok(), "{}", errors(&report));
+    for k in 0..3 {
+        assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+    }
+    assert_eq!(hosts.count(0, "router"), 1, "{:?}", hosts.processes(0));
+
+    // 4. Down leaves nothing on any host.
+    down(&state).await;
+    for k in 0..3 {
+        assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The same through the binary, once `prl-flow` knows the ssh backend (src/cli.rs
+// `backend_for`). The recipe is tests/fixtures/ssh/multi_node.toml with this test's hosts.
+
+#[test]
+#[ignore = "needs CLI wiring: `backend_for(\"ssh\")` in src/cli.rs"]
+fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
+    let Some(router) = router_program() else {
+        eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
+        return;
+    };
+    let Some(hosts) = Hosts::up(3) else { return };
+    let fixture = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ssh/multi_node.toml")).expect("fixture");
+    let list: Vec<String> = hosts.list.iter().map(|h| format!("\"{}\"", h.target)).collect();
+    let recipe = fixture
+        .replace("@HOSTS@", &format!("[{}]", list.join(", ")))
+        .replace("@SSH_CONFIG@", path(&hosts.dir().join("ssh_config")))
+        .replace("@CONTROL_DIR@", path(&hosts.dir().join("cm")))
+        .replace("@REMOTE_DIR@", path(&hosts.dir().join("remote")));
+    let file = hosts.dir().join("multi_node.toml");
+    let slow_file = hosts.dir().join("multi_node_slow.toml");
+    std::fs::write(&file, recipe.replace("@ENGINE_ENV@", "")).expect("recipe");
+    // The engines' environment is the remote one: a slow start must be in the recipe.
+    let slow_env = "[inference.deployment.env]\nPRL_MOCK_STARTUP_DELAY = \"4s\"";
+    std::fs::write(&slow_file, recipe.replace("@ENGINE_ENV@", slow_env)).expect("recipe");
+    let state = hosts.dir().join("state");
+    let prl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("PRL_FLOW_ROUTER", &router)
+            .output()
+            .expect("prl-flow");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let f = path(&file);
+    let r = path(&router);
+
+    let (code, err) = prl(&["run", f, "--engine", "mock", "--router", r]);
+    assert_eq!(code, Some(0), "{err}");
+    for k in 0..3 {
+        assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+    }
+    let (code, err) = prl(&["down", f]);
+    assert_eq!(code, Some(0), "{err}");
+    if !hosts.netns() {
+        return;
+    }
+    for k in 0..3 {
+        assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
+    }
+
+    // Cut host 2 while the run is in flight (its engine loads for 4 s): the run fails,
+    // naming it.
+    let f = path(&slow_file);
+    let child = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["run", f, "--engine", "mock", "--router", r, "--state-dir"])
+        .arg(&state)
+        .env("PRL_FLOW_ROUTER", &router)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    std::thread::sleep(Duration::from_secs(2));
+    hosts.cut(2);
+    let out = child.wait_with_output().expect("run ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&hosts.list[2].target), "{err}");
+
+    hosts.restore(2);
+    let (code, err) = prl(&["run", f, "--engine", "mock", "--router", r, "--resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    for k in 0..3 {
+        assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+    }
+    let (code, err) = prl(&["logs", "router", "--file", f]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = prl(&["down", f]);
+    assert_eq!(code, Some(0), "{err}");
+    for k in 0..3 {
+        assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmarks (docs/benchmarks.md, "SSH fan-out"):
+//
+//   cargo test --release --test ssh -- --ignored --nocapture bench_
+//
+// They need `pdsh` (Debian package `pdsh`) besides sshd.
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+/// N one-shots `hostname`, one per node, after `allocate` (as a deployment starts).
+fn fanout_plan(n: usize) -> Plan {
+    let mut tasks = vec![task("allocate", "allocate", &[], None, Cmd::Builtin { action: "allocate".into(), args: Value::Null })];
+    for k in 0..n {
+        tasks.push(task(&format!("hostname{k}"), "custom", &["allocate"], Some(&format!("node{k}")), Cmd::Argv { argv: vec!["hostname".into()] }));
+    }
+    Plan {
+        name: "fanout".into(),
+        backend: "ssh".into(),
+        nodes: (0..n).map(|k| format!("node{k}")).collect(),
+        tasks,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+async fn bench_fanout_against_pdsh() {
+    const REPEAT: usize = 7;
+    let Some(hosts) = Hosts::up(32) else { return };
+    let cfg = hosts.dir().join("ssh_config");
+    println!("| hosts | pdsh (ms) | prl-flow, cold (ms) | cold / pdsh | prl-flow, warm (ms) | warm / pdsh |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for n in [2usize, 4, 8, 16, 32] {
+        let targets: Vec<String> = hosts.list[..n].iter().map(|h| h.target.clone()).collect();
+        let mut pdsh = Vec::new();
+        for _ in 0..REPEAT {
+            let began = Instant::now();
+            let out = Command::new("pdsh")
+                .args(["-R", "ssh", "-f", "64", "-w", &targets.join(","), "hostname"])
+                .env("PDSH_SSH_ARGS_APPEND", format!("-F {} -o BatchMode=yes", cfg.display()))
+                .output()
+                .expect("pdsh (apt-get install pdsh)");
+            pdsh.push(began.elapsed());
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), n);
+        }
+        let plan = fanout_plan(n);
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for rep in 0..REPEAT {
+            // Cold: a control dir of its own, so no master exists yet.
+            let mut config = hosts.config();
+            config["control_dir"] = json!(hosts.dir().join(format!("cm{n}-{rep}")));
+            let state = hosts.dir().join(format!("state{n}-{rep}"));
+            let b = Arc::new(SshBackend::from_config(&config, &state).expect("config"));
+            for times in [&mut cold, &mut warm] {
+                let began = Instant::now();
+                let r = run_plan(&plan, b.clone(), &state, false, None).await;
+                times.push(began.elapsed());
+                assert!(r.ok(), "{}", errors(&r));
+            }
+            b.disconnect_all().await;
+        }
+        let (p, c, w) = (median(pdsh), median(cold), median(warm));
+        println!(
+            "| {n} | {} | {} | {:.2} | {} | {:.2} |",
+            ms(p),
+            ms(c),
+            c.as_secs_f64() / p.as_secs_f64(),
+            ms(w),
+            w.as_secs_f64() / p.as_secs_f64()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+async fn bench_multi_node_bring_up_against_its_critical_path() {
+    const REPEAT: usize = 5;
+    let Some(router) = router_program() else {
+        eprintln!("no vllm-router: skipped");
+        return;
+    };
+    let Some(hosts) = Hosts::up(3) else { return };
+    println!("| engine load time | bring-up (ms) | critical path (ms) | overhead |");
+    println!("|---|---:|---:|---:|");
+    for delay in ["0s", "2s"] {
+        let slow: Vec<(usize, &str)> = (0..3).map(|k| (k, delay)).collect();
+        let plan = multi_node_plan(3, &router, &slow);
+        let (mut walls, mut paths) = (Vec::new(), Vec::new());
+        for rep in 0..REPEAT {
+            let state = hosts.dir().join(format!("bring-up-{delay}-{rep}"));
+            let b: Arc<dyn Backend> = Arc::new(hosts.backend(&state));
+            let d = Arc::new(Durations::default());
+            let began = Instant::now();
+            let r = run_plan(&plan, b, &state, false, Some(d.clone())).await;
+            let wall = began.elapsed();
+            assert!(r.ok(), "{}", errors(&r));
+            // The longest chain of task durations through the graph.
+            let dur = d.0.lock().map(|m| m.clone()).unwrap_or_default();
+            let mut finish: BTreeMap<String, Duration> = BTreeMap::new();
+            for t in &plan.tasks {
+                let start = t.needs.iter().map(|n| finish[n]).max().unwrap_or_default();
+                finish.insert(t.id.clone(), start + dur[&t.id]);
+            }
+            paths.push(finish.values().copied().max().unwrap_or_default());
+            walls.push(wall);
+            down(&state).await;
+        }
+        let (w, p) = (median(walls), median(paths));
+        println!("| {delay} | {} | {} | {:+.1}% |", ms(w), ms(p), (w.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0);
+    }
+}
