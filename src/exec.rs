@@ -287,8 +287,14 @@ impl SpecTask {
                 () = cx.cancel.cancelled() => None,
             };
             let last = match outcome {
-                Some(Ok(())) => return Ok(()),
-                Some(Err(e)) => e,
+                Some(Ok(())) => {
+                    tracing::debug!(task = %self.spec.id, waited = ?began.elapsed(), "ready");
+                    return Ok(());
+                }
+                Some(Err(e)) => {
+                    tracing::trace!(task = %self.spec.id, probe = %e, "not ready");
+                    e
+                }
                 None => {
                     return Err(self
                         .stopped(handle, "stopped while waiting to be ready")
@@ -417,6 +423,7 @@ impl Task for SpecTask {
             return self.run_builtin(action, args).await;
         }
         let spec = self.spawn_spec();
+        tracing::debug!(task = %self.spec.id, node = ?spec.node, argv = ?spec.argv, "spawning");
         let handle = self.exec.backend.spawn(&spec).await.map_err(|e| {
             TaskError::new(format!(
                 "`{}`{} could not start: {e}",

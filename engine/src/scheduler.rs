@@ -155,7 +155,8 @@ pub async fn recover_handles(graph: &Graph, records: &mut BTreeMap<String, Recor
         let Some(r) = records.get_mut(task.id()) else {
             continue;
         };
-        if r.status == Status::Running && r.handle.is_none() && r.fingerprint == task.fingerprint() {
+        if r.status == Status::Running && r.handle.is_none() && r.fingerprint == task.fingerprint()
+        {
             if let Some(h) = task.recover(r).await {
                 r.handle = Some(h);
                 found.push(r.id.clone());
@@ -253,6 +254,7 @@ pub async fn run(
             while in_flight.len() < jobs {
                 let Some(i) = ready.pop_front() else { break };
                 state[i] = State::Running;
+                tracing::debug!(task = %ids[i], decision = %decisions[i], "starting");
                 let prior = previous
                     .and_then(|p| p.get(graph.task(i).id()))
                     .and_then(|r| r.handle.clone());
@@ -277,6 +279,7 @@ pub async fn run(
             () = &mut cancel_wait, if !cancelled => continue,
         };
         let i = fin.index;
+        tracing::debug!(task = %ids[i], outcome = fin.outcome.as_str(), took = ?fin.duration, "finished");
         state[i] = State::Finished;
         outcomes[i] = Some(fin.outcome);
         let handle = fin.done.as_ref().and_then(|d| d.handle.clone());
