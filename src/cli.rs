@@ -862,10 +862,10 @@ fn explain(graph: &Graph, decisions: &[Decision]) -> String {
 }
 
 /// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`.
-fn state_dir_of(
-    file: Option<&Path>,
-    dir: Option<&Path>,
-) -> R<(PathBuf, Option<(Plan, Arc<String>)>)> {
+/// A plan and the source text it came from.
+type Loaded = (Plan, Arc<String>);
+
+fn state_dir_of(file: Option<&Path>, dir: Option<&Path>) -> R<(PathBuf, Option<Loaded>)> {
     if let Some(d) = dir {
         let loaded = match file {
             Some(f) => Some(load(&file_args(f))?),
@@ -957,17 +957,15 @@ async fn status(cli: &Cli, a: &StateArgs) -> R<i32> {
                     .map(|e| e.lines().next().unwrap_or("").to_string())
             })
             .unwrap_or_default();
-        s.push_str(
-            &format!(
-                "{:<width$}  {:<15} {:<10} {:<6} {}\n",
-                r.id,
-                r.kind,
-                r.status.as_str(),
-                live,
-                detail
-            )
-            .trim_end(),
+        let line = format!(
+            "{:<width$}  {:<15} {:<10} {:<6} {}",
+            r.id,
+            r.kind,
+            r.status.as_str(),
+            live,
+            detail
         );
+        s.push_str(line.trim_end());
         s.push('\n');
     }
     out(&s);

@@ -398,8 +398,7 @@ retries = 2
     #[test]
     fn unknown_field_is_placed_with_a_suggestion() {
         let err = parse_str("[[task]]\nid = \"a\"\nrun = \"x\"\nneeds = []\nretires = 2\n")
-            .err()
-            .expect("error");
+            .expect_err("error");
         let out = err.render(false);
         assert!(out.contains("wf.toml:5:1"), "{out}");
         assert!(out.contains("did you mean `retries`?"), "{out}");
@@ -410,8 +409,7 @@ retries = 2
         let err = parse_str(
             "[[task]]\nid = \"a\"\n\n[[task]]\nid = \"b\"\nrun = \"x\"\ntimeout = \"soon\"\nready = { http = \"h\" }\n",
         )
-        .err()
-        .expect("error");
+        .expect_err("error");
         assert_eq!(err.len(), 3, "{}", err.render(false));
     }
 }

@@ -480,6 +480,8 @@ fn no_edit_of_a_recipe_panics() {
         "0",
         "-1",
         "99999999999999",
+        "513",
+        "4294967295",
         "1.5",
         "\"\"",
         "\"x\\ny\"",
@@ -740,4 +742,19 @@ fn the_recipe_field_names_a_templates_dir_beside_it() {
         .find(|t| t.kind == "metadata-server")
         .expect("metadata");
     assert_eq!(argv(md).expect("argv")[2], "0.0.0.0");
+}
+
+#[test]
+fn huge_counts_are_messages_not_overflows() {
+    let src = "[inference]\nmodel = \"m\"\nenable_expert_parallel = true\n[inference.parallel]\ntp = 65536\ndp = 65536\n[inference.deployment]\ntype = \"multi_node\"\nnum_nodes = 65536\ngpus_per_node = 4294967295\n";
+    let err = load_str(src, &Options::default()).expect_err("too big");
+    let out = err.render(false);
+    assert!(out.contains("`gpus_per_node` is more than 1024"), "{out}");
+    let src = "[inference]\nmodel = \"m\"\n[inference.deployment]\ntype = \"disaggregated\"\nnum_prefill_nodes = 4294967295\nnum_decode_nodes = 4294967295\n";
+    let err = load_str(src, &Options::default()).expect_err("too big");
+    assert!(
+        err.render(false).contains("prl-flow plans at most 100000"),
+        "{}",
+        err.render(false)
+    );
 }

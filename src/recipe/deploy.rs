@@ -34,6 +34,9 @@ pub const DEFAULT_MOONCAKE_MASTER_PORT: u16 = 50051;
 pub const DEFAULT_MOONCAKE_METRICS_PORT: u16 = 9003;
 pub const DEFAULT_MOONCAKE_METADATA_PORT: u16 = 8080;
 pub const DEFAULT_MOONCAKE_CLIENT_PORT: u16 = 50052;
+/// Bounds that keep a mistyped count from planning a deployment no machine could hold.
+pub const MAX_NODES: usize = 100_000;
+pub const MAX_GPUS_PER_NODE: u32 = 1024;
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// The router is started once its engines are healthy, so it should find them at once;
 /// this bounds its own wait (`--worker-startup-timeout-secs`).
@@ -334,8 +337,31 @@ pub fn derive(recipe: &Recipe, backend: &str, p: &mut Problems) -> Option<Deploy
     let tp = par.tp.or(1);
     let dp = par.dp.or(1);
 
+    // A bound on the size, so that a typo (`num_nodes = 1000000000`) is a message rather
+    // than an exhausted machine.
+    let planned: u64 = match shape {
+        Some(Shape::MultiNode | Shape::WideEp) => d.num_nodes.or(0).map_or(0, u64::from),
+        Some(Shape::Disaggregated) => {
+            d.num_prefill_nodes.or(0).map_or(0, u64::from)
+                + d.num_decode_nodes.or(0).map_or(0, u64::from)
+        }
+        _ => 1,
+    };
+    let too_big = planned > MAX_NODES as u64;
+    if too_big {
+        p.push(
+            Problem::new(format!(
+                "the deployment would use {planned} nodes; prl-flow plans at most {MAX_NODES}"
+            ))
+            .at(Some(d.kind.span_or(&d.span)))
+            .label("too many nodes")
+            .help("check the node counts of `[inference.deployment]`"),
+        );
+    }
+
     // Replica groups: each a DP group over its nodes.
     let groups: Option<Vec<Group>> = match shape {
+        _ if too_big => None,
         Some(Shape::SingleNode) => Some(split(Role::Engine, 0, 1, 1)),
         Some(s @ (Shape::MultiNode | Shape::WideEp)) => {
             let n = d.num_nodes.or(0).filter(|&n| n > 0);
@@ -407,13 +433,28 @@ pub fn derive(recipe: &Recipe, backend: &str, p: &mut Problems) -> Option<Deploy
         None => None,
     };
 
-    // GPUs: each node of a replica hosts dp / k ranks of tp GPUs.
-    if let (Some(groups), Some(tp), Some(dp), Some(gpus)) = (&groups, tp, dp, gpus) {
+    if gpus.is_some_and(|g| g > MAX_GPUS_PER_NODE) {
+        p.push(
+            Problem::new(format!("`gpus_per_node` is more than {MAX_GPUS_PER_NODE}"))
+                .at(Some(d.gpus_per_node.span_or(&d.span)))
+                .label("too many GPUs")
+                .help("write the number of GPUs of one node, e.g. `gpus_per_node = 8`"),
+        );
+    }
+
+    // GPUs: each node of a replica hosts dp / k ranks of tp GPUs. (In u64: the counts
+    // are anything a user wrote.)
+    if let (Some(groups), Some(tp), Some(dp), Some(gpus)) = (
+        &groups,
+        tp.map(u64::from),
+        dp.map(u64::from),
+        gpus.map(u64::from),
+    ) {
         let mut sizes: Vec<(Role, usize)> =
             groups.iter().map(|g| (g.role, g.nodes.len())).collect();
         sizes.dedup();
         for (role, k) in sizes {
-            let k32 = k as u32;
+            let k32 = k as u64;
             let side = match role {
                 Role::Engine => String::new(),
                 r => format!(" ({} side)", r.kind()),

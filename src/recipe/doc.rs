@@ -176,6 +176,15 @@ impl<'a> Table<'a> {
         let i = self.integer(key, p)?;
         match u32::try_from(i.v) {
             Ok(n) if n >= 1 => Some(Sp::new(n, i.span)),
+            _ if i.v > 0 => {
+                p.push(
+                    Problem::new(format!("`{}` is far too large ({})", self.field(key), i.v))
+                        .at(Some(i.span))
+                        .label("too large")
+                        .help(format!("write a count, e.g. `{key} = 1`")),
+                );
+                None
+            }
             _ => {
                 p.push(
                     Problem::new(format!(

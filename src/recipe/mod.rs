@@ -102,17 +102,13 @@ pub fn load(
             return Err(p);
         }
     };
-    let before = p.len();
     let recipe = schema::read(&doc, &mut p);
-    // The `[[task]]` entries go through the workflow's own parser; skip it when their keys
-    // were already found wrong (it would report the first of them again).
-    let task_key_problems = p.items[before..]
-        .iter()
-        .any(|x| x.message.contains("in `[[task]]`"));
-    let entries = if task_key_problems {
-        Vec::new()
-    } else {
+    // The `[[task]]` entries go through the workflow's own parser, unless their keys were
+    // already found wrong (it would report the first of them again).
+    let entries = if recipe.tasks_readable {
         custom::entries(&source, &mut p)
+    } else {
+        Vec::new()
     };
 
     let backend = opts

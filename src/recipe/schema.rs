@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use toml_edit::{ImDocument, Item, Value};
 
-use super::doc::{quote_list, Sp, Table};
+use super::doc::{Sp, Table};
 use super::flags::{self, ExtraError};
 use crate::diag::{Problem, Problems};
 use crate::workflow::TASK_FIELDS;
@@ -84,6 +84,8 @@ pub struct Recipe {
     pub templates: F<String>,
     pub inference: Option<Inference>,
     pub backend: Backend,
+    /// Whether the `[[task]]` entries' keys are all known (then serde may read them).
+    pub tasks_readable: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -191,15 +193,18 @@ pub fn read(doc: &ImDocument<&str>, p: &mut Problems) -> Recipe {
         }
     };
     let backend = read_backend(&mut root, p);
+    let before = p.len();
     if root.has("task") {
         check_task_keys(&mut root, p);
     }
+    let tasks_readable = p.len() == before;
     root.finish(p);
     Recipe {
         name,
         templates,
         inference,
         backend,
+        tasks_readable,
     }
 }
 
@@ -575,12 +580,4 @@ fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<Extra> {
         }
     }
     out
-}
-
-/// Suggests a known value for an unknown one, or lists them.
-pub fn choices_help(wrong: &str, choices: &[&str]) -> String {
-    match super::doc::near(wrong, choices.iter().copied()) {
-        Some(near) => format!("did you mean `{near}`?"),
-        None => format!("choose one of: {}", quote_list(choices)),
-    }
 }
