@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::plan::{Command, Plan};
+use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -57,7 +57,7 @@ fn stages(plan: &Plan) -> Vec<usize> {
 }
 
 fn is_service(t: &crate::plan::TaskSpec) -> bool {
-    t.service || matches!(&t.command, Command::Builtin { action, .. } if action == "allocate")
+    t.service
 }
 
 pub fn render(plan: &Plan, format: Format) -> String {
