@@ -53,6 +53,9 @@ struct Cli {
     /// Plain lines instead of progress bars, even on a terminal.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// A site file: the site's backend, its defaults and plugins (docs/plugins.md).
+    #[arg(long, global = true, value_name = "FILE", env = "PRL_FLOW_SITE")]
+    site: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -97,11 +100,30 @@ A failed or interrupted run stops the services it started (unless --keep). Fix t
         after_help = "Examples:\n  prl-flow logs router\n  prl-flow logs 'prefill[0].node[0]' -f"
     )]
     Logs(LogsArgs),
+    /// List the backends: built in, and plugins found on PATH or named by the site file.
+    #[command(after_help = "Example:\n  PATH=$PWD/examples/plugins:$PATH prl-flow plugins")]
+    Plugins,
+    /// Site plugins: `plugin test NAME` runs the conformance scenario against a backend.
+    #[command(subcommand)]
+    Plugin(PluginCmd),
     /// The stand-in for `vllm serve` used where there is no GPU (takes vllm serve's flags).
     #[command(hide = true, disable_help_flag = true)]
     MockEngine {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Run the conformance scenario (allocate, spawn, probe, check, reattach, stop, release)
+    /// against a backend, built in or plugin, and report each step.
+    #[command(
+        after_help = "Examples:\n  prl-flow plugin test local\n  prl-flow plugin test wrapped"
+    )]
+    Test {
+        /// The backend's name (`local`, or a plugin's).
+        name: String,
     },
 }
 
@@ -236,7 +258,7 @@ pub fn main() -> i32 {
         let filter = if cli.verbose > 1 {
             "debug"
         } else {
-            "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug"
+            "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug,prl_flow_plugin=debug,prl_flow_ssh=debug,prl_flow_slurm=debug"
         };
         let _ = tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
@@ -316,7 +338,15 @@ fn color_stderr() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// The site file of this invocation (`--site` or `PRL_FLOW_SITE`), loaded once.
+static SITE: std::sync::OnceLock<Option<crate::site::Site>> = std::sync::OnceLock::new();
+
+fn site() -> Option<&'static crate::site::Site> {
+    SITE.get().and_then(Option::as_ref)
+}
+
 async fn dispatch(cli: &Cli) -> R<i32> {
+    let _ = SITE.set(crate::site::load(cli.site.as_deref()).map_err(Exit::Problems)?);
     match &cli.command {
         Cmd::Run(a) => run(cli, a).await,
         Cmd::Graph(a) => {
@@ -352,6 +382,16 @@ async fn dispatch(cli: &Cli) -> R<i32> {
         Cmd::Down(a) => down(cli, a).await,
         Cmd::Logs(a) => logs(a).await,
         Cmd::MockEngine { args } => Ok(crate::mock::main(args.clone())),
+        Cmd::Plugins => {
+            out(&crate::site::plugins_text(site()).await);
+            Ok(0)
+        }
+        Cmd::Plugin(PluginCmd::Test { name }) => {
+            let passed = crate::site::test_backend(name, site(), &mut |l| out(&format!("{l}\n")))
+                .await
+                .map_err(Exit::Usage)?;
+            Ok(if passed { 0 } else { 1 })
+        }
     }
 }
 
@@ -377,6 +417,14 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".into());
     let shown = path.display().to_string();
+    // The site's backend applies to a file that names none (a recipe is derived for its
+    // backend, so it is passed in, not patched in afterwards).
+    let explicit = a.backend.is_some() || crate::site::declares_backend(&source);
+    let backend = match (&a.backend, site()) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(s)) if !explicit => s.backend.clone(),
+        _ => None,
+    };
     let mut plan = if crate::recipe::is_recipe(&source) {
         let engine = match a.engine {
             EngineArg::Real => crate::recipe::Engine::Real,
@@ -385,8 +433,11 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
             },
         };
         let opts = crate::recipe::Options {
-            backend: a.backend.clone(),
-            templates: a.templates.clone(),
+            backend: backend.clone(),
+            templates: a
+                .templates
+                .clone()
+                .or_else(|| site().and_then(|s| crate::site::default_templates(s, &source))),
             engine,
             router: a.router.as_ref().map(|r| vec![r.clone()]),
         };
@@ -394,8 +445,11 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
     } else {
         crate::workflow::parse(&shown, source.clone(), &name).map_err(Exit::Problems)?
     };
-    if let Some(b) = &a.backend {
+    if let Some(b) = &backend {
         plan.backend = b.clone();
+    }
+    if let Some(s) = site() {
+        crate::site::apply(s, &mut plan, explicit);
     }
     Ok((plan, source))
 }
@@ -604,13 +658,10 @@ fn plan_text(plan: &Plan) -> String {
     s
 }
 
-fn backend_for(name: &str) -> R<Arc<dyn Backend>> {
-    match name {
-        "local" => Ok(Arc::new(prl_flow_local::LocalBackend::new())),
-        other => Err(Exit::Usage(format!(
-            "error: backend `{other}` is not available in this build\n  help: run it on this machine with `--backend local`"
-        ))),
-    }
+/// A backend by name: built in, or a plugin (site file, recipe, PATH). `config` is the
+/// plan's `[backend]` table, `Value::Null` without a plan.
+fn backend_for(name: &str, config: &serde_json::Value) -> R<Arc<dyn Backend>> {
+    crate::site::find(name, site(), config).map_err(Exit::Usage)
 }
 
 fn default_state_dir(plan: &Plan) -> PathBuf {
@@ -657,7 +708,7 @@ fn holder(args: &RunArgs) -> String {
 
 async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let (plan, source) = load(&a.file)?;
-    let backend = backend_for(&plan.backend)?;
+    let backend = backend_for(&plan.backend, &plan.backend_config)?;
     let dir = a
         .state_dir
         .clone()
@@ -920,9 +971,10 @@ fn read_records(dir: &Path) -> R<BTreeMap<String, Record>> {
 }
 
 fn handle_backend(r: &Record) -> Option<String> {
-    r.handle
-        .as_ref()?
-        .get("backend")?
+    let h = r.handle.as_ref()?;
+    // An allocation record keeps the backend's own handle inside: `{hosts, handle}`.
+    h.get("backend")
+        .or_else(|| h.get("handle")?.get("backend"))?
         .as_str()
         .map(String::from)
 }
@@ -936,7 +988,7 @@ async fn status(cli: &Cli, a: &StateArgs) -> R<i32> {
         .iter()
         .find_map(|r| handle_backend(r))
         .unwrap_or_else(|| "local".into());
-    let backend = backend_for(&backend_name)?;
+    let backend = backend_for(&backend_name, &serde_json::Value::Null)?;
     let exec = Exec::new(backend.clone(), &dir, Vec::new());
     exec.prime(&records);
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(4).max(4);
@@ -1051,13 +1103,22 @@ async fn stop_recorded(dir: &Path, quiet: bool) -> R<i32> {
     records.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let mut stopped = 0;
     let mut failures = Vec::new();
+    // One backend (for a plugin: one plugin process) per name, not per record.
+    let mut backends: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
     for r in records {
         let Some(h) = &r.handle else { continue };
         if r.status == Status::Stopped || !(r.service || r.status == Status::Running) {
             continue;
         }
         let name = handle_backend(&r).unwrap_or_else(|| "local".into());
-        let backend = backend_for(&name)?;
+        let backend = match backends.get(&name) {
+            Some(b) => b.clone(),
+            None => {
+                let b = backend_for(&name, &serde_json::Value::Null)?;
+                backends.insert(name, b.clone());
+                b
+            }
+        };
         let result = if r.kind == "allocate" {
             match serde_json::from_value(h.clone()) {
                 Ok(alloc) => backend.release(&alloc).await,
@@ -1159,7 +1220,10 @@ async fn logs(a: &LogsArgs) -> R<i32> {
             r.status.as_str()
         )));
     };
-    let backend = backend_for(&handle_backend(r).unwrap_or_else(|| "local".into()))?;
+    let backend = backend_for(
+        &handle_backend(r).unwrap_or_else(|| "local".into()),
+        &serde_json::Value::Null,
+    )?;
     let (text, mut offset) = backend
         .read_log(h, 0)
         .await

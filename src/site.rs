@@ -317,11 +317,12 @@ pub fn apply(site: &Site, plan: &mut Plan, recipe_backend_explicit: bool) {
     }
 }
 
-/// A built-in backend by name.
-fn builtin(name: &str) -> Option<Arc<dyn Backend>> {
+/// A built-in backend by name, made from the plan's `[backend]` table (with the site's
+/// defaults). Each name here is listed in [`BUILTINS`] too.
+fn builtin(name: &str, _config: &Value) -> Result<Arc<dyn Backend>, String> {
     match name {
-        "local" => Some(Arc::new(prl_flow_local::LocalBackend::new())),
-        _ => None,
+        "local" => Ok(Arc::new(prl_flow_local::LocalBackend::new())),
+        other => Err(format!("error: no built-in backend `{other}`")),
     }
 }
 
@@ -470,9 +471,7 @@ fn plugin_config(name: &str, site: Option<&Site>, config: &Value) -> Value {
 pub fn find(name: &str, site: Option<&Site>, config: &Value) -> Result<Arc<dyn Backend>, String> {
     let info = locate(name, site, config)?;
     match &info.path {
-        None => {
-            builtin(&info.name).ok_or_else(|| format!("error: no built-in backend `{}`", info.name))
-        }
+        None => builtin(&info.name, &plugin_config(&info.name, site, config)),
         Some(p) => Ok(Arc::new(plugin(&info, p, site, config))),
     }
 }
@@ -529,7 +528,7 @@ pub async fn plugins_text(site: Option<&Site>) -> String {
     let infos = discover(site);
     let checks = infos.iter().map(|info| async move {
         let Some(path) = &info.path else {
-            return "ok".to_string();
+            return ("ok", None);
         };
         let p = plugin(info, path, site, &Value::Null)
             .with_timeouts(Timeouts::all(Duration::from_secs(5)));
@@ -546,31 +545,40 @@ pub async fn plugins_text(site: Option<&Site>) -> String {
                     .and_then(Value::as_str)
                     .map(|v| format!(" {v}"))
                     .unwrap_or_default();
-                format!(
-                    "ok: `{}`{version}, protocol {}, capabilities: {caps}",
+                let detail = format!(
+                    "`{}`{version}, protocol {}, capabilities: {caps}",
                     h.name, h.protocol
-                )
+                );
+                ("ok", Some(detail))
             }
-            Err(e) => format!("error: {}", e.message.lines().next().unwrap_or_default()),
+            Err(e) => (
+                "error",
+                Some(e.message.lines().next().unwrap_or_default().to_string()),
+            ),
         };
         p.shutdown().await;
         said
     });
     let said = futures::future::join_all(checks).await;
     let width = infos.iter().map(|i| i.name.len()).max().unwrap_or(4).max(4);
-    let mut s = format!("{:<width$}  {:<8}  {}\n", "NAME", "KIND", "WHERE, STATUS");
-    for (info, status) in infos.iter().zip(said) {
+    let mut s = format!(
+        "{:<width$}  {:<8}  {:<6}  WHERE\n",
+        "NAME", "KIND", "STATUS"
+    );
+    for (info, (status, detail)) in infos.iter().zip(said) {
         let kind = if info.path.is_some() {
             "plugin"
         } else {
             "built-in"
         };
         s.push_str(&format!(
-            "{:<width$}  {kind:<8}  {}\n",
+            "{:<width$}  {kind:<8}  {status:<6}  {}\n",
             info.name,
             info.describe()
         ));
-        s.push_str(&format!("{:<width$}  {:<8}  {status}\n", "", ""));
+        if let Some(d) = detail {
+            s.push_str(&format!("{:<width$}  {:<8}  {:<6}  {d}\n", "", "", ""));
+        }
     }
     s
 }

@@ -222,7 +222,12 @@ async fn a_plugin_that_hangs_on_a_request_times_out() {
         GOOD_HELLO,
         "time.sleep(0)  # never answers",
     );
-    let (e, took) = first_error(&exe, Timeouts::all(Duration::from_secs(1))).await;
+    // A slow start (a loaded machine) must not count: the handshake gets the usual time.
+    let timeouts = Timeouts {
+        hello: Timeouts::default().hello,
+        ..Timeouts::all(Duration::from_secs(1))
+    };
+    let (e, took) = first_error(&exe, timeouts).await;
     assert!(
         e.contains("plugin `broken` did not answer `status` within 1s"),
         "{e}"
@@ -601,7 +606,7 @@ timeout = "60s"
 }
 
 #[test]
-#[ignore = "needs CLI wiring"]
+
 fn cli_runs_a_workflow_through_the_plugin_and_tears_it_down() {
     let cli = Cli::new();
     let port = free_port("127.0.0.1");
@@ -624,7 +629,7 @@ fn cli_runs_a_workflow_through_the_plugin_and_tears_it_down() {
 }
 
 #[test]
-#[ignore = "needs CLI wiring"]
+
 fn cli_takes_the_backend_from_a_site_file() {
     let cli = Cli::new();
     let port = free_port("127.0.0.1");
@@ -654,7 +659,7 @@ fn cli_takes_the_backend_from_a_site_file() {
 }
 
 #[test]
-#[ignore = "needs CLI wiring"]
+
 fn cli_lists_plugins_and_tests_them() {
     let cli = Cli::new();
     let out = cli.cmd().arg("plugins").output().expect("plugins");
@@ -665,7 +670,7 @@ fn cli_lists_plugins_and_tests_them() {
         "{text}"
     );
     assert!(
-        text.contains("wrapped") && text.contains("ok: `wrapped`"),
+        text.contains("wrapped") && text.contains("`wrapped` 1.0, protocol 1"),
         "{text}"
     );
     for name in ["wrapped", "local"] {
@@ -681,7 +686,7 @@ fn cli_lists_plugins_and_tests_them() {
 }
 
 #[test]
-#[ignore = "needs CLI wiring"]
+
 fn cli_names_what_is_available_for_an_unknown_backend() {
     let cli = Cli::new();
     cli.write("wf.toml", "[[task]]\nid = \"a\"\nrun = \"true\"\n");

@@ -177,8 +177,9 @@ impl PluginBackend {
             }
         };
         obj.insert("backend".into(), Value::String(self.name.clone()));
-        if let Some(log) = log {
-            obj.entry("log").or_insert_with(|| json!(log));
+        // (A log path that is not UTF-8 cannot go into JSON; the log methods then say so.)
+        if let Some(log) = log.and_then(Path::to_str) {
+            obj.entry("log").or_insert_with(|| Value::from(log));
         }
         Ok(Value::Object(obj))
     }
@@ -249,8 +250,15 @@ impl Backend for PluginBackend {
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
+        // Not `json!` with the spec itself: that panics on a path that is not UTF-8.
+        let spec_json = serde_json::to_value(spec).map_err(|e| {
+            BackendError::new(format!(
+                "task `{}` cannot be sent to plugin `{}`: {e}",
+                spec.task, self.name
+            ))
+        })?;
         let conn = self.conn().await?;
-        let params = json!({ "spec": spec });
+        let params = json!({ "spec": spec_json });
         let v = conn
             .request("spawn", &params, conn.limit("spawn", &self.timeouts))
             .await?;

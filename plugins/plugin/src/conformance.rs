@@ -264,13 +264,16 @@ fn describe(state: &ProcState) -> String {
     }
 }
 
-/// A token unique enough to tell this run's output from another's.
+/// A token unique enough to tell this run's output (and temp dir) from another's, in this
+/// process or another.
 fn token() -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("prl-flow-conformance-{}-{nanos}", std::process::id())
+    format!("prl-flow-conformance-{}-{run}-{nanos}", std::process::id())
 }
 
 async fn log_tail(b: &dyn Backend, h: &ProcHandle) -> String {
