@@ -979,16 +979,33 @@ fn handle_backend(r: &Record) -> Option<String> {
         .map(String::from)
 }
 
+/// The backend that started what a record's handle names: a plugin by the path the handle
+/// carries (so `status` and `down` need neither the site file nor the recipe), else by name.
+fn backend_of(r: &Record) -> R<Arc<dyn Backend>> {
+    let name = handle_backend(r).unwrap_or_else(|| "local".into());
+    let plugin = r.handle.as_ref().and_then(|h| {
+        h.get("plugin")
+            .or_else(|| h.get("handle")?.get("plugin"))?
+            .as_str()
+            .map(PathBuf::from)
+    });
+    match plugin {
+        Some(p) if prl_flow_plugin::is_executable(&p) => {
+            Ok(Arc::new(prl_flow_plugin::PluginBackend::new(name, p)))
+        }
+        _ => backend_for(&name, &serde_json::Value::Null),
+    }
+}
+
 async fn status(cli: &Cli, a: &StateArgs) -> R<i32> {
     let (dir, loaded) = state_dir_of(a.file.as_deref(), a.state_dir.as_deref())?;
     let records = read_records(&dir)?;
     let mut rows: Vec<&Record> = records.values().collect();
     rows.sort_by_key(|r| (r.started_ms.is_none(), r.seq, r.id.clone()));
-    let backend_name = rows
-        .iter()
-        .find_map(|r| handle_backend(r))
-        .unwrap_or_else(|| "local".into());
-    let backend = backend_for(&backend_name, &serde_json::Value::Null)?;
+    let backend = match rows.iter().find(|r| r.handle.is_some()) {
+        Some(r) => backend_of(r)?,
+        None => backend_for("local", &serde_json::Value::Null)?,
+    };
     let exec = Exec::new(backend.clone(), &dir, Vec::new());
     exec.prime(&records);
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(4).max(4);
@@ -1114,7 +1131,7 @@ async fn stop_recorded(dir: &Path, quiet: bool) -> R<i32> {
         let backend = match backends.get(&name) {
             Some(b) => b.clone(),
             None => {
-                let b = backend_for(&name, &serde_json::Value::Null)?;
+                let b = backend_of(&r)?;
                 backends.insert(name, b.clone());
                 b
             }
@@ -1220,10 +1237,7 @@ async fn logs(a: &LogsArgs) -> R<i32> {
             r.status.as_str()
         )));
     };
-    let backend = backend_for(
-        &handle_backend(r).unwrap_or_else(|| "local".into()),
-        &serde_json::Value::Null,
-    )?;
+    let backend = backend_of(r)?;
     let (text, mut offset) = backend
         .read_log(h, 0)
         .await

@@ -177,6 +177,11 @@ impl PluginBackend {
             }
         };
         obj.insert("backend".into(), Value::String(self.name.clone()));
+        // The plugin's own path, so that `status` and `down` find it from the journal alone,
+        // without the site file or recipe that named it.
+        if let Some(p) = self.path.to_str() {
+            obj.insert("plugin".into(), Value::from(p));
+        }
         // (A log path that is not UTF-8 cannot go into JSON; the log methods then say so.)
         if let Some(log) = log.and_then(Path::to_str) {
             obj.entry("log").or_insert_with(|| Value::from(log));
@@ -866,10 +871,13 @@ mod tests {
         let h = b
             .tag(json!({"pid": 1, "backend": "other"}), Some(Path::new("/l")))
             .expect("tag");
-        assert_eq!(h, json!({"pid": 1, "backend": "site", "log": "/l"}));
+        assert_eq!(
+            h,
+            json!({"pid": 1, "backend": "site", "plugin": "/x", "log": "/l"})
+        );
         assert_eq!(
             b.tag(Value::Null, None).expect("tag"),
-            json!({"backend": "site"})
+            json!({"backend": "site", "plugin": "/x"})
         );
         assert!(b.tag(json!(3), None).is_err());
     }
