@@ -679,6 +679,49 @@ fn journal_error(e: JournalError) -> Exit {
 }
 
 /// Services an earlier run left that are still alive, by id.
+/// Fills in the handles of records left `running` without one (prl-flow was killed between
+/// starting a process and recording it) from what the backend finds in the task's run dir,
+/// and records them, so that nothing a killed run started is invisible to a fresh run's
+/// check for live services, to `down`, or to `status`.
+async fn recover_missing(
+    backend: &dyn Backend,
+    journal: &Journal,
+    records: &mut BTreeMap<String, Record>,
+) {
+    let paths = Exec::new(
+        Arc::new(prl_flow_local::LocalBackend::new()),
+        journal.dir(),
+        Vec::new(),
+    );
+    for r in records.values_mut() {
+        if r.status != Status::Running
+            || r.handle.is_some()
+            || BUILTIN_KINDS.contains(&r.kind.as_str())
+        {
+            continue;
+        }
+        let spec = prl_flow_backend::SpawnSpec {
+            task: r.id.clone(),
+            node: r
+                .meta
+                .get("node")
+                .and_then(|n| n.as_str())
+                .map(String::from),
+            run_dir: paths.run_dir(&r.id),
+            log: paths.log_path(&r.id),
+            service: r.service,
+            ..Default::default()
+        };
+        if let Ok(Some(h)) = backend.recover(&spec, r.started_ms.unwrap_or(0)).await {
+            r.handle = Some(h.clone());
+            journal.update_now(&r.id, |rec| rec.handle = Some(h));
+        }
+    }
+}
+
+/// Kinds whose work prl-flow does itself: no process to find.
+const BUILTIN_KINDS: &[&str] = &["allocate", "register", "health-probe"];
+
 async fn live_services(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
     let mut live = Vec::new();
     for r in records.values() {
@@ -717,7 +760,8 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let graph = build_graph(&plan, &exec).map_err(|e| graph_problems(&a.file.file, &source, e))?;
 
     let journal = Journal::open(&dir, true, &holder(a)).map_err(journal_error)?;
-    let previous = journal.records();
+    let mut previous = journal.records();
+    recover_missing(backend.as_ref(), &journal, &mut previous).await;
     if !a.resume {
         let live = live_services(backend.as_ref(), &previous).await;
         if !live.is_empty() {
@@ -732,7 +776,6 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
         }
         journal.reset();
     }
-    let mut previous = previous;
     if a.resume {
         for id in prl_flow_engine::recover_handles(&graph, &mut previous).await {
             if let Some(h) = previous.get(&id).and_then(|r| r.handle.clone()) {
@@ -1116,7 +1159,13 @@ async fn down(cli: &Cli, a: &StateArgs) -> R<i32> {
 /// first, and releases allocations.
 async fn stop_recorded(dir: &Path, quiet: bool) -> R<i32> {
     let journal = Journal::open(dir, true, "prl-flow down").map_err(journal_error)?;
-    let mut records: Vec<Record> = journal.records().into_values().collect();
+    let mut all = journal.records();
+    if let Some(r) = all.values().find(|r| r.handle.is_some()).cloned() {
+        recover_missing(backend_of(&r)?.as_ref(), &journal, &mut all).await;
+    } else {
+        recover_missing(&prl_flow_local::LocalBackend::new(), &journal, &mut all).await;
+    }
+    let mut records: Vec<Record> = all.into_values().collect();
     records.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let mut stopped = 0;
     let mut failures = Vec::new();

@@ -128,6 +128,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The snapshot as written: borrows the records instead of cloning them.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    version: u32,
+    records: &'a BTreeMap<String, Record>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     version: u32,
@@ -210,10 +217,13 @@ struct Inner {
     next_seq: u64,
     /// The first write error, reported at close.
     error: Option<String>,
+    /// The records differ from the snapshot on file (so close must rewrite it).
+    changed: bool,
 }
 
 impl Inner {
     fn queue(&mut self, r: &Record) {
+        self.changed = true;
         if serde_json::to_writer(&mut self.buf, r).is_ok() {
             self.buf.push(b'\n');
         }
@@ -251,13 +261,20 @@ impl Journal {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = lock(dir, holder)?;
+        // A run that closed its journal left everything in the snapshot and an empty log:
+        // then the snapshot on file already holds exactly what `load` returns, and writing
+        // it again (the costly part of a no-op resume of many tasks) can be skipped.
+        let log_empty = std::fs::metadata(dir.join(LOG)).map_or(true, |m| m.len() == 0);
+        let current = keep && log_empty && dir.join(SNAPSHOT).is_file();
         let records = if keep { load(dir)? } else { BTreeMap::new() };
         let next_seq = records.values().map(|r| r.seq + 1).max().unwrap_or(0);
-        let snapshot = Snapshot {
-            version: 1,
-            records: records.clone(),
-        };
-        write_atomic(&dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+        if !current {
+            let snapshot = SnapshotRef {
+                version: 1,
+                records: &records,
+            };
+            write_atomic(&dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+        }
         // The snapshot now holds everything: start the log empty, in append mode so that
         // every write lands at its end (also after a reset truncates it).
         File::create(dir.join(LOG)).map_err(io)?;
@@ -272,6 +289,7 @@ impl Journal {
             unsynced: false,
             next_seq,
             error: None,
+            changed: false,
         }));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let syncer = {
@@ -336,6 +354,18 @@ impl Journal {
         g.queue(&r);
     }
 
+    /// Like [`Journal::update`], and writes at once.
+    pub fn update_now(&self, id: &str, f: impl FnOnce(&mut Record)) {
+        let mut g = self.inner();
+        let Some(r) = g.records.get_mut(id) else {
+            return;
+        };
+        f(r);
+        let r = r.clone();
+        g.queue(&r);
+        g.write();
+    }
+
     /// Forgets every record (a fresh run): the snapshot and the log are emptied.
     pub fn reset(&self) {
         let mut g = self.inner();
@@ -344,6 +374,7 @@ impl Journal {
         }
         g.records.clear();
         g.buf.clear();
+        g.changed = true;
         let cleared = g.log.set_len(0).and_then(|()| {
             write_atomic(
                 &self.dir.join(SNAPSHOT),
@@ -441,11 +472,15 @@ impl Journal {
         };
         let mut g = self.inner();
         g.write();
-        let snapshot = Snapshot {
-            version: 1,
-            records: g.records.clone(),
-        };
-        write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+        // Nothing changed since open (a no-op resume): the snapshot on file is current.
+        if g.changed {
+            let snapshot = SnapshotRef {
+                version: 1,
+                records: &g.records,
+            };
+            write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+            g.changed = false;
+        }
         g.log.set_len(0).map_err(io)?;
         match g.error.take() {
             Some(e) => Err(JournalError::Io {
@@ -572,7 +607,9 @@ impl Subscriber for Recorder {
                 self.journal.put_now(r);
             }
             Event::Spawned { id, handle, .. } => {
-                self.journal.update(id, |r| r.handle = Some(handle.clone()));
+                // On file at once: `down` and `status` from another shell must see it.
+                self.journal
+                    .update_now(id, |r| r.handle = Some(handle.clone()));
             }
             Event::Finished {
                 index,

@@ -514,3 +514,171 @@ pub fn have(program: &str, args: &[&str]) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+// ---------------------------------------------------------------------------------------
+// Deployments on this machine (tests/local_deploy.rs): fixtures in other directories,
+// blocks of free ports, the router, the processes under a state dir, plain HTTP.
+
+/// `tests/fixtures/DIR/NAME`.
+pub fn fixture_path_in(dir: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(dir)
+        .join(name)
+}
+
+impl Sandbox {
+    /// Like [`Sandbox::fixture`], from `tests/fixtures/DIR/`. Panics if a `@KEY@` placeholder
+    /// is left unreplaced: a fixture half filled in would fail in a confusing way later.
+    pub fn fixture_from(&self, dir: &str, name: &str, dest: &str, vars: &[(&str, &str)]) {
+        let path = fixture_path_in(dir, name);
+        let mut text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read fixture {}: {e}", path.display()));
+        for (k, v) in vars {
+            text = text.replace(&format!("@{k}@"), v);
+        }
+        let left = regex::Regex::new(r"@[A-Z][A-Z0-9_]*@").expect("placeholder regex");
+        if let Some(m) = left.find(&text) {
+            panic!(
+                "fixture {}: `{}` was not replaced",
+                path.display(),
+                m.as_str()
+            );
+        }
+        self.write(dest, &text);
+    }
+}
+
+/// Ports handed out by [`free_port_block`] in this test process, never handed out twice.
+static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// The first of `len` consecutive ports, all free on every local address (each was bound on
+/// 0.0.0.0 a moment ago, which fails if anything listens on any address with that port), and
+/// none handed out before by this test process. The OS picks the first; the rest are tried,
+/// and the whole block is picked again until every port of it binds. For recipes that derive
+/// ports by offsets from a base (`router_metrics_port + g`, NIXL side channels from
+/// `nixl_side_channel_port`).
+pub fn free_port_block(len: u16) -> u16 {
+    let len = len.max(1);
+    for _ in 0..200 {
+        let Ok(first) = std::net::TcpListener::bind("0.0.0.0:0") else {
+            continue;
+        };
+        let Ok(base) = first.local_addr().map(|a| a.port()) else {
+            continue;
+        };
+        if base.checked_add(len - 1).is_none() {
+            continue;
+        }
+        let mut held = vec![first];
+        let all_bind = (1..len).all(
+            |i| match std::net::TcpListener::bind(("0.0.0.0", base + i)) {
+                Ok(l) => {
+                    held.push(l);
+                    true
+                }
+                Err(_) => false,
+            },
+        );
+        if !all_bind {
+            continue;
+        }
+        let mut given = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if (base..base + len).any(|p| given.contains(&p)) {
+            continue;
+        }
+        given.extend(base..base + len);
+        return base;
+    }
+    panic!("found no block of {len} free ports in 200 tries");
+}
+
+/// The `vllm-router` program the tests use: `PRL_FLOW_ROUTER` (set by `./dev test`), else
+/// the venv `./dev` installs, which prl-flow also finds by itself. `None` when neither is
+/// there.
+pub fn router_program() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PRL_FLOW_ROUTER").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let p = cache.join(format!(
+        "prl-flow/router-{}/bin/vllm-router",
+        prl_flow::cli::ROUTER_VERSION
+    ));
+    p.exists().then_some(p)
+}
+
+/// A live process, as `/proc` shows it.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: i32,
+    /// The command line, arguments joined by spaces.
+    pub cmdline: String,
+    pub cwd: PathBuf,
+}
+
+/// Every live process whose working directory is inside `dir`. The local backend starts each
+/// task's process in its run dir (`STATE_DIR/run/TASK`), and children inherit it, so this is
+/// everything a state dir's runs started and that still runs, whoever its parent is now.
+pub fn processes_under(dir: &Path) -> Vec<Proc> {
+    let mut roots = vec![dir.to_path_buf()];
+    if let Ok(c) = dir.canonicalize() {
+        roots.push(c);
+    }
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<Proc> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| alive(pid))
+        .filter_map(|pid| {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            if !roots.iter().any(|r| cwd.starts_with(r)) {
+                return None;
+            }
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            Some(Proc { pid, cmdline, cwd })
+        })
+        .collect();
+    out.sort_by_key(|p| p.pid);
+    out
+}
+
+/// One HTTP request to a local service, answered within 30 s: `(status, body)`, or `Err`
+/// saying why there was no answer. Blocking (it runs its own small runtime), for tests.
+pub fn http(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, String), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut req = client.request(m, url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        Ok((status, text))
+    })
+}

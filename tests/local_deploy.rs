@@ -1,0 +1,843 @@
+//! Deployments on this machine, end to end: the real `prl-flow` binary, the real
+//! `vllm-router` (0.1.17, from the venv `./dev` installs or `PRL_FLOW_ROUTER`), and
+//! `prl-flow mock-engine` in place of `vllm serve` (`--engine mock`).
+//!
+//! Fixtures are the recipes of `recipes/local/` with every port and the mock's knobs left as
+//! `@PLACEHOLDERS@` (`tests/fixtures/local/`). Each test fills them in with ports the OS hands
+//! out, so tests run in parallel, and works in its own [`Sandbox`] with `--state-dir st`.
+//!
+//! What a test started is found by the working directory: the local backend starts every
+//! task's process in `STATE_DIR/run/TASK`, so a live process whose cwd is under `st/` belongs
+//! to this test, whoever its parent is now (after a `kill -9` of prl-flow, nobody's). That
+//! is how "nothing twice" and "nothing left" are counted, against the plan's own count.
+//!
+//! Waits are on the run's exit, the journal, a log line or a probe, each with a deadline; the
+//! sandbox stops whatever is left when a test ends, also when it fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{
+    alive, free_port_block, http, pid_of, processes_under, records, router_program, status_of,
+    wait_for, wait_until, Out, Proc, Running, Sandbox, COMMAND_DEADLINE, WAIT,
+};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+const MODEL: &str = "Qwen/Qwen3-0.6B";
+/// The model of `wide_ep.toml`: a mixture of experts.
+const MOE_MODEL: &str = "Qwen/Qwen3-30B-A3B";
+
+/// The ports of one deployment, each from the OS.
+struct Ports {
+    router: u16,
+    backend: u16,
+    metrics: u16,
+    nixl: u16,
+    rpc: u16,
+}
+
+/// A recipe of `tests/fixtures/local/` in a sandbox, with its ports and knobs.
+struct Local {
+    sb: Sandbox,
+    recipe: &'static str,
+    ports: Ports,
+    knobs: BTreeMap<&'static str, String>,
+}
+
+/// Knobs a fixture may hold, with the values they default to (an empty `PRL_MOCK_*` is unset).
+const KNOBS: &[(&str, &str)] = &[
+    ("READY_TIMEOUT", "1m"),
+    ("DELAY", ""),
+    ("FAIL", ""),
+    ("PREFILL_DELAY", ""),
+    ("PREFILL_FAIL", ""),
+    ("DECODE_DELAY", ""),
+    ("DECODE_FAIL", ""),
+];
+
+/// The router is needed by every test that gets past the engines. Without it the test is
+/// skipped, loudly (`./dev test` installs it).
+fn have_router() -> bool {
+    if router_program().is_some() {
+        return true;
+    }
+    eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
+    false
+}
+
+impl Local {
+    /// `recipe` (`single_node`, `multi_node`, `wide_ep`, `disaggregated`) with free ports and
+    /// `knobs` over the defaults, written to `RECIPE.toml` in a new sandbox.
+    fn new(recipe: &'static str, knobs: &[(&'static str, &str)]) -> Local {
+        let mut all: BTreeMap<&'static str, String> =
+            KNOBS.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        for (k, v) in knobs {
+            assert!(all.contains_key(k), "unknown knob `{k}`");
+            all.insert(k, v.to_string());
+        }
+        let ports = Ports {
+            router: free_port_block(1),
+            backend: free_port_block(1),
+            // One router: `router_metrics_port + 0`. One rank of tp 1 per P/D node: one
+            // side-channel port from `nixl_side_channel_port`.
+            metrics: free_port_block(1),
+            nixl: free_port_block(1),
+            rpc: free_port_block(1),
+        };
+        let local = Local {
+            sb: Sandbox::new(),
+            recipe,
+            ports,
+            knobs: all,
+        };
+        local.write();
+        local
+    }
+
+    fn write(&self) {
+        let ports = [
+            ("ROUTER_PORT", self.ports.router),
+            ("BACKEND_PORT", self.ports.backend),
+            ("METRICS_PORT", self.ports.metrics),
+            ("NIXL_PORT", self.ports.nixl),
+            ("RPC_PORT", self.ports.rpc),
+        ]
+        .map(|(k, p)| (k, p.to_string()));
+        let mut vars: Vec<(&str, &str)> = ports.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        vars.extend(self.knobs.iter().map(|(k, v)| (*k, v.as_str())));
+        let name = format!("{}.toml", self.recipe);
+        self.sb.fixture_from("local", &name, &name, &vars);
+    }
+
+    /// Changes a knob in the recipe file (an edit between two runs).
+    fn set(&mut self, knob: &'static str, value: &str) {
+        self.knobs.insert(knob, value.to_string());
+        self.write();
+    }
+
+    fn file(&self) -> String {
+        format!("{}.toml", self.recipe)
+    }
+
+    fn st(&self) -> PathBuf {
+        self.sb.join("st")
+    }
+
+    fn args<'a>(&'a self, file: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["run", file, "--engine", "mock", "--state-dir", "st"];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// `prl-flow -q run RECIPE --engine mock --state-dir st EXTRA...`, to its end.
+    fn run(&self, extra: &[&str]) -> Out {
+        let file = self.file();
+        let mut args = vec!["-q"];
+        args.extend(self.args(&file, extra));
+        self.sb.run(&args)
+    }
+
+    /// The same in the background, with plain progress lines in `NAME.stderr`.
+    fn spawn(&self, name: &str, extra: &[&str]) -> Running {
+        let file = self.file();
+        let mut args = vec!["--no-progress"];
+        args.extend(self.args(&file, extra));
+        self.sb.spawn(name, &args)
+    }
+
+    /// (engine processes, router processes) the plan calls for.
+    fn planned(&self) -> (usize, usize) {
+        let file = self.file();
+        let out = self.sb.run(&[
+            "plan",
+            &file,
+            "--engine",
+            "mock",
+            "--backend",
+            "local",
+            "--format",
+            "json",
+        ]);
+        out.expect_code(0);
+        let plan: Value = serde_json::from_str(&out.stdout).expect("plan json");
+        let kinds: Vec<&str> = plan["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .filter_map(|t| t["kind"].as_str())
+            .collect();
+        let engines = kinds
+            .iter()
+            .filter(|k| matches!(**k, "engine" | "prefill" | "decode"))
+            .count();
+        let routers = kinds.iter().filter(|k| **k == "router").count();
+        (engines, routers)
+    }
+
+    /// The live processes this test's runs started.
+    fn processes(&self) -> Vec<Proc> {
+        processes_under(&self.st())
+    }
+
+    /// (engine processes, router processes) alive now; anything else under the state dir
+    /// fails the test.
+    fn running(&self) -> (usize, usize) {
+        let procs = self.processes();
+        let (mut engines, mut routers) = (0, 0);
+        for p in &procs {
+            if p.cmdline.contains(" mock-engine ") {
+                engines += 1;
+            } else if p.cmdline.starts_with("vllm::router") || p.cmdline.contains("vllm-router") {
+                // The router's launcher renames itself `vllm::router` once it runs.
+                routers += 1;
+            } else {
+                panic!("an unexpected process under the state dir: {p:?}\nall: {procs:#?}");
+            }
+        }
+        (engines, routers)
+    }
+
+    #[track_caller]
+    fn assert_as_planned(&self) {
+        let planned = self.planned();
+        let running = self.running();
+        assert_eq!(
+            running,
+            planned,
+            "(engines, routers) running vs planned; processes:\n{:#?}",
+            self.processes()
+        );
+    }
+
+    #[track_caller]
+    fn assert_nothing_runs(&self) {
+        let left = self.processes();
+        assert!(left.is_empty(), "processes left running:\n{left:#?}");
+    }
+
+    fn router_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.router)
+    }
+
+    /// The URL of node `k`'s engine.
+    fn engine_url(&self, node: usize) -> String {
+        format!("http://127.0.0.{}:{}", node + 1, self.ports.backend)
+    }
+
+    /// One completion through the router: the text of its first choice.
+    #[track_caller]
+    fn complete(&self, prompt: &str) -> String {
+        let url = format!("{}/v1/completions", self.router_url());
+        let model = if self.recipe == "wide_ep" {
+            MOE_MODEL
+        } else {
+            MODEL
+        };
+        let body = json!({ "model": model, "prompt": prompt, "max_tokens": 16 });
+        let (status, text) = http("POST", &url, Some(&body)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, 200, "POST {url}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        v.pointer("/choices/0/text")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no text in {text}"))
+            .to_string()
+    }
+
+    /// The worker URLs the router lists.
+    #[track_caller]
+    fn router_workers(&self) -> Vec<String> {
+        let url = format!("{}/list_workers", self.router_url());
+        let (status, text) = http("GET", &url, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, 200, "GET {url}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let mut urls: Vec<String> = v["urls"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no `urls` in {text}"))
+            .iter()
+            .filter_map(|u| u.as_str().map(|s| s.trim_end_matches('/').to_string()))
+            .collect();
+        urls.sort();
+        urls
+    }
+
+    /// A task's log (`st/logs/TASK.log`).
+    fn log(&self, task: &str) -> String {
+        std::fs::read_to_string(self.st().join("logs").join(format!("{task}.log")))
+            .unwrap_or_default()
+    }
+
+    /// How many times prl-flow started a process for `task` (its log marks each start).
+    fn starts(&self, task: &str) -> usize {
+        let mark = format!("prl-flow: `{task}` starts");
+        self.log(task).lines().filter(|l| l.contains(&mark)).count()
+    }
+
+    /// `status --state-dir st`: (exit code, the row of each task by id).
+    fn status(&self) -> (Option<i32>, BTreeMap<String, String>) {
+        let out = self.sb.run(&["status", "--state-dir", "st"]);
+        let rows = out
+            .stdout
+            .lines()
+            .skip(1)
+            .filter_map(|l| Some((l.split_whitespace().next()?.to_string(), l.to_string())))
+            .collect();
+        (out.code, rows)
+    }
+
+    /// `down --state-dir st`, which must leave nothing running.
+    #[track_caller]
+    fn down(&self) {
+        let out = self.sb.run(&["down", "--state-dir", "st"]);
+        out.expect_code(0);
+        self.assert_nothing_runs();
+    }
+}
+
+/// Lines of `--explain` output by task id: (word, reason).
+fn explained(stdout: &str) -> BTreeMap<String, (String, String)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let word = words.next()?.to_string();
+            let id = words.next()?.to_string();
+            let why = words.collect::<Vec<_>>().join(" ");
+            matches!(word.as_str(), "run" | "keep" | "adopt").then_some((id, (word, why)))
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_explained(stdout: &str, id: &str, word: &str, why: &str) {
+    let all = explained(stdout);
+    let (w, y) = all
+        .get(id)
+        .unwrap_or_else(|| panic!("`{id}` is not explained:\n{stdout}"));
+    assert!(
+        w == word && y.starts_with(why),
+        "`{id}`: expected `{word} {why}...`, got `{w} {y}`:\n{stdout}"
+    );
+}
+
+/// Whether the journal records `id` as started (a handle) and still running.
+fn in_flight(st: &std::path::Path, id: &str) -> bool {
+    records(st)
+        .get(id)
+        .is_some_and(|r| r["status"] == "running" && r.get("handle").is_some())
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. every local recipe comes up healthy, answers through the router, and goes down
+
+/// Brings `recipe` up, checks that it is healthy and as planned, runs the recipe's own
+/// `check` (answers through the router), then `down`, which must leave nothing running.
+fn comes_up_healthy(recipe: &'static str, check: impl FnOnce(&Local)) {
+    if !have_router() {
+        return;
+    }
+    let d = Local::new(recipe, &[]);
+    let out = d.run(&[]);
+    out.expect_code(0);
+    assert!(
+        out.stdout
+            .contains(&format!("endpoint: {}", d.router_url())),
+        "{}",
+        out.stdout
+    );
+    for (id, r) in records(&d.st()) {
+        assert_eq!(r["status"], "done", "`{id}`: {r}");
+    }
+    // The health probe (router ready, then a real completion through it) passed.
+    assert_eq!(status_of(&d.st(), "health-probe").as_deref(), Some("done"));
+    let (code, rows) = d.status();
+    assert_eq!(code, Some(0), "{rows:#?}");
+    for (id, r) in records(&d.st()) {
+        if r["service"] != true || r["kind"] == "allocate" {
+            continue;
+        }
+        let row = &rows[&id];
+        assert!(row.contains(" up "), "{row}");
+        // A `--headless` engine has no probe of its own: its head's /health speaks for it.
+        if !r["meta"]["ready"].is_null() {
+            assert!(row.contains("ready, pid"), "{row}");
+        }
+    }
+    d.assert_as_planned();
+    check(&d);
+    d.down();
+}
+
+#[test]
+fn single_node_comes_up_healthy_and_down_leaves_nothing() {
+    comes_up_healthy("single_node", |d| {
+        let text = d.complete("Hello there");
+        let engine = format!("mock@127.0.0.1:{}", d.ports.backend);
+        assert!(text.starts_with(&engine), "{text}");
+        assert_eq!(d.router_workers(), [d.engine_url(0)]);
+    });
+}
+
+#[test]
+fn multi_node_comes_up_healthy_and_the_router_reaches_both_engines() {
+    comes_up_healthy("multi_node", |d| {
+        assert_eq!(d.router_workers(), [d.engine_url(0), d.engine_url(1)]);
+        // Round robin: a few requests reach both nodes' engines.
+        let answered: std::collections::BTreeSet<String> = (0..4)
+            .map(|i| {
+                let text = d.complete(&format!("request {i}"));
+                text.split_whitespace().next().unwrap_or("").to_string()
+            })
+            .collect();
+        let want: std::collections::BTreeSet<String> = (1..=2)
+            .map(|n| format!("mock@127.0.0.{n}:{}", d.ports.backend))
+            .collect();
+        assert_eq!(answered, want);
+    });
+}
+
+#[test]
+fn wide_ep_comes_up_healthy_with_its_headless_node_joined() {
+    comes_up_healthy("wide_ep", |d| {
+        // One replica: one URL, the API server on node0, which answers `/health` only once
+        // the headless node1's ranks joined.
+        assert_eq!(d.router_workers(), [d.engine_url(0)]);
+        let head = d.log("engine[0].node[0]");
+        assert!(head.contains("All remote ranks have joined"), "{head}");
+        let text = d.complete("Hello there");
+        assert!(
+            text.starts_with(&format!("mock@127.0.0.1:{}", d.ports.backend)),
+            "{text}"
+        );
+    });
+}
+
+#[test]
+fn disaggregated_comes_up_healthy_and_decode_continues_the_prefill() {
+    comes_up_healthy("disaggregated", |d| {
+        assert_eq!(d.router_workers(), [d.engine_url(0), d.engine_url(1)]);
+        assert_pd_answer(d);
+    });
+}
+
+/// A completion through the P/D router was decoded on node1 from KV blocks prefilled on
+/// node0 and handed over through node0's NIXL side channel.
+#[track_caller]
+fn assert_pd_answer(d: &Local) {
+    let text = d.complete("Hello there");
+    for s in [
+        format!("mock@127.0.0.2:{} role=decode", d.ports.backend),
+        "continued-from-prefill".to_string(),
+        format!("at=127.0.0.1:{}", d.ports.nixl),
+        format!("first-token=mock@127.0.0.1:{}", d.ports.backend),
+        "echo: Hello there".to_string(),
+    ] {
+        assert!(text.contains(&s), "no `{s}` in the answer: {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. kill -9 of `prl-flow run` mid bring-up, then --resume: nothing twice
+
+/// Where in the bring-up the run is killed or interrupted.
+#[derive(Clone, Copy, Debug)]
+enum Moment {
+    /// Both engines started and still loading the model.
+    EnginesLoading,
+    /// Both engines ready, the router started and not yet ready.
+    RouterStarting,
+}
+
+const ENGINES: [&str; 2] = ["prefill[0].node[0]", "decode[0].node[1]"];
+
+/// A disaggregated deployment whose engines take `delay` to load (so that a bring-up has a
+/// middle), started in the background and waited for until `at`.
+fn start_disaggregated(name: &str, delay: &str, at: Moment) -> (Local, Running) {
+    let d = Local::new(
+        "disaggregated",
+        &[("PREFILL_DELAY", delay), ("DECODE_DELAY", delay)],
+    );
+    let run = d.spawn(name, &[]);
+    let st = d.st();
+    match at {
+        Moment::EnginesLoading => wait_until("both engines started and loading", WAIT, || {
+            ENGINES.iter().all(|id| in_flight(&st, id))
+                && ENGINES
+                    .iter()
+                    .all(|id| d.log(id).contains("Starting to load model"))
+        }),
+        Moment::RouterStarting => wait_until("the router started, not ready yet", WAIT, || {
+            ENGINES
+                .iter()
+                .all(|id| status_of(&st, id).as_deref() == Some("done"))
+                && in_flight(&st, "router")
+        }),
+    }
+    (d, run)
+}
+
+fn kill_9_then_resume_starts_nothing_twice(at: Moment) {
+    if !have_router() {
+        return;
+    }
+    // Loading takes long enough for the kill to land in it, short enough for the resume.
+    let delay = match at {
+        Moment::EnginesLoading => "1500ms",
+        Moment::RouterStarting => "",
+    };
+    let (d, mut first) = start_disaggregated("first", delay, at);
+    let st = d.st();
+    let engines: Vec<i32> = ENGINES
+        .iter()
+        .map(|id| pid_of(&st, id).expect("engine pid"))
+        .collect();
+    let router = pid_of(&st, "router");
+    first.kill9();
+    // What the killed run started goes on without it.
+    for pid in &engines {
+        assert!(alive(*pid), "{at:?}: an engine died with prl-flow");
+    }
+    let still_starting = match at {
+        Moment::EnginesLoading => ENGINES.iter().all(|id| in_flight(&st, id)),
+        Moment::RouterStarting => in_flight(&st, "router"),
+    };
+
+    let out = d.run(&["--resume", "--explain"]);
+    out.expect_code(0);
+    // What was in flight is adopted (or kept, had it become ready meanwhile), never re-run.
+    let decisions = explained(&out.stdout);
+    let router_started: &[&str] = match at {
+        Moment::EnginesLoading => &[],
+        Moment::RouterStarting => &["router"],
+    };
+    for id in ENGINES.iter().chain(router_started) {
+        let (word, why) = &decisions[*id];
+        assert!(
+            word == "adopt" || word == "keep",
+            "{at:?}: `{id}` must not run again: {word} {why}\n{}",
+            out.stdout
+        );
+    }
+    if !still_starting {
+        eprintln!("note: {at:?}: it became ready before the resume looked; checked as kept");
+    } else {
+        match at {
+            Moment::EnginesLoading => {
+                for id in ENGINES {
+                    assert_explained(&out.stdout, id, "adopt", "still in flight");
+                }
+                assert_explained(&out.stdout, "router", "run", "never ran");
+            }
+            Moment::RouterStarting => {
+                assert_explained(&out.stdout, "router", "adopt", "still in flight")
+            }
+        }
+    }
+    // The same processes, each started once, and exactly as many as the plan has.
+    for (id, pid) in ENGINES.iter().zip(&engines) {
+        assert_eq!(pid_of(&st, id), Some(*pid), "{at:?}: `{id}` was replaced");
+        assert_eq!(d.starts(id), 1, "{at:?}: `{id}` started twice");
+    }
+    if let (Moment::RouterStarting, Some(router)) = (at, router) {
+        assert_eq!(
+            pid_of(&st, "router"),
+            Some(router),
+            "the router was replaced"
+        );
+    }
+    assert_eq!(d.starts("router"), 1, "{at:?}: the router started twice");
+    d.assert_as_planned();
+    assert_eq!(status_of(&st, "health-probe").as_deref(), Some("done"));
+    assert_pd_answer(&d);
+    d.down();
+}
+
+#[test]
+fn kill_9_while_engines_load_then_resume_starts_nothing_twice() {
+    kill_9_then_resume_starts_nothing_twice(Moment::EnginesLoading);
+}
+
+#[test]
+fn kill_9_while_the_router_starts_then_resume_starts_nothing_twice() {
+    kill_9_then_resume_starts_nothing_twice(Moment::RouterStarting);
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Ctrl-C mid bring-up stops everything the run started
+
+fn ctrl_c_stops_everything(at: Moment) {
+    if matches!(at, Moment::RouterStarting) && !have_router() {
+        return;
+    }
+    // The engines never get to finish loading: the signal comes first.
+    let delay = match at {
+        Moment::EnginesLoading => "1m",
+        Moment::RouterStarting => "",
+    };
+    let (d, mut run) = start_disaggregated("run", delay, at);
+    assert!(!d.processes().is_empty());
+    run.signal(Signal::SIGINT);
+    let out = run.wait(COMMAND_DEADLINE);
+    assert_eq!(out.code, Some(1), "{at:?}:\n{}", out.stderr);
+    assert!(out.stderr.contains("run cancelled"), "{}", out.stderr);
+    // prl-flow waited for every process it stopped before it exited.
+    d.assert_nothing_runs();
+    let st = d.st();
+    let engines = match at {
+        Moment::EnginesLoading => "cancelled",
+        Moment::RouterStarting => "stopped",
+    };
+    for id in ENGINES {
+        assert_eq!(
+            status_of(&st, id).as_deref(),
+            Some(engines),
+            "{at:?}: `{id}`"
+        );
+    }
+    let router = status_of(&st, "router");
+    match at {
+        Moment::EnginesLoading => assert_eq!(router.as_deref(), Some("skipped")),
+        // Cancelled while it starts; a router that got ready just before the signal is
+        // stopped like the engines. Either way it no longer runs (checked above).
+        Moment::RouterStarting => assert!(
+            matches!(router.as_deref(), Some("cancelled" | "stopped")),
+            "{router:?}"
+        ),
+    }
+    assert_eq!(status_of(&st, "health-probe").as_deref(), Some("skipped"));
+}
+
+#[test]
+fn ctrl_c_while_engines_load_stops_them_all() {
+    ctrl_c_stops_everything(Moment::EnginesLoading);
+}
+
+#[test]
+fn ctrl_c_while_the_router_starts_stops_it_and_the_engines() {
+    ctrl_c_stops_everything(Moment::RouterStarting);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. an engine that cannot start; the fix; a resume of only what it concerns
+
+#[test]
+fn engine_that_fails_to_start_is_named_and_resume_reruns_only_it_and_its_dependents() {
+    if !have_router() {
+        return;
+    }
+    let mut d = Local::new("disaggregated", &[("PREFILL_FAIL", "start")]);
+    let st = d.st();
+    let prefill = "prefill[0].node[0]";
+    let decode = "decode[0].node[1]";
+
+    // A plain run: fails naming the task, its node and the end of its log; stops the rest.
+    let failed = d.run(&[]);
+    failed.expect_code(1);
+    for s in [
+        format!("error: task `{prefill}` failed: `{prefill}` on node0 (127.0.0.1) exited with status 1 before it was ready"),
+        format!("last lines of {}", st.join("logs").join(format!("{prefill}.log")).display()),
+        "EngineCore failed to start.".to_string(),
+        format!("RuntimeError: Failed to load model `{MODEL}`: simulated by PRL_MOCK_FAIL=start"),
+        format!("`prl-flow run {} --state-dir st --resume`", d.file()),
+    ] {
+        assert!(failed.stderr.contains(&s), "no `{s}` in:\n{}", failed.stderr);
+    }
+    assert_eq!(status_of(&st, prefill).as_deref(), Some("failed"));
+    assert_eq!(status_of(&st, "router").as_deref(), Some("skipped"));
+    d.assert_nothing_runs();
+
+    // Keep what does come up while the broken side is fixed: `--keep-going` lets the decode
+    // engine get ready, `--keep` leaves it running after the failure.
+    let kept = d.run(&["--resume", "--keep-going", "--keep"]);
+    kept.expect_code(1);
+    assert!(
+        kept.stderr.contains("services were left running"),
+        "{}",
+        kept.stderr
+    );
+    assert_eq!(status_of(&st, decode).as_deref(), Some("done"));
+    let decode_pid = pid_of(&st, decode).expect("decode pid");
+    assert!(alive(decode_pid));
+    assert_eq!(d.running(), (1, 0));
+
+    // The fix: the prefill engine and what needs it run, the rest is kept as it is.
+    d.set("PREFILL_FAIL", "");
+    let fixed = d.run(&["--resume", "--explain"]);
+    fixed.expect_code(0);
+    assert_explained(&fixed.stdout, "allocate", "keep", "");
+    assert_explained(&fixed.stdout, decode, "keep", "");
+    assert_explained(&fixed.stdout, prefill, "run", "failed");
+    for id in ["router", "register", "health-probe"] {
+        assert_explained(&fixed.stdout, id, "run", "never ran");
+    }
+    assert_eq!(explained(&fixed.stdout).len(), 6, "{}", fixed.stdout);
+    assert_eq!(
+        pid_of(&st, decode),
+        Some(decode_pid),
+        "the kept engine was replaced"
+    );
+    assert!(alive(decode_pid));
+    assert_eq!(d.starts(decode), 2, "decode: once per run that ran it");
+    assert_eq!(status_of(&st, "health-probe").as_deref(), Some("done"));
+    d.assert_as_planned();
+    assert_pd_answer(&d);
+    d.down();
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. an engine dies after bring-up: status says so, --resume brings it back into the router
+
+#[test]
+fn engine_killed_after_bringup_is_down_and_resume_restores_it_behind_the_router() {
+    if !have_router() {
+        return;
+    }
+    let d = Local::new("multi_node", &[]);
+    let st = d.st();
+    d.run(&[]).expect_code(0);
+    let victim = "engine[1].node[1]";
+    let survivor = "engine[0].node[0]";
+    let victim_pid = pid_of(&st, victim).expect("victim pid");
+    let survivor_pid = pid_of(&st, survivor).expect("survivor pid");
+    let router_pid = pid_of(&st, "router").expect("router pid");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim_pid), Signal::SIGKILL)
+        .expect("kill the engine");
+    wait_until("the killed engine to be gone", WAIT, || !alive(victim_pid));
+    let (code, rows) = d.status();
+    assert_eq!(
+        code,
+        Some(1),
+        "status exits 1 with a service down: {rows:#?}"
+    );
+    assert!(rows[victim].contains(" down "), "{}", rows[victim]);
+    assert!(rows[survivor].contains(" up "), "{}", rows[survivor]);
+
+    let out = d.run(&["--resume", "--explain"]);
+    out.expect_code(0);
+    assert_explained(&out.stdout, survivor, "keep", "");
+    assert_explained(&out.stdout, victim, "run", "no longer alive");
+    // The router's worker list is fixed at its start: it restarts as a dependent.
+    assert_explained(
+        &out.stdout,
+        "router",
+        "run",
+        &format!("upstream re-ran (`{victim}`)"),
+    );
+    assert_explained(&out.stdout, "register", "run", "upstream re-ran (`router`)");
+    assert_explained(&out.stdout, "health-probe", "run", "upstream re-ran");
+    assert_eq!(pid_of(&st, survivor), Some(survivor_pid));
+    let new_victim = pid_of(&st, victim).expect("new engine pid");
+    assert_ne!(new_victim, victim_pid);
+    assert_ne!(pid_of(&st, "router"), Some(router_pid));
+    assert!(!alive(router_pid), "the old router still runs");
+    // The health probe passed again, the router lists the engine and sends it requests.
+    assert_eq!(status_of(&st, "health-probe").as_deref(), Some("done"));
+    assert_eq!(d.router_workers(), [d.engine_url(0), d.engine_url(1)]);
+    let answered: std::collections::BTreeSet<String> = (0..4)
+        .map(|i| {
+            let text = d.complete(&format!("after the restart {i}"));
+            text.split_whitespace().next().unwrap_or("").to_string()
+        })
+        .collect();
+    assert!(
+        answered.contains(&format!("mock@127.0.0.2:{}", d.ports.backend)),
+        "the restarted engine got no request: {answered:?}"
+    );
+    let (code, rows) = d.status();
+    assert_eq!(code, Some(0), "{rows:#?}");
+    d.assert_as_planned();
+    d.down();
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. a hung engine fails at its ready timeout
+
+#[test]
+fn hung_engine_fails_at_its_ready_timeout_with_a_clear_message() {
+    let d = Local::new("single_node", &[("FAIL", "hang"), ("READY_TIMEOUT", "3s")]);
+    let began = Instant::now();
+    let out = d.run(&[]);
+    let took = began.elapsed();
+    out.expect_code(1);
+    let engine = "engine[0].node[0]";
+    for s in [
+        format!(
+            "error: task `{engine}` failed: `{engine}` on node0 (127.0.0.1) was not ready after 3s"
+        ),
+        format!(
+            "(last probe: GET http://127.0.0.1:{}/health: connection refused)",
+            d.ports.backend
+        ),
+        "PRL_MOCK_FAIL=hang: this never ends".to_string(),
+    ] {
+        assert!(out.stderr.contains(&s), "no `{s}` in:\n{}", out.stderr);
+    }
+    assert!(took >= Duration::from_secs(3), "gave up after {took:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "took {took:?} for a 3s timeout"
+    );
+    assert_eq!(status_of(&d.st(), engine).as_deref(), Some("failed"));
+    assert_eq!(status_of(&d.st(), "router").as_deref(), Some("skipped"));
+    // The hung engine was stopped, and nothing else had started.
+    d.assert_nothing_runs();
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. known bug: `down` after a kill -9 that kept a spawn's handle out of the journal
+
+/// Kills a process when dropped (what a test found running that prl-flow does not know of).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A `kill -9` of prl-flow between a spawn and the journal write of its handle leaves a
+/// `running` record without a handle. `run --resume` finds the process by its pid file
+/// (`run/TASK/pid`) and adopts it; `down` must find it the same way, not report "nothing of
+/// `st` runs" while the engine runs on, holding its port. (Fixed: the handle is written at
+/// once, and `down` recovers handles from pid files.)
+#[test]
+fn down_after_a_kill_9_right_after_a_spawn_stops_that_process_too() {
+    let d = Local::new("single_node", &[("DELAY", "1m")]);
+    let st = d.st();
+    let engine = "engine[0].node[0]";
+    let pid_file = st.join("run").join(engine).join("pid");
+    for attempt in 0..20 {
+        let _ = std::fs::remove_file(&pid_file);
+        let mut run = d.spawn(&format!("run-{attempt}"), &[]);
+        let pid = wait_for("the engine's pid file", WAIT, || {
+            std::fs::read_to_string(&pid_file)
+                .ok()?
+                .trim()
+                .parse::<i32>()
+                .ok()
+        });
+        run.kill9();
+        let _guard = KillOnDrop(pid);
+        if pid_of(&st, engine).is_some() {
+            // The handle made it to the journal: not the window. Clean up and try again.
+            d.sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+            continue;
+        }
+        assert!(alive(pid), "the engine died with prl-flow");
+        let out = d.sb.run(&["down", "--state-dir", "st"]);
+        out.expect_code(0);
+        wait_until(
+            "`down` to stop the engine it was not told of",
+            Duration::from_secs(15),
+            || !alive(pid),
+        );
+        return;
+    }
+    eprintln!("note: no kill landed between a spawn and its journal record in 20 tries");
+}
