@@ -661,7 +661,31 @@ fn plan_text(plan: &Plan) -> String {
 /// A backend by name: built in, or a plugin (site file, recipe, PATH). `config` is the
 /// plan's `[backend]` table, `Value::Null` without a plan.
 fn backend_for(name: &str, config: &serde_json::Value) -> R<Arc<dyn Backend>> {
-    crate::site::find(name, site(), config).map_err(Exit::Usage)
+    match name {
+        "ssh" => Ok(Arc::new(prl_flow_ssh::SshBackend::from_handles())),
+        "slurm" => Ok(Arc::new(prl_flow_slurm::SlurmBackend::for_handles())),
+        _ => crate::site::find(name, site(), config).map_err(Exit::Usage),
+    }
+}
+
+/// The backend a run of `plan` uses, configured by the recipe's `[backend]` table (with the
+/// site's defaults) and knowing the state dir.
+fn backend_for_plan(plan: &Plan, dir: &Path) -> R<Arc<dyn Backend>> {
+    let bad = |e: String| {
+        Exit::Usage(format!(
+            "error: the `[backend]` of `{}` is not usable: {e}",
+            plan.name
+        ))
+    };
+    match plan.backend.as_str() {
+        "ssh" => Ok(Arc::new(
+            prl_flow_ssh::SshBackend::from_config(&plan.backend_config, dir).map_err(bad)?,
+        )),
+        "slurm" => Ok(Arc::new(
+            prl_flow_slurm::SlurmBackend::from_config(&plan.backend_config, dir).map_err(bad)?,
+        )),
+        other => backend_for(other, &plan.backend_config),
+    }
 }
 
 fn default_state_dir(plan: &Plan) -> PathBuf {
@@ -751,11 +775,11 @@ fn holder(args: &RunArgs) -> String {
 
 async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let (plan, source) = load(&a.file)?;
-    let backend = backend_for(&plan.backend, &plan.backend_config)?;
     let dir = a
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&plan));
+    let backend = backend_for_plan(&plan, &dir)?;
     let exec = Arc::new(Exec::new(backend.clone(), &dir, plan.nodes.clone()));
     let graph = build_graph(&plan, &exec).map_err(|e| graph_problems(&a.file.file, &source, e))?;
 
@@ -1036,6 +1060,13 @@ fn backend_of(r: &Record) -> R<Arc<dyn Backend>> {
         Some(p) if prl_flow_plugin::is_executable(&p) => {
             Ok(Arc::new(prl_flow_plugin::PluginBackend::new(name, p)))
         }
+        // A SLURM handle says which cluster (its `SLURM_CONF`) it belongs to.
+        _ if name == "slurm" => Ok(Arc::new(
+            r.handle
+                .as_ref()
+                .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())
+                .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),
+        )),
         _ => backend_for(&name, &serde_json::Value::Null),
     }
 }

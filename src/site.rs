@@ -47,7 +47,7 @@ pub const SITE_ENV: &str = "PRL_FLOW_SITE";
 pub const SITE_BACKEND: &str = "site";
 
 /// The backends built into this prl-flow.
-pub const BUILTINS: &[&str] = &["local"];
+pub const BUILTINS: &[&str] = &["local", "ssh", "slurm"];
 
 /// Top-level fields of a site file, for messages and suggestions.
 const SITE_FIELDS: &[&str] = &["name", "templates", "backend", "plugins"];
@@ -319,9 +319,18 @@ pub fn apply(site: &Site, plan: &mut Plan, recipe_backend_explicit: bool) {
 
 /// A built-in backend by name, made from the plan's `[backend]` table (with the site's
 /// defaults). Each name here is listed in [`BUILTINS`] too.
-fn builtin(name: &str, _config: &Value) -> Result<Arc<dyn Backend>, String> {
+fn builtin(name: &str, config: &Value) -> Result<Arc<dyn Backend>, String> {
+    // Outside a run (`plugin test`), the remote backends keep their files in a state dir
+    // of their own.
+    let dir = Path::new(".prl-flow").join("plugin-test");
     match name {
         "local" => Ok(Arc::new(prl_flow_local::LocalBackend::new())),
+        "ssh" => Ok(Arc::new(prl_flow_ssh::SshBackend::from_config(
+            config, &dir,
+        )?)),
+        "slurm" => Ok(Arc::new(prl_flow_slurm::SlurmBackend::from_config(
+            config, &dir,
+        )?)),
         other => Err(format!("error: no built-in backend `{other}`")),
     }
 }
