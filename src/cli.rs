@@ -451,7 +451,31 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
     if let Some(s) = site() {
         crate::site::apply(s, &mut plan, explicit);
     }
+    if plan.backend == "ssh" {
+        check_ssh_hosts(path, &source, &plan)?;
+    }
     Ok((plan, source))
+}
+
+/// The ssh backend's `[backend]` table, checked against the plan: every problem at once, at
+/// the table's place, e.g. a recipe that needs more nodes than there are hosts.
+fn check_ssh_hosts(path: &Path, source: &Arc<String>, plan: &Plan) -> R<()> {
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let Err(errors) = prl_flow_ssh::validate(&plan.backend_config, plan.nodes.len(), base) else {
+        return Ok(());
+    };
+    let at = source.find("[backend]").map(|i| i..i + "[backend]".len());
+    let mut p = Problems::new(path.display().to_string(), source.clone());
+    for e in errors {
+        let mut q = Problem::new(format!("`backend.{}`: {}", e.field, e.message))
+            .at(at.clone())
+            .label("the ssh backend's table");
+        if let Some(h) = e.help {
+            q = q.help(h);
+        }
+        p.push(q);
+    }
+    Err(Exit::Problems(p))
 }
 
 fn self_exe() -> String {

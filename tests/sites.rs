@@ -132,3 +132,23 @@ fn validate_names_the_site_backend() {
     let bad = sb.run(&["--site", "nosuch.toml", "validate", "recipe.toml"]);
     bad.expect_code(2);
 }
+
+#[test]
+fn an_ssh_recipe_needing_more_nodes_than_hosts_is_refused_at_validate() {
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        "[inference]\nmodel = \"m\"\n[inference.parallel]\ntp = 1\ndp = 1\n\
+         [inference.deployment]\ntype = \"multi_node\"\nnum_nodes = 3\ngpus_per_node = 1\n\
+         [backend]\ntype = \"ssh\"\nhosts = [\"a\", \"b\"]\n",
+    );
+    let out = sb.run(&["validate", "r.toml"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("r.toml:10:1")
+            && out.stderr.contains("needs 3 nodes but 2 hosts are given"),
+        "{}",
+        out.stderr
+    );
+    assert!(!sb.join(".prl-flow").exists(), "nothing was started");
+}

@@ -11,8 +11,11 @@
 //! The processes a task starts on a "host" run in that host's namespace, and the pid space
 //! is shared, so `ip netns pids` tells exactly what runs on which host.
 //!
+//! `PRL_FLOW_TEST_NO_NETNS=1` forces the loopback fallback (to test it where namespaces work).
+//!
 //! Needs (installed by `./dev test`): openssh-server, openssh-client, iproute2, and root. The
-//! end-to-end test also needs the router (`PRL_FLOW_ROUTER`, or the venv `./dev` installs).
+//! end-to-end test also needs the router (`PRL_FLOW_ROUTER`, or the venv `./dev` installs);
+//! the benchmarks at the end (ignored; docs/benchmarks.md, "SSH fan-out") need pdsh.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,9 @@ use std::time::{Duration, Instant};
 use prl_flow::exec::{build_graph, Exec};
 use prl_flow::plan::{Command as Cmd, FileSpec, Plan, Probe, Readiness, TaskSpec};
 use prl_flow_backend::{Backend, ProcState, SpawnSpec};
-use prl_flow_engine::{decide, Event, Journal, Outcome, Report, RunOptions, Sink, Status, Subscriber};
+use prl_flow_engine::{
+    decide, Event, Journal, Outcome, Report, RunOptions, Sink, Status, Subscriber,
+};
 use prl_flow_ssh::SshBackend;
 use serde_json::{json, Value};
 
@@ -73,7 +78,8 @@ impl Hosts {
             script(&["up", &d, &tag, &net, &n.to_string()])
         } else {
             eprintln!("\n!!! network namespaces are not available here: hosts are sshd on loopback ports, and link-cut checks are SKIPPED\n");
-            script(&["loopback", &d, &tag, &n.to_string()])
+            let net = format!("127.{}.{}", 150 + (pid % 100), k % 250 + 1);
+            script(&["loopback", &d, &tag, &net, &n.to_string()])
         };
         if let Err(e) = ok {
             panic!("cannot make the test hosts: {e}");
@@ -126,17 +132,58 @@ impl Hosts {
         script(&["restore", &self.tag, &k.to_string()]).expect("restore");
     }
 
+    /// Waits until plain `ssh` reaches host `k` (after [`Hosts::restore`], the bridge and
+    /// ARP take a moment).
+    fn wait_reachable(&self, k: usize) {
+        let (host, port) = match self.list[k].target.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.to_string()),
+            None => (self.list[k].target.clone(), "22".to_string()),
+        };
+        let began = Instant::now();
+        loop {
+            let ok = Command::new("ssh")
+                .arg("-F")
+                .arg(self.dir().join("ssh_config"))
+                .args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=2",
+                    "-p",
+                    &port,
+                    &host,
+                    "true",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "host {k} stays unreachable"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Command lines of the processes running on host `k` (sshd itself left out).
     fn processes(&self, k: usize) -> Vec<String> {
         let Some(ns) = &self.list[k].netns else {
             return Vec::new();
         };
-        let out = Command::new("ip").args(["netns", "pids", ns]).output().expect("ip netns pids");
+        let out = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .expect("ip netns pids");
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .filter_map(|p| {
                 let raw = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
-                let cmd = String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_string();
+                let cmd = String::from_utf8_lossy(&raw)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string();
                 (!cmd.is_empty() && !cmd.starts_with("sshd")).then_some(cmd)
             })
             .collect()
@@ -156,16 +203,67 @@ impl Hosts {
     }
 
     fn count(&self, k: usize, needle: &str) -> usize {
-        self.processes(k).iter().filter(|c| c.contains(needle) && !c.starts_with("sh -c")).count()
+        self.processes(k)
+            .iter()
+            .filter(|c| c.contains(needle) && !c.starts_with("sh -c"))
+            .count()
+    }
+}
+
+/// Kills what the backend started under `remote` and still runs (the `.proc` file of each
+/// run dir: pid, start time, boot id), group and all. In namespaces, `down` does this too;
+/// on loopback hosts it is the only cleanup.
+fn kill_recorded(remote: &Path) {
+    let Ok(states) = std::fs::read_dir(remote) else {
+        return;
+    };
+    for state in states.flatten() {
+        for run in std::fs::read_dir(state.path().join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(run.path().join(".proc")) else {
+                continue;
+            };
+            let w: Vec<&str> = text.split_whitespace().collect();
+            let (Some(pid), Some(start)) =
+                (w.first().and_then(|p| p.parse::<i32>().ok()), w.get(1))
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ours = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().nth(19))
+                == Some(*start);
+            if ours {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        kill_recorded(&self.dir().join("remote"));
         // Masters first (they are ours, in this namespace), then everything in the hosts.
-        for entry in std::fs::read_dir(self.dir().join("cm")).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(self.dir().join("cm"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = Command::new("ssh")
-                .args(["-o", &format!("ControlPath={}", entry.path().display()), "-O", "exit", "x"])
+                .args([
+                    "-o",
+                    &format!("ControlPath={}", entry.path().display()),
+                    "-O",
+                    "exit",
+                    "x",
+                ])
                 .output();
         }
         let d = path(self.dir.path()).to_string();
@@ -180,7 +278,11 @@ fn path(p: &Path) -> &str {
 }
 
 fn script(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("bash").arg(SCRIPT).args(args).output().map_err(|e| e.to_string())?;
+    let out = Command::new("bash")
+        .arg(SCRIPT)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -193,9 +295,17 @@ fn script(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Can this process make network namespaces? `PRL_FLOW_TEST_NO_NETNS=1` says no, to
+/// exercise the loopback fallback.
 fn netns_possible(tag: &str) -> bool {
+    if std::env::var_os("PRL_FLOW_TEST_NO_NETNS").is_some_and(|v| v == "1") {
+        return false;
+    }
     let probe = format!("pf-probe-{tag}");
-    let ok = Command::new("ip").args(["netns", "add", &probe]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if ok {
         let _ = Command::new("ip").args(["netns", "del", &probe]).output();
     }
@@ -232,7 +342,11 @@ fn spec(task: &str, node: Option<&str>, argv: &[&str], service: bool, dir: &Path
 }
 
 /// Polls `f` until it gives `Some`, for at most `limit`.
-async fn eventually<T, Fut: std::future::Future<Output = Option<T>>>(what: &str, limit: Duration, mut f: impl FnMut() -> Fut) -> T {
+async fn eventually<T, Fut: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Fut,
+) -> T {
     let began = Instant::now();
     loop {
         if let Some(v) = f().await {
@@ -254,22 +368,44 @@ async fn processes_on_real_hosts_start_report_and_stop() {
 
     // A one-shot on each host says which host it ran on, and its end is known at once.
     for (k, node) in nodes.iter().enumerate() {
-        let mut s = spec(&format!("hello{k}"), Some(node), &["sh", "-c", "echo \"on $(hostname)\"; exit 3"], false, &state);
+        let mut s = spec(
+            &format!("hello{k}"),
+            Some(node),
+            &["sh", "-c", "echo \"on $(hostname)\"; exit 3"],
+            false,
+            &state,
+        );
         s.env.insert("ODD VALUE".into(), "it's $HOME".into());
         let h = b.spawn(&s).await.expect("spawn");
         assert_eq!(h["backend"], "ssh");
-        assert_eq!(h["host"], hosts.list[k].target.split(':').next().unwrap_or_default());
+        assert_eq!(
+            h["host"],
+            hosts.list[k].target.split(':').next().unwrap_or_default()
+        );
         assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
         let log = b.log_tail(&h, 5).await.expect("log");
         if hosts.netns() {
             assert_eq!(log, format!("on {}", hosts.list[k].name));
         }
         // A later prl-flow, with only the handle, reads the recorded exit status.
-        assert_eq!(SshBackend::from_handles().status(&h).await.expect("status"), ProcState::Exited(Some(3)));
+        assert_eq!(
+            SshBackend::from_handles().status(&h).await.expect("status"),
+            ProcState::Exited(Some(3))
+        );
     }
 
     // A service gets its files (quoting survives anything), keeps running, logs, stops.
-    let mut s = spec("svc", Some("node1"), &["sh", "-c", "cat conf/odd.json; echo; echo \"$GREETING\"; exec sleep 300"], true, &state);
+    let mut s = spec(
+        "svc",
+        Some("node1"),
+        &[
+            "sh",
+            "-c",
+            "cat conf/odd.json; echo; echo \"$GREETING\"; exec sleep 300",
+        ],
+        true,
+        &state,
+    );
     let tricky = "{\"a\": 'single' \"$(touch /tmp/pwned)\" `x` \\ \n last}";
     s.files.insert("conf/odd.json".into(), tricky.into());
     s.env.insert("GREETING".into(), "hello; rm -rf /".into());
@@ -277,7 +413,11 @@ async fn processes_on_real_hosts_start_report_and_stop() {
     assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
     let later = SshBackend::from_handles();
     let text = eventually("the service's log", Duration::from_secs(10), || async {
-        let t = later.read_log(&h, 0).await.map(|(t, _)| t).unwrap_or_default();
+        let t = later
+            .read_log(&h, 0)
+            .await
+            .map(|(t, _)| t)
+            .unwrap_or_default();
         t.contains("hello; rm -rf /").then_some(t)
     })
     .await;
@@ -291,7 +431,10 @@ async fn processes_on_real_hosts_start_report_and_stop() {
     let mut fake = h.clone();
     fake["start"] = json!(h["start"].as_u64().unwrap_or(0) + 1);
     assert_eq!(later.status(&fake).await.expect("status"), ProcState::Gone);
-    later.stop(&fake, Duration::from_secs(1)).await.expect("stopping a stranger is a no-op");
+    later
+        .stop(&fake, Duration::from_secs(1))
+        .await
+        .expect("stopping a stranger is a no-op");
     assert_eq!(later.status(&h).await.expect("status"), ProcState::Running);
 
     // Stop, from a backend made from the handle alone.
@@ -302,15 +445,43 @@ async fn processes_on_real_hosts_start_report_and_stop() {
     }
 
     // A task without a node runs on this machine.
-    let h = b.spawn(&spec("here", None, &["true"], false, &state)).await.expect("local spawn");
+    let h = b
+        .spawn(&spec("here", None, &["true"], false, &state))
+        .await
+        .expect("local spawn");
     assert_eq!(h["backend"], "local");
     assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(0)));
 
     // More nodes than hosts: refused with the numbers.
-    let e = b.allocate(&["node0".into(), "node1".into(), "node2".into()]).await.expect_err("3 > 2");
+    let e = b
+        .allocate(&["node0".into(), "node1".into(), "node2".into()])
+        .await
+        .expect_err("3 > 2");
     assert!(e.message.contains("needs 3 nodes but 2 hosts"), "{e}");
 
     b.release(&alloc).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssh_backend_passes_the_plugin_conformance_scenario() {
+    let Some(hosts) = Hosts::up(2) else { return };
+    let state = hosts.dir().join("state");
+    let config = hosts.config();
+    let make = || SshBackend::from_config(&config, &state).map(|b| Arc::new(b) as Arc<dyn Backend>);
+    let mut lines = Vec::new();
+    let summary = prl_flow_plugin::conformance(
+        &make,
+        &prl_flow_plugin::Scenario::default(),
+        &mut |s: &prl_flow_plugin::Step| lines.push(s.line()),
+    )
+    .await;
+    eprintln!("{}", lines.join("\n"));
+    assert!(
+        summary.ok(),
+        "conformance failed:\n{}\n{}",
+        lines.join("\n"),
+        summary.line()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,12 +499,28 @@ async fn unknown_host_keys_are_refused_unless_the_recipe_accepts_new_ones() {
     let state = hosts.dir().join("state");
 
     let b = SshBackend::from_config(&config, &state).expect("config");
-    let e = b.allocate(&["node0".into()]).await.expect_err("unknown host key");
-    let target = hosts.list[0].target.split(':').next().unwrap_or_default().to_string();
-    assert!(e.message.contains(&format!("host `{}`", hosts.list[0].target)), "{e}");
+    let e = b
+        .allocate(&["node0".into()])
+        .await
+        .expect_err("unknown host key");
+    let target = hosts.list[0]
+        .target
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        e.message
+            .contains(&format!("host `{}`", hosts.list[0].target)),
+        "{e}"
+    );
     assert!(e.message.contains("Host key verification failed"), "{e}");
     assert!(e.message.contains("accept_new_host_keys = true"), "{e}");
-    assert_eq!(std::fs::read_to_string(&empty).expect("read"), "", "nothing was learnt silently");
+    assert_eq!(
+        std::fs::read_to_string(&empty).expect("read"),
+        "",
+        "nothing was learnt silently"
+    );
 
     config["accept_new_host_keys"] = json!(true);
     let b = SshBackend::from_config(&config, &state).expect("config");
@@ -352,7 +539,9 @@ async fn a_cut_link_names_the_host_and_spares_its_processes() {
     }
     let state = hosts.dir().join("state");
     let b = hosts.backend(&state);
-    b.allocate(&["node0".into(), "node1".into()]).await.expect("allocate");
+    b.allocate(&["node0".into(), "node1".into()])
+        .await
+        .expect("allocate");
     let h = b
         .spawn(&spec("svc", Some("node1"), &["sleep", "300"], true, &state))
         .await
@@ -361,22 +550,38 @@ async fn a_cut_link_names_the_host_and_spares_its_processes() {
     hosts.cut(1);
     let began = Instant::now();
     let e = b.status(&h).await.expect_err("host 1 is cut off");
-    assert!(began.elapsed() < Duration::from_secs(15), "took {:?}", began.elapsed());
-    assert!(e.message.contains(&format!("host `{}`", hosts.list[1].target)), "{e}");
+    assert!(
+        began.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        began.elapsed()
+    );
+    assert!(
+        e.message
+            .contains(&format!("host `{}`", hosts.list[1].target)),
+        "{e}"
+    );
     let e = b
         .spawn(&spec("more", Some("node1"), &["true"], false, &state))
         .await
         .expect_err("cannot start on a cut host");
     assert!(e.message.contains(&hosts.list[1].target), "{e}");
     // The other host is not affected.
-    let ok = b.spawn(&spec("other", Some("node0"), &["true"], false, &state)).await.expect("node0");
+    let ok = b
+        .spawn(&spec("other", Some("node0"), &["true"], false, &state))
+        .await
+        .expect("node0");
     assert_eq!(b.wait(&ok).await.expect("wait"), ProcState::Exited(Some(0)));
     // The service did not notice.
     assert_eq!(hosts.count(1, "sleep 300"), 1);
 
     hosts.restore(1);
     let later = SshBackend::from_handles();
-    let state_now = eventually("host 1 to answer again", Duration::from_secs(20), || async { later.status(&h).await.ok() }).await;
+    let state_now = eventually(
+        "host 1 to answer again",
+        Duration::from_secs(20),
+        || async { later.status(&h).await.ok() },
+    )
+    .await;
     assert_eq!(state_now, ProcState::Running);
     later.stop(&h, Duration::from_secs(2)).await.expect("stop");
     assert_eq!(hosts.count(1, "sleep 300"), 0);
@@ -393,7 +598,10 @@ fn router_program() -> Option<PathBuf> {
     let home = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let p = home.join(format!("prl-flow/router-{}/bin/vllm-router", prl_flow::cli::ROUTER_VERSION));
+    let p = home.join(format!(
+        "prl-flow/router-{}/bin/vllm-router",
+        prl_flow::cli::ROUTER_VERSION
+    ));
     p.exists().then_some(p)
 }
 
@@ -420,7 +628,16 @@ fn http_ready(url: String) -> Option<Readiness> {
 fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan {
     let bin = env!("CARGO_BIN_EXE_prl-flow");
     let node_names: Vec<String> = (0..nodes).map(|k| format!("node{k}")).collect();
-    let mut tasks = vec![task("allocate", "allocate", &[], None, Cmd::Builtin { action: "allocate".into(), args: Value::Null })];
+    let mut tasks = vec![task(
+        "allocate",
+        "allocate",
+        &[],
+        None,
+        Cmd::Builtin {
+            action: "allocate".into(),
+            args: Value::Null,
+        },
+    )];
     let mut engines = Vec::new();
     for (k, node) in node_names.iter().enumerate() {
         let host = format!("${{host:{node}}}");
@@ -431,12 +648,22 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
             &["allocate"],
             Some(node),
             Cmd::Argv {
-                argv: vec![bin.into(), "mock-engine".into(), "--host".into(), host.clone(), "--port".into(), "18110".into()],
+                argv: vec![
+                    bin.into(),
+                    "mock-engine".into(),
+                    "--host".into(),
+                    host.clone(),
+                    "--port".into(),
+                    "18110".into(),
+                ],
             },
         );
         t.service = true;
         t.ready = http_ready(format!("http://{host}:18110/health"));
-        t.files = vec![FileSpec { path: "conf/engine.json".into(), content: format!("{{\"node\": \"{node}\"}}\n") }];
+        t.files = vec![FileSpec {
+            path: "conf/engine.json".into(),
+            content: format!("{{\"node\": \"{node}\"}}\n"),
+        }];
         if let Some((_, d)) = slow.iter().find(|(i, _)| *i == k) {
             t.env.insert("PRL_MOCK_STARTUP_DELAY".into(), d.to_string());
         }
@@ -461,9 +688,19 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
         "5".into(),
         "--worker-urls".into(),
     ];
-    argv.extend(node_names.iter().map(|n| format!("http://${{host:{n}}}:18110")));
+    argv.extend(
+        node_names
+            .iter()
+            .map(|n| format!("http://${{host:{n}}}:18110")),
+    );
     let needs: Vec<&str> = engines.iter().map(String::as_str).collect();
-    let mut r = task("router", "router", &needs, Some("node0"), Cmd::Argv { argv });
+    let mut r = task(
+        "router",
+        "router",
+        &needs,
+        Some("node0"),
+        Cmd::Argv { argv },
+    );
     r.service = true;
     r.ready = http_ready("http://${host:node0}:18010/readiness".into());
     tasks.push(r);
@@ -472,7 +709,10 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
         "health-probe",
         &["router"],
         None,
-        Cmd::Builtin { action: "health-probe".into(), args: json!({ "router": "http://${host:node0}:18010", "model": "Qwen/Qwen3-0.6B" }) },
+        Cmd::Builtin {
+            action: "health-probe".into(),
+            args: json!({ "router": "http://${host:node0}:18010", "model": "Qwen/Qwen3-0.6B" }),
+        },
     ));
     Plan {
         name: "multi_node".into(),
@@ -489,7 +729,13 @@ struct Durations(Mutex<BTreeMap<String, Duration>>);
 
 impl Subscriber for Durations {
     fn on_event(&self, e: &Event) {
-        if let Event::Finished { id, duration, outcome: Outcome::Done, .. } = e {
+        if let Event::Finished {
+            id,
+            duration,
+            outcome: Outcome::Done,
+            ..
+        } = e
+        {
             if let Ok(mut m) = self.0.lock() {
                 m.insert(id.to_string(), *duration);
             }
@@ -498,9 +744,18 @@ impl Subscriber for Durations {
 }
 
 /// `prl-flow run [--resume]`, as the CLI does it, through the library.
-async fn run_plan(plan: &Plan, backend: Arc<dyn Backend>, dir: &Path, resume: bool, durations: Option<Arc<Durations>>) -> Report {
+async fn run_plan(
+    plan: &Plan,
+    backend: Arc<dyn Backend>,
+    dir: &Path,
+    resume: bool,
+    keep: bool,
+    durations: Option<Arc<Durations>>,
+) -> Report {
     let exec = Arc::new(Exec::new(backend, dir, plan.nodes.clone()));
-    let graph = build_graph(plan, &exec).map_err(|e| format!("{e:?}")).expect("graph");
+    let graph = build_graph(plan, &exec)
+        .map_err(|e| format!("{e:?}"))
+        .expect("graph");
     let journal = Journal::open(dir, true, "tests/ssh.rs").expect("journal");
     let previous = journal.records();
     if !resume {
@@ -514,8 +769,20 @@ async fn run_plan(plan: &Plan, backend: Arc<dyn Backend>, dir: &Path, resume: bo
     if let Some(d) = durations {
         subs.push(d);
     }
-    let options = RunOptions { jobs: 64, keep_going: false, keep: false };
-    let report = prl_flow_engine::run(&graph, &decisions, previous.as_ref(), &options, Sink::new(subs), prl_flow_engine::Cancel::never()).await;
+    let options = RunOptions {
+        jobs: 64,
+        keep_going: false,
+        keep,
+    };
+    let report = prl_flow_engine::run(
+        &graph,
+        &decisions,
+        previous.as_ref(),
+        &options,
+        Sink::new(subs),
+        prl_flow_engine::Cancel::never(),
+    )
+    .await;
     journal.flush();
     drop(graph);
     if let Ok(j) = Arc::try_unwrap(journal) {
@@ -548,7 +815,12 @@ async fn down(dir: &Path) {
 }
 
 fn errors(r: &Report) -> String {
-    r.errors.iter().flatten().map(|e| e.message.clone()).collect::<Vec<_>>().join("\n")
+    r.errors
+        .iter()
+        .flatten()
+        .map(|e| e.message.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,11 +835,16 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
 
     // 1. Up: three mock engines and the real router, healthy (one completion through it).
     let plan = multi_node_plan(3, &router, &[]);
-    let report = run_plan(&plan, backend.clone(), &state, false, None).await;
+    let report = run_plan(&plan, backend.clone(), &state, false, false, None).await;
     assert!(report.ok(), "{}", errors(&report));
     if hosts.netns() {
         for k in 0..3 {
-            assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+            assert_eq!(
+                hosts.count(k, "mock-engine"),
+                1,
+                "host {k}: {:?}",
+                hosts.processes(k)
+            );
         }
         assert_eq!(hosts.count(0, "router"), 1, "{:?}", hosts.processes(0));
     }
@@ -582,21 +859,36 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
         eprintln!("!!! SKIPPED: the link-cut half of this test needs network namespaces");
         return;
     }
-    // 2. A fresh bring-up in which host 2's engine is slow to load; its link is cut while it
-    // loads. The run fails, naming that host.
-    let plan = multi_node_plan(3, &router, &[(2, "4s")]);
+    // 2. A fresh bring-up, with `--keep`, in which host 2's engine is slow to load and a
+    // sidecar service on host 2 is up at once; host 2's link is cut while its engine loads.
+    // The run fails, naming that host.
+    let mut plan = multi_node_plan(3, &router, &[(2, "5s")]);
+    let mut sidecar = task(
+        "sidecar2",
+        "custom",
+        &["allocate"],
+        Some("node2"),
+        Cmd::Argv {
+            argv: vec!["sleep".into(), "600".into()],
+        },
+    );
+    sidecar.service = true;
+    plan.tasks.insert(1, sidecar);
     let cutter = {
         let tag = hosts.tag.clone();
         let dir = state.clone();
         tokio::spawn(async move {
-            // Cut once the engine of host 2 has started.
+            // Cut once the engine of host 2 has started and the sidecar is up.
             let began = Instant::now();
             while began.elapsed() < Duration::from_secs(60) {
-                let started = prl_flow_engine::journal::load(&dir)
-                    .ok()
-                    .and_then(|r| r.get("engine2").cloned())
+                let records = prl_flow_engine::journal::load(&dir).unwrap_or_default();
+                let engine = records
+                    .get("engine2")
                     .is_some_and(|r| r.status == Status::Running && r.handle.is_some());
-                if started {
+                let sidecar = records
+                    .get("sidecar2")
+                    .is_some_and(|r| r.status == Status::Done);
+                if engine && sidecar {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -604,22 +896,50 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
             script(&["cut", &tag, "2"]).expect("cut");
         })
     };
-    let report = run_plan(&plan, backend.clone(), &state, false, None).await;
+    let report = run_plan(&plan, backend.clone(), &state, false, true, None).await;
     cutter.await.expect("cutter");
     assert!(!report.ok());
     let msg = errors(&report);
-    assert!(msg.contains(&format!("host `{}`", hosts.list[2].target)), "{msg}");
-    eprintln!("the failed run said:\n{msg}");
-    // The engine on the cut host still runs: a lost connection kills nothing.
+    assert!(
+        msg.contains(&format!("host `{}`", hosts.list[2].target)),
+        "{msg}"
+    );
+    // What runs on the cut host still runs: a lost connection kills nothing.
     assert_eq!(hosts.count(2, "mock-engine"), 1, "{:?}", hosts.processes(2));
+    assert_eq!(hosts.count(2, "sleep 600"), 1, "{:?}", hosts.processes(2));
+    let pid_of = |id: &str| {
+        prl_flow_engine::journal::load(&state)
+            .ok()
+            .and_then(|r| r.get(id).and_then(|r| r.handle.clone()))
+            .and_then(|h| h["pid"].as_i64())
+    };
+    let before: Vec<_> = ["sidecar2", "engine0", "engine1"].map(pid_of).to_vec();
+    assert!(before.iter().all(Option::is_some), "{before:?}");
 
-    // 3. The link is back: --resume completes, with one engine per host and one router.
+    // 3. The link is back: --resume reattaches to what still runs (the sidecar on the cut
+    // host, the engines that were up), replaces the engine whose start failed, and completes
+    // with one engine per host and one router.
     hosts.restore(2);
-    let report = run_plan(&plan, backend.clone(), &state, true, None).await;
+    hosts.wait_reachable(2);
+    // A new prl-flow process: a new backend, from the recipe's config.
+    let backend: Arc<dyn Backend> = Arc::new(hosts.backend(&state));
+    let report = run_plan(&plan, backend.clone(), &state, true, false, None).await;
     assert!(report.ok(), "{}", errors(&report));
+    assert_eq!(
+        report.summary.kept, 4,
+        "allocate, sidecar2, engine0, engine1"
+    );
+    let after: Vec<_> = ["sidecar2", "engine0", "engine1"].map(pid_of).to_vec();
+    assert_eq!(before, after, "reattached, not restarted");
     for k in 0..3 {
-        assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+        assert_eq!(
+            hosts.count(k, "mock-engine"),
+            1,
+            "host {k}: {:?}",
+            hosts.processes(k)
+        );
     }
+    assert_eq!(hosts.count(2, "sleep 600"), 1, "{:?}", hosts.processes(2));
     assert_eq!(hosts.count(0, "router"), 1, "{:?}", hosts.processes(0));
 
     // 4. Down leaves nothing on any host.
@@ -634,15 +954,22 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
 // `backend_for`). The recipe is tests/fixtures/ssh/multi_node.toml with this test's hosts.
 
 #[test]
-#[ignore = "needs CLI wiring: `backend_for(\"ssh\")` in src/cli.rs"]
 fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     let Some(router) = router_program() else {
         eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
         return;
     };
     let Some(hosts) = Hosts::up(3) else { return };
-    let fixture = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ssh/multi_node.toml")).expect("fixture");
-    let list: Vec<String> = hosts.list.iter().map(|h| format!("\"{}\"", h.target)).collect();
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ssh/multi_node.toml"
+    ))
+    .expect("fixture");
+    let list: Vec<String> = hosts
+        .list
+        .iter()
+        .map(|h| format!("\"{}\"", h.target))
+        .collect();
     let recipe = fixture
         .replace("@HOSTS@", &format!("[{}]", list.join(", ")))
         .replace("@SSH_CONFIG@", path(&hosts.dir().join("ssh_config")))
@@ -652,7 +979,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     let slow_file = hosts.dir().join("multi_node_slow.toml");
     std::fs::write(&file, recipe.replace("@ENGINE_ENV@", "")).expect("recipe");
     // The engines' environment is the remote one: a slow start must be in the recipe.
-    let slow_env = "[inference.deployment.env]\nPRL_MOCK_STARTUP_DELAY = \"4s\"";
+    let slow_env = "[inference.deployment.env]\nPRL_MOCK_STARTUP_DELAY = \"5s\"";
     std::fs::write(&slow_file, recipe.replace("@ENGINE_ENV@", slow_env)).expect("recipe");
     let state = hosts.dir().join("state");
     let prl = |args: &[&str]| {
@@ -663,7 +990,10 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
             .env("PRL_FLOW_ROUTER", &router)
             .output()
             .expect("prl-flow");
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let f = path(&file);
     let r = path(&router);
@@ -671,7 +1001,12 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     let (code, err) = prl(&["run", f, "--engine", "mock", "--router", r]);
     assert_eq!(code, Some(0), "{err}");
     for k in 0..3 {
-        assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+        assert_eq!(
+            hosts.count(k, "mock-engine"),
+            1,
+            "host {k}: {:?}",
+            hosts.processes(k)
+        );
     }
     let (code, err) = prl(&["down", f]);
     assert_eq!(code, Some(0), "{err}");
@@ -682,7 +1017,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
         assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
     }
 
-    // Cut host 2 while the run is in flight (its engine loads for 4 s): the run fails,
+    // Cut host 2 while the run is in flight (its engine loads for 5 s): the run fails,
     // naming it.
     let f = path(&slow_file);
     let child = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
@@ -700,10 +1035,16 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     assert!(err.contains(&hosts.list[2].target), "{err}");
 
     hosts.restore(2);
+    hosts.wait_reachable(2);
     let (code, err) = prl(&["run", f, "--engine", "mock", "--router", r, "--resume"]);
     assert_eq!(code, Some(0), "{err}");
     for k in 0..3 {
-        assert_eq!(hosts.count(k, "mock-engine"), 1, "host {k}: {:?}", hosts.processes(k));
+        assert_eq!(
+            hosts.count(k, "mock-engine"),
+            1,
+            "host {k}: {:?}",
+            hosts.processes(k)
+        );
     }
     let (code, err) = prl(&["logs", "router", "--file", f]);
     assert_eq!(code, Some(0), "{err}");
@@ -730,11 +1071,68 @@ fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1000.0)
 }
 
-/// N one-shots `hostname`, one per node, after `allocate` (as a deployment starts).
-fn fanout_plan(n: usize) -> Plan {
-    let mut tasks = vec![task("allocate", "allocate", &[], None, Cmd::Builtin { action: "allocate".into(), args: Value::Null })];
+/// CPU time used by this process and everything it starts (the sshd hosts, their sessions,
+/// ssh clients, pdsh), from a cgroup v1 `cpuacct` group of its own: unlike wall-clock time,
+/// it does not depend on what else the machine runs. `None` where there is no such cgroup.
+struct CpuMeter {
+    dir: PathBuf,
+}
+
+impl CpuMeter {
+    fn new() -> Option<Self> {
+        let root = Path::new("/sys/fs/cgroup/cpuacct");
+        let dir = root.join(format!("prl-flow-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).ok()?;
+        Some(Self { dir })
+    }
+
+    fn used(&self) -> Duration {
+        let ns = std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Duration::from_nanos(ns)
+    }
+}
+
+impl Drop for CpuMeter {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            "/sys/fs/cgroup/cpuacct/cgroup.procs",
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// N one-shots `hostname`, one per node: a workflow of N tasks; with `allocate` first, as a
+/// deployment starts (it connects to every host before anything runs).
+fn fanout_plan(n: usize, allocate: bool) -> Plan {
+    let mut tasks = Vec::new();
+    if allocate {
+        tasks.push(task(
+            "allocate",
+            "allocate",
+            &[],
+            None,
+            Cmd::Builtin {
+                action: "allocate".into(),
+                args: Value::Null,
+            },
+        ));
+    }
+    let needs: &[&str] = if allocate { &["allocate"] } else { &[] };
     for k in 0..n {
-        tasks.push(task(&format!("hostname{k}"), "custom", &["allocate"], Some(&format!("node{k}")), Cmd::Argv { argv: vec!["hostname".into()] }));
+        tasks.push(task(
+            &format!("hostname{k}"),
+            "custom",
+            needs,
+            Some(&format!("node{k}")),
+            Cmd::Argv {
+                argv: vec!["hostname".into()],
+            },
+        ));
     }
     Plan {
         name: "fanout".into(),
@@ -749,49 +1147,89 @@ fn fanout_plan(n: usize) -> Plan {
 #[ignore = "benchmark: run with --ignored --nocapture"]
 async fn bench_fanout_against_pdsh() {
     const REPEAT: usize = 7;
+    // Before the hosts start, so that their sshd and sessions are counted too.
+    let cpu = CpuMeter::new();
+    let used = || cpu.as_ref().map(CpuMeter::used).unwrap_or_default();
     let Some(hosts) = Hosts::up(32) else { return };
     let cfg = hosts.dir().join("ssh_config");
-    println!("| hosts | pdsh (ms) | prl-flow, cold (ms) | cold / pdsh | prl-flow, warm (ms) | warm / pdsh |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
     for n in [2usize, 4, 8, 16, 32] {
         let targets: Vec<String> = hosts.list[..n].iter().map(|h| h.target.clone()).collect();
-        let mut pdsh = Vec::new();
-        for _ in 0..REPEAT {
-            let began = Instant::now();
+        // Rounds of pdsh, then prl-flow cold (no master yet: a control dir of its own), cold
+        // with allocate, and warm (the masters the first prl-flow run left), so that whatever
+        // else the machine does falls on all alike. Wall-clock and CPU time of each.
+        let mut wall: [Vec<Duration>; 4] = Default::default();
+        let mut cpu_time: [Vec<Duration>; 4] = Default::default();
+        for rep in 0..REPEAT {
+            let (c0, began) = (used(), Instant::now());
             let out = Command::new("pdsh")
-                .args(["-R", "ssh", "-f", "64", "-w", &targets.join(","), "hostname"])
-                .env("PDSH_SSH_ARGS_APPEND", format!("-F {} -o BatchMode=yes", cfg.display()))
+                .args([
+                    "-R",
+                    "ssh",
+                    "-f",
+                    "64",
+                    "-w",
+                    &targets.join(","),
+                    "hostname",
+                ])
+                .env(
+                    "PDSH_SSH_ARGS_APPEND",
+                    format!("-F {} -o BatchMode=yes", cfg.display()),
+                )
                 .output()
                 .expect("pdsh (apt-get install pdsh)");
-            pdsh.push(began.elapsed());
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            wall[0].push(began.elapsed());
+            cpu_time[0].push(used() - c0);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), n);
-        }
-        let plan = fanout_plan(n);
-        let (mut cold, mut warm) = (Vec::new(), Vec::new());
-        for rep in 0..REPEAT {
-            // Cold: a control dir of its own, so no master exists yet.
-            let mut config = hosts.config();
-            config["control_dir"] = json!(hosts.dir().join(format!("cm{n}-{rep}")));
-            let state = hosts.dir().join(format!("state{n}-{rep}"));
-            let b = Arc::new(SshBackend::from_config(&config, &state).expect("config"));
-            for times in [&mut cold, &mut warm] {
-                let began = Instant::now();
-                let r = run_plan(&plan, b.clone(), &state, false, None).await;
-                times.push(began.elapsed());
+
+            for (i, allocate) in [(1, false), (2, true), (3, false)] {
+                let mut config = hosts.config();
+                let cm = if i == 3 { 1 } else { i };
+                config["control_dir"] = json!(hosts.dir().join(format!("cm{n}-{rep}-{cm}")));
+                let state = hosts.dir().join(format!("state{n}-{rep}-{i}"));
+                let b = Arc::new(SshBackend::from_config(&config, &state).expect("config"));
+                let (c0, began) = (used(), Instant::now());
+                let plan = fanout_plan(n, allocate);
+                let r = run_plan(&plan, b.clone(), &state, false, false, None).await;
+                wall[i].push(began.elapsed());
+                cpu_time[i].push(used() - c0);
                 assert!(r.ok(), "{}", errors(&r));
+                if i >= 2 {
+                    b.disconnect_all().await;
+                }
             }
-            b.disconnect_all().await;
         }
-        let (p, c, w) = (median(pdsh), median(cold), median(warm));
-        println!(
-            "| {n} | {} | {} | {:.2} | {} | {:.2} |",
-            ms(p),
-            ms(c),
-            c.as_secs_f64() / p.as_secs_f64(),
-            ms(w),
-            w.as_secs_f64() / p.as_secs_f64()
-        );
+        rows.push((n, wall.map(median), cpu_time.map(median)));
+    }
+    // (wall-clock, CPU time) medians of pdsh, cold, cold with allocate, warm.
+    type Medians = ([Duration; 4], [Duration; 4]);
+    let table = |title: &str, pick: &dyn Fn(&Medians) -> [Duration; 4]| {
+        println!("\n{title}, median of {REPEAT}:");
+        println!("| hosts | pdsh (ms) | prl-flow (ms) | / pdsh | with allocate (ms) | / pdsh | warm (ms) | / pdsh |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (n, w, c) in &rows {
+            let [p, cold, alloc, warm] = pick(&(*w, *c));
+            let r = |x: Duration| x.as_secs_f64() / p.as_secs_f64().max(1e-9);
+            println!(
+                "| {n} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} |",
+                ms(p),
+                ms(cold),
+                r(cold),
+                ms(alloc),
+                r(alloc),
+                ms(warm),
+                r(warm)
+            );
+        }
+    };
+    table("Wall-clock", &|(w, _)| *w);
+    if cpu.is_some() {
+        table("CPU time of everything involved (both ends)", &|(_, c)| *c);
     }
 }
 
@@ -815,7 +1253,7 @@ async fn bench_multi_node_bring_up_against_its_critical_path() {
             let b: Arc<dyn Backend> = Arc::new(hosts.backend(&state));
             let d = Arc::new(Durations::default());
             let began = Instant::now();
-            let r = run_plan(&plan, b, &state, false, Some(d.clone())).await;
+            let r = run_plan(&plan, b, &state, false, false, Some(d.clone())).await;
             let wall = began.elapsed();
             assert!(r.ok(), "{}", errors(&r));
             // The longest chain of task durations through the graph.
@@ -830,6 +1268,11 @@ async fn bench_multi_node_bring_up_against_its_critical_path() {
             down(&state).await;
         }
         let (w, p) = (median(walls), median(paths));
-        println!("| {delay} | {} | {} | {:+.1}% |", ms(w), ms(p), (w.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0);
+        println!(
+            "| {delay} | {} | {} | {:+.1}% |",
+            ms(w),
+            ms(p),
+            (w.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
+        );
     }
 }

@@ -644,8 +644,10 @@ impl Subscriber for Recorder {
             Event::Undone { id, error, .. } => {
                 self.journal.update(id, |r| {
                     // A service that failed, timed out or was cancelled keeps saying so
-                    // (`status`, and `--resume --explain`); only one that was up is `stopped`.
-                    if matches!(r.status, Status::Done | Status::Running) {
+                    // (`status`, and `--resume --explain`); only one that was up, and was
+                    // really stopped, is `stopped` (one that could not be stopped may still
+                    // run: `down` must try again).
+                    if error.is_none() && matches!(r.status, Status::Done | Status::Running) {
                         r.status = Status::Stopped;
                     }
                     if let Some(e) = error {

@@ -14,8 +14,9 @@
 #                                         and the bridge (idempotent)
 #   netns_hosts.sh cut TAG K              take host K's link down (its connections stall)
 #   netns_hosts.sh restore TAG K          bring it back
-#   netns_hosts.sh loopback DIR TAG N     no namespaces: N sshd on 127.0.0.1, free ports
-#                                         (hosts lines: NAME 127.0.0.1:PORT -)
+#   netns_hosts.sh loopback DIR TAG NET N no namespaces: N sshd on loopback addresses
+#                                         NET.2, NET.3, ... (NET like 127.150.7), free ports
+#                                         (hosts lines: NAME ADDRESS:PORT -)
 #
 # Names: bridge `pfb-TAG`, veths `pfv-TAG-K` (host side) and `eth0` (inside), namespaces
 # `pf-TAG-K`, host names `pf-TAG-K` too. TAG must be short (interface names are at most 15
@@ -133,19 +134,21 @@ cmd_up() {
 }
 
 cmd_loopback() {
-    local dir=$1 tag=$2 n=$3
+    local dir=$1 tag=$2 net=$3 n=$4
     mkdir -p "$dir" /run/sshd
     dir=$(cd "$dir" && pwd -P)
     client_files "$dir"
     for k in $(seq 0 $((n - 1))); do
-        local port
-        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-        sshd_config "$dir" "$k" 127.0.0.1 "$port"
+        # Each host its own loopback address (all of 127/8 is loopback), so services on
+        # different hosts can use the same ports, as on real hosts.
+        local addr="$net.$((k + 2))" port
+        port=$(python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1],0)); print(s.getsockname()[1])' "$addr")
+        sshd_config "$dir" "$k" "$addr" "$port"
         start_sshd "$dir/h$k"
-        echo "pf-$tag-$k 127.0.0.1:$port -" >>"$dir/hosts"
+        echo "pf-$tag-$k $addr:$port -" >>"$dir/hosts"
         local key
         key=$(cut -d' ' -f1-2 "$dir/h$k/host_key.pub")
-        echo "[127.0.0.1]:$port $key" >>"$dir/known_hosts"
+        echo "[$addr]:$port $key" >>"$dir/known_hosts"
     done
 }
 

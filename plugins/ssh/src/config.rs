@@ -127,7 +127,8 @@ impl HostSpec {
         let bad = |s: &str| {
             s.is_empty()
                 || s.starts_with('-')
-                || s.chars().any(|c| c.is_whitespace() || c.is_control() || "'\"`$;&|<>\\".contains(c))
+                || s.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "'\"`$;&|<>\\".contains(c))
         };
         if bad(&self.host) {
             return Err(format!("`{}` is not a host name or address", self.host));
@@ -232,7 +233,10 @@ impl SshConfig {
             Value::Object(m) => m,
             Value::Null => &empty,
             other => {
-                return Err(vec![ConfigError::new("", format!("expected a table, found {other}"))]);
+                return Err(vec![ConfigError::new(
+                    "",
+                    format!("expected a table, found {other}"),
+                )]);
             }
         };
         for key in table.keys() {
@@ -281,8 +285,11 @@ impl SshConfig {
         for (i, h) in hosts.iter().enumerate() {
             if let Some(j) = hosts[..i].iter().position(|o| o == h) {
                 errs.push(
-                    ConfigError::new(format!("hosts[{i}]"), format!("`{h}` is listed twice (also hosts[{j}])"))
-                        .help("each node needs a host of its own"),
+                    ConfigError::new(
+                        format!("hosts[{i}]"),
+                        format!("`{h}` is listed twice (also hosts[{j}])"),
+                    )
+                    .help("each node needs a host of its own"),
                 );
             }
         }
@@ -303,23 +310,35 @@ impl SshConfig {
                 Some(Value::String(s)) => match humantime::parse_duration(s.trim()) {
                     Ok(d) if d >= Duration::from_secs(1) => d,
                     Ok(_) => {
-                        errs.push(ConfigError::new(key, format!("`{s}` is under a second")).help("ssh counts these in whole seconds"));
+                        errs.push(
+                            ConfigError::new(key, format!("`{s}` is under a second"))
+                                .help("ssh counts these in whole seconds"),
+                        );
                         default
                     }
                     Err(e) => {
-                        errs.push(ConfigError::new(key, format!("`{s}` is not a duration ({e})")).help("write e.g. `10s` or `2m`"));
+                        errs.push(
+                            ConfigError::new(key, format!("`{s}` is not a duration ({e})"))
+                                .help("write e.g. `10s` or `2m`"),
+                        );
                         default
                     }
                 },
                 Some(Value::Number(n)) => match n.as_u64() {
                     Some(s) if s > 0 => Duration::from_secs(s),
                     _ => {
-                        errs.push(ConfigError::new(key, format!("`{n}` is not a positive number of seconds")));
+                        errs.push(ConfigError::new(
+                            key,
+                            format!("`{n}` is not a positive number of seconds"),
+                        ));
                         default
                     }
                 },
                 Some(other) => {
-                    errs.push(ConfigError::new(key, format!("expected a duration like \"10s\", found {other}")));
+                    errs.push(ConfigError::new(
+                        key,
+                        format!("expected a duration like \"10s\", found {other}"),
+                    ));
                     default
                 }
             }
@@ -365,24 +384,35 @@ impl SshConfig {
             None => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                errs.push(ConfigError::new("accept_new_host_keys", "expected true or false"));
+                errs.push(ConfigError::new(
+                    "accept_new_host_keys",
+                    "expected true or false",
+                ));
                 false
             }
         };
-        let remote_dir = string("remote_dir", &mut errs).unwrap_or_else(|| DEFAULT_REMOTE_DIR.into());
+        let remote_dir =
+            string("remote_dir", &mut errs).unwrap_or_else(|| DEFAULT_REMOTE_DIR.into());
         if remote_dir.contains(['\n', '\0']) {
             errs.push(ConfigError::new("remote_dir", "a path may not span lines"));
         }
         let control_dir = string("control_dir", &mut errs).map(|p| resolve(&p));
         let connect_timeout = duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT, &mut errs);
-        let server_alive_interval = duration("server_alive_interval", DEFAULT_SERVER_ALIVE, &mut errs);
+        let server_alive_interval =
+            duration("server_alive_interval", DEFAULT_SERVER_ALIVE, &mut errs);
         let control_persist = duration("control_persist", DEFAULT_CONTROL_PERSIST, &mut errs);
         let max_sessions = match table.get("max_sessions") {
             None => DEFAULT_MAX_SESSIONS,
             Some(v) => match v.as_u64() {
                 Some(n) if (2..=1000).contains(&n) => n as usize,
                 _ => {
-                    errs.push(ConfigError::new("max_sessions", format!("`{v}` is not a number from 2 to 1000")).help("set it to the hosts' sshd `MaxSessions` (10 by default)"));
+                    errs.push(
+                        ConfigError::new(
+                            "max_sessions",
+                            format!("`{v}` is not a number from 2 to 1000"),
+                        )
+                        .help("set it to the hosts' sshd `MaxSessions` (10 by default)"),
+                    );
                     DEFAULT_MAX_SESSIONS
                 }
             },
@@ -424,13 +454,21 @@ impl SshConfig {
         .help(format!(
             "add {} more host{}, or make the deployment smaller",
             nodes - self.hosts.len(),
-            if nodes - self.hosts.len() == 1 { "" } else { "s" }
+            if nodes - self.hosts.len() == 1 {
+                ""
+            } else {
+                "s"
+            }
         )))
     }
 }
 
 /// Checks `[backend]` for a plan of `nodes` nodes: every problem at once.
-pub fn validate(value: &Value, nodes: usize, base_dir: Option<&Path>) -> Result<SshConfig, Vec<ConfigError>> {
+pub fn validate(
+    value: &Value,
+    nodes: usize,
+    base_dir: Option<&Path>,
+) -> Result<SshConfig, Vec<ConfigError>> {
     let config = SshConfig::from_value(value, base_dir)?;
     config.check_nodes(nodes).map_err(|e| vec![e])?;
     Ok(config)
@@ -438,7 +476,10 @@ pub fn validate(value: &Value, nodes: usize, base_dir: Option<&Path>) -> Result<
 
 fn parse_hosts(v: &Value, errs: &mut Vec<ConfigError>) -> Vec<HostSpec> {
     let Some(list) = v.as_array() else {
-        errs.push(ConfigError::new("hosts", "expected a list of hosts").help("e.g. `hosts = [\"gpu1\", \"root@10.0.0.2:2222\"]`"));
+        errs.push(
+            ConfigError::new("hosts", "expected a list of hosts")
+                .help("e.g. `hosts = [\"gpu1\", \"root@10.0.0.2:2222\"]`"),
+        );
         return Vec::new();
     };
     if list.is_empty() {
@@ -450,28 +491,44 @@ fn parse_hosts(v: &Value, errs: &mut Vec<ConfigError>) -> Vec<HostSpec> {
         match item {
             Value::String(s) => match HostSpec::parse(s) {
                 Ok(h) => out.push(h),
-                Err(e) => errs.push(ConfigError::new(field, e).help("write `host`, `user@host`, `host:port` or `user@[::1]:port`")),
+                Err(e) => errs.push(
+                    ConfigError::new(field, e)
+                        .help("write `host`, `user@host`, `host:port` or `user@[::1]:port`"),
+                ),
             },
             Value::Object(m) => {
                 let known = ["host", "user", "port", "address"];
                 let mut ok = true;
                 for k in m.keys() {
                     if !known.contains(&k.as_str()) {
-                        errs.push(ConfigError::new(format!("{field}.{k}"), "not a field of a host").help("a host has `host`, `user`, `port` and `address`"));
+                        errs.push(
+                            ConfigError::new(format!("{field}.{k}"), "not a field of a host")
+                                .help("a host has `host`, `user`, `port` and `address`"),
+                        );
                         ok = false;
                     }
                 }
                 let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
                 let Some(host) = text("host") else {
-                    errs.push(ConfigError::new(field, "a host table needs `host` (a string)"));
+                    errs.push(ConfigError::new(
+                        field,
+                        "a host table needs `host` (a string)",
+                    ));
                     continue;
                 };
                 let port = match m.get("port") {
                     None => None,
-                    Some(p) => match p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) {
+                    Some(p) => match p
+                        .as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p > 0)
+                    {
                         Some(p) => Some(p),
                         None => {
-                            errs.push(ConfigError::new(format!("{field}.port"), format!("`{p}` is not a port")));
+                            errs.push(ConfigError::new(
+                                format!("{field}.port"),
+                                format!("`{p}` is not a port"),
+                            ));
                             ok = false;
                             None
                         }
@@ -479,7 +536,10 @@ fn parse_hosts(v: &Value, errs: &mut Vec<ConfigError>) -> Vec<HostSpec> {
                 };
                 for k in ["user", "address"] {
                     if m.get(k).is_some_and(|v| !v.is_string()) {
-                        errs.push(ConfigError::new(format!("{field}.{k}"), "expected a string"));
+                        errs.push(ConfigError::new(
+                            format!("{field}.{k}"),
+                            "expected a string",
+                        ));
                         ok = false;
                     }
                 }
@@ -497,7 +557,10 @@ fn parse_hosts(v: &Value, errs: &mut Vec<ConfigError>) -> Vec<HostSpec> {
                     out.push(spec);
                 }
             }
-            other => errs.push(ConfigError::new(field, format!("expected a host (a string or a table), found {other}"))),
+            other => errs.push(ConfigError::new(
+                field,
+                format!("expected a host (a string or a table), found {other}"),
+            )),
         }
     }
     out
@@ -513,7 +576,10 @@ fn parse_hosts_file(text: &str, path: &Path, errs: &mut Vec<ConfigError>) -> Vec
         }
         let at = format!("{}:{}", path.display(), n + 1);
         if line.split_whitespace().count() > 1 {
-            errs.push(ConfigError::new("hosts_file", format!("{at}: one host per line, found `{line}`")));
+            errs.push(ConfigError::new(
+                "hosts_file",
+                format!("{at}: one host per line, found `{line}`"),
+            ));
             continue;
         }
         match HostSpec::parse(line) {
@@ -522,7 +588,10 @@ fn parse_hosts_file(text: &str, path: &Path, errs: &mut Vec<ConfigError>) -> Vec
         }
     }
     if out.is_empty() && errs.is_empty() {
-        errs.push(ConfigError::new("hosts_file", format!("`{}` names no host", path.display())));
+        errs.push(ConfigError::new(
+            "hosts_file",
+            format!("`{}` names no host", path.display()),
+        ));
     }
     out
 }
@@ -560,7 +629,10 @@ mod tests {
     #[test]
     fn host_syntax() {
         let h = HostSpec::parse("ubuntu@10.0.0.2:2222").expect("parse");
-        assert_eq!((h.user.as_deref(), h.host.as_str(), h.port), (Some("ubuntu"), "10.0.0.2", Some(2222)));
+        assert_eq!(
+            (h.user.as_deref(), h.host.as_str(), h.port),
+            (Some("ubuntu"), "10.0.0.2", Some(2222))
+        );
         let h = HostSpec::parse("gpu1").expect("parse");
         assert_eq!((h.user, h.host.as_str(), h.port), (None, "gpu1", None));
         let h = HostSpec::parse("root@[fd00::2]:22").expect("parse");
@@ -568,7 +640,15 @@ mod tests {
         assert_eq!(h.to_string(), "root@[fd00::2]:22");
         let h = HostSpec::parse("fd00::2").expect("parse");
         assert_eq!((h.host.as_str(), h.port), ("fd00::2", None));
-        for bad in ["", "-oProxyCommand=x", "host:0", "host:99999", "a b", "h;rm", "u@[::1"] {
+        for bad in [
+            "",
+            "-oProxyCommand=x",
+            "host:0",
+            "host:99999",
+            "a b",
+            "h;rm",
+            "u@[::1",
+        ] {
             assert!(HostSpec::parse(bad).is_err(), "{bad}");
         }
     }
@@ -579,7 +659,13 @@ mod tests {
         let errs = validate(&v, 4, None).expect_err("4 > 3");
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "hosts");
-        assert!(errs[0].message.contains("needs 4 nodes but 3 hosts are given (a, b, c)"), "{}", errs[0]);
+        assert!(
+            errs[0]
+                .message
+                .contains("needs 4 nodes but 3 hosts are given (a, b, c)"),
+            "{}",
+            errs[0]
+        );
         assert!(validate(&v, 3, None).is_ok());
     }
 
@@ -595,7 +681,15 @@ mod tests {
         });
         let errs = SshConfig::from_value(&v, None).expect_err("bad");
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        for f in ["hots", "hosts[1]", "hosts[2].port", "hosts[3]", "options.StrictHostKeyChecking", "accept_new_host_keys", "connect_timeout"] {
+        for f in [
+            "hots",
+            "hosts[1]",
+            "hosts[2].port",
+            "hosts[3]",
+            "options.StrictHostKeyChecking",
+            "accept_new_host_keys",
+            "connect_timeout",
+        ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
         let typo = errs.iter().find(|e| e.field == "hots").expect("typo");
@@ -605,8 +699,13 @@ mod tests {
     #[test]
     fn site_file_and_tables() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("hosts"), "# the rack\nroot@10.0.0.2\n\n10.0.0.3:2222  # spare\n").expect("write");
-        let c = SshConfig::from_value(&json!({ "hosts_file": "hosts" }), Some(dir.path())).expect("ok");
+        std::fs::write(
+            dir.path().join("hosts"),
+            "# the rack\nroot@10.0.0.2\n\n10.0.0.3:2222  # spare\n",
+        )
+        .expect("write");
+        let c =
+            SshConfig::from_value(&json!({ "hosts_file": "hosts" }), Some(dir.path())).expect("ok");
         assert_eq!(c.hosts.len(), 2);
         assert_eq!(c.hosts[1].port, Some(2222));
         assert!(!c.accept_new_host_keys, "never a silent default");
@@ -617,7 +716,8 @@ mod tests {
         .expect("ok");
         assert_eq!(c.hosts[0].address.as_deref(), Some("192.168.1.4"));
         assert_eq!(c.control_persist, Duration::from_secs(30));
-        let errs = SshConfig::from_value(&json!({ "hosts_file": "nope" }), Some(dir.path())).expect_err("missing");
+        let errs = SshConfig::from_value(&json!({ "hosts_file": "nope" }), Some(dir.path()))
+            .expect_err("missing");
         assert!(errs[0].message.contains("cannot read"), "{}", errs[0]);
     }
 }

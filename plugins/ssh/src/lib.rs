@@ -58,7 +58,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prl_flow_backend::{last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec};
+use prl_flow_backend::{
+    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
+};
 use prl_flow_local::LocalBackend;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -141,14 +143,21 @@ impl SshBackend {
     /// a checked [`SshConfig`] instead.
     pub fn from_config(config: &serde_json::Value, state_dir: &Path) -> Result<Self, String> {
         let c = SshConfig::from_value(config, None).map_err(|errs| {
-            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
         })?;
         Ok(Self::new(c, state_dir))
     }
 
     pub fn new(config: SshConfig, state_dir: &Path) -> Self {
         let settings = Settings::from_config(&config);
-        let remote_base = format!("{}/{}", config.remote_dir.trim_end_matches('/'), state_key(state_dir));
+        let remote_base = format!(
+            "{}/{}",
+            config.remote_dir.trim_end_matches('/'),
+            state_key(state_dir)
+        );
         Self {
             config: Some(config),
             settings,
@@ -220,7 +229,12 @@ impl SshBackend {
             None => Err(BackendError::new(format!(
                 "node `{node}` has no host: `[backend] hosts` lists {} ({})",
                 config.hosts.len(),
-                config.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ")
+                config
+                    .hosts
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -240,7 +254,12 @@ impl SshBackend {
         reply
             .get("state")
             .and_then(|w| script::parse_state(&w))
-            .ok_or_else(|| BackendError::new(format!("host `{}`: no state in the answer: {:?}", link.label, reply.lines)))
+            .ok_or_else(|| {
+                BackendError::new(format!(
+                    "host `{}`: no state in the answer: {:?}",
+                    link.label, reply.lines
+                ))
+            })
     }
 
     /// Waits on the host for the process to end, over one long session; falls back to
@@ -281,7 +300,11 @@ impl SshBackend {
     }
 
     /// Starts a watched one-shot: the spawn session stays open and reports its end.
-    async fn spawn_watched(&self, link: &Arc<Link>, text: &str) -> Result<Option<Vec<String>>, SshError> {
+    async fn spawn_watched(
+        &self,
+        link: &Arc<Link>,
+        text: &str,
+    ) -> Result<Option<Vec<String>>, SshError> {
         let Some(mut session) = link.open(text).await? else {
             return Ok(None);
         };
@@ -289,7 +312,9 @@ impl SshBackend {
         let first = tokio::time::timeout(limit, async {
             loop {
                 match session.next().await {
-                    Some(l) if l.starts_with("spawned ") || l.starts_with("error ") => return Some(l),
+                    Some(l) if l.starts_with("spawned ") || l.starts_with("error ") => {
+                        return Some(l)
+                    }
                     Some(_) => continue,
                     None => return None,
                 }
@@ -302,7 +327,9 @@ impl SshBackend {
             return Err(lost.unwrap_or_else(|| SshError {
                 host: link.label.clone(),
                 message: "the spawn script ended without an answer".into(),
-                help: Some("prl-flow needs a POSIX `sh`, `setsid` and Linux `/proc` on the host".into()),
+                help: Some(
+                    "prl-flow needs a POSIX `sh`, `setsid` and Linux `/proc` on the host".into(),
+                ),
                 transport: false,
             }));
         };
@@ -355,13 +382,22 @@ fn state_key(state_dir: &Path) -> String {
     h.update(machine.trim().as_bytes());
     h.update([0]);
     h.update(abs.to_string_lossy().as_bytes());
-    let hash: String = h.finalize()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let hash: String = h.finalize()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let name: String = abs
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".into())
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{name}-{hash}")
 }
@@ -376,7 +412,10 @@ fn last_name(p: &Path, what: &str) -> Result<String, BackendError> {
 
 fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
     if spec.argv.is_empty() {
-        return Err(BackendError::new(format!("task `{}` has an empty command", spec.task)));
+        return Err(BackendError::new(format!(
+            "task `{}` has an empty command",
+            spec.task
+        )));
     }
     if spec.argv[0].contains('=') && !spec.env.is_empty() {
         return Err(BackendError::new(format!(
@@ -386,7 +425,10 @@ fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
     }
     for k in spec.env.keys() {
         if k.is_empty() || k.contains('=') {
-            return Err(BackendError::new(format!("task `{}`: `{k}` is not an environment variable name", spec.task)));
+            return Err(BackendError::new(format!(
+                "task `{}`: `{k}` is not an environment variable name",
+                spec.task
+            )));
         }
     }
     for rel in spec.files.keys() {
@@ -412,22 +454,31 @@ impl Backend for SshBackend {
 
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
         let Some(config) = &self.config else {
-            return Err(BackendError::new("this ssh backend was made from a journal and has no hosts to allocate"));
+            return Err(BackendError::new(
+                "this ssh backend was made from a journal and has no hosts to allocate",
+            ));
         };
-        config.check_nodes(nodes.len()).map_err(|e| BackendError::new(e.to_string()))?;
+        config
+            .check_nodes(nodes.len())
+            .map_err(|e| BackendError::new(e.to_string()))?;
         // Connect to every host at once; report every host that fails, not just the first.
-        let jobs = nodes.iter().zip(&config.hosts).map(|(node, spec)| async move {
-            let conn = Conn::new(spec, &self.settings);
-            let link = self.link(&conn)?;
-            let (connected, address) = tokio::join!(link.connect(), async {
-                match &spec.address {
-                    Some(a) => a.clone(),
-                    None => link.resolve().await,
-                }
+        let jobs = nodes
+            .iter()
+            .zip(&config.hosts)
+            .map(|(node, spec)| async move {
+                let conn = Conn::new(spec, &self.settings);
+                let link = self.link(&conn)?;
+                let (connected, address) = tokio::join!(link.connect(), async {
+                    // An address needs no lookup; a name may be an alias in ssh config.
+                    match &spec.address {
+                        Some(a) => a.clone(),
+                        None if spec.host.parse::<std::net::IpAddr>().is_ok() => spec.host.clone(),
+                        None => link.resolve().await,
+                    }
+                });
+                connected.map_err(|e| BackendError::new(format!("{node}: {e}")))?;
+                Ok::<_, BackendError>((node.clone(), conn, address))
             });
-            connected.map_err(|e| BackendError::new(format!("{node}: {e}")))?;
-            Ok::<_, BackendError>((node.clone(), conn, address))
-        });
         let results = futures::future::join_all(jobs).await;
         let mut hosts = BTreeMap::new();
         let mut conns = BTreeMap::new();
@@ -519,15 +570,26 @@ impl Backend for SshBackend {
         let words = match words {
             Some(w) => w,
             None => {
-                let reply = link.run(&start(false)?, link.conn.ssh.dead_after() + OP_LIMIT).await?;
+                let reply = link
+                    .run(&start(false)?, link.conn.ssh.dead_after() + OP_LIMIT)
+                    .await?;
                 reply
                     .get("spawned")
                     .map(|w| w.iter().map(|s| s.to_string()).collect())
-                    .ok_or_else(|| BackendError::new(format!("host `{}`: the spawn script did not answer", link.label)))?
+                    .ok_or_else(|| {
+                        BackendError::new(format!(
+                            "host `{}`: the spawn script did not answer",
+                            link.label
+                        ))
+                    })?
             }
         };
         let (pid, start, boot_id, base) = parse_spawned(&words).ok_or_else(|| {
-            BackendError::new(format!("host `{}`: cannot read the spawn answer `{}`", link.label, words.join(" ")))
+            BackendError::new(format!(
+                "host `{}`: cannot read the spawn answer `{}`",
+                link.label,
+                words.join(" ")
+            ))
         })?;
         let run_dir = format!("{base}/run/{name}");
         let h = Handle {
@@ -558,7 +620,11 @@ impl Backend for SshBackend {
         }
         let h = Self::parse(handle)?;
         if let Some(mut rx) = self.watch_of(&h) {
-            let end = rx.wait_for(|w| *w != Watch::Pending).await.map(|w| w.clone()).unwrap_or(Watch::Lost);
+            let end = rx
+                .wait_for(|w| *w != Watch::Pending)
+                .await
+                .map(|w| w.clone())
+                .unwrap_or(Watch::Lost);
             if let Watch::Ended(s) = end {
                 return Ok(s);
             }
@@ -585,7 +651,10 @@ impl Backend for SshBackend {
                 link.label, h.pid
             ))),
             Some(_) => Ok(()),
-            None => Err(BackendError::new(format!("host `{}`: the stop script did not answer", link.label))),
+            None => Err(BackendError::new(format!(
+                "host `{}`: the stop script did not answer",
+                link.label
+            ))),
         }
     }
 
@@ -595,20 +664,31 @@ impl Backend for SshBackend {
         }
         let h = Self::parse(handle)?;
         let link = self.link(&h.conn)?;
-        let reply = link.run_raw(&script::tail_log(&h.log, 64 * 1024)?, OP_LIMIT).await?;
+        let reply = link
+            .run_raw(&script::tail_log(&h.log, 64 * 1024)?, OP_LIMIT)
+            .await?;
         let (_, body) = script::split_log(&reply).unwrap_or_default();
         Ok(last_lines(body, lines))
     }
 
-    async fn read_log(&self, handle: &ProcHandle, offset: u64) -> Result<(String, u64), BackendError> {
+    async fn read_log(
+        &self,
+        handle: &ProcHandle,
+        offset: u64,
+    ) -> Result<(String, u64), BackendError> {
         if Self::is_local(handle) {
             return self.local.read_log(handle, offset).await;
         }
         let h = Self::parse(handle)?;
         let link = self.link(&h.conn)?;
-        let reply = link.run_raw(&script::read_log(&h.log, offset)?, OP_LIMIT).await?;
+        let reply = link
+            .run_raw(&script::read_log(&h.log, offset)?, OP_LIMIT)
+            .await?;
         let Some((words, body)) = script::split_log(&reply) else {
-            return Err(BackendError::new(format!("host `{}`: the log read did not answer", link.label)));
+            return Err(BackendError::new(format!(
+                "host `{}`: the log read did not answer",
+                link.label
+            )));
         };
         let from: u64 = words.first().and_then(|w| w.parse().ok()).unwrap_or(0);
         Ok((body.to_string(), from + body.len() as u64))
@@ -630,9 +710,15 @@ mod tests {
 
     #[test]
     fn nodes_map_to_hosts_in_order() {
-        let b = SshBackend::from_config(&serde_json::json!({ "hosts": ["h0", "root@h1:2222"] }), Path::new("/tmp/s"))
-            .expect("config");
-        assert_eq!(b.conn_for("node1").expect("node1").to_string(), "root@h1:2222");
+        let b = SshBackend::from_config(
+            &serde_json::json!({ "hosts": ["h0", "root@h1:2222"] }),
+            Path::new("/tmp/s"),
+        )
+        .expect("config");
+        assert_eq!(
+            b.conn_for("node1").expect("node1").to_string(),
+            "root@h1:2222"
+        );
         assert_eq!(b.conn_for("h0").expect("by name").host, "h0");
         let e = b.conn_for("node2").expect_err("no third host");
         assert!(e.message.contains("lists 2"), "{e}");

@@ -19,57 +19,66 @@
 
 use prl_flow_backend::{BackendError, ProcState};
 
-/// Functions every script starts with.
+/// Functions every script starts with. They set variables rather than print, and read
+/// files with `read` rather than `cat`: a fork costs about a millisecond on a small host, and
+/// a fan-out to many hosts pays for each one.
 const PRELUDE: &str = r#"set -u
 set -f
 say() { printf 'PRLFLOW %s\n' "$*"; }
-boot_id() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo none; }
-# "START STATE" of a pid; fails when there is no such process.
+# Sets boot_ to the host's boot id.
+boot_id() { read -r boot_ 2>/dev/null </proc/sys/kernel/random/boot_id || boot_=none; }
+# Sets start_ and pstate_ for pid $1; fails when there is no such process.
 proc_start() {
-	_s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	read -r s_ 2>/dev/null <"/proc/$1/stat" || return 1
 	# The command name (field 2) may hold spaces and parentheses: cut after the last ") ".
-	_r=${_s##*) }
-	set -- $_r
+	r_=${s_##*) }
+	set -- $r_
 	[ $# -ge 20 ] || return 1
-	echo "${20} $1"
+	start_=${20}
+	pstate_=$1
 }
 # Is pid $1 the process that started at $2 during boot $3, and not a zombie?
 ours() {
-	[ "$(boot_id)" = "$3" ] || return 1
-	_p=$(proc_start "$1") || return 1
-	[ "${_p% *}" = "$2" ] || return 1
-	case ${_p#* } in Z|X) return 1 ;; esac
+	boot_id
+	[ "$boot_" = "$3" ] || return 1
+	proc_start "$1" || return 1
+	[ "$start_" = "$2" ] || return 1
+	case $pstate_ in Z | X) return 1 ;; esac
 	return 0
 }
-# How pid $1 (start $2, boot $3, exit status file $4) is: running, exited CODE, or gone.
+# Sets st_ to how pid $1 (start $2, boot $3, exit status file $4) is: running, exited CODE,
+# or gone.
 state() {
-	if ours "$1" "$2" "$3"; then echo running; return 0; fi
-	if [ -s "$4" ]; then
-		_c=$(cat "$4" 2>/dev/null) || _c=
-		case $_c in '' | *[!0-9]*) ;; *) echo "exited $_c"; return 0 ;; esac
+	if ours "$1" "$2" "$3"; then st_=running; return 0; fi
+	if [ -s "$4" ] && read -r c_ 2>/dev/null <"$4"; then
+		case $c_ in '' | *[!0-9]*) ;; *) st_="exited $c_"; return 0 ;; esac
 	fi
-	echo gone
+	st_=gone
 }
-# Stops the group of pid $1 (start $2, boot $3): SIGTERM, up to $4 tenths of a second, SIGKILL.
+# Stops the group of pid $1 (start $2, boot $3): SIGTERM, up to $4 tenths of a second,
+# SIGKILL. Sets stopped_ to none, term, kill or stuck.
 stop_group() {
-	ours "$1" "$2" "$3" || { echo none; return 0; }
+	ours "$1" "$2" "$3" || { stopped_=none; return 0; }
 	kill -s TERM -- "-$1" 2>/dev/null
-	_i=0
-	while kill -s 0 -- "-$1" 2>/dev/null && [ "$_i" -lt "$4" ]; do sleep 0.1; _i=$((_i + 1)); done
-	kill -s 0 -- "-$1" 2>/dev/null || { echo term; return 0; }
+	i_=0
+	while kill -s 0 -- "-$1" 2>/dev/null && [ "$i_" -lt "$4" ]; do sleep 0.1; i_=$((i_ + 1)); done
+	kill -s 0 -- "-$1" 2>/dev/null || { stopped_=term; return 0; }
 	kill -s KILL -- "-$1" 2>/dev/null
-	_i=0
-	while kill -s 0 -- "-$1" 2>/dev/null && [ "$_i" -lt 50 ]; do sleep 0.1; _i=$((_i + 1)); done
-	kill -s 0 -- "-$1" 2>/dev/null && { echo stuck; return 0; }
-	echo kill
+	i_=0
+	while kill -s 0 -- "-$1" 2>/dev/null && [ "$i_" -lt 50 ]; do sleep 0.1; i_=$((i_ + 1)); done
+	stopped_=kill
+	kill -s 0 -- "-$1" 2>/dev/null && stopped_=stuck
+	return 0
 }
 "#;
 
 /// The wrapper every process runs under: `sh -c WRAPPER prl-flow PIDFILE STATUSFILE ARGV...`.
+/// Each file is written by one `echo`, a single write: a reader that sees it non-empty sees
+/// all of it.
 const WRAPPER: &str = r#"pidf=$1 statf=$2
 shift 2
-echo "$$" >"$pidf.tmp" && mv -f "$pidf.tmp" "$pidf"
-trap 'c=$?; echo "$c" >"$statf.tmp" && mv -f "$statf.tmp" "$statf"' EXIT
+echo "$$" >"$pidf"
+trap 'echo "$?" >"$statf"' EXIT
 "$@"
 exit $?"#;
 
@@ -77,45 +86,55 @@ exit $?"#;
 /// start line, [`SPAWN_AFTER`] says `spawned PID START BOOT BASE` and, for a watched
 /// one-shot, waits and says `state ...`.
 const SPAWN_BEFORE: &str = r#"command -v setsid >/dev/null 2>&1 || { say error "\`setsid\` is not installed on this host (package util-linux)"; exit 3; }
-mkdir -p "$base/run/$name" "$base/logs" || { say error "cannot make the run dir $base/run/$name"; exit 3; }
-base=$(cd "$base" && pwd -P) || { say error "cannot enter $base"; exit 3; }
+if [ ! -d "$base/run/$name" ] || [ ! -d "$base/logs" ]; then
+	mkdir -p "$base/run/$name" "$base/logs" || { say error "cannot make the run dir $base/run/$name"; exit 3; }
+fi
+cd "$base" || { say error "cannot enter $base"; exit 3; }
+base=$PWD
 rd=$base/run/$name
 lf=$base/logs/$logname
 pf=$rd/.pid
 sf=$rd/exit-status
-boot=$(boot_id)
+boot_id
+boot=$boot_
 # A process of this task that no journal records (its spawn's answer was lost with the
 # connection) must not run twice.
-if [ -s "$rd/.proc" ]; then
-	read -r opid ostart oboot <"$rd/.proc" || opid=
-	if [ -n "$opid" ] && ours "$opid" "$ostart" "$oboot"; then
-		echo "prl-flow: stopping an earlier instance (pid $opid) that no run recorded" >>"$lf"
-		stop_group "$opid" "$ostart" "$oboot" 50 >/dev/null
-	fi
+if [ -s "$rd/.proc" ] && read -r opid ostart oboot <"$rd/.proc" && ours "$opid" "$ostart" "$oboot"; then
+	echo "prl-flow: stopping an earlier instance (pid $opid) that no run recorded" >>"$lf"
+	stop_group "$opid" "$ostart" "$oboot" 50
 fi
-rm -f "$pf" "$sf" "$pf.tmp" "$sf.tmp" "$rd/.proc"
+for f_ in "$pf" "$sf" "$rd/.proc"; do
+	if [ -e "$f_" ]; then rm -f "$f_"; fi
+done
 place_files || exit 3
 cd "$rd" || { say error "cannot enter $rd"; exit 3; }
 "#;
 
-/// After the start line (which sets `bg` to the background pid of a one-shot).
-const SPAWN_AFTER: &str = r#"i=0
-while [ ! -s "$pf" ]; do
-	i=$((i + 1))
-	[ "$i" -gt 1000 ] && { say error "the process did not start (no pid after 10s)"; exit 3; }
-	sleep 0.01
-done
-pid=$(cat "$pf")
+/// After the start line (which sets `bg` to the pid of a one-shot started in the
+/// background: `setsid` does not fork when its caller leads no group, so that is the
+/// wrapper's pid, and this shell can `wait` for it).
+const SPAWN_AFTER: &str = r#"if [ -n "$bg" ]; then
+	pid=$bg
+else
+	i=0
+	while [ ! -s "$pf" ]; do
+		i=$((i + 1))
+		[ "$i" -gt 1000 ] && { say error "the process did not start (no pid after 10s)"; exit 3; }
+		sleep 0.01
+	done
+	read -r pid <"$pf"
+fi
 start=0
-st=$(proc_start "$pid") && start=${st% *}
+if proc_start "$pid"; then start=$start_; fi
 echo "$pid $start $boot" >"$rd/.proc"
 say spawned "$pid" "$start" "$boot" "$base"
 [ "$watch" = 1 ] || exit 0
-if [ "$bg" = "$pid" ]; then
+if [ -n "$bg" ]; then
 	wait "$pid"
 	code=$?
 	if [ -s "$sf" ]; then
-		say state "$(state "$pid" "$start" "$boot" "$sf")"
+		state "$pid" "$start" "$boot" "$sf"
+		say state "$st_"
 	elif [ "$code" -gt 128 ]; then
 		say state killed
 	else
@@ -123,7 +142,8 @@ if [ "$bg" = "$pid" ]; then
 	fi
 else
 	while ours "$pid" "$start" "$boot"; do echo; sleep 0.1; done
-	say state "$(state "$pid" "$start" "$boot" "$sf")"
+	state "$pid" "$start" "$boot" "$sf"
+	say state "$st_"
 fi
 "#;
 
@@ -165,9 +185,11 @@ impl Default for Script {
 
 /// One word for the remote shell. Text with a NUL byte cannot be passed to a program at all.
 pub fn quote(s: &str) -> Result<String, BackendError> {
-    shlex::try_quote(s)
-        .map(|c| c.into_owned())
-        .map_err(|_| BackendError::new(format!("cannot pass text with a NUL byte to a remote shell: {s:?}")))
+    shlex::try_quote(s).map(|c| c.into_owned()).map_err(|_| {
+        BackendError::new(format!(
+            "cannot pass text with a NUL byte to a remote shell: {s:?}"
+        ))
+    })
 }
 
 /// What to start, for [`spawn`].
@@ -212,7 +234,11 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
     // The command: env assignments through `env`, then argv, each word quoted.
     let mut words: Vec<String> = vec![
         "setsid".into(),
-        if s.service { "-f".into() } else { String::new() },
+        if s.service {
+            "-f".into()
+        } else {
+            String::new()
+        },
         "sh".into(),
         "-c".into(),
         quote(WRAPPER)?,
@@ -265,7 +291,7 @@ fn with_proc(p: &Proc<'_>) -> Result<Script, BackendError> {
 /// Says `state ...` once.
 pub fn status(p: &Proc<'_>) -> Result<String, BackendError> {
     let mut sc = with_proc(p)?;
-    sc.line(r#"say state "$(state "$pid" "$start" "$boot" "$sf")""#);
+    sc.line(r#"state "$pid" "$start" "$boot" "$sf"; say state "$st_""#);
     Ok(sc.text().to_string())
 }
 
@@ -274,7 +300,7 @@ pub fn status(p: &Proc<'_>) -> Result<String, BackendError> {
 pub fn wait(p: &Proc<'_>) -> Result<String, BackendError> {
     let mut sc = with_proc(p)?;
     sc.line(r#"while ours "$pid" "$start" "$boot"; do echo; sleep 0.2; done"#);
-    sc.line(r#"say state "$(state "$pid" "$start" "$boot" "$sf")""#);
+    sc.line(r#"state "$pid" "$start" "$boot" "$sf"; say state "$st_""#);
     Ok(sc.text().to_string())
 }
 
@@ -282,7 +308,9 @@ pub fn wait(p: &Proc<'_>) -> Result<String, BackendError> {
 pub fn stop(p: &Proc<'_>, grace: std::time::Duration) -> Result<String, BackendError> {
     let mut sc = with_proc(p)?;
     let tenths = (grace.as_millis() / 100).max(1);
-    sc.line(&format!(r#"say stopped "$(stop_group "$pid" "$start" "$boot" {tenths})""#));
+    sc.line(&format!(
+        r#"stop_group "$pid" "$start" "$boot" {tenths}; say stopped "$stopped_""#
+    ));
     Ok(sc.text().to_string())
 }
 
@@ -305,7 +333,9 @@ tail -c "+$((from + 1))" "$lf" | head -c "$((size - from))""#,
 pub fn tail_log(log: &str, bytes: u64) -> Result<String, BackendError> {
     let mut sc = Script::new();
     sc.set("lf", log)?;
-    sc.line(&format!(r#"say log 0 0; tail -c {bytes} "$lf" 2>/dev/null; exit 0"#));
+    sc.line(&format!(
+        r#"say log 0 0; tail -c {bytes} "$lf" 2>/dev/null; exit 0"#
+    ));
     Ok(sc.text().to_string())
 }
 
@@ -318,7 +348,11 @@ pub fn parse_state(words: &[&str]) -> Option<ProcState> {
         ["exited", code] => {
             let c: i32 = code.parse().ok()?;
             // The shell reports death by signal N as 128+N.
-            Some(if c > 128 { ProcState::Exited(None) } else { ProcState::Exited(Some(c)) })
+            Some(if c > 128 {
+                ProcState::Exited(None)
+            } else {
+                ProcState::Exited(Some(c))
+            })
         }
         _ => None,
     }
@@ -339,9 +373,14 @@ mod tests {
 
     #[test]
     fn every_value_is_quoted() {
-        let argv = vec!["sh".to_string(), "-c".to_string(), "echo \"$HOME\" 'x'; rm -rf /nope".to_string()];
+        let argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            "echo \"$HOME\" 'x'; rm -rf /nope".to_string(),
+        ];
         let env: BTreeMap<String, String> = [("A".to_string(), "it's $x".to_string())].into();
-        let files: BTreeMap<String, String> = [("conf/a b.json".to_string(), "{\"k\": '$(id)'}".to_string())].into();
+        let files: BTreeMap<String, String> =
+            [("conf/a b.json".to_string(), "{\"k\": '$(id)'}".to_string())].into();
         let text = spawn(&Start {
             base: ".prl-flow/remote/x y",
             name: "t",
@@ -361,8 +400,14 @@ mod tests {
 
     #[test]
     fn states() {
-        assert_eq!(parse_state(&["exited", "3"]), Some(ProcState::Exited(Some(3))));
-        assert_eq!(parse_state(&["exited", "143"]), Some(ProcState::Exited(None)));
+        assert_eq!(
+            parse_state(&["exited", "3"]),
+            Some(ProcState::Exited(Some(3)))
+        );
+        assert_eq!(
+            parse_state(&["exited", "143"]),
+            Some(ProcState::Exited(None))
+        );
         assert_eq!(parse_state(&["running"]), Some(ProcState::Running));
         assert_eq!(parse_state(&["what"]), None);
         let (w, body) = split_log("motd\nPRLFLOW log 0 5\nhello").expect("log");

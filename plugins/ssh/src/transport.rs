@@ -6,10 +6,14 @@
 //! answers in lines starting with `PRLFLOW `; anything else on stdout (a chatty `.bashrc`) is
 //! ignored.
 //!
-//! Sessions are multiplexed over one master connection per host (`ControlMaster`): the first
-//! use of a host opens it with `ssh -f -N` (connect and authenticate, run nothing), under a
-//! per-host lock so that tasks starting together do not each open one. The master outlives
-//! prl-flow for `ControlPersist`, so `status`, `logs` and `down` from another shell reuse it.
+//! Sessions are multiplexed over one master connection per host (`ControlMaster`). The first
+//! session to a host opens it (`ControlMaster auto`: ssh connects, puts the master in the
+//! background and runs the session through it), so reaching a host costs one connection, as
+//! with plain `ssh`; a per-host lock holds other sessions back until the master's socket
+//! exists, so that tasks starting together do not each open a connection. `allocate` opens
+//! the masters up front instead (`ssh -f -N`: connect and authenticate, run nothing), to
+//! find an unreachable host before anything starts elsewhere. The master outlives prl-flow
+//! for `ControlPersist`, so `status`, `logs` and `down` from another shell reuse it.
 //! Its socket lives in a local directory, named by a hash of how the host is reached, so two
 //! state dirs using the same host share the connection and two ssh configs never do.
 //!
@@ -34,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{self, HostSpec, SshConfig};
 
@@ -90,20 +94,24 @@ impl Settings {
             connect_timeout_s: secs(c.connect_timeout, config::DEFAULT_CONNECT_TIMEOUT),
             server_alive_s: secs(c.server_alive_interval, config::DEFAULT_SERVER_ALIVE),
             control_persist_s: secs(c.control_persist, config::DEFAULT_CONTROL_PERSIST),
-            max_sessions: (c.max_sessions != config::DEFAULT_MAX_SESSIONS).then_some(c.max_sessions),
+            max_sessions: (c.max_sessions != config::DEFAULT_MAX_SESSIONS)
+                .then_some(c.max_sessions),
         }
     }
 
     pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout_s.map_or(config::DEFAULT_CONNECT_TIMEOUT, Duration::from_secs)
+        self.connect_timeout_s
+            .map_or(config::DEFAULT_CONNECT_TIMEOUT, Duration::from_secs)
     }
 
     fn server_alive(&self) -> Duration {
-        self.server_alive_s.map_or(config::DEFAULT_SERVER_ALIVE, Duration::from_secs)
+        self.server_alive_s
+            .map_or(config::DEFAULT_SERVER_ALIVE, Duration::from_secs)
     }
 
     fn control_persist(&self) -> Duration {
-        self.control_persist_s.map_or(config::DEFAULT_CONTROL_PERSIST, Duration::from_secs)
+        self.control_persist_s
+            .map_or(config::DEFAULT_CONTROL_PERSIST, Duration::from_secs)
     }
 
     /// How long a silent, broken connection can take to be noticed: a connect, or three
@@ -169,9 +177,7 @@ pub fn explain_ssh_failure(host: &str, stderr: &str, accept_new: bool) -> SshErr
         .lines()
         .map(|l| l.trim_end_matches('\r').trim())
         .filter(|l| {
-            !l.is_empty()
-                && !l.starts_with("Warning: Permanently added")
-                && !l.starts_with("@@@")
+            !l.is_empty() && !l.starts_with("Warning: Permanently added") && !l.starts_with("@@@")
         })
         .collect();
     let has = |s: &str| lines.iter().any(|l| l.contains(s));
@@ -214,7 +220,7 @@ pub struct Link {
     pub conn: Conn,
     pub label: String,
     control_path: PathBuf,
-    master: tokio::sync::Mutex<()>,
+    master: Arc<tokio::sync::Mutex<()>>,
     ops: Arc<Semaphore>,
     watchers: Arc<Semaphore>,
     /// The last failure to connect, so that twenty tasks on a dead host do not each wait
@@ -244,13 +250,18 @@ pub struct Session {
     pub child: Child,
     pub stdout: tokio::io::Lines<BufReader<ChildStdout>>,
     pub _permit: OwnedSemaphorePermit,
+    /// Held while this session is opening the host's master: released at its first line
+    /// (the session runs, so the master is up) or at its end.
+    opening: Option<OwnedMutexGuard<()>>,
 }
 
 impl Session {
     /// The next `PRLFLOW` line, without the mark; `None` at the end of output.
     pub async fn next(&mut self) -> Option<String> {
         loop {
-            let line = self.stdout.next_line().await.ok()??;
+            let line = self.stdout.next_line().await;
+            self.opening = None;
+            let line = line.ok()??;
             if let Some(at) = line.find(MARK) {
                 return Some(line[at + MARK.len()..].to_string());
             }
@@ -264,7 +275,13 @@ impl Session {
             let _ = e.read_to_string(&mut err).await;
         }
         match self.child.wait().await {
-            Ok(s) if s.code() == Some(255) => Err(link.lost(&err)),
+            Ok(s) if s.code() == Some(255) => {
+                let e = link.lost(&err);
+                if self.opening.take().is_some() {
+                    link.remember(&e);
+                }
+                Err(e)
+            }
             _ => Ok(()),
         }
     }
@@ -282,8 +299,20 @@ impl Link {
         };
         // The socket is named by everything that decides where and how ssh connects.
         let mut h = Sha256::new();
-        h.update(serde_json::to_vec(&(&conn.host, &conn.user, &conn.port, &conn.ssh.config, &conn.ssh.options)).unwrap_or_default());
-        let name: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        h.update(
+            serde_json::to_vec(&(
+                &conn.host,
+                &conn.user,
+                &conn.port,
+                &conn.ssh.config,
+                &conn.ssh.options,
+            ))
+            .unwrap_or_default(),
+        );
+        let name: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let control_path = dir.join(name);
         if control_path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(SshError {
@@ -293,7 +322,11 @@ impl Link {
                 transport: false,
             });
         }
-        let max = conn.ssh.max_sessions.unwrap_or(config::DEFAULT_MAX_SESSIONS).max(2);
+        let max = conn
+            .ssh
+            .max_sessions
+            .unwrap_or(config::DEFAULT_MAX_SESSIONS)
+            .max(2);
         // Keep one session free for other prl-flow commands (`status`, `logs`) sharing the
         // master.
         let usable = (max - 1).max(2);
@@ -301,7 +334,7 @@ impl Link {
         Ok(Self {
             label,
             control_path,
-            master: tokio::sync::Mutex::new(()),
+            master: Arc::new(tokio::sync::Mutex::new(())),
             ops: Arc::new(Semaphore::new(usable - watchers)),
             watchers: Arc::new(Semaphore::new(watchers)),
             unreachable: Mutex::new(None),
@@ -322,7 +355,11 @@ impl Link {
             a.push("-o".into());
             a.push(format!("{k}={v}"));
         }
-        let strict = if s.accept_new_host_keys { "accept-new" } else { "yes" };
+        let strict = if s.accept_new_host_keys {
+            "accept-new"
+        } else {
+            "yes"
+        };
         for o in [
             "BatchMode=yes".to_string(),
             format!("StrictHostKeyChecking={strict}"),
@@ -348,16 +385,25 @@ impl Link {
 
     fn command(&self, extra: &[&str], remote: Option<&str>) -> Command {
         let mut c = Command::new("ssh");
-        c.args(self.args()).args(extra).arg("--").arg(&self.conn.host);
+        c.args(self.args())
+            .args(extra)
+            .arg("--")
+            .arg(&self.conn.host);
         if let Some(r) = remote {
             c.arg(r);
         }
-        c.kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         c
     }
 
     fn persist(&self) -> String {
-        format!("ControlPersist={}", self.conn.ssh.control_persist().as_secs())
+        format!(
+            "ControlPersist={}",
+            self.conn.ssh.control_persist().as_secs()
+        )
     }
 
     fn lost(&self, stderr: &str) -> SshError {
@@ -374,27 +420,14 @@ impl Link {
         if self.control_path.exists() {
             return Ok(());
         }
-        let _guard = self.master.lock().await;
-        if self.control_path.exists() {
+        let Some(_guard) = self.first_use().await? else {
             return Ok(());
-        }
-        if let Ok(u) = self.unreachable.lock() {
-            if let Some((when, e)) = u.as_ref() {
-                if when.elapsed() < Duration::from_secs(2) {
-                    return Err(e.clone());
-                }
-            }
-        }
-        if let Some(dir) = self.control_path.parent() {
-            create_private_dir(dir).map_err(|e| SshError {
-                host: self.label.clone(),
-                message: format!("cannot make the control socket directory `{}`: {e}", dir.display()),
-                help: None,
-                transport: false,
-            })?;
-        }
+        };
         let persist = self.persist();
-        let mut cmd = self.command(&["-o", "ControlMaster=auto", "-o", &persist, "-f", "-N"], None);
+        let mut cmd = self.command(
+            &["-o", "ControlMaster=auto", "-o", &persist, "-f", "-N"],
+            None,
+        );
         // ssh -f forks the master away once authenticated; its stdio go to /dev/null then,
         // so reading our pipes to the end does not wait for the master.
         let limit = self.conn.ssh.connect_timeout() + Duration::from_secs(10);
@@ -425,9 +458,45 @@ impl Link {
             }
             return Ok(());
         }
-        let e = explain_ssh_failure(&self.label, &String::from_utf8_lossy(&out.stderr), self.conn.ssh.accept_new_host_keys);
+        let e = explain_ssh_failure(
+            &self.label,
+            &String::from_utf8_lossy(&out.stderr),
+            self.conn.ssh.accept_new_host_keys,
+        );
         self.remember(&e);
         Err(e)
+    }
+
+    /// Before a session: `None` when the master is up; else the host's lock, for the caller
+    /// to hold until the master it opens is up. Fails at once if the host failed to connect
+    /// a moment ago.
+    async fn first_use(&self) -> Result<Option<OwnedMutexGuard<()>>, SshError> {
+        if self.control_path.exists() {
+            return Ok(None);
+        }
+        let guard = self.master.clone().lock_owned().await;
+        if self.control_path.exists() {
+            return Ok(None);
+        }
+        if let Ok(u) = self.unreachable.lock() {
+            if let Some((when, e)) = u.as_ref() {
+                if when.elapsed() < Duration::from_secs(2) {
+                    return Err(e.clone());
+                }
+            }
+        }
+        if let Some(dir) = self.control_path.parent() {
+            create_private_dir(dir).map_err(|e| SshError {
+                host: self.label.clone(),
+                message: format!(
+                    "cannot make the control socket directory `{}`: {e}",
+                    dir.display()
+                ),
+                help: None,
+                transport: false,
+            })?;
+        }
+        Ok(Some(guard))
     }
 
     fn remember(&self, e: &SshError) {
@@ -451,25 +520,51 @@ impl Link {
         Ok(self.run_raw_with_stderr(script, limit).await?.0)
     }
 
-    async fn run_raw_with_stderr(&self, script: &str, limit: Duration) -> Result<(String, String), SshError> {
-        let _permit = self.ops.clone().acquire_owned().await.map_err(|_| self.closed())?;
+    async fn run_raw_with_stderr(
+        &self,
+        script: &str,
+        limit: Duration,
+    ) -> Result<(String, String), SshError> {
+        let _permit = self
+            .ops
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.closed())?;
         let mut tries = 0;
         loop {
-            self.connect().await?;
+            let mut opening = self.first_use().await?;
             let started = self.start(script).await?;
-            let out = match tokio::time::timeout(limit, started.wait_with_output()).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => return Err(self.io(e)),
-                Err(_) => {
-                    return Err(SshError {
-                        host: self.label.clone(),
-                        message: format!("no answer in {}s", limit.as_secs()),
-                        help: Some("the host or its link may be down".into()),
-                        transport: true,
-                    })
+            let output = started.wait_with_output();
+            tokio::pin!(output);
+            let deadline = tokio::time::sleep(limit + self.conn.ssh.connect_timeout());
+            tokio::pin!(deadline);
+            let out = loop {
+                tokio::select! {
+                    o = &mut output => break o,
+                    () = &mut deadline => {
+                        return Err(SshError {
+                            host: self.label.clone(),
+                            message: format!("no answer in {}s", limit.as_secs()),
+                            help: Some("the host or its link may be down".into()),
+                            transport: true,
+                        })
+                    }
+                    // While this session opens the master, let the others in once it is up.
+                    () = tokio::time::sleep(Duration::from_millis(10)), if opening.is_some() => {
+                        if self.control_path.exists() {
+                            opening = None;
+                        }
+                    }
                 }
             };
+            let out = out.map_err(|e| self.io(e))?;
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            if out.status.code() == Some(255) && opening.is_some() {
+                let e = self.lost(&stderr);
+                self.remember(&e);
+                return Err(e);
+            }
             if out.status.code() == Some(255) {
                 // More sessions than sshd allows on one connection (another prl-flow shares
                 // it): wait a little and ask again.
@@ -481,9 +576,10 @@ impl Link {
                 return Err(self.lost(&stderr));
             }
             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let said_error = stdout
-                .lines()
-                .find_map(|l| l.find("PRLFLOW error ").map(|at| l[at + "PRLFLOW error ".len()..].to_string()));
+            let said_error = stdout.lines().find_map(|l| {
+                l.find("PRLFLOW error ")
+                    .map(|at| l[at + "PRLFLOW error ".len()..].to_string())
+            });
             if let Some(msg) = said_error {
                 return Err(SshError {
                     host: self.label.clone(),
@@ -500,7 +596,10 @@ impl Link {
                         out.status.code().unwrap_or(-1),
                         stderr.trim()
                     ),
-                    help: Some("prl-flow needs a POSIX `sh`, `setsid` and Linux `/proc` on the host".into()),
+                    help: Some(
+                        "prl-flow needs a POSIX `sh`, `setsid` and Linux `/proc` on the host"
+                            .into(),
+                    ),
                     transport: false,
                 });
             }
@@ -513,7 +612,7 @@ impl Link {
         let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
             return Ok(None);
         };
-        self.connect().await?;
+        let opening = self.first_use().await?;
         let mut child = self.start(script).await?;
         let Some(stdout) = child.stdout.take() else {
             return Err(self.io(std::io::Error::other("no stdout")));
@@ -522,13 +621,17 @@ impl Link {
             child,
             stdout: BufReader::new(stdout).lines(),
             _permit: permit,
+            opening,
         }))
     }
 
     /// Spawns `ssh HOST sh -s` and feeds it the script.
     async fn start(&self, script: &str) -> Result<Child, SshError> {
         let persist = self.persist();
-        let mut cmd = self.command(&["-T", "-o", "ControlMaster=auto", "-o", &persist], Some("sh -s"));
+        let mut cmd = self.command(
+            &["-T", "-o", "ControlMaster=auto", "-o", &persist],
+            Some("sh -s"),
+        );
         cmd.stdin(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| self.io(e))?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -592,7 +695,9 @@ pub fn default_control_dir() -> PathBuf {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("prl-flow-ssh"),
         _ => {
             use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| m.uid())
+                .unwrap_or(0);
             PathBuf::from(format!("/tmp/prl-flow-ssh-{uid}"))
         }
     }
@@ -603,7 +708,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
@@ -630,7 +738,10 @@ impl Links {
     }
 
     pub fn all(&self) -> Vec<Arc<Link>> {
-        self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.map
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -646,9 +757,21 @@ mod tests {
             false,
         );
         assert!(e.message.contains("Host key verification failed"), "{e}");
-        assert!(e.help.as_deref().is_some_and(|h| h.contains("accept_new_host_keys")), "{e}");
-        let e = explain_ssh_failure("h", "ssh: connect to host h port 22: Connection timed out\r\n", false);
-        assert_eq!(e.to_string(), "host `h`: ssh: connect to host h port 22: Connection timed out");
+        assert!(
+            e.help
+                .as_deref()
+                .is_some_and(|h| h.contains("accept_new_host_keys")),
+            "{e}"
+        );
+        let e = explain_ssh_failure(
+            "h",
+            "ssh: connect to host h port 22: Connection timed out\r\n",
+            false,
+        );
+        assert_eq!(
+            e.to_string(),
+            "host `h`: ssh: connect to host h port 22: Connection timed out"
+        );
         let e = explain_ssh_failure("h", "root@h: Permission denied (publickey).\n", false);
         assert!(e.help.as_deref().is_some_and(|h| h.contains("ssh-agent")));
     }
@@ -668,11 +791,19 @@ mod tests {
         })
         .expect("link");
         let a = link.args();
-        let pj = a.iter().position(|x| x == "ProxyJump=bastion").expect("user option");
-        let bm = a.iter().position(|x| x == "BatchMode=yes").expect("batch mode");
+        let pj = a
+            .iter()
+            .position(|x| x == "ProxyJump=bastion")
+            .expect("user option");
+        let bm = a
+            .iter()
+            .position(|x| x == "BatchMode=yes")
+            .expect("batch mode");
         assert!(pj < bm);
         assert!(a.contains(&"StrictHostKeyChecking=yes".to_string()));
-        assert!(a.windows(2).any(|w| w == ["-l", "me"]) && a.windows(2).any(|w| w == ["-p", "2222"]));
+        assert!(
+            a.windows(2).any(|w| w == ["-l", "me"]) && a.windows(2).any(|w| w == ["-p", "2222"])
+        );
         assert!(link.control_path.starts_with("/tmp/x"));
         let long = Conn {
             host: "h".into(),
@@ -688,7 +819,9 @@ mod tests {
 
     #[test]
     fn only_marked_lines_count() {
-        let l = marked_lines("welcome to the cluster\nPRLFLOW spawned 1 2 b /x\n..PRLFLOW state running\n");
+        let l = marked_lines(
+            "welcome to the cluster\nPRLFLOW spawned 1 2 b /x\n..PRLFLOW state running\n",
+        );
         assert_eq!(l, ["spawned 1 2 b /x", "state running"]);
     }
 }
