@@ -4,10 +4,14 @@
 //! tasks of the layer before (fixed seed, so every run measures the same graph). Timed:
 //! `decide` + `run`, on a current-thread tokio runtime like the scheduler's own task, with
 //!
-//! - no subscribers, for several `jobs` bounds (`no_subscribers/jobs=N`);
+//! - no subscribers, for several `jobs` bounds (`no_subscribers/jobs/N`);
 //! - a [`Journal`] in a temp dir as the one subscriber (`journal/run`: decide + run, the
 //!   journal opened before and closed after the timed part; `journal/total`: open, decide,
 //!   run, close, i.e. everything a run pays for its journal, including the final snapshot).
+//!
+//! Those are wall-clock times. The `cpu/` groups time the same work by the on-CPU time of
+//! the scheduler's thread instead, which stays put when other work shares the machine's
+//! cores (wall time then grows by whatever the others take).
 //!
 //! Criterion prints the time per iteration; divide by 100,000 for the time per task (the
 //! throughput line says the same in tasks per second). Building and sealing the graph is
@@ -15,7 +19,7 @@
 //!
 //! ```sh
 //! cargo bench -p prl-flow-engine --bench scheduler
-//! cargo bench -p prl-flow-engine --bench scheduler -- no_subscribers/jobs=1024
+//! cargo bench -p prl-flow-engine --bench scheduler -- cpu/
 //! ```
 
 use std::sync::Arc;
@@ -100,6 +104,53 @@ async fn decide_and_run(graph: &Graph, jobs: usize, sink: Sink) {
     assert_eq!(report.summary.done, TASKS);
 }
 
+/// The time this thread has spent on a CPU (`/proc/thread-self/schedstat`, in ns): unlike
+/// wall time, it does not grow when other processes take the machine's cores.
+fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+#[derive(Clone, Copy)]
+enum Clock {
+    Wall,
+    /// On-CPU time of the thread that runs the scheduler (the runtime is current-thread, so
+    /// every task's future is polled there too). The journal's background fsync thread is
+    /// not counted.
+    ThreadCpu,
+}
+
+/// A stopwatch on `clock`.
+fn measure(clock: Clock, f: impl FnOnce()) -> Duration {
+    match clock {
+        Clock::Wall => {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        }
+        Clock::ThreadCpu => {
+            let before = thread_cpu().expect("/proc/thread-self/schedstat");
+            f();
+            thread_cpu()
+                .expect("/proc/thread-self/schedstat")
+                .saturating_sub(before)
+        }
+    }
+}
+
+fn open(dir: &std::path::Path) -> Arc<Journal> {
+    Arc::new(Journal::open(dir, false, "bench").expect("open"))
+}
+
+fn close(j: Arc<Journal>) {
+    Arc::try_unwrap(j)
+        .map_err(|_| "the journal is still shared after the run")
+        .expect("sole owner")
+        .close()
+        .expect("close");
+}
+
 fn bench(c: &mut Criterion) {
     let built = Instant::now();
     let graph = layered_graph();
@@ -108,61 +159,68 @@ fn bench(c: &mut Criterion) {
         built.elapsed().as_secs_f64() * 1e3
     );
     let rt = runtime();
+    let clocks: &[(&str, Clock, &[usize])] = &[
+        ("", Clock::Wall, &[1, 16, 1024, TASKS]),
+        ("cpu/", Clock::ThreadCpu, &[1, 1024]),
+    ];
+    for &(prefix, clock, jobs_list) in clocks {
+        let mut g = c.benchmark_group(format!("{prefix}no_subscribers"));
+        g.throughput(Throughput::Elements(TASKS as u64));
+        g.sample_size(10);
+        g.warm_up_time(Duration::from_secs(1));
+        for &jobs in jobs_list {
+            g.bench_with_input(BenchmarkId::new("jobs", jobs), &jobs, |b, &jobs| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| {
+                            measure(clock, || {
+                                rt.block_on(decide_and_run(&graph, jobs, Sink::none()))
+                            })
+                        })
+                        .sum()
+                });
+            });
+        }
+        g.finish();
 
-    let mut g = c.benchmark_group("no_subscribers");
-    g.throughput(Throughput::Elements(TASKS as u64));
-    g.sample_size(10);
-    g.warm_up_time(Duration::from_secs(1));
-    for jobs in [1, 16, 1024, TASKS] {
-        g.bench_with_input(BenchmarkId::new("jobs", jobs), &jobs, |b, &jobs| {
-            b.iter(|| rt.block_on(decide_and_run(&graph, jobs, Sink::none())));
+        let mut g = c.benchmark_group(format!("{prefix}journal"));
+        g.throughput(Throughput::Elements(TASKS as u64));
+        g.sample_size(10);
+        g.warm_up_time(Duration::from_secs(1));
+        g.bench_function("run", |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = tempdir();
+                    let journal = open(dir.path());
+                    let sink = Sink::new(vec![journal.recorder(&graph)]);
+                    spent += measure(clock, || {
+                        rt.block_on(decide_and_run(&graph, 1024, sink));
+                    });
+                    close(journal);
+                }
+                spent
+            });
         });
+        if let Clock::Wall = clock {
+            g.bench_function("total", |b| {
+                b.iter_custom(|iters| {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        let dir = tempdir();
+                        spent += measure(clock, || {
+                            let journal = open(dir.path());
+                            let sink = Sink::new(vec![journal.recorder(&graph)]);
+                            rt.block_on(decide_and_run(&graph, 1024, sink));
+                            close(journal);
+                        });
+                    }
+                    spent
+                });
+            });
+        }
+        g.finish();
     }
-    g.finish();
-
-    let mut g = c.benchmark_group("journal");
-    g.throughput(Throughput::Elements(TASKS as u64));
-    g.sample_size(10);
-    g.warm_up_time(Duration::from_secs(1));
-    let open = |dir: &std::path::Path| Arc::new(Journal::open(dir, false, "bench").expect("open"));
-    let close = |j: Arc<Journal>| {
-        Arc::try_unwrap(j)
-            .map_err(|_| "the journal is still shared after the run")
-            .expect("sole owner")
-            .close()
-            .expect("close");
-    };
-    g.bench_function("run", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                let dir = tempdir();
-                let journal = open(dir.path());
-                let sink = Sink::new(vec![journal.recorder(&graph)]);
-                let t = Instant::now();
-                rt.block_on(decide_and_run(&graph, 1024, sink));
-                spent += t.elapsed();
-                close(journal);
-            }
-            spent
-        });
-    });
-    g.bench_function("total", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                let dir = tempdir();
-                let t = Instant::now();
-                let journal = open(dir.path());
-                let sink = Sink::new(vec![journal.recorder(&graph)]);
-                rt.block_on(decide_and_run(&graph, 1024, sink));
-                close(journal);
-                spent += t.elapsed();
-            }
-            spent
-        });
-    });
-    g.finish();
 }
 
 fn tempdir() -> tempfile::TempDir {

@@ -242,10 +242,10 @@ proptest! {
         let options = RunOptions { jobs, keep_going: true, ..RunOptions::default() };
         let r = runtime().block_on(fresh_run(&b, &options, Sink::none()));
         let below = dag.descendants(f);
-        for i in 0..dag.n() {
+        for (i, &below_f) in below.iter().enumerate() {
             let want = if i == f {
                 Outcome::Failed
-            } else if below[i] {
+            } else if below_f {
                 Outcome::Skipped
             } else {
                 Outcome::Done
@@ -273,9 +273,9 @@ proptest! {
         prop_assert!(!r.ok());
         prop_assert_eq!(outcome(&b, &r, f), Some(Outcome::Failed));
         let below = dag.descendants(f);
-        for i in 0..dag.n() {
+        for (i, &below_f) in below.iter().enumerate() {
             let o = outcome(&b, &r, i);
-            if below[i] {
+            if below_f {
                 prop_assert_eq!(runs(&b, i), 0, "t{} runs although t{} failed", i, f);
                 prop_assert_eq!(o, Some(Outcome::Skipped));
             } else if i != f {

@@ -1,0 +1,1551 @@
+//! The slurm backend against a real SLURM: a slurmctld and four slurmd started on this
+//! machine by `tests/support/slurm/cluster.sh`.
+//!
+//! **One cluster per test, one test at a time.** Each test starts its own cluster (well
+//! under a second) and a [`TestCluster`] guard stops it when the test ends, passing or not:
+//! every job is cancelled, the daemons and whatever still runs in the nodes' network
+//! namespaces are killed by pid, the namespaces and the bridge removed. The daemons get free
+//! ports and the nodes a /24 of their own, taken from the pid and a counter, so two test
+//! processes (two checkouts, two sessions) never meet; inside this binary the tests take
+//! turns ([`serial`]) because a deployment's services use fixed ports on the node addresses
+//! and there are two cores to share.
+//!
+//! **Why network namespaces.** Every node is a namespace with its own address on a private
+//! bridge (slurmd runs in it, and so does every step it starts). Distinct loopback
+//! addresses would separate TCP ports, but `mooncake_client` also binds an abstract Unix
+//! socket named after its port, and four clients in one namespace clash where four machines
+//! would not. When namespaces cannot be made the cluster falls back to loopback addresses
+//! and the Mooncake tests are skipped, loudly.
+//!
+//! **What needs what.** Every test needs `slurm-wlm` and `munge` (else all are skipped with a
+//! loud message). The deployment tests also need the router (`PRL_FLOW_ROUTER`, or the venv
+//! `./dev` installs) and Mooncake (`PRL_FLOW_MOONCAKE`: the bin dir of a venv with
+//! `mooncake-transfer-engine-non-cuda==0.3.13.post1`, default
+//! `~/.cache/prl-flow/mooncake-0.3.13.post1/bin`). Mooncake runs with protocol `tcp`.
+//!
+//! Tests through the `prl-flow` binary are at the end, ignored until `src/cli.rs` builds the
+//! slurm backend (`backend_for`). The benchmark of docs/benchmarks.md ("SLURM bring-up") is
+//! `bench_bring_up_against_a_sequential_sbatch_script`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prl_flow::exec::{build_graph, Exec};
+use prl_flow::plan::{Command as Cmd, Plan, Probe, Readiness, TaskSpec};
+use prl_flow::recipe::{load, Engine, Options};
+use prl_flow_backend::{Backend, ProcState, SpawnSpec};
+use prl_flow_engine::{
+    decide, Decision, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
+};
+use prl_flow_slurm::SlurmBackend;
+use serde_json::{json, Value};
+
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/support/slurm/cluster.sh"
+);
+const RECIPE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/disaggregated.toml");
+/// The env var that turns [`driver`] into a `prl-flow run` of its own (see there).
+const DRIVER_ENV: &str = "PRL_FLOW_SLURM_TEST_DRIVER";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Tests of this binary take turns (see the module doc).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+fn have_slurm() -> bool {
+    let found = |p: &str| {
+        [
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/usr/local/sbin",
+            "/usr/local/bin",
+        ]
+        .iter()
+        .any(|d| Path::new(d).join(p).exists())
+    };
+    if found("slurmctld") && found("slurmd") && found("munged") && found("srun") {
+        return true;
+    }
+    eprintln!("\n!!! SKIPPED: SLURM is not installed (apt-get install -y slurm-wlm munge); the slurm backend is NOT tested\n");
+    false
+}
+
+/// A private cluster; stopped on drop.
+struct TestCluster {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    /// (SLURM node name, address), in order.
+    nodes: Vec<(String, String)>,
+    netns: bool,
+}
+
+impl TestCluster {
+    /// 4 nodes (`gpus` fake GPUs each); `None` (after a loud message) without SLURM.
+    fn up(gpus: u32) -> Option<TestCluster> {
+        if !have_slurm() {
+            return None;
+        }
+        let k = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let tag = format!("{:x}{k}", pid % 0xfff);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<String> = (0..4).map(|_| common::free_port().to_string()).collect();
+        let out = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("start")
+            .arg(dir.path())
+            .env("SLURM_TAG", &tag)
+            .env("SLURM_NET", free_subnet(pid, k))
+            .env("SLURM_CTLD_PORT", common::free_port().to_string())
+            .env("SLURMD_PORTS", ports.join(","))
+            .env("SLURM_GPUS", gpus.to_string())
+            .env_remove("SLURM_CONF")
+            .output()
+            .expect("run cluster.sh");
+        // Build the guard first: a failed start is cleaned up too.
+        let mut c = TestCluster {
+            conf: dir.path().join("slurm.conf"),
+            dir,
+            nodes: Vec::new(),
+            netns: false,
+        };
+        assert!(
+            out.status.success(),
+            "cluster.sh start failed:\n{}\n--- slurmctld log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(c.dir.path().join("log/slurmctld.log")).unwrap_or_default()
+        );
+        let nodes = std::fs::read_to_string(c.dir.path().join("nodes")).expect("nodes file");
+        for l in nodes.lines() {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            c.nodes.push((w[0].to_string(), w[1].to_string()));
+            c.netns = w[2] != "-";
+        }
+        if !c.netns {
+            eprintln!("\n!!! network namespaces are not available here: the nodes share one; Mooncake tests are SKIPPED\n");
+        }
+        Some(c)
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A SLURM client command against this cluster; its stdout.
+    fn slurm(&self, tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
+            .args(args)
+            .env("SLURM_CONF", &self.conf)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Running steps: (step id, name, node).
+    fn steps(&self) -> Vec<(String, String, String)> {
+        // squeue's step format has no node list field (`%N` is the job's): ask scontrol.
+        let ids: Vec<String> = self
+            .slurm("squeue", &["-h", "-s", "-o", "%i|%j"])
+            .lines()
+            .filter_map(|l| l.split_once('|'))
+            .filter(|(id, _)| !id.ends_with(".batch") && !id.ends_with(".extern"))
+            .map(|(id, name)| format!("{id}|{name}"))
+            .collect();
+        ids.iter()
+            .map(|l| {
+                let (id, name) = l.split_once('|').expect("split");
+                let show = self.slurm("scontrol", &["show", "step", id]);
+                let node = show
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("NodeList="))
+                    .unwrap_or("")
+                    .to_string();
+                (id.to_string(), name.to_string(), node)
+            })
+            .collect()
+    }
+
+    /// Jobs SLURM still runs or will run.
+    fn jobs(&self) -> Vec<String> {
+        self.slurm("squeue", &["-h", "-o", "%i %T"])
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// A `bin_dir` whose SLURM commands log each call to `calls.log`, then run the real one.
+    fn counting_bin_dir(&self) -> PathBuf {
+        let bin = self.dir().join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        for tool in ["sbatch", "srun", "squeue", "scancel", "scontrol"] {
+            let real = ["/usr/bin", "/usr/local/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(tool))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(tool));
+            let path = bin.join(tool);
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\necho \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
+                    self.dir().join("calls.log").display(),
+                    real.display()
+                ),
+            )
+            .expect("write");
+            let _ = Command::new("chmod").arg("+x").arg(&path).status();
+        }
+        bin
+    }
+
+    fn calls(&self, tool: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir().join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{tool} ")))
+            .map(String::from)
+            .collect()
+    }
+
+    /// The `[backend]` table of a test: the cluster's SLURM_CONF and what the steps need on
+    /// PATH (Mooncake's venv), over the recipe's own fields.
+    fn config(&self, recipe: &Value, extra: Value) -> Value {
+        let mut c = recipe.as_object().cloned().unwrap_or_default();
+        c.insert("slurm_conf".into(), json!(self.conf));
+        c.insert("poll".into(), json!("200ms"));
+        if let Some(bin) = mooncake_bin() {
+            let dir = shlex::try_quote(&bin.to_string_lossy())
+                .expect("quote")
+                .into_owned();
+            c.insert(
+                "prologue".into(),
+                json!(format!("export PATH={dir}:\"$PATH\"")),
+            );
+        }
+        if let Value::Object(m) = extra {
+            c.extend(m);
+        }
+        Value::Object(c)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let out = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+        if let Ok(o) = out {
+            if !o.status.success() {
+                eprintln!("cluster.sh stop: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
+}
+
+/// A /24 no interface here uses: `10.A.B`, from the pid and a counter (tests/ssh.rs takes
+/// 10.150–249; these take 10.50–149).
+fn free_subnet(pid: u32, k: usize) -> String {
+    let used = Command::new("ip")
+        .args(["-o", "-4", "addr"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for i in 0..250 {
+        let net = format!("10.{}.{}", 50 + (pid % 100), (k * 11 + i) % 250 + 1);
+        if !used.contains(&format!(" {net}.")) {
+            return net;
+        }
+    }
+    panic!("no free 10.x.y.0/24 subnet");
+}
+
+/// The bin dir of the Mooncake venv, if installed.
+fn mooncake_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PRL_FLOW_MOONCAKE").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let p = home.join("prl-flow/mooncake-0.3.13.post1/bin");
+    p.join("mooncake_master").exists().then_some(p)
+}
+
+/// Router and Mooncake, or a loud skip.
+fn deployment_prerequisites(c: &TestCluster) -> Option<PathBuf> {
+    let Some(router) = common::router_program() else {
+        eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
+        return None;
+    };
+    if mooncake_bin().is_none() {
+        eprintln!("\n!!! SKIPPED: no Mooncake (pip install mooncake-transfer-engine-non-cuda==0.3.13.post1 into ~/.cache/prl-flow/mooncake-0.3.13.post1, or set PRL_FLOW_MOONCAKE to its bin dir)\n");
+        return None;
+    }
+    if !c.netns {
+        return None;
+    }
+    Some(router)
+}
+
+/// recipes/disaggregated.toml as these tests run it: Mooncake over TCP (no RDMA here) and a
+/// 64 MiB segment per node instead of 100 GiB; `pairs` prefill/decode replica pairs of one
+/// node each instead of one pair of two-node replicas.
+fn recipe_text(pairs: bool) -> String {
+    let text = std::fs::read_to_string(RECIPE).expect("recipe");
+    let text = text
+        .replace("protocol = \"rdma\"", "protocol = \"tcp\"")
+        .replace("num_bytes = 107374182400", "num_bytes = 67108864");
+    if pairs {
+        text.replace("num_prefill_replicas = 1", "num_prefill_replicas = 2")
+            .replace("num_decode_replicas = 1 ", "num_decode_replicas = 2 ")
+    } else {
+        text
+    }
+}
+
+fn plan_of(text: &str, router: &Path) -> Plan {
+    let opts = Options {
+        engine: Engine::Mock {
+            argv_prefix: vec![env!("CARGO_BIN_EXE_prl-flow").into(), "mock-engine".into()],
+        },
+        router: Some(vec![router.to_string_lossy().into_owned()]),
+        ..Default::default()
+    };
+    load(
+        "disaggregated.toml",
+        Arc::new(text.to_string()),
+        "disaggregated",
+        &opts,
+    )
+    .unwrap_or_else(|p| panic!("the test recipe does not plan:\n{}", p.render(false)))
+}
+
+/// `prl-flow run [--resume]`, as the CLI does it, through the library. Returns the report
+/// and the decisions.
+async fn run_plan(
+    plan: &Plan,
+    backend: Arc<dyn Backend>,
+    dir: &Path,
+    resume: bool,
+) -> (Report, BTreeMap<String, Decision>) {
+    let exec = Arc::new(Exec::new(backend, dir, plan.nodes.clone()));
+    let graph = build_graph(plan, &exec)
+        .map_err(|e| format!("{e:?}"))
+        .expect("graph");
+    let journal = Journal::open(dir, true, "tests/slurm.rs").expect("journal");
+    let mut previous = journal.records();
+    if !resume {
+        journal.reset();
+    } else {
+        for id in prl_flow_engine::recover_handles(&graph, &mut previous).await {
+            if let Some(h) = previous.get(&id).and_then(|r| r.handle.clone()) {
+                journal.update(&id, |r| r.handle = Some(h));
+            }
+        }
+    }
+    let journal = Arc::new(journal);
+    exec.prime(&previous);
+    let previous = resume.then_some(previous);
+    let decisions = decide(&graph, previous.as_ref()).await;
+    let named = graph
+        .tasks()
+        .iter()
+        .zip(&decisions)
+        .map(|(t, d)| (t.id().to_string(), d.clone()))
+        .collect();
+    let subs: Vec<Arc<dyn Subscriber>> = vec![journal.recorder(&graph)];
+    let options = RunOptions {
+        jobs: 256,
+        keep_going: false,
+        keep: false,
+    };
+    let report = prl_flow_engine::run(
+        &graph,
+        &decisions,
+        previous.as_ref(),
+        &options,
+        Sink::new(subs),
+        prl_flow_engine::Cancel::never(),
+    )
+    .await;
+    journal.flush();
+    drop(graph);
+    if let Ok(j) = Arc::try_unwrap(journal) {
+        j.close().expect("close journal");
+    }
+    (report, named)
+}
+
+/// `prl-flow down` for a SLURM deployment, as the CLI does it (docs/slurm.md, "Status, stop, down"):
+/// everything the journal records, one `scancel` per job.
+async fn down(dir: &Path) -> Vec<prl_flow_slurm::DownOutcome> {
+    let journal = Journal::open(dir, true, "tests/slurm.rs down").expect("journal");
+    let records: Vec<(String, Value)> = journal
+        .records()
+        .into_values()
+        .filter(|r| r.status != Status::Stopped && (r.service || r.status == Status::Running))
+        .filter_map(|r| Some((r.id.clone(), r.handle.clone()?)))
+        .collect();
+    let outcomes = match records.first() {
+        Some((_, h)) => {
+            let b = SlurmBackend::from_handle(h).expect("backend from a handle");
+            b.down(Some(dir), &records, Duration::from_secs(5)).await
+        }
+        None => Vec::new(),
+    };
+    for o in &outcomes {
+        if o.error.is_none() {
+            journal.update(&o.id, |r| r.status = Status::Stopped);
+        }
+    }
+    journal.close().expect("close");
+    outcomes
+}
+
+fn errors(r: &Report) -> String {
+    r.errors
+        .iter()
+        .flatten()
+        .map(|e| e.message.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn records(dir: &Path) -> BTreeMap<String, Record> {
+    prl_flow_engine::journal::load(dir).expect("journal")
+}
+
+/// Task id → its step id, from the journal.
+fn step_ids(dir: &Path) -> BTreeMap<String, String> {
+    records(dir)
+        .into_values()
+        .filter_map(|r| Some((r.id, r.handle?.get("step")?.as_str()?.to_string())))
+        .collect()
+}
+
+fn handle_field(dir: &Path, id: &str, field: &str) -> String {
+    records(dir)
+        .get(id)
+        .and_then(|r| r.handle.as_ref()?.get(field)?.as_str().map(String::from))
+        .unwrap_or_else(|| panic!("no `{field}` in the handle of `{id}`"))
+}
+
+async fn http_get(url: &str) -> Option<u16> {
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    c.get(url).send().await.ok().map(|r| r.status().as_u16())
+}
+
+async fn eventually<T, Fut: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Step names that run more than once.
+fn duplicates(steps: &[(String, String, String)]) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    steps
+        .iter()
+        .filter(|(_, n, _)| !seen.insert(n.clone()))
+        .map(|(_, n, _)| n.clone())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let plan = plan_of(&recipe_text(false), &router);
+    let state = cluster.dir().join("state");
+    let bin = cluster.counting_bin_dir();
+    let config = cluster.config(&plan.backend_config, json!({ "bin_dir": bin }));
+    let backend = Arc::new(SlurmBackend::from_config(&config, &state).expect("config"));
+
+    let began = Instant::now();
+    let (report, _) = run_plan(&plan, backend.clone(), &state, false).await;
+    assert!(report.ok(), "the run failed:\n{}", errors(&report));
+    eprintln!("up in {:.1} s", began.elapsed().as_secs_f64());
+
+    // One job; one step per task with a command, each once, each where the plan put it.
+    assert_eq!(cluster.jobs().len(), 1, "{:?}", cluster.jobs());
+    let steps = cluster.steps();
+    let commands = plan
+        .tasks
+        .iter()
+        .filter(|t| !matches!(t.command, Cmd::Builtin { .. }))
+        .count();
+    assert_eq!(steps.len(), commands, "{steps:?}");
+    assert!(duplicates(&steps).is_empty(), "{steps:?}");
+    let node_of = |id: &str| handle_field(&state, id, "host");
+    let prefill = node_of("prefill[0].node[0]");
+    let decode = node_of("decode[0].node[2]");
+    assert_ne!(
+        prefill, decode,
+        "prefill and decode must run on distinct nodes"
+    );
+    let engines: BTreeSet<String> = [
+        "prefill[0].node[0]",
+        "prefill[0].node[1]",
+        "decode[0].node[2]",
+        "decode[0].node[3]",
+    ]
+    .iter()
+    .map(|id| node_of(id))
+    .collect();
+    assert_eq!(engines.len(), 4, "each engine on its own node: {engines:?}");
+    for (id, name, node) in &steps {
+        let task = name.trim_start_matches("pf:");
+        let rec = records(&state)
+            .into_values()
+            .find(|r| prl_flow_slurm::step_name(&r.id) == *name)
+            .unwrap_or_else(|| panic!("step {id} `{task}` is not in the journal"));
+        assert_eq!(node, &handle_field(&state, &rec.id, "host"), "{id}");
+    }
+    // Mooncake: the master on the head node, a client on every node, each engine with its
+    // own MOONCAKE_CONFIG_PATH pointing at them over TCP.
+    assert_eq!(node_of("mooncake-master"), cluster.nodes[0].0);
+    assert_eq!(node_of("metadata-server"), cluster.nodes[0].0);
+    for k in 0..4 {
+        assert_eq!(
+            node_of(&format!("mooncake-client.node[{k}]")),
+            cluster.nodes[k].0
+        );
+    }
+    let master = &cluster.nodes[0].1;
+    let health = http_get(&format!("http://{master}:9003/health")).await;
+    assert_eq!(health, Some(200));
+    for id in ["prefill[0].node[0]", "decode[0].node[3]"] {
+        let path = handle_field(&state, id, "run_dir");
+        let conf: Value = serde_json::from_str(
+            &std::fs::read_to_string(Path::new(&path).join("mooncake.json"))
+                .expect("mooncake.json"),
+        )
+        .expect("json");
+        assert_eq!(conf["protocol"], "tcp");
+        assert_eq!(conf["master_server_address"], format!("{master}:50051"));
+    }
+    // The router answers through the deployment.
+    let endpoint = plan
+        .endpoint
+        .clone()
+        .expect("endpoint")
+        .replace("${host:node0}", master);
+    assert_eq!(http_get(&format!("{endpoint}/readiness")).await, Some(200));
+
+    // A later process sees it all from the journal alone.
+    let later =
+        SlurmBackend::from_handle(records(&state)["router"].handle.as_ref().expect("handle"))
+            .expect("from handle");
+    for r in records(&state)
+        .values()
+        .filter(|r| r.service && r.kind != "allocate")
+    {
+        let st = later
+            .status(r.handle.as_ref().expect("handle"))
+            .await
+            .expect("status");
+        assert_eq!(st, ProcState::Running, "{}", r.id);
+    }
+
+    // down: one scancel for the whole deployment, and nothing left in squeue.
+    let before = cluster.calls("scancel").len();
+    let outcomes = down(&state).await;
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    assert!(
+        outcomes.iter().filter(|o| o.was_running).count() >= commands,
+        "{outcomes:?}"
+    );
+    let scancels = cluster.calls("scancel");
+    assert!(
+        scancels.len() <= before + 1,
+        "down must cancel per job, not per step: {:?}",
+        &scancels[before..]
+    );
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+    assert!(cluster.steps().is_empty());
+    assert!(records(&state)
+        .values()
+        .filter(|r| r.service)
+        .all(|r| r.status == Status::Stopped));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_it() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let plan = plan_of(&recipe_text(true), &router);
+    let state = cluster.dir().join("state");
+    let config = cluster.config(&plan.backend_config, json!({}));
+    let (report, _) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        false,
+    )
+    .await;
+    assert!(report.ok(), "the run failed:\n{}", errors(&report));
+    let before = step_ids(&state);
+
+    // An admin (or the OOM killer's SLURM) cancels one engine step.
+    let victim = "decode[1].node[3]";
+    let step = before[victim].clone();
+    cluster.slurm("scancel", &[&step]);
+    eventually("the step to end", Duration::from_secs(30), || async {
+        (!cluster.steps().iter().any(|(id, _, _)| *id == step)).then_some(())
+    })
+    .await;
+
+    // `status` in another process: the step is down, everything else up.
+    let h = records(&state)[victim].handle.clone().expect("handle");
+    let later = SlurmBackend::from_handle(&h).expect("from handle");
+    assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone);
+    for r in records(&state)
+        .values()
+        .filter(|r| r.service && r.kind != "allocate" && r.id != victim)
+    {
+        assert_eq!(
+            later
+                .status(r.handle.as_ref().expect("handle"))
+                .await
+                .expect("status"),
+            ProcState::Running,
+            "{}",
+            r.id
+        );
+    }
+
+    // --resume: the cancelled step starts again in the same allocation; of the others only
+    // its dependents (its pair's router and what follows it) run again.
+    let (report, decisions) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        true,
+    )
+    .await;
+    assert!(report.ok(), "the resume failed:\n{}", errors(&report));
+    let rerun: BTreeSet<&str> = decisions
+        .iter()
+        .filter(|(_, d)| matches!(d, Decision::Run(_)))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(
+        rerun,
+        BTreeSet::from([victim, "router[1]", "register[1]", "health-probe[1]"]),
+        "{decisions:?}"
+    );
+    let after = step_ids(&state);
+    for (id, s) in &before {
+        if id == victim || id == "router[1]" {
+            assert_ne!(&after[id], s, "{id} was started again");
+        } else {
+            assert_eq!(&after[id], s, "{id} must keep its step");
+        }
+    }
+    let steps = cluster.steps();
+    assert!(duplicates(&steps).is_empty(), "{steps:?}");
+    assert_eq!(cluster.jobs().len(), 1);
+    assert!(down(&state).await.iter().all(|o| o.error.is_none()));
+    assert!(cluster.jobs().is_empty());
+}
+
+/// Not a test of its own: the `prl-flow run` that
+/// [`kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_twice`] kills.
+/// It runs only as that test's child process, with [`DRIVER_ENV`] naming a JSON file:
+/// `{ "recipe": TEXT, "router": PATH, "state": DIR, "config": {...} }`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a helper: run as the child process of the kill -9 test"]
+async fn driver() {
+    let Some(file) = std::env::var_os(DRIVER_ENV) else {
+        return;
+    };
+    let args: Value =
+        serde_json::from_str(&std::fs::read_to_string(file).expect("driver args")).expect("json");
+    let plan = plan_of(
+        args["recipe"].as_str().expect("recipe"),
+        Path::new(args["router"].as_str().expect("router")),
+    );
+    let state = PathBuf::from(args["state"].as_str().expect("state"));
+    let backend = SlurmBackend::from_config(&args["config"], &state).expect("config");
+    let (report, _) = run_plan(&plan, Arc::new(backend), &state, false).await;
+    std::process::exit(if report.ok() { 0 } else { 1 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_twice() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let text = recipe_text(false);
+    let plan = plan_of(&text, &router);
+    let state = cluster.dir().join("state");
+    let config = cluster.config(&plan.backend_config, json!({}));
+    let args = cluster.dir().join("driver.json");
+    std::fs::write(
+        &args,
+        json!({ "recipe": text, "router": router, "state": state, "config": config }).to_string(),
+    )
+    .expect("write");
+    let log = std::fs::File::create(cluster.dir().join("driver.log")).expect("log");
+    // Engines take 4 s to "load the model": the kill lands while they start.
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "driver",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(DRIVER_ENV, &args)
+        .env("PRL_MOCK_STARTUP_DELAY", "4s")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("driver");
+    let engines = ["prefill[0].node[0]", "decode[0].node[2]"];
+    eventually(
+        "the engines' steps to start",
+        Duration::from_secs(60),
+        || async {
+            let r = records(&state);
+            engines
+                .iter()
+                .all(|id| {
+                    r.get(*id)
+                        .is_some_and(|r| r.status == Status::Running && r.handle.is_some())
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // kill -9: no teardown, no last journal write.
+    let _ = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let at_kill = step_ids(&state);
+    let running_at_kill: Vec<String> = records(&state)
+        .values()
+        .filter(|r| r.status == Status::Running)
+        .map(|r| r.id.clone())
+        .collect();
+    assert!(!running_at_kill.is_empty());
+
+    // The steps go on without any prl-flow, and the engines become ready unwatched.
+    for (k, id) in [(0, engines[0]), (2, engines[1])] {
+        let url = format!("http://{}:8100/health", cluster.nodes[k].1);
+        eventually(
+            &format!("{id} to become ready"),
+            Duration::from_secs(60),
+            || async { (http_get(&url).await == Some(200)).then_some(()) },
+        )
+        .await;
+    }
+
+    let (report, decisions) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        true,
+    )
+    .await;
+    assert!(report.ok(), "the resume failed:\n{}", errors(&report));
+    // What was ready is kept, what was starting is adopted: none of it starts again.
+    let after = step_ids(&state);
+    for (id, step) in &at_kill {
+        assert_eq!(
+            &after[id],
+            step,
+            "{id} was started a second time ({:?})",
+            decisions.get(id)
+        );
+    }
+    for id in engines {
+        assert!(
+            matches!(decisions[id], Decision::Keep | Decision::Adopt),
+            "{id}: {:?}",
+            decisions[id]
+        );
+    }
+    let steps = cluster.steps();
+    assert!(
+        duplicates(&steps).is_empty(),
+        "a task runs twice: {steps:?}"
+    );
+    let commands = plan
+        .tasks
+        .iter()
+        .filter(|t| !matches!(t.command, Cmd::Builtin { .. }))
+        .count();
+    assert_eq!(steps.len(), commands, "{steps:?}");
+    assert_eq!(cluster.jobs().len(), 1);
+    assert!(down(&state).await.iter().all(|o| o.error.is_none()));
+    assert!(cluster.jobs().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Small plans: no router, no Mooncake.
+
+fn task(id: &str, needs: &[&str], node: Option<&str>, command: Cmd, service: bool) -> TaskSpec {
+    TaskSpec {
+        id: id.into(),
+        kind: if id == "allocate" {
+            "allocate".into()
+        } else {
+            "custom".into()
+        },
+        needs: needs.iter().map(|s| s.to_string()).collect(),
+        node: node.map(String::from),
+        command,
+        service,
+        ..Default::default()
+    }
+}
+
+fn shell(script: &str) -> Cmd {
+    Cmd::Shell {
+        script: script.into(),
+    }
+}
+
+/// allocate → a one-shot and a service (an HTTP server on node1), on `nodes` nodes.
+fn small_plan(nodes: usize, port: u16, oneshot: &str) -> Plan {
+    let allocate = task(
+        "allocate",
+        &[],
+        None,
+        Cmd::Builtin {
+            action: "allocate".into(),
+            args: json!({ "nodes": nodes }),
+        },
+        false,
+    );
+    let check = task("check", &["allocate"], Some("node0"), shell(oneshot), false);
+    let mut server = task(
+        "server",
+        &["allocate"],
+        Some("node1"),
+        Cmd::Argv {
+            argv: vec![
+                "python3".into(),
+                "-m".into(),
+                "http.server".into(),
+                port.to_string(),
+                "--bind".into(),
+                "${host:node1}".into(),
+            ],
+        },
+        true,
+    );
+    server.ready = Some(Readiness {
+        probe: Probe::Tcp {
+            addr: format!("${{host:node1}}:{port}"),
+        },
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(1),
+        start_period: Duration::ZERO,
+        ready_timeout: Some(Duration::from_secs(60)),
+    });
+    Plan {
+        name: "small".into(),
+        backend: "slurm".into(),
+        nodes: (0..nodes).map(|k| format!("node{k}")).collect(),
+        tasks: vec![allocate, check, server],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(2) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    let out = cluster.dir().join("env.txt");
+    let oneshot = format!(
+        "echo \"gpus=$CUDA_VISIBLE_DEVICES site=$SITE_VAR node=$SLURMD_NODENAME\" > '{}'; exit 0",
+        out.display()
+    );
+    let plan = small_plan(2, 8765, &oneshot);
+    let config = json!({
+        "slurm_conf": cluster.conf,
+        "partition": "gpu",
+        "time": "10:00",
+        "gpus_per_node": 2,
+        "exclusive": true,
+        "sbatch_lines": ["#SBATCH --comment=prl-flow-test"],
+        "prologue": "SITE_VAR=from-prologue; export SITE_VAR",
+        "job_name": "pf-site-test",
+        "poll": "200ms",
+    });
+    let backend = Arc::new(SlurmBackend::from_config(&config, &state).expect("config"));
+    let (report, _) = run_plan(&plan, backend.clone(), &state, false).await;
+    assert!(report.ok(), "{}", errors(&report));
+
+    // The job got the site's options.
+    let job = records(&state)["allocate"]
+        .handle
+        .as_ref()
+        .and_then(|h| h["handle"]["job"].as_str().map(String::from))
+        .expect("job id");
+    let show = cluster.slurm("scontrol", &["show", "job", &job]);
+    for needle in [
+        "JobName=pf-site-test",
+        "Partition=gpu",
+        "TimeLimit=00:10:00",
+        "Comment=prl-flow-test",
+        "OverSubscribe=NO",
+        "TresPerNode=gres:gpu:2",
+    ] {
+        assert!(show.contains(needle), "`{needle}` not in:\n{show}");
+    }
+    // The step: GPUs from SLURM, the prologue's environment, its node.
+    let text = std::fs::read_to_string(&out).expect("the one-shot wrote its env");
+    assert_eq!(
+        text.trim(),
+        format!("gpus=0,1 site=from-prologue node={}", cluster.nodes[0].0)
+    );
+
+    // A backend made from the handle alone (a later `status`) sees the service, stops it,
+    // and reads its log.
+    let h = records(&state)["server"].handle.clone().expect("handle");
+    let later = SlurmBackend::from_handle(&h).expect("from handle");
+    assert_eq!(later.status(&h).await.expect("status"), ProcState::Running);
+
+    // A prl-flow killed between starting a step and recording it: a fresh backend finds
+    // the step again, before it has checked the allocation (`run --resume` recovers first),
+    // from the step file, or without it by the step's name in the state dir's job.
+    let exec = Exec::new(Arc::new(SlurmBackend::for_handles()), &state, Vec::new());
+    let spec = SpawnSpec {
+        task: "server".into(),
+        node: Some("node1".into()),
+        run_dir: exec.run_dir("server"),
+        log: exec.log_path("server"),
+        service: true,
+        ..Default::default()
+    };
+    let since = records(&state)["server"].started_ms.expect("started");
+    let step_file = exec.run_dir("server").join("slurm-step");
+    let hidden = exec.run_dir("server").join("hidden");
+    for round in ["by its file", "by its name"] {
+        let fresh = SlurmBackend::from_config(&config, &state).expect("config");
+        let found = fresh
+            .recover(&spec, since)
+            .await
+            .expect("recover")
+            .unwrap_or_else(|| panic!("not found {round}"));
+        assert_eq!(
+            (&found["step"], &found["host"]),
+            (&h["step"], &h["host"]),
+            "{round}"
+        );
+        assert_eq!(
+            fresh.status(&found).await.expect("status"),
+            ProcState::Running
+        );
+        if round == "by its file" {
+            std::fs::rename(&step_file, &hidden).expect("hide the step file");
+        }
+    }
+    std::fs::rename(&hidden, &step_file).expect("restore");
+    // An older step file is an earlier attempt's.
+    let fresh = SlurmBackend::from_config(&config, &state).expect("config");
+    let later_attempt = prl_flow_engine::journal::now_ms() + 60_000;
+    let other = SpawnSpec {
+        task: "other".into(),
+        ..spec.clone()
+    };
+    assert!(fresh
+        .recover(&other, later_attempt)
+        .await
+        .expect("recover")
+        .is_none());
+    let url = format!("http://{}:8765/", cluster.nodes[1].1);
+    assert_eq!(http_get(&url).await, Some(200));
+    // The server logs a request once it has answered it.
+    eventually(
+        "the request in the log",
+        Duration::from_secs(10),
+        || async {
+            let log = later.read_log(&h, 0).await.expect("log").0;
+            log.contains("GET / HTTP").then_some(())
+        },
+    )
+    .await;
+    let began = Instant::now();
+    later.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "SIGTERM should do: {:?}",
+        began.elapsed()
+    );
+    assert_ne!(later.status(&h).await.expect("status"), ProcState::Running);
+    later
+        .stop(&h, Duration::from_secs(5))
+        .await
+        .expect("stopping a stopped step is fine");
+    // The one-shot's exit status outlives its srun.
+    let c = records(&state)["check"].handle.clone().expect("handle");
+    assert_eq!(
+        later.status(&c).await.expect("status"),
+        ProcState::Exited(Some(0))
+    );
+
+    let outcomes = down(&state).await;
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_nodes_than_the_partition_has_fails_with_slurms_reason() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    // `small` has two nodes; the plan needs four.
+    let plan = small_plan(4, 8766, "true");
+    let config = json!({ "slurm_conf": cluster.conf, "partition": "small" });
+    let began = Instant::now();
+    let (report, _) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        false,
+    )
+    .await;
+    assert!(!report.ok());
+    let e = errors(&report);
+    assert!(
+        e.contains("the plan needs 4 nodes and partition `small` has 2")
+            && e.contains("pending with reason `Partition"),
+        "{e}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "it must fail, not hang: {:?}",
+        began.elapsed()
+    );
+    assert!(
+        cluster.jobs().is_empty(),
+        "the hopeless job is cancelled: {:?}",
+        cluster.jobs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_refuses_once_the_allocation_has_ended() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    let plan = small_plan(2, 8767, "true");
+    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms" });
+    let (report, _) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        false,
+    )
+    .await;
+    assert!(report.ok(), "{}", errors(&report));
+    let job = records(&state)["allocate"]
+        .handle
+        .as_ref()
+        .and_then(|h| h["handle"]["job"].as_str().map(String::from))
+        .expect("job");
+
+    // The allocation ends behind prl-flow's back (a time limit, an admin).
+    cluster.slurm("scancel", &[&job]);
+    eventually("the job to end", Duration::from_secs(60), || async {
+        cluster.jobs().is_empty().then_some(())
+    })
+    .await;
+
+    let (report, decisions) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        true,
+    )
+    .await;
+    assert!(!report.ok());
+    assert!(matches!(decisions["allocate"], Decision::Run(_)));
+    let e = errors(&report);
+    assert!(
+        e.contains("has ended") && e.contains(&format!("job {job}")) && e.contains("fresh run"),
+        "{e}"
+    );
+    assert!(
+        cluster.jobs().is_empty(),
+        "no second allocation behind the journal's back: {:?}",
+        cluster.jobs()
+    );
+
+    // A fresh run is fine.
+    let (report, _) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        false,
+    )
+    .await;
+    assert!(report.ok(), "{}", errors(&report));
+    assert!(down(&state).await.iter().all(|o| o.error.is_none()));
+    assert!(cluster.jobs().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Through the binary (src/cli.rs builds the slurm backend; `down` must go through
+// `SlurmBackend::down` for one scancel per job).
+
+/// The test recipe with this cluster's `[backend]` fields.
+fn cli_recipe(cluster: &TestCluster, pairs: bool) -> PathBuf {
+    let mut text = recipe_text(pairs);
+    let prologue = mooncake_bin()
+        .map(|b| format!("export PATH={}:\\\"$PATH\\\"", b.display()))
+        .unwrap_or_default();
+    text.push_str(&format!(
+        "slurm_conf = \"{}\"\nprologue = \"{prologue}\"\npoll = \"200ms\"\nbin_dir = \"{}\"\n",
+        cluster.conf.display(),
+        cluster.counting_bin_dir().display()
+    ));
+    let path = cluster.dir().join(if pairs {
+        "pairs.toml"
+    } else {
+        "disaggregated.toml"
+    });
+    std::fs::write(&path, text).expect("write recipe");
+    path
+}
+
+fn prl(cluster: &TestCluster, router: &Path, args: &[&str]) -> common::Out {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prl-flow"));
+    c.args(args)
+        .arg("--state-dir")
+        .arg(cluster.dir().join("state"))
+        .env("PRL_FLOW_ROUTER", router)
+        .current_dir(cluster.dir());
+    common::output_within(c, Duration::from_secs(180))
+}
+
+#[test]
+#[ignore = "needs CLI wiring: `prl-flow down` through `SlurmBackend::down` (one scancel per job)"]
+fn cli_disaggregated_run_kill_resume_scancel_status_down() {
+    let _turn = SERIAL.blocking_lock();
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let recipe = cli_recipe(&cluster, true);
+    let f = recipe.to_str().expect("path");
+    let r = router.to_str().expect("path");
+    let state = cluster.dir().join("state");
+
+    // kill -9 mid-run (engines take 4 s), then --resume: no step twice.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args([
+            "run",
+            f,
+            "--engine",
+            "mock",
+            "--router",
+            r,
+            "--no-progress",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .env("PRL_MOCK_STARTUP_DELAY", "4s")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    common::wait_until("engines started", Duration::from_secs(60), || {
+        prl_flow_engine::journal::load(&state).is_ok_and(|r| {
+            r.get("decode[1].node[3]")
+                .is_some_and(|r| r.handle.is_some())
+        })
+    });
+    let _ = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    prl(
+        &cluster,
+        &router,
+        &["run", f, "--engine", "mock", "--router", r, "--resume"],
+    )
+    .expect_code(0);
+    let steps = cluster.steps();
+    assert!(duplicates(&steps).is_empty(), "{steps:?}");
+
+    // scancel an engine step: status says so (exit 1), --resume restarts it.
+    let step = step_ids(&state)["decode[1].node[3]"].clone();
+    cluster.slurm("scancel", &[&step]);
+    common::wait_until("the step to end", Duration::from_secs(30), || {
+        !cluster.steps().iter().any(|(id, _, _)| *id == step)
+    });
+    let st = prl(&cluster, &router, &["status", f]);
+    assert_eq!(st.code, Some(1), "{}{}", st.stdout, st.stderr);
+    assert!(
+        st.stdout
+            .lines()
+            .any(|l| l.starts_with("decode[1].node[3]") && l.contains("down")),
+        "{}",
+        st.stdout
+    );
+    let out = prl(
+        &cluster,
+        &router,
+        &[
+            "run",
+            f,
+            "--engine",
+            "mock",
+            "--router",
+            r,
+            "--resume",
+            "--explain",
+        ],
+    );
+    out.expect_code(0);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("run") && l.contains("decode[1].node[3]")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("keep") && l.contains("decode[0].node[2]")),
+        "{}",
+        out.stdout
+    );
+    prl(&cluster, &router, &["status", f]).expect_code(0);
+
+    // down: nothing left in squeue, and one scancel for it all.
+    let before = cluster.calls("scancel").len();
+    prl(&cluster, &router, &["down", f]).expect_code(0);
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+    let scancels = cluster.calls("scancel");
+    assert_eq!(
+        scancels.len(),
+        before + 1,
+        "down must cancel per job, not per step: {:?}",
+        &scancels[before..]
+    );
+}
+
+#[test]
+fn cli_more_nodes_than_the_partition_fails_with_slurms_reason() {
+    let _turn = SERIAL.blocking_lock();
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let recipe = cli_recipe(&cluster, false);
+    let text = std::fs::read_to_string(&recipe)
+        .expect("read")
+        .replace("partition = \"gpu\"", "partition = \"small\"");
+    std::fs::write(&recipe, text).expect("write");
+    let began = Instant::now();
+    let out = prl(
+        &cluster,
+        &router,
+        &["run", recipe.to_str().expect("path"), "--engine", "mock"],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("partition `small` has 2"),
+        "{}",
+        out.stderr
+    );
+    assert!(began.elapsed() < Duration::from_secs(30));
+    assert!(cluster.jobs().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmark (docs/benchmarks.md, "SLURM bring-up"):
+//
+//   cargo test --release --test slurm -- --ignored --nocapture bench_
+//
+// The same deployment (the disaggregated recipe: Mooncake master, metadata server, four
+// clients, four engines, the router) brought up in turns on the same cluster, in the same
+// run: by prl-flow, and by a prime-rl-style single sbatch script that starts the same
+// processes one after another, each with `srun --overlap ... &` in the job and a polling
+// probe before the next. Both make one job. Time is from the start of `run` (or `sbatch`)
+// to the router answering a completion. `BENCH_ROUNDS` (default 3) rounds; `BENCH_POLL_MS`
+// (default 1000, the recipe's default on SLURM) is the polling interval of both.
+
+/// The sequential script: one job, steps started in plan order, each waited for by the
+/// plan's own probe (curl, or bash's /dev/tcp), polled every `poll`. As a hand-written
+/// script must, it starts the headless ranks of an engine group (they have no probe) before
+/// it waits for the group's head, which is ready only once they have joined: a wait comes
+/// just before the next task that has a probe of its own.
+fn sequential_script(
+    plan: &Plan,
+    hosts: &BTreeMap<String, String>,
+    run_dir: &Path,
+    poll: &str,
+    prologue: &str,
+) -> String {
+    let resolve = |s: &str| prl_flow::plan::resolve_hosts(s, &|n| hosts.get(n).cloned());
+    let mut s = format!("#!/bin/bash\n#SBATCH --nodes={}\n#SBATCH --ntasks-per-node=1\nset -e\n{prologue}\ncd '{}'\n", plan.nodes.len(), run_dir.display());
+    s.push_str("wait_for() { until eval \"$1\" >/dev/null 2>&1; do sleep ");
+    s.push_str(poll);
+    s.push_str(
+        "; done; }\nmapfile -t NODES < <(scontrol show hostnames \"$SLURM_JOB_NODELIST\")\n",
+    );
+    let mut pending_wait = String::new();
+    for t in &plan.tasks {
+        let Some(node) = &t.node else { continue };
+        let idx: usize = node.trim_start_matches("node").parse().expect("node index");
+        if t.ready.is_some() {
+            s.push_str(&std::mem::take(&mut pending_wait));
+        }
+        let argv: Vec<String> = match &t.command {
+            Cmd::Argv { argv } => argv.iter().map(|a| resolve(a)).collect(),
+            Cmd::Shell { script } => vec!["sh".into(), "-c".into(), resolve(script)],
+            Cmd::Builtin { .. } => continue,
+        };
+        let dir = run_dir.join(prl_flow::exec::file_name(&t.id));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for f in &t.files {
+            std::fs::write(dir.join(&f.path), resolve(&f.content)).expect("write file");
+        }
+        let env: Vec<String> = t
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", shlex::try_quote(&resolve(v)).expect("quote")))
+            .collect();
+        s.push_str(&format!(
+            "(cd '{}' && env {} srun --overlap -w \"${{NODES[{idx}]}}\" -N1 -n1 {} > '{}.log' 2>&1) &\n",
+            dir.display(),
+            env.join(" "),
+            shlex::try_join(argv.iter().map(String::as_str)).expect("quote"),
+            dir.display()
+        ));
+        if let Some(r) = &t.ready {
+            let probe = match &r.probe {
+                Probe::Http { url } => format!("curl -fs -o /dev/null '{}'", resolve(url)),
+                Probe::Tcp { addr } => {
+                    let a = resolve(addr);
+                    let (h, p) = a.rsplit_once(':').expect("host:port");
+                    format!("exec 3<>/dev/tcp/{h}/{p}")
+                }
+                Probe::Log { regex } => format!("grep -qE '{regex}' '{}.log'", dir.display()),
+            };
+            pending_wait = format!("wait_for \"{}\"\n", probe.replace('"', "\\\""));
+        }
+    }
+    s.push_str(&pending_wait);
+    s.push_str("touch \"$PWD/UP\"\nsleep infinity\n");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release --test slurm -- --ignored --nocapture bench_"]
+async fn bench_bring_up_against_a_sequential_sbatch_script() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    // Both poll at the same interval: the recipe's probes (`probe_interval`, 1 s on SLURM
+    // by default) and the script's loops. `BENCH_POLL_MS` sets both.
+    let poll_ms: u64 = std::env::var("BENCH_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let text = recipe_text(false).replace(
+        "[inference.deployment]\n",
+        &format!("[inference.deployment]\nprobe_interval = \"{poll_ms}ms\"\n"),
+    );
+    let plan = plan_of(&text, &router);
+    let poll = format!("{}", poll_ms as f64 / 1000.0);
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let hosts: BTreeMap<String, String> = plan
+        .nodes
+        .iter()
+        .zip(&cluster.nodes)
+        .map(|(n, (_, a))| (n.clone(), a.clone()))
+        .collect();
+    let endpoint = plan
+        .endpoint
+        .clone()
+        .expect("endpoint")
+        .replace("${host:node0}", &cluster.nodes[0].1);
+    let completion = json!({ "model": "Qwen/Qwen3-30B-A3B", "prompt": "hi", "max_tokens": 4 });
+    let complete = |url: String| {
+        let body = completion.clone();
+        async move {
+            let c = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .ok()?;
+            let r = c
+                .post(format!("{url}/v1/completions"))
+                .header("x-session-id", "bench")
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        }
+    };
+    for round in 0..rounds {
+        // prl-flow: `run` returns once the health probe has made a completion.
+        let state = cluster.dir().join(format!("state{round}"));
+        let config = cluster.config(&plan.backend_config, json!({}));
+        let began = Instant::now();
+        let (report, _) = run_plan(
+            &plan,
+            Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+            &state,
+            false,
+        )
+        .await;
+        assert!(report.ok(), "{}", errors(&report));
+        complete(endpoint.clone())
+            .await
+            .expect("a completion through the router");
+        ours.push(began.elapsed());
+        down(&state).await;
+        eventually("the job to end", Duration::from_secs(60), || async {
+            cluster.jobs().is_empty().then_some(())
+        })
+        .await;
+
+        // The sequential script, same processes, 1 s polling as hand-written scripts do.
+        let run_dir = cluster.dir().join(format!("seq{round}"));
+        std::fs::create_dir_all(&run_dir).expect("mkdir");
+        let prologue = mooncake_bin()
+            .map(|b| format!("export PATH={}:\"$PATH\"", b.display()))
+            .unwrap_or_default();
+        // The nodes of a 4-node job on a 4-node cluster are all of them, in order.
+        let script = sequential_script(&plan, &hosts, &run_dir, &poll, &prologue);
+        let path = run_dir.join("bringup.sbatch");
+        std::fs::write(&path, script).expect("write");
+        let began = Instant::now();
+        let out = Command::new("sbatch")
+            .arg("--parsable")
+            .arg(format!("--output={}/job.log", run_dir.display()))
+            .arg(&path)
+            .env("SLURM_CONF", &cluster.conf)
+            .output()
+            .expect("sbatch");
+        let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while complete(endpoint.clone()).await.is_none() {
+            if Instant::now() > deadline {
+                let logs: Vec<String> = std::fs::read_dir(&run_dir)
+                    .expect("run dir")
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                    .map(|e| {
+                        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                        format!(
+                            "--- {}\n{}",
+                            e.path().display(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "the sequential script's deployment did not answer in 180 s:\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        theirs.push(began.elapsed());
+        cluster.slurm("scancel", &[&job]);
+        eventually("the job to end", Duration::from_secs(60), || async {
+            cluster.jobs().is_empty().then_some(())
+        })
+        .await;
+    }
+    let med = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let s = |d: &Duration| format!("{:.2}", d.as_secs_f64());
+    eprintln!("\nSLURM bring-up, disaggregated recipe (mock engines, Mooncake tcp), {rounds} rounds, 1 job each, probes every {poll_ms} ms:");
+    eprintln!(
+        "  prl-flow              {} s (median; rounds: {})",
+        s(&med(ours.clone())),
+        ours.iter().map(s).collect::<Vec<_>>().join(", ")
+    );
+    eprintln!(
+        "  sequential sbatch     {} s (median; rounds: {})",
+        s(&med(theirs.clone())),
+        theirs.iter().map(s).collect::<Vec<_>>().join(", ")
+    );
+}

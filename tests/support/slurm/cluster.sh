@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# A private SLURM cluster on this machine: one slurmctld, N slurmd ("virtual nodes") each
+# with an address of its own, and a munged of its own. Nothing under /etc is touched;
+# clients reach it with `SLURM_CONF=DIR/slurm.conf`. Used by tests/slurm.rs (`start`, and
+# `stop` from a Drop guard) and by hand:
+#
+#   cluster.sh start DIR   write DIR/slurm.conf, start the daemons, wait until nodes are idle;
+#                          DIR/nodes gets one line per node: NAME ADDRESS NETNS|-
+#   cluster.sh stop DIR    cancel every job, stop the daemons, remove the namespaces
+#                          (idempotent; reads what `start` recorded in DIR)
+#
+# Settings (environment, all optional):
+#   SLURM_NODES=4        nodes n1..nN
+#   SLURM_TAG=t0         short tag naming the bridge `pfsb-TAG` and namespaces `pfs-TAG-K`
+#   SLURM_NET=10.61.7    the /24 of the node addresses: the controller is NET.1, node K NET.(K+1)
+#   SLURM_NETNS=auto     1: each slurmd in a network namespace of its own, on a private
+#                        bridge; 0: all on loopback (NET should then be 127.x.y); auto: 1
+#                        when `ip netns add` works
+#   SLURM_CTLD_PORT=6817 slurmctld's port
+#   SLURMD_PORTS=...     one port per node (comma separated); default 6818, 6819, ...
+#   SLURM_CPUS=4         CPUs each node claims (`SlurmdParameters=config_overrides` lets a
+#                        node claim more than the machine has)
+#   SLURM_GPUS=0         fake GPUs per node (`Gres=gpu:N`, character devices made with mknod
+#                        under DIR/dev), so `--gpus-per-node` and CUDA_VISIBLE_DEVICES work
+#
+# Why namespaces: services on different nodes must not see each other's host-wide names.
+# Distinct loopback addresses are enough for TCP ports, but not for abstract Unix sockets:
+# `mooncake_client` binds `@mooncake_client_<port>.sock`, so two clients with the same port
+# on one network namespace clash, as they never would on two machines.
+#
+# Two partitions: `gpu` (every node, the default) and `small` (the first two nodes), so a
+# test can ask for more nodes than a partition has. The scheduler runs on every submission
+# (no batch delay, backfill every second): jobs start in well under a second.
+#
+# Why the order in `stop`: stopping a slurmd while steps run leaves slurmstepd orphans, so
+# jobs are cancelled first and the script waits for them to end; then whatever still runs in
+# the namespaces (only this cluster's processes can be there) is killed by pid.
+set -euo pipefail
+
+cmd="${1:-}"
+dir="${2:-}"
+if [ -z "$cmd" ] || [ -z "$dir" ]; then
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd -P)"
+conf="$dir/slurm.conf"
+export SLURM_CONF="$conf"
+PATH="$PATH:/usr/sbin:/sbin"
+
+log() { printf 'cluster.sh: %s\n' "$*" >&2; }
+
+netns_possible() {
+    local probe="pfs-probe-$$"
+    if ip netns add "$probe" 2>/dev/null; then
+        ip netns del "$probe" 2>/dev/null || true
+        return 0
+    fi
+    return 1
+}
+
+start() {
+    local nodes="${SLURM_NODES:-4}" tag="${SLURM_TAG:-t0}" net="${SLURM_NET:-10.61.7}"
+    local ctld_port="${SLURM_CTLD_PORT:-6817}" cpus="${SLURM_CPUS:-4}" gpus="${SLURM_GPUS:-0}"
+    local use_netns="${SLURM_NETNS:-auto}"
+    local ports=() k
+    if [ -n "${SLURMD_PORTS:-}" ]; then
+        IFS=, read -r -a ports <<<"$SLURMD_PORTS"
+    else
+        for k in $(seq 1 "$nodes"); do ports+=($((ctld_port + k))); done
+    fi
+    [ "${#ports[@]}" -ge "$nodes" ] || { log "SLURMD_PORTS names fewer than $nodes ports"; exit 2; }
+    for tool in slurmctld slurmd munged sinfo; do
+        command -v "$tool" >/dev/null 2>&1 ||
+            { log "\`$tool\` is not installed (apt-get install -y slurm-wlm munge)"; exit 3; }
+    done
+    if [ "$use_netns" = auto ]; then
+        if netns_possible; then use_netns=1; else use_netns=0; fi
+    fi
+    if [ "$use_netns" = 1 ] && [ "${net#127.}" != "$net" ]; then
+        log "SLURM_NET=$net is a loopback net: namespaces need another (e.g. 10.61.7)"
+        exit 2
+    fi
+    mkdir -p "$dir/munge" "$dir/state" "$dir/spool" "$dir/log"
+    chmod 0700 "$dir/munge"
+    echo "$tag $nodes $use_netns" >"$dir/cluster"
+    : >"$dir/nodes"
+
+    local ctld_addr=127.0.0.1
+    if [ "$use_netns" = 1 ]; then
+        local br="pfsb-$tag"
+        ip link add "$br" type bridge
+        ip addr add "$net.1/24" dev "$br"
+        ip link set "$br" up
+        ctld_addr="$net.1"
+        for k in $(seq 1 "$nodes"); do
+            local ns="pfs-$tag-$k" veth="pfsv-$tag-$k" addr="$net.$((k + 1))"
+            ip netns add "$ns"
+            ip link add "$veth" type veth peer name eth0 netns "$ns"
+            ip link set "$veth" master "$br"
+            ip link set "$veth" up
+            ip -n "$ns" link set lo up
+            ip -n "$ns" addr add "$addr/24" dev eth0
+            ip -n "$ns" link set eth0 up
+            # No default route: nodes only talk within the bridge's /24. With one, a DNS
+            # query (every reverse lookup: Python's getfqdn, a bare hostname's AAAA) would go
+            # to a nameserver this namespace cannot reach and time out after 10 s; without,
+            # it fails at once, as on a cluster without DNS for these addresses.
+            echo "n$k $addr $ns" >>"$dir/nodes"
+        done
+    else
+        for k in $(seq 1 "$nodes"); do
+            echo "n$k $net.$((k + 1)) -" >>"$dir/nodes"
+        done
+    fi
+
+    if [ ! -f "$dir/munge/key" ]; then
+        dd if=/dev/urandom bs=1024 count=1 of="$dir/munge/key" status=none
+        chmod 0400 "$dir/munge/key"
+    fi
+    munged --force --socket="$dir/munge/socket" --key-file="$dir/munge/key" \
+        --pid-file="$dir/munge/pid" --log-file="$dir/munge/log" --seed-file="$dir/munge/seed"
+
+    local gres="" host all="" small=""
+    host="$(hostname -s)"
+    if [ "$gpus" -gt 0 ]; then
+        mkdir -p "$dir/dev"
+        : >"$dir/gres.conf"
+        for g in $(seq 0 $((gpus - 1))); do
+            # Character devices like /dev/null: slurmd only needs them to exist.
+            [ -e "$dir/dev/gpu$g" ] || mknod "$dir/dev/gpu$g" c 1 3
+        done
+        echo "Name=gpu File=$dir/dev/gpu[0-$((gpus - 1))]" >"$dir/gres.conf"
+        gres=" Gres=gpu:$gpus"
+    fi
+    {
+        echo "# Generated by tests/support/slurm/cluster.sh"
+        echo "ClusterName=pf$tag"
+        echo "SlurmctldHost=$host($ctld_addr)"
+        echo "SlurmctldPort=$ctld_port"
+        echo "SlurmUser=root"
+        echo "SlurmdUser=root"
+        echo "AuthType=auth/munge"
+        echo "CredType=cred/munge"
+        echo "AuthInfo=socket=$dir/munge/socket"
+        echo "StateSaveLocation=$dir/state"
+        echo "SlurmdSpoolDir=$dir/spool/%n"
+        echo "SlurmctldPidFile=$dir/slurmctld.pid"
+        echo "SlurmdPidFile=$dir/slurmd.%n.pid"
+        echo "SlurmctldLogFile=$dir/log/slurmctld.log"
+        echo "SlurmdLogFile=$dir/log/slurmd.%n.log"
+        echo "SlurmdParameters=config_overrides"
+        echo "ProctrackType=proctrack/linuxproc"
+        echo "TaskPlugin=task/none"
+        echo "JobAcctGatherType=jobacct_gather/none"
+        echo "AccountingStorageType=accounting_storage/none"
+        echo "JobCompType=jobcomp/none"
+        echo "SelectType=select/cons_tres"
+        echo "SelectTypeParameters=CR_Core"
+        echo "SchedulerType=sched/backfill"
+        echo "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,bf_interval=1"
+        echo "MpiDefault=none"
+        echo "ReturnToService=2"
+        echo "KillWait=5"
+        echo "MinJobAge=60"
+        echo "InactiveLimit=0"
+        echo "SlurmctldTimeout=30"
+        echo "SlurmdTimeout=30"
+        echo "MessageTimeout=10"
+        [ -n "$gres" ] && echo "GresTypes=gpu"
+        for k in $(seq 1 "$nodes"); do
+            local addr
+            addr="$(awk -v n="n$k" '$1 == n { print $2 }' "$dir/nodes")"
+            echo "NodeName=n$k NodeHostname=$host NodeAddr=$addr Port=${ports[$((k - 1))]} CPUs=$cpus$gres State=UNKNOWN"
+            all="$all${all:+,}n$k"
+            [ "$k" -le 2 ] && small="$small${small:+,}n$k"
+        done
+        echo "PartitionName=gpu Nodes=$all Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+        echo "PartitionName=small Nodes=$small MaxTime=INFINITE State=UP OverSubscribe=YES"
+    } >"$conf"
+
+    slurmctld -c -f "$conf" || { log "slurmctld did not start: see $dir/log/slurmctld.log"; exit 1; }
+    while read -r name _ ns; do
+        if [ "$ns" = - ]; then
+            slurmd -f "$conf" -N "$name" || { log "slurmd of $name did not start: see $dir/log/slurmd.$name.log"; exit 1; }
+        else
+            # nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup
+            # from slurmd, which then refuses to start.
+            nsenter --net="/run/netns/$ns" slurmd -f "$conf" -N "$name" ||
+                { log "slurmd of $name did not start: see $dir/log/slurmd.$name.log"; exit 1; }
+        fi
+    done <"$dir/nodes"
+    # Ready when every node is idle.
+    for _ in $(seq 1 300); do
+        if [ "$(sinfo -h -p gpu -t idle -o '%D' 2>/dev/null || true)" = "$nodes" ]; then
+            log "up: $nodes nodes idle (SLURM_CONF=$conf)"
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "the nodes did not become idle in 30 s:"
+    sinfo -N -l >&2 || true
+    tail -n 20 "$dir/log/slurmctld.log" >&2 || true
+    exit 1
+}
+
+# SIGTERM to every pid file's process at once (each daemon takes about 2 s to wind down:
+# one after another would be 10 s), then SIGKILL what is left after 5 s.
+kill_pidfiles() {
+    local f pid pids=()
+    for f in "$@"; do
+        [ -f "$f" ] || continue
+        pid="$(cat "$f" 2>/dev/null || true)"
+        rm -f "$f"
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null && pids+=("$pid")
+    done
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    for _ in $(seq 1 50); do
+        local alive=0
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [ "$alive" = 0 ] && return 0
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+
+stop() {
+    [ -f "$dir/cluster" ] || return 0
+    local tag nodes use_netns
+    read -r tag nodes use_netns <"$dir/cluster"
+    if [ -f "$dir/slurmctld.pid" ]; then
+        scancel --quiet --user="$(id -un)" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            [ -z "$(squeue -h -o %i 2>/dev/null || true)" ] && break
+            sleep 0.1
+        done
+    fi
+    kill_pidfiles "$dir/slurmctld.pid" "$dir"/slurmd.*.pid
+    if [ "$use_netns" = 1 ]; then
+        local k
+        for k in $(seq 1 "$nodes"); do
+            local ns="pfs-$tag-$k" pids
+            if ip netns list 2>/dev/null | grep -qw "^$ns"; then
+                # Only this cluster's processes live in its namespaces.
+                pids=$(ip netns pids "$ns" 2>/dev/null || true)
+                [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+                ip netns del "$ns" 2>/dev/null || true
+            fi
+            ip link del "pfsv-$tag-$k" 2>/dev/null || true
+        done
+        ip link del "pfsb-$tag" 2>/dev/null || true
+    fi
+    kill_pidfiles "$dir/munge/pid"
+    rm -f "$dir/cluster"
+    log "stopped"
+}
+
+case "$cmd" in
+start) start ;;
+stop) stop ;;
+*)
+    log "unknown command \`$cmd\` (start|stop)"
+    exit 2
+    ;;
+esac
