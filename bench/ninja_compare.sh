@@ -4,6 +4,7 @@
 #
 #   bench/ninja_compare.sh [--rounds N] [--noop-runs N] [--work DIR] [--jobs "2 16"]
 #                          [--width 1000]   (tasks per layer; smaller for a quick check)
+#                          [--no-hyperfine] (time with the plain loop even if hyperfine is here)
 #
 # Measures, alternating between the tools within each round so that noise from anything
 # else on the machine hits both alike:
@@ -32,6 +33,7 @@ work=${TMPDIR:-/tmp}/prl-flow-vs-ninja
 jobs_list="2 16"
 width=1000
 prl=${PRL_FLOW:-$root/target/release/prl-flow}
+use_hyperfine=1
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
         --work) work=$2; shift 2 ;;
         --jobs) jobs_list=$2; shift 2 ;;
         --width) width=$2; shift 2 ;;
+        --no-hyperfine) use_hyperfine=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown argument \`$1\`" >&2; usage >&2; exit 2 ;;
     esac
@@ -58,7 +61,9 @@ if [ ! -x "$prl" ]; then
     echo "error: no release binary at \`$prl\`; build it with \`cargo build --release\` (or set PRL_FLOW)" >&2
     exit 2
 fi
-if command -v hyperfine >/dev/null 2>&1; then
+if [ "$use_hyperfine" = 0 ]; then
+    have_hyperfine=0
+elif command -v hyperfine >/dev/null 2>&1; then
     have_hyperfine=1
 else
     have_hyperfine=0

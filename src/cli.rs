@@ -303,6 +303,10 @@ pub fn main() -> i32 {
 /// The router version `./dev` installs, and where: `$XDG_CACHE_HOME/prl-flow/router-VERSION`.
 pub const ROUTER_VERSION: &str = "0.1.17";
 
+/// The Mooncake wheel `./dev` installs (`mooncake-transfer-engine-non-cuda`), and where:
+/// `$XDG_CACHE_HOME/prl-flow/mooncake-VERSION`.
+pub const MOONCAKE_VERSION: &str = "0.3.13.post1";
+
 pub fn router_venv() -> Option<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -326,8 +330,15 @@ fn find_router() {
         }
     } else if let Some(v) = router_venv() {
         dirs.push(v.join("bin"));
-    } else {
-        return;
+    }
+    // Mooncake's programs, for the steps of a slurm deployment (srun passes PATH on):
+    // `PRL_FLOW_MOONCAKE` (its bin dir), else the venv `./dev` installs.
+    if let Some(p) = std::env::var_os("PRL_FLOW_MOONCAKE") {
+        dirs.push(PathBuf::from(p));
+    } else if let Some(v) =
+        router_venv().and_then(|r| Some(r.parent()?.join(format!("mooncake-{MOONCAKE_VERSION}"))))
+    {
+        dirs.push(v.join("bin"));
     }
     if let Ok(joined) = std::env::join_paths(dirs) {
         std::env::set_var("PATH", joined);
@@ -1170,7 +1181,15 @@ async fn liveness(exec: &Exec, r: &Record) -> (&'static str, Option<String>) {
         .unwrap_or_default();
     match state {
         Ok(ProcState::Running) => {
-            let pid = pid.map(|p| format!("pid {p}")).unwrap_or_default();
+            // A process says its pid; a SLURM job step its step id.
+            let pid = pid
+                .map(|p| format!("pid {p}"))
+                .or_else(|| {
+                    h.get("step")
+                        .and_then(|s| s.as_str())
+                        .map(|s| format!("step {s}"))
+                })
+                .unwrap_or_default();
             if !r.service {
                 return ("up", Some(format!("running, {pid}{on}")));
             }
@@ -1224,6 +1243,37 @@ async fn stop_recorded(dir: &Path, quiet: bool) -> R<i32> {
     records.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let mut stopped = 0;
     let mut failures = Vec::new();
+    // SLURM: everything of a job in one `scancel` (one call per step overloads slurmctld
+    // on a big deployment), the allocation with it.
+    let (slurm, records): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|r| handle_backend(r).as_deref() == Some("slurm"));
+    let slurm: Vec<(String, serde_json::Value)> = slurm
+        .into_iter()
+        .filter(|r| r.status != Status::Stopped && (r.service || r.status == Status::Running))
+        .filter_map(|r| Some((r.id.clone(), r.handle.clone()?)))
+        .collect();
+    if !slurm.is_empty() {
+        let backend = prl_flow_slurm::SlurmBackend::for_handles();
+        for o in backend
+            .down(Some(dir), &slurm, crate::exec::STOP_GRACE)
+            .await
+        {
+            let process = journal.get(&o.id).is_some_and(|r| r.kind != "allocate");
+            match o.error {
+                None => {
+                    journal.update(&o.id, |rec| rec.status = Status::Stopped);
+                    if o.was_running && process {
+                        stopped += 1;
+                        if !quiet {
+                            eprintln!("stopped {}", o.id);
+                        }
+                    }
+                }
+                Some(e) => failures.push(format!("{}: {e}", o.id)),
+            }
+        }
+    }
     // One backend (for a plugin: one plugin process) per name, not per record.
     let mut backends: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
     for r in records {

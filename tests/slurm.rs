@@ -1178,7 +1178,6 @@ fn prl(cluster: &TestCluster, router: &Path, args: &[&str]) -> common::Out {
 }
 
 #[test]
-#[ignore = "needs CLI wiring: `prl-flow down` through `SlurmBackend::down` (one scancel per job)"]
 fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     let _turn = SERIAL.blocking_lock();
     let Some(cluster) = TestCluster::up(0) else {
