@@ -48,10 +48,14 @@ struct Handle {
     status_file: Option<PathBuf>,
 }
 
+/// Resolves to how a child ended, once it has.
+type ExitWatch = watch::Receiver<Option<ProcState>>;
+
 #[derive(Default)]
 pub struct LocalBackend {
-    /// Exit states of the children this process started, by pid.
-    children: Mutex<HashMap<i32, watch::Receiver<Option<ProcState>>>>,
+    /// Exit states of the children this process started, by pid, with their start times: a
+    /// handle of another process that got the same pid later is not theirs.
+    children: Mutex<HashMap<i32, (u64, ExitWatch)>>,
 }
 
 impl LocalBackend {
@@ -70,12 +74,15 @@ impl LocalBackend {
             .map_err(|e| BackendError::new(format!("not a local process handle ({e}): {handle}")))
     }
 
-    fn child(&self, pid: i32) -> Option<watch::Receiver<Option<ProcState>>> {
-        self.children.lock().ok()?.get(&pid).cloned()
+    fn child(&self, h: &Handle) -> Option<ExitWatch> {
+        match self.children.lock().ok()?.get(&h.pid) {
+            Some((start, rx)) if *start == h.start => Some(rx.clone()),
+            _ => None,
+        }
     }
 
     fn state_of(&self, h: &Handle) -> ProcState {
-        if let Some(rx) = self.child(h.pid) {
+        if let Some(rx) = self.child(h) {
             if let Some(s) = rx.borrow().clone() {
                 return s;
             }
@@ -190,7 +197,7 @@ impl Backend for LocalBackend {
         let start = proc_start(pid).map(|(s, _)| s).unwrap_or(0);
         let (tx, rx) = watch::channel(None);
         if let Ok(mut m) = self.children.lock() {
-            m.insert(pid, rx);
+            m.insert(pid, (start, rx));
         }
         tokio::spawn(async move {
             let state = match child.wait().await {
@@ -216,7 +223,7 @@ impl Backend for LocalBackend {
 
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
         let h = Self::parse(handle)?;
-        if let Some(mut rx) = self.child(h.pid) {
+        if let Some(mut rx) = self.child(&h) {
             let s = rx
                 .wait_for(Option::is_some)
                 .await
@@ -410,6 +417,23 @@ mod tests {
             later.status(&h).await.expect("status"),
             ProcState::Exited(Some(3))
         );
+    }
+
+    #[tokio::test]
+    async fn a_handle_with_a_childs_pid_but_another_start_time_is_not_that_child() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::new();
+        let h = b
+            .spawn(&spec(dir.path(), &["sleep", "30"], true))
+            .await
+            .expect("spawn");
+        let mut other: Handle = serde_json::from_value(h.clone()).expect("handle");
+        other.start += 1;
+        let other = serde_json::to_value(other).expect("json");
+        // The same backend knows the child by pid; a later process with that pid is not it.
+        assert_eq!(b.status(&other).await.expect("status"), ProcState::Gone);
+        assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
+        b.stop(&h, Duration::from_secs(2)).await.expect("stop");
     }
 
     #[tokio::test]
