@@ -145,6 +145,27 @@ pub fn since_last_mark(text: &str) -> &str {
     }
 }
 
+/// For a process started on a file system this machine sees: creates the run dir, places
+/// the spec's files in it, and opens the log for appending (its directory created too).
+pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<std::fs::File, BackendError> {
+    std::fs::create_dir_all(&spec.run_dir)?;
+    for (rel, content) in &spec.files {
+        let path = spec.run_dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, content)?;
+    }
+    if let Some(parent) = spec.log.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))
+}
+
 /// The last `n` lines of `text`.
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();

@@ -144,24 +144,7 @@ impl Backend for LocalBackend {
                 spec.task
             )));
         }
-        std::fs::create_dir_all(&spec.run_dir)?;
-        for (rel, content) in &spec.files {
-            let path = spec.run_dir.join(rel);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(&path, content)?;
-        }
-        if let Some(parent) = spec.log.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log)
-            .map_err(|e| {
-                BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display()))
-            })?;
+        let log = prl_flow_backend::prepare_run_dir(spec)?;
         let log_err = log.try_clone()?;
         {
             use std::io::Write as _;
