@@ -668,22 +668,7 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, status: Status) -> Record {
-        Record {
-            id: id.into(),
-            status,
-            fingerprint: "f".into(),
-            kind: "oneshot".into(),
-            service: false,
-            needs: vec![],
-            handle: None,
-            meta: serde_json::Value::Null,
-            seq: 0,
-            attempts: 1,
-            started_ms: None,
-            finished_ms: None,
-            exit_code: None,
-            error: None,
-        }
+        crate::testing::record(id, status, "f")
     }
 
     #[test]

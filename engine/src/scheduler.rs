@@ -792,24 +792,7 @@ mod tests {
         assert_eq!(r.outcomes[1], Some(Outcome::Cancelled));
     }
 
-    fn record(id: &str, status: Status, fp: &str) -> Record {
-        Record {
-            id: id.into(),
-            status,
-            fingerprint: fp.into(),
-            kind: "oneshot".into(),
-            service: false,
-            needs: vec![],
-            handle: None,
-            meta: serde_json::Value::Null,
-            seq: 0,
-            attempts: 1,
-            started_ms: None,
-            finished_ms: None,
-            exit_code: None,
-            error: None,
-        }
-    }
+    use crate::testing::record;
 
     #[tokio::test]
     async fn resume_decisions_say_why() {

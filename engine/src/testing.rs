@@ -147,3 +147,27 @@ impl Task for FakeTask {
         Ok(())
     }
 }
+
+/// A journal record of a one-shot with the given status and fingerprint, the rest empty.
+pub fn record(
+    id: &str,
+    status: crate::journal::Status,
+    fingerprint: &str,
+) -> crate::journal::Record {
+    crate::journal::Record {
+        id: id.into(),
+        status,
+        fingerprint: fingerprint.into(),
+        kind: "oneshot".into(),
+        service: false,
+        needs: vec![],
+        handle: None,
+        meta: serde_json::Value::Null,
+        seq: 0,
+        attempts: 1,
+        started_ms: None,
+        finished_ms: None,
+        exit_code: None,
+        error: None,
+    }
+}

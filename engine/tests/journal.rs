@@ -9,22 +9,7 @@ use prl_flow_engine::journal::load;
 use prl_flow_engine::{Journal, Record, Status};
 
 fn rec(id: &str, status: Status) -> Record {
-    Record {
-        id: id.into(),
-        status,
-        fingerprint: "f".into(),
-        kind: "oneshot".into(),
-        service: false,
-        needs: vec![],
-        handle: None,
-        meta: serde_json::Value::Null,
-        seq: 0,
-        attempts: 1,
-        started_ms: None,
-        finished_ms: None,
-        exit_code: None,
-        error: None,
-    }
+    prl_flow_engine::testing::record(id, status, "f")
 }
 
 /// The snapshot file's inode: `write_atomic` renames a new file over it, so a rewrite
