@@ -26,6 +26,8 @@ use crate::plan::{resolve_hosts, Command, Plan, Probe, Readiness, TaskSpec};
 
 /// How long a stopped process gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Kinds whose work prl-flow does itself: no process to find.
+pub const BUILTIN_KINDS: &[&str] = &["allocate", "register", "health-probe"];
 /// Lines of a log quoted in a failure message.
 pub const LOG_LINES: usize = 15;
 

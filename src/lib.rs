@@ -14,5 +14,8 @@ pub mod mock;
 pub mod plan;
 pub mod progress;
 pub mod recipe;
+pub mod registry;
+pub mod session;
 pub mod site;
+pub mod tools;
 pub mod workflow;

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prl_flow::exec::{build_graph, Exec};
 use prl_flow::plan::{Command, Plan, Probe, Readiness, TaskSpec};
+use prl_flow::session;
 use prl_flow_backend::{Allocation, Backend, ProcState};
-use prl_flow_engine::{decide, Cancel, Event, RunOptions, Sink, Subscriber};
+use prl_flow_engine::{Cancel, Event, Subscriber};
 use prl_flow_local::LocalBackend;
 use prl_flow_plugin::{conformance, PluginBackend, Scenario, Step, Timeouts};
 use serde_json::{json, Value};
@@ -482,25 +482,22 @@ async fn a_deployment_runs_through_the_example_plugin() {
     let config = json!({ "wrapper": ["env", "VIA_WRAPPER=yes"] });
     let backend: Arc<dyn Backend> =
         Arc::new(PluginBackend::new("wrapped", wrapped()).with_config(config.clone()));
-    let exec = Arc::new(Exec::new(backend.clone(), dir.path(), plan.nodes.clone()));
-    let graph = match build_graph(&plan, &exec) {
-        Ok(g) => g,
-        Err(e) => panic!("the plan does not make a graph: {e:?}"),
-    };
     let started = Started::default();
-    let decisions = decide(&graph, None).await;
+    let prepared = session::run::prepare(
+        &plan,
+        backend.clone(),
+        dir.path(),
+        &session::RunSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the plan does not make a run: {e:?}"));
     let report = bounded(
         "the run",
-        prl_flow_engine::run(
-            &graph,
-            &decisions,
-            None,
-            &RunOptions::default(),
-            Sink::new(vec![Arc::new(started.clone())]),
-            Cancel::never(),
-        ),
+        prepared.execute(vec![Arc::new(started.clone())], Cancel::never()),
     )
-    .await;
+    .await
+    .expect("the run")
+    .report;
     let errors: Vec<String> = report
         .errors
         .iter()
@@ -515,8 +512,6 @@ async fn a_deployment_runs_through_the_example_plugin() {
 
     // A later prl-flow (`status`, `down`): a new plugin process finds the service by its
     // recorded handle, stops it, and releases the nodes.
-    drop(graph);
-    drop(exec);
     drop(backend);
     let later = PluginBackend::new("wrapped", wrapped()).with_config(config);
     let h = started.handle("server").expect("the server's handle");

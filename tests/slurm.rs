@@ -36,13 +36,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prl_flow::exec::{build_graph, Exec};
 use prl_flow::plan::{Command as Cmd, Plan, Probe, Readiness, TaskSpec};
 use prl_flow::recipe::{load, Engine, Options};
+use prl_flow::session::{self, DownReport, RunSettings, Session};
 use prl_flow_backend::{Backend, ProcState, SpawnSpec};
-use prl_flow_engine::{
-    decide, Decision, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
-};
+use prl_flow_engine::{Decision, Record, Report, Status};
 use prl_flow_slurm::SlurmBackend;
 use serde_json::{json, Value};
 
@@ -334,86 +332,39 @@ fn plan_of(text: &str, router: &Path) -> Plan {
     .unwrap_or_else(|p| panic!("the test recipe does not plan:\n{}", p.render(false)))
 }
 
-/// `prl-flow run [--resume]`, as the CLI does it, through the library. Returns the report
-/// and the decisions.
+/// `prl-flow run [--resume]`, through the session API the CLI uses. Returns the report and
+/// the decisions.
 async fn run_plan(
     plan: &Plan,
     backend: Arc<dyn Backend>,
     dir: &Path,
     resume: bool,
 ) -> (Report, BTreeMap<String, Decision>) {
-    let exec = Arc::new(Exec::new(backend, dir, plan.nodes.clone()));
-    let graph = build_graph(plan, &exec)
-        .map_err(|e| format!("{e:?}"))
-        .expect("graph");
-    let journal = Journal::open(dir, true, "tests/slurm.rs").expect("journal");
-    let mut previous = journal.records();
-    if !resume {
-        journal.reset();
-    } else {
-        for id in prl_flow_engine::recover_handles(&graph, &mut previous).await {
-            if let Some(h) = previous.get(&id).and_then(|r| r.handle.clone()) {
-                journal.update(&id, |r| r.handle = Some(h));
-            }
-        }
-    }
-    let journal = Arc::new(journal);
-    exec.prime(&previous);
-    let previous = resume.then_some(previous);
-    let decisions = decide(&graph, previous.as_ref()).await;
-    let named = graph
-        .tasks()
-        .iter()
-        .zip(&decisions)
-        .map(|(t, d)| (t.id().to_string(), d.clone()))
-        .collect();
-    let subs: Vec<Arc<dyn Subscriber>> = vec![journal.recorder(&graph)];
-    let options = RunOptions {
-        jobs: 256,
-        keep_going: false,
-        keep: false,
+    let settings = RunSettings {
+        jobs: Some(256),
+        resume,
+        holder: "tests/slurm.rs".into(),
+        ..RunSettings::default()
     };
-    let report = prl_flow_engine::run(
-        &graph,
-        &decisions,
-        previous.as_ref(),
-        &options,
-        Sink::new(subs),
-        prl_flow_engine::Cancel::never(),
-    )
-    .await;
-    journal.flush();
-    drop(graph);
-    if let Ok(j) = Arc::try_unwrap(journal) {
-        j.close().expect("close journal");
-    }
-    (report, named)
+    let prepared = session::run::prepare(plan, backend, dir, &settings)
+        .await
+        .expect("prepare the run");
+    let named = prepared.named_decisions();
+    let ran = prepared
+        .execute(Vec::new(), prl_flow_engine::Cancel::never())
+        .await
+        .expect("run");
+    (ran.report, named)
 }
 
-/// `prl-flow down` for a SLURM deployment, as the CLI does it (docs/slurm.md, "Status, stop, down"):
-/// everything the journal records, one `scancel` per job.
-async fn down(dir: &Path) -> Vec<prl_flow_slurm::DownOutcome> {
-    let journal = Journal::open(dir, true, "tests/slurm.rs down").expect("journal");
-    let records: Vec<(String, Value)> = journal
-        .records()
-        .into_values()
-        .filter(|r| r.status != Status::Stopped && (r.service || r.status == Status::Running))
-        .filter_map(|r| Some((r.id.clone(), r.handle.clone()?)))
-        .collect();
-    let outcomes = match records.first() {
-        Some((_, h)) => {
-            let b = SlurmBackend::from_handle(h).expect("backend from a handle");
-            b.down(Some(dir), &records, Duration::from_secs(5)).await
-        }
-        None => Vec::new(),
-    };
-    for o in &outcomes {
-        if o.error.is_none() {
-            journal.update(&o.id, |r| r.status = Status::Stopped);
-        }
-    }
-    journal.close().expect("close");
-    outcomes
+/// `prl-flow down` for a SLURM deployment, through the session API the CLI uses
+/// (docs/slurm.md, "Status, stop, down"): everything the journal records, one `scancel` per
+/// job.
+async fn down(dir: &Path) -> DownReport {
+    Session::default()
+        .down(dir, &mut |_| {})
+        .await
+        .expect("down")
 }
 
 fn errors(r: &Report) -> String {
@@ -586,12 +537,9 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
 
     // down: one scancel for the whole deployment, and nothing left in squeue.
     let before = cluster.calls("scancel").len();
-    let outcomes = down(&state).await;
-    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
-    assert!(
-        outcomes.iter().filter(|o| o.was_running).count() >= commands,
-        "{outcomes:?}"
-    );
+    let report = down(&state).await;
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert!(report.stopped >= commands, "{report:?}");
     let scancels = cluster.calls("scancel");
     assert!(
         scancels.len() <= before + 1,
@@ -687,7 +635,7 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
     let steps = cluster.steps();
     assert!(duplicates(&steps).is_empty(), "{steps:?}");
     assert_eq!(cluster.jobs().len(), 1);
-    assert!(down(&state).await.iter().all(|o| o.error.is_none()));
+    assert!(down(&state).await.failures.is_empty());
     assert!(cluster.jobs().is_empty());
 }
 
@@ -825,7 +773,7 @@ async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_
         .count();
     assert_eq!(steps.len(), commands, "{steps:?}");
     assert_eq!(cluster.jobs().len(), 1);
-    assert!(down(&state).await.iter().all(|o| o.error.is_none()));
+    assert!(down(&state).await.failures.is_empty());
     assert!(cluster.jobs().is_empty());
 }
 
@@ -962,7 +910,7 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
     // A prl-flow killed between starting a step and recording it: a fresh backend finds
     // the step again, before it has checked the allocation (`run --resume` recovers first),
     // from the step file, or without it by the step's name in the state dir's job.
-    let exec = Exec::new(Arc::new(SlurmBackend::for_handles()), &state, Vec::new());
+    let exec = prl_flow::exec::Exec::new(Arc::new(SlurmBackend::for_handles()), &state, Vec::new());
     let spec = SpawnSpec {
         task: "server".into(),
         node: Some("node1".into()),
@@ -1038,8 +986,8 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
         ProcState::Exited(Some(0))
     );
 
-    let outcomes = down(&state).await;
-    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    let report = down(&state).await;
+    assert!(report.failures.is_empty(), "{report:?}");
     assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
 }
 
@@ -1139,7 +1087,7 @@ async fn resume_refuses_once_the_allocation_has_ended() {
     )
     .await;
     assert!(report.ok(), "{}", errors(&report));
-    assert!(down(&state).await.iter().all(|o| o.error.is_none()));
+    assert!(down(&state).await.failures.is_empty());
     assert!(cluster.jobs().is_empty());
 }
 

@@ -24,12 +24,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prl_flow::exec::{build_graph, Exec};
 use prl_flow::plan::{Command as Cmd, FileSpec, Plan, Probe, Readiness, TaskSpec};
+use prl_flow::session::{self, RunSettings, Session};
 use prl_flow_backend::{Backend, ProcState, SpawnSpec};
-use prl_flow_engine::{
-    decide, Event, Journal, Outcome, Report, RunOptions, Sink, Status, Subscriber,
-};
+use prl_flow_engine::{Event, Outcome, Report, Status, Subscriber};
 use prl_flow_ssh::SshBackend;
 use serde_json::{json, Value};
 
@@ -600,7 +598,7 @@ fn router_program() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     let p = home.join(format!(
         "prl-flow/router-{}/bin/vllm-router",
-        prl_flow::cli::ROUTER_VERSION
+        prl_flow::tools::ROUTER_VERSION
     ));
     p.exists().then_some(p)
 }
@@ -743,7 +741,7 @@ impl Subscriber for Durations {
     }
 }
 
-/// `prl-flow run [--resume]`, as the CLI does it, through the library.
+/// `prl-flow run [--resume]`, through the session API the CLI uses.
 async fn run_plan(
     plan: &Plan,
     backend: Arc<dyn Backend>,
@@ -752,66 +750,39 @@ async fn run_plan(
     keep: bool,
     durations: Option<Arc<Durations>>,
 ) -> Report {
-    let exec = Arc::new(Exec::new(backend, dir, plan.nodes.clone()));
-    let graph = build_graph(plan, &exec)
-        .map_err(|e| format!("{e:?}"))
-        .expect("graph");
-    let journal = Journal::open(dir, true, "tests/ssh.rs").expect("journal");
-    let previous = journal.records();
-    if !resume {
-        journal.reset();
-    }
-    let journal = Arc::new(journal);
-    exec.prime(&previous);
-    let previous = resume.then_some(previous);
-    let decisions = decide(&graph, previous.as_ref()).await;
-    let mut subs: Vec<Arc<dyn Subscriber>> = vec![journal.recorder(&graph)];
+    let settings = RunSettings {
+        jobs: Some(64),
+        keep,
+        resume,
+        holder: "tests/ssh.rs".into(),
+        ..RunSettings::default()
+    };
+    let prepared = session::run::prepare(plan, backend, dir, &settings)
+        .await
+        .expect("prepare the run");
+    let mut subs: Vec<Arc<dyn Subscriber>> = Vec::new();
     if let Some(d) = durations {
         subs.push(d);
     }
-    let options = RunOptions {
-        jobs: 64,
-        keep_going: false,
-        keep,
-    };
-    let report = prl_flow_engine::run(
-        &graph,
-        &decisions,
-        previous.as_ref(),
-        &options,
-        Sink::new(subs),
-        prl_flow_engine::Cancel::never(),
-    )
-    .await;
-    journal.flush();
-    drop(graph);
-    if let Ok(j) = Arc::try_unwrap(journal) {
-        j.close().expect("close journal");
-    }
-    report
+    prepared
+        .execute(subs, prl_flow_engine::Cancel::never())
+        .await
+        .expect("run")
+        .report
 }
 
-/// `prl-flow down`, as the CLI does it: every recorded process, last started first, with a
-/// backend rebuilt from the journal alone.
+/// `prl-flow down`, through the session API the CLI uses: every recorded process, last
+/// started first, with a backend rebuilt from the journal alone.
 async fn down(dir: &Path) {
-    let journal = Journal::open(dir, true, "tests/ssh.rs down").expect("journal");
-    let mut records: Vec<_> = journal.records().into_values().collect();
-    records.sort_by_key(|r| std::cmp::Reverse(r.seq));
-    let b = SshBackend::from_handles();
-    for r in records {
-        let Some(h) = &r.handle else { continue };
-        if r.status == Status::Stopped || !(r.service || r.status == Status::Running) {
-            continue;
-        }
-        if r.kind == "allocate" {
-            let a = serde_json::from_value(h.clone()).expect("allocation");
-            b.release(&a).await.expect("release");
-        } else {
-            b.stop(h, Duration::from_secs(5)).await.expect("stop");
-        }
-        journal.update(&r.id, |rec| rec.status = Status::Stopped);
-    }
-    journal.close().expect("close");
+    let report = Session::default()
+        .down(dir, &mut |_| {})
+        .await
+        .expect("down");
+    assert!(
+        report.failures.is_empty(),
+        "down failed: {:?}",
+        report.failures
+    );
 }
 
 fn errors(r: &Report) -> String {

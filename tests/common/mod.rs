@@ -605,7 +605,7 @@ pub fn router_program() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     let p = cache.join(format!(
         "prl-flow/router-{}/bin/vllm-router",
-        prl_flow::cli::ROUTER_VERSION
+        prl_flow::tools::ROUTER_VERSION
     ));
     p.exists().then_some(p)
 }

@@ -1,0 +1,213 @@
+//! The command line's words: every subcommand, flag and help text (clap derive). Nothing
+//! here does anything; [`super`] dispatches.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::graph_render::Format;
+
+const EXAMPLES: &str = "\
+Examples:
+  prl-flow run recipes/local/disaggregated.toml --engine mock   bring a deployment up here
+  prl-flow run build.toml -j 4                    run a workflow of shell tasks
+  prl-flow run build.toml --resume --explain      re-run only what is not done, and say why
+  prl-flow graph build.toml --format dot | dot -Tsvg > graph.svg
+  prl-flow status                                 what runs, and is it alive
+  prl-flow logs server -f                         follow one task's log
+  prl-flow down                                   stop everything, last started first";
+
+#[derive(Parser)]
+#[command(
+    name = "prl-flow",
+    version,
+    about = "Bring up LLM inference deployments (vLLM engines, vllm-router, Mooncake) as a graph of tasks",
+    long_about = "Bring up LLM inference deployments as a dependency graph of tasks.\n\n\
+A FILE is either a deployment recipe (an `[inference]` table: see docs/recipes.md) or a plain \
+workflow of `[[task]]` entries (shell commands with `needs`). Each run keeps a journal in a \
+state dir (default `.prl-flow/<name>/`), so a bring-up that failed half-way resumes without \
+starting anything twice, and `status`, `logs` and `down` work from another shell.",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    /// Show debug logs on stderr (hides progress bars).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Print only errors and the final result.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Plain lines instead of progress bars, even on a terminal.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+    /// A site file: the site's backend, its defaults and plugins (docs/plugins.md).
+    #[arg(long, global = true, value_name = "FILE", env = "PRL_FLOW_SITE")]
+    pub site: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run a recipe or workflow: every task once its dependencies are done.
+    #[command(after_help = "Examples:
+  prl-flow run recipes/local/single_node.toml --engine mock
+  prl-flow run build.toml -j 8 --keep-going
+  prl-flow run build.toml --resume --explain
+
+A failed or interrupted run stops the services it started (unless --keep). Fix the cause, then
+`--resume`: tasks recorded as done, unchanged and still alive are kept; the rest run again.")]
+    Run(RunArgs),
+    /// Draw the task graph (ascii, dot, mermaid or json).
+    #[command(after_help = "Examples:
+  prl-flow graph build.toml
+  prl-flow graph recipes/disaggregated.toml --format dot | dot -Tsvg > graph.svg
+  prl-flow graph build.toml --format mermaid >> README.md")]
+    Graph(GraphArgs),
+    /// Show every task with its command, env, node and readiness probe, before anything runs.
+    #[command(after_help = "Examples:
+  prl-flow plan recipes/disaggregated.toml
+  prl-flow plan recipes/multi_node.toml --backend local --format json | jq '.tasks[].argv'")]
+    Plan(PlanArgs),
+    /// Check a recipe or workflow and report every problem at once.
+    #[command(after_help = "Example:\n  prl-flow validate recipes/wide_ep.toml")]
+    Validate(FileArgs),
+    /// The state of each task from the journal; services are checked live.
+    #[command(after_help = "Examples:
+  prl-flow status
+  prl-flow status recipes/local/single_node.toml -v    also say what a --resume would do")]
+    Status(StateArgs),
+    /// Stop every service the journal records, in reverse order, and release nodes.
+    #[command(
+        after_help = "Examples:\n  prl-flow down\n  prl-flow down --state-dir /scratch/run1"
+    )]
+    Down(StateArgs),
+    /// Print a task's log (`-f` to follow it).
+    #[command(
+        after_help = "Examples:\n  prl-flow logs router\n  prl-flow logs 'prefill[0].node[0]' -f"
+    )]
+    Logs(LogsArgs),
+    /// List the backends: built in, and plugins found on PATH or named by the site file.
+    #[command(after_help = "Example:\n  PATH=$PWD/examples/plugins:$PATH prl-flow plugins")]
+    Plugins,
+    /// Site plugins: `plugin test NAME` runs the conformance scenario against a backend.
+    #[command(subcommand)]
+    Plugin(PluginCmd),
+    /// The stand-in for `vllm serve` used where there is no GPU (takes vllm serve's flags).
+    #[command(hide = true, disable_help_flag = true)]
+    MockEngine {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PluginCmd {
+    /// Run the conformance scenario (allocate, spawn, probe, check, reattach, stop, release)
+    /// against a backend, built in or plugin, and report each step.
+    #[command(
+        after_help = "Examples:\n  prl-flow plugin test local\n  prl-flow plugin test wrapped"
+    )]
+    Test {
+        /// The backend's name (`local`, or a plugin's).
+        name: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct FileArgs {
+    /// A recipe or workflow file (TOML).
+    pub file: PathBuf,
+    /// Override the recipe's backend (`local`, `ssh`, `slurm`, or a plugin).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Use the mock engine instead of the recipe's launcher (no GPU needed).
+    #[arg(long, value_enum, default_value_t = EngineArg::Real)]
+    pub engine: EngineArg,
+    /// A directory of templates overriding the built-in ones.
+    #[arg(long, value_name = "DIR")]
+    pub templates: Option<PathBuf>,
+    /// The router program (argv prefix), instead of the recipe's or `vllm-router`.
+    #[arg(long, value_name = "PATH")]
+    pub router: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// The recipe's launcher (`vllm serve`).
+    Real,
+    /// `prl-flow mock-engine`: same flags, same HTTP API, no GPU.
+    Mock,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    /// The state dir (journal and logs); default `.prl-flow/<name>`.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// At most N tasks at once (default: CPUs + 2 for workflows, 256 for deployments).
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// After a failure, go on with everything that does not depend on it.
+    #[arg(short, long)]
+    pub keep_going: bool,
+    /// On failure or Ctrl-C, leave the services this run started running.
+    #[arg(long)]
+    pub keep: bool,
+    /// Keep what an earlier run did that is still valid; run the rest.
+    #[arg(short, long)]
+    pub resume: bool,
+    /// Print, per task, why it runs or is kept.
+    #[arg(long)]
+    pub explain: bool,
+    /// Once up, stay in the foreground: report services that die, and stop everything on
+    /// Ctrl-C (or when `prl-flow down` is run elsewhere).
+    #[arg(long)]
+    pub attach: bool,
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    #[arg(long, value_enum, default_value_t = Format::Ascii)]
+    pub format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+}
+
+#[derive(Args)]
+pub struct StateArgs {
+    /// The recipe or workflow (names the state dir); optional when `.prl-flow/` holds one.
+    pub file: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The task's id (see `prl-flow status`).
+    pub task: String,
+    /// Keep printing what is appended, until the task ends (or Ctrl-C).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// The recipe or workflow (names the state dir).
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}

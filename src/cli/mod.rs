@@ -1,0 +1,379 @@
+//! The command line: it parses arguments ([`args`]), calls the [session API](crate::session),
+//! and prints what comes back ([`show`]) with exit codes: 0 ok, 1 the run failed, 2 bad
+//! input. Results go to stdout, progress and messages to stderr; a closed stdout pipe
+//! (`prl-flow graph x | head`) is not an error. It knows no backend and no deployment shape.
+
+pub mod args;
+pub mod show;
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use prl_flow_engine::Subscriber;
+
+use args::{Cli, Cmd, EngineArg, FileArgs, PlanFormat, PluginCmd, RunArgs, StateArgs};
+
+use crate::graph_render;
+use crate::session::{self, Error, LoadOptions, RunSettings, Session};
+
+type R<T> = Result<T, Error>;
+
+pub fn main() -> i32 {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // The mock engine takes vLLM's flags verbatim: hand them over before clap sees them.
+    if args.get(1).is_some_and(|a| a == "mock-engine") {
+        return crate::mock::main(args[2..].to_vec());
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 2,
+            };
+        }
+    };
+    crate::tools::put_on_path();
+    if cli.verbose > 0 {
+        let filter = if cli.verbose > 1 {
+            "debug"
+        } else {
+            "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug,prl_flow_plugin=debug,prl_flow_ssh=debug,prl_flow_slurm=debug"
+        };
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("PRL_FLOW_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+            )
+            .try_init();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let result = rt.block_on(dispatch(&cli));
+    // Don't wait for lingering blocking reads (a followed log) at exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(code) => code,
+        Err(Error::Usage(msg)) => {
+            eprintln!("{msg}");
+            2
+        }
+        Err(Error::Problems(p)) => {
+            eprint!("{}", p.render(color_stderr()));
+            2
+        }
+        Err(Error::LiveServices { dir, ids }) => {
+            // Only `run` refuses this way, and it names its own file; see `run`.
+            eprintln!(
+                "{}",
+                show::live_services(&dir, &ids, &dir.display().to_string())
+            );
+            2
+        }
+        Err(Error::Failed(msg)) => {
+            if !msg.is_empty() {
+                eprintln!("{msg}");
+            }
+            1
+        }
+    }
+}
+
+fn color_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+async fn dispatch(cli: &Cli) -> R<i32> {
+    let session = Session::from_site_flag(cli.site.as_deref())?;
+    match &cli.command {
+        Cmd::Run(a) => run(&session, cli, a).await,
+        Cmd::Graph(a) => {
+            let loaded = session.load_checked(&load_options(&a.file))?;
+            out(&graph_render::render(&loaded.plan, a.format));
+            Ok(0)
+        }
+        Cmd::Plan(a) => {
+            let mut plan = session.load_checked(&load_options(&a.file))?.plan;
+            if plan.backend == "local" {
+                session::load::resolve_local(&mut plan);
+            }
+            match a.format {
+                PlanFormat::Json => out(&show::plan_json(&plan)),
+                PlanFormat::Text => out(&show::plan_text(&plan)),
+            }
+            Ok(0)
+        }
+        Cmd::Validate(a) => {
+            let plan = session.load_checked(&load_options(a))?.plan;
+            out(&show::valid(&a.file, &plan));
+            Ok(0)
+        }
+        Cmd::Status(a) => status(&session, cli, a).await,
+        Cmd::Down(a) => {
+            let (dir, _) = state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref())?;
+            down(&session, &dir, cli.quiet).await
+        }
+        Cmd::Logs(a) => {
+            let (dir, _) = state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref())?;
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            session
+                .logs(&dir, &a.task, a.follow, &mut |t| out(t), stop)
+                .await?;
+            Ok(0)
+        }
+        Cmd::MockEngine { args } => Ok(crate::mock::main(args.clone())),
+        Cmd::Plugins => {
+            out(&crate::site::plugins_text(session.site()).await);
+            Ok(0)
+        }
+        Cmd::Plugin(PluginCmd::Test { name }) => {
+            let passed =
+                crate::site::test_backend(name, session.site(), &mut |l| out(&format!("{l}\n")))
+                    .await
+                    .map_err(Error::Usage)?;
+            Ok(if passed { 0 } else { 1 })
+        }
+    }
+}
+
+/// Prints to stdout; a closed pipe ends quietly.
+fn out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    if o.write_all(text.as_bytes())
+        .and_then(|()| o.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
+}
+
+fn load_options(a: &FileArgs) -> LoadOptions {
+    let engine = match a.engine {
+        EngineArg::Real => crate::recipe::Engine::Real,
+        EngineArg::Mock => crate::recipe::Engine::Mock {
+            argv_prefix: vec![self_exe(), "mock-engine".into()],
+        },
+    };
+    LoadOptions {
+        file: a.file.clone(),
+        backend: a.backend.clone(),
+        engine,
+        templates: a.templates.clone(),
+        router: a.router.clone(),
+    }
+}
+
+fn self_exe() -> String {
+    std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "prl-flow".into())
+}
+
+/// The file as hints name it, with `--state-dir` when one was given (`prl-flow down FILE`
+/// alone would look in the default state dir).
+fn hint_args(a: &RunArgs) -> String {
+    match &a.state_dir {
+        Some(d) => format!("{} --state-dir {}", a.file.file.display(), d.display()),
+        None => a.file.file.display().to_string(),
+    }
+}
+
+async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
+    let loaded = session.load(&load_options(&a.file))?;
+    let settings = RunSettings {
+        state_dir: a.state_dir.clone(),
+        jobs: a.jobs,
+        keep_going: a.keep_going,
+        keep: a.keep,
+        resume: a.resume,
+        holder: format!("prl-flow run {}", a.file.file.display()),
+    };
+    let file = hint_args(a);
+    let prepared = match session.prepare(&loaded, &settings).await {
+        Err(Error::LiveServices { dir, ids }) => {
+            return Err(Error::Usage(show::live_services(&dir, &ids, &file)))
+        }
+        other => other?,
+    };
+    if a.explain {
+        out(&show::explain(prepared.graph.topo().iter().map(|&i| {
+            (prepared.graph.task(i).id(), &prepared.decisions[i])
+        })));
+    }
+    let mut subs: Vec<Arc<dyn Subscriber>> = Vec::new();
+    let tty = std::io::stderr().is_terminal();
+    if cli.verbose == 0
+        && tty
+        && !cli.no_progress
+        && !cli.quiet
+        && std::env::var_os("NO_COLOR").is_none()
+    {
+        subs.push(Arc::new(crate::progress::Bars::new()));
+    } else {
+        subs.push(Arc::new(crate::progress::Lines::stderr(cli.quiet)));
+    }
+    let cancel = prl_flow_engine::CancelSource::new();
+    let token = cancel.token();
+    let signals = {
+        let journal = prepared.journal();
+        tokio::spawn(async move {
+            wait_signal().await;
+            cancel.fire();
+            wait_signal().await;
+            eprintln!("second signal: exiting now; the journal records what still runs");
+            journal.flush();
+            std::process::exit(130);
+        })
+    };
+    let ran = prepared.execute(subs, token).await;
+    signals.abort();
+    let ran = ran?;
+    let plan = &loaded.plan;
+    let s = &ran.report.summary;
+    if ran.report.ok() {
+        eprintln!("{}", show::ok_line(s));
+        if let Some(e) = &plan.endpoint {
+            out(&show::try_it(plan, &ran.exec.resolve(e)));
+        }
+        if a.attach {
+            return attach(session, &ran.dir, ran.exec.backend.as_ref(), cli.quiet).await;
+        }
+        if plan.tasks.iter().any(|t| t.service) {
+            eprintln!("services keep running; stop them with `prl-flow down {file}`");
+        }
+        return Ok(0);
+    }
+    Err(Error::Failed(show::failure(
+        plan,
+        &ran.report,
+        a.keep,
+        &file,
+    )))
+}
+
+async fn wait_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`;
+/// and the file loaded, when one is named.
+fn state_dir_of(
+    session: &Session,
+    file: Option<&Path>,
+    dir: Option<&Path>,
+) -> R<(PathBuf, Option<session::Loaded>)> {
+    let loaded = match file {
+        Some(f) => Some(session.load(&LoadOptions::file(f))?),
+        None => None,
+    };
+    let dir = match (dir, &loaded) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(l)) => session::default_state_dir(&l.plan.name),
+        (None, None) => session::only_state_dir()?,
+    };
+    Ok((dir, loaded))
+}
+
+async fn status(session: &Session, cli: &Cli, a: &StateArgs) -> R<i32> {
+    let (dir, loaded) = state_dir_of(session, a.file.as_deref(), a.state_dir.as_deref())?;
+    let rows = session.status(&dir).await?;
+    out(&show::status_table(&rows));
+    if cli.verbose > 0 {
+        if let Some(loaded) = loaded {
+            let d = session.resume_decisions(&loaded, &dir).await?;
+            out("\nwhat `run --resume` would do:\n");
+            out(&show::explain(d.iter().map(|(id, d)| (id.as_str(), d))));
+        } else {
+            out("\n(name the recipe or workflow to see what `run --resume` would do)\n");
+        }
+    }
+    let down = rows
+        .iter()
+        .filter(|r| r.live == session::Liveness::Down)
+        .count();
+    Ok(if down > 0 { 1 } else { 0 })
+}
+
+async fn down(session: &Session, dir: &Path, quiet: bool) -> R<i32> {
+    let report = session
+        .down(dir, &mut |id| {
+            if !quiet {
+                eprintln!("stopped {id}");
+            }
+        })
+        .await?;
+    if report.failures.is_empty() {
+        eprintln!(
+            "down: {} process{} stopped; nothing of `{}` runs",
+            report.stopped,
+            if report.stopped == 1 { "" } else { "es" },
+            dir.display()
+        );
+        Ok(0)
+    } else {
+        Err(Error::Failed(format!(
+            "error: could not stop everything:\n  {}",
+            report.failures.join("\n  ")
+        )))
+    }
+}
+
+/// Stays with a deployment that is up: says when a service dies, and tears everything down
+/// on Ctrl-C or SIGTERM. Ends by itself when `prl-flow down` stopped it from elsewhere.
+async fn attach(
+    session: &Session,
+    dir: &Path,
+    backend: &dyn prl_flow_backend::Backend,
+    quiet: bool,
+) -> R<i32> {
+    eprintln!("attached: Ctrl-C stops the deployment (or run `prl-flow down` elsewhere)");
+    let end = session
+        .watch(
+            dir,
+            backend,
+            &mut |id| {
+                eprintln!(
+                    "warning: `{id}` is down; `prl-flow status` shows more, `run --resume` restarts it"
+                )
+            },
+            wait_signal(),
+        )
+        .await;
+    match end {
+        session::down::WatchEnd::StoppedElsewhere => {
+            eprintln!("the deployment was stopped by `prl-flow down`");
+            Ok(0)
+        }
+        session::down::WatchEnd::Signalled => {
+            eprintln!("stopping the deployment");
+            down(session, dir, quiet).await
+        }
+    }
+}

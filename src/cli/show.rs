@@ -1,0 +1,259 @@
+//! What the command line prints: plans, status tables, decisions, run summaries. Pure
+//! functions from data to text, so the output is deterministic and snapshot-tested.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use prl_flow_engine::{Decision, Report, Summary};
+
+use crate::diag::count;
+use crate::plan::{self, Plan};
+use crate::session::TaskRow;
+
+pub fn plan_json(plan: &Plan) -> String {
+    let tasks: Vec<serde_json::Value> = plan
+        .tasks
+        .iter()
+        .map(|t| {
+            let mut v = serde_json::json!({
+                "id": t.id,
+                "kind": t.kind,
+                "needs": t.needs,
+                "node": t.node,
+                "service": t.service,
+                "env": t.env,
+                "ports": t.ports,
+                "ready": t.ready,
+                "fingerprint": t.fingerprint(),
+            });
+            match &t.command {
+                plan::Command::Argv { argv } => v["argv"] = serde_json::json!(argv),
+                plan::Command::Shell { script } => {
+                    v["argv"] = serde_json::json!(["sh", "-c", script])
+                }
+                plan::Command::Builtin { action, args } => {
+                    v["argv"] = serde_json::json!([]);
+                    v["builtin"] = serde_json::json!({ "action": action, "args": args });
+                }
+            }
+            if !t.files.is_empty() {
+                v["files"] = serde_json::json!(t.files);
+            }
+            if let Some(d) = t.timeout {
+                v["timeout"] = serde_json::json!(plan::format_duration(d));
+            }
+            if t.retries > 0 {
+                v["retries"] = serde_json::json!(t.retries);
+            }
+            v
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "name": plan.name,
+        "backend": plan.backend,
+        "nodes": plan.nodes,
+        "endpoint": plan.endpoint,
+        "tasks": tasks,
+    });
+    let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub fn plan_text(plan: &Plan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "plan `{}`: {} tasks, backend `{}`{}",
+        plan.name,
+        plan.tasks.len(),
+        plan.backend,
+        if plan.nodes.is_empty() {
+            String::new()
+        } else {
+            format!(", nodes {}", plan.nodes.join(" "))
+        }
+    );
+    for t in &plan.tasks {
+        let _ = writeln!(s);
+        let svc = if t.service { " (service)" } else { "" };
+        let _ = writeln!(s, "{} [{}]{svc}", t.id, t.kind);
+        if let Some(n) = &t.node {
+            let _ = writeln!(s, "  node:   {n}");
+        }
+        if !t.needs.is_empty() {
+            let _ = writeln!(s, "  needs:  {}", t.needs.join(", "));
+        }
+        let _ = writeln!(s, "  run:    {}", t.command_line());
+        for (k, v) in &t.env {
+            let _ = writeln!(s, "  env:    {k}={v}");
+        }
+        for f in &t.files {
+            let _ = writeln!(s, "  file:   {} ({} bytes)", f.path, f.content.len());
+        }
+        if !t.ports.is_empty() {
+            let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(s, "  ports:  {}", ports.join(", "));
+        }
+        if let Some(r) = &t.ready {
+            let mut line = format!(
+                "  ready:  {} every {}",
+                r.probe.describe(),
+                plan::format_duration(r.interval)
+            );
+            if !r.start_period.is_zero() {
+                line.push_str(&format!(
+                    ", start period {}",
+                    plan::format_duration(r.start_period)
+                ));
+            }
+            if let Some(t) = r.ready_timeout {
+                line.push_str(&format!(", give up after {}", plan::format_duration(t)));
+            }
+            let _ = writeln!(s, "{line}");
+        }
+        if let Some(d) = t.timeout {
+            let _ = writeln!(s, "  timeout: {}", plan::format_duration(d));
+        }
+        if t.retries > 0 {
+            let _ = writeln!(s, "  retries: {}", t.retries);
+        }
+    }
+    s
+}
+
+/// `validate`'s answer.
+pub fn valid(file: &Path, plan: &Plan) -> String {
+    let services = plan.tasks.iter().filter(|t| t.service).count();
+    format!(
+        "`{}` is valid: {} ({}) on {}, backend `{}`\n",
+        file.display(),
+        count(plan.tasks.len(), "task"),
+        count(services, "service"),
+        count(plan.nodes.len(), "node"),
+        plan.backend
+    )
+}
+
+/// Per task, in order, what it will do and why.
+pub fn explain<'a>(decisions: impl Iterator<Item = (&'a str, &'a Decision)>) -> String {
+    let rows: Vec<(&str, &Decision)> = decisions.collect();
+    let width = rows.iter().map(|(id, _)| id.len()).max().unwrap_or(0);
+    let mut s = String::new();
+    for (id, d) in rows {
+        let (word, why) = match d {
+            Decision::Keep => ("keep", "done, unchanged and still valid".to_string()),
+            Decision::Adopt => ("adopt", "still in flight from the last run".to_string()),
+            Decision::Run(r) => ("run", r.to_string()),
+        };
+        let _ = writeln!(s, "{word:<5} {id:<width$}  {why}");
+    }
+    s
+}
+
+/// `status`'s table.
+pub fn status_table(rows: &[TaskRow]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.record.id.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut s = format!(
+        "{:<width$}  {:<15} {:<10} {:<6} {}\n",
+        "TASK", "KIND", "STATUS", "LIVE", "DETAIL"
+    );
+    for row in rows {
+        let r = &row.record;
+        let line = format!(
+            "{:<width$}  {:<15} {:<10} {:<6} {}",
+            r.id,
+            r.kind,
+            r.status.as_str(),
+            row.live.as_str(),
+            row.detail
+        );
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+/// The refusal of a fresh run on a state dir with live services.
+pub fn live_services(dir: &Path, ids: &[String], file: &str) -> String {
+    format!(
+        "error: `{}` has {} live service{} from an earlier run: {}\n  help: `prl-flow run {file} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops them first",
+        dir.display(),
+        ids.len(),
+        if ids.len() == 1 { "" } else { "s" },
+        ids.join(", ")
+    )
+}
+
+/// The closing line of a run that went well.
+pub fn ok_line(s: &Summary) -> String {
+    let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
+    let kept = if s.kept > 0 {
+        format!(", {} kept", s.kept)
+    } else {
+        String::new()
+    };
+    format!("ok: {} done{kept} in {took}", count(s.done, "task"))
+}
+
+/// Where a deployment answers, and a request to try it with.
+pub fn try_it(plan: &Plan, url: &str) -> String {
+    let model = plan
+        .tasks
+        .iter()
+        .find(|t| t.kind == "health-probe")
+        .and_then(|t| match &t.command {
+            plan::Command::Builtin { args, .. } => {
+                args.get("model").and_then(|m| m.as_str()).map(String::from)
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| "default".into());
+    format!(
+        "endpoint: {url}\ntry:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' -H 'X-Session-ID: demo' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+    )
+}
+
+/// The story of a run that failed or was cancelled: each task's error, the counts, and
+/// what to do next.
+pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str) -> String {
+    let s = &report.summary;
+    let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
+    let mut msg = String::new();
+    for (i, e) in report.errors.iter().enumerate() {
+        if let (Some(e), Some(o)) = (e, report.outcomes[i]) {
+            let _ = writeln!(
+                msg,
+                "error: task `{}` {}: {}",
+                plan.tasks[i].id,
+                o.as_str(),
+                e.message
+            );
+        }
+    }
+    let what = if report.cancelled {
+        "run cancelled"
+    } else {
+        "run failed"
+    };
+    let _ = writeln!(
+        msg,
+        "{what}: {} done, {} kept, {} failed, {} timed out, {} cancelled, {} skipped ({took})",
+        s.done, s.kept, s.failed, s.timed_out, s.cancelled, s.skipped
+    );
+    if keep {
+        let _ = writeln!(
+            msg,
+            "services were left running (--keep); `prl-flow down {file}` stops them"
+        );
+    }
+    msg.push_str(&format!(
+        "  help: fix the cause, then `prl-flow run {file} --resume` re-runs only what failed and what depends on it"
+    ));
+    msg
+}

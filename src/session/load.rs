@@ -1,0 +1,185 @@
+//! Loading a file into a plan: a recipe when it has an `[inference]` table, else a plain
+//! workflow. The backend is decided here, once: `--backend`, else the recipe's own
+//! `[backend] type`, else the site's backend; the site's defaults are merged into the
+//! plan's `[backend]` table in the same step, and the backend checks its table before
+//! anything starts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prl_flow_engine::GraphError;
+
+use super::{Error, Result, Session};
+use crate::diag::{Problem, Problems};
+use crate::exec::{build_graph, Exec};
+use crate::plan::{resolve_hosts, Command, Plan, Probe};
+
+/// What to load, and how.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A recipe or workflow file (TOML).
+    pub file: PathBuf,
+    /// Overrides the recipe's backend.
+    pub backend: Option<String>,
+    /// Which program serves as the engine.
+    pub engine: crate::recipe::Engine,
+    /// A directory of templates overriding the built-in ones.
+    pub templates: Option<PathBuf>,
+    /// The router program (argv prefix), instead of the recipe's or `vllm-router`.
+    pub router: Option<String>,
+}
+
+impl LoadOptions {
+    pub fn file(file: impl Into<PathBuf>) -> Self {
+        Self {
+            file: file.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A plan and the text it came from (for messages with places).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub source: Arc<String>,
+    pub plan: Plan,
+}
+
+impl Session {
+    /// Reads a file and makes a plan of it.
+    pub fn load(&self, a: &LoadOptions) -> Result<Loaded> {
+        let path = &a.file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Usage(format!("error: cannot read `{}`: {e}", path.display())))?;
+        let source = Arc::new(text);
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
+        let shown = path.display().to_string();
+        let site = self.site();
+        // The site's backend applies to a file that names none (a recipe is derived for its
+        // backend, so it is passed in, not patched in afterwards).
+        let explicit = a.backend.is_some() || crate::site::declares_backend(&source);
+        let backend = match (&a.backend, site) {
+            (Some(b), _) => Some(b.clone()),
+            (None, Some(s)) if !explicit => s.backend.clone(),
+            _ => None,
+        };
+        let mut plan = if crate::recipe::is_recipe(&source) {
+            let opts = crate::recipe::Options {
+                backend: backend.clone(),
+                templates: a
+                    .templates
+                    .clone()
+                    .or_else(|| site.and_then(|s| crate::site::default_templates(s, &source))),
+                engine: a.engine.clone(),
+                router: a.router.as_ref().map(|r| vec![r.clone()]),
+            };
+            crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(Error::Problems)?
+        } else {
+            crate::workflow::parse(&shown, source.clone(), &name).map_err(Error::Problems)?
+        };
+        if let Some(b) = &backend {
+            plan.backend = b.clone();
+        }
+        if let Some(s) = site {
+            crate::site::apply(s, &mut plan, explicit);
+        }
+        self.registry()
+            .check(&plan, path, &source)
+            .map_err(Error::Problems)?;
+        Ok(Loaded {
+            path: path.clone(),
+            source,
+            plan,
+        })
+    }
+
+    /// Loads and checks the graph too (duplicates, unknown needs, cycles), without running.
+    pub fn load_checked(&self, a: &LoadOptions) -> Result<Loaded> {
+        let loaded = self.load(a)?;
+        let exec = Arc::new(Exec::new(
+            Arc::new(prl_flow_local::LocalBackend::new()),
+            Path::new("."),
+            loaded.plan.nodes.clone(),
+        ));
+        build_graph(&loaded.plan, &exec).map_err(|e| loaded.graph_problems(e))?;
+        Ok(loaded)
+    }
+}
+
+impl Loaded {
+    /// The graph's problems, placed in the file's text.
+    pub fn graph_problems(&self, errors: Vec<GraphError>) -> Error {
+        let mut p = Problems::new(self.path.display().to_string(), self.source.clone());
+        for e in errors {
+            let msg = e.to_string();
+            p.push(match e {
+                GraphError::Duplicate { second, .. } => Problem::new(msg)
+                    .at(second)
+                    .label("declared again here")
+                    .help("give each task its own `id`"),
+                GraphError::UnknownDependency {
+                    span, suggestion, ..
+                } => {
+                    let q = Problem::new(msg).at(span).label("no task has this id");
+                    match suggestion {
+                        Some(s) => q.help(format!("did you mean `{s}`?")),
+                        None => q.help("name a task declared in this file"),
+                    }
+                }
+                GraphError::Cycle { span, .. } => Problem::new(msg)
+                    .at(span)
+                    .label("this task is part of the cycle")
+                    .help("remove one of these `needs` so that the tasks can be ordered"),
+            });
+        }
+        Error::Problems(p)
+    }
+}
+
+/// The plan with every node placeholder filled in by the local backend's addresses (what
+/// `plan` shows for a plan that runs on this machine).
+pub fn resolve_local(plan: &mut Plan) {
+    let hosts: BTreeMap<String, String> = plan
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), prl_flow_local::LocalBackend::address(i)))
+        .collect();
+    let f = |s: &str| resolve_hosts(s, &|n| hosts.get(n).cloned());
+    for t in &mut plan.tasks {
+        t.command = match std::mem::take(&mut t.command) {
+            Command::Argv { argv } => Command::Argv {
+                argv: argv.iter().map(|a| f(a)).collect(),
+            },
+            Command::Shell { script } => Command::Shell { script: f(&script) },
+            Command::Builtin { action, args } => {
+                let text = f(&args.to_string());
+                Command::Builtin {
+                    action,
+                    args: serde_json::from_str(&text).unwrap_or(args),
+                }
+            }
+        };
+        for v in t.env.values_mut() {
+            *v = f(v);
+        }
+        for file in &mut t.files {
+            file.content = f(&file.content);
+        }
+        if let Some(r) = &mut t.ready {
+            r.probe = match &r.probe {
+                Probe::Http { url } => Probe::Http { url: f(url) },
+                Probe::Tcp { addr } => Probe::Tcp { addr: f(addr) },
+                other => other.clone(),
+            };
+        }
+    }
+    if let Some(e) = &plan.endpoint {
+        plan.endpoint = Some(f(e));
+    }
+}

@@ -1,0 +1,124 @@
+//! The session API: everything a user does with a deployment or workflow — load and check
+//! it, plan it, run or resume it, see its status, read its logs, take it down — as library
+//! calls. The command line is one caller (it parses arguments and prints what these return);
+//! the tests are others. Nothing here prints, and nothing is global: a [`Session`] holds the
+//! one thing an invocation shares, the site (and through it the backend registry).
+//!
+//! - [`Session::load`] turns a file into a [`Loaded`] plan (a recipe or a workflow), with the
+//!   backend decided once, from the flags, the site file and the recipe.
+//! - [`Session::prepare`] opens the state dir and decides what runs; [`Prepared::execute`]
+//!   runs it ([`run`]).
+//! - [`Session::status`], [`Session::down`], [`Session::logs`] and [`Session::watch`] work
+//!   from the journal alone ([`inspect`], [`down`]).
+
+pub mod down;
+pub mod inspect;
+pub mod load;
+pub mod run;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use prl_flow_engine::{journal, JournalError, Record};
+
+use crate::diag::Problems;
+use crate::registry::Registry;
+use crate::site::Site;
+
+pub use down::DownReport;
+pub use inspect::{Liveness, TaskRow};
+pub use load::{LoadOptions, Loaded};
+pub use run::{Prepared, Ran, RunSettings};
+
+/// Why a session call could not do what was asked.
+#[derive(Debug)]
+pub enum Error {
+    /// Bad input (a file, a flag, a state dir): a message with its help. Exit code 2.
+    Usage(String),
+    /// Problems in a file, each with its place. Exit code 2.
+    Problems(Problems),
+    /// The state dir still has live services of an earlier run (a fresh run would start
+    /// them twice). Exit code 2.
+    LiveServices { dir: PathBuf, ids: Vec<String> },
+    /// Something was tried and failed: a message. Exit code 1.
+    Failed(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What one invocation shares: the site file (if any) and the backends it makes known.
+#[derive(Default)]
+pub struct Session {
+    registry: Registry,
+}
+
+impl Session {
+    pub fn new(site: Option<Site>) -> Self {
+        Self {
+            registry: Registry::new(site),
+        }
+    }
+
+    /// The session of a site file named by `flag` (`--site`) or else by `PRL_FLOW_SITE`.
+    pub fn from_site_flag(flag: Option<&Path>) -> Result<Self> {
+        Ok(Self::new(crate::site::load(flag).map_err(Error::Problems)?))
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn site(&self) -> Option<&Site> {
+        self.registry.site()
+    }
+}
+
+/// The state dir a plan uses when none is given: `.prl-flow/<name>`.
+pub fn default_state_dir(name: &str) -> PathBuf {
+    PathBuf::from(".prl-flow").join(name)
+}
+
+pub(crate) fn journal_error(e: JournalError) -> Error {
+    match e {
+        JournalError::Locked { dir, holder } => Error::Usage(format!(
+            "error: the state dir `{}` is in use by another prl-flow: {holder}\n  help: wait for it to finish, or use another `--state-dir`",
+            dir.display()
+        )),
+        other => Error::Usage(format!("error: {other}")),
+    }
+}
+
+/// The records of the journal in `dir`; an error when nothing has run there.
+pub fn read_records(dir: &Path) -> Result<BTreeMap<String, Record>> {
+    if !dir.join("journal.json").exists() {
+        return Err(Error::Usage(format!(
+            "error: `{}` has no journal: nothing has run there",
+            dir.display()
+        )));
+    }
+    journal::load(dir).map_err(journal_error)
+}
+
+/// The only state dir under `.prl-flow/` (for `status`, `down`, `logs` without a file).
+pub fn only_state_dir() -> Result<PathBuf> {
+    let root = Path::new(".prl-flow");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.join("journal.json").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    match dirs.len() {
+        1 => Ok(dirs.remove(0)),
+        0 => Err(Error::Usage(
+            "error: no state dir here (`.prl-flow/` has none)\n  help: name the recipe or workflow (`prl-flow status FILE`) or `--state-dir DIR`".into(),
+        )),
+        _ => Err(Error::Usage(format!(
+            "error: `.prl-flow/` holds several state dirs: {}\n  help: name the recipe or workflow, or pass `--state-dir DIR`",
+            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}

@@ -1,0 +1,257 @@
+//! Running a plan: open the state dir's journal (one run at a time), find what an earlier
+//! run left, decide per task whether it runs, is kept or is adopted, then run the graph with
+//! the journal recording every event.
+//!
+//! It is two steps so that a caller can show the decisions before anything starts:
+//! [`Session::prepare`] (or [`prepare`] with a backend of the caller's choosing) returns a
+//! [`Prepared`] run; [`Prepared::execute`] runs it with the caller's subscribers (progress
+//! output) and cancel token (signals), and closes the journal.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prl_flow_backend::{Backend, ProcState, SpawnSpec};
+use prl_flow_engine::{
+    decide, Cancel, Decision, Graph, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
+};
+
+use super::{default_state_dir, journal_error, Error, Loaded, Result, Session};
+use crate::exec::{build_graph, Exec, BUILTIN_KINDS};
+use crate::plan::Plan;
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunSettings {
+    /// The state dir; default `.prl-flow/<name>`.
+    pub state_dir: Option<PathBuf>,
+    /// At most this many tasks at once (default: CPUs + 2 for workflows, 256 for
+    /// deployments).
+    pub jobs: Option<usize>,
+    /// After a failure, go on with everything that does not depend on it.
+    pub keep_going: bool,
+    /// On failure or cancel, leave the services this run started running.
+    pub keep: bool,
+    /// Keep what an earlier run did that is still valid; run the rest.
+    pub resume: bool,
+    /// Who holds the state dir's lock, for another prl-flow's message.
+    pub holder: String,
+}
+
+/// A run ready to start: the graph, the journal, and what each task will do.
+pub struct Prepared {
+    pub exec: Arc<Exec>,
+    pub graph: Graph,
+    pub decisions: Vec<Decision>,
+    pub dir: PathBuf,
+    journal: Arc<Journal>,
+    previous: Option<BTreeMap<String, Record>>,
+    options: RunOptions,
+}
+
+/// A run that ended.
+pub struct Ran {
+    pub report: Report,
+    pub exec: Arc<Exec>,
+    pub dir: PathBuf,
+}
+
+impl Session {
+    /// Prepares a run of a loaded file on the backend the registry gives its plan.
+    pub async fn prepare(&self, loaded: &Loaded, settings: &RunSettings) -> Result<Prepared> {
+        let dir = settings
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| default_state_dir(&loaded.plan.name));
+        let backend = self
+            .registry()
+            .for_plan(&loaded.plan, &dir)
+            .map_err(Error::Usage)?;
+        prepare(&loaded.plan, backend, &dir, settings)
+            .await
+            .map_err(|e| match e {
+                PrepareError::Graph(g) => loaded.graph_problems(g),
+                PrepareError::Session(s) => s,
+            })
+    }
+}
+
+/// Why a run could not be prepared.
+pub enum PrepareError {
+    Graph(Vec<prl_flow_engine::GraphError>),
+    Session(Error),
+}
+
+impl std::fmt::Debug for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Graph(g) => write!(f, "{g:?}"),
+            Self::Session(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// Prepares a run of `plan` on `backend` with its state in `dir`.
+pub async fn prepare(
+    plan: &Plan,
+    backend: Arc<dyn Backend>,
+    dir: &Path,
+    settings: &RunSettings,
+) -> std::result::Result<Prepared, PrepareError> {
+    let exec = Arc::new(Exec::new(backend.clone(), dir, plan.nodes.clone()));
+    let graph = build_graph(plan, &exec).map_err(PrepareError::Graph)?;
+    let holder = if settings.holder.is_empty() {
+        format!("prl-flow run {}", plan.name)
+    } else {
+        settings.holder.clone()
+    };
+    let journal =
+        Journal::open(dir, true, &holder).map_err(|e| PrepareError::Session(journal_error(e)))?;
+    let mut previous = journal.records();
+    recover_missing(backend.as_ref(), &journal, &mut previous).await;
+    if !settings.resume {
+        let live = live_services(backend.as_ref(), &previous).await;
+        if !live.is_empty() {
+            return Err(PrepareError::Session(Error::LiveServices {
+                dir: dir.to_path_buf(),
+                ids: live,
+            }));
+        }
+        journal.reset();
+    } else {
+        for id in prl_flow_engine::recover_handles(&graph, &mut previous).await {
+            if let Some(h) = previous.get(&id).and_then(|r| r.handle.clone()) {
+                journal.update(&id, |r| r.handle = Some(h));
+            }
+        }
+    }
+    exec.prime(&previous);
+    let previous = settings.resume.then_some(previous);
+    let decisions = decide(&graph, previous.as_ref()).await;
+    let is_deployment = !plan.nodes.is_empty();
+    let options = RunOptions {
+        jobs: settings.jobs.unwrap_or(if is_deployment {
+            256
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                + 2
+        }),
+        keep_going: settings.keep_going,
+        keep: settings.keep,
+    };
+    Ok(Prepared {
+        exec,
+        graph,
+        decisions,
+        dir: dir.to_path_buf(),
+        journal: Arc::new(journal),
+        previous,
+        options,
+    })
+}
+
+impl Prepared {
+    /// The journal, e.g. to flush it from a signal handler before exiting at once.
+    pub fn journal(&self) -> Arc<Journal> {
+        self.journal.clone()
+    }
+
+    /// Each task's id with what it will do.
+    pub fn named_decisions(&self) -> BTreeMap<String, Decision> {
+        self.graph
+            .tasks()
+            .iter()
+            .zip(&self.decisions)
+            .map(|(t, d)| (t.id().to_string(), d.clone()))
+            .collect()
+    }
+
+    /// Runs the graph; the journal records every event, `subscribers` see them too.
+    pub async fn execute(
+        self,
+        subscribers: Vec<Arc<dyn Subscriber>>,
+        cancel: Cancel,
+    ) -> Result<Ran> {
+        let mut subs: Vec<Arc<dyn Subscriber>> = vec![self.journal.recorder(&self.graph)];
+        subs.extend(subscribers);
+        let report = prl_flow_engine::run(
+            &self.graph,
+            &self.decisions,
+            self.previous.as_ref(),
+            &self.options,
+            Sink::new(subs),
+            cancel,
+        )
+        .await;
+        self.journal.flush();
+        let Prepared {
+            exec,
+            graph,
+            journal,
+            dir,
+            ..
+        } = self;
+        drop(graph);
+        if let Ok(j) = Arc::try_unwrap(journal) {
+            j.close().map_err(journal_error)?;
+        }
+        Ok(Ran { report, exec, dir })
+    }
+}
+
+/// Fills in the handles of records left `running` without one (prl-flow was killed between
+/// starting a process and recording it) from what the backend finds in the task's run dir,
+/// and records them, so that nothing a killed run started is invisible to a fresh run's
+/// check for live services, to `down`, or to `status`.
+pub(crate) async fn recover_missing(
+    backend: &dyn Backend,
+    journal: &Journal,
+    records: &mut BTreeMap<String, Record>,
+) {
+    let paths = Exec::new(
+        Arc::new(prl_flow_local::LocalBackend::new()),
+        journal.dir(),
+        Vec::new(),
+    );
+    for r in records.values_mut() {
+        if r.status != Status::Running
+            || r.handle.is_some()
+            || BUILTIN_KINDS.contains(&r.kind.as_str())
+        {
+            continue;
+        }
+        let spec = SpawnSpec {
+            task: r.id.clone(),
+            node: r
+                .meta
+                .get("node")
+                .and_then(|n| n.as_str())
+                .map(String::from),
+            run_dir: paths.run_dir(&r.id),
+            log: paths.log_path(&r.id),
+            service: r.service,
+            ..Default::default()
+        };
+        if let Ok(Some(h)) = backend.recover(&spec, r.started_ms.unwrap_or(0)).await {
+            r.handle = Some(h.clone());
+            journal.update_now(&r.id, |rec| rec.handle = Some(h));
+        }
+    }
+}
+
+/// Services an earlier run left that are still alive, by id.
+async fn live_services(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
+    let mut live = Vec::new();
+    for r in records.values() {
+        if r.service && matches!(r.status, Status::Done | Status::Running) && r.kind != "allocate" {
+            if let Some(h) = &r.handle {
+                if matches!(backend.status(h).await, Ok(ProcState::Running)) {
+                    live.push(r.id.clone());
+                }
+            }
+        }
+    }
+    live
+}
