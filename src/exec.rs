@@ -1,10 +1,9 @@
 //! Executing a plan: each [`TaskSpec`] becomes an engine [`Task`] bound to a backend.
 //!
 //! A spec's command runs through the backend (`spawn`, then `wait` for a one-shot or the
-//! readiness probe for a service). Built-in actions run here, in prl-flow itself:
-//! `allocate` (asks the backend for the plan's nodes and learns their addresses),
-//! `register` (makes sure a router lists its workers) and `health-probe` (router ready, then
-//! one real completion through it).
+//! readiness probe for a service). A built-in action (a value of [`Action`]) runs in
+//! prl-flow itself, through its [`Perform`] implementation; this module knows no action's
+//! work.
 //!
 //! Node addresses are not known when a plan is made (a SLURM allocation names them). Specs
 //! carry `${host:nodeK}` placeholders; [`Exec::hosts`] fills them in at the last moment,
@@ -16,18 +15,17 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use prl_flow_backend::{Allocation, Backend, ProcHandle, ProcState, SpawnSpec};
+use prl_flow_backend::{Backend, ProcHandle, ProcState, SpawnSpec};
 use prl_flow_engine::{
     Check, Done, GraphBuilder, GraphError, Handle, Origin, Policy, Record, Task, TaskContext,
     TaskError,
 };
 
+use crate::actions::{Action, Context, Perform};
 use crate::plan::{resolve_hosts, Command, Plan, Probe, Readiness, TaskSpec};
 
 /// How long a stopped process gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Kinds whose work prl-flow does itself: no process to find.
-pub const BUILTIN_KINDS: &[&str] = &["allocate", "register", "health-probe"];
 /// Lines of a log quoted in a failure message.
 pub const LOG_LINES: usize = 15;
 
@@ -66,13 +64,13 @@ impl Exec {
     /// Learns node addresses from an `allocate` record of an earlier run.
     pub fn prime(&self, records: &BTreeMap<String, Record>) {
         for r in records.values() {
-            if r.kind == "allocate" {
-                if let Some(a) = r
+            if Action::of_kind(&r.kind) == Some(Action::Allocate) {
+                if let Some(hosts) = r
                     .handle
                     .as_ref()
-                    .and_then(|h| serde_json::from_value::<Allocation>(h.clone()).ok())
+                    .and_then(crate::actions::allocate::recorded_hosts)
                 {
-                    self.set_hosts(a.hosts);
+                    self.set_hosts(hosts);
                 }
             }
         }
@@ -193,9 +191,9 @@ impl SpecTask {
         }
     }
 
-    fn action(&self) -> Option<&str> {
+    fn action(&self) -> Option<&'static dyn Perform> {
         match &self.spec.command {
-            Command::Builtin { action, .. } => Some(action),
+            Command::Builtin { action, .. } => Some(action.perform()),
             _ => None,
         }
     }
@@ -362,29 +360,6 @@ impl SpecTask {
             Err(e) => Err(TaskError::new(format!("`{}`: {e}", self.spec.id))),
         }
     }
-
-    async fn run_builtin(&self, action: &str, args: &serde_json::Value) -> Result<Done, TaskError> {
-        let ex = &self.exec;
-        match action {
-            "allocate" => {
-                let a = ex.backend.allocate(&ex.nodes).await.map_err(|e| {
-                    TaskError::new(format!("allocating {} nodes: {e}", ex.nodes.len()))
-                })?;
-                ex.set_hosts(a.hosts.clone());
-                let handle = serde_json::to_value(&a).map_err(|e| TaskError::new(e.to_string()))?;
-                Ok(Done {
-                    handle: Some(handle),
-                })
-            }
-            "register" => crate::builtin::register(ex, args)
-                .await
-                .map(|()| Done::default()),
-            "health-probe" => crate::builtin::health_probe(ex, args)
-                .await
-                .map(|()| Done::default()),
-            other => Err(TaskError::new(format!("unknown built-in action `{other}`"))),
-        }
-    }
 }
 
 #[async_trait]
@@ -400,7 +375,7 @@ impl Task for SpecTask {
     }
     fn is_service(&self) -> bool {
         // An allocation is held like a service: released on teardown.
-        self.spec.service || self.action() == Some("allocate")
+        self.spec.service || self.action().is_some_and(|a| a.held())
     }
     fn fingerprint(&self) -> String {
         self.fingerprint.clone()
@@ -422,7 +397,8 @@ impl Task for SpecTask {
 
     async fn run(&self, cx: &TaskContext) -> Result<Done, TaskError> {
         if let Command::Builtin { action, args } = &self.spec.command {
-            return self.run_builtin(action, args).await;
+            let handle = action.perform().run(self.exec.as_ref(), args).await?;
+            return Ok(Done { handle });
         }
         let spec = self.spawn_spec();
         tracing::debug!(task = %self.spec.id, node = ?spec.node, argv = ?spec.argv, "spawning");
@@ -447,28 +423,12 @@ impl Task for SpecTask {
     }
 
     async fn check(&self, handle: Option<&Handle>) -> Check {
+        if let Some(action) = self.action() {
+            return action.check(self.exec.as_ref(), handle).await;
+        }
         let Some(handle) = handle else {
-            return match self.action() {
-                Some("allocate") | None => Check::Invalid("nothing was recorded".into()),
-                Some(_) => Check::Invalid("interrupted".into()),
-            };
+            return Check::Invalid("nothing was recorded".into());
         };
-        if self.action() == Some("allocate") {
-            let Ok(a) = serde_json::from_value::<Allocation>(handle.clone()) else {
-                return Check::Invalid("the recorded allocation is unreadable".into());
-            };
-            return match self.exec.backend.allocation_alive(&a).await {
-                Ok(true) => {
-                    self.exec.set_hosts(a.hosts);
-                    Check::Valid
-                }
-                Ok(false) => Check::Invalid("the allocation has ended".into()),
-                Err(e) => Check::Invalid(e.to_string()),
-            };
-        }
-        if self.action().is_some() {
-            return Check::Invalid("interrupted".into());
-        }
         let state = match self.exec.backend.status(handle).await {
             Ok(s) => s,
             Err(e) => return Check::Invalid(e.to_string()),
@@ -517,18 +477,8 @@ impl Task for SpecTask {
     }
 
     async fn undo(&self, handle: &Handle) -> Result<(), TaskError> {
-        if self.action() == Some("allocate") {
-            let a: Allocation = serde_json::from_value(handle.clone())
-                .map_err(|e| TaskError::new(format!("unreadable allocation: {e}")))?;
-            return self
-                .exec
-                .backend
-                .release(&a)
-                .await
-                .map_err(|e| TaskError::new(e.to_string()));
-        }
-        if self.action().is_some() {
-            return Ok(());
+        if let Some(action) = self.action() {
+            return action.undo(self.exec.as_ref(), handle).await;
         }
         self.exec
             .backend
@@ -541,4 +491,19 @@ impl Task for SpecTask {
 /// The readiness recorded in a journal record's meta, if any.
 pub fn recorded_readiness(meta: &serde_json::Value) -> Option<Readiness> {
     serde_json::from_value(meta.get("ready")?.clone()).ok()
+}
+
+impl Context for Exec {
+    fn resolve(&self, text: &str) -> String {
+        Exec::resolve(self, text)
+    }
+    fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+    fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+    fn set_hosts(&self, hosts: BTreeMap<String, String>) {
+        Exec::set_hosts(self, hosts)
+    }
 }

@@ -5,7 +5,7 @@
 //! [`plan::Plan`], pure data; [`exec`] turns each task spec into an engine task bound to a
 //! backend; the engine runs the graph; the [`cli`] shows events and writes the journal.
 
-pub mod builtin;
+pub mod actions;
 pub mod cli;
 pub mod diag;
 pub mod exec;

@@ -135,7 +135,7 @@ pub enum Command {
     /// check, a completion through the router, a registration call. `action` names it;
     /// `args` says the rest.
     Builtin {
-        action: String,
+        action: crate::actions::Action,
         #[serde(default)]
         args: serde_json::Value,
     },

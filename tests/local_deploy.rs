@@ -27,6 +27,9 @@ use common::{
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
+/// The `allocate` task's id and kind.
+const ALLOCATE: &str = prl_flow::actions::Action::Allocate.name();
+
 const MODEL: &str = "Qwen/Qwen3-0.6B";
 /// The model of `wide_ep.toml`: a mixture of experts.
 const MOE_MODEL: &str = "Qwen/Qwen3-30B-A3B";
@@ -356,7 +359,7 @@ fn comes_up_healthy(recipe: &'static str, check: impl FnOnce(&Local)) {
     let (code, rows) = d.status();
     assert_eq!(code, Some(0), "{rows:#?}");
     for (id, r) in records(&d.st()) {
-        if r["service"] != true || r["kind"] == "allocate" {
+        if r["service"] != true || r["kind"] == ALLOCATE {
             continue;
         }
         let row = &rows[&id];
@@ -667,7 +670,7 @@ fn engine_that_fails_to_start_is_named_and_resume_reruns_only_it_and_its_depende
     d.set("PREFILL_FAIL", "");
     let fixed = d.run(&["--resume", "--explain"]);
     fixed.expect_code(0);
-    assert_explained(&fixed.stdout, "allocate", "keep", "");
+    assert_explained(&fixed.stdout, ALLOCATE, "keep", "");
     assert_explained(&fixed.stdout, decode, "keep", "");
     assert_explained(&fixed.stdout, prefill, "run", "failed");
     for id in ["router", "register", "health-probe"] {

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prl_flow::actions::Action;
 use prl_flow::plan::{Command, Plan, Probe, Readiness, TaskSpec};
 use prl_flow::session;
 use prl_flow_backend::{Allocation, Backend, ProcState};
@@ -24,6 +25,9 @@ use prl_flow_engine::{Cancel, Event, Subscriber};
 use prl_flow_local::LocalBackend;
 use prl_flow_plugin::{conformance, PluginBackend, Scenario, Step, Timeouts};
 use serde_json::{json, Value};
+
+/// The `allocate` task's id and kind.
+const ALLOCATE: &str = prl_flow::actions::Action::Allocate.name();
 
 /// The longest any test here may take before it counts as hung.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -431,18 +435,18 @@ async fn a_deployment_runs_through_the_example_plugin() {
     let port = free_port("127.0.0.2");
     let url = format!("http://${{host:node1}}:{port}/");
     let mut allocate = task(
-        "allocate",
+        ALLOCATE,
         &[],
         None,
         Command::Builtin {
-            action: "allocate".into(),
+            action: Action::Allocate,
             args: Value::Null,
         },
     );
-    allocate.kind = "allocate".into();
+    allocate.kind = Action::Allocate.name().into();
     let mut server = task(
         "server",
-        &["allocate"],
+        &[ALLOCATE],
         Some("node1"),
         Command::Argv {
             argv: [
@@ -527,7 +531,7 @@ async fn a_deployment_runs_through_the_example_plugin() {
         bounded("status", later.status(&h)).await,
         Ok(ProcState::Running)
     );
-    let a: Allocation = serde_json::from_value(started.handle("allocate").expect("the allocation"))
+    let a: Allocation = serde_json::from_value(started.handle(ALLOCATE).expect("the allocation"))
         .expect("an allocation");
     assert_eq!(
         a.hosts,

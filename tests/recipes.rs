@@ -7,10 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use prl_flow::actions::Action;
 use prl_flow::plan::{Command, Plan};
 use prl_flow::recipe::flags::{check_mooncake_args, check_router_args, check_vllm_args};
 use prl_flow::recipe::{load, Engine, Options};
 use proptest::prelude::*;
+
+/// The `allocate` task's id and kind.
+const ALLOCATE: &str = prl_flow::actions::Action::Allocate.name();
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -79,7 +83,7 @@ fn the_four_shapes_have_their_tasks() {
             load_file(&root().join("recipes").join(file), &Options::default()).expect("plans");
         plan.tasks.iter().map(|t| t.kind.clone()).collect()
     };
-    let base = ["allocate", "router", "register", "health-probe"];
+    let base = [ALLOCATE, "router", "register", "health-probe"];
     for file in ["single_node.toml", "multi_node.toml", "wide_ep.toml"] {
         let k = kinds(file);
         assert!(k.contains("engine"), "{file}: {k:?}");
@@ -87,7 +91,7 @@ fn the_four_shapes_have_their_tasks() {
     }
     let k = kinds("disaggregated.toml");
     for want in [
-        "allocate",
+        ALLOCATE,
         "mooncake-master",
         "metadata-server",
         "mooncake-client",
@@ -115,7 +119,7 @@ fn disaggregated_is_the_full_chain() {
             .map(|t| t.needs.clone())
             .unwrap_or_else(|| panic!("no task {id}"))
     };
-    assert!(needs("mooncake-master").contains(&"allocate".to_string()));
+    assert!(needs("mooncake-master").contains(&Action::Allocate.name().to_string()));
     assert!(needs("metadata-server").contains(&"mooncake-master".to_string()));
     assert!(needs("mooncake-client.node[3]").contains(&"metadata-server".to_string()));
     assert!(needs("prefill[0].node[0]").contains(&"mooncake-client.node[0]".to_string()));
@@ -373,7 +377,7 @@ needs = ["health-probe"]
             .unwrap_or_else(|| panic!("no {id}"))
     };
     assert_eq!(task("stage.node[1]").node.as_deref(), Some("node1"));
-    assert_eq!(task("stage.node[1]").needs, ["allocate", "download"]);
+    assert_eq!(task("stage.node[1]").needs, [ALLOCATE, "download"]);
     assert!(task("engine[1].node[1]")
         .needs
         .contains(&"stage.node[1]".to_string()));
@@ -406,7 +410,7 @@ num_decode_replicas = 2
     assert_eq!(routers[1].node.as_deref(), Some("node1"));
     assert_eq!(
         routers[1].needs,
-        ["allocate", "prefill[1].node[1]", "decode[1].node[3]"]
+        [ALLOCATE, "prefill[1].node[1]", "decode[1].node[3]"]
     );
     assert_ne!(
         routers[0].ports, routers[1].ports,
@@ -668,7 +672,7 @@ proptest! {
         }
         // Every task on a node waits for the allocation.
         for t in plan.tasks.iter().filter(|t| t.node.is_some()) {
-            prop_assert!(t.needs.iter().any(|n| n == "allocate"), "{} does not need allocate", t.id);
+            prop_assert!(t.needs.iter().any(|n| n == ALLOCATE), "{} does not need allocate", t.id);
         }
     }
 }

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prl_flow::actions::Action;
 use prl_flow::plan::{Command as Cmd, Plan, Probe, Readiness, TaskSpec};
 use prl_flow::recipe::{load, Engine, Options};
 use prl_flow::session::{self, DownReport, RunSettings, Session};
@@ -43,6 +44,9 @@ use prl_flow_backend::{Backend, ProcState, SpawnSpec};
 use prl_flow_engine::{Decision, Record, Report, Status};
 use prl_flow_slurm::SlurmBackend;
 use serde_json::{json, Value};
+
+/// The `allocate` task's id and kind.
+const ALLOCATE: &str = prl_flow::actions::Action::Allocate.name();
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -526,7 +530,7 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
             .expect("from handle");
     for r in records(&state)
         .values()
-        .filter(|r| r.service && r.kind != "allocate")
+        .filter(|r| r.service && r.kind != ALLOCATE)
     {
         let st = later
             .status(r.handle.as_ref().expect("handle"))
@@ -591,7 +595,7 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
     assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone);
     for r in records(&state)
         .values()
-        .filter(|r| r.service && r.kind != "allocate" && r.id != victim)
+        .filter(|r| r.service && r.kind != ALLOCATE && r.id != victim)
     {
         assert_eq!(
             later
@@ -783,8 +787,8 @@ async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_
 fn task(id: &str, needs: &[&str], node: Option<&str>, command: Cmd, service: bool) -> TaskSpec {
     TaskSpec {
         id: id.into(),
-        kind: if id == "allocate" {
-            "allocate".into()
+        kind: if id == ALLOCATE {
+            Action::Allocate.name().into()
         } else {
             "custom".into()
         },
@@ -805,19 +809,19 @@ fn shell(script: &str) -> Cmd {
 /// allocate → a one-shot and a service (an HTTP server on node1), on `nodes` nodes.
 fn small_plan(nodes: usize, port: u16, oneshot: &str) -> Plan {
     let allocate = task(
-        "allocate",
+        ALLOCATE,
         &[],
         None,
         Cmd::Builtin {
-            action: "allocate".into(),
+            action: Action::Allocate,
             args: json!({ "nodes": nodes }),
         },
         false,
     );
-    let check = task("check", &["allocate"], Some("node0"), shell(oneshot), false);
+    let check = task("check", &[ALLOCATE], Some("node0"), shell(oneshot), false);
     let mut server = task(
         "server",
-        &["allocate"],
+        &[ALLOCATE],
         Some("node1"),
         Cmd::Argv {
             argv: vec![
@@ -878,7 +882,7 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
     assert!(report.ok(), "{}", errors(&report));
 
     // The job got the site's options.
-    let job = records(&state)["allocate"]
+    let job = records(&state)[ALLOCATE]
         .handle
         .as_ref()
         .and_then(|h| h["handle"]["job"].as_str().map(String::from))
@@ -1045,7 +1049,7 @@ async fn resume_refuses_once_the_allocation_has_ended() {
     )
     .await;
     assert!(report.ok(), "{}", errors(&report));
-    let job = records(&state)["allocate"]
+    let job = records(&state)[ALLOCATE]
         .handle
         .as_ref()
         .and_then(|h| h["handle"]["job"].as_str().map(String::from))
@@ -1066,7 +1070,7 @@ async fn resume_refuses_once_the_allocation_has_ended() {
     )
     .await;
     assert!(!report.ok());
-    assert!(matches!(decisions["allocate"], Decision::Run(_)));
+    assert!(matches!(decisions[ALLOCATE], Decision::Run(_)));
     let e = errors(&report);
     assert!(
         e.contains("has ended") && e.contains(&format!("job {job}")) && e.contains("fresh run"),

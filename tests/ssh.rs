@@ -24,12 +24,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prl_flow::actions::Action;
 use prl_flow::plan::{Command as Cmd, FileSpec, Plan, Probe, Readiness, TaskSpec};
 use prl_flow::session::{self, RunSettings, Session};
 use prl_flow_backend::{Backend, ProcState, SpawnSpec};
 use prl_flow_engine::{Event, Outcome, Report, Status, Subscriber};
 use prl_flow_ssh::SshBackend;
 use serde_json::{json, Value};
+
+/// The `allocate` task's id and kind.
+const ALLOCATE: &str = prl_flow::actions::Action::Allocate.name();
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/netns_hosts.sh");
 
@@ -361,7 +365,7 @@ async fn processes_on_real_hosts_start_report_and_stop() {
     let state = hosts.dir().join("state");
     let b = hosts.backend(&state);
     let nodes = vec!["node0".to_string(), "node1".to_string()];
-    let alloc = b.allocate(&nodes).await.expect("allocate");
+    let alloc = b.allocate(&nodes).await.expect("allocation");
     assert_eq!(alloc.hosts.len(), 2);
 
     // A one-shot on each host says which host it ran on, and its end is known at once.
@@ -539,7 +543,7 @@ async fn a_cut_link_names_the_host_and_spares_its_processes() {
     let b = hosts.backend(&state);
     b.allocate(&["node0".into(), "node1".into()])
         .await
-        .expect("allocate");
+        .expect("allocation");
     let h = b
         .spawn(&spec("svc", Some("node1"), &["sleep", "300"], true, &state))
         .await
@@ -627,12 +631,12 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
     let bin = env!("CARGO_BIN_EXE_prl-flow");
     let node_names: Vec<String> = (0..nodes).map(|k| format!("node{k}")).collect();
     let mut tasks = vec![task(
-        "allocate",
-        "allocate",
+        ALLOCATE,
+        ALLOCATE,
         &[],
         None,
         Cmd::Builtin {
-            action: "allocate".into(),
+            action: Action::Allocate,
             args: Value::Null,
         },
     )];
@@ -643,7 +647,7 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
         let mut t = task(
             &id,
             "engine",
-            &["allocate"],
+            &[ALLOCATE],
             Some(node),
             Cmd::Argv {
                 argv: vec![
@@ -708,7 +712,7 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
         &["router"],
         None,
         Cmd::Builtin {
-            action: "health-probe".into(),
+            action: Action::HealthProbe,
             args: json!({ "router": "http://${host:node0}:18010", "model": "Qwen/Qwen3-0.6B" }),
         },
     ));
@@ -837,7 +841,7 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
     let mut sidecar = task(
         "sidecar2",
         "custom",
-        &["allocate"],
+        &[ALLOCATE],
         Some("node2"),
         Cmd::Argv {
             argv: vec!["sleep".into(), "600".into()],
@@ -1083,17 +1087,17 @@ fn fanout_plan(n: usize, allocate: bool) -> Plan {
     let mut tasks = Vec::new();
     if allocate {
         tasks.push(task(
-            "allocate",
-            "allocate",
+            ALLOCATE,
+            ALLOCATE,
             &[],
             None,
             Cmd::Builtin {
-                action: "allocate".into(),
+                action: Action::Allocate,
                 args: Value::Null,
             },
         ));
     }
-    let needs: &[&str] = if allocate { &["allocate"] } else { &[] };
+    let needs: &[&str] = if allocate { &[ALLOCATE] } else { &[] };
     for k in 0..n {
         tasks.push(task(
             &format!("hostname{k}"),

@@ -206,11 +206,11 @@ pub fn try_it(plan: &Plan, url: &str) -> String {
     let model = plan
         .tasks
         .iter()
-        .find(|t| t.kind == "health-probe")
-        .and_then(|t| match &t.command {
-            plan::Command::Builtin { args, .. } => {
-                args.get("model").and_then(|m| m.as_str()).map(String::from)
-            }
+        .find_map(|t| match &t.command {
+            plan::Command::Builtin {
+                action: crate::actions::Action::HealthProbe,
+                args,
+            } => args.get("model").and_then(|m| m.as_str()).map(String::from),
             _ => None,
         })
         .unwrap_or_else(|| "default".into());

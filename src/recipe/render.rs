@@ -19,6 +19,7 @@ use serde_json::json;
 use super::deploy::{
     node_name, url, Deployment, Engine, Mooncake, Router, MOONCAKE_CONFIG_FILE, ROUTER_STARTUP_SECS,
 };
+use crate::actions::Action;
 use crate::diag::{Problem, Problems};
 use crate::plan::{host_ref, Command, FileSpec, Probe, Readiness, TaskSpec};
 
@@ -238,9 +239,9 @@ pub fn tasks(
     let mut out = Vec::with_capacity(dep.engines.len() * 2 + dep.routers.len() * 3 + dep.nodes + 3);
     out.push(TaskSpec {
         id: "allocate".into(),
-        kind: "allocate".into(),
+        kind: Action::Allocate.name().into(),
         command: Command::Builtin {
-            action: "allocate".into(),
+            action: Action::Allocate,
             args: json!({ "nodes": dep.nodes, "gpus_per_node": dep.gpus_per_node }),
         },
         ..TaskSpec::default()
@@ -261,10 +262,10 @@ pub fn tasks(
     for r in &dep.routers {
         out.push(TaskSpec {
             id: format!("register{}", r.suffix),
-            kind: "register".into(),
+            kind: Action::Register.name().into(),
             needs: vec![r.id.clone()],
             command: Command::Builtin {
-                action: "register".into(),
+                action: Action::Register,
                 args: json!({
                     "router": r.url(),
                     "mode": if r.pd { "pd" } else { "regular" },
@@ -279,10 +280,10 @@ pub fn tasks(
     for r in &dep.routers {
         out.push(TaskSpec {
             id: format!("health-probe{}", r.suffix),
-            kind: "health-probe".into(),
+            kind: Action::HealthProbe.name().into(),
             needs: vec![format!("register{}", r.suffix)],
             command: Command::Builtin {
-                action: "health-probe".into(),
+                action: Action::HealthProbe,
                 args: json!({ "router": r.url(), "model": dep.served_model_name }),
             },
             ..TaskSpec::default()

@@ -13,7 +13,7 @@ use prl_flow_backend::{Backend, BackendError, ProcState};
 use prl_flow_engine::{journal, Journal, Record, Status};
 
 use super::run::recover_missing;
-use super::{journal_error, Error, Result, Session};
+use super::{is_allocation, journal_error, Error, Result, Session};
 use crate::exec::STOP_GRACE;
 use crate::registry::Registry;
 
@@ -67,7 +67,7 @@ impl Session {
         if !slurm.is_empty() {
             let backend = prl_flow_slurm::SlurmBackend::for_handles();
             for o in backend.down(Some(dir), &slurm, STOP_GRACE).await {
-                let process = journal.get(&o.id).is_some_and(|r| r.kind != "allocate");
+                let process = journal.get(&o.id).is_some_and(|r| !is_allocation(&r));
                 match o.error {
                     None => {
                         journal.update(&o.id, |rec| rec.status = Status::Stopped);
@@ -96,7 +96,7 @@ impl Session {
                     b
                 }
             };
-            let result = if r.kind == "allocate" {
+            let result = if is_allocation(&r) {
                 match serde_json::from_value(h.clone()) {
                     Ok(alloc) => backend.release(&alloc).await,
                     Err(e) => Err(BackendError::new(e.to_string())),
@@ -143,7 +143,7 @@ impl Session {
             };
             let services: Vec<&Record> = records
                 .values()
-                .filter(|r| r.service && r.kind != "allocate" && r.handle.is_some())
+                .filter(|r| r.service && !is_allocation(r) && r.handle.is_some())
                 .collect();
             if !services.is_empty() && services.iter().all(|r| r.status == Status::Stopped) {
                 return WatchEnd::StoppedElsewhere;

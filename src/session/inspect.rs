@@ -10,7 +10,7 @@ use std::time::Duration;
 use prl_flow_backend::ProcState;
 use prl_flow_engine::{decide, Decision, Record, Status};
 
-use super::{read_records, Error, Loaded, Result, Session};
+use super::{is_allocation, read_records, Error, Loaded, Result, Session};
 use crate::exec::{build_graph, Exec};
 
 /// What a live check of a task found.
@@ -159,7 +159,7 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
     let Some(h) = &r.handle else {
         return (Liveness::NotApplicable, None);
     };
-    if r.kind == "allocate" {
+    if is_allocation(r) {
         return (Liveness::NotApplicable, None);
     }
     let state = exec.backend.status(h).await;

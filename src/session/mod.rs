@@ -73,6 +73,11 @@ impl Session {
     }
 }
 
+/// Is this the record of an allocation (held like a service, but no process)?
+pub fn is_allocation(r: &Record) -> bool {
+    crate::actions::Action::of_kind(&r.kind) == Some(crate::actions::Action::Allocate)
+}
+
 /// The state dir a plan uses when none is given: `.prl-flow/<name>`.
 pub fn default_state_dir(name: &str) -> PathBuf {
     PathBuf::from(".prl-flow").join(name)

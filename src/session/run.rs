@@ -16,8 +16,9 @@ use prl_flow_engine::{
     decide, Cancel, Decision, Graph, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
 };
 
-use super::{default_state_dir, journal_error, Error, Loaded, Result, Session};
-use crate::exec::{build_graph, Exec, BUILTIN_KINDS};
+use super::{default_state_dir, is_allocation, journal_error, Error, Loaded, Result, Session};
+use crate::actions::Action;
+use crate::exec::{build_graph, Exec};
 use crate::plan::Plan;
 
 /// How to run.
@@ -216,10 +217,7 @@ pub(crate) async fn recover_missing(
         Vec::new(),
     );
     for r in records.values_mut() {
-        if r.status != Status::Running
-            || r.handle.is_some()
-            || BUILTIN_KINDS.contains(&r.kind.as_str())
-        {
+        if r.status != Status::Running || r.handle.is_some() || Action::of_kind(&r.kind).is_some() {
             continue;
         }
         let spec = SpawnSpec {
@@ -245,7 +243,7 @@ pub(crate) async fn recover_missing(
 async fn live_services(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
     let mut live = Vec::new();
     for r in records.values() {
-        if r.service && matches!(r.status, Status::Done | Status::Running) && r.kind != "allocate" {
+        if r.service && matches!(r.status, Status::Done | Status::Running) && !is_allocation(r) {
             if let Some(h) = &r.handle {
                 if matches!(backend.status(h).await, Ok(ProcState::Running)) {
                     live.push(r.id.clone());

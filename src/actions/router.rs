@@ -1,12 +1,16 @@
-//! Actions prl-flow performs itself, as tasks of a deployment: making sure a router lists
-//! its workers, and proving the deployment answers.
+//! The router's actions, as tasks of a deployment: `register` makes sure a router lists its
+//! workers, `health-probe` proves the deployment answers (the router is ready, then one real
+//! completion comes back through it).
 
 use std::time::{Duration, Instant};
 
 use prl_flow_engine::TaskError;
 use serde_json::Value;
 
-use crate::exec::Exec;
+use async_trait::async_trait;
+use prl_flow_engine::Handle;
+
+use super::{Context, Perform};
 
 fn strings(v: &Value, key: &str) -> Vec<String> {
     v.get(key)
@@ -19,7 +23,7 @@ fn strings(v: &Value, key: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn arg(ex: &Exec, args: &Value, key: &str) -> Result<String, TaskError> {
+fn arg(ex: &dyn Context, args: &Value, key: &str) -> Result<String, TaskError> {
     args.get(key)
         .and_then(Value::as_str)
         .map(|s| ex.resolve(s))
@@ -65,7 +69,7 @@ async fn listed(http: &reqwest::Client, router: &str) -> Result<Vec<String>, Tas
 /// Regular mode: adds each worker the router does not list (after an engine restart the
 /// router may have dropped it). P/D mode: the lists are fixed at the router's start, so
 /// check them.
-pub async fn register(ex: &Exec, args: &Value) -> Result<(), TaskError> {
+async fn register(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
     let router = arg(ex, args, "router")?;
     let http = client();
     let have = listed(&http, &router).await?;
@@ -116,7 +120,7 @@ pub async fn register(ex: &Exec, args: &Value) -> Result<(), TaskError> {
 }
 
 /// The router is ready, then one completion comes back through it.
-pub async fn health_probe(ex: &Exec, args: &Value) -> Result<(), TaskError> {
+async fn health_probe(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
     let router = arg(ex, args, "router")?;
     let model = args
         .get("model")
@@ -165,5 +169,23 @@ pub async fn health_probe(ex: &Exec, args: &Value) -> Result<(), TaskError> {
         _ => Err(TaskError::new(format!(
             "a completion through {url} failed: {status} {body}"
         ))),
+    }
+}
+
+pub struct Register;
+
+#[async_trait]
+impl Perform for Register {
+    async fn run(&self, cx: &dyn Context, args: &Value) -> Result<Option<Handle>, TaskError> {
+        register(cx, args).await.map(|()| None)
+    }
+}
+
+pub struct HealthProbe;
+
+#[async_trait]
+impl Perform for HealthProbe {
+    async fn run(&self, cx: &dyn Context, args: &Value) -> Result<Option<Handle>, TaskError> {
+        health_probe(cx, args).await.map(|()| None)
     }
 }
