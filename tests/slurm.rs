@@ -28,7 +28,10 @@
 //! `bench_bring_up_against_a_sequential_sbatch_script`.
 
 mod common;
+#[path = "support/netns.rs"]
+mod netns;
 
+use netns::free_subnet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,7 +111,7 @@ impl TestCluster {
             .arg("start")
             .arg(dir.path())
             .env("SLURM_TAG", &tag)
-            .env("SLURM_NET", free_subnet(pid, k))
+            .env("SLURM_NET", free_subnet(50, pid, k))
             .env("SLURM_CTLD_PORT", common::free_port().to_string())
             .env("SLURMD_PORTS", ports.join(","))
             .env("SLURM_GPUS", gpus.to_string())
@@ -256,23 +259,6 @@ impl Drop for TestCluster {
             }
         }
     }
-}
-
-/// A /24 no interface here uses: `10.A.B`, from the pid and a counter (tests/ssh.rs takes
-/// 10.150–249; these take 10.50–149).
-fn free_subnet(pid: u32, k: usize) -> String {
-    let used = Command::new("ip")
-        .args(["-o", "-4", "addr"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for i in 0..250 {
-        let net = format!("10.{}.{}", 50 + (pid % 100), (k * 11 + i) % 250 + 1);
-        if !used.contains(&format!(" {net}.")) {
-            return net;
-        }
-    }
-    panic!("no free 10.x.y.0/24 subnet");
 }
 
 /// The bin dir of the Mooncake venv, if installed.

@@ -17,6 +17,10 @@
 //! end-to-end test also needs the router (`PRL_FLOW_ROUTER`, or the venv `./dev` installs);
 //! the benchmarks at the end (ignored; docs/benchmarks.md, "SSH fan-out") need pdsh.
 
+#[path = "support/netns.rs"]
+mod netns;
+
+use netns::{free_subnet, netns_possible};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,7 +80,7 @@ impl Hosts {
         };
         let d = path(hosts.dir.path()).to_string();
         let ok = if netns_possible(&tag) {
-            let net = free_subnet(pid, k);
+            let net = free_subnet(150, pid, k);
             script(&["up", &d, &tag, &net, &n.to_string()])
         } else {
             eprintln!("\n!!! network namespaces are not available here: hosts are sshd on loopback ports, and link-cut checks are SKIPPED\n");
@@ -295,39 +299,6 @@ fn script(args: &[&str]) -> Result<String, String> {
             String::from_utf8_lossy(&out.stderr)
         ))
     }
-}
-
-/// Can this process make network namespaces? `PRL_FLOW_TEST_NO_NETNS=1` says no, to
-/// exercise the loopback fallback.
-fn netns_possible(tag: &str) -> bool {
-    if std::env::var_os("PRL_FLOW_TEST_NO_NETNS").is_some_and(|v| v == "1") {
-        return false;
-    }
-    let probe = format!("pf-probe-{tag}");
-    let ok = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        let _ = Command::new("ip").args(["netns", "del", &probe]).output();
-    }
-    ok
-}
-
-/// A /24 no interface here uses yet: `10.A.B` from the pid and a counter.
-fn free_subnet(pid: u32, k: usize) -> String {
-    let used = Command::new("ip")
-        .args(["-o", "-4", "addr"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for i in 0..250 {
-        let net = format!("10.{}.{}", 150 + (pid % 100), (k * 7 + i) % 250 + 1);
-        if !used.contains(&format!(" {net}.")) {
-            return net;
-        }
-    }
-    panic!("no free 10.x.y.0/24 subnet");
 }
 
 fn spec(task: &str, node: Option<&str>, argv: &[&str], service: bool, dir: &Path) -> SpawnSpec {

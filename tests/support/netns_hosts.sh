@@ -26,6 +26,8 @@
 set -euo pipefail
 
 SSHD=${SSHD:-/usr/sbin/sshd}
+# shellcheck source=netns.sh
+. "$(dirname "$0")/netns.sh"
 
 die() { echo "netns_hosts.sh: $*" >&2; exit 1; }
 
@@ -96,19 +98,10 @@ cmd_up() {
     dir=$(cd "$dir" && pwd -P)
     local br="pfb-$tag"
     client_files "$dir"
-    ip link add "$br" type bridge
-    ip addr add "$net.1/24" dev "$br"
-    ip link set "$br" up
+    netns_bridge "$br" "$net"
     for k in $(seq 0 $((n - 1))); do
         local ns="pf-$tag-$k" veth="pfv-$tag-$k" addr="$net.$((k + 2))"
-        ip netns add "$ns"
-        ip link add "$veth" type veth peer name eth0 netns "$ns"
-        ip link set "$veth" master "$br"
-        ip link set "$veth" up
-        ip -n "$ns" link set lo up
-        ip -n "$ns" addr add "$addr/24" dev eth0
-        ip -n "$ns" link set eth0 up
-        ip -n "$ns" route add default via "$net.1"
+        netns_host "$ns" "$veth" "$addr" "$br" "$net.1"
         sshd_config "$dir" "$k" "$addr" 22
         # A host name of its own (UTS namespace), then sshd, which daemonizes.
         start_sshd "$dir/h$k" ip netns exec "$ns" unshare --uts sh -c "hostname $ns && exec \"\$0\" \"\$@\""
@@ -155,20 +148,13 @@ cmd_loopback() {
 cmd_down() {
     local dir=$1 tag=$2 n=$3
     for k in $(seq 0 $((n - 1))); do
-        local ns="pf-$tag-$k"
-        if ip netns list 2>/dev/null | grep -qw "^$ns"; then
-            # Everything that runs in the namespace: sshd, sessions, the services under test.
-            local pids
-            pids=$(ip netns pids "$ns" 2>/dev/null || true)
-            [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
-            ip netns del "$ns" 2>/dev/null || true
-        fi
+        # Everything that runs in the namespace: sshd, sessions, the services under test.
+        netns_host_remove "pf-$tag-$k" "pfv-$tag-$k"
         if [ -s "$dir/h$k/sshd.pid" ]; then
             kill -9 "$(cat "$dir/h$k/sshd.pid")" 2>/dev/null || true
         fi
-        ip link del "pfv-$tag-$k" 2>/dev/null || true
     done
-    ip link del "pfb-$tag" 2>/dev/null || true
+    netns_bridge_remove "pfb-$tag"
 }
 
 cmd_link() {

@@ -51,14 +51,8 @@ PATH="$PATH:/usr/sbin:/sbin"
 
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 
-netns_possible() {
-    local probe="pfs-probe-$$"
-    if ip netns add "$probe" 2>/dev/null; then
-        ip netns del "$probe" 2>/dev/null || true
-        return 0
-    fi
-    return 1
-}
+# shellcheck source=../netns.sh
+. "$(dirname "$0")/../netns.sh"
 
 start() {
     local nodes="${SLURM_NODES:-4}" tag="${SLURM_TAG:-t0}" net="${SLURM_NET:-10.61.7}"
@@ -76,7 +70,7 @@ start() {
             { log "\`$tool\` is not installed (apt-get install -y slurm-wlm munge)"; exit 3; }
     done
     if [ "$use_netns" = auto ]; then
-        if netns_possible; then use_netns=1; else use_netns=0; fi
+        if netns_possible "pfs-probe-$$"; then use_netns=1; else use_netns=0; fi
     fi
     if [ "$use_netns" = 1 ] && [ "${net#127.}" != "$net" ]; then
         log "SLURM_NET=$net is a loopback net: namespaces need another (e.g. 10.61.7)"
@@ -90,19 +84,11 @@ start() {
     local ctld_addr=127.0.0.1
     if [ "$use_netns" = 1 ]; then
         local br="pfsb-$tag"
-        ip link add "$br" type bridge
-        ip addr add "$net.1/24" dev "$br"
-        ip link set "$br" up
+        netns_bridge "$br" "$net"
         ctld_addr="$net.1"
         for k in $(seq 1 "$nodes"); do
             local ns="pfs-$tag-$k" veth="pfsv-$tag-$k" addr="$net.$((k + 1))"
-            ip netns add "$ns"
-            ip link add "$veth" type veth peer name eth0 netns "$ns"
-            ip link set "$veth" master "$br"
-            ip link set "$veth" up
-            ip -n "$ns" link set lo up
-            ip -n "$ns" addr add "$addr/24" dev eth0
-            ip -n "$ns" link set eth0 up
+            netns_host "$ns" "$veth" "$addr" "$br"
             # No default route: nodes only talk within the bridge's /24. With one, a DNS
             # query (every reverse lookup: Python's getfqdn, a bare hostname's AAAA) would go
             # to a nameserver this namespace cannot reach and time out after 10 s; without,
@@ -244,16 +230,10 @@ stop() {
     if [ "$use_netns" = 1 ]; then
         local k
         for k in $(seq 1 "$nodes"); do
-            local ns="pfs-$tag-$k" pids
-            if ip netns list 2>/dev/null | grep -qw "^$ns"; then
-                # Only this cluster's processes live in its namespaces.
-                pids=$(ip netns pids "$ns" 2>/dev/null || true)
-                [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
-                ip netns del "$ns" 2>/dev/null || true
-            fi
-            ip link del "pfsv-$tag-$k" 2>/dev/null || true
+            # Only this cluster's processes live in its namespaces.
+            netns_host_remove "pfs-$tag-$k" "pfsv-$tag-$k"
         done
-        ip link del "pfsb-$tag" 2>/dev/null || true
+        netns_bridge_remove "pfsb-$tag"
     fi
     kill_pidfiles "$dir/munge/pid"
     rm -f "$dir/cluster"
