@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns the raw data of bench/bringup.sh into a markdown report.
+"""Turns the raw data of benches/bringup.sh into a markdown report.
 
 usage: report.py OUT_DIR
 

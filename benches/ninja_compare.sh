@@ -2,7 +2,7 @@
 # prl-flow against ninja on the same 10,000-task DAG (10 layers of 1,000; each task needs 2
 # random tasks of the layer before; fixed seed; every task `/bin/true && touch stamps/ID`).
 #
-#   bench/ninja_compare.sh [--rounds N] [--noop-runs N] [--work DIR] [--jobs "2 16"]
+#   benches/ninja_compare.sh [--rounds N] [--noop-runs N] [--work DIR] [--jobs "2 16"]
 #                          [--width 1000]   (tasks per layer; smaller for a quick check)
 #                          [--no-hyperfine] (time with the plain loop even if hyperfine is here)
 #

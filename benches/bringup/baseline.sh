@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bring-up of a plan by a plain shell script, to compare `prl-flow run` with
-# (bench/bringup.sh): the same processes with the same argv, env and working dirs, taken
+# (benches/bringup.sh): the same processes with the same argv, env and working dirs, taken
 # from `prl-flow plan --format json --backend local`, started in dependency order, each
 # waited for with a `curl` polling loop at the plan's interval (100 ms on `local`).
 #

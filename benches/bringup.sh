@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Bring-up benchmark on this machine: `prl-flow run --engine mock` of the local recipes, with
 # the mock engine's startup delay set, against the plan's critical path and against a plain
-# shell script that starts the same processes (bench/bringup/baseline.sh), in the same run.
+# shell script that starts the same processes (benches/bringup/baseline.sh), in the same run.
 #
-#   bench/bringup.sh                       10 runs of each, disaggregated and multi_node
-#   RUNS=20 DELAY=2s RECIPES="disaggregated" bench/bringup.sh
-#   HYPERFINE=0 bench/bringup.sh           skip the hyperfine pass
-#   PROBE_INTERVAL=20ms bench/bringup.sh   set the recipes' probe_interval (default: 100ms
+#   benches/bringup.sh                       10 runs of each, disaggregated and multi_node
+#   RUNS=20 DELAY=2s RECIPES="disaggregated" benches/bringup.sh
+#   HYPERFINE=0 benches/bringup.sh           skip the hyperfine pass
+#   PROBE_INTERVAL=20ms benches/bringup.sh   set the recipes' probe_interval (default: 100ms
 #                                          on local); the baseline polls at the same interval
 #
 # What it measures, per recipe (docs/benchmarks.md, "Bring-up on this machine", says more):
@@ -16,7 +16,7 @@
 #      the startup delay plus process start) + the router's own time to ready (spawn →
 #      serving), both measured in the baseline runs;
 #   3. healthy → ready: from the moment an engine is healthy (its log line, timestamped by
-#      bench/bringup/watch.py) to prl-flow's journal marking its task done (finished_ms), or
+#      benches/bringup/watch.py) to prl-flow's journal marking its task done (finished_ms), or
 #      to the baseline's polling loop seeing it.
 # Results go to target/bench-bringup/DATE/ (raw data and report.md); the report is printed.
 set -euo pipefail
@@ -29,8 +29,8 @@ RECIPES=${RECIPES:-"disaggregated multi_node"}
 HYPERFINE=${HYPERFINE:-1}
 PROBE_INTERVAL=${PROBE_INTERVAL:-}
 OUT=${OUT:-$ROOT/target/bench-bringup/$(date +%Y%m%d-%H%M%S)}
-BASELINE=$ROOT/bench/bringup/baseline.sh
-WATCH=$ROOT/bench/bringup/watch.py
+BASELINE=$ROOT/benches/bringup/baseline.sh
+WATCH=$ROOT/benches/bringup/watch.py
 
 say() { printf '==> %s\n' "$*" >&2; }
 
@@ -113,7 +113,7 @@ baseline_once() {
 for name in $RECIPES; do
     dir=$OUT/$name
     mkdir -p "$dir"
-    python3 bench/bringup/recipe.py "tests/fixtures/local/$name.toml" "$dir/$name.toml" "$DELAY" $PROBE_INTERVAL
+    python3 benches/bringup/recipe.py "tests/fixtures/local/$name.toml" "$dir/$name.toml" "$DELAY" $PROBE_INTERVAL
     "$PF" plan "$dir/$name.toml" --engine mock --backend local --format json >"$dir/plan.json"
     st_p=$dir/state-prl-flow
     st_b=$dir/state-baseline
@@ -139,5 +139,5 @@ for name in $RECIPES; do
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 
-python3 bench/bringup/report.py "$OUT" | tee "$OUT/report.md"
+python3 benches/bringup/report.py "$OUT" | tee "$OUT/report.md"
 say "raw data and report: $OUT"
