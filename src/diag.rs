@@ -191,7 +191,7 @@ pub fn did_you_mean<'a>(
     wrong: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<String> {
-    prl_flow_engine::graph::closest(wrong, candidates.into_iter())
+    prl_flow_engine::text::closest(wrong, candidates).map(str::to_string)
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
+use prl_flow_engine::algo;
+
 use crate::plan::Plan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -19,41 +21,11 @@ pub enum Format {
     Json,
 }
 
-/// Stage of every task (`None` for a plan whose graph is not sound; seal it first).
+/// Stage of every task: the length of its longest chain of needs (0 on a cycle; seal the
+/// graph first).
 fn stages(plan: &Plan) -> Vec<usize> {
-    let index: HashMap<&str, usize> = plan
-        .tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
-    let n = plan.tasks.len();
-    let mut stage = vec![0usize; n];
-    let mut done = vec![false; n];
-    let mut remaining = n;
-    // Repeated passes in declaration order; a sealed graph is acyclic, so each pass settles
-    // at least one task. Bounded by n passes even for bad input.
-    for _ in 0..=n {
-        if remaining == 0 {
-            break;
-        }
-        for (i, t) in plan.tasks.iter().enumerate() {
-            if done[i] {
-                continue;
-            }
-            let deps: Vec<usize> = t
-                .needs
-                .iter()
-                .filter_map(|d| index.get(d.as_str()).copied())
-                .collect();
-            if deps.iter().all(|&d| done[d]) {
-                stage[i] = deps.iter().map(|&d| stage[d] + 1).max().unwrap_or(0);
-                done[i] = true;
-                remaining -= 1;
-            }
-        }
-    }
-    stage
+    let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
+    algo::stages(&deps)
 }
 
 fn is_service(t: &crate::plan::TaskSpec) -> bool {

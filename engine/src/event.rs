@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Handle, TaskError};
+pub use crate::record::Outcome;
+use crate::record::{Handle, TaskError};
 
 /// Why a task runs this time, or why it is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,30 +59,6 @@ impl std::fmt::Display for Reason {
             Reason::Changed => f.write_str("changed"),
             Reason::UpstreamReRan(up) => write!(f, "upstream re-ran (`{up}`)"),
             Reason::NoLongerAlive(why) => write!(f, "no longer alive ({why})"),
-        }
-    }
-}
-
-/// How a task's turn in a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    Done,
-    Failed,
-    TimedOut,
-    Cancelled,
-    /// Never started: something it needs failed, or the run was aborted or cancelled first.
-    Skipped,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Done => "done",
-            Outcome::Failed => "failed",
-            Outcome::TimedOut => "timed-out",
-            Outcome::Cancelled => "cancelled",
-            Outcome::Skipped => "skipped",
         }
     }
 }

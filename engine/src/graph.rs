@@ -12,9 +12,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use petgraph::graph::{DiGraph, NodeIndex};
-
 use crate::task::Task;
+use crate::{algo, text};
 
 /// Where a task was declared, so that graph errors can point at a file's line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,7 +118,7 @@ impl GraphBuilder {
                             .cloned()
                             .flatten()
                             .or_else(|| self.origins[i].span.clone()),
-                        suggestion: closest(need, index.keys().copied()),
+                        suggestion: text::closest(need, index.keys().copied()).map(str::to_string),
                     }),
                 }
             }
@@ -128,38 +127,16 @@ impl GraphBuilder {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-        for (i, d) in deps.iter().enumerate() {
-            for &j in d {
-                dependents[j].push(i);
-            }
-        }
-        // Kahn's algorithm with a min-heap on the index: a stable topological order.
-        let mut indeg: Vec<usize> = deps.iter().map(Vec::len).collect();
-        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = indeg
-            .iter()
-            .enumerate()
-            .filter(|(_, &d)| d == 0)
-            .map(|(i, _)| std::cmp::Reverse(i))
-            .collect();
-        let mut topo = Vec::with_capacity(n);
-        while let Some(std::cmp::Reverse(i)) = heap.pop() {
-            topo.push(i);
-            for &k in &dependents[i] {
-                indeg[k] -= 1;
-                if indeg[k] == 0 {
-                    heap.push(std::cmp::Reverse(k));
-                }
-            }
-        }
+        let dependents = algo::dependents(&deps);
+        let topo = algo::topo_with(&deps, &dependents);
         if topo.len() < n {
-            let cycle = find_cycle(&deps, &indeg);
+            let cycle = algo::find_cycle(&deps).unwrap_or_default();
             let ids: Vec<String> = cycle
                 .iter()
                 .map(|&i| self.tasks[i].id().to_string())
                 .collect();
             return Err(vec![GraphError::Cycle {
-                span: self.origins[cycle[0]].span.clone(),
+                span: cycle.first().and_then(|&i| self.origins[i].span.clone()),
                 cycle: ids,
             }]);
         }
@@ -173,94 +150,6 @@ impl GraphBuilder {
             by_id,
         })
     }
-}
-
-/// Finds one cycle among the nodes Kahn's algorithm could not order (those with `indeg > 0`),
-/// returned as the path `a, b, ..., a` in dependency direction (`a` needs `b`).
-fn find_cycle(deps: &[Vec<usize>], indeg: &[usize]) -> Vec<usize> {
-    let mut g = DiGraph::<usize, ()>::new();
-    let nodes: Vec<NodeIndex> = (0..deps.len()).map(|i| g.add_node(i)).collect();
-    for (i, d) in deps.iter().enumerate() {
-        if indeg[i] == 0 {
-            continue;
-        }
-        for &j in d {
-            if indeg[j] > 0 {
-                g.add_edge(nodes[i], nodes[j], ());
-            }
-        }
-    }
-    // The smallest strongly connected component with more than one node (or a self loop)
-    // holds a cycle; walk it from its smallest index.
-    let mut sccs: Vec<Vec<NodeIndex>> = petgraph::algo::tarjan_scc(&g)
-        .into_iter()
-        .filter(|c| c.len() > 1 || g.contains_edge(c[0], c[0]))
-        .collect();
-    sccs.sort_by_key(|c| c.iter().map(|n| n.index()).min());
-    let Some(scc) = sccs.first() else {
-        return vec![];
-    };
-    let members: BTreeSet<usize> = scc.iter().map(|n| g[*n]).collect();
-    let Some(&start) = members.iter().next() else {
-        return vec![];
-    };
-    // Breadth-first search for the shortest way back to `start` inside the component.
-    let mut prev: HashMap<usize, usize> = HashMap::new();
-    let mut queue = std::collections::VecDeque::from([start]);
-    while let Some(u) = queue.pop_front() {
-        for &v in &deps[u] {
-            if !members.contains(&v) {
-                continue;
-            }
-            if v == start {
-                let mut path = vec![start];
-                let mut cur = u;
-                while cur != start {
-                    path.push(cur);
-                    cur = prev[&cur];
-                }
-                path.push(start);
-                let len = path.len();
-                path[1..len - 1].reverse();
-                return path;
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(v) {
-                e.insert(u);
-                queue.push_back(v);
-            }
-        }
-    }
-    vec![start, start]
-}
-
-/// The closest id to a misspelt one, if any is close enough to be a likely typo.
-pub fn closest<'a>(wrong: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
-    let mut best: Option<(usize, &str)> = None;
-    for c in candidates {
-        let d = levenshtein(wrong, c);
-        let limit = (wrong.len().max(c.len()) / 3).max(1);
-        if d <= limit && best.is_none_or(|(bd, bc)| (d, c) < (bd, bc)) {
-            best = Some((d, c));
-        }
-    }
-    best.map(|(_, c)| c.to_string())
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(row[j + 1] + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// A checked, acyclic task graph: the only thing the scheduler runs.
@@ -318,15 +207,7 @@ impl Graph {
     }
     /// The length of each task's longest dependency chain (0 for roots), by topo order.
     pub fn depths(&self) -> Vec<usize> {
-        let mut depth = vec![0; self.len()];
-        for &i in &self.topo {
-            depth[i] = self.deps[i]
-                .iter()
-                .map(|&j| depth[j] + 1)
-                .max()
-                .unwrap_or(0);
-        }
-        depth
+        algo::stages_in(&self.deps, &self.topo)
     }
 }
 
@@ -378,10 +259,11 @@ mod tests {
 
     #[test]
     fn suggests_a_near_miss() {
-        assert_eq!(
-            closest("comple", ["compile", "link"].into_iter()),
-            Some("compile".into())
+        let err = build(&[("compile", &[]), ("link", &["comple"])])
+            .err()
+            .expect("errors");
+        assert!(
+            matches!(&err[0], GraphError::UnknownDependency { suggestion: Some(s), .. } if s == "compile")
         );
-        assert_eq!(closest("zzz", ["compile", "link"].into_iter()), None);
     }
 }

@@ -21,9 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::event::{Event, Sink};
-
-/// What a task leaves behind for later checks and teardown: opaque to the engine.
-pub type Handle = serde_json::Value;
+use crate::record::Record;
+pub use crate::record::{Handle, TaskError};
 
 /// How often and how long a task may try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,38 +42,6 @@ impl Default for Policy {
             retries: 0,
             backoff: Duration::from_millis(500),
         }
-    }
-}
-
-/// A task's failure, in words for people.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{message}")]
-pub struct TaskError {
-    pub message: String,
-    /// A handle to record even though the task failed (e.g. a service that started and then
-    /// never became ready was stopped; or was left running with `--keep`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handle: Option<Handle>,
-    /// The process's exit code, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-}
-
-impl TaskError {
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            handle: None,
-            exit_code: None,
-        }
-    }
-    pub fn with_exit_code(mut self, code: Option<i32>) -> Self {
-        self.exit_code = code;
-        self
-    }
-    pub fn with_handle(mut self, handle: Option<Handle>) -> Self {
-        self.handle = handle;
-        self
     }
 }
 
@@ -218,7 +185,7 @@ pub trait Task: Send + Sync + 'static {
     }
     /// Finds what an attempt recorded as started left behind when its handle never reached
     /// the journal (the run was killed between starting a process and recording it).
-    async fn recover(&self, _record: &crate::journal::Record) -> Option<Handle> {
+    async fn recover(&self, _record: &Record) -> Option<Handle> {
         None
     }
     async fn adopt(&self, _handle: &Handle, _cx: &TaskContext) -> Result<Done, TaskError> {

@@ -1,5 +1,6 @@
-//! An in-memory task for tests and benchmarks of the scheduler: it does what it is told and
-//! writes down when it ran.
+//! Test doubles: an in-memory task for tests of the scheduler, which does what it is told
+//! and writes down when it ran, and a builder of journal records. Compiled only for the
+//! engine's own tests and with the `testing` feature, never into a normal build.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::task::{Check, Done, Handle, Policy, Task, TaskContext, TaskError};
+use crate::record::{Handle, Record, Status, TaskError};
+use crate::task::{Check, Done, Policy, Task, TaskContext};
 
 /// What a [`FakeTask`] does when run.
 #[derive(Debug, Clone)]
@@ -149,12 +151,8 @@ impl Task for FakeTask {
 }
 
 /// A journal record of a one-shot with the given status and fingerprint, the rest empty.
-pub fn record(
-    id: &str,
-    status: crate::journal::Status,
-    fingerprint: &str,
-) -> crate::journal::Record {
-    crate::journal::Record {
+pub fn record(id: &str, status: Status, fingerprint: &str) -> Record {
+    Record {
         id: id.into(),
         status,
         fingerprint: fingerprint.into(),

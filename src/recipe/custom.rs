@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
+use prl_flow_engine::algo;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -355,55 +356,15 @@ pub fn add(
     }
 }
 
-/// A cycle of the `needs` graph, as task indices, if there is one.
+/// A cycle of the `needs` graph, as task indices, if there is one: in the order things
+/// start (each needed by the next), ending with the smallest index on it.
 pub fn find_cycle(tasks: &[TaskSpec]) -> Option<Vec<usize>> {
-    let index: HashMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
-    let deps: Vec<Vec<usize>> = tasks
-        .iter()
-        .map(|t| {
-            t.needs
-                .iter()
-                .filter_map(|n| index.get(n.as_str()).copied())
-                .collect()
-        })
-        .collect();
-    // 0 unvisited, 1 on the stack, 2 done; an iterative DFS (plans can be large).
-    let mut state = vec![0u8; tasks.len()];
-    for root in 0..tasks.len() {
-        if state[root] != 0 {
-            continue;
-        }
-        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
-        state[root] = 1;
-        while let Some(&mut (v, ref mut next)) = stack.last_mut() {
-            if let Some(&w) = deps[v].get(*next) {
-                *next += 1;
-                match state[w] {
-                    0 => {
-                        state[w] = 1;
-                        stack.push((w, 0));
-                    }
-                    1 => {
-                        let at = stack.iter().position(|&(u, _)| u == w).unwrap_or(0);
-                        // The stack runs from dependents to dependencies; a cycle reads
-                        // better in the order things start.
-                        let mut cycle: Vec<usize> = stack[at..].iter().map(|&(u, _)| u).collect();
-                        cycle.reverse();
-                        return Some(cycle);
-                    }
-                    _ => {}
-                }
-            } else {
-                state[v] = 2;
-                stack.pop();
-            }
-        }
-    }
-    None
+    let deps = algo::adjacency(tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
+    // The engine's path runs `a, b, ..., a` from each task to what it needs.
+    let mut cycle = algo::find_cycle(&deps)?;
+    cycle.pop();
+    cycle.reverse();
+    Some(cycle)
 }
 
 #[cfg(test)]

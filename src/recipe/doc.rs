@@ -411,25 +411,10 @@ impl<'a> Table<'a> {
     }
 }
 
-/// The closest of `candidates` to a misspelt `wrong`, when close enough to be a typo: the
-/// shared suggestion, or failing that one counting a swap of two letters as one edit
-/// (`nmae` → `name`), which matters for short field names.
-pub fn near<'a>(
-    wrong: &str,
-    candidates: impl IntoIterator<Item = &'a str> + Clone,
-) -> Option<String> {
-    if let Some(s) = did_you_mean(wrong, candidates.clone()) {
-        return Some(s);
-    }
-    let mut best: Option<(usize, &str)> = None;
-    for c in candidates {
-        let d = strsim::damerau_levenshtein(&wrong.to_lowercase(), &c.to_lowercase());
-        let limit = (wrong.len().max(c.len()) / 3).max(1);
-        if d <= limit && best.map_or(true, |(bd, bc)| (d, c) < (bd, bc)) {
-            best = Some((d, c));
-        }
-    }
-    best.map(|(_, c)| c.to_string())
+/// The closest of `candidates` to a misspelt `wrong`, when close enough to be a typo (the
+/// shared suggestion, which also counts a swap of two letters as one edit: `nmae` → `name`).
+pub fn near<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    did_you_mean(wrong, candidates)
 }
 
 /// `` `a`, `b`, `c` `` (duplicates removed, order kept).

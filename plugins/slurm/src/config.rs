@@ -30,6 +30,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use prl_flow_engine::text::closest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -173,7 +174,7 @@ impl SlurmConfig {
         for key in table.keys() {
             if !FIELDS.contains(&key.as_str()) {
                 let mut e = ConfigError::new(key, "is not a field of the slurm backend");
-                e = match closest(key, FIELDS) {
+                e = match closest(key, FIELDS.iter().copied()) {
                     Some(s) => e.help(format!("did you mean `{s}`?")),
                     None => e.help(format!("fields: {}", FIELDS[1..].join(", "))),
                 };
@@ -371,30 +372,6 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a table",
     }
-}
-
-/// The known name closest to `word`, if it is close enough to be a typo.
-fn closest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (levenshtein(word, k), *k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

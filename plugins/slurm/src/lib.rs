@@ -74,6 +74,7 @@ use prl_flow_backend::{
     last_lines, since_last_mark, Allocation, Backend, BackendError, ProcHandle, ProcState,
     SpawnSpec, LOG_MARK,
 };
+use prl_flow_engine::fs::write_atomic;
 use prl_flow_local::LocalBackend;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -767,15 +768,6 @@ fn wrap(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 fn tail_bytes(path: &Path, max: u64) -> Result<String, BackendError> {

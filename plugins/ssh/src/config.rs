@@ -18,6 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use prl_flow_engine::text::closest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -242,7 +243,7 @@ impl SshConfig {
         for key in table.keys() {
             if !FIELDS.contains(&key.as_str()) {
                 let mut e = ConfigError::new(key.clone(), "not a field of the ssh backend");
-                e = match closest(key, FIELDS) {
+                e = match closest(key, FIELDS.iter().copied()) {
                     Some(s) => e.help(format!("did you mean `{s}`?")),
                     None => e.help(format!("fields: {}", FIELDS.join(", "))),
                 };
@@ -594,31 +595,6 @@ fn parse_hosts_file(text: &str, path: &Path, errs: &mut Vec<ConfigError>) -> Vec
         ));
     }
     out
-}
-
-/// The closest of `candidates` to `word`, if one is close enough to be a misspelling.
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (levenshtein(word, c), *c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]

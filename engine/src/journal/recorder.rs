@@ -1,0 +1,135 @@
+//! The journal as a subscriber: it turns a run's events into records.
+
+use std::sync::Arc;
+
+use super::Journal;
+use crate::event::{Decision, Event, Outcome, Subscriber};
+use crate::graph::Graph;
+use crate::record::{now_ms, Record, Status};
+
+impl Journal {
+    /// A subscriber that records a run of `graph` in this journal.
+    pub fn recorder(self: &Arc<Self>, graph: &Graph) -> Arc<dyn Subscriber> {
+        let info = graph
+            .tasks()
+            .iter()
+            .map(|t| Record {
+                id: t.id().to_string(),
+                status: Status::Running,
+                fingerprint: t.fingerprint(),
+                kind: t.kind().to_string(),
+                service: t.is_service(),
+                needs: t.needs().to_vec(),
+                handle: None,
+                meta: t.meta(),
+                seq: 0,
+                attempts: 0,
+                started_ms: None,
+                finished_ms: None,
+                exit_code: None,
+                error: None,
+            })
+            .collect();
+        Arc::new(Recorder {
+            journal: self.clone(),
+            info,
+        })
+    }
+}
+
+/// Records a run's events in the journal.
+struct Recorder {
+    journal: Arc<Journal>,
+    info: Vec<Record>,
+}
+
+impl Subscriber for Recorder {
+    fn on_event(&self, event: &Event) {
+        match event {
+            Event::Planned { decisions } => {
+                // Work a killed run left in flight that has since finished is kept: record
+                // it as done.
+                for (id, d) in decisions.iter() {
+                    if *d == Decision::Keep {
+                        self.journal.settle_kept(id);
+                    }
+                }
+            }
+            Event::Started {
+                index,
+                attempt,
+                adopted,
+                ..
+            } => {
+                let mut r = self.info[*index].clone();
+                if *adopted {
+                    if let Some(old) = self.journal.get(&r.id) {
+                        r = Record {
+                            status: Status::Running,
+                            ..old
+                        };
+                    }
+                } else {
+                    r.seq = self.journal.take_seq();
+                    r.attempts = *attempt;
+                    r.started_ms = Some(now_ms());
+                }
+                // On file before the task can start a process.
+                self.journal.put_now(r);
+            }
+            Event::Spawned { id, handle, .. } => {
+                // On file at once: `down` and `status` from another shell must see it.
+                self.journal
+                    .update_now(id, |r| r.handle = Some(handle.clone()));
+            }
+            Event::Finished {
+                index,
+                id,
+                outcome,
+                handle,
+                error,
+                ..
+            } => {
+                if *outcome == Outcome::Skipped {
+                    // Nothing ran: keep an earlier record (a resume may still use it).
+                    if self.journal.get(id).is_none() {
+                        let mut r = self.info[*index].clone();
+                        r.status = Status::Skipped;
+                        self.journal.put(r);
+                    }
+                    return;
+                }
+                self.journal.update(id, |r| {
+                    r.status = (*outcome).into();
+                    r.finished_ms = Some(now_ms());
+                    if let Some(h) = handle {
+                        r.handle = Some(h.clone());
+                    }
+                    r.exit_code = error.as_ref().and_then(|e| e.exit_code);
+                    r.error = error.as_ref().map(|e| e.message.clone());
+                    if let Some(h) = error.as_ref().and_then(|e| e.handle.clone()) {
+                        r.handle = Some(h);
+                    }
+                });
+            }
+            Event::Undone { id, error, .. } => {
+                self.journal.update(id, |r| {
+                    // A service that failed, timed out or was cancelled keeps saying so
+                    // (`status`, and `--resume --explain`); only one that was up, and was
+                    // really stopped, is `stopped` (one that could not be stopped may still
+                    // run: `down` must try again).
+                    if error.is_none() && matches!(r.status, Status::Done | Status::Running) {
+                        r.status = Status::Stopped;
+                    }
+                    if let Some(e) = error {
+                        r.error = Some(e.clone());
+                    }
+                });
+            }
+            Event::RunFinished { .. } | Event::Cancelling | Event::Aborting { .. } => {
+                self.journal.flush();
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! One task's turn in a run: its attempts, with the timeout, cancel and abort signals, the
+//! retries and their backoff.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::fmt_duration;
+use crate::event::{Event, Outcome, Sink};
+use crate::record::{Handle, TaskError};
+use crate::task::{Cancel, CancelSource, Done, Task, TaskContext};
+
+pub(super) type TaskFuture = Pin<Box<dyn Future<Output = Finish> + Send>>;
+
+pub(super) struct Finish {
+    pub(super) index: usize,
+    pub(super) outcome: Outcome,
+    pub(super) done: Option<Done>,
+    pub(super) error: Option<TaskError>,
+    pub(super) duration: Duration,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn start(
+    task: Arc<dyn Task>,
+    index: usize,
+    id: Arc<str>,
+    adopt: bool,
+    prior: Option<Handle>,
+    sink: Sink,
+    cancel: Cancel,
+    abort: Cancel,
+) -> TaskFuture {
+    Box::pin(async move {
+        let began = Instant::now();
+        let policy = task.policy();
+        let service = task.is_service();
+        // A re-run replaces what an earlier run left behind: stop that first.
+        if !adopt {
+            if let Some(h) = &prior {
+                let _ = task.undo(h).await;
+            }
+        }
+        let mut attempt = 1;
+        loop {
+            sink.emit(&Event::Started {
+                index,
+                id: id.clone(),
+                attempt,
+                adopted: adopt && attempt == 1,
+            });
+            let stop = CancelSource::new();
+            let cx = TaskContext {
+                index,
+                id: id.clone(),
+                attempt,
+                cancel: stop.token(),
+                sink: sink.clone(),
+            };
+            let (result, why) = {
+                let work = async {
+                    match (&prior, adopt && attempt == 1) {
+                        (Some(h), true) => task.adopt(h, &cx).await,
+                        _ => task.run(&cx).await,
+                    }
+                };
+                tokio::pin!(work);
+                let deadline = async {
+                    match policy.timeout {
+                        Some(t) => tokio::time::sleep(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let aborted = async {
+                    if service {
+                        abort.cancelled().await
+                    } else {
+                        std::future::pending().await
+                    }
+                };
+                tokio::select! {
+                    r = &mut work => (r, None),
+                    () = deadline => { stop.fire(); (work.await, Some(Outcome::TimedOut)) }
+                    () = cancel.cancelled() => { stop.fire(); (work.await, Some(Outcome::Cancelled)) }
+                    () = aborted => { stop.fire(); (work.await, Some(Outcome::Cancelled)) }
+                }
+            };
+            let (outcome, done, error) = match (result, why) {
+                // Work that finished although it was told to stop did finish.
+                (Ok(d), _) => (Outcome::Done, Some(d), None),
+                (Err(e), None) => (Outcome::Failed, None, Some(e)),
+                (Err(e), Some(Outcome::TimedOut)) => (
+                    Outcome::TimedOut,
+                    None,
+                    Some(TaskError {
+                        message: format!("{} ({})", timeout_message(policy.timeout), e.message),
+                        ..e
+                    }),
+                ),
+                (Err(e), Some(o)) => (o, None, Some(e)),
+            };
+            let retry = matches!(outcome, Outcome::Failed | Outcome::TimedOut)
+                && attempt <= policy.retries
+                && !cancel.is_cancelled()
+                && !(service && abort.is_cancelled());
+            if !retry {
+                return Finish {
+                    index,
+                    outcome,
+                    done,
+                    error,
+                    duration: began.elapsed(),
+                };
+            }
+            let delay = policy.backoff.saturating_mul(1u32 << (attempt - 1).min(16));
+            sink.emit(&Event::Retrying {
+                index,
+                id: id.clone(),
+                attempt,
+                error: error.map(|e| e.message).unwrap_or_default(),
+                delay,
+            });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => {
+                    return Finish {
+                        index,
+                        outcome: Outcome::Cancelled,
+                        done: None,
+                        error: Some(TaskError::new("cancelled while waiting to retry")),
+                        duration: began.elapsed(),
+                    };
+                }
+            }
+            attempt += 1;
+        }
+    })
+}
+
+fn timeout_message(t: Option<Duration>) -> String {
+    match t {
+        Some(t) => format!("timed out after {}", fmt_duration(t)),
+        None => "timed out".into(),
+    }
+}

@@ -1,0 +1,228 @@
+//! The run loop: a count of unfinished dependencies per task, a ready queue, at most `jobs`
+//! attempts in flight, and the abort, cancel and undo rules.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use super::attempt::{start, TaskFuture};
+use super::{Report, RunOptions};
+use crate::event::{Decision, Event, Outcome, Sink, Summary};
+use crate::graph::Graph;
+use crate::record::{Handle, Record, TaskError};
+use crate::task::{Cancel, CancelSource};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    Finished,
+}
+
+/// Runs `graph`. `decisions` comes from [`decide`]; `previous` gives the handles of earlier
+/// results that a re-run must undo first. `cancel` is fired on Ctrl-C or SIGTERM.
+pub async fn run(
+    graph: &Graph,
+    decisions: &[Decision],
+    previous: Option<&BTreeMap<String, Record>>,
+    options: &RunOptions,
+    sink: Sink,
+    cancel: Cancel,
+) -> Report {
+    let started = Instant::now();
+    let n = graph.len();
+    let ids: Vec<Arc<str>> = graph.tasks().iter().map(|t| Arc::from(t.id())).collect();
+    sink.emit(&Event::Planned {
+        decisions: Arc::new(
+            graph
+                .topo()
+                .iter()
+                .map(|&i| (ids[i].clone(), decisions[i].clone()))
+                .collect(),
+        ),
+    });
+
+    let mut state = vec![State::Waiting; n];
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+    let mut errors: Vec<Option<TaskError>> = vec![None; n];
+    let mut handles: Vec<Option<Handle>> = vec![None; n];
+    let mut remaining: Vec<usize> = vec![0; n];
+    let mut summary = Summary::default();
+    let mut ready: VecDeque<usize> = VecDeque::new();
+
+    for &i in graph.topo() {
+        if decisions[i] == Decision::Keep {
+            state[i] = State::Finished;
+            summary.kept += 1;
+        }
+    }
+    for &i in graph.topo() {
+        if state[i] == State::Finished {
+            continue;
+        }
+        remaining[i] = graph
+            .deps(i)
+            .iter()
+            .filter(|&&d| state[d] != State::Finished)
+            .count();
+        if remaining[i] == 0 {
+            ready.push_back(i);
+        }
+    }
+
+    let abort = CancelSource::new();
+    let mut aborted = false;
+    let mut cancelled = false;
+    let mut finish_order: Vec<usize> = Vec::new();
+    let mut in_flight: FuturesUnordered<TaskFuture> = FuturesUnordered::new();
+    let jobs = options.jobs.max(1);
+    let mut cancel_wait: Pin<Box<dyn Future<Output = ()> + Send>> = {
+        let c = cancel.clone();
+        Box::pin(async move { c.cancelled().await })
+    };
+
+    loop {
+        if !cancelled && cancel.is_cancelled() {
+            cancelled = true;
+            sink.emit(&Event::Cancelling);
+        }
+        if !aborted && !cancelled {
+            while in_flight.len() < jobs {
+                let Some(i) = ready.pop_front() else { break };
+                state[i] = State::Running;
+                tracing::debug!(task = %ids[i], decision = %decisions[i], "starting");
+                let prior = previous
+                    .and_then(|p| p.get(graph.task(i).id()))
+                    .and_then(|r| r.handle.clone());
+                in_flight.push(start(
+                    graph.task(i).clone(),
+                    i,
+                    ids[i].clone(),
+                    decisions[i] == Decision::Adopt,
+                    prior,
+                    sink.clone(),
+                    cancel.clone(),
+                    abort.token(),
+                ));
+            }
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        let fin = tokio::select! {
+            biased;
+            Some(f) = in_flight.next() => f,
+            () = &mut cancel_wait, if !cancelled => continue,
+        };
+        let i = fin.index;
+        tracing::debug!(task = %ids[i], outcome = fin.outcome.as_str(), took = ?fin.duration, "finished");
+        state[i] = State::Finished;
+        outcomes[i] = Some(fin.outcome);
+        let handle = fin.done.as_ref().and_then(|d| d.handle.clone());
+        handles[i] = handle
+            .clone()
+            .or_else(|| fin.error.as_ref().and_then(|e| e.handle.clone()));
+        sink.emit(&Event::Finished {
+            index: i,
+            id: ids[i].clone(),
+            outcome: fin.outcome,
+            duration: fin.duration,
+            handle,
+            error: fin.error.clone(),
+        });
+        errors[i] = fin.error;
+        match fin.outcome {
+            Outcome::Done => {
+                summary.done += 1;
+                finish_order.push(i);
+                for &d in graph.dependents(i) {
+                    remaining[d] -= 1;
+                    if remaining[d] == 0 && state[d] == State::Waiting {
+                        ready.push_back(d);
+                    }
+                }
+            }
+            other => {
+                match other {
+                    Outcome::Failed => summary.failed += 1,
+                    Outcome::TimedOut => summary.timed_out += 1,
+                    _ => summary.cancelled += 1,
+                }
+                if handles[i].is_some() {
+                    finish_order.push(i);
+                }
+                // Whatever needs this task can never run.
+                for d in graph.descendants(graph.dependents(i)) {
+                    if state[d] == State::Waiting {
+                        state[d] = State::Finished;
+                        outcomes[d] = Some(Outcome::Skipped);
+                        summary.skipped += 1;
+                        sink.emit(&Event::Finished {
+                            index: d,
+                            id: ids[d].clone(),
+                            outcome: Outcome::Skipped,
+                            duration: Duration::ZERO,
+                            handle: None,
+                            error: None,
+                        });
+                    }
+                }
+                ready.retain(|&r| state[r] == State::Waiting);
+                if !options.keep_going && !aborted && !cancelled {
+                    aborted = true;
+                    abort.fire();
+                    sink.emit(&Event::Aborting { id: ids[i].clone() });
+                }
+            }
+        }
+    }
+
+    // Anything that never got to start.
+    for &i in graph.topo() {
+        if state[i] == State::Waiting {
+            outcomes[i] = Some(Outcome::Skipped);
+            summary.skipped += 1;
+            sink.emit(&Event::Finished {
+                index: i,
+                id: ids[i].clone(),
+                outcome: Outcome::Skipped,
+                duration: Duration::ZERO,
+                handle: None,
+                error: None,
+            });
+        }
+    }
+
+    let failed = !summary.ok() || cancelled;
+    if failed && !options.keep {
+        for &i in finish_order.iter().rev() {
+            let task = graph.task(i);
+            if !task.is_service() {
+                continue;
+            }
+            if let Some(h) = handles[i].take() {
+                let error = task.undo(&h).await.err().map(|e| e.message);
+                sink.emit(&Event::Undone {
+                    index: i,
+                    id: ids[i].clone(),
+                    error,
+                });
+            }
+        }
+    }
+
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    sink.emit(&Event::RunFinished {
+        summary: summary.clone(),
+    });
+    Report {
+        summary,
+        outcomes,
+        errors,
+        cancelled,
+    }
+}

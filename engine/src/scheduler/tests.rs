@@ -1,0 +1,314 @@
+//! The scheduler's tests, on in-memory tasks.
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::event::{Decision, Reason, Sink};
+use crate::graph::{Graph, GraphBuilder};
+use crate::record::{Record, Status};
+use crate::task::{Cancel, CancelSource, Check, Policy};
+use crate::testing::{record, Behaviour, FakeTask, Trace};
+
+struct Setup {
+    tasks: Vec<Arc<FakeTask>>,
+    graph: Graph,
+    trace: Trace,
+}
+
+fn setup(specs: Vec<FakeTask>) -> Setup {
+    let trace: Trace = Default::default();
+    let tasks: Vec<Arc<FakeTask>> = specs
+        .into_iter()
+        .map(|t| Arc::new(t.trace(&trace)))
+        .collect();
+    let mut b = GraphBuilder::new();
+    for t in &tasks {
+        b.add(t.clone());
+    }
+    Setup {
+        graph: b.seal().map_err(|e| format!("{e:?}")).expect("valid graph"),
+        tasks,
+        trace,
+    }
+}
+
+async fn go(s: &Setup, opts: RunOptions) -> Report {
+    let d = decide(&s.graph, None).await;
+    run(&s.graph, &d, None, &opts, Sink::none(), Cancel::never()).await
+}
+
+fn pos(trace: &Trace, what: &str) -> Option<usize> {
+    trace.lock().expect("trace").iter().position(|e| e == what)
+}
+
+#[tokio::test]
+async fn runs_in_dependency_order() {
+    let s = setup(vec![
+        FakeTask::new("c", &["a", "b"]),
+        FakeTask::new("a", &[]),
+        FakeTask::new("b", &["a"]),
+    ]);
+    let r = go(&s, RunOptions::default()).await;
+    assert!(r.ok());
+    assert_eq!(r.summary.done, 3);
+    assert!(pos(&s.trace, "end:a") < pos(&s.trace, "start:b"));
+    assert!(pos(&s.trace, "end:b") < pos(&s.trace, "start:c"));
+}
+
+#[tokio::test]
+async fn starts_a_task_when_its_own_deps_finish_not_by_level() {
+    // slow and fast are both roots; after_fast needs only fast, so it must start
+    // before slow ends.
+    let s = setup(vec![
+        FakeTask::new("slow", &[]).behaviour(Behaviour::Sleep(Duration::from_millis(300))),
+        FakeTask::new("fast", &[]),
+        FakeTask::new("after_fast", &["fast"]),
+    ]);
+    go(&s, RunOptions::default()).await;
+    assert!(pos(&s.trace, "start:after_fast") < pos(&s.trace, "end:slow"));
+}
+
+#[tokio::test]
+async fn jobs_bounds_concurrency() {
+    let s = setup(
+        (0..6)
+            .map(|i| {
+                FakeTask::new(&format!("t{i}"), &[])
+                    .behaviour(Behaviour::Sleep(Duration::from_millis(20)))
+            })
+            .collect(),
+    );
+    go(
+        &s,
+        RunOptions {
+            jobs: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let trace = s.trace.lock().expect("trace").clone();
+    let mut running = 0i32;
+    let mut max = 0;
+    for e in &trace {
+        if e.starts_with("start:") {
+            running += 1;
+        } else if e.starts_with("end:") {
+            running -= 1;
+        }
+        max = max.max(running);
+    }
+    assert_eq!(max, 2, "{trace:?}");
+}
+
+#[tokio::test]
+async fn failure_aborts_new_starts_but_lets_running_oneshots_finish() {
+    let s = setup(vec![
+        FakeTask::new("bad", &[]).behaviour(Behaviour::Fail),
+        FakeTask::new("slow", &[]).behaviour(Behaviour::Sleep(Duration::from_millis(100))),
+        FakeTask::new("after_bad", &["bad"]),
+        FakeTask::new("after_slow", &["slow"]),
+    ]);
+    let r = go(
+        &s,
+        RunOptions {
+            jobs: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!r.ok());
+    assert_eq!(r.outcomes[0], Some(Outcome::Failed));
+    assert_eq!(r.outcomes[1], Some(Outcome::Done));
+    assert_eq!(r.outcomes[2], Some(Outcome::Skipped));
+    assert_eq!(r.outcomes[3], Some(Outcome::Skipped));
+}
+
+#[tokio::test]
+async fn keep_going_runs_everything_not_downstream_of_the_failure() {
+    let s = setup(vec![
+        FakeTask::new("bad", &[]).behaviour(Behaviour::Fail),
+        FakeTask::new("slow", &[]).behaviour(Behaviour::Sleep(Duration::from_millis(50))),
+        FakeTask::new("after_bad", &["bad"]),
+        FakeTask::new("after_slow", &["slow"]),
+    ]);
+    let r = go(
+        &s,
+        RunOptions {
+            keep_going: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.outcomes[2], Some(Outcome::Skipped));
+    assert_eq!(r.outcomes[3], Some(Outcome::Done));
+}
+
+#[tokio::test]
+async fn failed_run_undoes_its_services_in_reverse_unless_keep() {
+    for keep in [false, true] {
+        let s = setup(vec![
+            FakeTask::new("db", &[]).service(),
+            FakeTask::new("web", &["db"]).service(),
+            FakeTask::new("bad", &["web"]).behaviour(Behaviour::Fail),
+        ]);
+        let r = go(
+            &s,
+            RunOptions {
+                keep,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(!r.ok());
+        let undos: Vec<u32> = s
+            .tasks
+            .iter()
+            .map(|t| t.undos.load(Ordering::SeqCst))
+            .collect();
+        if keep {
+            assert_eq!(undos, [0, 0, 0]);
+        } else {
+            assert_eq!(undos, [1, 1, 0]);
+            assert!(pos(&s.trace, "undo:web") < pos(&s.trace, "undo:db"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn retries_with_backoff_then_succeeds() {
+    let s = setup(vec![FakeTask::new("flaky", &[])
+        .behaviour(Behaviour::FailTimes(2))
+        .policy(Policy {
+            retries: 2,
+            backoff: Duration::from_millis(1),
+            timeout: None,
+        })]);
+    let r = go(&s, RunOptions::default()).await;
+    assert!(r.ok());
+    assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn retries_are_bounded() {
+    let s = setup(vec![FakeTask::new("flaky", &[])
+        .behaviour(Behaviour::FailTimes(5))
+        .policy(Policy {
+            retries: 1,
+            backoff: Duration::from_millis(1),
+            timeout: None,
+        })]);
+    let r = go(&s, RunOptions::default()).await;
+    assert_eq!(r.outcomes[0], Some(Outcome::Failed));
+    assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn timeout_stops_the_task_and_says_so() {
+    let s = setup(vec![FakeTask::new("stuck", &[])
+        .behaviour(Behaviour::Hang)
+        .policy(Policy {
+            timeout: Some(Duration::from_millis(50)),
+            ..Default::default()
+        })]);
+    let r = go(&s, RunOptions::default()).await;
+    assert_eq!(r.outcomes[0], Some(Outcome::TimedOut));
+    let msg = r.errors[0].as_ref().expect("error").message.clone();
+    assert!(msg.starts_with("timed out after 50ms"), "{msg}");
+    assert!(
+        pos(&s.trace, "end:stuck").is_some(),
+        "the task saw its cancel"
+    );
+}
+
+#[tokio::test]
+async fn cancel_stops_running_tasks_and_starts_nothing_new() {
+    let s = setup(vec![
+        FakeTask::new("svc", &[]).service(),
+        FakeTask::new("long", &["svc"]).behaviour(Behaviour::Hang),
+        FakeTask::new("after", &["long"]),
+    ]);
+    let src = CancelSource::new();
+    let token = src.token();
+    let d = decide(&s.graph, None).await;
+    let fire = async {
+        // Fire once `long` has started.
+        while pos(&s.trace, "start:long").is_none() {
+            tokio::task::yield_now().await;
+        }
+        src.fire();
+    };
+    let opts = RunOptions::default();
+    let (r, ()) = tokio::join!(run(&s.graph, &d, None, &opts, Sink::none(), token), fire);
+    assert!(r.cancelled);
+    assert_eq!(r.outcomes[1], Some(Outcome::Cancelled));
+    assert_eq!(r.outcomes[2], Some(Outcome::Skipped));
+    assert_eq!(
+        s.tasks[0].undos.load(Ordering::SeqCst),
+        1,
+        "the service is stopped"
+    );
+}
+
+#[tokio::test]
+async fn abort_stops_services_still_waiting_to_be_ready() {
+    let s = setup(vec![
+        FakeTask::new("bad", &[]).behaviour(Behaviour::Fail),
+        FakeTask::new("svc", &[])
+            .service()
+            .behaviour(Behaviour::Hang),
+    ]);
+    let r = go(&s, RunOptions::default()).await;
+    assert_eq!(r.outcomes[1], Some(Outcome::Cancelled));
+}
+
+#[tokio::test]
+async fn resume_decisions_say_why() {
+    let s = setup(vec![
+        FakeTask::new("ok", &[]),
+        FakeTask::new("changed", &[]).fingerprint("2"),
+        FakeTask::new("down", &["ok"])
+            .service()
+            .check(Check::Invalid("process 12 is gone".into())),
+        FakeTask::new("failed", &[]),
+        FakeTask::new("child", &["failed"]),
+        FakeTask::new("new", &[]),
+        FakeTask::new("inflight", &[]).check(Check::InFlight),
+    ]);
+    let prev: BTreeMap<String, Record> = [
+        record("ok", Status::Done, "1"),
+        record("changed", Status::Done, "1"),
+        record("down", Status::Done, "1"),
+        record("failed", Status::Failed, "1"),
+        record("child", Status::Done, "1"),
+        record("inflight", Status::Running, "1"),
+    ]
+    .into_iter()
+    .map(|r| (r.id.clone(), r))
+    .collect();
+    let d = decide(&s.graph, Some(&prev)).await;
+    assert_eq!(d[0], Decision::Keep);
+    assert_eq!(d[1], Decision::Run(Reason::Changed));
+    assert_eq!(
+        d[2],
+        Decision::Run(Reason::NoLongerAlive("process 12 is gone".into()))
+    );
+    assert_eq!(d[3], Decision::Run(Reason::Failed));
+    assert_eq!(d[4], Decision::Run(Reason::UpstreamReRan("failed".into())));
+    assert_eq!(d[5], Decision::Run(Reason::NeverRan));
+    assert_eq!(d[6], Decision::Adopt);
+    let r = run(
+        &s.graph,
+        &d,
+        Some(&prev),
+        &RunOptions::default(),
+        Sink::none(),
+        Cancel::never(),
+    )
+    .await;
+    assert!(r.ok());
+    assert_eq!(r.summary.kept, 1);
+    assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 0);
+    assert_eq!(s.tasks[4].runs.load(Ordering::SeqCst), 1);
+}
