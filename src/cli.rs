@@ -106,7 +106,7 @@ A failed or interrupted run stops the services it started (unless --keep). Fix t
     /// Site plugins: `plugin test NAME` runs the conformance scenario against a backend.
     #[command(subcommand)]
     Plugin(PluginCmd),
-    /// The stand-in for `vllm serve` used where there is no GPU (takes vllm serve's flags).
+    /// Runs `prl-flow-mock-engine` (found beside prl-flow) with vllm serve's flags.
     #[command(hide = true, disable_help_flag = true)]
     MockEngine {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -149,7 +149,7 @@ struct FileArgs {
 enum EngineArg {
     /// The recipe's launcher (`vllm serve`).
     Real,
-    /// `prl-flow mock-engine`: same flags, same HTTP API, no GPU.
+    /// `prl-flow-mock-engine`, installed beside prl-flow: same flags, same HTTP API, no GPU.
     Mock,
 }
 
@@ -241,7 +241,7 @@ pub fn main() -> i32 {
     let args: Vec<OsString> = std::env::args_os().collect();
     // The mock engine takes vLLM's flags verbatim: hand them over before clap sees them.
     if args.get(1).is_some_and(|a| a == "mock-engine") {
-        return crate::mock::main(args[2..].to_vec());
+        return exec_mock_engine(&args[2..]);
     }
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
@@ -392,7 +392,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
         Cmd::Status(a) => status(cli, a).await,
         Cmd::Down(a) => down(cli, a).await,
         Cmd::Logs(a) => logs(a).await,
-        Cmd::MockEngine { args } => Ok(crate::mock::main(args.clone())),
+        Cmd::MockEngine { args } => Ok(exec_mock_engine(args)),
         Cmd::Plugins => {
             out(&crate::site::plugins_text(site()).await);
             Ok(0)
@@ -440,7 +440,10 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
         let engine = match a.engine {
             EngineArg::Real => crate::recipe::Engine::Real,
             EngineArg::Mock => crate::recipe::Engine::Mock {
-                argv_prefix: vec![self_exe(), "mock-engine".into()],
+                argv_prefix: vec![mock_engine_exe()
+                    .map_err(Exit::Usage)?
+                    .to_string_lossy()
+                    .into_owned()],
             },
         };
         let opts = crate::recipe::Options {
@@ -489,10 +492,48 @@ fn check_ssh_hosts(path: &Path, source: &Arc<String>, plan: &Plan) -> R<()> {
     Err(Exit::Problems(p))
 }
 
-fn self_exe() -> String {
-    std::env::current_exe()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "prl-flow".into())
+/// The mock engine's program: `prl-flow-mock-engine` in the directory of this executable
+/// (where `cargo build` and an install put it), else the first on PATH.
+fn mock_engine_exe() -> Result<PathBuf, String> {
+    const NAME: &str = "prl-flow-mock-engine";
+    let exe = std::env::current_exe().ok();
+    let beside = exe.as_deref().and_then(Path::parent).map(|d| d.join(NAME));
+    if let Some(p) = beside.filter(|p| prl_flow_plugin::is_executable(p)) {
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(p) = std::env::split_paths(&path)
+        .map(|d| d.join(NAME))
+        .find(|p| prl_flow_plugin::is_executable(p))
+    {
+        return Ok(p);
+    }
+    let dir = exe.as_deref().and_then(Path::parent).map_or_else(
+        || "this program's directory".to_string(),
+        |d| format!("`{}`", d.display()),
+    );
+    Err(format!(
+        "error: the mock engine `{NAME}` is neither in {dir} nor on PATH\n  \
+         help: build it beside prl-flow with `cargo build --workspace` (a plain `cargo build` \
+         at the repository root builds both)"
+    ))
+}
+
+/// `prl-flow mock-engine ARGS`: becomes `prl-flow-mock-engine ARGS` (the same process, so
+/// signals and the exit code are the engine's own).
+fn exec_mock_engine(args: &[OsString]) -> i32 {
+    use std::os::unix::process::CommandExt;
+    match mock_engine_exe() {
+        Ok(exe) => {
+            let err = std::process::Command::new(&exe).args(args).exec();
+            eprintln!("error: cannot run `{}`: {err}", exe.display());
+            1
+        }
+        Err(msg) => {
+            eprintln!("{msg}");
+            1
+        }
+    }
 }
 
 /// Loads and checks the graph too (duplicates, unknown needs, cycles), without running.

@@ -21,10 +21,10 @@ use axum::routing::{get, post};
 use axum::{Json as AxumJson, Router};
 use serde_json::{json, Map, Value as Json};
 
-use super::dp::Master;
-use super::kv::{self, FetchError, Fetched, Nixl, Role};
-use super::log::{self, Who};
-use super::EngineConfig;
+use crate::config::EngineConfig;
+use crate::dp::Master;
+use crate::kv::{self, FetchError, Fetched, Nixl, Role};
+use crate::log::{self, Who};
 
 pub(crate) const VLLM_VERSION: &str = "0.33.0";
 const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -102,7 +102,7 @@ impl AppState {
 
     fn next_id(&self, prefix: &str) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{prefix}-{}", super::random_hex(n))
+        format!("{prefix}-{}", crate::random_hex(n))
     }
 }
 
@@ -442,7 +442,7 @@ async fn generate(state: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: 
         &format!(
             "Received request {id}: prompt: {}, params: SamplingParams(n={n}, max_tokens={max_tokens}), \
              stream: {stream}, kv_transfer_params: {}",
-            super::args::py_repr(&shorten(&first_prompt, 80)),
+            crate::args::py_repr(&shorten(&first_prompt, 80)),
             kv_params.map_or("None".to_string(), |p| Json::Object(p.clone()).to_string())
         ),
     );

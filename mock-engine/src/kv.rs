@@ -40,7 +40,7 @@ use serde_json::{json, Map, Value as Json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::log::{self, Who};
+use crate::log::{self, Who};
 
 pub(crate) const DEFAULT_SIDE_CHANNEL_PORT: u16 = 5600;
 const DEFAULT_ABORT_TIMEOUT_S: u64 = 480;
