@@ -144,8 +144,6 @@ impl Parser {
     }
 }
 
-/// Converts one raw string by the flag's type, then checks `choices` as argparse does (on the
-
 /// argparse names an action by all its option strings joined with `/`; vLLM adds the long
 /// spelling first.
 fn display(spec: &Flag) -> String {

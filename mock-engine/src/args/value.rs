@@ -46,6 +46,7 @@ fn converter_name(spec: &Flag) -> &'static str {
     spec.ty.unwrap_or("str")
 }
 
+/// Converts one raw string by the flag's type, then checks `choices` as argparse does (on the
 /// converted value, so `--max-lora-rank 08` is the choice 8).
 pub(super) fn convert(spec: &Flag, raw: &str) -> Result<ArgValue, String> {
     let invalid = || format!("invalid {} value: {}", converter_name(spec), py_repr(raw));
