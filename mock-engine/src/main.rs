@@ -10,14 +10,14 @@
 //!
 //! 1. **Arguments** ([`args`]): parsed against the flag table of vLLM 0.33 compiled into the
 //!    binary. Anything `vllm serve` would refuse is refused with argparse's message and exit 2.
-//! 2. **Configuration**: the parsed flags become an [`EngineConfig`]. Errors vLLM raises while
-//!    building its engine config (a `kv_role` missing, an unknown KV connector, a broken
-//!    `MOONCAKE_CONFIG_PATH`) exit 1, as a crashed vLLM start does.
-//! 3. **Start-up**: if this engine leads a group spread over nodes, it opens the group listener
-//!    at once ([`dp`]), so remote ranks may connect while it "loads the model". Loading takes
-//!    `PRL_MOCK_STARTUP_DELAY`. Then the NIXL side channel is bound ([`kv`]), then the HTTP
-//!    port, and `Starting vLLM API server on http://HOST:PORT` is logged. A `--headless` engine
-//!    binds no HTTP port: it joins its group and waits.
+//! 2. **Configuration** ([`config`]): the parsed flags become an [`EngineConfig`]. Errors
+//!    vLLM raises while building its engine config (a `kv_role` missing, an unknown KV
+//!    connector, a broken `MOONCAKE_CONFIG_PATH`) exit 1, as a crashed vLLM start does.
+//! 3. **Start-up** ([`life`]): if this engine leads a group spread over nodes, it opens the
+//!    group listener at once ([`dp`]), so remote ranks may connect while it "loads the model".
+//!    Loading takes `PRL_MOCK_STARTUP_DELAY`. Then the NIXL side channel is bound ([`kv`]),
+//!    then the HTTP port, and `Starting vLLM API server on http://HOST:PORT` is logged. A
+//!    `--headless` engine binds no HTTP port: it joins its group and waits.
 //! 4. **Ready**: once every remote rank has joined (at once when there are none), `/health`
 //!    turns 200 and uvicorn's `Application startup complete.` is logged: both are probes a
 //!    deployment can wait on.
@@ -49,7 +49,6 @@
 //!
 //! Where the mock binds: HTTP on `--host` (default 127.0.0.1, where vLLM's is 0.0.0.0: a mock
 //! has no business on a public interface unless asked) and `--port` (8000).
-
 //!
 //! This crate knows vLLM's outside contract (flags, log lines, HTTP API, hand-overs) and
 //! nothing of prl-flow: no recipes, plans or backends. `prl-flow run --engine mock` finds
