@@ -10,7 +10,6 @@ pub mod cli;
 pub mod diag;
 pub mod exec;
 pub mod graph_render;
-pub mod mock;
 pub mod plan;
 pub mod progress;
 pub mod recipe;

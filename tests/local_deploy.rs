@@ -1,6 +1,6 @@
 //! Deployments on this machine, end to end: the real `prl-flow` binary, the real
 //! `vllm-router` (0.1.17, from the venv `./dev` installs or `PRL_FLOW_ROUTER`), and
-//! `prl-flow mock-engine` in place of `vllm serve` (`--engine mock`).
+//! `prl-flow-mock-engine` in place of `vllm serve` (`--engine mock`).
 //!
 //! Fixtures are the recipes of `recipes/local/` with every port and the mock's knobs left as
 //! `@PLACEHOLDERS@` (`tests/fixtures/local/`). Each test fills them in with ports the OS hands
@@ -192,7 +192,7 @@ impl Local {
         let procs = self.processes();
         let (mut engines, mut routers) = (0, 0);
         for p in &procs {
-            if p.cmdline.contains(" mock-engine ") {
+            if p.cmdline.contains("mock-engine ") {
                 engines += 1;
             } else if p.cmdline.starts_with("vllm::router") || p.cmdline.contains("vllm-router") {
                 // The router's launcher renames itself `vllm::router` once it runs.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use prl_flow::actions::Action;
 use prl_flow::plan::{Command, Plan};
-use prl_flow::recipe::flags::{check_mooncake_args, check_router_args, check_vllm_args};
 use prl_flow::recipe::{load, Engine, Options};
+use prl_flow_flags::check::{check_mooncake_args, check_router_args, check_vllm_args};
 use proptest::prelude::*;
 
 /// The `allocate` task's id and kind.

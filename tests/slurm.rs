@@ -308,7 +308,7 @@ fn recipe_text(pairs: bool) -> String {
 fn plan_of(text: &str, router: &Path) -> Plan {
     let opts = Options {
         engine: Engine::Mock {
-            argv_prefix: vec![env!("CARGO_BIN_EXE_prl-flow").into(), "mock-engine".into()],
+            argv_prefix: vec![common::mock_engine()],
         },
         router: Some(vec![router.to_string_lossy().into_owned()]),
         ..Default::default()

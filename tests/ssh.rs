@@ -599,7 +599,10 @@ fn http_ready(url: String) -> Option<Readiness> {
 /// allocate → engine on each node → router on node0 → health probe (one completion).
 /// `slow` engines take that long to become ready.
 fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan {
-    let bin = env!("CARGO_BIN_EXE_prl-flow");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .with_file_name("prl-flow-mock-engine")
+        .to_string_lossy()
+        .into_owned();
     let node_names: Vec<String> = (0..nodes).map(|k| format!("node{k}")).collect();
     let mut tasks = vec![task(
         ALLOCATE,
@@ -622,8 +625,7 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
             Some(node),
             Cmd::Argv {
                 argv: vec![
-                    bin.into(),
-                    "mock-engine".into(),
+                    bin.clone(),
                     "--host".into(),
                     host.clone(),
                     "--port".into(),

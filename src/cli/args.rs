@@ -1,7 +1,6 @@
 //! The command line's words: every subcommand, flag and help text (clap derive). Nothing
 //! here does anything; [`super`] dispatches.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -93,12 +92,6 @@ A failed or interrupted run stops the services it started (unless --keep). Fix t
     /// Site plugins: `plugin test NAME` runs the conformance scenario against a backend.
     #[command(subcommand)]
     Plugin(PluginCmd),
-    /// The stand-in for `vllm serve` used where there is no GPU (takes vllm serve's flags).
-    #[command(hide = true, disable_help_flag = true)]
-    MockEngine {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<OsString>,
-    },
 }
 
 #[derive(Subcommand)]
@@ -136,7 +129,7 @@ pub struct FileArgs {
 pub enum EngineArg {
     /// The recipe's launcher (`vllm serve`).
     Real,
-    /// `prl-flow mock-engine`: same flags, same HTTP API, no GPU.
+    /// `prl-flow-mock-engine`, installed beside prl-flow: same flags, same HTTP API, no GPU.
     Mock,
 }
 

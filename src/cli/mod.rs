@@ -24,10 +24,6 @@ type R<T> = Result<T, Error>;
 
 pub fn main() -> i32 {
     let args: Vec<OsString> = std::env::args_os().collect();
-    // The mock engine takes vLLM's flags verbatim: hand them over before clap sees them.
-    if args.get(1).is_some_and(|a| a == "mock-engine") {
-        return crate::mock::main(args[2..].to_vec());
-    }
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -102,12 +98,12 @@ async fn dispatch(cli: &Cli) -> R<i32> {
     match &cli.command {
         Cmd::Run(a) => run(&session, cli, a).await,
         Cmd::Graph(a) => {
-            let loaded = session.load_checked(&load_options(&a.file))?;
+            let loaded = session.load_checked(&load_options(&a.file)?)?;
             out(&graph_render::render(&loaded.plan, a.format));
             Ok(0)
         }
         Cmd::Plan(a) => {
-            let mut plan = session.load_checked(&load_options(&a.file))?.plan;
+            let mut plan = session.load_checked(&load_options(&a.file)?)?.plan;
             if plan.backend == "local" {
                 session::load::resolve_local(&mut plan);
             }
@@ -118,7 +114,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Validate(a) => {
-            let plan = session.load_checked(&load_options(a))?.plan;
+            let plan = session.load_checked(&load_options(a)?)?.plan;
             out(&show::valid(&a.file, &plan));
             Ok(0)
         }
@@ -137,7 +133,6 @@ async fn dispatch(cli: &Cli) -> R<i32> {
                 .await?;
             Ok(0)
         }
-        Cmd::MockEngine { args } => Ok(crate::mock::main(args.clone())),
         Cmd::Plugins => {
             out(&crate::site::plugins_text(session.site()).await);
             Ok(0)
@@ -163,26 +158,47 @@ fn out(text: &str) {
     }
 }
 
-fn load_options(a: &FileArgs) -> LoadOptions {
+fn load_options(a: &FileArgs) -> R<LoadOptions> {
     let engine = match a.engine {
         EngineArg::Real => crate::recipe::Engine::Real,
         EngineArg::Mock => crate::recipe::Engine::Mock {
-            argv_prefix: vec![self_exe(), "mock-engine".into()],
+            argv_prefix: vec![mock_engine_exe()?.to_string_lossy().into_owned()],
         },
     };
-    LoadOptions {
+    Ok(LoadOptions {
         file: a.file.clone(),
         backend: a.backend.clone(),
         engine,
         templates: a.templates.clone(),
         router: a.router.clone(),
-    }
+    })
 }
 
-fn self_exe() -> String {
-    std::env::current_exe()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "prl-flow".into())
+/// The mock engine's program: `prl-flow-mock-engine` in the directory of this executable
+/// (where `cargo build` and an install put it), else the first on PATH.
+fn mock_engine_exe() -> R<PathBuf> {
+    const NAME: &str = "prl-flow-mock-engine";
+    let exe = std::env::current_exe().ok();
+    let beside = exe.as_deref().and_then(Path::parent).map(|d| d.join(NAME));
+    if let Some(p) = beside.filter(|p| prl_flow_plugin::is_executable(p)) {
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(p) = std::env::split_paths(&path)
+        .map(|d| d.join(NAME))
+        .find(|p| prl_flow_plugin::is_executable(p))
+    {
+        return Ok(p);
+    }
+    let dir = exe.as_deref().and_then(Path::parent).map_or_else(
+        || "this program's directory".to_string(),
+        |d| format!("`{}`", d.display()),
+    );
+    Err(Error::Usage(format!(
+        "error: the mock engine `{NAME}` is neither in {dir} nor on PATH\n  \
+         help: build it beside prl-flow with `cargo build --workspace` (a plain `cargo build` \
+         at the repository root builds both)"
+    )))
 }
 
 /// The file as hints name it, with `--state-dir` when one was given (`prl-flow down FILE`
@@ -195,7 +211,7 @@ fn hint_args(a: &RunArgs) -> String {
 }
 
 async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
-    let loaded = session.load(&load_options(&a.file))?;
+    let loaded = session.load(&load_options(&a.file)?)?;
     let settings = RunSettings {
         state_dir: a.state_dir.clone(),
         jobs: a.jobs,

@@ -58,7 +58,7 @@ pub enum Engine {
     #[default]
     Real,
     /// A stand-in: `argv_prefix` replaces the recipe's `launcher` (e.g.
-    /// `["/path/prl-flow", "mock-engine"]`); the flags stay those of `vllm serve`.
+    /// `["/path/prl-flow-mock-engine"]`); the flags stay those of `vllm serve`.
     Mock { argv_prefix: Vec<String> },
 }
 

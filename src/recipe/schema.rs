@@ -547,7 +547,7 @@ fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<Extra> {
             Ok(args) => {
                 let dest = table
                     .by_key(&key.v)
-                    .map(|f| f.dest.clone())
+                    .map(|f| f.dest.to_string())
                     .unwrap_or_default();
                 out.push(Extra {
                     value: super::doc::to_json(item),

@@ -595,6 +595,14 @@ pub fn free_port_block(len: u16) -> u16 {
 
 /// The `vllm-router` program the tests use: `PRL_FLOW_ROUTER` (set by `./dev test`), else
 /// the venv `./dev` installs, which prl-flow also finds by itself. `None` when neither is
+/// The mock engine's program, built beside `prl-flow` by `cargo build --workspace`.
+pub fn mock_engine() -> String {
+    std::path::Path::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .with_file_name("prl-flow-mock-engine")
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// there.
 pub fn router_program() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PRL_FLOW_ROUTER").filter(|p| !p.is_empty()) {

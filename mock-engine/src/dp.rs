@@ -40,7 +40,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Mutex};
 
-use super::log::{self, Who};
+use crate::log::{self, Who};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const BYE_TIMEOUT: Duration = Duration::from_millis(500);

@@ -1,4 +1,4 @@
-//! End-to-end tests of `prl-flow mock-engine`: the real binary as child processes, on ports the
+//! End-to-end tests of `prl-flow-mock-engine`: the real binary as child processes, on ports the
 //! OS hands out, probed over HTTP and TCP like a deployment would.
 //!
 //! Every engine a test starts is owned by an [`Engine`] guard that kills it on drop, also when
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_prl-flow");
+const BIN: &str = env!("CARGO_BIN_EXE_prl-flow-mock-engine");
 /// Generous: the first engine of a run may start while cargo still links other test binaries.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
@@ -52,8 +52,7 @@ impl Engine {
                 .expect("log file")
         };
         let mut cmd = Command::new(BIN);
-        cmd.arg("mock-engine")
-            .args(args)
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(open())
             .stderr(open());
@@ -70,7 +69,7 @@ impl Engine {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().copied());
-        let child = cmd.spawn().expect("spawn prl-flow mock-engine");
+        let child = cmd.spawn().expect("spawn prl-flow-mock-engine");
         Engine {
             name: name.to_string(),
             child,
@@ -171,7 +170,7 @@ impl Drop for Engine {
 /// Runs the engine to completion (for commands that must exit by themselves).
 fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.arg("mock-engine").args(args).stdin(Stdio::null());
+    cmd.args(args).stdin(Stdio::null());
     cmd.env_remove("PRL_MOCK_FAIL")
         .env_remove("PRL_MOCK_STARTUP_DELAY")
         .envs(env.iter().copied());
