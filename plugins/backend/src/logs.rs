@@ -78,6 +78,9 @@ mod tests {
         std::fs::write(&f, "abcdef").expect("write");
         assert_eq!(tail_bytes(&f, 4).expect("tail"), "cdef");
         assert_eq!(read_from(&f, 2).expect("read"), ("cdef".into(), 6));
-        assert_eq!(read_from(&f, 99).expect("past the end"), ("abcdef".into(), 6));
+        assert_eq!(
+            read_from(&f, 99).expect("past the end"),
+            ("abcdef".into(), 6)
+        );
     }
 }

@@ -188,7 +188,10 @@ mod tests {
             "remote"
         }
         async fn check(&self, nodes: &[String]) -> Result<(), Vec<ConfigError>> {
-            Err(vec![ConfigError::new("hosts", format!("{} nodes", nodes.len()))])
+            Err(vec![ConfigError::new(
+                "hosts",
+                format!("{} nodes", nodes.len()),
+            )])
         }
         async fn allocate(&self, _: &[String]) -> Result<Allocation, BackendError> {
             Ok(Allocation::default())
@@ -231,7 +234,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let b = WithLocal::new(Remote::default());
         assert_eq!(b.name(), "remote");
-        assert_eq!(b.check(&["node0".into()]).await.expect_err("remote")[0].message, "1 nodes");
+        assert_eq!(
+            b.check(&["node0".into()]).await.expect_err("remote")[0].message,
+            "1 nodes"
+        );
         let here = SpawnSpec {
             task: "here".into(),
             argv: vec!["sleep".into(), "30".into()],
@@ -251,7 +257,10 @@ mod tests {
         assert_eq!(b.status(&local).await.expect("status"), ProcState::Running);
         assert_eq!(b.log_tail(&remote, 3).await.expect("log"), "remote log");
         let done = b
-            .stop_many(&[remote.clone(), local.clone(), remote], Duration::from_secs(2))
+            .stop_many(
+                &[remote.clone(), local.clone(), remote],
+                Duration::from_secs(2),
+            )
             .await;
         assert!(done.iter().all(Result::is_ok), "{done:?}");
         assert_ne!(b.status(&local).await.expect("status"), ProcState::Running);
