@@ -26,46 +26,12 @@
 //! shell = "sh"                  # the shell that runs the prologue in front of each command
 //! ```
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use prl_flow_backend::ConfigError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-/// One problem with the `[backend]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The field it is about, as written under `[backend]`.
-    pub field: String,
-    pub message: String,
-    pub help: Option<String>,
-}
-
-impl ConfigError {
-    fn new(field: &str, message: impl Into<String>) -> Self {
-        Self {
-            field: field.to_string(),
-            message: message.into(),
-            help: None,
-        }
-    }
-
-    fn help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
-        self
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`[backend] {}`: {}", self.field, self.message)?;
-        if let Some(h) = &self.help {
-            write!(f, "\n  help: {h}")?;
-        }
-        Ok(())
-    }
-}
 
 /// What services bind and clients reach on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
