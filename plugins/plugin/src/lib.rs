@@ -14,7 +14,8 @@
 //! built-in backends pass too.
 //!
 //! Where plugins are found (a site file, a recipe, `PATH`) is decided by the prl-flow
-//! binary; this crate only scans `PATH` ([`on_path`], [`scan_path`]).
+//! binary; this crate only scans `PATH` ([`on_path`], [`scan_path`]). It must not know
+//! recipes, site files, the journal, or any built-in backend.
 
 pub mod client;
 pub mod conformance;

@@ -49,8 +49,9 @@ impl SlurmBackend {
         grace: Duration,
     ) -> Vec<Result<(), BackendError>> {
         let mut out: Vec<Option<Result<(), BackendError>>> = vec![None; handles.len()];
-        let mut groups: BTreeMap<(String, String), (Cluster, Vec<(usize, String)>)> =
-            BTreeMap::new();
+        // Job → its cluster, and the steps of it (with their places in `handles`).
+        type Steps = Vec<(usize, String)>;
+        let mut groups: BTreeMap<(String, String), (Cluster, Steps)> = BTreeMap::new();
         for (at, h) in handles.iter().enumerate() {
             match parse_step(h) {
                 Ok(s) => groups

@@ -199,7 +199,7 @@ impl SlurmConfig {
             if l.is_empty() || !l.starts_with('-') {
                 errors.push(
                     ConfigError::new(
-                        &format!("sbatch_lines[{i}]"),
+                        format!("sbatch_lines[{i}]"),
                         format!("`{l}` is not an sbatch option"),
                     )
                     .help("write each line as sbatch takes it, e.g. `--reservation=bringup`"),
@@ -300,12 +300,12 @@ impl Reader<'_> {
         for (i, item) in items.iter().enumerate() {
             match item {
                 Value::String(s) if s.contains('\n') => self.errors.push(ConfigError::new(
-                    &format!("{key}[{i}]"),
+                    format!("{key}[{i}]"),
                     "holds a line break",
                 )),
                 Value::String(s) => out.push(s.clone()),
                 other => self.errors.push(ConfigError::new(
-                    &format!("{key}[{i}]"),
+                    format!("{key}[{i}]"),
                     format!("must be a string, not {}", kind(other)),
                 )),
             }

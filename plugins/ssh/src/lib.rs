@@ -46,7 +46,12 @@
 //! **Failures.** An unreachable host fails its tasks with the host named and ssh's own
 //! message. A connection that drops does not touch remote processes (they are in sessions
 //! of their own); `--resume` once the host is back finds them by their identity and keeps
-//! them. A task without a node runs on this machine, through the local backend.
+//! them.
+//!
+//! A task without a node runs on this machine: every constructor returns the backend inside
+//! [`WithLocal`], which sends such tasks (and their handles) to the local backend, so this
+//! one only ever sees hosts. This crate must not know recipes, plans or the journal beyond
+//! the handles it writes itself.
 
 pub mod config;
 mod handle;
