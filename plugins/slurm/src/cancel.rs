@@ -260,3 +260,62 @@ async fn cancel_job(
     }
     error.or_else(|| (!still.is_empty()).then_some(still))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster whose `scancel` writes down each call and whose `squeue` lists no step.
+    fn fake_cluster(dir: &Path) -> Cluster {
+        use std::os::unix::fs::PermissionsExt;
+        let calls = dir.join("calls");
+        for (tool, body) in [
+            ("scancel", format!("echo \"$*\" >> '{}'\n", calls.display())),
+            ("squeue", String::new()),
+        ] {
+            let p = dir.join(tool);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}")).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        Cluster {
+            conf: None,
+            bin_dir: Some(dir.to_path_buf()),
+        }
+    }
+
+    fn step(cluster: &Cluster, job: &str, step: &str) -> ProcHandle {
+        serde_json::json!({
+            "backend": "slurm", "job": job, "step": step, "node": "node0", "host": "n1",
+            "name": "pf:t", "service": true, "log": "/l", "run_dir": "/r", "slurm": cluster,
+        })
+    }
+
+    #[tokio::test]
+    async fn many_steps_are_stopped_with_one_scancel_per_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = fake_cluster(dir.path());
+        let b = SlurmBackend::for_handles();
+        let handles = [
+            step(&cluster, "12", "12.1"),
+            step(&cluster, "13", "13.0"),
+            serde_json::json!({ "backend": "ssh" }),
+            step(&cluster, "12", "12.2"),
+        ];
+        let done = b.stop_many(&handles, Duration::from_secs(1)).await;
+        assert!(
+            done[0].is_ok() && done[1].is_ok() && done[3].is_ok(),
+            "{done:?}"
+        );
+        assert!(done[2].is_err(), "not a step: {done:?}");
+        let calls = std::fs::read_to_string(dir.path().join("calls")).expect("calls");
+        let mut calls: Vec<&str> = calls.lines().collect();
+        calls.sort();
+        assert_eq!(
+            calls,
+            [
+                "--ctld --quiet --signal=TERM 12.1 12.2",
+                "--ctld --quiet --signal=TERM 13.0"
+            ]
+        );
+    }
+}

@@ -465,4 +465,21 @@ mod tests {
         assert!(e.message.contains("lists 2"), "{e}");
         assert!(SshBackend::from_handles().conn_for("node0").is_err());
     }
+
+    #[tokio::test]
+    async fn the_check_wants_a_host_for_every_node() {
+        let b = SshBackend::from_config(
+            &serde_json::json!({ "hosts": ["h0", "h1"] }),
+            Path::new("/tmp/s"),
+        )
+        .expect("config");
+        let nodes = |n: usize| (0..n).map(|i| format!("node{i}")).collect::<Vec<_>>();
+        assert!(b.check(&nodes(2)).await.is_ok());
+        let errs = b
+            .check(&nodes(3))
+            .await
+            .expect_err("three nodes, two hosts");
+        assert_eq!(errs[0].field, "hosts");
+        assert!(SshBackend::from_handles().check(&nodes(3)).await.is_ok());
+    }
 }
