@@ -8,7 +8,7 @@
 //! backends, so the runner cannot tell them apart. (A Rust site may skip the process and
 //! implement the trait in a library crate instead.)
 //!
-//! A site knows its plugin works by running [`conformance`]: the fixed scenario behind
+//! A site knows its plugin works by running [`conformance()`]: the fixed scenario behind
 //! `prl-flow plugin test NAME` (allocate two nodes, run a one-shot, spawn a service, probe
 //! it, check it, reattach after a restart, read its log, stop it, release), which the
 //! built-in backends pass too.
