@@ -126,7 +126,7 @@ impl Hosts {
         })
     }
 
-    fn backend(&self, state_dir: &Path) -> SshBackend {
+    fn backend(&self, state_dir: &Path) -> prl_flow_local::WithLocal<SshBackend> {
         SshBackend::from_config(&self.config(), state_dir).expect("config")
     }
 

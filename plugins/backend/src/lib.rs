@@ -13,6 +13,12 @@
 //!   Reattaching is no more than using a recorded handle again.
 //! - A handle must identify its process for good: a pid alone is not enough (pids are
 //!   reused), so backends record what makes it unique (start time, job and step ids).
+//! - [`Backend::check`] checks the configuration against a plan before anything starts, and
+//!   [`Backend::stop_many`] stops many processes at once (a scheduler can batch them).
+//!
+//! This crate holds only the trait, its data types and small helpers every backend shares
+//! ([`ConfigError`], log reading). It must not know any particular backend, recipes, plans
+//! or the journal.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +26,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+
+mod config_error;
+mod logs;
+
+pub use config_error::ConfigError;
+pub use logs::{last_lines, read_from, since_last_mark, tail_bytes, LOG_MARK};
 
 /// What a backend returns for a process: opaque JSON, kept in the journal.
 pub type ProcHandle = serde_json::Value;
@@ -87,6 +99,13 @@ pub enum ProcState {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &str;
 
+    /// Checks the backend's configuration against a plan of these nodes, before anything
+    /// starts: every problem at once, each naming its `[backend]` field (e.g. more nodes
+    /// than the ssh backend has hosts). The default finds nothing wrong.
+    async fn check(&self, _nodes: &[String]) -> Result<(), Vec<ConfigError>> {
+        Ok(())
+    }
+
     /// Gets the nodes named (in order) and says their addresses.
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError>;
 
@@ -107,6 +126,17 @@ pub trait Backend: Send + Sync {
     /// Signals the process group, waits up to `grace`, then kills it. Stopping a process
     /// that is already gone is not an error.
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError>;
+
+    /// Stops many processes, each as [`Backend::stop`] would, and says how each went (in the
+    /// order of `handles`). The default stops them all at once; a backend that can stop
+    /// many with one call (SLURM: one `scancel` per job) does so.
+    async fn stop_many(
+        &self,
+        handles: &[ProcHandle],
+        grace: Duration,
+    ) -> Vec<Result<(), BackendError>> {
+        futures::future::join_all(handles.iter().map(|h| self.stop(h, grace))).await
+    }
 
     /// Finds the process a spawn of `spec` started at or after `since_ms` (ms since the
     /// epoch), when its handle never reached the journal (prl-flow was killed between the
@@ -130,21 +160,6 @@ pub trait Backend: Send + Sync {
     ) -> Result<(String, u64), BackendError>;
 }
 
-/// Backends write this at the start of a line of a task's log each time they start its
-/// process, so that a failure quotes only the lines of the last attempt.
-pub const LOG_MARK: &str = "── prl-flow: ";
-
-/// The part of a log written since the last [`LOG_MARK`] line.
-pub fn since_last_mark(text: &str) -> &str {
-    match text.rfind(LOG_MARK) {
-        Some(at) => match text[at..].find('\n') {
-            Some(nl) => &text[at + nl + 1..],
-            None => "",
-        },
-        None => text,
-    }
-}
-
 /// For a process started on a file system this machine sees: creates the run dir, places
 /// the spec's files in it, and opens the log for appending (its directory created too).
 pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<std::fs::File, BackendError> {
@@ -164,11 +179,4 @@ pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<std::fs::File, BackendError> 
         .append(true)
         .open(&spec.log)
         .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))
-}
-
-/// The last `n` lines of `text`.
-pub fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(n);
-    lines[start..].join("\n")
 }

@@ -14,6 +14,16 @@
 //!   ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the next
 //!   `--resume` reads the file (or sees it still running and waits) instead of running it
 //!   a second time.
+//!
+//! [`WithLocal`] puts this backend beside a remote one: what has no node (a task that runs
+//! where prl-flow runs) goes here, the rest to the remote backend.
+//!
+//! This crate must not know recipes, plans, the journal, or any other backend.
+
+mod with_local;
+
+pub use prl_flow_backend::read_from;
+pub use with_local::{is_local_handle, WithLocal};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +34,8 @@ use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK,
+    last_lines, since_last_mark, tail_bytes, Allocation, Backend, BackendError, ProcHandle,
+    ProcState, SpawnSpec, LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -293,7 +304,7 @@ impl Backend for LocalBackend {
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
         let h = Self::parse(handle)?;
         let text = tail_bytes(&h.log, 64 * 1024)?;
-        Ok(last_lines(prl_flow_backend::since_last_mark(&text), lines))
+        Ok(last_lines(since_last_mark(&text), lines))
     }
 
     async fn read_log(
@@ -326,37 +337,6 @@ fn wrap(argv: &[String], run_dir: &Path, service: bool) -> Vec<String> {
         _ => v.extend(argv.iter().cloned()),
     }
     v
-}
-
-fn tail_bytes(path: &Path, max: u64) -> Result<String, BackendError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// Reads a file from `offset`: (text, offset after it).
-pub fn read_from(path: &Path, offset: u64) -> Result<(String, u64), BackendError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), offset)),
-        Err(e) => return Err(e.into()),
-    };
-    let len = f.metadata()?.len();
-    let from = if offset > len { 0 } else { offset };
-    f.seek(SeekFrom::Start(from))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    let end = from + buf.len() as u64;
-    Ok((String::from_utf8_lossy(&buf).into_owned(), end))
 }
 
 #[cfg(test)]

@@ -28,13 +28,15 @@
 //! loopback otherwise; a remote backend needs `python3` on its nodes and a run dir on a file
 //! system they share ([`Scenario::dir`]).
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use prl_flow_backend::{Allocation, Backend, ProcHandle, ProcState, SpawnSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use prl_flow_backend::{Backend, ProcHandle, ProcState, SpawnSpec};
+
+mod support;
+
+use support::{describe, err, free_port, http_get, log_tail, names_backend, need, token, Runner};
 
 /// The names of the steps, in order.
 pub const STEPS: &[&str] = &[
@@ -157,157 +159,6 @@ impl Summary {
 
 /// Something that makes a backend: called once at the start and again for the restart.
 pub type MakeBackend<'a> = &'a (dyn Fn() -> Result<Arc<dyn Backend>, String> + Send + Sync);
-
-struct Runner<'a> {
-    summary: Summary,
-    report: &'a mut (dyn FnMut(&Step) + Send),
-    broken: bool,
-    limit: Duration,
-}
-
-impl Runner<'_> {
-    /// Runs one step unless an earlier one failed; its value on success.
-    async fn step<T>(
-        &mut self,
-        name: &'static str,
-        f: impl Future<Output = Result<(T, String), String>>,
-    ) -> Option<T> {
-        let began = Instant::now();
-        let (outcome, detail, value) = if self.broken {
-            (Outcome::Skipped, "an earlier step failed".to_string(), None)
-        } else {
-            match tokio::time::timeout(self.limit, f).await {
-                Ok(Ok((v, detail))) => (Outcome::Ok, detail, Some(v)),
-                Ok(Err(why)) => (Outcome::Failed, why, None),
-                Err(_) => (
-                    Outcome::Failed,
-                    format!(
-                        "no result within {}s: the backend hangs",
-                        self.limit.as_secs()
-                    ),
-                    None,
-                ),
-            }
-        };
-        if outcome == Outcome::Failed {
-            self.broken = true;
-        }
-        let step = Step {
-            name,
-            outcome,
-            detail,
-            elapsed: began.elapsed(),
-        };
-        (self.report)(&step);
-        self.summary.steps.push(step);
-        value
-    }
-}
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
-/// The node's address if this machine has it (a port can be picked there), else loopback.
-fn free_port(addr: &str) -> Result<(String, u16), String> {
-    if let Ok(l) = std::net::TcpListener::bind((addr, 0)) {
-        return l
-            .local_addr()
-            .map(|a| (addr.to_string(), a.port()))
-            .map_err(err);
-    }
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
-    l.local_addr()
-        .map(|a| (addr.to_string(), a.port()))
-        .map_err(err)
-}
-
-/// A bare-bones `GET`: (status code, body).
-async fn http_get(addr: &str, port: u16, path: &str) -> Result<(u16, String), String> {
-    let limit = Duration::from_secs(2);
-    let mut s = tokio::time::timeout(limit, tokio::net::TcpStream::connect((addr, port)))
-        .await
-        .map_err(|_| format!("connecting to {addr}:{port} timed out"))?
-        .map_err(|e| format!("{addr}:{port}: {e}"))?;
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}:{port}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(err)?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(limit, s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| format!("{addr}:{port} accepted but did not answer"))?
-        .map_err(err)?;
-    let text = String::from_utf8_lossy(&buf);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "not an HTTP answer: {}",
-                text.chars().take(80).collect::<String>()
-            )
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-fn describe(state: &ProcState) -> String {
-    match state {
-        ProcState::Running => "running".into(),
-        ProcState::Exited(Some(c)) => format!("exited with status {c}"),
-        ProcState::Exited(None) => "killed by a signal".into(),
-        ProcState::Gone => "gone".into(),
-    }
-}
-
-/// A token unique enough to tell this run's output (and temp dir) from another's, in this
-/// process or another.
-fn token() -> String {
-    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("prl-flow-conformance-{}-{run}-{nanos}", std::process::id())
-}
-
-async fn log_tail(b: &dyn Backend, h: &ProcHandle) -> String {
-    match b.log_tail(h, 10).await {
-        Ok(t) if t.trim().is_empty() => "its log is empty".into(),
-        Ok(t) => format!(
-            "its log ends:\n  {}",
-            t.lines().collect::<Vec<_>>().join("\n  ")
-        ),
-        Err(e) => format!("its log could not be read: {e}"),
-    }
-}
-
-fn names_backend(h: &serde_json::Value, name: &str) -> Result<(), String> {
-    match h.get("backend").and_then(|b| b.as_str()) {
-        Some(b) if b == name => Ok(()),
-        Some(b) => Err(format!("the handle names backend `{b}`, not `{name}`: {h}")),
-        None => Err(format!(
-            "the handle has no `backend` key, so a later prl-flow cannot find this backend: {h}"
-        )),
-    }
-}
-
-/// The backend and allocation of step 1, for a later step (which is skipped anyway when
-/// step 1 failed).
-fn need(
-    backend: &Option<Arc<dyn Backend>>,
-    allocation: &Option<Allocation>,
-) -> Result<(Arc<dyn Backend>, Allocation), String> {
-    match (backend, allocation) {
-        (Some(b), Some(a)) => Ok((b.clone(), a.clone())),
-        _ => Err("no backend".into()),
-    }
-}
 
 /// Runs the scenario. `make` is called for the first backend and again for the restart;
 /// `report` hears of each step as it ends.

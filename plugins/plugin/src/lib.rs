@@ -8,13 +8,14 @@
 //! backends, so the runner cannot tell them apart. (A Rust site may skip the process and
 //! implement the trait in a library crate instead.)
 //!
-//! A site knows its plugin works by running [`conformance`]: the fixed scenario behind
+//! A site knows its plugin works by running [`conformance()`]: the fixed scenario behind
 //! `prl-flow plugin test NAME` (allocate two nodes, run a one-shot, spawn a service, probe
 //! it, check it, reattach after a restart, read its log, stop it, release), which the
 //! built-in backends pass too.
 //!
 //! Where plugins are found (a site file, a recipe, `PATH`) is decided by the prl-flow
-//! binary; this crate only scans `PATH` ([`on_path`], [`scan_path`]).
+//! binary; this crate only scans `PATH` ([`on_path`], [`scan_path`]). It must not know
+//! recipes, site files, the journal, or any built-in backend.
 
 pub mod client;
 pub mod conformance;

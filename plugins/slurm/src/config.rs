@@ -26,47 +26,13 @@
 //! shell = "sh"                  # the shell that runs the prologue in front of each command
 //! ```
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use prl_flow_backend::ConfigError;
 use prl_flow_engine::text::closest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-/// One problem with the `[backend]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The field it is about, as written under `[backend]`.
-    pub field: String,
-    pub message: String,
-    pub help: Option<String>,
-}
-
-impl ConfigError {
-    fn new(field: &str, message: impl Into<String>) -> Self {
-        Self {
-            field: field.to_string(),
-            message: message.into(),
-            help: None,
-        }
-    }
-
-    fn help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
-        self
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`[backend] {}`: {}", self.field, self.message)?;
-        if let Some(h) = &self.help {
-            write!(f, "\n  help: {h}")?;
-        }
-        Ok(())
-    }
-}
 
 /// What services bind and clients reach on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -234,7 +200,7 @@ impl SlurmConfig {
             if l.is_empty() || !l.starts_with('-') {
                 errors.push(
                     ConfigError::new(
-                        &format!("sbatch_lines[{i}]"),
+                        format!("sbatch_lines[{i}]"),
                         format!("`{l}` is not an sbatch option"),
                     )
                     .help("write each line as sbatch takes it, e.g. `--reservation=bringup`"),
@@ -335,12 +301,12 @@ impl Reader<'_> {
         for (i, item) in items.iter().enumerate() {
             match item {
                 Value::String(s) if s.contains('\n') => self.errors.push(ConfigError::new(
-                    &format!("{key}[{i}]"),
+                    format!("{key}[{i}]"),
                     "holds a line break",
                 )),
                 Value::String(s) => out.push(s.clone()),
                 other => self.errors.push(ConfigError::new(
-                    &format!("{key}[{i}]"),
+                    format!("{key}[{i}]"),
                     format!("must be a string, not {}", kind(other)),
                 )),
             }

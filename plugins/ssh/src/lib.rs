@@ -46,14 +46,22 @@
 //! **Failures.** An unreachable host fails its tasks with the host named and ssh's own
 //! message. A connection that drops does not touch remote processes (they are in sessions
 //! of their own); `--resume` once the host is back finds them by their identity and keeps
-//! them. A task without a node runs on this machine, through the local backend.
+//! them.
+//!
+//! A task without a node runs on this machine: every constructor returns the backend inside
+//! [`WithLocal`], which sends such tasks (and their handles) to the local backend, so this
+//! one only ever sees hosts. This crate must not know recipes, plans or the journal beyond
+//! the handles it writes itself.
 
 pub mod config;
+mod handle;
+pub mod hosts;
+mod process;
 pub mod script;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,62 +69,14 @@ use async_trait::async_trait;
 use prl_flow_backend::{
     last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
 };
-use prl_flow_local::LocalBackend;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use prl_flow_local::WithLocal;
 use tokio::sync::watch;
 
-pub use config::{validate, ConfigError, HostSpec, SshConfig};
-use transport::{Conn, Link, Links, Settings, SshError};
-
-/// A process on a host, as the journal keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Handle {
-    backend: String,
-    #[serde(flatten)]
-    conn: Conn,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    node: Option<String>,
-    pid: i32,
-    /// Start time in clock ticks since boot; 0 if the process ended before it was read.
-    start: u64,
-    boot_id: String,
-    service: bool,
-    run_dir: String,
-    log: String,
-    status_file: String,
-}
-
-impl Handle {
-    fn proc(&self) -> script::Proc<'_> {
-        script::Proc {
-            pid: self.pid,
-            start: self.start,
-            boot: &self.boot_id,
-            status_file: &self.status_file,
-        }
-    }
-
-    fn key(&self) -> (String, i32, u64) {
-        (self.conn.to_string(), self.pid, self.start)
-    }
-}
-
-/// What the session that started a one-shot knows of its end.
-#[derive(Debug, Clone, PartialEq)]
-enum Watch {
-    Pending,
-    Ended(ProcState),
-    /// The session broke before the process ended: ask the host.
-    Lost,
-}
-
-/// The `handle` of an ssh [`Allocation`]: how each node's host is reached.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct AllocHandle {
-    backend: String,
-    nodes: BTreeMap<String, Conn>,
-}
+pub use config::{validate, SshConfig};
+use handle::{check_spec, last_name, parse, parse_spawned, state_key, AllocHandle, Handle, Watch};
+pub use hosts::HostSpec;
+pub use prl_flow_backend::ConfigError;
+use transport::{Conn, Link, Links, Settings};
 
 pub struct SshBackend {
     /// `None` for a backend rebuilt from handles alone (`status`, `down`, `logs`).
@@ -128,59 +88,68 @@ pub struct SshBackend {
     /// Node → how its host is reached, learned from `allocate` or a recorded allocation.
     nodes: Mutex<BTreeMap<String, Conn>>,
     watches: Mutex<HashMap<(String, i32, u64), watch::Receiver<Watch>>>,
-    /// Tasks without a node run here.
-    local: LocalBackend,
 }
 
 /// How long a short remote operation may take once connected.
-const OP_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const OP_LIMIT: Duration = Duration::from_secs(30);
 /// How often to ask when no long session is free.
-const POLL: Duration = Duration::from_millis(500);
+pub(crate) const POLL: Duration = Duration::from_millis(500);
 
 impl SshBackend {
-    /// The backend for a recipe's `[backend]` table (as JSON) and its state dir. Relative
-    /// paths in the table are taken from the current directory; [`SshBackend::new`] takes
-    /// a checked [`SshConfig`] instead.
-    pub fn from_config(config: &serde_json::Value, state_dir: &Path) -> Result<Self, String> {
-        let c = SshConfig::from_value(config, None).map_err(|errs| {
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })?;
-        Ok(Self::new(c, state_dir))
+    /// The backend for a recipe's `[backend]` table (as JSON) and its state dir, with the
+    /// local backend beside it for tasks without a node. Relative paths in the table are
+    /// taken from the current directory; [`SshBackend::configure`] says where from and
+    /// keeps every problem apart.
+    pub fn from_config(
+        config: &serde_json::Value,
+        state_dir: &Path,
+    ) -> Result<WithLocal<Self>, String> {
+        Self::configure(config, None, state_dir).map_err(|errs| ConfigError::join(&errs))
     }
 
-    pub fn new(config: SshConfig, state_dir: &Path) -> Self {
+    /// Like [`SshBackend::from_config`], with relative paths of the table taken from
+    /// `base_dir` (the recipe's directory) when given, and every problem of the table
+    /// returned, each naming its field.
+    pub fn configure(
+        config: &serde_json::Value,
+        base_dir: Option<&Path>,
+        state_dir: &Path,
+    ) -> Result<WithLocal<Self>, Vec<ConfigError>> {
+        Ok(Self::new(
+            SshConfig::from_value(config, base_dir)?,
+            state_dir,
+        ))
+    }
+
+    /// The backend for a checked [`SshConfig`], with the local backend beside it.
+    pub fn new(config: SshConfig, state_dir: &Path) -> WithLocal<Self> {
         let settings = Settings::from_config(&config);
         let remote_base = format!(
             "{}/{}",
             config.remote_dir.trim_end_matches('/'),
             state_key(state_dir)
         );
-        Self {
+        WithLocal::new(Self {
             config: Some(config),
             settings,
             remote_base,
             links: Links::default(),
             nodes: Mutex::new(BTreeMap::new()),
             watches: Mutex::new(HashMap::new()),
-            local: LocalBackend::new(),
-        }
+        })
     }
 
     /// A backend that can only look after processes recorded in handles (status, stop,
     /// logs, release): for `status`, `down` and `logs`, which have the journal but no recipe.
-    pub fn from_handles() -> Self {
-        Self {
+    pub fn from_handles() -> WithLocal<Self> {
+        WithLocal::new(Self {
             config: None,
             settings: Settings::default(),
             remote_base: String::new(),
             links: Links::default(),
             nodes: Mutex::new(BTreeMap::new()),
             watches: Mutex::new(HashMap::new()),
-            local: LocalBackend::new(),
-        }
+        })
     }
 
     /// The remote base dir of this state dir.
@@ -193,15 +162,6 @@ impl SshBackend {
         for l in self.links.all() {
             l.disconnect().await;
         }
-    }
-
-    fn parse(handle: &ProcHandle) -> Result<Handle, BackendError> {
-        serde_json::from_value(handle.clone())
-            .map_err(|e| BackendError::new(format!("not an ssh process handle ({e}): {handle}")))
-    }
-
-    fn is_local(handle: &ProcHandle) -> bool {
-        handle.get("backend").and_then(|b| b.as_str()) == Some("local")
     }
 
     fn link(&self, conn: &Conn) -> Result<Arc<Link>, BackendError> {
@@ -238,218 +198,20 @@ impl SshBackend {
             ))),
         }
     }
-
-    fn watch_of(&self, h: &Handle) -> Option<watch::Receiver<Watch>> {
-        self.watches.lock().ok()?.get(&h.key()).cloned()
-    }
-
-    async fn state(&self, h: &Handle) -> Result<ProcState, BackendError> {
-        if let Some(rx) = self.watch_of(h) {
-            if let Watch::Ended(s) = &*rx.borrow() {
-                return Ok(s.clone());
-            }
-        }
-        let link = self.link(&h.conn)?;
-        let reply = link.run(&script::status(&h.proc())?, OP_LIMIT).await?;
-        reply
-            .get("state")
-            .and_then(|w| script::parse_state(&w))
-            .ok_or_else(|| {
-                BackendError::new(format!(
-                    "host `{}`: no state in the answer: {:?}",
-                    link.label, reply.lines
-                ))
-            })
-    }
-
-    /// Waits on the host for the process to end, over one long session; falls back to
-    /// asking every [`POLL`] when no session is free. A lost connection is tried once more
-    /// (the master is reopened); a host that stays unreachable is an error.
-    async fn wait_remote(&self, h: &Handle) -> Result<ProcState, BackendError> {
-        let link = self.link(&h.conn)?;
-        loop {
-            match link.open(&script::wait(&h.proc())?).await? {
-                Some(mut session) => {
-                    let mut end = None;
-                    while let Some(line) = session.next().await {
-                        if let Some(rest) = line.strip_prefix("state ") {
-                            end = script::parse_state(&rest.split(' ').collect::<Vec<_>>());
-                            break;
-                        }
-                    }
-                    if let Some(s) = end {
-                        return Ok(s);
-                    }
-                    if let Err(e) = session.finish(&link).await {
-                        tracing::debug!("wait on {}: {e}", link.label);
-                    }
-                    // The session broke: is the host there, and the process still running?
-                    match self.state(h).await? {
-                        ProcState::Running => continue,
-                        other => return Ok(other),
-                    }
-                }
-                None => loop {
-                    match self.state(h).await? {
-                        ProcState::Running => tokio::time::sleep(POLL).await,
-                        other => return Ok(other),
-                    }
-                },
-            }
-        }
-    }
-
-    /// Starts a watched one-shot: the spawn session stays open and reports its end.
-    async fn spawn_watched(
-        &self,
-        link: &Arc<Link>,
-        text: &str,
-    ) -> Result<Option<Vec<String>>, SshError> {
-        let Some(mut session) = link.open(text).await? else {
-            return Ok(None);
-        };
-        let limit = link.conn.ssh.dead_after() + OP_LIMIT;
-        let first = tokio::time::timeout(limit, async {
-            loop {
-                match session.next().await {
-                    Some(l) if l.starts_with("spawned ") || l.starts_with("error ") => {
-                        return Some(l)
-                    }
-                    Some(_) => continue,
-                    None => return None,
-                }
-            }
-        })
-        .await
-        .unwrap_or(None);
-        let Some(first) = first else {
-            let lost = session.finish(link).await.err();
-            return Err(lost.unwrap_or_else(|| SshError {
-                host: link.label.clone(),
-                message: "the spawn script ended without an answer".into(),
-                help: Some(
-                    "prl-flow needs a POSIX `sh`, `setsid` and Linux `/proc` on the host".into(),
-                ),
-                transport: false,
-            }));
-        };
-        if let Some(msg) = first.strip_prefix("error ") {
-            let _ = session.child.wait().await;
-            return Err(SshError {
-                host: link.label.clone(),
-                message: msg.to_string(),
-                help: None,
-                transport: false,
-            });
-        }
-        let words: Vec<String> = first.split(' ').skip(1).map(String::from).collect();
-        let (tx, rx) = watch::channel(Watch::Pending);
-        let key = parse_spawned(&words).map(|(pid, start, ..)| (link.label.clone(), pid, start));
-        if let (Some(key), Ok(mut m)) = (key, self.watches.lock()) {
-            m.insert(key, rx);
-        }
-        tokio::spawn(async move {
-            let mut end = Watch::Lost;
-            while let Some(line) = session.next().await {
-                if let Some(rest) = line.strip_prefix("state ") {
-                    if let Some(s) = script::parse_state(&rest.split(' ').collect::<Vec<_>>()) {
-                        end = Watch::Ended(s);
-                    }
-                    break;
-                }
-            }
-            let _ = session.child.wait().await;
-            let _ = tx.send(end);
-        });
-        Ok(Some(words))
-    }
-}
-
-/// `PID START BOOT BASE...` of a `spawned` answer.
-fn parse_spawned(words: &[String]) -> Option<(i32, u64, String, String)> {
-    let pid = words.first()?.parse().ok()?;
-    let start = words.get(1)?.parse().ok()?;
-    let boot = words.get(2)?.clone();
-    let base = words.get(3..)?.join(" ");
-    (!base.is_empty()).then_some((pid, start, boot, base))
-}
-
-/// `<state dir name>-<hash of this machine and the state dir's absolute path>`.
-fn state_key(state_dir: &Path) -> String {
-    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    let machine = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let mut h = Sha256::new();
-    h.update(machine.trim().as_bytes());
-    h.update([0]);
-    h.update(abs.to_string_lossy().as_bytes());
-    let hash: String = h.finalize()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let name: String = abs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into())
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{name}-{hash}")
-}
-
-/// The last component of a local path, as a remote file name.
-fn last_name(p: &Path, what: &str) -> Result<String, BackendError> {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| !n.is_empty() && !n.contains('\n'))
-        .ok_or_else(|| BackendError::new(format!("the {what} `{}` has no file name", p.display())))
-}
-
-fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
-    if spec.argv.is_empty() {
-        return Err(BackendError::new(format!(
-            "task `{}` has an empty command",
-            spec.task
-        )));
-    }
-    if spec.argv[0].contains('=') && !spec.env.is_empty() {
-        return Err(BackendError::new(format!(
-            "task `{}`: a program name with `=` (`{}`) cannot be started with environment variables",
-            spec.task, spec.argv[0]
-        )));
-    }
-    for k in spec.env.keys() {
-        if k.is_empty() || k.contains('=') {
-            return Err(BackendError::new(format!(
-                "task `{}`: `{k}` is not an environment variable name",
-                spec.task
-            )));
-        }
-    }
-    for rel in spec.files.keys() {
-        let p = Path::new(rel);
-        let ok = !rel.is_empty()
-            && !rel.contains('\n')
-            && p.components().all(|c| matches!(c, Component::Normal(_)));
-        if !ok {
-            return Err(BackendError::new(format!(
-                "task `{}`: the file `{rel}` must be a relative path inside the run dir",
-                spec.task
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[async_trait]
 impl Backend for SshBackend {
     fn name(&self) -> &str {
         "ssh"
+    }
+
+    /// A host for every node of the plan.
+    async fn check(&self, nodes: &[String]) -> Result<(), Vec<ConfigError>> {
+        match &self.config {
+            Some(c) => c.check_nodes(nodes.len()).map_err(|e| vec![e]),
+            None => Ok(()),
+        }
     }
 
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
@@ -544,7 +306,10 @@ impl Backend for SshBackend {
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
         let Some(node) = &spec.node else {
-            return self.local.spawn(spec).await;
+            return Err(BackendError::new(format!(
+                "task `{}` has no node: the ssh backend runs tasks on hosts",
+                spec.task
+            )));
         };
         check_spec(spec)?;
         let conn = self.conn_for(node)?;
@@ -608,17 +373,11 @@ impl Backend for SshBackend {
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        if Self::is_local(handle) {
-            return self.local.status(handle).await;
-        }
-        self.state(&Self::parse(handle)?).await
+        self.state(&parse(handle)?).await
     }
 
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        if Self::is_local(handle) {
-            return self.local.wait(handle).await;
-        }
-        let h = Self::parse(handle)?;
+        let h = parse(handle)?;
         if let Some(mut rx) = self.watch_of(&h) {
             let end = rx
                 .wait_for(|w| *w != Watch::Pending)
@@ -633,10 +392,7 @@ impl Backend for SshBackend {
     }
 
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
-        if Self::is_local(handle) {
-            return self.local.stop(handle, grace).await;
-        }
-        let h = Self::parse(handle)?;
+        let h = parse(handle)?;
         if let Some(rx) = self.watch_of(&h) {
             if matches!(&*rx.borrow(), Watch::Ended(_)) {
                 return Ok(());
@@ -659,10 +415,7 @@ impl Backend for SshBackend {
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
-        if Self::is_local(handle) {
-            return self.local.log_tail(handle, lines).await;
-        }
-        let h = Self::parse(handle)?;
+        let h = parse(handle)?;
         let link = self.link(&h.conn)?;
         let reply = link
             .run_raw(&script::tail_log(&h.log, 64 * 1024)?, OP_LIMIT)
@@ -676,10 +429,7 @@ impl Backend for SshBackend {
         handle: &ProcHandle,
         offset: u64,
     ) -> Result<(String, u64), BackendError> {
-        if Self::is_local(handle) {
-            return self.local.read_log(handle, offset).await;
-        }
-        let h = Self::parse(handle)?;
+        let h = parse(handle)?;
         let link = self.link(&h.conn)?;
         let reply = link
             .run_raw(&script::read_log(&h.log, offset)?, OP_LIMIT)
@@ -700,15 +450,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_keys_differ_by_path_and_read_well() {
-        let a = state_key(Path::new("/tmp/a/.prl-flow/multi_node"));
-        let b = state_key(Path::new("/tmp/b/.prl-flow/multi_node"));
-        assert!(a.starts_with("multi_node-") && b.starts_with("multi_node-"));
-        assert_ne!(a, b);
-        assert_eq!(a, state_key(Path::new("/tmp/a/.prl-flow/multi_node")));
-    }
-
-    #[test]
     fn nodes_map_to_hosts_in_order() {
         let b = SshBackend::from_config(
             &serde_json::json!({ "hosts": ["h0", "root@h1:2222"] }),
@@ -725,45 +466,20 @@ mod tests {
         assert!(SshBackend::from_handles().conn_for("node0").is_err());
     }
 
-    #[test]
-    fn handles_round_trip_and_keep_defaults_out() {
-        let h = Handle {
-            backend: "ssh".into(),
-            conn: Conn {
-                host: "10.0.0.2".into(),
-                user: Some("root".into()),
-                port: Some(22),
-                ssh: Settings::default(),
-            },
-            node: Some("node0".into()),
-            pid: 42,
-            start: 7,
-            boot_id: "b".into(),
-            service: true,
-            run_dir: "/r/run/t".into(),
-            log: "/r/logs/t.log".into(),
-            status_file: "/r/run/t/exit-status".into(),
-        };
-        let v = serde_json::to_value(&h).expect("json");
-        assert_eq!(v["host"], "10.0.0.2");
-        assert_eq!(v["user"], "root");
-        assert!(v.get("ssh").is_none(), "{v}");
-        assert_eq!(SshBackend::parse(&v).expect("parse"), h);
-    }
-
-    #[test]
-    fn bad_specs_are_refused_before_anything_runs() {
-        let mut s = SpawnSpec {
-            task: "t".into(),
-            node: Some("node0".into()),
-            argv: vec!["true".into()],
-            ..Default::default()
-        };
-        assert!(check_spec(&s).is_ok());
-        s.files.insert("../escape".into(), String::new());
-        assert!(check_spec(&s).is_err());
-        s.files.clear();
-        s.env.insert("A=B".into(), String::new());
-        assert!(check_spec(&s).is_err());
+    #[tokio::test]
+    async fn the_check_wants_a_host_for_every_node() {
+        let b = SshBackend::from_config(
+            &serde_json::json!({ "hosts": ["h0", "h1"] }),
+            Path::new("/tmp/s"),
+        )
+        .expect("config");
+        let nodes = |n: usize| (0..n).map(|i| format!("node{i}")).collect::<Vec<_>>();
+        assert!(b.check(&nodes(2)).await.is_ok());
+        let errs = b
+            .check(&nodes(3))
+            .await
+            .expect_err("three nodes, two hosts");
+        assert_eq!(errs[0].field, "hosts");
+        assert!(SshBackend::from_handles().check(&nodes(3)).await.is_ok());
     }
 }

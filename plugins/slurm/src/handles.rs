@@ -1,0 +1,157 @@
+//! What the journal keeps of SLURM work, and the small files a step's wrapper leaves: a
+//! step's handle (job, step, node, cluster), an allocation's handle, the step file, the job
+//! file and exit status files. Handles are JSON in journals: their shape does not change.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use prl_flow_backend::{BackendError, ProcHandle, ProcState};
+use serde::{Deserialize, Serialize};
+
+use crate::slurm::Cluster;
+
+/// The handle of a job step, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StepHandle {
+    pub(crate) backend: String,
+    pub(crate) job: String,
+    /// `JOB.STEP`, as scancel and squeue write it.
+    pub(crate) step: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) node: Option<String>,
+    /// SLURM's name of the node.
+    pub(crate) host: String,
+    /// The step's name (`pf:<task>`).
+    pub(crate) name: String,
+    pub(crate) service: bool,
+    pub(crate) log: PathBuf,
+    pub(crate) run_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) status_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) slurm: Cluster,
+}
+
+/// `Allocation::handle` of a SLURM allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AllocHandle {
+    pub(crate) backend: String,
+    pub(crate) job: String,
+    /// Plan node (`node0`) → SLURM's node name.
+    pub(crate) nodes: BTreeMap<String, String>,
+    /// CPUs the job has on each node (what each step may use).
+    pub(crate) cpus_per_node: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) log: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) slurm: Cluster,
+}
+
+/// Whether a handle from a journal is this backend's: a step, or an allocation.
+pub fn is_slurm_handle(handle: &ProcHandle) -> bool {
+    handle.get("backend").and_then(|b| b.as_str()) == Some("slurm")
+        || allocation_backend(handle).as_deref() == Some("slurm")
+}
+
+/// The backend named inside an allocation record (`{"hosts": ..., "handle": {"backend": ..}}`).
+pub(crate) fn allocation_backend(handle: &ProcHandle) -> Option<String> {
+    handle
+        .get("handle")?
+        .get("backend")?
+        .as_str()
+        .map(String::from)
+}
+
+pub(crate) fn alloc_handle(h: &ProcHandle) -> Option<AllocHandle> {
+    // An `Allocation` record, or its inner handle.
+    let inner = h
+        .get("handle")
+        .filter(|_| h.get("hosts").is_some())
+        .unwrap_or(h);
+    serde_json::from_value::<AllocHandle>(inner.clone())
+        .ok()
+        .filter(|a| a.backend == "slurm")
+}
+
+pub(crate) fn parse_step(h: &ProcHandle) -> Result<StepHandle, BackendError> {
+    serde_json::from_value(h.clone())
+        .map_err(|e| BackendError::new(format!("not a slurm step handle ({e}): {h}")))
+}
+
+/// How a step ended that is no longer running: its exit status file if it left one, else
+/// the exit status of its `srun` (when this process started it), else gone.
+pub(crate) fn ended_state(h: &StepHandle, srun: Option<ProcState>) -> ProcState {
+    if let Some(code) = h.status_file.as_deref().and_then(read_status) {
+        return ProcState::Exited(Some(code));
+    }
+    match srun {
+        Some(s @ ProcState::Exited(_)) => s,
+        _ => ProcState::Gone,
+    }
+}
+
+pub(crate) fn read_status(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `<job> <digest>` of the job file.
+pub(crate) fn read_job_file(path: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut w = text.split_whitespace();
+    Some((w.next()?.to_string(), w.next().unwrap_or("").to_string()))
+}
+
+/// The step file: (`JOB.STEP`, node).
+pub(crate) fn read_step_file(path: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut w = text.split_whitespace();
+    let step = w.next()?.to_string();
+    let (job, s) = step.split_once('.')?;
+    if job.is_empty() || s.is_empty() || !s.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((step, w.next().unwrap_or("").to_string()))
+}
+
+/// A step's name: `pf:` and the task id, with what SLURM or a shell might mangle replaced.
+pub fn step_name(task: &str) -> String {
+    let clean: String = task
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("pf:{clean}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::STEP_FILE;
+
+    #[test]
+    fn step_names_survive_slurm_and_shells() {
+        assert_eq!(step_name("prefill[0].node[1]"), "pf:prefill_0_.node_1_");
+        assert_eq!(
+            step_name("mooncake-client.node[3]"),
+            "pf:mooncake-client.node_3_"
+        );
+        assert_eq!(step_name("a b/c"), "pf:a_b_c");
+    }
+
+    #[test]
+    fn step_files_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join(STEP_FILE);
+        std::fs::write(&f, "12.3 n2 4242\n").expect("write");
+        assert_eq!(read_step_file(&f), Some(("12.3".into(), "n2".into())));
+        std::fs::write(&f, "12. n2 1\n").expect("write");
+        assert_eq!(read_step_file(&f), None);
+        std::fs::write(&f, "12.batch n2 1\n").expect("write");
+        assert_eq!(read_step_file(&f), None);
+    }
+}

@@ -1,0 +1,104 @@
+//! The shell wrapper every step runs: it names its step in a file, runs the site's prologue,
+//! then the command (a one-shot under a trap that leaves its exit status).
+
+use std::path::Path;
+
+use crate::{STATUS_FILE, STEP_FILE};
+
+/// The wrapper a step runs: `SHELL -c SCRIPT RUN_DIR ARGV...` (the run dir is `$0`, so no
+/// path is ever quoted into the script).
+pub(crate) fn wrap(
+    shell: &str,
+    prologue: Option<&str>,
+    argv: &[String],
+    run_dir: &Path,
+    service: bool,
+) -> Vec<String> {
+    let mut script = format!(
+        "printf '%s %s %s\\n' \"$SLURM_JOB_ID.$SLURM_STEP_ID\" \"${{SLURMD_NODENAME:-}}\" \"$$\" > \"$0/{STEP_FILE}.tmp\" && mv -f \"$0/{STEP_FILE}.tmp\" \"$0/{STEP_FILE}\"\n"
+    );
+    if !service {
+        script.push_str(&format!("trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT\n"));
+    }
+    if let Some(p) = prologue {
+        // A group, not a subshell: `source venv/bin/activate` must reach the command.
+        script.push_str(&format!(
+            "{{\n{p}\n}} || {{ s=$?; echo \"prl-flow: the step prologue failed with status $s\" >&2; exit $s; }}\n"
+        ));
+    }
+    script.push_str(if service { "exec \"$@\"\n" } else { "\"$@\"\n" });
+    let mut v = vec![
+        shell.to_string(),
+        "-c".to_string(),
+        script,
+        run_dir.to_string_lossy().into_owned(),
+    ];
+    v.extend(argv.iter().cloned());
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handles::read_status;
+
+    #[test]
+    fn the_wrapper_names_its_step_then_runs_the_prologue_then_the_command() {
+        let run = Path::new("/r");
+        let argv = vec!["echo".to_string(), "a b".to_string()];
+        let w = wrap("sh", Some("module load cuda"), &argv, run, false);
+        assert_eq!(&w[..2], ["sh", "-c"]);
+        assert_eq!(&w[3..], ["/r", "echo", "a b"]);
+        let s = &w[2];
+        let (step, trap, prologue, run_it) = (
+            s.find(STEP_FILE).expect("step file"),
+            s.find("trap").expect("trap"),
+            s.find("module load cuda").expect("prologue"),
+            s.rfind("\"$@\"").expect("command"),
+        );
+        assert!(step < trap && trap < prologue && prologue < run_it, "{s}");
+        assert!(!s.contains("exec \"$@\""), "a one-shot is waited for: {s}");
+        let svc = wrap("sh", None, &argv, run, true);
+        assert!(
+            svc[2].ends_with("exec \"$@\"\n") && !svc[2].contains("trap"),
+            "{}",
+            svc[2]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_wrapper_runs_under_sh() {
+        // Without SLURM: the step file then holds `.` fields; the rest works the same.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            "echo \"$GREETING\"; exit 3".to_string(),
+        ];
+        let w = wrap(
+            "sh",
+            Some("GREETING=hello; export GREETING"),
+            &argv,
+            dir.path(),
+            false,
+        );
+        let out = tokio::process::Command::new(&w[0])
+            .args(&w[1..])
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+        assert_eq!(read_status(&dir.path().join(STATUS_FILE)), Some(3));
+        assert!(dir.path().join(STEP_FILE).exists());
+
+        let failing = wrap("sh", Some("false"), &argv, dir.path(), true);
+        let out = tokio::process::Command::new(&failing[0])
+            .args(&failing[1..])
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("prologue failed"));
+    }
+}

@@ -1,0 +1,209 @@
+//! What the journal keeps of a remote process, and where a state dir's files live on a host.
+//!
+//! A [`Handle`] names the host (as reached), the process's identity there (pid, start
+//! time, boot id) and its files; an [`AllocHandle`] maps nodes to hosts. Both are JSON in
+//! the journal, so their shape does not change. Also here: the remote base dir's name and
+//! the checks a spawn spec passes before any script is written.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use prl_flow_backend::{BackendError, ProcHandle, ProcState, SpawnSpec};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::script;
+use crate::transport::Conn;
+
+/// A process on a host, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Handle {
+    pub(crate) backend: String,
+    #[serde(flatten)]
+    pub(crate) conn: Conn,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) node: Option<String>,
+    pub(crate) pid: i32,
+    /// Start time in clock ticks since boot; 0 if the process ended before it was read.
+    pub(crate) start: u64,
+    pub(crate) boot_id: String,
+    pub(crate) service: bool,
+    pub(crate) run_dir: String,
+    pub(crate) log: String,
+    pub(crate) status_file: String,
+}
+
+impl Handle {
+    pub(crate) fn proc(&self) -> script::Proc<'_> {
+        script::Proc {
+            pid: self.pid,
+            start: self.start,
+            boot: &self.boot_id,
+            status_file: &self.status_file,
+        }
+    }
+
+    pub(crate) fn key(&self) -> (String, i32, u64) {
+        (self.conn.to_string(), self.pid, self.start)
+    }
+}
+
+/// What the session that started a one-shot knows of its end.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Watch {
+    Pending,
+    Ended(ProcState),
+    /// The session broke before the process ended: ask the host.
+    Lost,
+}
+
+/// The `handle` of an ssh [`Allocation`]: how each node's host is reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct AllocHandle {
+    pub(crate) backend: String,
+    pub(crate) nodes: BTreeMap<String, Conn>,
+}
+
+/// Reads a handle from the journal.
+pub(crate) fn parse(handle: &ProcHandle) -> Result<Handle, BackendError> {
+    serde_json::from_value(handle.clone())
+        .map_err(|e| BackendError::new(format!("not an ssh process handle ({e}): {handle}")))
+}
+
+/// `PID START BOOT BASE...` of a `spawned` answer.
+pub(crate) fn parse_spawned(words: &[String]) -> Option<(i32, u64, String, String)> {
+    let pid = words.first()?.parse().ok()?;
+    let start = words.get(1)?.parse().ok()?;
+    let boot = words.get(2)?.clone();
+    let base = words.get(3..)?.join(" ");
+    (!base.is_empty()).then_some((pid, start, boot, base))
+}
+
+/// `<state dir name>-<hash of this machine and the state dir's absolute path>`.
+pub(crate) fn state_key(state_dir: &Path) -> String {
+    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let machine = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(machine.trim().as_bytes());
+    h.update([0]);
+    h.update(abs.to_string_lossy().as_bytes());
+    let hash: String = h.finalize()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name: String = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{name}-{hash}")
+}
+
+/// The last component of a local path, as a remote file name.
+pub(crate) fn last_name(p: &Path, what: &str) -> Result<String, BackendError> {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && !n.contains('\n'))
+        .ok_or_else(|| BackendError::new(format!("the {what} `{}` has no file name", p.display())))
+}
+
+pub(crate) fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
+    if spec.argv.is_empty() {
+        return Err(BackendError::new(format!(
+            "task `{}` has an empty command",
+            spec.task
+        )));
+    }
+    if spec.argv[0].contains('=') && !spec.env.is_empty() {
+        return Err(BackendError::new(format!(
+            "task `{}`: a program name with `=` (`{}`) cannot be started with environment variables",
+            spec.task, spec.argv[0]
+        )));
+    }
+    for k in spec.env.keys() {
+        if k.is_empty() || k.contains('=') {
+            return Err(BackendError::new(format!(
+                "task `{}`: `{k}` is not an environment variable name",
+                spec.task
+            )));
+        }
+    }
+    for rel in spec.files.keys() {
+        let p = Path::new(rel);
+        let ok = !rel.is_empty()
+            && !rel.contains('\n')
+            && p.components().all(|c| matches!(c, Component::Normal(_)));
+        if !ok {
+            return Err(BackendError::new(format!(
+                "task `{}`: the file `{rel}` must be a relative path inside the run dir",
+                spec.task
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Settings;
+
+    #[test]
+    fn state_keys_differ_by_path_and_read_well() {
+        let a = state_key(Path::new("/tmp/a/.prl-flow/multi_node"));
+        let b = state_key(Path::new("/tmp/b/.prl-flow/multi_node"));
+        assert!(a.starts_with("multi_node-") && b.starts_with("multi_node-"));
+        assert_ne!(a, b);
+        assert_eq!(a, state_key(Path::new("/tmp/a/.prl-flow/multi_node")));
+    }
+
+    #[test]
+    fn handles_round_trip_and_keep_defaults_out() {
+        let h = Handle {
+            backend: "ssh".into(),
+            conn: Conn {
+                host: "10.0.0.2".into(),
+                user: Some("root".into()),
+                port: Some(22),
+                ssh: Settings::default(),
+            },
+            node: Some("node0".into()),
+            pid: 42,
+            start: 7,
+            boot_id: "b".into(),
+            service: true,
+            run_dir: "/r/run/t".into(),
+            log: "/r/logs/t.log".into(),
+            status_file: "/r/run/t/exit-status".into(),
+        };
+        let v = serde_json::to_value(&h).expect("json");
+        assert_eq!(v["host"], "10.0.0.2");
+        assert_eq!(v["user"], "root");
+        assert!(v.get("ssh").is_none(), "{v}");
+        assert_eq!(parse(&v).expect("parse"), h);
+    }
+
+    #[test]
+    fn bad_specs_are_refused_before_anything_runs() {
+        let mut s = SpawnSpec {
+            task: "t".into(),
+            node: Some("node0".into()),
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        assert!(check_spec(&s).is_ok());
+        s.files.insert("../escape".into(), String::new());
+        assert!(check_spec(&s).is_err());
+        s.files.clear();
+        s.env.insert("A=B".into(), String::new());
+        assert!(check_spec(&s).is_err());
+    }
+}
