@@ -1,24 +1,63 @@
 //! The backend registry: the one place that knows which backends exist (the built-in ones
-//! and site plugins) and makes them. A run gets its backend from the plan
-//! ([`Registry::for_plan`]); `status`, `logs` and `down` get theirs from what a journal
-//! record's handle says ([`Registry::for_record`]), so they need neither the recipe nor the
-//! site file.
+//! and site plugins, [`plugins`]), decides which one a run uses, and makes it.
+//!
+//! - [`Registry::decide`]: the backend of a file, decided once, before its recipe is
+//!   derived: `--backend`, else the recipe's own `[backend] type`, else the site's backend
+//!   (`type = "site"` asks for the site's by name).
+//! - [`Registry::settle`]: after the plan is made, its backend name is that decision and the
+//!   site's defaults fill the keys of its `[backend]` table that the recipe left out (the
+//!   recipe wins key by key). This is the only place defaults are merged into a plan.
+//! - [`Registry::check`]: the backend checks its table against the plan before anything
+//!   starts ([`Backend::check`]), every problem at once, placed in the recipe's text.
+//! - [`Registry::for_plan`] makes the backend of a run; [`Registry::for_record`] the backend
+//!   that made a journal record's handle, so `status`, `logs` and `down` need neither the
+//!   recipe nor the site file.
+//!
+//! Nothing else in prl-flow names a concrete backend type.
+
+pub mod plugins;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use prl_flow_backend::Backend;
+use prl_flow_backend::{Backend, ConfigError};
 use prl_flow_engine::Record;
 use serde_json::Value;
 
 use crate::diag::{Problem, Problems};
 use crate::plan::Plan;
-use crate::site::Site;
+use crate::site::{Site, SITE_BACKEND};
+
+pub use plugins::{PluginInfo, Source};
+
+/// The backends built into this prl-flow.
+pub const BUILTINS: &[&str] = &["local", "ssh", "slurm"];
 
 /// The backends an invocation can use.
 #[derive(Debug, Default)]
 pub struct Registry {
     site: Option<Site>,
+}
+
+/// Why a backend could not be made.
+#[derive(Debug)]
+pub enum MakeError {
+    /// No such backend, or its plugin cannot be used: a message with help.
+    Unknown(String),
+    /// Its `[backend]` table has problems, each naming its field.
+    Config(Vec<ConfigError>),
+}
+
+impl MakeError {
+    fn message(self, plan: &str) -> String {
+        match self {
+            MakeError::Unknown(m) => m,
+            MakeError::Config(errors) => format!(
+                "error: the `[backend]` of `{plan}` is not usable: {}",
+                ConfigError::join(&errors)
+            ),
+        }
+    }
 }
 
 impl Registry {
@@ -30,24 +69,68 @@ impl Registry {
         self.site.as_ref()
     }
 
+    /// The backend a file runs on, before its recipe is derived (a recipe is derived for
+    /// its backend): `flag` (`--backend`), else the recipe's own `[backend] type` (`None`:
+    /// the recipe's own stands), else the site's. `site` names the site's backend.
+    pub fn decide(&self, flag: Option<&str>, source: &str) -> Result<Option<String>, String> {
+        let named = match flag {
+            Some(f) => Some(f.to_string()),
+            None if crate::site::declares_backend(source) => return Ok(None),
+            None if recipe_asks_for_site(source) => Some(SITE_BACKEND.to_string()),
+            None => return Ok(self.site().and_then(|s| s.backend.clone())),
+        };
+        match named {
+            Some(n) => plugins::resolve_name(&n, self.site()).map(|b| Some(b.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives a plan the backend [`Registry::decide`] chose and fills its `[backend]` table
+    /// with the site's defaults for that backend, under the recipe's own keys.
+    pub fn settle(&self, plan: &mut Plan, decided: Option<String>) {
+        if let Some(b) = decided {
+            plan.backend = b;
+        }
+        let Some(defaults) = self.site().and_then(|s| s.defaults_for(&plan.backend)) else {
+            return;
+        };
+        if plan.backend_config.is_null() {
+            plan.backend_config = Value::Object(serde_json::Map::new());
+        }
+        if let Value::Object(config) = &mut plan.backend_config {
+            for (k, v) in defaults {
+                config.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+
     /// Checks the plan's `[backend]` table with its backend, before anything starts: every
-    /// problem at once, at the table's place (e.g. a recipe that needs more nodes than
-    /// there are ssh hosts).
-    pub fn check(&self, plan: &Plan, path: &Path, source: &Arc<String>) -> Result<(), Problems> {
-        if plan.backend != "ssh" {
+    /// problem at once, at the table's place (e.g. a recipe that needs more nodes than there
+    /// are ssh hosts). A plugin's table is its own business: it is checked when it starts.
+    pub async fn check(
+        &self,
+        plan: &Plan,
+        path: &Path,
+        source: &Arc<String>,
+    ) -> Result<(), Problems> {
+        if !BUILTINS.contains(&plan.backend.as_str()) {
             return Ok(());
         }
         let base = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let Err(errors) = prl_flow_ssh::validate(&plan.backend_config, plan.nodes.len(), base)
-        else {
-            return Ok(());
+        let state_dir = crate::session::default_state_dir(&plan.name);
+        let errors = match builtin(&plan.backend, &plan.backend_config, base, &state_dir) {
+            Ok(backend) => match backend.check(&plan.nodes).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
+            Err(e) => e,
         };
         let at = source.find("[backend]").map(|i| i..i + "[backend]".len());
         let mut p = Problems::new(path.display().to_string(), source.clone());
         for e in errors {
             let mut q = Problem::new(format!("`backend.{}`: {}", e.field, e.message))
                 .at(at.clone())
-                .label("the ssh backend's table");
+                .label(format!("the {} backend's table", plan.backend));
             if let Some(h) = e.help {
                 q = q.help(h);
             }
@@ -56,35 +139,58 @@ impl Registry {
         Err(p)
     }
 
-    /// A backend by name: built in, or a plugin (site file, recipe, PATH). `config` is the
-    /// plan's `[backend]` table, `Value::Null` without a plan.
-    pub fn by_name(&self, name: &str, config: &Value) -> Result<Arc<dyn Backend>, String> {
-        match name {
-            "ssh" => Ok(Arc::new(prl_flow_ssh::SshBackend::from_handles())),
-            "slurm" => Ok(Arc::new(prl_flow_slurm::SlurmBackend::for_handles())),
-            _ => crate::site::find(name, self.site(), config),
+    /// A backend by name: built in, or a plugin (recipe, site file, PATH), made from
+    /// `config`, its whole `[backend]` table.
+    pub fn make(
+        &self,
+        name: &str,
+        config: &Value,
+        state_dir: &Path,
+    ) -> Result<Arc<dyn Backend>, MakeError> {
+        let info = plugins::locate(name, self.site(), config).map_err(MakeError::Unknown)?;
+        match &info.path {
+            None => builtin(&info.name, config, None, state_dir).map_err(MakeError::Config),
+            Some(p) => Ok(Arc::new(self.plugin(&info, p, config))),
         }
     }
 
-    /// The backend a run of `plan` uses, configured by the plan's `[backend]` table (with
-    /// the site's defaults) and knowing the state dir.
+    /// The backend a run of `plan` uses, made from the plan's `[backend]` table (the site's
+    /// defaults are in it already) and knowing the state dir.
     pub fn for_plan(&self, plan: &Plan, dir: &Path) -> Result<Arc<dyn Backend>, String> {
-        let bad = |e: String| {
-            format!(
-                "error: the `[backend]` of `{}` is not usable: {e}",
-                plan.name
-            )
-        };
-        match plan.backend.as_str() {
-            "ssh" => Ok(Arc::new(
-                prl_flow_ssh::SshBackend::from_config(&plan.backend_config, dir).map_err(bad)?,
-            )),
-            "slurm" => Ok(Arc::new(
-                prl_flow_slurm::SlurmBackend::from_config(&plan.backend_config, dir)
-                    .map_err(bad)?,
-            )),
-            other => self.by_name(other, &plan.backend_config),
-        }
+        self.make(&plan.backend, &plan.backend_config, dir)
+            .map_err(|e| e.message(&plan.name))
+    }
+
+    /// A backend by name with no plan at hand (`plugin test`): its table is the site's
+    /// defaults for it. Outside a run, backends that keep files keep them in a state dir of
+    /// their own.
+    pub fn by_name(&self, name: &str) -> Result<Arc<dyn Backend>, String> {
+        let config = self
+            .site()
+            .and_then(|s| s.defaults_for(name))
+            .map_or(Value::Null, |d| Value::Object(d.clone()));
+        let dir = Path::new(".prl-flow").join("plugin-test");
+        self.make(name, &config, &dir).map_err(|e| e.message(name))
+    }
+
+    /// A backend that looks after what an earlier run recorded (`status`, `logs`, `down`):
+    /// every handle says how to reach its process, so no table is needed.
+    pub fn for_handles(&self, name: &str) -> Result<Arc<dyn Backend>, String> {
+        Ok(match name {
+            "ssh" => Arc::new(prl_flow_ssh::SshBackend::from_handles()),
+            "slurm" => Arc::new(prl_flow_slurm::SlurmBackend::for_handles()),
+            "local" => Arc::new(prl_flow_local::LocalBackend::new()),
+            other => return self.by_name(other),
+        })
+    }
+
+    fn plugin(
+        &self,
+        info: &PluginInfo,
+        path: &Path,
+        config: &Value,
+    ) -> prl_flow_plugin::PluginBackend {
+        prl_flow_plugin::PluginBackend::new(&info.name, path).with_config(config.clone())
     }
 
     /// The name of the backend that made a record's handle (`None`: no handle).
@@ -118,7 +224,7 @@ impl Registry {
                     .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())
                     .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),
             )),
-            _ => self.by_name(&name, &Value::Null),
+            _ => self.for_handles(&name),
         }
     }
 
@@ -129,7 +235,143 @@ impl Registry {
     ) -> Result<Arc<dyn Backend>, String> {
         match records.find(|r| r.handle.is_some()) {
             Some(r) => self.for_record(r),
-            None => self.by_name("local", &Value::Null),
+            None => self.for_handles("local"),
         }
+    }
+}
+
+/// A built-in backend, made from its `[backend]` table; relative paths in the table are
+/// taken from `base` (the recipe's directory) when given, else from the current directory.
+fn builtin(
+    name: &str,
+    config: &Value,
+    base: Option<&Path>,
+    state_dir: &Path,
+) -> Result<Arc<dyn Backend>, Vec<ConfigError>> {
+    match name {
+        "ssh" => Ok(Arc::new(prl_flow_ssh::SshBackend::configure(
+            config, base, state_dir,
+        )?)),
+        "slurm" => Ok(Arc::new(prl_flow_slurm::SlurmBackend::configure(
+            config, state_dir,
+        )?)),
+        _ => Ok(Arc::new(prl_flow_local::LocalBackend::new())),
+    }
+}
+
+/// Does a recipe say `[backend] type = "site"`?
+fn recipe_asks_for_site(source: &str) -> bool {
+    toml::from_str::<toml::Table>(source)
+        .ok()
+        .and_then(|t| Some(t.get("backend")?.get("type")?.as_str()? == SITE_BACKEND))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn plan(backend: &str, config: Value) -> Plan {
+        Plan {
+            name: "p".into(),
+            backend: backend.into(),
+            backend_config: config,
+            ..Plan::default()
+        }
+    }
+
+    #[test]
+    fn the_recipe_wins_and_defaults_fill_in() {
+        let site = Site {
+            backend: Some("wrapped".into()),
+            defaults: [("partition", "gpu"), ("account", "rl")]
+                .map(|(k, v)| (k.to_string(), Value::from(v)))
+                .into_iter()
+                .collect(),
+            ..Site::default()
+        };
+        let registry = Registry::new(Some(site));
+        // No backend in the recipe: the site's, with its defaults under the recipe's keys.
+        let decided = registry.decide(None, "[backend]\naccount = \"mine\"\n");
+        assert_eq!(decided, Ok(Some("wrapped".into())));
+        let mut p = plan("local", serde_json::json!({"account": "mine"}));
+        registry.settle(&mut p, decided.expect("decided"));
+        assert_eq!(p.backend, "wrapped");
+        assert_eq!(
+            p.backend_config,
+            serde_json::json!({"account": "mine", "partition": "gpu"})
+        );
+        // A recipe that names its backend keeps it, and another backend's defaults stay out.
+        let decided = registry.decide(None, "[backend]\ntype = \"local\"\n");
+        assert_eq!(decided, Ok(None));
+        let mut p = plan("local", Value::Null);
+        registry.settle(&mut p, None);
+        assert_eq!(
+            (p.backend.as_str(), &p.backend_config),
+            ("local", &Value::Null)
+        );
+        // `type = "site"` asks for the site's backend explicitly, and `--backend` wins.
+        let decided = registry.decide(None, "[backend]\ntype = \"site\"\n");
+        assert_eq!(decided, Ok(Some("wrapped".into())));
+        let mut p = plan("site", Value::Null);
+        registry.settle(&mut p, decided.expect("decided"));
+        assert_eq!(p.backend, "wrapped");
+        assert_eq!(p.backend_config["partition"], "gpu");
+        assert_eq!(
+            registry.decide(Some("ssh"), "[backend]\ntype = \"site\"\n"),
+            Ok(Some("ssh".into()))
+        );
+    }
+
+    #[test]
+    fn an_unknown_backend_lists_what_there_is() {
+        let registry = Registry::default();
+        let e = match registry.by_name("nonesuch-backend") {
+            Ok(_) => panic!("found a backend that does not exist"),
+            Err(e) => e,
+        };
+        assert!(e.contains("no backend `nonesuch-backend`"), "{e}");
+        assert!(e.contains("available: local"), "{e}");
+        let e = match registry.by_name("site") {
+            Ok(_) => panic!("`site` without a site file"),
+            Err(e) => e,
+        };
+        assert!(e.contains("no site file is given"), "{e}");
+        let e = registry
+            .decide(None, "[backend]\ntype = \"site\"\n")
+            .expect_err("`site` without a site file");
+        assert!(e.contains("no site file is given"), "{e}");
+        assert!(registry.by_name("local").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_example_site_runs_its_plugin_through_conformance() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugins/site.toml");
+        let site = match crate::site::load_site(&path) {
+            Ok(s) => s,
+            Err(p) => panic!("{}", p.render(false)),
+        };
+        assert_eq!(site.backend.as_deref(), Some("wrapped"));
+        assert_eq!(
+            site.defaults["wrapper"],
+            serde_json::json!(["env", "SITE_EXAMPLE=1"])
+        );
+        let info = plugins::locate("site", Some(&site), &Value::Null).expect("the site's backend");
+        assert_eq!(info.source, Source::Site(path.clone()));
+        let registry = Registry::new(Some(site));
+        let mut lines = Vec::new();
+        let passed = tokio::time::timeout(
+            Duration::from_secs(90),
+            plugins::test_backend(&registry, "wrapped", &mut |l| lines.push(l.to_string())),
+        )
+        .await
+        .expect("conformance hung");
+        let text = lines.join("\n");
+        assert_eq!(passed, Ok(true), "{text}");
+        assert!(text.contains("ok      handshake"), "{text}");
+        assert!(text.ends_with("passed: all 10 steps"), "{text}");
+        println!("{text}");
     }
 }

@@ -98,12 +98,12 @@ async fn dispatch(cli: &Cli) -> R<i32> {
     match &cli.command {
         Cmd::Run(a) => run(&session, cli, a).await,
         Cmd::Graph(a) => {
-            let loaded = session.load_checked(&load_options(&a.file)?)?;
+            let loaded = session.load_checked(&load_options(&a.file)?).await?;
             out(&graph_render::render(&loaded.plan, a.format));
             Ok(0)
         }
         Cmd::Plan(a) => {
-            let mut plan = session.load_checked(&load_options(&a.file)?)?.plan;
+            let mut plan = session.load_checked(&load_options(&a.file)?).await?.plan;
             if plan.backend == "local" {
                 session::load::resolve_local(&mut plan);
             }
@@ -114,17 +114,19 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Validate(a) => {
-            let plan = session.load_checked(&load_options(a)?)?.plan;
+            let plan = session.load_checked(&load_options(a)?).await?.plan;
             out(&show::valid(&a.file, &plan));
             Ok(0)
         }
         Cmd::Status(a) => status(&session, cli, a).await,
         Cmd::Down(a) => {
-            let (dir, _) = state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref())?;
+            let (dir, _) =
+                state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref()).await?;
             down(&session, &dir, cli.quiet).await
         }
         Cmd::Logs(a) => {
-            let (dir, _) = state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref())?;
+            let (dir, _) =
+                state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref()).await?;
             let stop = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
@@ -134,14 +136,16 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Plugins => {
-            out(&crate::site::plugins_text(session.site()).await);
+            out(&crate::registry::plugins::plugins_text(session.registry()).await);
             Ok(0)
         }
         Cmd::Plugin(PluginCmd::Test { name }) => {
             let passed =
-                crate::site::test_backend(name, session.site(), &mut |l| out(&format!("{l}\n")))
-                    .await
-                    .map_err(Error::Usage)?;
+                crate::registry::plugins::test_backend(session.registry(), name, &mut |l| {
+                    out(&format!("{l}\n"))
+                })
+                .await
+                .map_err(Error::Usage)?;
             Ok(if passed { 0 } else { 1 })
         }
     }
@@ -211,7 +215,7 @@ fn hint_args(a: &RunArgs) -> String {
 }
 
 async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
-    let loaded = session.load(&load_options(&a.file)?)?;
+    let loaded = session.load(&load_options(&a.file)?).await?;
     let settings = RunSettings {
         state_dir: a.state_dir.clone(),
         jobs: a.jobs,
@@ -300,13 +304,13 @@ async fn wait_signal() {
 
 /// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`;
 /// and the file loaded, when one is named.
-fn state_dir_of(
+async fn state_dir_of(
     session: &Session,
     file: Option<&Path>,
     dir: Option<&Path>,
 ) -> R<(PathBuf, Option<session::Loaded>)> {
     let loaded = match file {
-        Some(f) => Some(session.load(&LoadOptions::file(f))?),
+        Some(f) => Some(session.load(&LoadOptions::file(f)).await?),
         None => None,
     };
     let dir = match (dir, &loaded) {
@@ -318,7 +322,7 @@ fn state_dir_of(
 }
 
 async fn status(session: &Session, cli: &Cli, a: &StateArgs) -> R<i32> {
-    let (dir, loaded) = state_dir_of(session, a.file.as_deref(), a.state_dir.as_deref())?;
+    let (dir, loaded) = state_dir_of(session, a.file.as_deref(), a.state_dir.as_deref()).await?;
     let rows = session.status(&dir).await?;
     out(&show::status_table(&rows));
     if cli.verbose > 0 {

@@ -1,8 +1,8 @@
 //! Loading a file into a plan: a recipe when it has an `[inference]` table, else a plain
-//! workflow. The backend is decided here, once: `--backend`, else the recipe's own
-//! `[backend] type`, else the site's backend; the site's defaults are merged into the
-//! plan's `[backend]` table in the same step, and the backend checks its table before
-//! anything starts.
+//! workflow. The registry decides the backend once, before the recipe is derived
+//! ([`Registry::decide`](crate::registry::Registry::decide)), gives the plan the site's
+//! defaults ([`settle`](crate::registry::Registry::settle)), and lets the backend check its
+//! table before anything starts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ pub struct Loaded {
 
 impl Session {
     /// Reads a file and makes a plan of it.
-    pub fn load(&self, a: &LoadOptions) -> Result<Loaded> {
+    pub async fn load(&self, a: &LoadOptions) -> Result<Loaded> {
         let path = &a.file;
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Usage(format!("error: cannot read `{}`: {e}", path.display())))?;
@@ -60,14 +60,10 @@ impl Session {
             .unwrap_or_else(|| "run".into());
         let shown = path.display().to_string();
         let site = self.site();
-        // The site's backend applies to a file that names none (a recipe is derived for its
-        // backend, so it is passed in, not patched in afterwards).
-        let explicit = a.backend.is_some() || crate::site::declares_backend(&source);
-        let backend = match (&a.backend, site) {
-            (Some(b), _) => Some(b.clone()),
-            (None, Some(s)) if !explicit => s.backend.clone(),
-            _ => None,
-        };
+        let backend = self
+            .registry()
+            .decide(a.backend.as_deref(), &source)
+            .map_err(Error::Usage)?;
         let mut plan = if crate::recipe::is_recipe(&source) {
             let opts = crate::recipe::Options {
                 backend: backend.clone(),
@@ -82,14 +78,10 @@ impl Session {
         } else {
             crate::workflow::parse(&shown, source.clone(), &name).map_err(Error::Problems)?
         };
-        if let Some(b) = &backend {
-            plan.backend = b.clone();
-        }
-        if let Some(s) = site {
-            crate::site::apply(s, &mut plan, explicit);
-        }
+        self.registry().settle(&mut plan, backend);
         self.registry()
             .check(&plan, path, &source)
+            .await
             .map_err(Error::Problems)?;
         Ok(Loaded {
             path: path.clone(),
@@ -99,8 +91,8 @@ impl Session {
     }
 
     /// Loads and checks the graph too (duplicates, unknown needs, cycles), without running.
-    pub fn load_checked(&self, a: &LoadOptions) -> Result<Loaded> {
-        let loaded = self.load(a)?;
+    pub async fn load_checked(&self, a: &LoadOptions) -> Result<Loaded> {
+        let loaded = self.load(a).await?;
         let exec = Arc::new(Exec::new(
             Arc::new(prl_flow_local::LocalBackend::new()),
             Path::new("."),
