@@ -437,9 +437,9 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
         _ => None,
     };
     let mut plan = if crate::recipe::is_recipe(&source) {
-        let engine = match a.engine {
-            EngineArg::Real => crate::recipe::Engine::Real,
-            EngineArg::Mock => crate::recipe::Engine::Mock {
+        let launcher = match a.engine {
+            EngineArg::Real => crate::recipe::Launcher::Vllm,
+            EngineArg::Mock => crate::recipe::Launcher::Mock {
                 argv_prefix: vec![self_exe(), "mock-engine".into()],
             },
         };
@@ -449,7 +449,7 @@ fn load(a: &FileArgs) -> R<(Plan, Arc<String>)> {
                 .templates
                 .clone()
                 .or_else(|| site().and_then(|s| crate::site::default_templates(s, &source))),
-            engine,
+            launcher,
             router: a.router.as_ref().map(|r| vec![r.clone()]),
         };
         crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(Exit::Problems)?

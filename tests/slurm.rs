@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use prl_flow::exec::{build_graph, Exec};
 use prl_flow::plan::{Command as Cmd, Plan, Probe, Readiness, TaskSpec};
-use prl_flow::recipe::{load, Engine, Options};
+use prl_flow::recipe::{load, Launcher, Options};
 use prl_flow_backend::{Backend, ProcState, SpawnSpec};
 use prl_flow_engine::{
     decide, Decision, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
@@ -319,7 +319,7 @@ fn recipe_text(pairs: bool) -> String {
 
 fn plan_of(text: &str, router: &Path) -> Plan {
     let opts = Options {
-        engine: Engine::Mock {
+        launcher: Launcher::Mock {
             argv_prefix: vec![env!("CARGO_BIN_EXE_prl-flow").into(), "mock-engine".into()],
         },
         router: Some(vec![router.to_string_lossy().into_owned()]),
