@@ -141,7 +141,7 @@ pub struct EngineProcess {
     pub head: usize,
     pub headless: bool,
     /// Nodes in the replica.
-    pub group_nodes: usize,
+    pub replica_nodes: usize,
     pub port: u16,
     pub dp_size: u32,
     pub dp_local: u32,

@@ -18,7 +18,7 @@ use crate::plan::host_ref;
 
 /// What the derivation starts from: the recipe's values, checked, each default filled in.
 #[derive(Debug, Clone)]
-pub struct Settings<'a> {
+pub struct DeploymentSettings<'a> {
     pub shape: Shape,
     pub backend: &'a str,
     pub model: String,
@@ -59,7 +59,7 @@ pub struct PortBases {
 }
 
 /// The deployment the settings describe.
-pub fn deployment(s: &Settings<'_>) -> Deployment {
+pub fn deployment(s: &DeploymentSettings<'_>) -> Deployment {
     let nodes = s
         .replicas
         .iter()
@@ -127,7 +127,7 @@ pub fn port_run(base: u16, count: u16) -> impl Iterator<Item = u16> {
 }
 
 /// One engine process per node of the replica.
-fn engine_processes(s: &Settings<'_>, r: &Replica) -> Vec<EngineProcess> {
+fn engine_processes(s: &DeploymentSettings<'_>, r: &Replica) -> Vec<EngineProcess> {
     let k = r.nodes.len();
     let local = s.dp / k as u32;
     let kv = kv_transfer_config(r.role, s.offload.as_ref()).map(|v| v.to_string());
@@ -155,7 +155,7 @@ fn engine_processes(s: &Settings<'_>, r: &Replica) -> Vec<EngineProcess> {
                 node,
                 head: r.nodes[0],
                 headless,
-                group_nodes: k,
+                replica_nodes: k,
                 port: s.ports.backend,
                 dp_size: s.dp,
                 dp_local: local,
@@ -172,7 +172,7 @@ fn engine_processes(s: &Settings<'_>, r: &Replica) -> Vec<EngineProcess> {
 
 /// An engine's env: the recipe's `env`, its role's, then what the launcher sets.
 fn engine_env(
-    s: &Settings<'_>,
+    s: &DeploymentSettings<'_>,
     role: ReplicaRole,
     node: usize,
     nixl_base: Option<u16>,
@@ -256,7 +256,7 @@ pub fn router_sets(shape: Shape, replicas: &[Replica]) -> Vec<(usize, Vec<&Repli
 
 /// The routers, each with its workers; those whose metrics port would run past 65535 are
 /// left out.
-fn routers(s: &Settings<'_>) -> Vec<Router> {
+fn routers(s: &DeploymentSettings<'_>) -> Vec<Router> {
     let sets = router_sets(s.shape, &s.replicas);
     let several = sets.len() > 1;
     let pd = s.shape == Shape::Disaggregated;

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use super::deployment::{node_name, Deployment, ReplicaRole};
-use super::derive::{nixl_port_count, port_run, router_sets, Settings};
+use super::derive::{nixl_port_count, port_run, router_sets, DeploymentSettings};
 use super::schema::{DeploymentSection, OffloadSection, F};
 use crate::diag::{Problem, Problems};
 
 /// Runs of ports that would go past 65535 (derivation keeps only the ports that fit).
-pub fn check_ranges(s: &Settings<'_>, d: &DeploymentSection, p: &mut Problems) {
+pub fn check_ranges(s: &DeploymentSettings<'_>, d: &DeploymentSection, p: &mut Problems) {
     let base = s.ports.nixl;
     for r in s.replicas.iter().filter(|r| r.role != ReplicaRole::Engine) {
         let count = nixl_port_count(s.dp, s.tp, r.nodes.len());
@@ -85,7 +85,7 @@ pub fn port_uses(
                 &d.backend_port,
                 &d.span,
             );
-            if e.group_nodes > 1 {
+            if e.replica_nodes > 1 {
                 let f = &d.data_parallel_rpc_port;
                 add(
                     e.node,

@@ -454,7 +454,7 @@ fn engine_task(
         dp_start_rank: e.dp_start_rank,
         dp_address: host_ref(&node_name(e.head)),
         dp_rpc_port: e.rpc_port,
-        multi_node: e.group_nodes > 1,
+        multi_node: e.replica_nodes > 1,
         expert_parallel: dep.expert_parallel,
         dbo: dep.dbo,
         eplb: dep.eplb,

@@ -1,7 +1,7 @@
 //! The rules between a recipe's fields, checked in one pass that reports every problem
 //! at once: node counts and bounds, replicas that divide their nodes, `tp × dp` that fits
 //! a node, offload constraints, what the launcher manages. What passes becomes the
-//! [`Settings`] derivation starts from, every default filled in. A field the reader
+//! [`DeploymentSettings`] derivation starts from, every default filled in. A field the reader
 //! already found wrong is skipped here, so one mistake is reported once.
 
 use std::time::Duration;
@@ -13,7 +13,7 @@ use super::deployment::{
     DEFAULT_NIXL_PORT, DEFAULT_READY_TIMEOUT, DEFAULT_ROUTER_LAUNCHER, DEFAULT_ROUTER_METRICS_PORT,
     DEFAULT_ROUTER_PORT, MAX_GPUS_PER_NODE, MAX_NODES,
 };
-use super::derive::{split, PortBases, Settings};
+use super::derive::{split, DeploymentSettings, PortBases};
 use super::managed::{managed_dest, managed_env};
 use super::ports;
 use super::schema::{DeploymentSection, InferenceSection, OffloadSection, Recipe, F};
@@ -25,7 +25,7 @@ pub fn settings<'a>(
     recipe: &'a Recipe,
     backend: &'a str,
     p: &mut Problems,
-) -> Option<Settings<'a>> {
+) -> Option<DeploymentSettings<'a>> {
     let inf = recipe.inference.as_ref()?;
     let before = p.len();
     let d = &inf.deployment;
@@ -404,7 +404,7 @@ fn values<'a>(
     shape: Shape,
     replicas: Vec<Replica>,
     offload: Option<Offload>,
-) -> Option<Settings<'a>> {
+) -> Option<DeploymentSettings<'a>> {
     let d = &inf.deployment;
     let interval_default = if backend == "local" {
         Duration::from_millis(100)
@@ -441,7 +441,7 @@ fn values<'a>(
             .map(|(k, v)| (k.v.clone(), v.v.clone()))
             .collect()
     };
-    Some(Settings {
+    Some(DeploymentSettings {
         shape,
         backend,
         model,
