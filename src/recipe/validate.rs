@@ -46,6 +46,8 @@ pub fn settings<'a>(
         return None;
     }
     let mut s = values(inf, backend, shape?, replicas?, offload)?;
+    // Port ranges are checked before the Mooncake fields are read: a wrong one of those
+    // (already reported) ends the checks here, before the clash check.
     ports::check_ranges(&s, d, p);
     s.mooncake = match (&s.offload, &inf.offload) {
         (Some(o), Some(raw)) if o.kind == OffloadKind::Mooncake => Some(mooncake(raw)?),
