@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use prl_flow::actions::Action;
 use prl_flow::plan::{Command, Plan};
-use prl_flow::recipe::{load, Engine, Options};
+use prl_flow::recipe::{load, Launcher, Options};
 use prl_flow_flags::check::{check_mooncake_args, check_router_args, check_vllm_args};
 use proptest::prelude::*;
 
@@ -163,7 +163,7 @@ fn argv(t: &prl_flow::plan::TaskSpec) -> Option<&[String]> {
 #[test]
 fn every_rendered_flag_is_real() {
     let opts = Options {
-        engine: Engine::Mock {
+        launcher: Launcher::Mock {
             argv_prefix: vec!["ENGINE".into()],
         },
         router: Some(vec!["ROUTER".into()]),
@@ -319,7 +319,7 @@ fn options_replace_launchers_and_backend() {
     );
     let opts = Options {
         backend: Some("local".into()),
-        engine: Engine::Mock {
+        launcher: Launcher::Mock {
             argv_prefix: vec!["/bin/prl-flow".into(), "mock-engine".into()],
         },
         router: Some(vec!["/venv/bin/vllm-router".into()]),

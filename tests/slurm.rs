@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use prl_flow::actions::Action;
 use prl_flow::plan::{Command as Cmd, Plan, Probe, Readiness, TaskSpec};
-use prl_flow::recipe::{load, Engine, Options};
+use prl_flow::recipe::{load, Launcher, Options};
 use prl_flow::session::{self, DownReport, RunSettings, Session};
 use prl_flow_backend::{Backend, ProcState, SpawnSpec};
 use prl_flow_engine::{Decision, Record, Report, Status};
@@ -307,7 +307,7 @@ fn recipe_text(pairs: bool) -> String {
 
 fn plan_of(text: &str, router: &Path) -> Plan {
     let opts = Options {
-        engine: Engine::Mock {
+        launcher: Launcher::Mock {
             argv_prefix: vec![common::mock_engine()],
         },
         router: Some(vec![router.to_string_lossy().into_owned()]),

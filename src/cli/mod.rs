@@ -163,16 +163,16 @@ fn out(text: &str) {
 }
 
 fn load_options(a: &FileArgs) -> R<LoadOptions> {
-    let engine = match a.engine {
-        EngineArg::Real => crate::recipe::Engine::Real,
-        EngineArg::Mock => crate::recipe::Engine::Mock {
+    let launcher = match a.engine {
+        EngineArg::Real => crate::recipe::Launcher::Vllm,
+        EngineArg::Mock => crate::recipe::Launcher::Mock {
             argv_prefix: vec![mock_engine_exe()?.to_string_lossy().into_owned()],
         },
     };
     Ok(LoadOptions {
         file: a.file.clone(),
         backend: a.backend.clone(),
-        engine,
+        launcher,
         templates: a.templates.clone(),
         router: a.router.clone(),
     })

@@ -15,7 +15,7 @@ use prl_flow_engine::algo;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::deploy::node_name;
+use super::deployment::node_name;
 use crate::diag::{Problem, Problems};
 use crate::plan::TaskSpec;
 use crate::workflow::{add_before, entry_to_spec, toml_problem, TaskEntry, TASK_FIELDS};

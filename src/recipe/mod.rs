@@ -3,8 +3,9 @@
 //!
 //! # How it works
 //!
-//! [`load`] runs four stages over one [`Problems`] list, so a recipe with five mistakes is
-//! reported with five messages, each at its `file:line:col`:
+//! [`load`] runs its stages over one [`Problems`] list, so a recipe with five mistakes is
+//! reported with five messages, each at its `file:line:col`. The files read top-down in
+//! the same order:
 //!
 //! 1. **Read** ([`schema`], over [`doc`]): the text is parsed with `toml_edit`, which keeps
 //!    the span of every key and value, and walked field by field. Wrong types, unknown
@@ -12,14 +13,18 @@
 //!    they are written; `vllm_extra` entries are checked against `vllm serve`'s own flag
 //!    table ([`flags`]). A field that was wrong is remembered as such, so later checks that
 //!    would trip over it are skipped instead of piling on.
-//! 2. **Derive** ([`deploy`]): the rules between fields (counts divide, `tp × dp` fits a
-//!    node, offload constraints, what the launcher manages, port clashes on a node), and
-//!    then every derived value, computed once: replica groups, per-node DP ranks, ports,
-//!    KV connector configs, router layout. Plain functions, testable without I/O.
-//! 3. **Render** ([`render`]): minijinja templates (embedded; a site may override any of
+//! 2. **Validate** ([`validate`], [`managed`], [`ports`]): the rules between fields
+//!    (counts divide, `tp × dp` fits a node, offload constraints, what the launcher
+//!    manages, port ranges), all reported at once; what passes is a set of checked
+//!    settings.
+//! 3. **Derive** ([`derive`] into [`deployment`]): every derived value, computed once:
+//!    replicas, per-node DP ranks, ports, KV connector configs, env, router layout. Plain
+//!    functions, testable without I/O. The derived ports are then checked for clashes on
+//!    a node.
+//! 4. **Render** ([`render`]): minijinja templates (embedded; a site may override any of
 //!    them by file name) turn each engine, router and Mooncake process into an argv; the
 //!    task specs get env, files, ports, readiness probes and dependencies.
-//! 4. **Weave** ([`custom`]): the recipe's own `[[task]]` entries join the graph, by id,
+//! 5. **Weave** ([`custom`]): the recipe's own `[[task]]` entries join the graph, by id,
 //!    kind or node, and the graph is checked for cycles.
 //!
 //! Nothing here touches a machine: addresses are `${host:nodeK}` placeholders
@@ -27,17 +32,23 @@
 //! is reading override templates. docs/recipes.md documents every field and rule.
 
 pub mod custom;
-pub mod deploy;
+pub mod deployment;
+pub mod derive;
 pub mod doc;
 pub mod flags;
+pub mod managed;
+pub mod ports;
 pub mod render;
 pub mod schema;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::diag::{Problem, Problems};
 use crate::plan::Plan;
+use deployment::Deployment;
+use schema::Recipe;
 
 /// What the caller (the CLI) decides rather than the recipe.
 #[derive(Debug, Clone, Default)]
@@ -46,17 +57,17 @@ pub struct Options {
     pub backend: Option<String>,
     /// A directory of override templates (wins over the recipe's `templates`).
     pub templates: Option<PathBuf>,
-    pub engine: Engine,
+    pub launcher: Launcher,
     /// The router's argv prefix (wins over `router_launcher`).
     pub router: Option<Vec<String>>,
 }
 
 /// Which program serves as the engine.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Engine {
+pub enum Launcher {
     /// The recipe's `launcher` (`vllm serve`).
     #[default]
-    Real,
+    Vllm,
     /// A stand-in: `argv_prefix` replaces the recipe's `launcher` (e.g.
     /// `["/path/prl-flow-mock-engine"]`); the flags stay those of `vllm serve`.
     Mock { argv_prefix: Vec<String> },
@@ -116,7 +127,7 @@ pub fn load(
         .clone()
         .or_else(|| recipe.backend.kind.as_ref().map(|k| k.v.clone()))
         .unwrap_or_else(|| "local".to_string());
-    let deployment = deploy::derive(&recipe, &backend, &mut p);
+    let deployment = checked_deployment(&recipe, &backend, &mut p);
 
     let dir: Option<(PathBuf, Option<std::ops::Range<usize>>)> =
         match (&opts.templates, recipe.templates.get()) {
@@ -128,7 +139,7 @@ pub fn load(
             (None, None) => None,
         };
     let templates =
-        render::Templates::load(dir.as_ref().map(|(d, s)| (d.as_path(), s.clone())), &mut p);
+        render::TaskTemplates::load(dir.as_ref().map(|(d, s)| (d.as_path(), s.clone())), &mut p);
 
     let (Some(dep), Some(templates)) = (deployment, templates) else {
         custom::check(&entries, &mut p);
@@ -137,19 +148,19 @@ pub fn load(
         }
         return Err(in_file_order(p));
     };
-    let engine_launcher = match &opts.engine {
-        Engine::Real => dep.launcher.clone(),
-        Engine::Mock { argv_prefix } => argv_prefix.clone(),
+    let engine_launcher = match &opts.launcher {
+        Launcher::Vllm => dep.launcher.clone(),
+        Launcher::Mock { argv_prefix } => argv_prefix.clone(),
     };
     let router_launcher = opts
         .router
         .clone()
         .unwrap_or_else(|| dep.router_launcher.clone());
-    let launchers = render::Launchers {
+    let prefixes = render::ArgvPrefixes {
         engine: &engine_launcher,
         router: &router_launcher,
     };
-    let mut tasks = render::tasks(&dep, &templates, &launchers, &mut p);
+    let mut tasks = render::tasks(&dep, &templates, &prefixes, &mut p);
     custom::add(&mut tasks, &entries, dep.nodes, &mut p);
     if !p.is_empty() {
         return Err(in_file_order(p));
@@ -170,10 +181,22 @@ pub fn load(
         name,
         backend,
         backend_config: recipe.backend.config.clone(),
-        nodes: (0..dep.nodes).map(deploy::node_name).collect(),
+        nodes: (0..dep.nodes).map(deployment::node_name).collect(),
         tasks,
         endpoint: (!endpoint.is_empty()).then_some(endpoint),
     })
+}
+
+/// Validates the recipe and derives its deployment; `None` when anything is wrong (the
+/// problems are in `p`).
+pub fn checked_deployment(recipe: &Recipe, backend: &str, p: &mut Problems) -> Option<Deployment> {
+    let before = p.len();
+    let settings = validate::settings(recipe, backend, p)?;
+    let dep = derive::deployment(&settings);
+    if let Some(inf) = &recipe.inference {
+        ports::check_clashes(&dep, &inf.deployment, inf.offload.as_ref(), p);
+    }
+    (p.len() == before).then_some(dep)
 }
 
 /// Problems in the order their places appear in the file (those without a place last),

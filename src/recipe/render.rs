@@ -16,8 +16,9 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use serde_json::json;
 
-use super::deploy::{
-    node_name, url, Deployment, Engine, Mooncake, Router, MOONCAKE_CONFIG_FILE, ROUTER_STARTUP_SECS,
+use super::deployment::{
+    node_name, url, Deployment, EngineProcess, Mooncake, Router, MOONCAKE_CONFIG_FILE,
+    ROUTER_STARTUP_SECS,
 };
 use crate::actions::Action;
 use crate::diag::{Problem, Problems};
@@ -52,13 +53,13 @@ pub const TEMPLATES: &[(&str, &str)] = &[
 ];
 
 /// The templates in force for one load.
-pub struct Templates {
+pub struct TaskTemplates {
     env: Environment<'static>,
     /// Where overrides came from (for messages), and the recipe span that named it.
     origin: Option<(String, Option<Range<usize>>)>,
 }
 
-impl Templates {
+impl TaskTemplates {
     /// The built-in templates, each replaced by a same-named file of `dir` if there is one.
     /// `span` is the recipe field that named `dir` (none for `--templates`).
     pub fn load(dir: Option<(&Path, Option<Range<usize>>)>, p: &mut Problems) -> Option<Self> {
@@ -222,8 +223,9 @@ struct MooncakeCtx<'a> {
     disk: Option<&'a str>,
 }
 
-/// What the caller decides rather than the recipe.
-pub struct Launchers<'a> {
+/// The argv prefixes that start the engine and the router: the caller decides them
+/// rather than the recipe.
+pub struct ArgvPrefixes<'a> {
     pub engine: &'a [String],
     pub router: &'a [String],
 }
@@ -232,8 +234,8 @@ pub struct Launchers<'a> {
 /// (replica by replica, node by node), routers, registrations, health probes.
 pub fn tasks(
     dep: &Deployment,
-    t: &Templates,
-    launchers: &Launchers<'_>,
+    t: &TaskTemplates,
+    launchers: &ArgvPrefixes<'_>,
     p: &mut Problems,
 ) -> Vec<TaskSpec> {
     let mut out = Vec::with_capacity(dep.engines.len() * 2 + dep.routers.len() * 3 + dep.nodes + 3);
@@ -332,7 +334,7 @@ const STORE_READY: Duration = Duration::from_secs(120);
 fn mooncake_tasks(
     dep: &Deployment,
     m: &Mooncake,
-    t: &Templates,
+    t: &TaskTemplates,
     p: &mut Problems,
     out: &mut Vec<TaskSpec>,
 ) {
@@ -434,8 +436,8 @@ fn mooncake_tasks(
 
 fn engine_task(
     dep: &Deployment,
-    e: &Engine,
-    t: &Templates,
+    e: &EngineProcess,
+    t: &TaskTemplates,
     launcher: &[String],
     p: &mut Problems,
 ) -> Option<TaskSpec> {
@@ -453,7 +455,7 @@ fn engine_task(
         dp_start_rank: e.dp_start_rank,
         dp_address: host_ref(&node_name(e.head)),
         dp_rpc_port: e.rpc_port,
-        multi_node: e.group_nodes > 1,
+        multi_node: e.replica_nodes > 1,
         expert_parallel: dep.expert_parallel,
         dbo: dep.dbo,
         eplb: dep.eplb,
@@ -512,7 +514,7 @@ fn engine_task(
 fn router_task(
     dep: &Deployment,
     r: &Router,
-    t: &Templates,
+    t: &TaskTemplates,
     launcher: &[String],
     p: &mut Problems,
 ) -> Option<TaskSpec> {

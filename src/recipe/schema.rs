@@ -82,14 +82,14 @@ pub const MOONCAKE_PROTOCOLS: &[&str] = &["rdma", "tcp"];
 pub struct Recipe {
     pub name: F<String>,
     pub templates: F<String>,
-    pub inference: Option<Inference>,
-    pub backend: Backend,
+    pub inference: Option<InferenceSection>,
+    pub backend: BackendSection,
     /// Whether the `[[task]]` entries' keys are all known (then serde may read them).
     pub tasks_readable: bool,
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Backend {
+pub struct BackendSection {
     pub kind: Option<Sp<String>>,
     /// The other fields, for the backend to validate.
     pub config: serde_json::Value,
@@ -97,7 +97,7 @@ pub struct Backend {
 }
 
 #[derive(Debug, Clone)]
-pub struct Inference {
+pub struct InferenceSection {
     pub span: Range<usize>,
     pub model: F<String>,
     pub launcher: F<Vec<String>>,
@@ -106,21 +106,21 @@ pub struct Inference {
     pub enable_eplb: F<bool>,
     pub enable_return_routed_experts: F<bool>,
     pub enable_prefix_caching: F<bool>,
-    pub parallel: Parallel,
-    pub deployment: Deployment,
-    pub offload: Option<Offload>,
-    pub vllm_extra: Vec<Extra>,
+    pub parallel: ParallelSection,
+    pub deployment: DeploymentSection,
+    pub offload: Option<OffloadSection>,
+    pub vllm_extra: Vec<VllmExtra>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Parallel {
+pub struct ParallelSection {
     pub span: Range<usize>,
     pub tp: F<u32>,
     pub dp: F<u32>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Deployment {
+pub struct DeploymentSection {
     pub span: Range<usize>,
     pub kind: F<String>,
     pub gpus_per_node: F<u32>,
@@ -145,7 +145,7 @@ pub struct Deployment {
 }
 
 #[derive(Debug, Clone)]
-pub struct Offload {
+pub struct OffloadSection {
     pub span: Range<usize>,
     pub kind: F<String>,
     /// `cpu.num_bytes`; `Absent` when there is no `cpu` table at all.
@@ -162,7 +162,7 @@ pub struct Offload {
 
 /// One `vllm_extra` entry, already checked against `vllm serve`'s flags.
 #[derive(Debug, Clone)]
-pub struct Extra {
+pub struct VllmExtra {
     pub key: Sp<String>,
     /// The option it sets (`tensor_parallel_size` for `tp`...), to spot managed ones.
     pub dest: String,
@@ -208,9 +208,9 @@ pub fn read(doc: &ImDocument<&str>, p: &mut Problems) -> Recipe {
     }
 }
 
-fn read_backend(root: &mut Table<'_>, p: &mut Problems) -> Backend {
+fn read_backend(root: &mut Table<'_>, p: &mut Problems) -> BackendSection {
     let Some(mut t) = root.table("backend", p) else {
-        return Backend::default();
+        return BackendSection::default();
     };
     let kind = t.string("type", p);
     if let Some(k) = &kind {
@@ -228,7 +228,7 @@ fn read_backend(root: &mut Table<'_>, p: &mut Problems) -> Backend {
             config.insert(key.v.clone(), super::doc::to_json(item));
         }
     }
-    Backend {
+    BackendSection {
         kind,
         config: if config.is_empty() {
             serde_json::Value::Null
@@ -268,7 +268,7 @@ fn check_task_keys(root: &mut Table<'_>, p: &mut Problems) {
     }
 }
 
-fn read_inference(mut t: Table<'_>, p: &mut Problems) -> Inference {
+fn read_inference(mut t: Table<'_>, p: &mut Problems) -> InferenceSection {
     let model = field(&mut t, "model", p, Table::string);
     match &model {
         F::Absent => p.push(
@@ -298,9 +298,9 @@ fn read_inference(mut t: Table<'_>, p: &mut Problems) -> Inference {
             let dp = field(&mut pt, "dp", p, Table::count);
             let span = pt.span.clone();
             pt.finish(p);
-            Parallel { span, tp, dp }
+            ParallelSection { span, tp, dp }
         }
-        None => Parallel {
+        None => ParallelSection {
             span: t.span.clone(),
             tp: if t.has("parallel") { F::Bad } else { F::Absent },
             dp: if t.has("parallel") { F::Bad } else { F::Absent },
@@ -314,7 +314,7 @@ fn read_inference(mut t: Table<'_>, p: &mut Problems) -> Inference {
     };
     let span = t.span.clone();
     t.finish(p);
-    Inference {
+    InferenceSection {
         span,
         model,
         launcher,
@@ -342,7 +342,7 @@ const ONLY_PD: &[&str] = &[
     "nixl_side_channel_port",
 ];
 
-fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> Deployment {
+fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> DeploymentSection {
     let empty = toml_edit::Table::new();
     let fallback = parent.span.clone();
     let mut t = parent
@@ -370,7 +370,7 @@ fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> Deployment {
             }
         }
     }
-    let d = Deployment {
+    let d = DeploymentSection {
         span: t.span.clone(),
         kind,
         gpus_per_node: field(&mut t, "gpus_per_node", p, Table::count),
@@ -424,7 +424,7 @@ fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> Deployment {
     d
 }
 
-fn read_offload(mut t: Table<'_>, p: &mut Problems) -> Offload {
+fn read_offload(mut t: Table<'_>, p: &mut Problems) -> OffloadSection {
     let kind = field(&mut t, "type", p, |t, k, p| t.choice(k, OFFLOAD_TYPES, p));
     if kind == F::Absent {
         p.push(
@@ -519,7 +519,7 @@ fn read_offload(mut t: Table<'_>, p: &mut Problems) -> Offload {
             }
         }
     }
-    let o = Offload {
+    let o = OffloadSection {
         span: t.span.clone(),
         kind,
         cpu_bytes,
@@ -538,7 +538,7 @@ fn read_offload(mut t: Table<'_>, p: &mut Problems) -> Offload {
     o
 }
 
-fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<Extra> {
+fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<VllmExtra> {
     let table = flags::vllm();
     let mut out = Vec::new();
     for (key, item) in t.entries() {
@@ -549,7 +549,7 @@ fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<Extra> {
                     .by_key(&key.v)
                     .map(|f| f.dest.to_string())
                     .unwrap_or_default();
-                out.push(Extra {
+                out.push(VllmExtra {
                     value: super::doc::to_json(item),
                     key,
                     dest,

@@ -22,8 +22,8 @@ pub struct LoadOptions {
     pub file: PathBuf,
     /// Overrides the recipe's backend.
     pub backend: Option<String>,
-    /// Which program serves as the engine.
-    pub engine: crate::recipe::Engine,
+    /// Which program serves as the inference engine.
+    pub launcher: crate::recipe::Launcher,
     /// A directory of templates overriding the built-in ones.
     pub templates: Option<PathBuf>,
     /// The router program (argv prefix), instead of the recipe's or `vllm-router`.
@@ -71,7 +71,7 @@ impl Session {
                     .templates
                     .clone()
                     .or_else(|| site.and_then(|s| crate::site::default_templates(s, &source))),
-                engine: a.engine.clone(),
+                launcher: a.launcher.clone(),
                 router: a.router.as_ref().map(|r| vec![r.clone()]),
             };
             crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(Error::Problems)?
