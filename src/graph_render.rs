@@ -91,21 +91,12 @@ fn dot_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-/// Shape and colour per kind, so a deployment's structure shows at a glance.
+/// Shape and colour per kind: a deployment's kinds have their own; other tasks are boxes.
 fn dot_style(kind: &str, service: bool) -> &'static str {
-    match kind {
-        "allocate" => "shape=folder, fillcolor=\"#eeeeee\"",
-        "mooncake-master" | "metadata-server" | "mooncake-client" => {
-            "shape=cylinder, fillcolor=\"#ffe0b2\""
-        }
-        "engine" => "shape=box3d, fillcolor=\"#c8e6c9\"",
-        "prefill" => "shape=box3d, fillcolor=\"#bbdefb\"",
-        "decode" => "shape=box3d, fillcolor=\"#d1c4e9\"",
-        "router" => "shape=hexagon, fillcolor=\"#fff59d\"",
-        "register" => "shape=cds, fillcolor=\"#f0f4c3\"",
-        "health-probe" => "shape=doubleoctagon, fillcolor=\"#b2dfdb\"",
-        _ if service => "shape=box, style=\"rounded,filled\", fillcolor=\"#e1f5fe\"",
-        _ => "shape=box, fillcolor=\"#ffffff\"",
+    match crate::recipe::kinds::dot_style(kind) {
+        Some(style) => style,
+        None if service => "shape=box, style=\"rounded,filled\", fillcolor=\"#e1f5fe\"",
+        None => "shape=box, fillcolor=\"#ffffff\"",
     }
 }
 

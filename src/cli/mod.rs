@@ -269,7 +269,7 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
     if ran.report.ok() {
         eprintln!("{}", show::ok_line(s));
         if let Some(e) = &plan.endpoint {
-            out(&show::try_it(plan, &ran.exec.resolve(e)));
+            out(&crate::recipe::kinds::try_it(plan, &ran.exec.resolve(e)));
         }
         if a.attach {
             return attach(session, &ran.dir, ran.exec.backend.as_ref(), cli.quiet).await;

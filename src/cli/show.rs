@@ -201,24 +201,6 @@ pub fn ok_line(s: &Summary) -> String {
     format!("ok: {} done{kept} in {took}", count(s.done, "task"))
 }
 
-/// Where a deployment answers, and a request to try it with.
-pub fn try_it(plan: &Plan, url: &str) -> String {
-    let model = plan
-        .tasks
-        .iter()
-        .find_map(|t| match &t.command {
-            plan::Command::Builtin {
-                action: crate::actions::Action::HealthProbe,
-                args,
-            } => args.get("model").and_then(|m| m.as_str()).map(String::from),
-            _ => None,
-        })
-        .unwrap_or_else(|| "default".into());
-    format!(
-        "endpoint: {url}\ntry:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' -H 'X-Session-ID: demo' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
-    )
-}
-
 /// The story of a run that failed or was cancelled: each task's error, the counts, and
 /// what to do next.
 pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str) -> String {

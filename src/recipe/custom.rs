@@ -20,19 +20,7 @@ use crate::diag::{Problem, Problems};
 use crate::plan::TaskSpec;
 use crate::workflow::{add_before, entry_to_spec, toml_problem, TaskEntry, TASK_FIELDS};
 
-/// The deployment's task kinds, which `needs` and `before` may name.
-pub const KINDS: &[&str] = &[
-    "allocate",
-    "mooncake-master",
-    "metadata-server",
-    "mooncake-client",
-    "engine",
-    "prefill",
-    "decode",
-    "router",
-    "register",
-    "health-probe",
-];
+pub use super::kinds::KINDS;
 
 #[derive(Deserialize)]
 struct TasksOnly {
@@ -273,7 +261,7 @@ pub fn add(
         let mut needs: Vec<String> = Vec::new();
         let mut spans: Vec<Option<Range<usize>>> = Vec::new();
         if x.spec.node.is_some() {
-            needs.push("allocate".into());
+            needs.push(super::kinds::ALLOCATE.into());
             spans.push(None);
         }
         for (name, span) in &x.needs {

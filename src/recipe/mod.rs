@@ -36,6 +36,7 @@ pub mod deployment;
 pub mod derive;
 pub mod doc;
 pub mod flags;
+pub mod kinds;
 pub mod managed;
 pub mod ports;
 pub mod render;
@@ -235,7 +236,7 @@ mod tests {
         assert_eq!(
             ids,
             [
-                "allocate",
+                kinds::ALLOCATE,
                 "engine[0].node[0]",
                 "router",
                 "register",

@@ -20,6 +20,7 @@ use super::deployment::{
     node_name, url, Deployment, EngineProcess, Mooncake, Router, MOONCAKE_CONFIG_FILE,
     ROUTER_STARTUP_SECS,
 };
+use super::kinds::ALLOCATE;
 use crate::actions::Action;
 use crate::diag::{Problem, Problems};
 use crate::plan::{host_ref, Command, FileSpec, Probe, Readiness, TaskSpec};
@@ -240,7 +241,7 @@ pub fn tasks(
 ) -> Vec<TaskSpec> {
     let mut out = Vec::with_capacity(dep.engines.len() * 2 + dep.routers.len() * 3 + dep.nodes + 3);
     out.push(TaskSpec {
-        id: "allocate".into(),
+        id: ALLOCATE.into(),
         kind: Action::Allocate.name().into(),
         command: Command::Builtin {
             action: Action::Allocate,
@@ -351,7 +352,7 @@ fn mooncake_tasks(
         out.push(TaskSpec {
             id: "mooncake-master".into(),
             kind: "mooncake-master".into(),
-            needs: vec!["allocate".into()],
+            needs: vec![ALLOCATE.into()],
             node: Some(head.clone()),
             command: Command::Argv { argv },
             ports: vec![m.master_port, m.metrics_port],
@@ -377,7 +378,7 @@ fn mooncake_tasks(
         out.push(TaskSpec {
             id: "metadata-server".into(),
             kind: "metadata-server".into(),
-            needs: vec!["allocate".into(), "mooncake-master".into()],
+            needs: vec![ALLOCATE.into(), "mooncake-master".into()],
             node: Some(head.clone()),
             command: Command::Argv { argv },
             env,
@@ -412,7 +413,7 @@ fn mooncake_tasks(
             id: format!("mooncake-client.node[{node}]"),
             kind: "mooncake-client".into(),
             needs: vec![
-                "allocate".into(),
+                ALLOCATE.into(),
                 "mooncake-master".into(),
                 "metadata-server".into(),
             ],
@@ -471,7 +472,7 @@ fn engine_task(
             return None;
         }
     };
-    let mut needs = vec!["allocate".to_string()];
+    let mut needs = vec![ALLOCATE.to_string()];
     let mut files = Vec::new();
     if let Some(m) = &dep.mooncake {
         needs.push(format!("mooncake-client.node[{}]", e.node));
@@ -537,7 +538,7 @@ fn router_task(
             return None;
         }
     };
-    let mut needs = vec!["allocate".to_string()];
+    let mut needs = vec![ALLOCATE.to_string()];
     needs.extend(r.engines.iter().cloned());
     Some(TaskSpec {
         id: r.id.clone(),

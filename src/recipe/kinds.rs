@@ -1,0 +1,59 @@
+//! The deployment's task kinds: the names a recipe's `[[task]]` entries may give in `needs`
+//! and `before`, and how `graph --format dot` draws each. Three of them are built-in actions
+//! ([`Action`]); the rest are processes the plan starts. And, once a deployment is up, the
+//! request that tries it ([`try_it`]).
+
+use crate::actions::Action;
+
+pub const ALLOCATE: &str = Action::Allocate.name();
+pub const REGISTER: &str = Action::Register.name();
+pub const HEALTH_PROBE: &str = Action::HealthProbe.name();
+
+/// Every kind, in the order a deployment's tasks start.
+pub const KINDS: &[&str] = &[
+    ALLOCATE,
+    "mooncake-master",
+    "metadata-server",
+    "mooncake-client",
+    "engine",
+    "prefill",
+    "decode",
+    "router",
+    REGISTER,
+    HEALTH_PROBE,
+];
+
+/// Shape and colour of a deployment's kind in DOT, so its structure shows at a glance.
+pub fn dot_style(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        ALLOCATE => "shape=folder, fillcolor=\"#eeeeee\"",
+        "mooncake-master" | "metadata-server" | "mooncake-client" => {
+            "shape=cylinder, fillcolor=\"#ffe0b2\""
+        }
+        "engine" => "shape=box3d, fillcolor=\"#c8e6c9\"",
+        "prefill" => "shape=box3d, fillcolor=\"#bbdefb\"",
+        "decode" => "shape=box3d, fillcolor=\"#d1c4e9\"",
+        "router" => "shape=hexagon, fillcolor=\"#fff59d\"",
+        REGISTER => "shape=cds, fillcolor=\"#f0f4c3\"",
+        HEALTH_PROBE => "shape=doubleoctagon, fillcolor=\"#b2dfdb\"",
+        _ => return None,
+    })
+}
+
+/// Where a deployment answers, and a request to try it with.
+pub fn try_it(plan: &crate::plan::Plan, url: &str) -> String {
+    let model = plan
+        .tasks
+        .iter()
+        .find_map(|t| match &t.command {
+            crate::plan::Command::Builtin {
+                action: crate::actions::Action::HealthProbe,
+                args,
+            } => args.get("model").and_then(|m| m.as_str()).map(String::from),
+            _ => None,
+        })
+        .unwrap_or_else(|| "default".into());
+    format!(
+        "endpoint: {url}\ntry:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' -H 'X-Session-ID: demo' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+    )
+}
