@@ -34,6 +34,11 @@ pub struct Plan {
     pub endpoint: Option<String>,
 }
 
+/// The state dir of a plan when none is given: `.prl-flow/<name>`.
+pub fn default_state_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(".prl-flow").join(name)
+}
+
 /// The placeholder for a node's address in argv, env, files and probe URLs: `${host:node1}`.
 /// Addresses are known only once nodes are allocated (a SLURM allocation names them), so the
 /// plan keeps the placeholder and the run fills it in; `plan --backend local` shows them

@@ -15,7 +15,9 @@
 //!
 //! Nothing else in prl-flow names a concrete backend type.
 
+pub mod builtins;
 pub mod plugins;
+pub mod report;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,10 +30,8 @@ use crate::diag::{Problem, Problems};
 use crate::plan::Plan;
 use crate::site::{Site, SITE_BACKEND};
 
+pub use builtins::BUILTINS;
 pub use plugins::{PluginInfo, Source};
-
-/// The backends built into this prl-flow.
-pub const BUILTINS: &[&str] = &["local", "ssh", "slurm"];
 
 /// The backends an invocation can use.
 #[derive(Debug, Default)]
@@ -117,8 +117,8 @@ impl Registry {
             return Ok(());
         }
         let base = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let state_dir = crate::session::default_state_dir(&plan.name);
-        let errors = match builtin(&plan.backend, &plan.backend_config, base, &state_dir) {
+        let state_dir = crate::plan::default_state_dir(&plan.name);
+        let errors = match builtins::make(&plan.backend, &plan.backend_config, base, &state_dir) {
             Ok(backend) => match backend.check(&plan.nodes).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
@@ -149,7 +149,7 @@ impl Registry {
     ) -> Result<Arc<dyn Backend>, MakeError> {
         let info = plugins::locate(name, self.site(), config).map_err(MakeError::Unknown)?;
         match &info.path {
-            None => builtin(&info.name, config, None, state_dir).map_err(MakeError::Config),
+            None => builtins::make(&info.name, config, None, state_dir).map_err(MakeError::Config),
             Some(p) => Ok(Arc::new(self.plugin(&info, p, config))),
         }
     }
@@ -176,15 +176,13 @@ impl Registry {
     /// A backend that looks after what an earlier run recorded (`status`, `logs`, `down`):
     /// every handle says how to reach its process, so no table is needed.
     pub fn for_handles(&self, name: &str) -> Result<Arc<dyn Backend>, String> {
-        Ok(match name {
-            "ssh" => Arc::new(prl_flow_ssh::SshBackend::from_handles()),
-            "slurm" => Arc::new(prl_flow_slurm::SlurmBackend::for_handles()),
-            "local" => Arc::new(prl_flow_local::LocalBackend::new()),
-            other => return self.by_name(other),
-        })
+        match builtins::for_handles(name) {
+            Some(b) => Ok(b),
+            None => self.by_name(name),
+        }
     }
 
-    fn plugin(
+    pub(crate) fn plugin(
         &self,
         info: &PluginInfo,
         path: &Path,
@@ -237,25 +235,6 @@ impl Registry {
             Some(r) => self.for_record(r),
             None => self.for_handles("local"),
         }
-    }
-}
-
-/// A built-in backend, made from its `[backend]` table; relative paths in the table are
-/// taken from `base` (the recipe's directory) when given, else from the current directory.
-fn builtin(
-    name: &str,
-    config: &Value,
-    base: Option<&Path>,
-    state_dir: &Path,
-) -> Result<Arc<dyn Backend>, Vec<ConfigError>> {
-    match name {
-        "ssh" => Ok(Arc::new(prl_flow_ssh::SshBackend::configure(
-            config, base, state_dir,
-        )?)),
-        "slurm" => Ok(Arc::new(prl_flow_slurm::SlurmBackend::configure(
-            config, state_dir,
-        )?)),
-        _ => Ok(Arc::new(prl_flow_local::LocalBackend::new())),
     }
 }
 
@@ -364,7 +343,7 @@ mod tests {
         let mut lines = Vec::new();
         let passed = tokio::time::timeout(
             Duration::from_secs(90),
-            plugins::test_backend(&registry, "wrapped", &mut |l| lines.push(l.to_string())),
+            report::test_backend(&registry, "wrapped", &mut |l| lines.push(l.to_string())),
         )
         .await
         .expect("conformance hung");

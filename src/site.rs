@@ -201,7 +201,7 @@ pub fn parse_site(path: &Path, source: Arc<String>) -> Result<Site, Problems> {
             );
             continue;
         }
-        if crate::registry::BUILTINS.contains(&name.get_ref().as_str()) {
+        if crate::registry::builtins::BUILTINS.contains(&name.get_ref().as_str()) {
             problems.push(
                 Problem::new(format!("`{}` is a built-in backend", name.get_ref()))
                     .at(Some(name.span()))

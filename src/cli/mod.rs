@@ -136,12 +136,12 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Plugins => {
-            out(&crate::registry::plugins::plugins_text(session.registry()).await);
+            out(&crate::registry::report::plugins_text(session.registry()).await);
             Ok(0)
         }
         Cmd::Plugin(PluginCmd::Test { name }) => {
             let passed =
-                crate::registry::plugins::test_backend(session.registry(), name, &mut |l| {
+                crate::registry::report::test_backend(session.registry(), name, &mut |l| {
                     out(&format!("{l}\n"))
                 })
                 .await

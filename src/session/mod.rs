@@ -78,10 +78,7 @@ pub fn is_allocation(r: &Record) -> bool {
     crate::actions::Action::of_kind(&r.kind) == Some(crate::actions::Action::Allocate)
 }
 
-/// The state dir a plan uses when none is given: `.prl-flow/<name>`.
-pub fn default_state_dir(name: &str) -> PathBuf {
-    PathBuf::from(".prl-flow").join(name)
-}
+pub use crate::plan::default_state_dir;
 
 pub(crate) fn journal_error(e: JournalError) -> Error {
     match e {
