@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use prl_flow::graph_render::{render, Format};
+use prl_flow::plan::draw::{render, Format};
 use prl_flow::recipe::{load, Options};
 
 fn recipe(prefill: usize, decode: usize, pairs: usize) -> String {

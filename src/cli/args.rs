@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::graph_render::Format;
+use crate::plan::draw::Format;
 
 const EXAMPLES: &str = "\
 Examples:

@@ -4,6 +4,7 @@
 //! (`prl-flow graph x | head`) is not an error. It knows no backend and no deployment shape.
 
 pub mod args;
+pub mod progress;
 pub mod show;
 
 use std::ffi::OsString;
@@ -17,7 +18,6 @@ use prl_flow_engine::Subscriber;
 
 use args::{Cli, Cmd, EngineArg, FileArgs, PlanFormat, PluginCmd, RunArgs, StateArgs};
 
-use crate::graph_render;
 use crate::session::{self, Error, LoadOptions, RunSettings, Session};
 
 type R<T> = Result<T, Error>;
@@ -99,7 +99,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
         Cmd::Run(a) => run(&session, cli, a).await,
         Cmd::Graph(a) => {
             let loaded = session.load_checked(&load_options(&a.file)?).await?;
-            out(&graph_render::render(&loaded.plan, a.format));
+            out(&crate::plan::draw::render(&loaded.plan, a.format));
             Ok(0)
         }
         Cmd::Plan(a) => {
@@ -244,9 +244,9 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         && !cli.quiet
         && std::env::var_os("NO_COLOR").is_none()
     {
-        subs.push(Arc::new(crate::progress::Bars::new()));
+        subs.push(Arc::new(progress::Bars::new()));
     } else {
-        subs.push(Arc::new(crate::progress::Lines::stderr(cli.quiet)));
+        subs.push(Arc::new(progress::Lines::stderr(cli.quiet)));
     }
     let cancel = prl_flow_engine::CancelSource::new();
     let token = cancel.token();

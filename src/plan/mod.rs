@@ -6,6 +6,8 @@
 //! execution needs, and its fingerprint is a hash of exactly that, so a resume can tell
 //! whether a task would now do something different.
 
+pub mod draw;
+
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
