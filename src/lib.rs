@@ -1,9 +1,14 @@
 //! prl-flow: bring up LLM inference deployments (vLLM engines, the vllm-router, a Mooncake
 //! KV-cache store) as a dependency graph of tasks.
 //!
-//! The flow of data: a file (a deployment [`recipe`] or a plain [`workflow`]) becomes a
-//! [`plan::Plan`], pure data; [`exec`] turns each task spec into an engine task bound to a
-//! backend; the engine runs the graph; the [`cli`] shows events and writes the journal.
+//! The flow of data, one module a step: a file (a deployment [`recipe`] or a plain
+//! [`workflow`]) becomes a [`plan`], pure data; [`exec`] turns each task spec into an
+//! engine task bound to a backend that the [`registry`] made (built-in [`actions`] run in
+//! prl-flow itself); the engine (`prl-flow-engine`) runs the graph. The [`session`] API
+//! does all of this for a caller; the [`cli`] is one caller, and only parses and prints.
+//!
+//! This crate must not know how a backend reaches its machines (that is `plugins/`), nor
+//! how the engine schedules (that is `engine/`).
 
 pub mod actions;
 pub mod cli;
