@@ -8,7 +8,7 @@ use crate::line::{field, split_line};
 
 /// One flag of the Python launcher.
 #[derive(Debug, Clone)]
-pub struct Flag {
+pub struct RouterFlag {
     /// A bare switch.
     pub bool: bool,
     /// The allowed values; empty when any value goes.
@@ -18,12 +18,12 @@ pub struct Flag {
 }
 
 /// The launcher's flags by name (`--worker-urls`), parsed on first use.
-pub fn table() -> &'static HashMap<&'static str, Flag> {
-    static TABLE: OnceLock<HashMap<&'static str, Flag>> = OnceLock::new();
+pub fn table() -> &'static HashMap<&'static str, RouterFlag> {
+    static TABLE: OnceLock<HashMap<&'static str, RouterFlag>> = OnceLock::new();
     TABLE.get_or_init(|| parse(crate::VLLM_ROUTER_TABLE))
 }
 
-fn parse(text: &'static str) -> HashMap<&'static str, Flag> {
+fn parse(text: &'static str) -> HashMap<&'static str, RouterFlag> {
     let mut map = HashMap::new();
     for line in text.lines() {
         if line.starts_with('#') {
@@ -47,7 +47,7 @@ fn parse(text: &'static str) -> HashMap<&'static str, Flag> {
         });
         map.insert(
             name,
-            Flag {
+            RouterFlag {
                 bool: field(meta, "kind") == Some("bool"),
                 choices,
                 nargs,

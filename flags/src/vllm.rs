@@ -122,13 +122,13 @@ fn human_int(text: &str) -> bool {
 }
 
 /// The parsed table.
-pub struct Table {
+pub struct FlagTable {
     flags: Vec<Flag>,
     /// Long and short spellings.
     index: HashMap<&'static str, usize>,
 }
 
-impl Table {
+impl FlagTable {
     /// Every flag, in the table's order.
     pub fn flags(&self) -> &[Flag] {
         &self.flags
@@ -165,13 +165,13 @@ impl Table {
 
 /// The embedded table, parsed on first use (lines that fail to parse are skipped; the tests
 /// assert there are none).
-pub fn table() -> &'static Table {
-    static TABLE: OnceLock<Table> = OnceLock::new();
+pub fn table() -> &'static FlagTable {
+    static TABLE: OnceLock<FlagTable> = OnceLock::new();
     TABLE.get_or_init(|| parse(crate::VLLM_SERVE_TABLE).0)
 }
 
 /// Parses a table; returns it and one error per line it could not read.
-pub fn parse(text: &'static str) -> (Table, Vec<String>) {
+pub fn parse(text: &'static str) -> (FlagTable, Vec<String>) {
     let mut flags = Vec::new();
     let mut errors = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -191,7 +191,7 @@ pub fn parse(text: &'static str) -> (Table, Vec<String>) {
             index.insert(short, i);
         }
     }
-    (Table { flags, index }, errors)
+    (FlagTable { flags, index }, errors)
 }
 
 fn parse_line(line: &'static str) -> Result<Flag, String> {

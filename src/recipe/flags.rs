@@ -3,12 +3,12 @@
 //! `prl-flow-flags` crate's; this module adds what a recipe needs: keys spelt with `_`,
 //! TOML values, and messages with help.
 
-use prl_flow_flags::vllm::{Flag, Kind, Nargs, Table};
+use prl_flow_flags::vllm::{Flag, FlagTable, Kind, Nargs};
 use toml_edit::{Item, Value};
 
 /// The `vllm serve` flag table, as a recipe's `vllm_extra` reads it.
 pub struct VllmFlags {
-    table: &'static Table,
+    table: &'static FlagTable,
 }
 
 /// The `vllm serve` table (parsed on first use).

@@ -2,7 +2,7 @@
 //! abbreviations. A value error stops the walk; unknown arguments are reported together at
 //! the end.
 
-use prl_flow_flags::vllm::{Flag, Kind, Nargs, Table};
+use prl_flow_flags::vllm::{Flag, FlagTable, Kind, Nargs};
 
 use super::preprocess::is_negative_number;
 use super::value::{convert, py_repr};
@@ -16,7 +16,7 @@ enum Token<'a> {
 }
 
 pub(super) struct Parser {
-    pub(super) table: &'static Table,
+    pub(super) table: &'static FlagTable,
 }
 
 impl Parser {
