@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::diag::{Problem, Problems};
 use crate::plan::Plan;
-use crate::site::{Site, SITE_BACKEND};
+use crate::site::Site;
 
 pub use builtins::BUILTINS;
 pub use plugins::{PluginInfo, Source};
@@ -69,28 +69,24 @@ impl Registry {
         self.site.as_ref()
     }
 
-    /// The backend a file runs on, before its recipe is derived (a recipe is derived for
-    /// its backend): `flag` (`--backend`), else the recipe's own `[backend] type` (`None`:
-    /// the recipe's own stands), else the site's. `site` names the site's backend.
-    pub fn decide(&self, flag: Option<&str>, source: &str) -> Result<Option<String>, String> {
-        let named = match flag {
-            Some(f) => Some(f.to_string()),
-            None if crate::site::declares_backend(source) => return Ok(None),
-            None if recipe_asks_for_site(source) => Some(SITE_BACKEND.to_string()),
-            None => return Ok(self.site().and_then(|s| s.backend.clone())),
+    /// The backend a file runs on, decided before its recipe is derived (a recipe is
+    /// derived for its backend): `flag` (`--backend`), else the recipe's `[backend] type`,
+    /// else the site's backend, else `local`. `site`, as a flag or a type, names the site's.
+    pub fn decide(&self, flag: Option<&str>, source: &str) -> Result<String, String> {
+        let named = match flag.map(str::to_string).or_else(|| recipe_backend(source)) {
+            Some(n) => n,
+            None => match self.site().and_then(|s| s.backend.clone()) {
+                Some(b) => return Ok(b),
+                None => "local".to_string(),
+            },
         };
-        match named {
-            Some(n) => plugins::resolve_name(&n, self.site()).map(|b| Some(b.to_string())),
-            None => Ok(None),
-        }
+        plugins::resolve_name(&named, self.site()).map(str::to_string)
     }
 
     /// Gives a plan the backend [`Registry::decide`] chose and fills its `[backend]` table
     /// with the site's defaults for that backend, under the recipe's own keys.
-    pub fn settle(&self, plan: &mut Plan, decided: Option<String>) {
-        if let Some(b) = decided {
-            plan.backend = b;
-        }
+    pub fn settle(&self, plan: &mut Plan, decided: String) {
+        plan.backend = decided;
         let Some(defaults) = self.site().and_then(|s| s.defaults_for(&plan.backend)) else {
             return;
         };
@@ -238,12 +234,10 @@ impl Registry {
     }
 }
 
-/// Does a recipe say `[backend] type = "site"`?
-fn recipe_asks_for_site(source: &str) -> bool {
-    toml::from_str::<toml::Table>(source)
-        .ok()
-        .and_then(|t| Some(t.get("backend")?.get("type")?.as_str()? == SITE_BACKEND))
-        .unwrap_or(false)
+/// A file's own `[backend] type`, if it names one.
+fn recipe_backend(source: &str) -> Option<String> {
+    let table = toml::from_str::<toml::Table>(source).ok()?;
+    Some(table.get("backend")?.get("type")?.as_str()?.to_string())
 }
 
 #[cfg(test)]
@@ -274,7 +268,7 @@ mod tests {
         let registry = Registry::new(Some(site));
         // No backend in the recipe: the site's, with its defaults under the recipe's keys.
         let decided = registry.decide(None, "[backend]\naccount = \"mine\"\n");
-        assert_eq!(decided, Ok(Some("wrapped".into())));
+        assert_eq!(decided, Ok("wrapped".into()));
         let mut p = plan("local", serde_json::json!({"account": "mine"}));
         registry.settle(&mut p, decided.expect("decided"));
         assert_eq!(p.backend, "wrapped");
@@ -284,23 +278,30 @@ mod tests {
         );
         // A recipe that names its backend keeps it, and another backend's defaults stay out.
         let decided = registry.decide(None, "[backend]\ntype = \"local\"\n");
-        assert_eq!(decided, Ok(None));
+        assert_eq!(decided, Ok("local".into()));
         let mut p = plan("local", Value::Null);
-        registry.settle(&mut p, None);
+        registry.settle(&mut p, decided.expect("decided"));
         assert_eq!(
             (p.backend.as_str(), &p.backend_config),
             ("local", &Value::Null)
         );
         // `type = "site"` asks for the site's backend explicitly, and `--backend` wins.
         let decided = registry.decide(None, "[backend]\ntype = \"site\"\n");
-        assert_eq!(decided, Ok(Some("wrapped".into())));
+        assert_eq!(decided, Ok("wrapped".into()));
         let mut p = plan("site", Value::Null);
         registry.settle(&mut p, decided.expect("decided"));
         assert_eq!(p.backend, "wrapped");
         assert_eq!(p.backend_config["partition"], "gpu");
         assert_eq!(
             registry.decide(Some("ssh"), "[backend]\ntype = \"site\"\n"),
-            Ok(Some("ssh".into()))
+            Ok("ssh".into())
+        );
+        // A workflow names no backend: the site's, else local.
+        let workflow = "[[task]]\nid = \"a\"\nrun = \"true\"\n";
+        assert_eq!(registry.decide(None, workflow), Ok("wrapped".into()));
+        assert_eq!(
+            Registry::default().decide(None, workflow),
+            Ok("local".into())
         );
     }
 

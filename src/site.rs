@@ -246,21 +246,6 @@ fn not_executable(path: &Path, span: std::ops::Range<usize>, what: &str) -> Prob
     .help(help)
 }
 
-/// Does a recipe's text name a backend of its own (`[backend] type`, other than `"site"`)?
-/// Tells the CLI whether the site's backend applies, before the recipe is loaded (a recipe
-/// is derived for its backend: the site's must be known by then).
-pub fn declares_backend(source: &str) -> bool {
-    toml::from_str::<toml::Table>(source)
-        .ok()
-        .and_then(|t| {
-            t.get("backend")?
-                .get("type")?
-                .as_str()
-                .map(|b| b != SITE_BACKEND)
-        })
-        .unwrap_or(false)
-}
-
 /// The site's templates dir, for a recipe that names none of its own (a recipe's
 /// `templates`, and `--templates`, win over the site's).
 pub fn default_templates(site: &Site, source: &str) -> Option<PathBuf> {
@@ -333,11 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn a_recipe_says_whether_it_names_its_backend() {
-        assert!(declares_backend("[backend]\ntype = \"ssh\"\n"));
-        assert!(!declares_backend("[backend]\npartition = \"gpu\"\n"));
-        assert!(!declares_backend("[[task]]\nid = \"a\"\nrun = \"true\"\n"));
-        assert!(!declares_backend("[backend]\ntype = \"site\"\n"));
+    fn the_site_templates_serve_a_recipe_without_its_own() {
         let site = Site {
             templates: Some("/site/t".into()),
             ..Site::default()

@@ -66,7 +66,7 @@ impl Session {
             .map_err(Error::Usage)?;
         let mut plan = if crate::recipe::is_recipe(&source) {
             let opts = crate::recipe::Options {
-                backend: backend.clone(),
+                backend: Some(backend.clone()),
                 templates: a
                     .templates
                     .clone()
