@@ -77,6 +77,23 @@ impl ProcHandle {
     }
 }
 
+/// The handle as the journal keeps it.
+impl From<ProcHandle> for serde_json::Value {
+    fn from(h: ProcHandle) -> Self {
+        serde_json::json!({ "backend": h.backend, "version": h.version, "payload": h.payload })
+    }
+}
+
+/// A handle from the journal.
+impl TryFrom<&serde_json::Value> for ProcHandle {
+    type Error = BackendError;
+
+    fn try_from(v: &serde_json::Value) -> Result<Self, BackendError> {
+        serde_json::from_value(v.clone())
+            .map_err(|e| BackendError::new(format!("not a process handle ({e}): {v}")))
+    }
+}
+
 impl std::fmt::Display for ProcHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match serde_json::to_string(self) {
@@ -103,7 +120,8 @@ mod tests {
             json,
             serde_json::json!({ "backend": "local", "version": 1, "payload": { "pid": 7 } })
         );
-        let back: ProcHandle = serde_json::from_value(json).expect("back");
+        assert_eq!(serde_json::Value::from(h.clone()), json);
+        let back = ProcHandle::try_from(&json).expect("back");
         assert_eq!(back, h);
         assert_eq!(back.open::<Pid>("local").expect("open"), Pid { pid: 7 });
     }
