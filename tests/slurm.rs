@@ -528,10 +528,7 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
         .values()
         .filter(|r| r.service && r.kind != ALLOCATE)
     {
-        let st = later
-            .status(&proc_handle(r))
-            .await
-            .expect("status");
+        let st = later.status(&proc_handle(r)).await.expect("status");
         assert_eq!(st, ProcState::Running, "{}", r.id);
     }
 
@@ -594,10 +591,7 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
         .filter(|r| r.service && r.kind != ALLOCATE && r.id != victim)
     {
         assert_eq!(
-            later
-                .status(&proc_handle(r))
-                .await
-                .expect("status"),
+            later.status(&proc_handle(r)).await.expect("status"),
             ProcState::Running,
             "{}",
             r.id

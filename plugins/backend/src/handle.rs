@@ -130,7 +130,10 @@ mod tests {
     fn only_its_backend_opens_a_handle() {
         let h = ProcHandle::new("ssh", ProcHandle::VERSION, &Pid { pid: 7 }).expect("new");
         let e = h.open::<Pid>("local").expect_err("another backend's");
-        assert_eq!(e.message, "backend `local` cannot use a handle of backend `ssh`");
+        assert_eq!(
+            e.message,
+            "backend `local` cannot use a handle of backend `ssh`"
+        );
         let newer = ProcHandle { version: 9, ..h };
         let e = newer.open::<Pid>("ssh").expect_err("unknown version");
         assert!(e.message.contains("version 9"), "{e}");

@@ -437,8 +437,14 @@ mod tests {
     async fn a_handle_of_another_backend_is_refused() {
         let other = ProcHandle::new("ssh", ProcHandle::VERSION, &serde_json::json!({ "pid": 1 }))
             .expect("handle");
-        let e = LocalBackend::new().status(&other).await.expect_err("not ours");
-        assert_eq!(e.message, "backend `local` cannot use a handle of backend `ssh`");
+        let e = LocalBackend::new()
+            .status(&other)
+            .await
+            .expect_err("not ours");
+        assert_eq!(
+            e.message,
+            "backend `local` cannot use a handle of backend `ssh`"
+        );
         assert_eq!(LocalBackend::new().describe(&other), "");
     }
 }

@@ -263,7 +263,11 @@ mod tests {
         let remote = b.spawn(&there).await.expect("remote spawn");
         assert!(is_local(&local) && !is_local(&remote));
         assert_eq!(b.status(&local).await.expect("status"), ProcState::Running);
-        assert!(b.describe(&local).starts_with("pid "), "{}", b.describe(&local));
+        assert!(
+            b.describe(&local).starts_with("pid "),
+            "{}",
+            b.describe(&local)
+        );
         assert_eq!(b.describe(&remote), "");
         assert_eq!(b.log_tail(&remote, 3).await.expect("log"), "remote log");
         let item = |id: &str, h: &ProcHandle| Recorded {
@@ -286,7 +290,10 @@ mod tests {
             )
             .await;
         assert!(done.iter().all(|s| s.error.is_none()), "{done:?}");
-        let ids: Vec<(&str, bool)> = done.iter().map(|s| (s.id.as_str(), s.was_running)).collect();
+        let ids: Vec<(&str, bool)> = done
+            .iter()
+            .map(|s| (s.id.as_str(), s.was_running))
+            .collect();
         assert_eq!(ids, [("here", true), ("there", false), ("nodes", false)]);
         assert_ne!(b.status(&local).await.expect("status"), ProcState::Running);
         let calls = b.calls.lock().expect("lock").clone();

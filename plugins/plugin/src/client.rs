@@ -321,13 +321,17 @@ impl Backend for PluginBackend {
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        let v = self.call("status", json!({ "handle": self.untag(handle)? })).await?;
+        let v = self
+            .call("status", json!({ "handle": self.untag(handle)? }))
+            .await?;
         protocol::parse_state(&v).map_err(|e| self.bad_answer("status", e))
     }
 
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
         if self.can("wait").await? {
-            let v = self.call("wait", json!({ "handle": self.untag(handle)? })).await?;
+            let v = self
+                .call("wait", json!({ "handle": self.untag(handle)? }))
+                .await?;
             return protocol::parse_state(&v).map_err(|e| self.bad_answer("wait", e));
         }
         loop {
@@ -351,7 +355,10 @@ impl Backend for PluginBackend {
             return Ok(last_lines(&text, lines));
         }
         let v = self
-            .call("log_tail", json!({ "handle": self.untag(handle)?, "lines": lines }))
+            .call(
+                "log_tail",
+                json!({ "handle": self.untag(handle)?, "lines": lines }),
+            )
             .await?;
         match v {
             Value::String(s) => Ok(s),
@@ -368,7 +375,10 @@ impl Backend for PluginBackend {
             return read_file_from(&self.log_of(handle)?, offset, None);
         }
         let v = self
-            .call("read_log", json!({ "handle": self.untag(handle)?, "offset": offset }))
+            .call(
+                "read_log",
+                json!({ "handle": self.untag(handle)?, "offset": offset }),
+            )
             .await?;
         let chunk: LogChunk = serde_json::from_value(v.clone()).map_err(|e| {
             self.bad_answer(

@@ -86,7 +86,11 @@ impl SlurmBackend {
             };
             match &item.held {
                 Held::Process(h) if h.is("local") => {
-                    out.extend(local.teardown(std::slice::from_ref(item), grace, None).await);
+                    out.extend(
+                        local
+                            .teardown(std::slice::from_ref(item), grace, None)
+                            .await,
+                    );
                 }
                 Held::Allocation(a) if a.handle.is("local") => out.push(Stopped {
                     id: id.clone(),

@@ -88,8 +88,8 @@ use prl_flow_local::WithLocal;
 use tokio::sync::watch;
 
 pub use config::{AddressMode, SlurmConfig};
-use handles::{alloc_handle, parse_step, AllocHandle, NAME};
 pub use handles::step_name;
+use handles::{alloc_handle, parse_step, AllocHandle, NAME};
 pub use prl_flow_backend::ConfigError;
 pub use slurm::{Cluster, JobInfo};
 use steps::StepTable;

@@ -14,7 +14,7 @@ use prl_flow_backend::{
 use tokio::sync::{oneshot, watch};
 
 use crate::handles::{
-    ended_state, parse_step, read_job_file, read_step_file, step_name, seal, StepHandle,
+    ended_state, parse_step, read_job_file, read_step_file, seal, step_name, StepHandle,
 };
 use crate::slurm::Cluster;
 use crate::templates::SrunVars;
