@@ -59,7 +59,7 @@
 //! again); steps that are gone are started again in the same allocation.
 //!
 //! **Tasks without a node** run on this machine, through the local backend beside this one
-//! ([`WithLocal`], which every constructor returns); their handles say `"backend": "local"`.
+//! ([`WithLocal`], which every constructor returns); their handles are named `local`.
 //!
 //! This crate knows SLURM and the backend API; it must not know recipes, plans or the
 //! journal's format beyond the handles it wrote itself.
