@@ -340,12 +340,12 @@ impl SpecTask {
             () = cx.cancel.cancelled() => {
                 let _ = self.exec.backend.stop(handle, self.exec.grace).await;
                 return Err(TaskError::new(format!("`{}` was stopped", self.spec.id))
-                    .with_handle(Some(handle.clone())));
+                    .with_handle(Some(handle.clone().into())));
             }
         };
         match state {
             Ok(ProcState::Exited(Some(0))) => Ok(Done {
-                handle: Some(handle.clone()),
+                handle: Some(handle.clone().into()),
             }),
             Ok(ProcState::Exited(code)) => {
                 let what = match code {
@@ -409,13 +409,13 @@ impl Task for SpecTask {
                 self.where_()
             ))
         })?;
-        cx.started(handle.clone());
+        cx.started(handle.clone().into());
         if self.spec.service {
             match self.wait_ready(&handle, cx).await {
                 Ok(()) => Ok(Done {
-                    handle: Some(handle),
+                    handle: Some(handle.into()),
                 }),
-                Err(e) => Err(e.with_handle(Some(handle))),
+                Err(e) => Err(e.with_handle(Some(handle.into()))),
             }
         } else {
             self.wait_exit(&handle, cx).await
@@ -429,7 +429,11 @@ impl Task for SpecTask {
         let Some(handle) = handle else {
             return Check::Invalid("nothing was recorded".into());
         };
-        let state = match self.exec.backend.status(handle).await {
+        let handle = match ProcHandle::try_from(handle) {
+            Ok(h) => h,
+            Err(e) => return Check::Invalid(e.to_string()),
+        };
+        let state = match self.exec.backend.status(&handle).await {
             Ok(s) => s,
             Err(e) => return Check::Invalid(e.to_string()),
         };
@@ -463,16 +467,18 @@ impl Task for SpecTask {
             .await
             .ok()
             .flatten()
+            .map(Into::into)
     }
 
     async fn adopt(&self, handle: &Handle, cx: &TaskContext) -> Result<Done, TaskError> {
+        let h = ProcHandle::try_from(handle).map_err(|e| TaskError::new(e.to_string()))?;
         if self.spec.service {
-            self.wait_ready(handle, cx).await?;
+            self.wait_ready(&h, cx).await?;
             Ok(Done {
                 handle: Some(handle.clone()),
             })
         } else {
-            self.wait_exit(handle, cx).await
+            self.wait_exit(&h, cx).await
         }
     }
 
@@ -480,9 +486,10 @@ impl Task for SpecTask {
         if let Some(action) = self.action() {
             return action.undo(self.exec.as_ref(), handle).await;
         }
+        let handle = ProcHandle::try_from(handle).map_err(|e| TaskError::new(e.to_string()))?;
         self.exec
             .backend
-            .stop(handle, self.exec.grace)
+            .stop(&handle, self.exec.grace)
             .await
             .map_err(|e| TaskError::new(e.to_string()))
     }

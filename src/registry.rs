@@ -22,7 +22,7 @@ pub mod report;
 use std::path::Path;
 use std::sync::Arc;
 
-use prl_flow_backend::{Backend, ConfigError};
+use prl_flow_backend::{Backend, ConfigError, Held, ProcHandle};
 use prl_flow_engine::Record;
 use serde_json::Value;
 
@@ -187,33 +187,33 @@ impl Registry {
         prl_flow_plugin::PluginBackend::new(&info.name, path).with_config(config.clone())
     }
 
+    /// The handle a record keeps: a process's, or (for an allocation record) the
+    /// allocation's.
+    fn handle_of(r: &Record) -> Option<ProcHandle> {
+        let held = Held::from_json(r.handle.as_ref()?).ok()?;
+        Some(held.handle().clone())
+    }
+
     /// The name of the backend that made a record's handle (`None`: no handle).
     pub fn backend_name(r: &Record) -> Option<String> {
-        let h = r.handle.as_ref()?;
-        // An allocation record keeps the backend's own handle inside: `{hosts, handle}`.
-        h.get("backend")
-            .or_else(|| h.get("handle")?.get("backend"))?
-            .as_str()
-            .map(String::from)
+        Self::handle_of(r).map(|h| h.backend)
     }
 
     /// The backend that started what a record's handle names: a plugin by the path the
     /// handle carries, else by name.
     pub fn for_record(&self, r: &Record) -> Result<Arc<dyn Backend>, String> {
-        let name = Self::backend_name(r).unwrap_or_else(|| "local".into());
-        let plugin = r.handle.as_ref().and_then(|h| {
-            h.get("plugin")
-                .or_else(|| h.get("handle")?.get("plugin"))?
-                .as_str()
-                .map(std::path::PathBuf::from)
-        });
+        let handle = Self::handle_of(r);
+        let name = handle
+            .as_ref()
+            .map_or_else(|| "local".into(), |h| h.backend.clone());
+        let plugin = handle.as_ref().and_then(prl_flow_plugin::plugin_path);
         match plugin {
             Some(p) if prl_flow_plugin::is_executable(&p) => {
                 Ok(Arc::new(prl_flow_plugin::PluginBackend::new(name, p)))
             }
             // A SLURM handle says which cluster (its `SLURM_CONF`) it belongs to.
             _ if name == "slurm" => Ok(Arc::new(
-                r.handle
+                handle
                     .as_ref()
                     .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())
                     .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),

@@ -424,7 +424,7 @@ fn kill_9_with_a_long_oneshot_in_flight_adopts_it_instead_of_rerunning_it() {
         let long = recs.get("long")?;
         let side_done = recs.get("side")?["status"] == "done";
         (long["status"] == "running" && side_done && sb.count("marks", "long-start") == 1)
-            .then(|| long["handle"]["pid"].as_i64())
+            .then(|| long["handle"]["payload"]["pid"].as_i64())
             .flatten()
             .map(|p| p as i32)
     });

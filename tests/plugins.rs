@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use prl_flow::actions::Action;
 use prl_flow::plan::{Command, Plan, Probe, Readiness, TaskSpec};
 use prl_flow::session;
-use prl_flow_backend::{Allocation, Backend, ProcState};
+use prl_flow_backend::{Allocation, Backend, ProcHandle, ProcState};
 use prl_flow_engine::{Cancel, Event, Subscriber};
 use prl_flow_local::LocalBackend;
 use prl_flow_plugin::{conformance, PluginBackend, Scenario, Step, Timeouts};
@@ -176,7 +176,8 @@ const GOOD_HELLO: &str = r#"{"protocol": 1, "name": "broken", "capabilities": []
 async fn first_error(exe: &Path, timeouts: Timeouts) -> (String, Duration) {
     let b = PluginBackend::new("broken", exe).with_timeouts(timeouts);
     let began = Instant::now();
-    let r = bounded("a request to a broken plugin", b.status(&json!({"pid": 1}))).await;
+    let h = ProcHandle::new("broken", 1, &json!({"pid": 1})).expect("handle");
+    let r = bounded("a request to a broken plugin", b.status(&h)).await;
     match r {
         Ok(s) => panic!("a broken plugin answered {s:?}"),
         Err(e) => (e.message, began.elapsed()),
@@ -297,7 +298,8 @@ async fn a_plugin_that_dies_during_a_request_is_named_and_restarted() {
     let b = PluginBackend::new("broken", &exe);
     for _ in 0..2 {
         // The second call starts the plugin again (and it dies again).
-        let e = match bounded("status", b.status(&json!({}))).await {
+        let h = ProcHandle::new("broken", 1, &json!({})).expect("handle");
+        let e = match bounded("status", b.status(&h)).await {
             Ok(s) => panic!("a dying plugin answered {s:?}"),
             Err(e) => e.message,
         };
@@ -337,7 +339,8 @@ if len(held) == 3:
         say({"id": q["id"], "result": {"state": "exited", "code": q["params"]["handle"]["n"]}})"#,
     );
     let b = PluginBackend::new("broken", &exe);
-    let [h1, h2, h3] = [1, 2, 3].map(|n| json!({ "n": n }));
+    let [h1, h2, h3] =
+        [1, 2, 3].map(|n| ProcHandle::new("broken", 1, &json!({ "n": n })).expect("handle"));
     let (x, y, z) = bounded("three requests", async {
         tokio::join!(b.status(&h1), b.status(&h2), b.status(&h3))
     })
@@ -394,8 +397,8 @@ impl Drop for Started {
         let Ok(list) = self.0.lock() else { return };
         for (_, h) in list.iter() {
             let (Some(pid), Some(start)) = (
-                h.get("pid").and_then(Value::as_i64),
-                h.get("start").and_then(Value::as_u64),
+                h["payload"].get("pid").and_then(Value::as_i64),
+                h["payload"].get("start").and_then(Value::as_u64),
             ) else {
                 continue;
             };
@@ -520,6 +523,7 @@ async fn a_deployment_runs_through_the_example_plugin() {
     let later = PluginBackend::new("wrapped", wrapped()).with_config(config);
     let h = started.handle("server").expect("the server's handle");
     assert_eq!(h["backend"], "wrapped");
+    let h = ProcHandle::try_from(&h).expect("a handle");
     assert_eq!(
         bounded("status", later.status(&h)).await,
         Ok(ProcState::Running)
@@ -540,7 +544,7 @@ async fn a_deployment_runs_through_the_example_plugin() {
             ("node1".to_string(), "127.0.0.2".to_string())
         ])
     );
-    assert_eq!(a.handle["backend"], "wrapped");
+    assert_eq!(a.handle.backend, "wrapped");
     bounded("release", later.release(&a))
         .await
         .expect("release");

@@ -43,7 +43,7 @@ use prl_flow::actions::Action;
 use prl_flow::plan::{Command as Cmd, Plan, Probe, Readiness, TaskSpec};
 use prl_flow::recipe::{load, Launcher, Options};
 use prl_flow::session::{self, DownReport, RunSettings, Session};
-use prl_flow_backend::{Backend, ProcState, SpawnSpec};
+use prl_flow_backend::{Backend, ProcHandle, ProcState, SpawnSpec};
 use prl_flow_engine::{Decision, Record, Report, Status};
 use prl_flow_slurm::SlurmBackend;
 use serde_json::{json, Value};
@@ -370,18 +370,29 @@ fn records(dir: &Path) -> BTreeMap<String, Record> {
     prl_flow_engine::journal::load(dir).expect("journal")
 }
 
+/// The process handle a record keeps.
+fn proc_handle(r: &Record) -> ProcHandle {
+    ProcHandle::try_from(r.handle.as_ref().expect("handle")).expect("a process handle")
+}
+
 /// Task id → its step id, from the journal.
 fn step_ids(dir: &Path) -> BTreeMap<String, String> {
     records(dir)
         .into_values()
-        .filter_map(|r| Some((r.id, r.handle?.get("step")?.as_str()?.to_string())))
+        .filter_map(|r| {
+            let step = r.handle?.get("payload")?.get("step")?.as_str()?.to_string();
+            Some((r.id, step))
+        })
         .collect()
 }
 
 fn handle_field(dir: &Path, id: &str, field: &str) -> String {
     records(dir)
         .get(id)
-        .and_then(|r| r.handle.as_ref()?.get(field)?.as_str().map(String::from))
+        .and_then(|r| {
+            let payload = r.handle.as_ref()?.get("payload")?;
+            payload.get(field)?.as_str().map(String::from)
+        })
         .unwrap_or_else(|| panic!("no `{field}` in the handle of `{id}`"))
 }
 
@@ -512,16 +523,12 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
 
     // A later process sees it all from the journal alone.
     let later =
-        SlurmBackend::from_handle(records(&state)["router"].handle.as_ref().expect("handle"))
-            .expect("from handle");
+        SlurmBackend::from_handle(&proc_handle(&records(&state)["router"])).expect("from handle");
     for r in records(&state)
         .values()
         .filter(|r| r.service && r.kind != ALLOCATE)
     {
-        let st = later
-            .status(r.handle.as_ref().expect("handle"))
-            .await
-            .expect("status");
+        let st = later.status(&proc_handle(r)).await.expect("status");
         assert_eq!(st, ProcState::Running, "{}", r.id);
     }
 
@@ -576,7 +583,7 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
     .await;
 
     // `status` in another process: the step is down, everything else up.
-    let h = records(&state)[victim].handle.clone().expect("handle");
+    let h = proc_handle(&records(&state)[victim]);
     let later = SlurmBackend::from_handle(&h).expect("from handle");
     assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone);
     for r in records(&state)
@@ -584,10 +591,7 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
         .filter(|r| r.service && r.kind != ALLOCATE && r.id != victim)
     {
         assert_eq!(
-            later
-                .status(r.handle.as_ref().expect("handle"))
-                .await
-                .expect("status"),
+            later.status(&proc_handle(r)).await.expect("status"),
             ProcState::Running,
             "{}",
             r.id
@@ -871,7 +875,7 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
     let job = records(&state)[ALLOCATE]
         .handle
         .as_ref()
-        .and_then(|h| h["handle"]["job"].as_str().map(String::from))
+        .and_then(|h| h["handle"]["payload"]["job"].as_str().map(String::from))
         .expect("job id");
     let show = cluster.slurm("scontrol", &["show", "job", &job]);
     for needle in [
@@ -893,7 +897,7 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
 
     // A backend made from the handle alone (a later `status`) sees the service, stops it,
     // and reads its log.
-    let h = records(&state)["server"].handle.clone().expect("handle");
+    let h = proc_handle(&records(&state)["server"]);
     let later = SlurmBackend::from_handle(&h).expect("from handle");
     assert_eq!(later.status(&h).await.expect("status"), ProcState::Running);
 
@@ -920,8 +924,8 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
             .expect("recover")
             .unwrap_or_else(|| panic!("not found {round}"));
         assert_eq!(
-            (&found["step"], &found["host"]),
-            (&h["step"], &h["host"]),
+            (&found.payload["step"], &found.payload["host"]),
+            (&h.payload["step"], &h.payload["host"]),
             "{round}"
         );
         assert_eq!(
@@ -970,7 +974,7 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
         .await
         .expect("stopping a stopped step is fine");
     // The one-shot's exit status outlives its srun.
-    let c = records(&state)["check"].handle.clone().expect("handle");
+    let c = proc_handle(&records(&state)["check"]);
     assert_eq!(
         later.status(&c).await.expect("status"),
         ProcState::Exited(Some(0))
@@ -1038,7 +1042,7 @@ async fn resume_refuses_once_the_allocation_has_ended() {
     let job = records(&state)[ALLOCATE]
         .handle
         .as_ref()
-        .and_then(|h| h["handle"]["job"].as_str().map(String::from))
+        .and_then(|h| h["handle"]["payload"]["job"].as_str().map(String::from))
         .expect("job");
 
     // The allocation ends behind prl-flow's back (a time limit, an admin).

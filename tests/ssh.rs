@@ -350,9 +350,9 @@ async fn processes_on_real_hosts_start_report_and_stop() {
         );
         s.env.insert("ODD VALUE".into(), "it's $HOME".into());
         let h = b.spawn(&s).await.expect("spawn");
-        assert_eq!(h["backend"], "ssh");
+        assert_eq!(h.backend, "ssh");
         assert_eq!(
-            h["host"],
+            h.payload["host"],
             hosts.list[k].target.split(':').next().unwrap_or_default()
         );
         assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
@@ -402,7 +402,7 @@ async fn processes_on_real_hosts_start_report_and_stop() {
 
     // A handle whose start time is not the process's names nothing.
     let mut fake = h.clone();
-    fake["start"] = json!(h["start"].as_u64().unwrap_or(0) + 1);
+    fake.payload["start"] = json!(h.payload["start"].as_u64().unwrap_or(0) + 1);
     assert_eq!(later.status(&fake).await.expect("status"), ProcState::Gone);
     later
         .stop(&fake, Duration::from_secs(1))
@@ -422,7 +422,7 @@ async fn processes_on_real_hosts_start_report_and_stop() {
         .spawn(&spec("here", None, &["true"], false, &state))
         .await
         .expect("local spawn");
-    assert_eq!(h["backend"], "local");
+    assert_eq!(h.backend, "local");
     assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(0)));
 
     // More nodes than hosts: refused with the numbers.
@@ -859,7 +859,7 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
         prl_flow_engine::journal::load(&state)
             .ok()
             .and_then(|r| r.get(id).and_then(|r| r.handle.clone()))
-            .and_then(|h| h["pid"].as_i64())
+            .and_then(|h| h["payload"]["pid"].as_i64())
     };
     let before: Vec<_> = ["sidecar2", "engine0", "engine1"].map(pid_of).to_vec();
     assert!(before.iter().all(Option::is_some), "{before:?}");

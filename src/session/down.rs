@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prl_flow_backend::{Backend, BackendError, ProcState};
+use prl_flow_backend::{Backend, BackendError, ProcHandle, ProcState};
 use prl_flow_engine::{journal, Journal, Record, Status};
 
 use super::run::recover_missing;
@@ -102,15 +102,21 @@ impl Session {
                     Err(e) => Err(BackendError::new(e.to_string())),
                 }
             } else {
-                let was_running = matches!(backend.status(h).await, Ok(ProcState::Running));
-                let res = backend.stop(h, STOP_GRACE).await;
-                if was_running && res.is_ok() {
-                    on_stop(&r.id);
+                match ProcHandle::try_from(h) {
+                    Err(e) => Err(e),
+                    Ok(h) => {
+                        let was_running =
+                            matches!(backend.status(&h).await, Ok(ProcState::Running));
+                        let res = backend.stop(&h, STOP_GRACE).await;
+                        if was_running && res.is_ok() {
+                            on_stop(&r.id);
+                        }
+                        if was_running {
+                            report.stopped += 1;
+                        }
+                        res
+                    }
                 }
-                if was_running {
-                    report.stopped += 1;
-                }
-                res
             };
             match result {
                 Ok(()) => journal.update(&r.id, |rec| rec.status = Status::Stopped),
@@ -152,8 +158,8 @@ impl Session {
                 if r.status != Status::Done || reported.contains(&r.id) {
                     continue;
                 }
-                if let Some(h) = &r.handle {
-                    if !matches!(backend.status(h).await, Ok(ProcState::Running)) {
+                if let Some(h) = super::proc_handle(r) {
+                    if !matches!(backend.status(&h).await, Ok(ProcState::Running)) {
                         on_down(&r.id);
                         reported.insert(r.id.clone());
                     }

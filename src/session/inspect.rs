@@ -119,6 +119,7 @@ impl Session {
         };
         let backend = self.registry().for_record(r).map_err(Error::Usage)?;
         let failed = |e: prl_flow_backend::BackendError| Error::Failed(format!("error: {e}"));
+        let h = &prl_flow_backend::ProcHandle::try_from(h).map_err(failed)?;
         let (text, mut offset) = backend.read_log(h, 0).await.map_err(failed)?;
         out(&text);
         if !follow {
@@ -162,8 +163,10 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
     if is_allocation(r) {
         return (Liveness::NotApplicable, None);
     }
-    let state = exec.backend.status(h).await;
-    let pid = h.get("pid").and_then(|p| p.as_i64());
+    let Ok(h) = prl_flow_backend::ProcHandle::try_from(h) else {
+        return (Liveness::NotApplicable, None);
+    };
+    let state = exec.backend.status(&h).await;
     let on = r
         .meta
         .get("node")
@@ -174,14 +177,7 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
     match state {
         Ok(ProcState::Running) => {
             // A process says its pid; a SLURM job step its step id.
-            let pid = pid
-                .map(|p| format!("pid {p}"))
-                .or_else(|| {
-                    h.get("step")
-                        .and_then(|s| s.as_str())
-                        .map(|s| format!("step {s}"))
-                })
-                .unwrap_or_default();
+            let pid = exec.backend.describe(&h);
             if !r.service {
                 return (Liveness::Up, Some(format!("running, {pid}{on}")));
             }

@@ -78,6 +78,13 @@ pub fn is_allocation(r: &Record) -> bool {
     crate::actions::Action::of_kind(&r.kind) == Some(crate::actions::Action::Allocate)
 }
 
+/// The process handle a record keeps (`None`: none, or not a process's).
+pub(crate) fn proc_handle(r: &Record) -> Option<prl_flow_backend::ProcHandle> {
+    r.handle
+        .as_ref()
+        .and_then(|h| prl_flow_backend::ProcHandle::try_from(h).ok())
+}
+
 pub use crate::plan::default_state_dir;
 
 pub(crate) fn journal_error(e: JournalError) -> Error {

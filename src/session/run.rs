@@ -233,8 +233,8 @@ pub(crate) async fn recover_missing(
             ..Default::default()
         };
         if let Ok(Some(h)) = backend.recover(&spec, r.started_ms.unwrap_or(0)).await {
-            r.handle = Some(h.clone());
-            journal.update_now(&r.id, |rec| rec.handle = Some(h));
+            r.handle = Some(h.clone().into());
+            journal.update_now(&r.id, |rec| rec.handle = Some(h.into()));
         }
     }
 }
@@ -244,8 +244,8 @@ async fn live_services(backend: &dyn Backend, records: &BTreeMap<String, Record>
     let mut live = Vec::new();
     for r in records.values() {
         if r.service && matches!(r.status, Status::Done | Status::Running) && !is_allocation(r) {
-            if let Some(h) = &r.handle {
-                if matches!(backend.status(h).await, Ok(ProcState::Running)) {
+            if let Some(h) = super::proc_handle(r) {
+                if matches!(backend.status(&h).await, Ok(ProcState::Running)) {
                     live.push(r.id.clone());
                 }
             }

@@ -442,6 +442,7 @@ pub fn pid_of(state_dir: &Path, id: &str) -> Option<i32> {
     records(state_dir)
         .get(id)?
         .get("handle")?
+        .get("payload")?
         .get("pid")?
         .as_i64()
         .map(|p| p as i32)
@@ -452,7 +453,7 @@ fn recorded_pids(state_dir: &Path) -> Vec<(i32, u64)> {
     records(state_dir)
         .values()
         .filter_map(|r| {
-            let h = r.get("handle")?;
+            let h = r.get("handle")?.get("payload")?;
             Some((h.get("pid")?.as_i64()? as i32, h.get("start")?.as_u64()?))
         })
         .collect()

@@ -8,33 +8,36 @@
 //! - [`Backend::allocate`] gets nodes and says their addresses; [`Backend::release`] gives
 //!   them back.
 //! - [`Backend::spawn`] starts a process on a node (argv, env, files to place, a log) and
-//!   returns a [`ProcHandle`]: JSON the journal keeps, so a later prl-flow can check, stop
-//!   or wait for the process ([`Backend::status`], [`Backend::stop`], [`Backend::wait`]).
-//!   Reattaching is no more than using a recorded handle again.
+//!   returns a [`ProcHandle`]: the backend's name and its own data, which the journal keeps
+//!   as JSON, so a later prl-flow can check, stop or wait for the process
+//!   ([`Backend::status`], [`Backend::stop`], [`Backend::wait`]). Reattaching is no more
+//!   than using a recorded handle again. Only the backend named opens a handle's payload
+//!   ([`ProcHandle::open`]); others ask it ([`Backend::describe`]).
 //! - A handle must identify its process for good: a pid alone is not enough (pids are
 //!   reused), so backends record what makes it unique (start time, job and step ids).
 //! - [`Backend::check`] checks the configuration against a plan before anything starts, and
-//!   [`Backend::stop_many`] stops many processes at once (a scheduler can batch them).
+//!   [`Backend::teardown`] takes down what a journal records (a scheduler can batch it).
 //!
 //! This crate holds only the trait, its data types and small helpers every backend shares
 //! ([`ConfigError`], log reading). It must not know any particular backend, recipes, plans
 //! or the journal.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 mod config_error;
+mod handle;
 mod logs;
+mod teardown;
 
 pub use config_error::ConfigError;
+pub use handle::ProcHandle;
 pub use logs::{last_lines, read_from, since_last_mark, tail_bytes, LOG_MARK};
-
-/// What a backend returns for a process: opaque JSON, kept in the journal.
-pub type ProcHandle = serde_json::Value;
+pub use teardown::{teardown_each, Held, Recorded, Stopped};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{message}")]
@@ -76,7 +79,7 @@ pub struct SpawnSpec {
 }
 
 /// Nodes given to a deployment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     /// Node name → address (hostname or IP) that services bind and clients reach.
     pub hosts: BTreeMap<String, String>,
@@ -127,15 +130,24 @@ pub trait Backend: Send + Sync {
     /// that is already gone is not an error.
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError>;
 
-    /// Stops many processes, each as [`Backend::stop`] would, and says how each went (in the
-    /// order of `handles`). The default stops them all at once; a backend that can stop
-    /// many with one call (SLURM: one `scancel` per job) does so.
-    async fn stop_many(
+    /// Takes down what a journal records (`items`, last started first): stops each process
+    /// as [`Backend::stop`] would and releases each allocation, and says how each went. The
+    /// default does one item after the other, in order ([`teardown_each`]); a backend that
+    /// can take down many with one call (SLURM: one `scancel` per job) does so, and with
+    /// `state_dir` also takes down what that state dir started but never recorded.
+    async fn teardown(
         &self,
-        handles: &[ProcHandle],
+        items: &[Recorded],
         grace: Duration,
-    ) -> Vec<Result<(), BackendError>> {
-        futures::future::join_all(handles.iter().map(|h| self.stop(h, grace))).await
+        _state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
+        teardown_each(self, items, grace).await
+    }
+
+    /// A few words on a running process for `status` (`pid 4242`, `step 12.3`); empty when
+    /// the backend has none.
+    fn describe(&self, _handle: &ProcHandle) -> String {
+        String::new()
     }
 
     /// Finds the process a spawn of `spec` started at or after `since_ms` (ms since the

@@ -23,7 +23,7 @@
 mod with_local;
 
 pub use prl_flow_backend::read_from;
-pub use with_local::{is_local_handle, WithLocal};
+pub use with_local::WithLocal;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,15 +40,18 @@ use prl_flow_backend::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+/// The backend's name, in its handles.
+const NAME: &str = "local";
+
 const PID_FILE: &str = "pid";
 const STATUS_FILE: &str = "exit-status";
 
 /// How often to look at a process that is not our child.
 const POLL: Duration = Duration::from_millis(20);
 
+/// The payload of a local process's [`ProcHandle`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Handle {
-    backend: String,
     pid: i32,
     /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
     start: u64,
@@ -81,8 +84,11 @@ impl LocalBackend {
     }
 
     fn parse(handle: &ProcHandle) -> Result<Handle, BackendError> {
-        serde_json::from_value(handle.clone())
-            .map_err(|e| BackendError::new(format!("not a local process handle ({e}): {handle}")))
+        handle.open(NAME)
+    }
+
+    fn wrap(h: &Handle) -> Result<ProcHandle, BackendError> {
+        ProcHandle::new(NAME, ProcHandle::VERSION, h)
     }
 
     fn child(&self, h: &Handle) -> Option<ExitWatch> {
@@ -130,7 +136,13 @@ fn read_status(path: &Path) -> Option<i32> {
 #[async_trait]
 impl Backend for LocalBackend {
     fn name(&self) -> &str {
-        "local"
+        NAME
+    }
+
+    fn describe(&self, handle: &ProcHandle) -> String {
+        Self::parse(handle)
+            .map(|h| format!("pid {}", h.pid))
+            .unwrap_or_default()
     }
 
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
@@ -140,7 +152,7 @@ impl Backend for LocalBackend {
                 .enumerate()
                 .map(|(i, n)| (n.clone(), Self::address(i)))
                 .collect(),
-            handle: serde_json::json!({ "backend": "local" }),
+            handle: ProcHandle::new(NAME, ProcHandle::VERSION, &serde_json::json!({}))?,
         })
     }
 
@@ -201,14 +213,13 @@ impl Backend for LocalBackend {
             let _ = tx.send(Some(state));
         });
         let h = Handle {
-            backend: "local".into(),
             pid,
             start,
             node: spec.node.clone(),
             log: spec.log.clone(),
             status_file,
         };
-        serde_json::to_value(h).map_err(|e| BackendError::new(e.to_string()))
+        Self::wrap(&h)
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
@@ -288,7 +299,6 @@ impl Backend for LocalBackend {
             return Ok(None);
         };
         let h = Handle {
-            backend: "local".into(),
             pid,
             // A dead process has no start time to read; 0 never matches a live one.
             start: proc_start(pid).map(|(s, _)| s).unwrap_or(0),
@@ -296,9 +306,7 @@ impl Backend for LocalBackend {
             log: spec.log.clone(),
             status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
         };
-        serde_json::to_value(h)
-            .map(Some)
-            .map_err(|e| BackendError::new(e.to_string()))
+        Self::wrap(&h).map(Some)
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
@@ -390,9 +398,9 @@ mod tests {
             .spawn(&spec(dir.path(), &["sleep", "30"], true))
             .await
             .expect("spawn");
-        let mut other: Handle = serde_json::from_value(h.clone()).expect("handle");
+        let mut other: Handle = h.open(NAME).expect("handle");
         other.start += 1;
-        let other = serde_json::to_value(other).expect("json");
+        let other = LocalBackend::wrap(&other).expect("handle");
         // The same backend knows the child by pid; a later process with that pid is not it.
         assert_eq!(b.status(&other).await.expect("status"), ProcState::Gone);
         assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
@@ -415,13 +423,28 @@ mod tests {
         b.stop(&h, Duration::from_secs(2)).await.expect("stop");
         assert_ne!(b.status(&h).await.expect("status"), ProcState::Running);
         // A handle with the right pid but another start time is not ours.
-        let mut fake: Handle = serde_json::from_value(h.clone()).expect("handle");
+        let mut fake: Handle = h.open(NAME).expect("handle");
         fake.pid = std::process::id() as i32;
         fake.start += 1;
-        let fake = serde_json::to_value(fake).expect("json");
+        let fake = LocalBackend::wrap(&fake).expect("handle");
         assert_eq!(
             LocalBackend::new().status(&fake).await.expect("status"),
             ProcState::Gone
         );
+    }
+
+    #[tokio::test]
+    async fn a_handle_of_another_backend_is_refused() {
+        let other = ProcHandle::new("ssh", ProcHandle::VERSION, &serde_json::json!({ "pid": 1 }))
+            .expect("handle");
+        let e = LocalBackend::new()
+            .status(&other)
+            .await
+            .expect_err("not ours");
+        assert_eq!(
+            e.message,
+            "backend `local` cannot use a handle of backend `ssh`"
+        );
+        assert_eq!(LocalBackend::new().describe(&other), "");
     }
 }

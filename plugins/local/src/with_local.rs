@@ -3,22 +3,24 @@
 //! A plan may hold tasks that run where prl-flow runs (`node: None`: a probe, a small
 //! helper) next to tasks on the nodes of a cluster. [`WithLocal`] routes once, for every
 //! remote backend: a spawn (or recover) without a node and every call with a local handle
-//! (`"backend": "local"`) go to [`LocalBackend`]; everything else, allocations included,
-//! goes to the remote backend, which never sees a local task.
+//! (`handle.backend == "local"`) go to [`LocalBackend`]; everything else, allocations
+//! included, goes to the remote backend, which never sees a local task.
 
 use std::ops::Deref;
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, ConfigError, ProcHandle, ProcState, SpawnSpec,
+    Allocation, Backend, BackendError, ConfigError, ProcHandle, ProcState, Recorded, SpawnSpec,
+    Stopped,
 };
 
-use crate::LocalBackend;
+use crate::{LocalBackend, NAME};
 
 /// Is this the handle of a process the local backend started?
-pub fn is_local_handle(handle: &ProcHandle) -> bool {
-    handle.get("backend").and_then(|b| b.as_str()) == Some("local")
+fn is_local(handle: &ProcHandle) -> bool {
+    handle.is(NAME)
 }
 
 /// `remote` for the nodes of a plan, the local backend for what has none. Derefs to the
@@ -83,55 +85,48 @@ impl<B: Backend> Backend for WithLocal<B> {
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        if is_local_handle(handle) {
+        if is_local(handle) {
             return self.local.status(handle).await;
         }
         self.remote.status(handle).await
     }
 
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        if is_local_handle(handle) {
+        if is_local(handle) {
             return self.local.wait(handle).await;
         }
         self.remote.wait(handle).await
     }
 
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
-        if is_local_handle(handle) {
+        if is_local(handle) {
             return self.local.stop(handle, grace).await;
         }
         self.remote.stop(handle, grace).await
     }
 
-    async fn stop_many(
+    /// The local items to the local backend, the rest to the remote one (which batches them
+    /// as it can); local ones first.
+    async fn teardown(
         &self,
-        handles: &[ProcHandle],
+        items: &[Recorded],
         grace: Duration,
-    ) -> Vec<Result<(), BackendError>> {
-        let (local, remote): (Vec<_>, Vec<_>) = handles
+        state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
+        let (local, remote): (Vec<Recorded>, Vec<Recorded>) = items
             .iter()
             .cloned()
-            .enumerate()
-            .partition(|(_, h)| is_local_handle(h));
-        let split = |v: Vec<(usize, ProcHandle)>| -> (Vec<usize>, Vec<ProcHandle>) {
-            v.into_iter().unzip()
-        };
-        let ((local_at, local), (remote_at, remote)) = (split(local), split(remote));
-        let (local_done, remote_done) = tokio::join!(
-            self.local.stop_many(&local, grace),
-            self.remote.stop_many(&remote, grace)
-        );
-        let mut out: Vec<Option<Result<(), BackendError>>> = vec![None; handles.len()];
-        for (at, r) in local_at
-            .into_iter()
-            .zip(local_done)
-            .chain(remote_at.into_iter().zip(remote_done))
-        {
-            out[at] = Some(r);
+            .partition(|r| is_local(r.held.handle()));
+        let mut out = self.local.teardown(&local, grace, state_dir).await;
+        out.extend(self.remote.teardown(&remote, grace, state_dir).await);
+        out
+    }
+
+    fn describe(&self, handle: &ProcHandle) -> String {
+        if is_local(handle) {
+            return self.local.describe(handle);
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(BackendError::new("the backend gave no answer"))))
-            .collect()
+        self.remote.describe(handle)
     }
 
     async fn recover(
@@ -146,7 +141,7 @@ impl<B: Backend> Backend for WithLocal<B> {
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
-        if is_local_handle(handle) {
+        if is_local(handle) {
             return self.local.log_tail(handle, lines).await;
         }
         self.remote.log_tail(handle, lines).await
@@ -157,7 +152,7 @@ impl<B: Backend> Backend for WithLocal<B> {
         handle: &ProcHandle,
         offset: u64,
     ) -> Result<(String, u64), BackendError> {
-        if is_local_handle(handle) {
+        if is_local(handle) {
             return self.local.read_log(handle, offset).await;
         }
         self.remote.read_log(handle, offset).await
@@ -167,6 +162,8 @@ impl<B: Backend> Backend for WithLocal<B> {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+
+    use prl_flow_backend::Held;
 
     use super::*;
 
@@ -194,14 +191,17 @@ mod tests {
             )])
         }
         async fn allocate(&self, _: &[String]) -> Result<Allocation, BackendError> {
-            Ok(Allocation::default())
+            Ok(Allocation {
+                hosts: Default::default(),
+                handle: ProcHandle::new("remote", 1, &serde_json::json!({}))?,
+            })
         }
         async fn release(&self, _: &Allocation) -> Result<(), BackendError> {
             Ok(())
         }
         async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
             self.note(format!("spawn {}", spec.task));
-            Ok(serde_json::json!({ "backend": "remote", "task": spec.task }))
+            ProcHandle::new("remote", 1, &serde_json::json!({ "task": spec.task }))
         }
         async fn status(&self, _: &ProcHandle) -> Result<ProcState, BackendError> {
             self.note("status".into());
@@ -213,13 +213,21 @@ mod tests {
         async fn stop(&self, _: &ProcHandle, _: Duration) -> Result<(), BackendError> {
             Err(BackendError::new("stop one by one"))
         }
-        async fn stop_many(
+        async fn teardown(
             &self,
-            handles: &[ProcHandle],
+            items: &[Recorded],
             _: Duration,
-        ) -> Vec<Result<(), BackendError>> {
-            self.note(format!("stop_many {}", handles.len()));
-            handles.iter().map(|_| Ok(())).collect()
+            _: Option<&Path>,
+        ) -> Vec<Stopped> {
+            self.note(format!("teardown {}", items.len()));
+            items
+                .iter()
+                .map(|r| Stopped {
+                    id: r.id.clone(),
+                    was_running: false,
+                    error: None,
+                })
+                .collect()
         }
         async fn log_tail(&self, _: &ProcHandle, _: usize) -> Result<String, BackendError> {
             Ok("remote log".into())
@@ -253,18 +261,42 @@ mod tests {
         };
         let local = b.spawn(&here).await.expect("local spawn");
         let remote = b.spawn(&there).await.expect("remote spawn");
-        assert!(is_local_handle(&local) && !is_local_handle(&remote));
+        assert!(is_local(&local) && !is_local(&remote));
         assert_eq!(b.status(&local).await.expect("status"), ProcState::Running);
+        assert!(
+            b.describe(&local).starts_with("pid "),
+            "{}",
+            b.describe(&local)
+        );
+        assert_eq!(b.describe(&remote), "");
         assert_eq!(b.log_tail(&remote, 3).await.expect("log"), "remote log");
+        let item = |id: &str, h: &ProcHandle| Recorded {
+            id: id.into(),
+            held: Held::Process(h.clone()),
+        };
+        let alloc = b.allocate(&[]).await.expect("allocate");
         let done = b
-            .stop_many(
-                &[remote.clone(), local.clone(), remote],
+            .teardown(
+                &[
+                    item("there", &remote),
+                    item("here", &local),
+                    Recorded {
+                        id: "nodes".into(),
+                        held: Held::Allocation(alloc),
+                    },
+                ],
                 Duration::from_secs(2),
+                None,
             )
             .await;
-        assert!(done.iter().all(Result::is_ok), "{done:?}");
+        assert!(done.iter().all(|s| s.error.is_none()), "{done:?}");
+        let ids: Vec<(&str, bool)> = done
+            .iter()
+            .map(|s| (s.id.as_str(), s.was_running))
+            .collect();
+        assert_eq!(ids, [("here", true), ("there", false), ("nodes", false)]);
         assert_ne!(b.status(&local).await.expect("status"), ProcState::Running);
         let calls = b.calls.lock().expect("lock").clone();
-        assert_eq!(calls, ["spawn there", "stop_many 2"]);
+        assert_eq!(calls, ["spawn there", "teardown 2"]);
     }
 }

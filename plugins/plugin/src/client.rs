@@ -27,11 +27,14 @@
 //! The plugin runs in its own process group, so a Ctrl-C at the terminal reaches prl-flow
 //! alone, which still needs the plugin to stop what it started.
 //!
-//! Handles are the plugin's JSON objects with one key that belongs to prl-flow: `backend`,
-//! set to the name the plugin was found by, so that `status` or `down` in a later process
-//! find it again. A plugin without the log methods gets a `log` key too (the spawn spec's
-//! log path, if it set none) that prl-flow reads itself.
+//! A plugin's handles are its own JSON objects. prl-flow wraps each in a [`ProcHandle`]
+//! named after the plugin (the name it was found by), whose payload is the plugin's object
+//! plus the plugin's path (`plugin`), so that `status` or `down` in a later process find it
+//! again ([`plugin_path`]). A plugin without the log methods gets a `log` key too (the spawn
+//! spec's log path, if it set none) that prl-flow reads itself. A handle goes back to the
+//! plugin as it went on the wire before: the payload with `backend` set to the plugin's name.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +43,7 @@ use async_trait::async_trait;
 use prl_flow_backend::{
     last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::protocol::{self, Hello, LogChunk};
@@ -50,6 +54,23 @@ use conn::Conn;
 
 /// How often `wait` asks for `status` when the plugin cannot `wait` itself.
 const POLL: Duration = Duration::from_millis(200);
+
+/// An allocation as it crosses the wire: the handle is the plugin's own object.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireAllocation {
+    hosts: BTreeMap<String, String>,
+    handle: Value,
+}
+
+/// The executable of the plugin that made a handle, as the handle records it (`None`: not
+/// a plugin's handle).
+pub fn plugin_path(handle: &ProcHandle) -> Option<PathBuf> {
+    handle
+        .payload
+        .get("plugin")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+}
 
 /// Request time limits. `wait` has none; `stop` gets its grace period on top of
 /// `request`. A plugin may replace any of them in its `hello` answer.
@@ -155,8 +176,9 @@ impl PluginBackend {
         conn.request(method, &params, limit).await
     }
 
-    /// Sets the keys of a handle that belong to prl-flow.
-    fn tag(&self, handle: Value, log: Option<&Path>) -> Result<Value, BackendError> {
+    /// Wraps what the plugin returned into a handle named after the plugin, with the keys
+    /// that belong to prl-flow set.
+    fn tag(&self, handle: Value, log: Option<&Path>) -> Result<ProcHandle, BackendError> {
         let mut obj = match handle {
             Value::Object(o) => o,
             Value::Null => serde_json::Map::new(),
@@ -167,7 +189,7 @@ impl PluginBackend {
                 )))
             }
         };
-        obj.insert("backend".into(), Value::String(self.name.clone()));
+        obj.remove("backend");
         // The plugin's own path, so that `status` and `down` find it from the journal alone,
         // without the site file or recipe that named it.
         if let Some(p) = self.path.to_str() {
@@ -177,7 +199,22 @@ impl PluginBackend {
         if let Some(log) = log.and_then(Path::to_str) {
             obj.entry("log").or_insert_with(|| Value::from(log));
         }
+        ProcHandle::new(self.name.clone(), ProcHandle::VERSION, &obj)
+    }
+
+    /// A handle as the plugin gets it: the payload, with `backend` set to the plugin's name.
+    fn untag(&self, handle: &ProcHandle) -> Result<Value, BackendError> {
+        let mut obj: serde_json::Map<String, Value> = handle.open(&self.name)?;
+        obj.insert("backend".into(), Value::String(self.name.clone()));
         Ok(Value::Object(obj))
+    }
+
+    /// An allocation as the plugin gets it.
+    fn wire_allocation(&self, allocation: &Allocation) -> Result<WireAllocation, BackendError> {
+        Ok(WireAllocation {
+            hosts: allocation.hosts.clone(),
+            handle: self.untag(&allocation.handle)?,
+        })
     }
 
     fn bad_answer(&self, method: &str, why: impl std::fmt::Display) -> BackendError {
@@ -194,6 +231,7 @@ impl PluginBackend {
     /// The log file a handle names, for plugins that do not serve logs themselves.
     fn log_of(&self, handle: &ProcHandle) -> Result<PathBuf, BackendError> {
         handle
+            .open::<Value>(&self.name)?
             .get("log")
             .and_then(Value::as_str)
             .map(PathBuf::from)
@@ -212,9 +250,23 @@ impl Backend for PluginBackend {
         &self.name
     }
 
+    /// What the plugin's handle says of its process: a pid, else a step id.
+    fn describe(&self, handle: &ProcHandle) -> String {
+        let Ok(h) = handle.open::<Value>(&self.name) else {
+            return String::new();
+        };
+        if let Some(pid) = h.get("pid").and_then(Value::as_i64) {
+            return format!("pid {pid}");
+        }
+        h.get("step")
+            .and_then(Value::as_str)
+            .map(|s| format!("step {s}"))
+            .unwrap_or_default()
+    }
+
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
         let v = self.call("allocate", json!({ "nodes": nodes })).await?;
-        let mut a: Allocation = serde_json::from_value(v.clone()).map_err(|e| {
+        let a: WireAllocation = serde_json::from_value(v.clone()).map_err(|e| {
             self.bad_answer("allocate", format_args!("{v}, not an allocation ({e})"))
         })?;
         if let Some(n) = nodes.iter().find(|n| match a.hosts.get(*n) {
@@ -223,8 +275,10 @@ impl Backend for PluginBackend {
         }) {
             return Err(self.bad_answer("allocate", format_args!("no address for node `{n}`: {v}")));
         }
-        a.handle = self.tag(a.handle, None)?;
-        Ok(a)
+        Ok(Allocation {
+            handle: self.tag(a.handle, None)?,
+            hosts: a.hosts,
+        })
     }
 
     async fn allocation_alive(&self, allocation: &Allocation) -> Result<bool, BackendError> {
@@ -232,7 +286,10 @@ impl Backend for PluginBackend {
             return Ok(true);
         }
         let v = self
-            .call("allocation_alive", json!({ "allocation": allocation }))
+            .call(
+                "allocation_alive",
+                json!({ "allocation": self.wire_allocation(allocation)? }),
+            )
             .await?;
         v.as_bool().ok_or_else(|| {
             self.bad_answer("allocation_alive", format_args!("{v}, not true or false"))
@@ -240,6 +297,7 @@ impl Backend for PluginBackend {
     }
 
     async fn release(&self, allocation: &Allocation) -> Result<(), BackendError> {
+        let allocation = self.wire_allocation(allocation)?;
         self.call("release", json!({ "allocation": allocation }))
             .await
             .map(drop)
@@ -263,13 +321,17 @@ impl Backend for PluginBackend {
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        let v = self.call("status", json!({ "handle": handle })).await?;
+        let v = self
+            .call("status", json!({ "handle": self.untag(handle)? }))
+            .await?;
         protocol::parse_state(&v).map_err(|e| self.bad_answer("status", e))
     }
 
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
         if self.can("wait").await? {
-            let v = self.call("wait", json!({ "handle": handle })).await?;
+            let v = self
+                .call("wait", json!({ "handle": self.untag(handle)? }))
+                .await?;
             return protocol::parse_state(&v).map_err(|e| self.bad_answer("wait", e));
         }
         loop {
@@ -282,7 +344,7 @@ impl Backend for PluginBackend {
 
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
         let conn = self.conn().await?;
-        let params = json!({ "handle": handle, "grace_ms": grace.as_millis() as u64 });
+        let params = json!({ "handle": self.untag(handle)?, "grace_ms": grace.as_millis() as u64 });
         let limit = conn.limit("stop", &self.timeouts).map(|l| l + grace);
         conn.request("stop", &params, limit).await.map(drop)
     }
@@ -293,7 +355,10 @@ impl Backend for PluginBackend {
             return Ok(last_lines(&text, lines));
         }
         let v = self
-            .call("log_tail", json!({ "handle": handle, "lines": lines }))
+            .call(
+                "log_tail",
+                json!({ "handle": self.untag(handle)?, "lines": lines }),
+            )
             .await?;
         match v {
             Value::String(s) => Ok(s),
@@ -310,7 +375,10 @@ impl Backend for PluginBackend {
             return read_file_from(&self.log_of(handle)?, offset, None);
         }
         let v = self
-            .call("read_log", json!({ "handle": handle, "offset": offset }))
+            .call(
+                "read_log",
+                json!({ "handle": self.untag(handle)?, "offset": offset }),
+            )
             .await?;
         let chunk: LogChunk = serde_json::from_value(v.clone()).map_err(|e| {
             self.bad_answer(
@@ -374,7 +442,8 @@ mod tests {
         );
         let b =
             PluginBackend::new("dies", &p).with_timeouts(Timeouts::all(Duration::from_secs(20)));
-        let e = match b.status(&json!({})).await {
+        let h = ProcHandle::new("dies", ProcHandle::VERSION, &json!({})).expect("handle");
+        let e = match b.status(&h).await {
             Ok(s) => panic!("status of a dead plugin: {s:?}"),
             Err(e) => e.message,
         };
@@ -401,14 +470,26 @@ mod tests {
         let h = b
             .tag(json!({"pid": 1, "backend": "other"}), Some(Path::new("/l")))
             .expect("tag");
+        assert_eq!(h.backend, "site");
+        assert_eq!(h.payload, json!({"pid": 1, "plugin": "/x", "log": "/l"}));
+        assert_eq!(plugin_path(&h), Some(PathBuf::from("/x")));
+        assert_eq!(b.describe(&h), "pid 1");
+        // The plugin gets back what it got before the envelope.
         assert_eq!(
-            h,
+            b.untag(&h).expect("untag"),
             json!({"pid": 1, "backend": "site", "plugin": "/x", "log": "/l"})
         );
+        let empty = b.tag(Value::Null, None).expect("tag");
+        assert_eq!(empty.payload, json!({"plugin": "/x"}));
         assert_eq!(
-            b.tag(Value::Null, None).expect("tag"),
+            b.untag(&empty).expect("untag"),
             json!({"backend": "site", "plugin": "/x"})
         );
         assert!(b.tag(json!(3), None).is_err());
+        let other = PluginBackend::new("other", "/y")
+            .tag(json!({"pid": 2}), None)
+            .expect("tag");
+        assert!(b.untag(&other).is_err());
+        assert_eq!(b.describe(&other), "");
     }
 }

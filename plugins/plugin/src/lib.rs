@@ -23,7 +23,7 @@ pub mod protocol;
 
 use std::path::{Path, PathBuf};
 
-pub use client::{PluginBackend, Timeouts};
+pub use client::{plugin_path, PluginBackend, Timeouts};
 pub use conformance::{conformance, Outcome, Scenario, Step, Summary};
 pub use protocol::{Hello, EXE_PREFIX, PROTOCOL};
 

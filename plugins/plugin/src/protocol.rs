@@ -20,7 +20,9 @@
 //!
 //! Parameters and results are the data types of `prl-flow-backend` as serde writes them
 //! ([`SpawnSpec`](prl_flow_backend::SpawnSpec), [`Allocation`](prl_flow_backend::Allocation),
-//! process states), so a plugin gets exactly what a built-in backend gets. This module only
+//! process states), so a plugin gets exactly what a built-in backend gets; a handle is the
+//! plugin's own object, as it returned it, with `backend` (its name), `plugin` (its path)
+//! and maybe `log` set by prl-flow. This module only
 //! reads and writes lines; what a malformed answer means for the connection is the client's
 //! business.
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use prl_flow_backend::{last_lines, Allocation, BackendError};
 use sha2::{Digest, Sha256};
 
-use crate::handles::{alloc_handle, read_job_file, AllocHandle};
+use crate::handles::{alloc_handle, read_job_file, seal, AllocHandle};
 use crate::slurm::{self, JobInfo};
 use crate::templates::HolderVars;
 use crate::{write_atomic, AddressMode, SlurmBackend, END_WAIT, JOB_FILE, STATE_SUBDIR};
@@ -209,7 +209,6 @@ impl SlurmBackend {
             map.insert(node.clone(), name.clone());
         }
         let handle = AllocHandle {
-            backend: "slurm".into(),
             job: job.clone(),
             nodes: map,
             cpus_per_node: (info.cpus / info.nodes.max(1)).max(1),
@@ -223,7 +222,7 @@ impl SlurmBackend {
         tracing::info!("allocation: job {job} on {}", info.nodelist);
         Ok(Allocation {
             hosts,
-            handle: serde_json::to_value(handle).map_err(|e| BackendError::new(e.to_string()))?,
+            handle: seal(&handle)?,
         })
     }
 

@@ -1,31 +1,20 @@
-//! Stopping many steps at once: one `scancel` per job, never one per step (a thousand
-//! `scancel` calls at once overload slurmctld). [`Backend::stop_many`] stops the steps it
-//! is given this way; [`SlurmBackend::down`] does it for everything a journal records,
-//! cancelling a job whole when its allocation is among the records.
+//! Taking down many steps at once: one `scancel` per job, never one per step (a thousand
+//! `scancel` calls at once overload slurmctld). [`Backend::teardown`] takes down what a
+//! journal records this way, cancelling a job whole when its allocation is among the records;
+//! [`SlurmBackend::down`] does the same for records as the journal keeps them (JSON).
 //!
-//! [`Backend::stop_many`]: prl_flow_backend::Backend::stop_many
+//! [`Backend::teardown`]: prl_flow_backend::Backend::teardown
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use prl_flow_backend::{Backend, BackendError, ProcHandle, ProcState};
-use prl_flow_local::{is_local_handle, LocalBackend};
+use prl_flow_backend::{Backend, Held, Recorded, Stopped};
+use prl_flow_local::LocalBackend;
 
-use crate::handles::{alloc_handle, allocation_backend, parse_step, read_job_file, StepHandle};
+use crate::handles::{alloc_handle, parse_step, read_job_file, StepHandle};
 use crate::slurm::Cluster;
 use crate::{SlurmBackend, END_WAIT, JOB_FILE, STATE_SUBDIR};
-
-/// What [`SlurmBackend::down`] did with one journal record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DownOutcome {
-    /// The record's task id.
-    pub id: String,
-    /// Its step (or job) was running when `down` began.
-    pub was_running: bool,
-    /// `None`: it is not running any more.
-    pub error: Option<String>,
-}
 
 /// What to cancel of one job: the allocation (the job whole), or some of its steps.
 #[derive(Default)]
@@ -41,94 +30,91 @@ fn job_key(cluster: &Cluster, job: &str) -> (String, String) {
 }
 
 impl SlurmBackend {
-    /// Stops steps, one `scancel` per job (see [`cancel_job`]); a handle that is not a step
-    /// is an error of its own.
-    pub(crate) async fn stop_steps(
-        &self,
-        handles: &[ProcHandle],
-        grace: Duration,
-    ) -> Vec<Result<(), BackendError>> {
-        let mut out: Vec<Option<Result<(), BackendError>>> = vec![None; handles.len()];
-        // Job → its cluster, and the steps of it (with their places in `handles`).
-        type Steps = Vec<(usize, String)>;
-        let mut groups: BTreeMap<(String, String), (Cluster, Steps)> = BTreeMap::new();
-        for (at, h) in handles.iter().enumerate() {
-            match parse_step(h) {
-                Ok(s) => groups
-                    .entry(job_key(&s.slurm, &s.job))
-                    .or_insert_with(|| (s.slurm.clone(), Vec::new()))
-                    .1
-                    .push((at, s.step)),
-                Err(e) => out[at] = Some(Err(e)),
-            }
-        }
-        let jobs = groups
-            .into_iter()
-            .map(|((_, job), (cluster, steps))| async move {
-                let ids: Vec<String> = steps.iter().map(|(_, s)| s.clone()).collect();
-                let error = cancel_job(&cluster, &job, &ids, false, grace).await;
-                (steps, error)
-            });
-        for (steps, error) in futures::future::join_all(jobs).await {
-            for (at, _) in steps {
-                out[at] = Some(match &error {
-                    None => Ok(()),
-                    Some(e) => Err(BackendError::new(e.clone())),
-                });
-            }
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(BackendError::new("no answer for this handle"))))
-            .collect()
-    }
-
-    /// Cancels what a journal records, one `scancel` per job: the records' handles (steps,
-    /// allocations, and local processes) by task id. A job whose allocation is among them is
-    /// cancelled whole (SLURM ends its steps: SIGTERM, then SIGKILL after `KillWait`);
-    /// otherwise its recorded steps get one `scancel --signal=TERM` together, `grace`, and
-    /// one `--signal=KILL` for those still there. With `state_dir`, a job this state dir
-    /// submitted but never recorded (prl-flow was killed while it pended) is cancelled too.
-    /// Waits until SLURM no longer runs any of it.
+    /// Cancels what a journal records, as [`SlurmBackend::cancel_jobs`] does: `records` are
+    /// task ids with what the journal keeps for them (a process's handle or an allocation,
+    /// as JSON). A record that is neither is an error of its own.
     pub async fn down(
         &self,
         state_dir: Option<&Path>,
-        records: &[(String, ProcHandle)],
+        records: &[(String, serde_json::Value)],
         grace: Duration,
-    ) -> Vec<DownOutcome> {
+    ) -> Vec<Stopped> {
+        let mut unreadable = Vec::new();
+        let mut items = Vec::new();
+        for (id, v) in records {
+            match Held::from_json(v) {
+                Ok(held) => items.push(Recorded {
+                    id: id.clone(),
+                    held,
+                }),
+                Err(e) => unreadable.push(Stopped {
+                    id: id.clone(),
+                    was_running: false,
+                    error: Some(e.message),
+                }),
+            }
+        }
+        unreadable.extend(self.cancel_jobs(&items, grace, state_dir).await);
+        unreadable
+    }
+
+    /// Cancels what a journal records, one `scancel` per job: steps, allocations, and local
+    /// processes. A job whose allocation is among them is cancelled whole (SLURM ends its
+    /// steps: SIGTERM, then SIGKILL after `KillWait`); otherwise its recorded steps get one
+    /// `scancel --signal=TERM` together, `grace`, and one `--signal=KILL` for those still
+    /// there. With `state_dir`, a job this state dir submitted but never recorded (prl-flow
+    /// was killed while it pended) is cancelled too. Waits until SLURM no longer runs any of
+    /// it.
+    pub(crate) async fn cancel_jobs(
+        &self,
+        items: &[Recorded],
+        grace: Duration,
+        state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
         let mut out = Vec::new();
         let local = LocalBackend::new();
         let mut groups: BTreeMap<(String, String), (Cluster, Group)> = BTreeMap::new();
-        for (id, h) in records {
-            if let Ok(s) = parse_step(h) {
-                let entry = groups
-                    .entry(job_key(&s.slurm, &s.job))
-                    .or_insert_with(|| (s.slurm.clone(), Group::default()));
-                entry.1.steps.push((id.clone(), s));
-            } else if let Some(a) = alloc_handle(h) {
-                let entry = groups
-                    .entry(job_key(&a.slurm, &a.job))
-                    .or_insert_with(|| (a.slurm.clone(), Group::default()));
-                entry.1.allocs.push(id.clone());
-            } else if is_local_handle(h) {
-                let was_running = matches!(local.status(h).await, Ok(ProcState::Running));
-                let error = local.stop(h, grace).await.err().map(|e| e.message);
-                out.push(DownOutcome {
-                    id: id.clone(),
-                    was_running,
-                    error,
-                });
-            } else if allocation_backend(h).as_deref() == Some("local") {
-                out.push(DownOutcome {
+        for item in items {
+            let id = &item.id;
+            let foreign = || Stopped {
+                id: id.clone(),
+                was_running: false,
+                error: Some(format!(
+                    "not a handle of the slurm backend: {}",
+                    item.held.handle()
+                )),
+            };
+            match &item.held {
+                Held::Process(h) if h.is("local") => {
+                    out.extend(
+                        local
+                            .teardown(std::slice::from_ref(item), grace, None)
+                            .await,
+                    );
+                }
+                Held::Allocation(a) if a.handle.is("local") => out.push(Stopped {
                     id: id.clone(),
                     was_running: false,
                     error: None,
-                });
-            } else {
-                out.push(DownOutcome {
-                    id: id.clone(),
-                    was_running: false,
-                    error: Some(format!("not a handle of the slurm backend: {h}")),
-                });
+                }),
+                Held::Process(h) => match parse_step(h) {
+                    Ok(s) => groups
+                        .entry(job_key(&s.slurm, &s.job))
+                        .or_insert_with(|| (s.slurm.clone(), Group::default()))
+                        .1
+                        .steps
+                        .push((id.clone(), s)),
+                    Err(_) => out.push(foreign()),
+                },
+                Held::Allocation(a) => match alloc_handle(&a.handle) {
+                    Some(a) => groups
+                        .entry(job_key(&a.slurm, &a.job))
+                        .or_insert_with(|| (a.slurm.clone(), Group::default()))
+                        .1
+                        .allocs
+                        .push(id.clone()),
+                    None => out.push(foreign()),
+                },
             }
         }
         if let Some(job) =
@@ -162,14 +148,14 @@ impl SlurmBackend {
             let ours: Vec<String> = group.steps.iter().map(|(_, s)| s.step.clone()).collect();
             let error = cancel_job(&cluster, &job, &ours, !group.allocs.is_empty(), grace).await;
             for id in &group.allocs {
-                out.push(DownOutcome {
+                out.push(Stopped {
                     id: id.clone(),
                     was_running: job_alive,
                     error: error.clone(),
                 });
             }
             for (id, s) in &group.steps {
-                out.push(DownOutcome {
+                out.push(Stopped {
                     id: id.clone(),
                     was_running: running.contains_key(&s.step),
                     error: error.clone(),
@@ -263,6 +249,8 @@ async fn cancel_job(
 
 #[cfg(test)]
 mod tests {
+    use prl_flow_backend::ProcHandle;
+
     use super::*;
 
     /// A cluster whose `scancel` writes down each call and whose `squeue` lists no step.
@@ -283,11 +271,16 @@ mod tests {
         }
     }
 
-    fn step(cluster: &Cluster, job: &str, step: &str) -> ProcHandle {
-        serde_json::json!({
-            "backend": "slurm", "job": job, "step": step, "node": "node0", "host": "n1",
+    fn step(cluster: &Cluster, id: &str, job: &str, step: &str) -> Recorded {
+        let h = crate::handles::seal(&serde_json::json!({
+            "job": job, "step": step, "node": "node0", "host": "n1",
             "name": "pf:t", "service": true, "log": "/l", "run_dir": "/r", "slurm": cluster,
-        })
+        }))
+        .expect("handle");
+        Recorded {
+            id: id.into(),
+            held: Held::Process(h),
+        }
     }
 
     #[tokio::test]
@@ -295,18 +288,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cluster = fake_cluster(dir.path());
         let b = SlurmBackend::for_handles();
-        let handles = [
-            step(&cluster, "12", "12.1"),
-            step(&cluster, "13", "13.0"),
-            serde_json::json!({ "backend": "ssh" }),
-            step(&cluster, "12", "12.2"),
+        let ssh = ProcHandle::new("ssh", 1, &serde_json::json!({})).expect("handle");
+        let items = [
+            step(&cluster, "a", "12", "12.1"),
+            step(&cluster, "b", "13", "13.0"),
+            Recorded {
+                id: "c".into(),
+                held: Held::Process(ssh),
+            },
+            step(&cluster, "d", "12", "12.2"),
         ];
-        let done = b.stop_many(&handles, Duration::from_secs(1)).await;
-        assert!(
-            done[0].is_ok() && done[1].is_ok() && done[3].is_ok(),
-            "{done:?}"
-        );
-        assert!(done[2].is_err(), "not a step: {done:?}");
+        let done = b.teardown(&items, Duration::from_secs(1), None).await;
+        let failed: Vec<&str> = done
+            .iter()
+            .filter(|s| s.error.is_some())
+            .map(|s| s.id.as_str())
+            .collect();
+        assert_eq!(failed, ["c"], "not a step: {done:?}");
+        assert_eq!(done.len(), 4, "{done:?}");
         let calls = std::fs::read_to_string(dir.path().join("calls")).expect("calls");
         let mut calls: Vec<&str> = calls.lines().collect();
         calls.sort();

@@ -1,6 +1,7 @@
 //! What the journal keeps of SLURM work, and the small files a step's wrapper leaves: a
 //! step's handle (job, step, node, cluster), an allocation's handle, the step file, the job
-//! file and exit status files. Handles are JSON in journals: their shape does not change.
+//! file and exit status files. Handles are JSON in journals: the payloads' shape does not
+//! change without a new [`ProcHandle::VERSION`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,10 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::slurm::Cluster;
 
-/// The handle of a job step, as the journal keeps it.
+/// The backend's name, in its handles.
+pub(crate) const NAME: &str = "slurm";
+
+/// A job step: the payload of its [`ProcHandle`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StepHandle {
-    pub(crate) backend: String,
     pub(crate) job: String,
     /// `JOB.STEP`, as scancel and squeue write it.
     pub(crate) step: String,
@@ -32,10 +35,9 @@ pub(crate) struct StepHandle {
     pub(crate) slurm: Cluster,
 }
 
-/// `Allocation::handle` of a SLURM allocation.
+/// The payload of a SLURM allocation's handle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AllocHandle {
-    pub(crate) backend: String,
     pub(crate) job: String,
     /// Plan node (`node0`) → SLURM's node name.
     pub(crate) nodes: BTreeMap<String, String>,
@@ -47,35 +49,19 @@ pub(crate) struct AllocHandle {
     pub(crate) slurm: Cluster,
 }
 
-/// Whether a handle from a journal is this backend's: a step, or an allocation.
-pub fn is_slurm_handle(handle: &ProcHandle) -> bool {
-    handle.get("backend").and_then(|b| b.as_str()) == Some("slurm")
-        || allocation_backend(handle).as_deref() == Some("slurm")
-}
-
-/// The backend named inside an allocation record (`{"hosts": ..., "handle": {"backend": ..}}`).
-pub(crate) fn allocation_backend(handle: &ProcHandle) -> Option<String> {
-    handle
-        .get("handle")?
-        .get("backend")?
-        .as_str()
-        .map(String::from)
-}
-
+/// The allocation a handle names, if it is one of this backend's.
 pub(crate) fn alloc_handle(h: &ProcHandle) -> Option<AllocHandle> {
-    // An `Allocation` record, or its inner handle.
-    let inner = h
-        .get("handle")
-        .filter(|_| h.get("hosts").is_some())
-        .unwrap_or(h);
-    serde_json::from_value::<AllocHandle>(inner.clone())
-        .ok()
-        .filter(|a| a.backend == "slurm")
+    h.open(NAME).ok()
 }
 
+/// The step a handle names; an error says why it is not one of this backend's.
 pub(crate) fn parse_step(h: &ProcHandle) -> Result<StepHandle, BackendError> {
-    serde_json::from_value(h.clone())
-        .map_err(|e| BackendError::new(format!("not a slurm step handle ({e}): {h}")))
+    h.open(NAME)
+}
+
+/// Wraps a step's or an allocation's data into this backend's handle.
+pub(crate) fn seal(payload: &impl Serialize) -> Result<ProcHandle, BackendError> {
+    ProcHandle::new(NAME, ProcHandle::VERSION, payload)
 }
 
 /// How a step ended that is no longer running: its exit status file if it left one, else

@@ -46,9 +46,9 @@
 //! **Stopping** ([`Backend::stop`]): `scancel --signal=TERM J.S`, the grace period, then
 //! `--signal=KILL`. [`Backend::release`]: `scancel J`, which ends every step with the job
 //! (SLURM sends SIGTERM, then SIGKILL after its `KillWait`). All `scancel` calls go through
-//! slurmctld (`--ctld`). [`Backend::stop_many`] stops many steps with one `scancel` per job,
-//! never one per step; [`SlurmBackend::down`] does so for everything a journal records, and
-//! cancels a job whole when its allocation is among the records.
+//! slurmctld (`--ctld`). [`Backend::teardown`] takes down what a journal records with one
+//! `scancel` per job, never one per step, and cancels a job whole when its allocation is
+//! among the records.
 //!
 //! **Resume.** [`Backend::allocation_alive`] asks whether the recorded job still runs. If it
 //! has ended (time limit, preemption, an admin's `scancel`), every step ended with it, and
@@ -59,7 +59,7 @@
 //! again); steps that are gone are started again in the same allocation.
 //!
 //! **Tasks without a node** run on this machine, through the local backend beside this one
-//! ([`WithLocal`], which every constructor returns); their handles say `"backend": "local"`.
+//! ([`WithLocal`], which every constructor returns); their handles are named `local`.
 //!
 //! This crate knows SLURM and the backend API; it must not know recipes, plans or the
 //! journal's format beyond the handles it wrote itself.
@@ -81,16 +81,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use prl_flow_backend::{
     last_lines, since_last_mark, tail_bytes, Allocation, Backend, BackendError, ProcHandle,
-    ProcState, SpawnSpec,
+    ProcState, Recorded, SpawnSpec, Stopped,
 };
 pub(crate) use prl_flow_engine::fs::write_atomic;
-use prl_flow_local::{is_local_handle, WithLocal};
+use prl_flow_local::WithLocal;
 use tokio::sync::watch;
 
-pub use cancel::DownOutcome;
 pub use config::{AddressMode, SlurmConfig};
-use handles::{alloc_handle, parse_step, AllocHandle};
-pub use handles::{is_slurm_handle, step_name};
+pub use handles::step_name;
+use handles::{alloc_handle, parse_step, AllocHandle, NAME};
 pub use prl_flow_backend::ConfigError;
 pub use slurm::{Cluster, JobInfo};
 use steps::StepTable;
@@ -185,7 +184,7 @@ impl SlurmBackend {
             s.slurm
         } else if let Some(a) = alloc_handle(handle) {
             a.slurm
-        } else if is_local_handle(handle) {
+        } else if handle.is("local") {
             Cluster::default()
         } else {
             return Err(format!("not a handle of the slurm backend: {handle}"));
@@ -236,7 +235,13 @@ impl SlurmBackend {
 #[async_trait]
 impl Backend for SlurmBackend {
     fn name(&self) -> &str {
-        "slurm"
+        NAME
+    }
+
+    fn describe(&self, handle: &ProcHandle) -> String {
+        parse_step(handle)
+            .map(|h| format!("step {}", h.step))
+            .unwrap_or_default()
     }
 
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
@@ -267,13 +272,14 @@ impl Backend for SlurmBackend {
         self.stop_step(handle, grace).await
     }
 
-    /// One `scancel` per job for all the steps of it among `handles`.
-    async fn stop_many(
+    /// One `scancel` per job for all of it among `items` (see [`SlurmBackend::down`]).
+    async fn teardown(
         &self,
-        handles: &[ProcHandle],
+        items: &[Recorded],
         grace: Duration,
-    ) -> Vec<Result<(), BackendError>> {
-        self.stop_steps(handles, grace).await
+        state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
+        self.cancel_jobs(items, grace, state_dir).await
     }
 
     async fn recover(
@@ -306,27 +312,34 @@ mod tests {
 
     #[test]
     fn handles_are_recognised_and_a_backend_is_made_from_one() {
-        let step = serde_json::json!({
-            "backend": "slurm", "job": "12", "step": "12.3", "node": "node1", "host": "n2",
+        let step = handles::seal(&serde_json::json!({
+            "job": "12", "step": "12.3", "node": "node1", "host": "n2",
             "name": "pf:x", "service": true, "log": "/l", "run_dir": "/r",
             "slurm": { "conf": "/etc/slurm/x.conf" },
-        });
-        assert!(is_slurm_handle(&step));
+        }))
+        .expect("handle");
         let b = SlurmBackend::from_handle(&step).expect("from a step handle");
         assert_eq!(
             b.cluster.conf.as_deref(),
             Some(Path::new("/etc/slurm/x.conf"))
         );
-        let alloc = serde_json::json!({
-            "hosts": { "node0": "10.0.0.1" },
-            "handle": { "backend": "slurm", "job": "12", "nodes": { "node0": "n1" }, "cpus_per_node": 4 },
-        });
-        assert!(is_slurm_handle(&alloc));
+        assert_eq!(b.describe(&step), "step 12.3");
+        let alloc = handles::seal(
+            &serde_json::json!({ "job": "12", "nodes": { "node0": "n1" }, "cpus_per_node": 4 }),
+        )
+        .expect("handle");
         assert!(alloc_handle(&alloc).is_some());
+        assert!(alloc_handle(&step).is_none());
         assert!(SlurmBackend::from_handle(&alloc).is_ok());
-        let local = serde_json::json!({ "backend": "local", "pid": 1, "start": 2, "log": "/l" });
-        assert!(!is_slurm_handle(&local));
-        assert!(SlurmBackend::from_handle(&serde_json::json!({ "backend": "ssh" })).is_err());
+        let local = ProcHandle::new("local", 1, &serde_json::json!({ "pid": 1, "start": 2 }))
+            .expect("handle");
+        assert!(SlurmBackend::from_handle(&local).is_ok());
+        let ssh = ProcHandle::new("ssh", 1, &serde_json::json!({})).expect("handle");
+        assert!(SlurmBackend::from_handle(&ssh).is_err());
+        assert_eq!(
+            parse_step(&ssh).expect_err("not ours").message,
+            "backend `slurm` cannot use a handle of backend `ssh`"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use prl_flow_backend::{
 use tokio::sync::{oneshot, watch};
 
 use crate::handles::{
-    ended_state, parse_step, read_job_file, read_step_file, step_name, StepHandle,
+    ended_state, parse_step, read_job_file, read_step_file, seal, step_name, StepHandle,
 };
 use crate::slurm::Cluster;
 use crate::templates::SrunVars;
@@ -235,7 +235,6 @@ impl SlurmBackend {
             s.insert(step.clone(), Instant::now());
         }
         let h = StepHandle {
-            backend: "slurm".into(),
             job,
             step,
             node: Some(node.clone()),
@@ -247,7 +246,7 @@ impl SlurmBackend {
             status_file,
             slurm: alloc.slurm.clone(),
         };
-        serde_json::to_value(h).map_err(|e| BackendError::new(e.to_string()))
+        seal(&h)
     }
 
     pub(crate) async fn wait_step(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
@@ -359,7 +358,6 @@ impl SlurmBackend {
             None => host,
         };
         let h = StepHandle {
-            backend: "slurm".into(),
             job: step.split('.').next().unwrap_or_default().to_string(),
             step,
             node: Some(node.clone()),
@@ -371,9 +369,7 @@ impl SlurmBackend {
             status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
             slurm: cluster,
         };
-        serde_json::to_value(h)
-            .map(Some)
-            .map_err(|e| BackendError::new(e.to_string()))
+        seal(&h).map(Some)
     }
 }
 

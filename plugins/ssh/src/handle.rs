@@ -15,10 +15,12 @@ use sha2::{Digest, Sha256};
 use crate::script;
 use crate::transport::Conn;
 
-/// A process on a host, as the journal keeps it.
+/// The backend's name, in its handles.
+pub(crate) const NAME: &str = "ssh";
+
+/// A process on a host: the payload of its [`ProcHandle`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Handle {
-    pub(crate) backend: String,
     #[serde(flatten)]
     pub(crate) conn: Conn,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,17 +59,20 @@ pub(crate) enum Watch {
     Lost,
 }
 
-/// The `handle` of an ssh [`Allocation`]: how each node's host is reached.
+/// The payload of an ssh [`Allocation`]'s handle: how each node's host is reached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct AllocHandle {
-    pub(crate) backend: String,
     pub(crate) nodes: BTreeMap<String, Conn>,
 }
 
 /// Reads a handle from the journal.
 pub(crate) fn parse(handle: &ProcHandle) -> Result<Handle, BackendError> {
-    serde_json::from_value(handle.clone())
-        .map_err(|e| BackendError::new(format!("not an ssh process handle ({e}): {handle}")))
+    handle.open(NAME)
+}
+
+/// Wraps a process's or an allocation's data into this backend's handle.
+pub(crate) fn wrap(payload: &impl Serialize) -> Result<ProcHandle, BackendError> {
+    ProcHandle::new(NAME, ProcHandle::VERSION, payload)
 }
 
 /// `PID START BOOT BASE...` of a `spawned` answer.
@@ -168,7 +173,6 @@ mod tests {
     #[test]
     fn handles_round_trip_and_keep_defaults_out() {
         let h = Handle {
-            backend: "ssh".into(),
             conn: Conn {
                 host: "10.0.0.2".into(),
                 user: Some("root".into()),
@@ -184,11 +188,17 @@ mod tests {
             log: "/r/logs/t.log".into(),
             status_file: "/r/run/t/exit-status".into(),
         };
-        let v = serde_json::to_value(&h).expect("json");
-        assert_eq!(v["host"], "10.0.0.2");
-        assert_eq!(v["user"], "root");
-        assert!(v.get("ssh").is_none(), "{v}");
+        let v = wrap(&h).expect("handle");
+        assert_eq!(v.backend, "ssh");
+        assert_eq!(v.payload["host"], "10.0.0.2");
+        assert_eq!(v.payload["user"], "root");
+        assert!(v.payload.get("ssh").is_none(), "{v}");
         assert_eq!(parse(&v).expect("parse"), h);
+        let local = ProcHandle::new("local", 1, &serde_json::json!({ "pid": 42 })).expect("h");
+        assert_eq!(
+            parse(&local).expect_err("not ours").message,
+            "backend `ssh` cannot use a handle of backend `local`"
+        );
     }
 
     #[test]

@@ -28,10 +28,10 @@
 //! period, SIGKILL) and waiting are small scripts of their own, keyed by that identity, so a
 //! later prl-flow reattaches from the journal alone.
 //!
-//! **Handles** are JSON the journal keeps:
+//! **Handles** are JSON the journal keeps; the payload of a process's:
 //!
 //! ```json
-//! { "backend": "ssh", "host": "10.0.0.12", "user": "root", "port": 22, "node": "node1",
+//! { "host": "10.0.0.12", "user": "root", "port": 22, "node": "node1",
 //!   "pid": 4242, "start": 1234567, "boot_id": "6c1e...", "service": true,
 //!   "run_dir": "/root/.prl-flow/remote/multi_node-1a2b3c4d/run/engine1",
 //!   "log": "/root/.prl-flow/remote/multi_node-1a2b3c4d/logs/engine1.log",
@@ -73,7 +73,9 @@ use prl_flow_local::WithLocal;
 use tokio::sync::watch;
 
 pub use config::{validate, SshConfig};
-use handle::{check_spec, last_name, parse, parse_spawned, state_key, AllocHandle, Handle, Watch};
+use handle::{
+    check_spec, last_name, parse, parse_spawned, state_key, wrap, AllocHandle, Handle, Watch, NAME,
+};
 pub use hosts::HostSpec;
 pub use prl_flow_backend::ConfigError;
 use transport::{Conn, Link, Links, Settings};
@@ -203,7 +205,13 @@ impl SshBackend {
 #[async_trait]
 impl Backend for SshBackend {
     fn name(&self) -> &str {
-        "ssh"
+        NAME
+    }
+
+    fn describe(&self, handle: &ProcHandle) -> String {
+        parse(handle)
+            .map(|h| format!("pid {}", h.pid))
+            .unwrap_or_default()
     }
 
     /// A host for every node of the plan.
@@ -265,18 +273,14 @@ impl Backend for SshBackend {
         if let Ok(mut m) = self.nodes.lock() {
             m.extend(conns.clone());
         }
-        let handle = AllocHandle {
-            backend: "ssh".into(),
-            nodes: conns,
-        };
         Ok(Allocation {
             hosts,
-            handle: serde_json::to_value(handle).map_err(|e| BackendError::new(e.to_string()))?,
+            handle: wrap(&AllocHandle { nodes: conns })?,
         })
     }
 
     async fn allocation_alive(&self, allocation: &Allocation) -> Result<bool, BackendError> {
-        let Ok(recorded) = serde_json::from_value::<AllocHandle>(allocation.handle.clone()) else {
+        let Ok(recorded) = allocation.handle.open::<AllocHandle>(NAME) else {
             return Ok(false);
         };
         // Hosts are not lent and taken back: the allocation holds as long as the recipe
@@ -295,7 +299,7 @@ impl Backend for SshBackend {
     }
 
     async fn release(&self, allocation: &Allocation) -> Result<(), BackendError> {
-        let Ok(recorded) = serde_json::from_value::<AllocHandle>(allocation.handle.clone()) else {
+        let Ok(recorded) = allocation.handle.open::<AllocHandle>(NAME) else {
             return Ok(());
         };
         for conn in recorded.nodes.values() {
@@ -358,7 +362,6 @@ impl Backend for SshBackend {
         })?;
         let run_dir = format!("{base}/run/{name}");
         let h = Handle {
-            backend: "ssh".into(),
             conn,
             node: Some(node.clone()),
             pid,
@@ -369,7 +372,7 @@ impl Backend for SshBackend {
             log: format!("{base}/logs/{log_name}"),
             run_dir,
         };
-        serde_json::to_value(h).map_err(|e| BackendError::new(e.to_string()))
+        wrap(&h)
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {

@@ -139,13 +139,13 @@ pub(super) async fn log_tail(b: &dyn Backend, h: &ProcHandle) -> String {
     }
 }
 
-pub(super) fn names_backend(h: &serde_json::Value, name: &str) -> Result<(), String> {
-    match h.get("backend").and_then(|b| b.as_str()) {
-        Some(b) if b == name => Ok(()),
-        Some(b) => Err(format!("the handle names backend `{b}`, not `{name}`: {h}")),
-        None => Err(format!(
-            "the handle has no `backend` key, so a later prl-flow cannot find this backend: {h}"
+pub(super) fn names_backend(h: &ProcHandle, name: &str) -> Result<(), String> {
+    match h.backend.as_str() {
+        b if b == name => Ok(()),
+        "" => Err(format!(
+            "the handle names no backend, so a later prl-flow cannot find this backend: {h}"
         )),
+        b => Err(format!("the handle names backend `{b}`, not `{name}`: {h}")),
     }
 }
 
