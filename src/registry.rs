@@ -171,8 +171,12 @@ impl Registry {
 
     /// A backend that looks after what an earlier run recorded (`status`, `logs`, `down`):
     /// every handle says how to reach its process, so no table is needed.
-    pub fn for_handles(&self, name: &str) -> Result<Arc<dyn Backend>, String> {
-        match builtins::for_handles(name) {
+    pub fn for_handles(
+        &self,
+        name: &str,
+        handle: Option<&ProcHandle>,
+    ) -> Result<Arc<dyn Backend>, String> {
+        match builtins::for_handles(name, handle) {
             Some(b) => Ok(b),
             None => self.by_name(name),
         }
@@ -211,14 +215,7 @@ impl Registry {
             Some(p) if prl_flow_plugin::is_executable(&p) => {
                 Ok(Arc::new(prl_flow_plugin::PluginBackend::new(name, p)))
             }
-            // A SLURM handle says which cluster (its `SLURM_CONF`) it belongs to.
-            _ if name == "slurm" => Ok(Arc::new(
-                handle
-                    .as_ref()
-                    .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())
-                    .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),
-            )),
-            _ => self.for_handles(&name),
+            _ => self.for_handles(&name, handle.as_ref()),
         }
     }
 
@@ -229,7 +226,7 @@ impl Registry {
     ) -> Result<Arc<dyn Backend>, String> {
         match records.find(|r| r.handle.is_some()) {
             Some(r) => self.for_record(r),
-            None => self.for_handles("local"),
+            None => self.for_handles("local", None),
         }
     }
 }

@@ -1086,8 +1086,8 @@ async fn resume_refuses_once_the_allocation_has_ended() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Through the binary (src/cli.rs builds the slurm backend; `down` must go through
-// `SlurmBackend::down` for one scancel per job).
+// Through the binary (the registry builds the slurm backend; `down` goes through its
+// `teardown`, one scancel per job).
 
 /// The test recipe with this cluster's `[backend]` fields.
 fn cli_recipe(cluster: &TestCluster, pairs: bool) -> PathBuf {

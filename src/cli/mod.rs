@@ -39,7 +39,8 @@ pub fn main() -> i32 {
         let filter = if cli.verbose > 1 {
             "debug"
         } else {
-            "prl_flow=debug,prl_flow_engine=debug,prl_flow_local=debug,prl_flow_plugin=debug,prl_flow_ssh=debug,prl_flow_slurm=debug"
+            // Every crate of the workspace: their targets all start with `prl_flow`.
+            "prl_flow=debug"
         };
         let _ = tracing_subscriber::fmt()
             .with_writer(std::io::stderr)

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use prl_flow_backend::{Backend, ConfigError};
+use prl_flow_backend::{Backend, ConfigError, ProcHandle};
 use serde_json::Value;
 
 /// The backends built into this prl-flow.
@@ -30,13 +30,22 @@ pub fn make(
 }
 
 /// A built-in backend that looks after what an earlier run recorded (`status`, `logs`,
-/// `down`): every handle says how to reach its process, so no table is needed. `None`: not
-/// a built-in name.
-pub fn for_handles(name: &str) -> Option<Arc<dyn Backend>> {
+/// `down`): every handle says how to reach its process, so no table is needed (a SLURM
+/// handle says which cluster, its `SLURM_CONF`, it belongs to). `None`: not a built-in name.
+pub fn for_handles(name: &str, handle: Option<&ProcHandle>) -> Option<Arc<dyn Backend>> {
     Some(match name {
         "ssh" => Arc::new(prl_flow_ssh::SshBackend::from_handles()),
-        "slurm" => Arc::new(prl_flow_slurm::SlurmBackend::for_handles()),
+        "slurm" => Arc::new(
+            handle
+                .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())
+                .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),
+        ),
         "local" => Arc::new(prl_flow_local::LocalBackend::new()),
         _ => return None,
     })
+}
+
+/// The address the local backend gives the `i`-th node of a plan (for `plan` to show).
+pub fn local_address(i: usize) -> String {
+    prl_flow_local::LocalBackend::address(i)
 }

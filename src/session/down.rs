@@ -4,18 +4,17 @@
 //! another shell or machine. [`Session::watch`] stays with a deployment that is up and takes
 //! it down when asked.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prl_flow_backend::{Backend, BackendError, ProcHandle, ProcState};
+use prl_flow_backend::{Backend, Held, ProcState, Recorded};
 use prl_flow_engine::{journal, Journal, Record, Status};
 
 use super::run::recover_missing;
 use super::{is_allocation, journal_error, Error, Result, Session};
 use crate::exec::STOP_GRACE;
-use crate::registry::Registry;
 
 /// What `down` did.
 #[derive(Debug, Clone, Default)]
@@ -50,77 +49,54 @@ impl Session {
             .registry()
             .for_records(all.values())
             .map_err(Error::Usage)?;
-        recover_missing(first.as_ref(), &journal, &mut all).await;
+        recover_missing(first, &journal, &mut all).await;
         let mut records: Vec<Record> = all.into_values().collect();
         records.sort_by_key(|r| std::cmp::Reverse(r.seq));
         let mut report = DownReport::default();
-        // SLURM: everything of a job in one `scancel` (one call per step overloads slurmctld
-        // on a big deployment), the allocation with it.
-        let (slurm, records): (Vec<Record>, Vec<Record>) = records
-            .into_iter()
-            .partition(|r| Registry::backend_name(r).as_deref() == Some("slurm"));
-        let slurm: Vec<(String, serde_json::Value)> = slurm
-            .into_iter()
-            .filter(|r| r.status != Status::Stopped && (r.service || r.status == Status::Running))
-            .filter_map(|r| Some((r.id.clone(), r.handle.clone()?)))
-            .collect();
-        if !slurm.is_empty() {
-            let backend = prl_flow_slurm::SlurmBackend::for_handles();
-            for o in backend.down(Some(dir), &slurm, STOP_GRACE).await {
-                let process = journal.get(&o.id).is_some_and(|r| !is_allocation(&r));
-                match o.error {
-                    None => {
-                        journal.update(&o.id, |rec| rec.status = Status::Stopped);
-                        if o.was_running && process {
-                            report.stopped += 1;
-                            on_stop(&o.id);
-                        }
-                    }
-                    Some(e) => report.failures.push(format!("{}: {e}", o.id)),
-                }
-            }
-        }
-        // One backend (for a plugin: one plugin process) per name, not per record.
-        let mut backends: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
+        // Per backend (for a plugin: one plugin process), in the order their last records
+        // started, everything it started in one call: a backend that can stop many things
+        // at once does (SLURM: one `scancel` per job, the allocation with it).
+        let mut groups: Vec<(String, Arc<dyn Backend>, Vec<Recorded>)> = Vec::new();
         for r in records {
             let Some(h) = &r.handle else { continue };
             if r.status == Status::Stopped || !(r.service || r.status == Status::Running) {
                 continue;
             }
-            let name = Registry::backend_name(&r).unwrap_or_else(|| "local".into());
-            let backend = match backends.get(&name) {
-                Some(b) => b.clone(),
+            let held = match Held::from_json(h) {
+                Ok(held) => held,
+                Err(e) => {
+                    report.failures.push(format!("{}: {e}", r.id));
+                    continue;
+                }
+            };
+            let name = held.handle().backend.clone();
+            let item = Recorded {
+                id: r.id.clone(),
+                held,
+            };
+            match groups.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, items)) => items.push(item),
                 None => {
-                    let b = self.registry().for_record(&r).map_err(Error::Usage)?;
-                    backends.insert(name, b.clone());
-                    b
+                    let backend = self.registry().for_record(&r).map_err(Error::Usage)?;
+                    groups.push((name, backend, vec![item]));
                 }
-            };
-            let result = if is_allocation(&r) {
-                match serde_json::from_value(h.clone()) {
-                    Ok(alloc) => backend.release(&alloc).await,
-                    Err(e) => Err(BackendError::new(e.to_string())),
+            }
+        }
+        for (_, backend, items) in groups {
+            for s in backend.teardown(&items, STOP_GRACE, Some(dir)).await {
+                let process = journal.get(&s.id).is_some_and(|r| !is_allocation(&r));
+                if s.was_running && process {
+                    report.stopped += 1;
                 }
-            } else {
-                match ProcHandle::try_from(h) {
-                    Err(e) => Err(e),
-                    Ok(h) => {
-                        let was_running =
-                            matches!(backend.status(&h).await, Ok(ProcState::Running));
-                        let res = backend.stop(&h, STOP_GRACE).await;
-                        if was_running && res.is_ok() {
-                            on_stop(&r.id);
+                match s.error {
+                    None => {
+                        journal.update(&s.id, |rec| rec.status = Status::Stopped);
+                        if s.was_running && process {
+                            on_stop(&s.id);
                         }
-                        if was_running {
-                            report.stopped += 1;
-                        }
-                        res
                     }
+                    Some(e) => report.failures.push(format!("{}: {e}", s.id)),
                 }
-            };
-            match result {
-                Ok(()) => journal.update(&r.id, |rec| rec.status = Status::Stopped),
-                Err(e) => report.failures.push(format!("{}: {e}", r.id)),
             }
         }
         journal.close().map_err(journal_error)?;

@@ -93,8 +93,13 @@ impl Session {
     /// Loads and checks the graph too (duplicates, unknown needs, cycles), without running.
     pub async fn load_checked(&self, a: &LoadOptions) -> Result<Loaded> {
         let loaded = self.load(a).await?;
+        // Sealing the graph runs nothing: any backend will do.
+        let backend = self
+            .registry()
+            .for_handles("local", None)
+            .map_err(Error::Usage)?;
         let exec = Arc::new(Exec::new(
-            Arc::new(prl_flow_local::LocalBackend::new()),
+            backend,
             Path::new("."),
             loaded.plan.nodes.clone(),
         ));
@@ -140,7 +145,7 @@ pub fn resolve_local(plan: &mut Plan) {
         .nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| (n.clone(), prl_flow_local::LocalBackend::address(i)))
+        .map(|(i, n)| (n.clone(), crate::registry::builtins::local_address(i)))
         .collect();
     let f = |s: &str| resolve_hosts(s, &|n| hosts.get(n).cloned());
     for t in &mut plan.tasks {

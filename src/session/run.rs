@@ -109,7 +109,7 @@ pub async fn prepare(
     let journal =
         Journal::open(dir, true, &holder).map_err(|e| PrepareError::Session(journal_error(e)))?;
     let mut previous = journal.records();
-    recover_missing(backend.as_ref(), &journal, &mut previous).await;
+    recover_missing(backend.clone(), &journal, &mut previous).await;
     if !settings.resume {
         let live = live_services(backend.as_ref(), &previous).await;
         if !live.is_empty() {
@@ -207,15 +207,11 @@ impl Prepared {
 /// and records them, so that nothing a killed run started is invisible to a fresh run's
 /// check for live services, to `down`, or to `status`.
 pub(crate) async fn recover_missing(
-    backend: &dyn Backend,
+    backend: Arc<dyn Backend>,
     journal: &Journal,
     records: &mut BTreeMap<String, Record>,
 ) {
-    let paths = Exec::new(
-        Arc::new(prl_flow_local::LocalBackend::new()),
-        journal.dir(),
-        Vec::new(),
-    );
+    let paths = Exec::new(backend.clone(), journal.dir(), Vec::new());
     for r in records.values_mut() {
         if r.status != Status::Running || r.handle.is_some() || Action::of_kind(&r.kind).is_some() {
             continue;

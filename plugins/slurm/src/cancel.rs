@@ -1,7 +1,6 @@
 //! Taking down many steps at once: one `scancel` per job, never one per step (a thousand
 //! `scancel` calls at once overload slurmctld). [`Backend::teardown`] takes down what a
-//! journal records this way, cancelling a job whole when its allocation is among the records;
-//! [`SlurmBackend::down`] does the same for records as the journal keeps them (JSON).
+//! journal records this way, cancelling a job whole when its allocation is among the records.
 //!
 //! [`Backend::teardown`]: prl_flow_backend::Backend::teardown
 
@@ -30,34 +29,6 @@ fn job_key(cluster: &Cluster, job: &str) -> (String, String) {
 }
 
 impl SlurmBackend {
-    /// Cancels what a journal records, as [`SlurmBackend::cancel_jobs`] does: `records` are
-    /// task ids with what the journal keeps for them (a process's handle or an allocation,
-    /// as JSON). A record that is neither is an error of its own.
-    pub async fn down(
-        &self,
-        state_dir: Option<&Path>,
-        records: &[(String, serde_json::Value)],
-        grace: Duration,
-    ) -> Vec<Stopped> {
-        let mut unreadable = Vec::new();
-        let mut items = Vec::new();
-        for (id, v) in records {
-            match Held::from_json(v) {
-                Ok(held) => items.push(Recorded {
-                    id: id.clone(),
-                    held,
-                }),
-                Err(e) => unreadable.push(Stopped {
-                    id: id.clone(),
-                    was_running: false,
-                    error: Some(e.message),
-                }),
-            }
-        }
-        unreadable.extend(self.cancel_jobs(&items, grace, state_dir).await);
-        unreadable
-    }
-
     /// Cancels what a journal records, one `scancel` per job: steps, allocations, and local
     /// processes. A job whose allocation is among them is cancelled whole (SLURM ends its
     /// steps: SIGTERM, then SIGKILL after `KillWait`); otherwise its recorded steps get one

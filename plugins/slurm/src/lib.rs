@@ -272,7 +272,7 @@ impl Backend for SlurmBackend {
         self.stop_step(handle, grace).await
     }
 
-    /// One `scancel` per job for all of it among `items` (see [`SlurmBackend::down`]).
+    /// One `scancel` per job for all of it among `items` (see `cancel.rs`).
     async fn teardown(
         &self,
         items: &[Recorded],
