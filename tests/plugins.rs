@@ -49,7 +49,7 @@ fn wrapped() -> PathBuf {
 
 async fn run_conformance(
     make: &(dyn Fn() -> Result<Arc<dyn Backend>, String> + Send + Sync),
-) -> prl_flow_plugin::Summary {
+) -> prl_flow_plugin::ConformanceSummary {
     let mut lines = Vec::new();
     let summary = bounded(
         "the conformance scenario",
@@ -122,7 +122,7 @@ async fn a_failing_step_is_reported_and_the_rest_skipped() {
         }),
     )
     .await;
-    use prl_flow_plugin::Outcome::{Failed, Ok as Passed, Skipped};
+    use prl_flow_plugin::StepOutcome::{Failed, Ok as Passed, Skipped};
     assert_eq!(seen[..3], [Passed, Failed, Skipped]);
     assert_eq!(seen.len(), prl_flow_plugin::conformance::STEPS.len());
     assert!(!summary.ok());

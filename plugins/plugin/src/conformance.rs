@@ -78,7 +78,7 @@ impl Default for Scenario {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum StepOutcome {
     Ok,
     Failed,
     /// Not run: an earlier step failed.
@@ -89,7 +89,7 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Step {
     pub name: &'static str,
-    pub outcome: Outcome,
+    pub outcome: StepOutcome,
     /// What was seen (ok) or what went wrong (failed).
     pub detail: String,
     pub elapsed: Duration,
@@ -99,11 +99,11 @@ impl Step {
     /// One line (more, if a failure's detail has several) for a terminal.
     pub fn line(&self) -> String {
         let word = match self.outcome {
-            Outcome::Ok => "ok",
-            Outcome::Failed => "FAILED",
-            Outcome::Skipped => "skipped",
+            StepOutcome::Ok => "ok",
+            StepOutcome::Failed => "FAILED",
+            StepOutcome::Skipped => "skipped",
         };
-        let took = if self.outcome == Outcome::Skipped {
+        let took = if self.outcome == StepOutcome::Skipped {
             String::new()
         } else {
             format!(" ({}ms)", self.elapsed.as_millis())
@@ -121,27 +121,27 @@ impl Step {
 
 /// All steps' results.
 #[derive(Debug, Clone, Default)]
-pub struct Summary {
+pub struct ConformanceSummary {
     pub steps: Vec<Step>,
     /// Things that could not be cleaned up after a failure (a process may still run).
     pub leftovers: Vec<String>,
 }
 
-impl Summary {
+impl ConformanceSummary {
     pub fn ok(&self) -> bool {
-        self.steps.iter().all(|s| s.outcome == Outcome::Ok) && self.steps.len() == STEPS.len()
+        self.steps.iter().all(|s| s.outcome == StepOutcome::Ok) && self.steps.len() == STEPS.len()
     }
 
     pub fn line(&self) -> String {
         let passed = self
             .steps
             .iter()
-            .filter(|s| s.outcome == Outcome::Ok)
+            .filter(|s| s.outcome == StepOutcome::Ok)
             .count();
         let mut s = if self.ok() {
             format!("passed: all {passed} steps")
         } else {
-            let failed = self.steps.iter().find(|s| s.outcome == Outcome::Failed);
+            let failed = self.steps.iter().find(|s| s.outcome == StepOutcome::Failed);
             format!(
                 "failed: {passed} of {} steps passed{}",
                 STEPS.len(),
@@ -166,9 +166,9 @@ pub async fn conformance(
     make: MakeBackend<'_>,
     scenario: &Scenario,
     report: &mut (dyn FnMut(&Step) + Send),
-) -> Summary {
+) -> ConformanceSummary {
     let mut run = Runner {
-        summary: Summary::default(),
+        summary: ConformanceSummary::default(),
         report,
         broken: false,
         limit: scenario.step_timeout,

@@ -24,7 +24,7 @@ pub mod protocol;
 use std::path::{Path, PathBuf};
 
 pub use client::{plugin_path, PluginBackend, Timeouts};
-pub use conformance::{conformance, Outcome, Scenario, Step, Summary};
+pub use conformance::{conformance, ConformanceSummary, Scenario, Step, StepOutcome};
 pub use protocol::{Hello, EXE_PREFIX, PROTOCOL};
 
 /// Is `path` a file someone may execute?

@@ -39,7 +39,7 @@ use crate::config::{self, HostSpec, SshConfig};
 
 mod link;
 
-pub use link::{Link, Reply, Session};
+pub use link::{Link, Reply, SshSession};
 
 /// The prefix of every line a remote script says to prl-flow.
 pub const MARK: &str = "PRLFLOW ";

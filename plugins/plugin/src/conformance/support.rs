@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use prl_flow_backend::{Allocation, Backend, ProcHandle, ProcState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Outcome, Step, Summary};
+use super::{ConformanceSummary, Step, StepOutcome};
 
 pub(super) struct Runner<'a> {
-    pub(super) summary: Summary,
+    pub(super) summary: ConformanceSummary,
     pub(super) report: &'a mut (dyn FnMut(&Step) + Send),
     pub(super) broken: bool,
     pub(super) limit: Duration,
@@ -26,13 +26,17 @@ impl Runner<'_> {
     ) -> Option<T> {
         let began = Instant::now();
         let (outcome, detail, value) = if self.broken {
-            (Outcome::Skipped, "an earlier step failed".to_string(), None)
+            (
+                StepOutcome::Skipped,
+                "an earlier step failed".to_string(),
+                None,
+            )
         } else {
             match tokio::time::timeout(self.limit, f).await {
-                Ok(Ok((v, detail))) => (Outcome::Ok, detail, Some(v)),
-                Ok(Err(why)) => (Outcome::Failed, why, None),
+                Ok(Ok((v, detail))) => (StepOutcome::Ok, detail, Some(v)),
+                Ok(Err(why)) => (StepOutcome::Failed, why, None),
                 Err(_) => (
-                    Outcome::Failed,
+                    StepOutcome::Failed,
                     format!(
                         "no result within {}s: the backend hangs",
                         self.limit.as_secs()
@@ -41,7 +45,7 @@ impl Runner<'_> {
                 ),
             }
         };
-        if outcome == Outcome::Failed {
+        if outcome == StepOutcome::Failed {
             self.broken = true;
         }
         let step = Step {

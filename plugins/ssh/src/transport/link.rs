@@ -45,7 +45,7 @@ impl Reply {
 }
 
 /// A long session: the child and its stdout, line by line.
-pub struct Session {
+pub struct SshSession {
     pub child: Child,
     pub stdout: tokio::io::Lines<BufReader<ChildStdout>>,
     pub _permit: OwnedSemaphorePermit,
@@ -54,7 +54,7 @@ pub struct Session {
     opening: Option<OwnedMutexGuard<()>>,
 }
 
-impl Session {
+impl SshSession {
     /// The next `PRLFLOW` line, without the mark; `None` at the end of output.
     pub async fn next(&mut self) -> Option<String> {
         loop {
@@ -407,7 +407,7 @@ impl Link {
     }
 
     /// Starts `script` for a long session (a watch), if a watcher slot is free.
-    pub async fn open(&self, script: &str) -> Result<Option<Session>, SshError> {
+    pub async fn open(&self, script: &str) -> Result<Option<SshSession>, SshError> {
         let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
             return Ok(None);
         };
@@ -416,7 +416,7 @@ impl Link {
         let Some(stdout) = child.stdout.take() else {
             return Err(self.io(std::io::Error::other("no stdout")));
         };
-        Ok(Some(Session {
+        Ok(Some(SshSession {
             child,
             stdout: BufReader::new(stdout).lines(),
             _permit: permit,
