@@ -43,6 +43,13 @@ pub fn tail_bytes(path: &Path, max: u64) -> Result<String, BackendError> {
 
 /// Reads a file from `offset`: (text, offset after it). An offset past the end (the file
 /// was truncated or replaced) reads from the start; a missing file is empty.
+/// The last `lines` lines of the last attempt in a log file (its last 64 KiB, from the last
+/// [`LOG_MARK`] line on): what a failure quotes. A missing file is an empty log.
+pub fn tail_lines(path: &Path, lines: usize) -> Result<String, BackendError> {
+    let text = tail_bytes(path, 64 * 1024)?;
+    Ok(last_lines(since_last_mark(&text), lines))
+}
+
 pub fn read_from(path: &Path, offset: u64) -> Result<(String, u64), BackendError> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,

@@ -34,8 +34,7 @@ use async_trait::async_trait;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
-    last_lines, since_last_mark, tail_bytes, Allocation, Backend, BackendError, ProcHandle,
-    ProcState, SpawnSpec, LOG_MARK,
+    Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -311,8 +310,7 @@ impl Backend for LocalBackend {
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
         let h = Self::parse(handle)?;
-        let text = tail_bytes(&h.log, 64 * 1024)?;
-        Ok(last_lines(since_last_mark(&text), lines))
+        prl_flow_backend::tail_lines(&h.log, lines)
     }
 
     async fn read_log(

@@ -40,9 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
-};
+use prl_flow_backend::{Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -351,8 +349,7 @@ impl Backend for PluginBackend {
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
         if !self.can("log_tail").await? {
-            let (text, _) = read_file_from(&self.log_of(handle)?, 0, Some(64 * 1024))?;
-            return Ok(last_lines(&text, lines));
+            return prl_flow_backend::tail_lines(&self.log_of(handle)?, lines);
         }
         let v = self
             .call(
@@ -372,7 +369,7 @@ impl Backend for PluginBackend {
         offset: u64,
     ) -> Result<(String, u64), BackendError> {
         if !self.can("read_log").await? {
-            return read_file_from(&self.log_of(handle)?, offset, None);
+            return prl_flow_backend::read_from(&self.log_of(handle)?, offset);
         }
         let v = self
             .call(
@@ -388,36 +385,6 @@ impl Backend for PluginBackend {
         })?;
         Ok((chunk.text, chunk.offset))
     }
-}
-
-/// Reads a file from `offset` (at most the last `max` bytes): (text, offset after it). A
-/// missing file is an empty log; an offset past the end (a truncated file) starts over.
-fn read_file_from(
-    path: &Path,
-    offset: u64,
-    max: Option<u64>,
-) -> Result<(String, u64), BackendError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), offset)),
-        Err(e) => {
-            return Err(BackendError::new(format!(
-                "cannot read `{}`: {e}",
-                path.display()
-            )))
-        }
-    };
-    let len = f.metadata()?.len();
-    let mut from = if offset > len { 0 } else { offset };
-    if let Some(max) = max {
-        from = from.max(len.saturating_sub(max));
-    }
-    f.seek(SeekFrom::Start(from))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    let end = from + buf.len() as u64;
-    Ok((String::from_utf8_lossy(&buf).into_owned(), end))
 }
 
 #[cfg(test)]

@@ -80,8 +80,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    last_lines, since_last_mark, tail_bytes, Allocation, Backend, BackendError, ProcHandle,
-    ProcState, Recorded, SpawnSpec, Stopped,
+    Allocation, Backend, BackendError, ProcHandle, ProcState, Recorded, SpawnSpec, Stopped,
 };
 pub(crate) use prl_flow_engine::fs::write_atomic;
 use prl_flow_local::WithLocal;
@@ -292,8 +291,7 @@ impl Backend for SlurmBackend {
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
         let h = parse_step(handle)?;
-        let text = tail_bytes(&h.log, 64 * 1024)?;
-        Ok(last_lines(since_last_mark(&text), lines))
+        prl_flow_backend::tail_lines(&h.log, lines)
     }
 
     async fn read_log(

@@ -7,10 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prl_flow_backend::{
-    last_lines, since_last_mark, tail_bytes, BackendError, ProcHandle, ProcState, SpawnSpec,
-    LOG_MARK,
-};
+use prl_flow_backend::{BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK};
 use tokio::sync::{oneshot, watch};
 
 use crate::handles::{
@@ -374,9 +371,7 @@ impl SlurmBackend {
 }
 
 pub(crate) fn log_tail_of(path: &Path, lines: usize) -> String {
-    tail_bytes(path, 64 * 1024)
-        .map(|t| last_lines(since_last_mark(&t), lines))
-        .unwrap_or_default()
+    prl_flow_backend::tail_lines(path, lines).unwrap_or_default()
 }
 
 /// A task without a node is not SLURM's: it runs here, beside the allocation.
