@@ -212,7 +212,9 @@ impl SpecTask {
         }
     }
 
-    fn spawn_spec(&self) -> SpawnSpec {
+    /// The spawn of this task for the attempt that started at `attempt` (ms since the
+    /// epoch, as the journal records it).
+    fn spawn_spec(&self, attempt: u64) -> SpawnSpec {
         let ex = &self.exec;
         let argv = match &self.spec.command {
             Command::Argv { argv } => argv.iter().map(|a| ex.resolve(a)).collect(),
@@ -238,6 +240,7 @@ impl SpecTask {
             run_dir: ex.run_dir(&self.spec.id),
             log: ex.log_path(&self.spec.id),
             service: self.spec.service,
+            attempt,
         }
     }
 
@@ -400,7 +403,7 @@ impl Task for SpecTask {
             let handle = action.perform().run(self.exec.as_ref(), args).await?;
             return Ok(Done { handle });
         }
-        let spec = self.spawn_spec();
+        let spec = self.spawn_spec(cx.started_ms);
         tracing::debug!(task = %self.spec.id, node = ?spec.node, argv = ?spec.argv, "spawning");
         let handle = self.exec.backend.spawn(&spec).await.map_err(|e| {
             TaskError::new(format!(
@@ -463,7 +466,10 @@ impl Task for SpecTask {
         }
         self.exec
             .backend
-            .recover(&self.spawn_spec(), record.started_ms.unwrap_or(0))
+            .recover(
+                &self.spawn_spec(record.started_ms.unwrap_or(0)),
+                record.started_ms.unwrap_or(0),
+            )
             .await
             .ok()
             .flatten()

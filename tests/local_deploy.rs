@@ -819,9 +819,11 @@ fn down_after_a_kill_9_right_after_a_spawn_stops_that_process_too() {
         let _ = std::fs::remove_file(&pid_file);
         let mut run = d.spawn(&format!("run-{attempt}"), &[]);
         let pid = wait_for("the engine's pid file", WAIT, || {
+            // `PID ATTEMPT`
             std::fs::read_to_string(&pid_file)
                 .ok()?
-                .trim()
+                .split_whitespace()
+                .next()?
                 .parse::<i32>()
                 .ok()
         });

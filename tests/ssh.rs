@@ -311,6 +311,7 @@ fn spec(task: &str, node: Option<&str>, argv: &[&str], service: bool, dir: &Path
         run_dir: dir.join("run").join(task),
         log: dir.join("logs").join(format!("{task}.log")),
         service,
+        attempt: 0,
     }
 }
 

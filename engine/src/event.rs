@@ -74,6 +74,9 @@ pub enum Event {
         id: Arc<str>,
         attempt: u32,
         adopted: bool,
+        /// When the attempt started (ms since the epoch): the journal records this very
+        /// value, and a task can hand it to what it starts to name the attempt exactly.
+        at_ms: u64,
     },
     /// A process exists now; its handle is known before the task is done.
     Spawned {

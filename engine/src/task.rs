@@ -120,6 +120,8 @@ pub struct TaskContext {
     pub index: usize,
     pub id: Arc<str>,
     pub attempt: u32,
+    /// When this attempt started (ms since the epoch), as the journal records it.
+    pub started_ms: u64,
     pub cancel: Cancel,
     pub(crate) sink: Sink,
 }
@@ -147,6 +149,7 @@ impl TaskContext {
             index: 0,
             id: id.into(),
             attempt: 1,
+            started_ms: crate::record::now_ms(),
             cancel: Cancel::never(),
             sink: Sink::none(),
         }

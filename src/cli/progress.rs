@@ -176,6 +176,7 @@ impl Subscriber for Bars {
                 id,
                 attempt,
                 adopted,
+                ..
             } => {
                 let Ok(mut running) = self.running.lock() else {
                     return;

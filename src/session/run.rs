@@ -226,6 +226,7 @@ pub(crate) async fn recover_missing(
             run_dir: paths.run_dir(&r.id),
             log: paths.log_path(&r.id),
             service: r.service,
+            attempt: r.started_ms.unwrap_or(0),
             ..Default::default()
         };
         if let Ok(Some(h)) = backend.recover(&spec, r.started_ms.unwrap_or(0)).await {

@@ -59,6 +59,7 @@ impl Subscriber for Recorder {
                 index,
                 attempt,
                 adopted,
+                at_ms,
                 ..
             } => {
                 let mut r = self.info[*index].clone();
@@ -72,7 +73,7 @@ impl Subscriber for Recorder {
                 } else {
                     r.seq = self.journal.take_seq();
                     r.attempts = *attempt;
-                    r.started_ms = Some(now_ms());
+                    r.started_ms = Some(*at_ms);
                 }
                 // On file before the task can start a process.
                 self.journal.put_now(r);

@@ -44,17 +44,20 @@ pub(super) fn start(
         }
         let mut attempt = 1;
         loop {
+            let at_ms = crate::record::now_ms();
             sink.emit(&Event::Started {
                 index,
                 id: id.clone(),
                 attempt,
                 adopted: adopt && attempt == 1,
+                at_ms,
             });
             let stop = CancelSource::new();
             let cx = TaskContext {
                 index,
                 id: id.clone(),
                 attempt,
+                started_ms: at_ms,
                 cancel: stop.token(),
                 sink: sink.clone(),
             };

@@ -76,6 +76,12 @@ pub struct SpawnSpec {
     pub log: PathBuf,
     /// A service keeps running; a one-shot's exit status is what matters.
     pub service: bool,
+    /// Names this start exactly: when its attempt began (ms since the epoch), the value the
+    /// journal records as the task's `started_ms`. A backend writes it beside what it leaves
+    /// for [`Backend::recover`], so a later prl-flow tells this attempt's process from an
+    /// earlier one's without trusting file times. 0: not known.
+    #[serde(default)]
+    pub attempt: u64,
 }
 
 /// Nodes given to a deployment.

@@ -10,6 +10,11 @@
 //! - stdout and stderr go to the task's log file;
 //! - a handle records the pid *and* the process's start time from `/proc/PID/stat`, so a
 //!   reused pid is never taken for ours;
+//! - the process writes its pid, and the attempt it belongs to (the spawn spec's `attempt`),
+//!   to `RUN_DIR/pid` before anything else, so a prl-flow killed between the fork and its
+//!   journal write can still find it, and a later one tells it from an earlier attempt's
+//!   exactly (file times are too coarse for that: a file's mtime can read a few ms *before*
+//!   the moment the journal recorded as the attempt's start);
 //! - a one-shot runs under a tiny `sh` trap that writes its exit status to a file when it
 //!   ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the next
 //!   `--resume` reads the file (or sees it still running and waits) instead of running it
@@ -182,7 +187,7 @@ impl Backend for LocalBackend {
         if let Some(f) = &status_file {
             let _ = std::fs::remove_file(f);
         }
-        let argv = wrap(&spec.argv, &spec.run_dir, spec.service);
+        let argv = wrap(&spec.argv, &spec.run_dir, spec.service, spec.attempt);
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(&spec.env)
@@ -278,25 +283,16 @@ impl Backend for LocalBackend {
         since_ms: u64,
     ) -> Result<Option<ProcHandle>, BackendError> {
         let pid_file = spec.run_dir.join(PID_FILE);
-        let Ok(meta) = std::fs::metadata(&pid_file) else {
-            return Ok(None);
-        };
-        // A pid file older than the attempt is an earlier attempt's.
-        let written = meta
-            .modified()
+        let Some((pid, attempt)) = std::fs::read_to_string(&pid_file)
             .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if written + 1 < since_ms {
-            return Ok(None);
-        }
-        let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
+            .and_then(|t| parse_pid_file(&t))
         else {
             return Ok(None);
         };
+        // Another attempt's file (an earlier one, if this attempt never got to start).
+        if attempt != since_ms {
+            return Ok(None);
+        }
         let h = Handle {
             pid,
             // A dead process has no start time to read; 0 never matches a live one.
@@ -323,11 +319,19 @@ impl Backend for LocalBackend {
     }
 }
 
-/// Runs `argv` under `sh`, which first writes its pid to `RUN_DIR/pid`. A one-shot also
+/// `PID ATTEMPT`, as the wrapper writes it.
+fn parse_pid_file(text: &str) -> Option<(i32, u64)> {
+    let mut w = text.split_whitespace();
+    let pid = w.next()?.parse().ok()?;
+    let attempt = w.next()?.parse().ok()?;
+    Some((pid, attempt))
+}
+
+/// Runs `argv` under `sh`, which first writes its pid and `attempt` to `RUN_DIR/pid`. A one-shot also
 /// leaves its exit status in `RUN_DIR/exit-status` when it ends (not when it is killed: then
 /// there is no status, which is the truth); a service `exec`s, keeping the pid.
-fn wrap(argv: &[String], run_dir: &Path, service: bool) -> Vec<String> {
-    let pid = format!("echo $$ > \"$0/{PID_FILE}\"");
+fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<String> {
+    let pid = format!("echo \"$$ {attempt}\" > \"$0/{PID_FILE}\"");
     let run_dir = run_dir.to_string_lossy().into_owned();
     let script = match (service, argv) {
         (true, _) => format!("{pid}; exec \"$@\""),
@@ -359,6 +363,7 @@ mod tests {
             run_dir: dir.join("run"),
             log: dir.join("t.log"),
             service,
+            attempt: 1_700_000_000_123,
         }
     }
 
@@ -429,6 +434,45 @@ mod tests {
             LocalBackend::new().status(&fake).await.expect("status"),
             ProcState::Gone
         );
+    }
+
+    /// A prl-flow killed between a spawn and its journal write: the record says when the
+    /// attempt started, and the process's pid file must be found by that, exactly, even when
+    /// the file's time reads earlier than the record (coarse file-system clocks do that).
+    #[tokio::test]
+    async fn recover_finds_its_attempt_by_its_token_whatever_the_file_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::new();
+        let s = spec(dir.path(), &["sleep", "30"], true);
+        let h = b.spawn(&s).await.expect("spawn");
+        let pid_file = s.run_dir.join(PID_FILE);
+        // The child writes it first thing; wait for that, not for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&pid_file).map_or(true, |t| !t.ends_with('\n')) {
+            assert!(std::time::Instant::now() < deadline, "no pid file");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&pid_file)
+            .expect("pid file");
+        let when = std::time::UNIX_EPOCH + Duration::from_millis(s.attempt - 5);
+        f.set_modified(when).expect("set mtime");
+        drop(f);
+
+        let found = b
+            .recover(&s, s.attempt)
+            .await
+            .expect("recover")
+            .expect("this attempt's process is found");
+        assert_eq!(
+            found.open::<Handle>("local").expect("local").pid,
+            h.open::<Handle>("local").expect("local").pid
+        );
+        assert_eq!(b.status(&found).await, Ok(ProcState::Running));
+        // An attempt that started later never got to its spawn: this process is not its.
+        assert_eq!(b.recover(&s, s.attempt + 1).await, Ok(None));
+        b.stop(&h, Duration::from_secs(5)).await.expect("stop");
     }
 
     #[tokio::test]

@@ -195,6 +195,7 @@ pub async fn conformance(
         run_dir: dir.join("run").join(task),
         log: dir.join("logs").join(format!("{task}.log")),
         service,
+        attempt: 0,
     };
 
     let first = run

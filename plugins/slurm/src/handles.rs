@@ -99,6 +99,12 @@ pub(crate) fn read_step_file(path: &Path) -> Option<(String, String)> {
     Some((step, w.next().unwrap_or("").to_string()))
 }
 
+/// The attempt a step file names (its fourth field).
+pub(crate) fn step_file_attempt(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// A step's name: `pf:` and the task id, with what SLURM or a shell might mangle replaced.
 pub fn step_name(task: &str) -> String {
     let clean: String = task
@@ -133,8 +139,9 @@ mod tests {
     fn step_files_parse() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join(STEP_FILE);
-        std::fs::write(&f, "12.3 n2 4242\n").expect("write");
+        std::fs::write(&f, "12.3 n2 4242 1700000000123\n").expect("write");
         assert_eq!(read_step_file(&f), Some(("12.3".into(), "n2".into())));
+        assert_eq!(step_file_attempt(&f), Some(1_700_000_000_123));
         std::fs::write(&f, "12. n2 1\n").expect("write");
         assert_eq!(read_step_file(&f), None);
         std::fs::write(&f, "12.batch n2 1\n").expect("write");

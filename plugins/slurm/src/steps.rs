@@ -11,7 +11,8 @@ use prl_flow_backend::{BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK}
 use tokio::sync::{oneshot, watch};
 
 use crate::handles::{
-    ended_state, parse_step, read_job_file, read_step_file, seal, step_name, StepHandle,
+    ended_state, parse_step, read_job_file, read_step_file, seal, step_file_attempt, step_name,
+    StepHandle,
 };
 use crate::slurm::Cluster;
 use crate::templates::SrunVars;
@@ -150,6 +151,7 @@ impl SlurmBackend {
             &spec.argv,
             &spec.run_dir,
             spec.service,
+            spec.attempt,
         ));
         tracing::debug!(
             "{}: {}",
@@ -316,14 +318,11 @@ impl SlurmBackend {
             .unwrap_or_else(|| self.cluster.clone());
         let name = step_name(&spec.task);
         let step_file = spec.run_dir.join(STEP_FILE);
-        // The wrapper's file, if this attempt wrote it (an older one is an earlier attempt's).
-        let from_file = std::fs::metadata(&step_file)
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64)
-            .filter(|written| written + 1 >= since_ms)
-            .and_then(|_| read_step_file(&step_file));
+        // The wrapper's file, if this attempt wrote it (it names its attempt; another is an
+        // earlier attempt's).
+        let from_file = (step_file_attempt(&step_file) == Some(since_ms))
+            .then(|| read_step_file(&step_file))
+            .flatten();
         // Else a step of ours by name that runs in the allocation (its wrapper had not
         // written the file yet).
         let found = match from_file {

@@ -6,16 +6,18 @@ use std::path::Path;
 use crate::{STATUS_FILE, STEP_FILE};
 
 /// The wrapper a step runs: `SHELL -c SCRIPT RUN_DIR ARGV...` (the run dir is `$0`, so no
-/// path is ever quoted into the script).
+/// path is ever quoted into the script). The step file holds `JOB.STEP NODE PID ATTEMPT`,
+/// `attempt` naming the spawn's attempt exactly (a number).
 pub(crate) fn wrap(
     shell: &str,
     prologue: Option<&str>,
     argv: &[String],
     run_dir: &Path,
     service: bool,
+    attempt: u64,
 ) -> Vec<String> {
     let mut script = format!(
-        "printf '%s %s %s\\n' \"$SLURM_JOB_ID.$SLURM_STEP_ID\" \"${{SLURMD_NODENAME:-}}\" \"$$\" > \"$0/{STEP_FILE}.tmp\" && mv -f \"$0/{STEP_FILE}.tmp\" \"$0/{STEP_FILE}\"\n"
+        "printf '%s %s %s %s\\n' \"$SLURM_JOB_ID.$SLURM_STEP_ID\" \"${{SLURMD_NODENAME:-}}\" \"$$\" {attempt} > \"$0/{STEP_FILE}.tmp\" && mv -f \"$0/{STEP_FILE}.tmp\" \"$0/{STEP_FILE}\"\n"
     );
     if !service {
         script.push_str(&format!("trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT\n"));
@@ -46,7 +48,7 @@ mod tests {
     fn the_wrapper_names_its_step_then_runs_the_prologue_then_the_command() {
         let run = Path::new("/r");
         let argv = vec!["echo".to_string(), "a b".to_string()];
-        let w = wrap("sh", Some("module load cuda"), &argv, run, false);
+        let w = wrap("sh", Some("module load cuda"), &argv, run, false, 7);
         assert_eq!(&w[..2], ["sh", "-c"]);
         assert_eq!(&w[3..], ["/r", "echo", "a b"]);
         let s = &w[2];
@@ -58,7 +60,7 @@ mod tests {
         );
         assert!(step < trap && trap < prologue && prologue < run_it, "{s}");
         assert!(!s.contains("exec \"$@\""), "a one-shot is waited for: {s}");
-        let svc = wrap("sh", None, &argv, run, true);
+        let svc = wrap("sh", None, &argv, run, true, 7);
         assert!(
             svc[2].ends_with("exec \"$@\"\n") && !svc[2].contains("trap"),
             "{}",
@@ -81,6 +83,7 @@ mod tests {
             &argv,
             dir.path(),
             false,
+            7,
         );
         let out = tokio::process::Command::new(&w[0])
             .args(&w[1..])
@@ -92,7 +95,7 @@ mod tests {
         assert_eq!(read_status(&dir.path().join(STATUS_FILE)), Some(3));
         assert!(dir.path().join(STEP_FILE).exists());
 
-        let failing = wrap("sh", Some("false"), &argv, dir.path(), true);
+        let failing = wrap("sh", Some("false"), &argv, dir.path(), true, 7);
         let out = tokio::process::Command::new(&failing[0])
             .args(&failing[1..])
             .output()
