@@ -78,18 +78,11 @@ impl Session {
 }
 
 /// Why a run could not be prepared.
+#[derive(Debug)]
 pub enum PrepareError {
+    /// The plan's graph is not sound (duplicates, unknown needs, cycles).
     Graph(Vec<prl_flow_engine::GraphError>),
     Session(Error),
-}
-
-impl std::fmt::Debug for PrepareError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Graph(g) => write!(f, "{g:?}"),
-            Self::Session(s) => write!(f, "{s:?}"),
-        }
-    }
 }
 
 /// Prepares a run of `plan` on `backend` with its state in `dir`.
