@@ -34,7 +34,7 @@ impl Action {
     /// The action's name in plans and journals, which is also the kind of its task.
     pub const fn name(self) -> &'static str {
         match self {
-            Action::Allocate => "allocate",
+            Action::Allocate => prl_flow_backend::ALLOCATE,
             Action::Register => "register",
             Action::HealthProbe => "health-probe",
         }

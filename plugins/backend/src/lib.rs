@@ -104,6 +104,10 @@ pub enum ProcState {
     Gone,
 }
 
+/// The name of [`Backend::allocate`] wherever it is written as text: the site-plugin
+/// protocol's method, and the deployment task (a built-in action) that calls it.
+pub const ALLOCATE: &str = "allocate";
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn name(&self) -> &str;

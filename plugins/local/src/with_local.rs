@@ -274,7 +274,7 @@ mod tests {
             id: id.into(),
             held: Held::Process(h.clone()),
         };
-        let alloc = b.allocate(&[]).await.expect("allocate");
+        let alloc = b.allocate(&[]).await.expect("an allocation");
         let done = b
             .teardown(
                 &[

@@ -40,7 +40,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prl_flow_backend::{Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec};
+use prl_flow_backend::{
+    Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec, ALLOCATE,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -263,15 +265,14 @@ impl Backend for PluginBackend {
     }
 
     async fn allocate(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
-        let v = self.call("allocate", json!({ "nodes": nodes })).await?;
-        let a: WireAllocation = serde_json::from_value(v.clone()).map_err(|e| {
-            self.bad_answer("allocate", format_args!("{v}, not an allocation ({e})"))
-        })?;
+        let v = self.call(ALLOCATE, json!({ "nodes": nodes })).await?;
+        let a: WireAllocation = serde_json::from_value(v.clone())
+            .map_err(|e| self.bad_answer(ALLOCATE, format_args!("{v}, not an allocation ({e})")))?;
         if let Some(n) = nodes.iter().find(|n| match a.hosts.get(*n) {
             Some(h) => h.trim().is_empty(),
             None => true,
         }) {
-            return Err(self.bad_answer("allocate", format_args!("no address for node `{n}`: {v}")));
+            return Err(self.bad_answer(ALLOCATE, format_args!("no address for node `{n}`: {v}")));
         }
         Ok(Allocation {
             handle: self.tag(a.handle, None)?,

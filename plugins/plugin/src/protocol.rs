@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use prl_flow_backend::ProcState;
+use prl_flow_backend::{ProcState, ALLOCATE};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -40,7 +40,7 @@ pub const PROTOCOL: u32 = 1;
 pub const EXE_PREFIX: &str = "prl-flow-backend-";
 
 /// Methods every plugin answers.
-pub const REQUIRED: &[&str] = &["hello", "allocate", "release", "spawn", "status", "stop"];
+pub const REQUIRED: &[&str] = &["hello", ALLOCATE, "release", "spawn", "status", "stop"];
 
 /// Methods a plugin may implement, and then announces in `capabilities`. Without them
 /// prl-flow falls back: `allocation_alive` is taken as true, `wait` polls `status`, and the
@@ -144,7 +144,7 @@ pub struct Hello {
     #[serde(default)]
     pub capabilities: Vec<String>,
     /// Per-method request time limits in seconds, replacing prl-flow's defaults (a
-    /// scheduler whose queue takes an hour says `{"allocate": 3600}`).
+    /// scheduler whose queue takes an hour gives `allocate` 3600).
     #[serde(default)]
     pub timeouts: BTreeMap<String, f64>,
     /// Anything else it says (a version, a site), shown by `prl-flow plugins`.

@@ -397,7 +397,7 @@ impl Conn {
         }
         Some(match method {
             "hello" => t.hello,
-            "allocate" => t.allocate,
+            prl_flow_backend::ALLOCATE => t.allocate,
             "spawn" => t.spawn,
             _ => t.request,
         })
