@@ -7,9 +7,8 @@
 //! Every test bounds itself ([`bounded`]) so a hang fails it instead of stalling the suite,
 //! and what a test starts is stopped by a `Drop` guard. Ports come from the OS.
 //!
-//! The tests marked `needs CLI wiring` run the real binary (`--backend wrapped`, `--site`,
-//! `prl-flow plugins`, `prl-flow plugin test`); they wait for `src/cli.rs` to call
-//! `prl_flow::site`.
+//! The tests at the end run the real binary (`--backend wrapped`, `--site`,
+//! `prl-flow plugins`, `prl-flow plugin test`).
 
 use std::collections::BTreeMap;
 use std::future::Future;

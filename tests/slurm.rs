@@ -23,8 +23,7 @@
 //! `mooncake-transfer-engine-non-cuda==0.3.13.post1`, default
 //! `~/.cache/prl-flow/mooncake-0.3.13.post1/bin`). Mooncake runs with protocol `tcp`.
 //!
-//! Tests through the `prl-flow` binary are at the end, ignored until `src/cli.rs` builds the
-//! slurm backend (`backend_for`). The benchmark of docs/benchmarks.md ("SLURM bring-up") is
+//! Tests through the `prl-flow` binary are at the end. The benchmark of docs/benchmarks.md ("SLURM bring-up") is
 //! `bench_bring_up_against_a_sequential_sbatch_script`.
 
 mod common;

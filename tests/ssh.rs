@@ -899,8 +899,7 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
 }
 
 // ---------------------------------------------------------------------------------------
-// The same through the binary, once `prl-flow` knows the ssh backend (src/cli.rs
-// `backend_for`). The recipe is tests/fixtures/ssh/multi_node.toml with this test's hosts.
+// The same through the binary. The recipe is tests/fixtures/ssh/multi_node.toml with this test's hosts.
 
 #[test]
 fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
