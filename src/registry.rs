@@ -77,7 +77,7 @@ impl Registry {
             Some(n) => n,
             None => match self.site().and_then(|s| s.backend.clone()) {
                 Some(b) => return Ok(b),
-                None => "local".to_string(),
+                None => builtins::LOCAL.to_string(),
             },
         };
         plugins::resolve_name(&named, self.site()).map(str::to_string)
@@ -209,7 +209,7 @@ impl Registry {
         let handle = Self::handle_of(r);
         let name = handle
             .as_ref()
-            .map_or_else(|| "local".into(), |h| h.backend.clone());
+            .map_or_else(|| builtins::LOCAL.into(), |h| h.backend.clone());
         let plugin = handle.as_ref().and_then(prl_flow_plugin::plugin_path);
         match plugin {
             Some(p) if prl_flow_plugin::is_executable(&p) => {
@@ -226,7 +226,7 @@ impl Registry {
     ) -> Result<Arc<dyn Backend>, String> {
         match records.find(|r| r.handle.is_some()) {
             Some(r) => self.for_record(r),
-            None => self.for_handles("local", None),
+            None => self.for_handles(builtins::LOCAL, None),
         }
     }
 }

@@ -104,10 +104,8 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Plan(a) => {
-            let mut plan = session.load_checked(&load_options(&a.file)?).await?.plan;
-            if plan.backend == "local" {
-                session::load::resolve_local(&mut plan);
-            }
+            let plan =
+                session::load::shown(session.load_checked(&load_options(&a.file)?).await?.plan);
             match a.format {
                 PlanFormat::Json => out(&show::plan_json(&plan)),
                 PlanFormat::Text => out(&show::plan_text(&plan)),

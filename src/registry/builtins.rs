@@ -7,8 +7,11 @@ use std::sync::Arc;
 use prl_flow_backend::{Backend, ConfigError, ProcHandle};
 use serde_json::Value;
 
+/// The backend of this machine, and the default one.
+pub const LOCAL: &str = "local";
+
 /// The backends built into this prl-flow.
-pub const BUILTINS: &[&str] = &["local", "ssh", "slurm"];
+pub const BUILTINS: &[&str] = &[LOCAL, "ssh", "slurm"];
 
 /// A built-in backend, made from its `[backend]` table; relative paths in the table are
 /// taken from `base` (the recipe's directory) when given, else from the current directory.
@@ -40,7 +43,7 @@ pub fn for_handles(name: &str, handle: Option<&ProcHandle>) -> Option<Arc<dyn Ba
                 .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())
                 .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),
         ),
-        "local" => Arc::new(prl_flow_local::LocalBackend::new()),
+        LOCAL => Arc::new(prl_flow_local::LocalBackend::new()),
         _ => return None,
     })
 }

@@ -96,7 +96,7 @@ impl Session {
         // Sealing the graph runs nothing: any backend will do.
         let backend = self
             .registry()
-            .for_handles("local", None)
+            .for_handles(crate::registry::builtins::LOCAL, None)
             .map_err(Error::Usage)?;
         let exec = Arc::new(Exec::new(
             backend,
@@ -138,8 +138,16 @@ impl Loaded {
     }
 }
 
-/// The plan with every node placeholder filled in by the local backend's addresses (what
-/// `plan` shows for a plan that runs on this machine).
+/// The plan as `plan` shows it: on the local backend, the node addresses are known before
+/// anything runs, so they are filled in; elsewhere the placeholders stay.
+pub fn shown(mut plan: Plan) -> Plan {
+    if plan.backend == crate::registry::builtins::LOCAL {
+        resolve_local(&mut plan);
+    }
+    plan
+}
+
+/// The plan with every node placeholder filled in by the local backend's addresses.
 pub fn resolve_local(plan: &mut Plan) {
     let hosts: BTreeMap<String, String> = plan
         .nodes
