@@ -76,7 +76,11 @@ fn resume_reregisters_a_worker_the_router_lost() {
     let st = sb.join("st");
     let router = format!("http://127.0.0.1:{router_port}");
     let workers = router_workers(&router);
-    assert_eq!(workers.len(), 1, "one engine behind the router: {workers:?}");
+    assert_eq!(
+        workers.len(),
+        1,
+        "one engine behind the router: {workers:?}"
+    );
     let worker = workers[0].clone();
     let pids_before: Vec<(String, Value)> = records(&st)
         .into_iter()
@@ -93,7 +97,9 @@ fn resume_reregisters_a_worker_the_router_lost() {
     // `register`'s record says it failed (as after a run in which the router refused it),
     // so the resume runs it again and keeps everything else. The journal's last line for an
     // id wins.
-    let mut rec = records(&st).remove(REGISTER).expect("a record of `register`");
+    let mut rec = records(&st)
+        .remove(REGISTER)
+        .expect("a record of `register`");
     assert_eq!(rec["status"], "done", "{rec}");
     rec["status"] = json!("failed");
     let mut log = std::fs::OpenOptions::new()
@@ -121,7 +127,11 @@ fn resume_reregisters_a_worker_the_router_lost() {
     let recs = records(&st);
     for (id, handle) in &pids_before {
         if handle.is_object() && id != "health-probe" {
-            assert_eq!(&recs[id]["handle"], handle, "`{id}` was kept:\n{}", out.stdout);
+            assert_eq!(
+                &recs[id]["handle"], handle,
+                "`{id}` was kept:\n{}",
+                out.stdout
+            );
         }
     }
     assert_eq!(router_workers(&router), [worker.clone()]);
