@@ -134,7 +134,7 @@ fn resume_reregisters_a_worker_the_router_lost() {
             );
         }
     }
-    assert_eq!(router_workers(&router), [worker.clone()]);
+    assert_eq!(router_workers(&router), [worker]);
     let body = json!({ "model": "Qwen/Qwen3-0.6B", "prompt": "back again", "max_tokens": 8 });
     let url = format!("{router}/v1/completions");
     let (status, text) = http("POST", &url, Some(&body)).unwrap_or_else(|e| panic!("{e}"));
