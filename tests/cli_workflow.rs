@@ -1,6 +1,7 @@
 //! The CLI on plain workflow files, end to end: the real `prl-flow` binary, real processes,
 //! real signals. Fixtures are in `tests/fixtures/workflows/`; each task of a fixture that
-//! matters appends its id to `$WORK/marks`, so a test can count how often it ran.
+//! matters appends its id to `$WORK/marks` (and, in `thirty.toml`, to `$WORK/starts` first), so
+//! a test can count how often it ran, and how often it started.
 //!
 //! Every test works in its own [`Sandbox`] (a temp dir as cwd, `--state-dir` inside it), waits
 //! on conditions with deadlines, and leaves nothing running (see `tests/common/mod.rs`).
