@@ -1,6 +1,7 @@
 //! The CLI on plain workflow files, end to end: the real `prl-flow` binary, real processes,
 //! real signals. Fixtures are in `tests/fixtures/workflows/`; each task of a fixture that
-//! matters appends its id to `$WORK/marks`, so a test can count how often it ran.
+//! matters appends its id to `$WORK/marks` (and, in `thirty.toml`, to `$WORK/starts` first), so
+//! a test can count how often it ran, and how often it started.
 //!
 //! Every test works in its own [`Sandbox`] (a temp dir as cwd, `--state-dir` inside it), waits
 //! on conditions with deadlines, and leaves nothing running (see `tests/common/mod.rs`).
@@ -296,10 +297,22 @@ fn thirty_is_quiet(st: &Path) -> bool {
     spawned_are_recorded && !running.is_empty() && settled
 }
 
+/// What `kill_thirty_mid_run` saw at the kill.
+struct Killed {
+    /// Tasks done (a line in `marks`).
+    done: usize,
+    marked: std::collections::BTreeSet<String>,
+    /// Tasks whose process had begun (a line in `starts`): each had a process of its own,
+    /// so the resume must keep or adopt it, never start it again.
+    started: std::collections::BTreeSet<String>,
+    /// `(id, pid)` of the tasks `running` with a recorded handle.
+    running_pids: Vec<(String, i32)>,
+}
+
 /// Starts `thirty.toml` and kills prl-flow with SIGKILL once at least `at` of its 30 tasks
-/// are done (by the marker file) and, if `quiet`, the journal is consistent. Returns how many
-/// were done at the kill, or `None` if the run ended first.
-fn kill_thirty_mid_run(sb: &Sandbox, at: usize, quiet: bool) -> Option<usize> {
+/// are done (by the marker file) and, if `quiet`, the journal is consistent. Returns what was
+/// seen at the kill, or `None` if the run ended first.
+fn kill_thirty_mid_run(sb: &Sandbox, at: usize, quiet: bool) -> Option<Killed> {
     sb.fixture("thirty.toml", "thirty.toml", &[]);
     let st = sb.join("st");
     let mut run = sb.spawn(
@@ -314,8 +327,81 @@ fn kill_thirty_mid_run(sb: &Sandbox, at: usize, quiet: bool) -> Option<usize> {
         (n >= at && (!quiet || thirty_is_quiet(&st))).then_some(true)
     });
     run.kill9();
-    let done = sb.lines("marks").len();
-    (now && done < 30).then_some(done)
+    // Read `marks` before `starts`: a task that ends in between is then counted as started
+    // and not done, never the other way round.
+    let marked: std::collections::BTreeSet<String> = sb.lines("marks").into_iter().collect();
+    let done = marked.len();
+    let started = sb.lines("starts").into_iter().collect();
+    let running_pids = records(&st)
+        .into_iter()
+        .filter(|(_, r)| r["status"] == "running")
+        .filter_map(|(id, r)| Some((id, r["handle"]["payload"]["pid"].as_i64()? as i32)))
+        .collect();
+    (now && done < 30).then_some(Killed {
+        done,
+        marked,
+        started,
+        running_pids,
+    })
+}
+
+/// Runs `run --resume --explain` on a killed `thirty.toml` and checks that nothing started
+/// twice: each task has exactly one line in `starts` and one in `marks` (a task started
+/// again after its first process was stopped leaves two starts and one mark), every task
+/// whose process had begun at the kill is kept or adopted by the explain output, and the
+/// journal keeps the process each adopted task had at the kill. Returns the explain output.
+fn resume_thirty_and_check_each_started_once(sb: &Sandbox, killed: &Killed) -> String {
+    let out = sb.run(&[
+        "run",
+        "thirty.toml",
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
+    out.expect_code(0);
+    let decisions: std::collections::BTreeMap<String, String> = out
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (what, id) = (words.next()?, words.next()?);
+            Some((id.to_string(), what.to_string()))
+        })
+        .collect();
+    let starts = sb.lines("starts");
+    for i in 0..30 {
+        let id = format!("t{i:02}");
+        let n = sb.count("starts", &id);
+        assert_eq!(
+            n,
+            1,
+            "`{id}` started {n} times; starts:\n{}\nexplain:\n{}",
+            starts.join(" "),
+            out.stdout
+        );
+    }
+    for id in &killed.started {
+        let what = decisions.get(id).map(String::as_str);
+        assert!(
+            matches!(what, Some("keep" | "adopt")),
+            "`{id}` had begun at the kill ({} done) but the resume says {what:?}:\n{}",
+            killed.done,
+            out.stdout
+        );
+    }
+    let st = sb.join("st");
+    for (id, pid) in &killed.running_pids {
+        if decisions.get(id).map(String::as_str) == Some("adopt") {
+            assert_eq!(
+                pid_of(&st, id),
+                Some(*pid),
+                "the journal keeps `{id}`'s adopted process, not a new one"
+            );
+        }
+    }
+    assert_each_of_thirty_once(sb);
+    out.stdout
 }
 
 fn assert_each_of_thirty_once(sb: &Sandbox) {
@@ -328,85 +414,57 @@ fn assert_each_of_thirty_once(sb: &Sandbox) {
     assert_eq!(marks.len(), 30, "{marks:?}");
 }
 
+/// Guards: a resume after `kill -9` never starts a task a second time, and adopts the tasks
+/// in flight. The kill waits for a moment when sleeping tasks are in flight (so there is
+/// something to adopt); a kill that lands between a spawn and its journal record all the
+/// same is checked like any other. Only a run that ends before the kill starts over.
 #[test]
 fn kill_9_mid_run_then_resume_runs_nothing_twice() {
-    // The kill waits for a moment when the journal knows every process it started: a kill
-    // between a spawn and its journal record makes the resume run that task again (a known
-    // bug, see the ignored test below). Should one land there all the same, or the run end
-    // before a kill point is found, the attempt says so and starts over.
     for attempt in 1..=5 {
         let sb = Sandbox::new();
-        let st = sb.join("st");
-        let Some(done) = kill_thirty_mid_run(&sb, 8, true) else {
+        let Some(killed) = kill_thirty_mid_run(&sb, 8, true) else {
             eprintln!("note: attempt {attempt}: the run ended before it could be killed");
             continue;
         };
-        let racy = spawned_without_handle(&st);
-        if !racy.is_empty() {
-            eprintln!(
-                "note: attempt {attempt}: the kill landed between the spawn of {racy:?} and its \
-                 journal record (known bug); trying again"
-            );
-            continue;
-        }
-        let out = sb.run(&[
-            "run",
-            "thirty.toml",
-            "--state-dir",
-            "st",
-            "--resume",
-            "--explain",
-        ]);
-        out.expect_code(0);
-        let kept = out.stdout.lines().filter(|l| l.starts_with("keep")).count();
-        let adopted = out
-            .stdout
-            .lines()
-            .filter(|l| l.starts_with("adopt"))
-            .count();
+        let in_flight: Vec<&String> = killed.started.difference(&killed.marked).collect();
+        let out = resume_thirty_and_check_each_started_once(&sb, &killed);
+        let kept = out.lines().filter(|l| l.starts_with("keep")).count();
+        let adopted = out.lines().filter(|l| l.starts_with("adopt")).count();
         assert!(
             (1..30).contains(&kept),
-            "{done} were done at the kill:\n{}",
-            out.stdout
+            "{} were done at the kill:\n{out}",
+            killed.done
         );
         assert!(
-            adopted >= 1,
-            "the sleeping tasks in flight are adopted:\n{}",
-            out.stdout
+            !killed.running_pids.is_empty() && adopted >= 1,
+            "the sleeping tasks in flight ({in_flight:?}) are adopted:\n{out}"
         );
-        assert_each_of_thirty_once(&sb);
         return;
     }
-    panic!("no attempt in five could kill the run at a consistent moment");
+    panic!("no attempt in five could kill the run before it ended");
 }
 
-/// The bug the test above steps around: `Started` is journaled, the process is spawned, and
-/// only then is its handle journaled. A `kill -9` in between leaves a record `running`
-/// without a handle; the resume cannot find the orphan, calls the task `interrupted` and
-/// runs it a second time while the orphan finishes the first. Fixed: the start is on file
-/// before the fork, and the child writes its own pid, which the resume recovers. The test
-/// kills at arbitrary points, up to 40 times, and checks the first kill that hits the window.
+/// Guards: a `kill -9` between the journaled start of a task and its handle's record (a
+/// `running` record without a handle) does not make the resume start the task again: the
+/// child's pid file, naming its attempt, is recovered. The test kills at arbitrary points,
+/// up to 40 times, checks every resume it makes, and stops at the first kill that hits the
+/// window (`tests/local_deploy.rs` builds that window on purpose).
 #[test]
 fn kill_9_right_after_a_spawn_does_not_run_the_task_twice() {
     for attempt in 0..40 {
         let sb = Sandbox::new();
         let st = sb.join("st");
-        if kill_thirty_mid_run(&sb, 3 + attempt % 24, false).is_none()
-            || spawned_without_handle(&st).is_empty()
-        {
+        let Some(killed) = kill_thirty_mid_run(&sb, 3 + attempt % 24, false) else {
+            continue;
+        };
+        let racy = !spawned_without_handle(&st).is_empty();
+        if !racy && attempt % 8 != 0 {
             continue;
         }
-        let out = sb.run(&[
-            "run",
-            "thirty.toml",
-            "--state-dir",
-            "st",
-            "--resume",
-            "--explain",
-        ]);
-        out.expect_code(0);
-        assert_each_of_thirty_once(&sb);
-        return;
+        resume_thirty_and_check_each_started_once(&sb, &killed);
+        if racy {
+            return;
+        }
     }
     eprintln!("note: no kill landed between a spawn and its journal record in 40 tries");
 }

@@ -10,6 +10,8 @@
 //! The tests at the end run the real binary (`--backend wrapped`, `--site`,
 //! `prl-flow plugins`, `prl-flow plugin test`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -412,6 +414,35 @@ impl Drop for Started {
     }
 }
 
+/// `(pid, start time)` in a handle of the local backend or the example plugin (its payload
+/// keeps both).
+fn pid_in(handle: &Value) -> Option<(i32, u64)> {
+    let p = &handle["payload"];
+    Some((p.get("pid")?.as_i64()? as i32, p.get("start")?.as_u64()?))
+}
+
+/// Teardown as the OS sees it, not as the backend says: the service's port on `addr`
+/// refuses connections, and its process has ended (`kill(pid, 0)` fails with ESRCH, or
+/// only a zombie is left for its parent to collect, or the pid is another process now).
+/// Waits a little: the process may take a moment to be reaped after its `stop` returned.
+#[track_caller]
+fn assert_gone(what: &str, addr: &str, port: u16, (pid, start): (i32, u64)) {
+    use nix::errno::Errno;
+    let ended = || match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Err(Errno::ESRCH) => true,
+        _ => !common::alive(pid) || start_time(pid) != Some(start),
+    };
+    common::wait_until(
+        &format!("{what} (pid {pid}) to be gone"),
+        Duration::from_secs(10),
+        ended,
+    );
+    assert!(
+        std::net::TcpStream::connect((addr, port)).is_err(),
+        "{what}: {addr}:{port} still accepts connections"
+    );
+}
+
 fn free_port(addr: &str) -> u16 {
     std::net::TcpListener::bind((addr, 0))
         .and_then(|l| l.local_addr())
@@ -534,6 +565,10 @@ async fn a_deployment_runs_through_the_example_plugin() {
         bounded("status", later.status(&h)).await,
         Ok(ProcState::Running)
     );
+    // Guards the plugin's `stop`: the server is gone as the OS sees it, not only by `status`.
+    let server = started.handle("server").expect("the server's handle");
+    let server = pid_in(&server).expect("a pid and start time in the server's handle");
+    assert_gone("the server", "127.0.0.2", port, server);
     let a: Allocation = serde_json::from_value(started.handle(ALLOCATE).expect("the allocation"))
         .expect("an allocation");
     assert_eq!(
@@ -573,6 +608,17 @@ impl Cli {
             .env_remove("PRL_FLOW_SITE")
             .timeout(LIMIT);
         c
+    }
+
+    /// `(pid, start time)` of the `server` task of `wf.toml`, from its journal.
+    fn server(&self) -> (i32, u64) {
+        let st = self.dir.path().join(".prl-flow/wf");
+        let recs = common::records(&st);
+        let h = &recs.get("server").expect("a record of `server`")["handle"];
+        assert_eq!(h["backend"], "wrapped", "{h}");
+        let server = pid_in(h).expect("a pid and start time in the server's handle");
+        assert!(common::alive(server.0), "the server runs before `down`");
+        server
     }
 
     fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -623,11 +669,10 @@ fn cli_runs_a_workflow_through_the_plugin_and_tears_it_down() {
     let status = cli.cmd().arg("status").output().expect("status");
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success() && text.contains("ready"), "{text}");
+    let server = cli.server();
     cli.cmd().arg("down").assert().success();
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "the server still runs"
-    );
+    // Guards `down` through the plugin: checked by the OS, not by the exit code.
+    assert_gone("the server", "127.0.0.1", port, server);
 }
 
 #[test]
@@ -653,11 +698,15 @@ fn cli_takes_the_backend_from_a_site_file() {
     let log =
         std::fs::read_to_string(cli.dir.path().join(".prl-flow/wf/logs/hello.log")).expect("log");
     assert_eq!(log.trim(), "wrapped=1");
+    let server = cli.server();
     cli.cmd()
         .args(["down", "--site"])
         .arg(&site)
         .assert()
         .success();
+    // Guards `down --site`: the backend named by the site file stops the server, as the OS
+    // sees it.
+    assert_gone("the server", "127.0.0.1", port, server);
 }
 
 #[test]

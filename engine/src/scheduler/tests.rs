@@ -39,8 +39,18 @@ async fn go(s: &Setup, opts: RunOptions) -> Report {
     run(&s.graph, &d, None, &opts, Sink::none(), Cancel::never()).await
 }
 
-fn pos(trace: &Trace, what: &str) -> Option<usize> {
+fn find(trace: &Trace, what: &str) -> Option<usize> {
     trace.lock().expect("trace").iter().position(|e| e == what)
+}
+
+/// Where `what` is in the trace, for comparing the order of events. Panics if it is not
+/// there: `Option`s compared with `<` would call a missing event (`None`) earlier than any
+/// other, and the comparison would pass.
+fn pos(trace: &Trace, what: &str) -> usize {
+    find(trace, what).unwrap_or_else(|| {
+        let trace = trace.lock().expect("trace");
+        panic!("`{what}` is not in the trace {trace:?}")
+    })
 }
 
 #[tokio::test]
@@ -66,7 +76,9 @@ async fn starts_a_task_when_its_own_deps_finish_not_by_level() {
         FakeTask::new("fast", &[]),
         FakeTask::new("after_fast", &["fast"]),
     ]);
-    go(&s, RunOptions::default()).await;
+    let r = go(&s, RunOptions::default()).await;
+    assert!(r.ok());
+    assert_eq!(r.outcomes, [Some(Outcome::Done); 3]);
     assert!(pos(&s.trace, "start:after_fast") < pos(&s.trace, "end:slow"));
 }
 
@@ -80,7 +92,7 @@ async fn jobs_bounds_concurrency() {
             })
             .collect(),
     );
-    go(
+    let r = go(
         &s,
         RunOptions {
             jobs: 2,
@@ -88,6 +100,8 @@ async fn jobs_bounds_concurrency() {
         },
     )
     .await;
+    assert!(r.ok());
+    assert_eq!(r.summary.done, 6);
     let trace = s.trace.lock().expect("trace").clone();
     let mut running = 0i32;
     let mut max = 0;
@@ -162,6 +176,14 @@ async fn failed_run_undoes_its_services_in_reverse_unless_keep() {
         )
         .await;
         assert!(!r.ok());
+        assert_eq!(
+            r.outcomes,
+            [
+                Some(Outcome::Done),
+                Some(Outcome::Done),
+                Some(Outcome::Failed)
+            ]
+        );
         let undos: Vec<u32> = s
             .tasks
             .iter()
@@ -217,7 +239,7 @@ async fn timeout_stops_the_task_and_says_so() {
     let msg = r.errors[0].as_ref().expect("error").message.clone();
     assert!(msg.starts_with("timed out after 50ms"), "{msg}");
     assert!(
-        pos(&s.trace, "end:stuck").is_some(),
+        find(&s.trace, "end:stuck").is_some(),
         "the task saw its cancel"
     );
 }
@@ -234,7 +256,7 @@ async fn cancel_stops_running_tasks_and_starts_nothing_new() {
     let d = decide(&s.graph, None).await;
     let fire = async {
         // Fire once `long` has started.
-        while pos(&s.trace, "start:long").is_none() {
+        while find(&s.trace, "start:long").is_none() {
             tokio::task::yield_now().await;
         }
         src.fire();

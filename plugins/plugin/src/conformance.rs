@@ -17,8 +17,10 @@
 //!    service running, and the service still answers.
 //! 8. `read its log`: `read_log` from 0 holds the server's line for our GET, and reading on
 //!    from the returned offset works.
-//! 9. `stop it`: `stop` ends it; `status` no longer says running; a second `stop` is not an
-//!    error.
+//! 9. `stop it`: `stop` ends it; `status` no longer says running; its port refuses
+//!    connections and, when it runs on this machine (the handle's payload holds a `pid` that
+//!    `/proc` shows running the server), that process has ended, as the OS sees it; a second
+//!    `stop` is not an error.
 //! 10. `release`.
 //!
 //! Each step has a time limit, so a backend that hangs fails a step rather than the test
@@ -36,7 +38,10 @@ use prl_flow_backend::{Backend, ProcHandle, ProcState, SpawnSpec};
 
 mod support;
 
-use support::{describe, err, free_port, http_get, log_tail, names_backend, need, token, Runner};
+use support::{
+    describe, err, free_port, gone_as_the_os_sees_it, http_get, local_process, log_tail,
+    names_backend, need, token, Runner,
+};
 
 /// The names of the steps, in order.
 pub const STEPS: &[&str] = &[
@@ -411,18 +416,25 @@ pub async fn conformance(
     let stopped = run
         .step(STEPS[8], async {
             let (b, _) = ready?;
-            let (h, _, _) = svc.ok_or("no service")?;
+            let (h, host, port) = svc.ok_or("no service")?;
+            // What the OS can tell, not only the backend's word: the process, when it
+            // runs on this machine, and the port it answered on.
+            let process = local_process(&h, port);
             b.stop(&h, Duration::from_secs(5)).await.map_err(err)?;
             let state = b.status(&h).await.map_err(err)?;
             if state == ProcState::Running {
                 return Err("`status` still says running after `stop`".into());
             }
+            let gone = gone_as_the_os_sees_it(&host, port, process).await?;
             b.stop(&h, Duration::from_secs(5))
                 .await
                 .map_err(|e| format!("stopping it a second time: {e}"))?;
             Ok((
                 (),
-                format!("now {}; stopping it again is fine", describe(&state)),
+                format!(
+                    "now {}, {gone}; stopping it again is fine",
+                    describe(&state)
+                ),
             ))
         })
         .await

@@ -164,3 +164,78 @@ pub(super) fn need(
         _ => Err("no backend".into()),
     }
 }
+
+/// The service's process as this machine's `/proc` shows it: the pid in the handle's payload,
+/// when there is one and it runs the service here (its command line names `http.server` and
+/// the port), with its start time. `None` when the process runs elsewhere (a remote node) or
+/// the handle holds no pid; then only the port is checked.
+pub(super) fn local_process(h: &ProcHandle, port: u16) -> Option<(i32, u64)> {
+    let pid = i32::try_from(h.payload.get("pid")?.as_i64()?).ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let ours = args.iter().any(|a| a == "http.server") && args.contains(&port.to_string());
+    let (_, start) = proc_stat(pid)?;
+    ours.then_some((pid, start))
+}
+
+/// (state letter, start time) of `pid` from `/proc/PID/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Whether the process `(pid, start)` has ended as the OS sees it: `kill(pid, 0)` fails
+/// with ESRCH, or only a zombie is left for its parent to collect, or the pid is another
+/// process now.
+fn ended((pid, start): (i32, u64)) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Err(nix::errno::Errno::ESRCH) => true,
+        _ => !matches!(proc_stat(pid), Some((s, st)) if s != 'Z' && s != 'X' && st == start),
+    }
+}
+
+/// Whether `addr:port` accepts a connection now (within 2 s).
+async fn accepts(addr: &str, port: u16) -> bool {
+    let limit = Duration::from_secs(2);
+    matches!(
+        tokio::time::timeout(limit, tokio::net::TcpStream::connect((addr, port))).await,
+        Ok(Ok(_))
+    )
+}
+
+/// After a `stop`: the service is gone as the OS sees it, not only by the backend's
+/// `status`. Its port on `addr` refuses connections (it answered from this machine before),
+/// and, when its process runs here (`process`, from [`local_process`]), that process has
+/// ended. Waits up to 5 s for both (a process may take a moment to close its socket or to
+/// be reaped); says what was checked, or what is still there.
+pub(super) async fn gone_as_the_os_sees_it(
+    addr: &str,
+    port: u16,
+    process: Option<(i32, u64)>,
+) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listening = accepts(addr, port).await;
+        let running = process.filter(|p| !ended(*p));
+        if !listening && running.is_none() {
+            return Ok(match process {
+                Some((pid, _)) => format!("{addr}:{port} refuses connections, pid {pid} ended"),
+                None => format!("{addr}:{port} refuses connections"),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(match running {
+                Some((pid, _)) => format!("after `stop`, pid {pid} still runs"),
+                None => format!("after `stop`, {addr}:{port} still accepts connections"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
