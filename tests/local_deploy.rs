@@ -65,6 +65,7 @@ const KNOBS: &[(&str, &str)] = &[
 /// The router is needed by every test that gets past the engines. Without it the test is
 /// skipped, loudly, or fails when `PRL_FLOW_TEST_REQUIRE_ALL` is set (`./dev test` sets it
 /// and installs the router).
+#[track_caller]
 fn have_router() -> bool {
     router_or_skip().is_some()
 }

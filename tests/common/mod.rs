@@ -18,7 +18,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -639,8 +639,9 @@ pub fn require_all() -> bool {
 
 /// The one check of a prerequisite. `found` says whether `what` is there; when it is not,
 /// with [`REQUIRE_ALL`] on the test fails, naming `what` and `how` to get it; otherwise it
-/// prints a loud `SKIPPED` line saying what goes untested, and returns false (the caller
-/// returns, or leaves the part that needs it out).
+/// prints a loud `SKIPPED` line saying what goes untested (shown even when the harness
+/// captures output), and returns false (the caller returns, or leaves out the part that
+/// needs it).
 #[track_caller]
 pub fn prerequisite(found: bool, what: &str, how: &str) -> bool {
     if found {
@@ -651,7 +652,10 @@ pub fn prerequisite(found: bool, what: &str, how: &str) -> bool {
             "missing: {what}; {REQUIRE_ALL} is set, so this test may not skip. To get it: {how}"
         );
     }
-    eprintln!(
+    // Straight to the stderr of the test binary, past the harness's capture of passing
+    // tests' output: a skip is seen in a plain `cargo test` too.
+    let _ = writeln!(
+        std::io::stderr(),
         "\n!!! SKIPPED, missing: {what}. To get it: {how}. ({REQUIRE_ALL}=1 makes this a failure)\n"
     );
     false
