@@ -78,11 +78,11 @@ fn have_slurm() -> bool {
         .iter()
         .any(|d| Path::new(d).join(p).exists())
     };
-    if found("slurmctld") && found("slurmd") && found("munged") && found("srun") {
-        return true;
-    }
-    eprintln!("\n!!! SKIPPED: SLURM is not installed (apt-get install -y slurm-wlm munge); the slurm backend is NOT tested\n");
-    false
+    common::prerequisite(
+        found("slurmctld") && found("slurmd") && found("munged") && found("srun"),
+        "SLURM (slurmctld, slurmd, munged, srun; the slurm backend is NOT tested)",
+        "apt-get install -y slurm-wlm munge, or run `./dev test`",
+    )
 }
 
 /// A private cluster; stopped on drop.
@@ -137,7 +137,11 @@ impl TestCluster {
             c.netns = w[2] != "-";
         }
         if !c.netns {
-            eprintln!("\n!!! network namespaces are not available here: the nodes share one; Mooncake tests are SKIPPED\n");
+            common::prerequisite(
+                false,
+                "network namespaces (the nodes share one; Mooncake tests are SKIPPED)",
+                "run as root with iproute2 installed, in a container with CAP_NET_ADMIN",
+            );
         }
         Some(c)
     }
@@ -274,12 +278,12 @@ fn mooncake_bin() -> Option<PathBuf> {
 
 /// Router and Mooncake, or a loud skip.
 fn deployment_prerequisites(c: &TestCluster) -> Option<PathBuf> {
-    let Some(router) = common::router_program() else {
-        eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
-        return None;
-    };
-    if mooncake_bin().is_none() {
-        eprintln!("\n!!! SKIPPED: no Mooncake (pip install mooncake-transfer-engine-non-cuda==0.3.13.post1 into ~/.cache/prl-flow/mooncake-0.3.13.post1, or set PRL_FLOW_MOONCAKE to its bin dir)\n");
+    let router = common::router_or_skip()?;
+    if !common::prerequisite(
+        mooncake_bin().is_some(),
+        "Mooncake (mooncake_master)",
+        "run `./dev test`, or pip install mooncake-transfer-engine-non-cuda==0.3.13.post1 into ~/.cache/prl-flow/mooncake-0.3.13.post1, or set PRL_FLOW_MOONCAKE to its bin dir",
+    ) {
         return None;
     }
     if !c.netns {

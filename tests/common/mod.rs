@@ -18,7 +18,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -594,8 +594,6 @@ pub fn free_port_block(len: u16) -> u16 {
     panic!("found no block of {len} free ports in 200 tries");
 }
 
-/// The `vllm-router` program the tests use: `PRL_FLOW_ROUTER` (set by `./dev test`), else
-/// the venv `./dev` installs, which prl-flow also finds by itself. `None` when neither is
 /// The mock engine's program, built beside `prl-flow` by `cargo build --workspace`.
 pub fn mock_engine() -> String {
     std::path::Path::new(env!("CARGO_BIN_EXE_prl-flow"))
@@ -604,19 +602,85 @@ pub fn mock_engine() -> String {
         .into_owned()
 }
 
-/// there.
+/// The `vllm-router` program the tests use, as prl-flow finds it: `PRL_FLOW_ROUTER` (set by
+/// `./dev test`) if it names a program that exists, else the venv `./dev` installs, else
+/// `vllm-router` on `PATH`. `None` when there is none.
 pub fn router_program() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PRL_FLOW_ROUTER").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
+    let venv = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let p = cache.join(format!(
-        "prl-flow/router-{}/bin/vllm-router",
-        prl_flow::tools::ROUTER_VERSION
-    ));
-    p.exists().then_some(p)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|cache| {
+            cache.join(format!(
+                "prl-flow/router-{}/bin/vllm-router",
+                prl_flow::tools::ROUTER_VERSION
+            ))
+        });
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    venv.into_iter()
+        .chain(std::env::split_paths(&path).map(|d| d.join("vllm-router")))
+        .find(|p| p.is_file())
+}
+
+// ---------------------------------------------------------------------------------------
+// What a test needs from the machine: skipped loudly, or failed under the switch.
+
+/// The switch that turns every missing prerequisite (the router, sshd, network namespaces,
+/// Mooncake, SLURM) from a loud skip into a failure. `./dev test`, and so CI, set it to `1`.
+pub const REQUIRE_ALL: &str = "PRL_FLOW_TEST_REQUIRE_ALL";
+
+/// Whether [`REQUIRE_ALL`] is on (set, and neither empty nor `0`).
+pub fn require_all() -> bool {
+    std::env::var(REQUIRE_ALL).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The one check of a prerequisite. `found` says whether `what` is there; when it is not,
+/// with [`REQUIRE_ALL`] on the test fails, naming `what` and `how` to get it; otherwise it
+/// prints a loud `SKIPPED` line saying what goes untested (shown even when the harness
+/// captures output), and returns false (the caller returns, or leaves out the part that
+/// needs it).
+#[track_caller]
+pub fn prerequisite(found: bool, what: &str, how: &str) -> bool {
+    if found {
+        return true;
+    }
+    if require_all() {
+        panic!(
+            "missing: {what}; {REQUIRE_ALL} is set, so this test may not skip. To get it: {how}"
+        );
+    }
+    // Straight to the stderr of the test binary, past the harness's capture of passing
+    // tests' output: a skip is seen in a plain `cargo test` too.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!! SKIPPED, missing: {what}. To get it: {how}. ({REQUIRE_ALL}=1 makes this a failure)\n"
+    );
+    false
+}
+
+/// How to get the router, for [`prerequisite`].
+pub const ROUTER_HOW: &str = "run `./dev test`, which installs vllm-router 0.1.17 into \
+     ~/.cache/prl-flow/router-0.1.17, or set PRL_FLOW_ROUTER to the program";
+
+/// The router, or `None` after the [`prerequisite`] check said why.
+#[track_caller]
+pub fn router_or_skip() -> Option<PathBuf> {
+    let found = router_program();
+    let what = match std::env::var_os("PRL_FLOW_ROUTER").filter(|p| !p.is_empty()) {
+        Some(p) if found.is_none() => format!(
+            "vllm-router (PRL_FLOW_ROUTER names `{}`, which does not exist)",
+            Path::new(&p).display()
+        ),
+        _ => "vllm-router".to_string(),
+    };
+    if prerequisite(found.is_some(), &what, ROUTER_HOW) {
+        found
+    } else {
+        None
+    }
 }
 
 /// A live process, as `/proc` shows it.
