@@ -11,7 +11,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{free_port_block, http, records, router_program, status_of, Sandbox};
+use common::{free_port_block, http, records, router_or_skip, status_of, Sandbox};
 use serde_json::{json, Value};
 
 const REGISTER: &str = prl_flow::actions::Action::Register.name();
@@ -38,8 +38,7 @@ fn router_workers(router: &str) -> Vec<String> {
 /// list no worker after the resume, and the completion through it would fail.
 #[test]
 fn resume_reregisters_a_worker_the_router_lost() {
-    if router_program().is_none() {
-        eprintln!("\n!!! SKIPPED: no vllm-router (set PRL_FLOW_ROUTER or run ./dev test)\n");
+    if router_or_skip().is_none() {
         return;
     }
     let sb = Sandbox::new();
