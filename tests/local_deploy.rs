@@ -251,18 +251,7 @@ impl Local {
     /// The worker URLs the router lists.
     #[track_caller]
     fn router_workers(&self) -> Vec<String> {
-        let url = format!("{}/list_workers", self.router_url());
-        let (status, text) = http("GET", &url, None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(status, 200, "GET {url}: {text}");
-        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        let mut urls: Vec<String> = v["urls"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no `urls` in {text}"))
-            .iter()
-            .filter_map(|u| u.as_str().map(|s| s.trim_end_matches('/').to_string()))
-            .collect();
-        urls.sort();
-        urls
+        common::router_workers(&self.router_url())
     }
 
     /// A task's log (`st/logs/TASK.log`).

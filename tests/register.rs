@@ -11,27 +11,10 @@ mod common;
 
 use std::io::Write;
 
-use common::{free_port_block, http, records, router_or_skip, status_of, Sandbox};
+use common::{free_port_block, http, records, router_or_skip, router_workers, status_of, Sandbox};
 use serde_json::{json, Value};
 
 const REGISTER: &str = prl_flow::actions::Action::Register.name();
-
-/// The worker URLs `router` lists, without a trailing `/`, sorted.
-#[track_caller]
-fn router_workers(router: &str) -> Vec<String> {
-    let url = format!("{router}/list_workers");
-    let (status, text) = http("GET", &url, None).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status, 200, "GET {url}: {text}");
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let mut urls: Vec<String> = v["urls"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no `urls` in {text}"))
-        .iter()
-        .filter_map(|u| u.as_str().map(|s| s.trim_end_matches('/').to_string()))
-        .collect();
-    urls.sort();
-    urls
-}
 
 /// Guards `register`'s repair path (`add_worker` in `src/actions/router.rs`): a router that
 /// lost a worker gets it back when `register` runs again. Broken, the router would still

@@ -755,3 +755,22 @@ pub fn http(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, Strin
         Ok((status, text))
     })
 }
+
+/// The worker URLs the router at `router` lists (`GET /list_workers`), without a trailing
+/// `/`, sorted.
+#[track_caller]
+pub fn router_workers(router: &str) -> Vec<String> {
+    let url = format!("{router}/list_workers");
+    let (status, text) = http("GET", &url, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200, "GET {url}: {text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let mut urls: Vec<String> = v["urls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `urls` in {text}"))
+        .iter()
+        .filter_map(|u| u.as_str().map(|s| s.trim_end_matches('/').to_string()))
+        .collect();
+    urls.sort();
+    urls
+}
