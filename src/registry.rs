@@ -198,11 +198,6 @@ impl Registry {
         Some(held.handle().clone())
     }
 
-    /// The name of the backend that made a record's handle (`None`: no handle).
-    pub fn backend_name(r: &Record) -> Option<String> {
-        Self::handle_of(r).map(|h| h.backend)
-    }
-
     /// The backend that started what a record's handle names: a plugin by the path the
     /// handle carries, else by name.
     pub fn for_record(&self, r: &Record) -> Result<Arc<dyn Backend>, String> {

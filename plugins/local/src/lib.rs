@@ -27,7 +27,6 @@
 
 mod with_local;
 
-pub use prl_flow_backend::read_from;
 pub use with_local::WithLocal;
 
 use std::collections::HashMap;
@@ -315,7 +314,7 @@ impl Backend for LocalBackend {
         offset: u64,
     ) -> Result<(String, u64), BackendError> {
         let h = Self::parse(handle)?;
-        read_from(&h.log, offset)
+        prl_flow_backend::read_from(&h.log, offset)
     }
 }
 

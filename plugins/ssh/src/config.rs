@@ -327,17 +327,6 @@ impl SshConfig {
     }
 }
 
-/// Checks `[backend]` for a plan of `nodes` nodes: every problem at once.
-pub fn validate(
-    value: &Value,
-    nodes: usize,
-    base_dir: Option<&Path>,
-) -> Result<SshConfig, Vec<ConfigError>> {
-    let config = SshConfig::from_value(value, base_dir)?;
-    config.check_nodes(nodes).map_err(|e| vec![e])?;
-    Ok(config)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,17 +335,15 @@ mod tests {
     #[test]
     fn too_few_hosts_is_refused_with_the_numbers() {
         let v = json!({ "hosts": ["a", "b", "c"] });
-        let errs = validate(&v, 4, None).expect_err("4 > 3");
-        assert_eq!(errs.len(), 1);
-        assert_eq!(errs[0].field, "hosts");
+        let config = SshConfig::from_value(&v, None).expect("a valid table");
+        let err = config.check_nodes(4).expect_err("4 > 3");
+        assert_eq!(err.field, "hosts");
         assert!(
-            errs[0]
-                .message
+            err.message
                 .contains("needs 4 nodes but 3 hosts are given (a, b, c)"),
-            "{}",
-            errs[0]
+            "{err}"
         );
-        assert!(validate(&v, 3, None).is_ok());
+        assert!(config.check_nodes(3).is_ok());
     }
 
     #[test]

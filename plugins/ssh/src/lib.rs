@@ -72,7 +72,7 @@ use prl_flow_backend::{
 use prl_flow_local::WithLocal;
 use tokio::sync::watch;
 
-pub use config::{validate, SshConfig};
+pub use config::SshConfig;
 use handle::{
     check_spec, last_name, parse, parse_spawned, state_key, wrap, AllocHandle, Handle, Watch, NAME,
 };
