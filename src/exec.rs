@@ -466,10 +466,7 @@ impl Task for SpecTask {
         }
         self.exec
             .backend
-            .recover(
-                &self.spawn_spec(record.started_ms.unwrap_or(0)),
-                record.started_ms.unwrap_or(0),
-            )
+            .recover(&self.spawn_spec(record.started_ms.unwrap_or(0)))
             .await
             .ok()
             .flatten()

@@ -914,15 +914,15 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
         run_dir: exec.run_dir("server"),
         log: exec.log_path("server"),
         service: true,
+        attempt: records(&state)["server"].started_ms.expect("started"),
         ..Default::default()
     };
-    let since = records(&state)["server"].started_ms.expect("started");
     let step_file = exec.run_dir("server").join("slurm-step");
     let hidden = exec.run_dir("server").join("hidden");
     for round in ["by its file", "by its name"] {
         let fresh = SlurmBackend::from_config(&config, &state).expect("config");
         let found = fresh
-            .recover(&spec, since)
+            .recover(&spec)
             .await
             .expect("recover")
             .unwrap_or_else(|| panic!("not found {round}"));
@@ -945,13 +945,10 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
     let later_attempt = prl_flow_engine::journal::now_ms() + 60_000;
     let other = SpawnSpec {
         task: "other".into(),
+        attempt: later_attempt,
         ..spec.clone()
     };
-    assert!(fresh
-        .recover(&other, later_attempt)
-        .await
-        .expect("recover")
-        .is_none());
+    assert!(fresh.recover(&other).await.expect("recover").is_none());
     let url = format!("http://{}:8765/", cluster.nodes[1].1);
     assert_eq!(http_get(&url).await, Some(200));
     // The server logs a request once it has answered it.

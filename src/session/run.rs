@@ -222,7 +222,7 @@ pub(crate) async fn recover_missing(
             attempt: r.started_ms.unwrap_or(0),
             ..Default::default()
         };
-        if let Ok(Some(h)) = backend.recover(&spec, r.started_ms.unwrap_or(0)).await {
+        if let Ok(Some(h)) = backend.recover(&spec).await {
             r.handle = Some(h.clone().into());
             journal.update_now(&r.id, |rec| rec.handle = Some(h.into()));
         }

@@ -160,14 +160,10 @@ pub trait Backend: Send + Sync {
         String::new()
     }
 
-    /// Finds the process a spawn of `spec` started at or after `since_ms` (ms since the
-    /// epoch), when its handle never reached the journal (prl-flow was killed between the
-    /// fork and the journal write). `None`: nothing was started.
-    async fn recover(
-        &self,
-        _spec: &SpawnSpec,
-        _since_ms: u64,
-    ) -> Result<Option<ProcHandle>, BackendError> {
+    /// Finds the process that the spawn of `spec` (its attempt: [`SpawnSpec::attempt`])
+    /// started, when its handle never reached the journal (prl-flow was killed between the
+    /// fork and the journal write). `None`: that attempt started nothing.
+    async fn recover(&self, _spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         Ok(None)
     }
 

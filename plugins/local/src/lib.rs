@@ -276,11 +276,7 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    async fn recover(
-        &self,
-        spec: &SpawnSpec,
-        since_ms: u64,
-    ) -> Result<Option<ProcHandle>, BackendError> {
+    async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         let pid_file = spec.run_dir.join(PID_FILE);
         let Some((pid, attempt)) = std::fs::read_to_string(&pid_file)
             .ok()
@@ -289,7 +285,7 @@ impl Backend for LocalBackend {
             return Ok(None);
         };
         // Another attempt's file (an earlier one, if this attempt never got to start).
-        if attempt != since_ms {
+        if attempt != spec.attempt {
             return Ok(None);
         }
         let h = Handle {
@@ -460,7 +456,7 @@ mod tests {
         drop(f);
 
         let found = b
-            .recover(&s, s.attempt)
+            .recover(&s)
             .await
             .expect("recover")
             .expect("this attempt's process is found");
@@ -470,7 +466,11 @@ mod tests {
         );
         assert_eq!(b.status(&found).await, Ok(ProcState::Running));
         // An attempt that started later never got to its spawn: this process is not its.
-        assert_eq!(b.recover(&s, s.attempt + 1).await, Ok(None));
+        let later = SpawnSpec {
+            attempt: s.attempt + 1,
+            ..s.clone()
+        };
+        assert_eq!(b.recover(&later).await, Ok(None));
         b.stop(&h, Duration::from_secs(5)).await.expect("stop");
     }
 

@@ -129,14 +129,10 @@ impl<B: Backend> Backend for WithLocal<B> {
         self.remote.describe(handle)
     }
 
-    async fn recover(
-        &self,
-        spec: &SpawnSpec,
-        since_ms: u64,
-    ) -> Result<Option<ProcHandle>, BackendError> {
+    async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         match spec.node {
-            None => self.local.recover(spec, since_ms).await,
-            Some(_) => self.remote.recover(spec, since_ms).await,
+            None => self.local.recover(spec).await,
+            Some(_) => self.remote.recover(spec).await,
         }
     }
 

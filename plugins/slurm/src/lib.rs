@@ -281,12 +281,8 @@ impl Backend for SlurmBackend {
         self.cancel_jobs(items, grace, state_dir).await
     }
 
-    async fn recover(
-        &self,
-        spec: &SpawnSpec,
-        since_ms: u64,
-    ) -> Result<Option<ProcHandle>, BackendError> {
-        self.recover_step(spec, since_ms).await
+    async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
+        self.recover_step(spec).await
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {

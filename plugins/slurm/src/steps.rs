@@ -304,7 +304,6 @@ impl SlurmBackend {
     pub(crate) async fn recover_step(
         &self,
         spec: &SpawnSpec,
-        since_ms: u64,
     ) -> Result<Option<ProcHandle>, BackendError> {
         let Some(node) = &spec.node else {
             return Err(no_node(spec));
@@ -320,7 +319,7 @@ impl SlurmBackend {
         let step_file = spec.run_dir.join(STEP_FILE);
         // The wrapper's file, if this attempt wrote it (it names its attempt; another is an
         // earlier attempt's).
-        let from_file = (step_file_attempt(&step_file) == Some(since_ms))
+        let from_file = (step_file_attempt(&step_file) == Some(spec.attempt))
             .then(|| read_step_file(&step_file))
             .flatten();
         // Else a step of ours by name that runs in the allocation (its wrapper had not
