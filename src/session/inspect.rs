@@ -157,13 +157,8 @@ fn unknown_task(task: &str, dir: &Path, records: &BTreeMap<String, Record>) -> E
 
 /// (up / down / -, a detail) for a record.
 async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
-    let Some(h) = &r.handle else {
-        return (Liveness::NotApplicable, None);
-    };
-    if is_allocation(r) {
-        return (Liveness::NotApplicable, None);
-    }
-    let Ok(h) = prl_flow_backend::ProcHandle::try_from(h) else {
+    // An allocation is no process; a record without a (readable) handle has none to check.
+    let Some(h) = super::proc_handle(r).filter(|_| !is_allocation(r)) else {
         return (Liveness::NotApplicable, None);
     };
     let state = exec.backend.status(&h).await;
