@@ -304,6 +304,7 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             env: e.env.clone(),
             files: Vec::new(),
             ports: Vec::new(),
+            port_fields: Default::default(),
             service: e.service,
             ready,
             timeout,

@@ -618,6 +618,40 @@ fn ctrl_c_with_keep_leaves_the_service_up_until_down() {
     wait_gone("the service's group", server);
 }
 
+/// A service whose leader died and left a process of its group behind (a crashed server's
+/// workers that still hold their GPUs): `down` finds it, says so, and stops it.
+#[test]
+fn down_stops_what_is_left_of_a_group_whose_leader_died() {
+    let sb = Sandbox::new();
+    sb.write(
+        "orphan.toml",
+        "[[task]]\nid = \"server\"\nservice = true\n\
+         run = \"sleep 4031 & echo $! > worker.pid; exec sleep 0.2\"\n",
+    );
+    let st = sb.join("st");
+    sb.run(&["run", "orphan.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let leader = pid_of(&st, "server").expect("the service's pid is recorded");
+    let worker_pid = st.join("run/server/worker.pid");
+    let worker: i32 = wait_for("the worker's pid", WAIT, || {
+        std::fs::read_to_string(&worker_pid)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    });
+    wait_until("the leader to end", WAIT, || !alive(leader));
+    assert!(alive(worker), "the worker must outlive its leader");
+    assert_eq!(group_members(leader), [worker]);
+
+    let down = sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    assert!(down.stderr.contains("stopped server"), "{}", down.stderr);
+    assert!(down.stderr.contains("1 process stopped"), "{}", down.stderr);
+    wait_gone("the service's group", leader);
+    assert!(!alive(worker), "the worker still runs after down");
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. live services: refuse a fresh run, status, resume after a death, logs, down
 

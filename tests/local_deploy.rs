@@ -17,6 +17,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,7 @@ const MODEL: &str = "Qwen/Qwen3-0.6B";
 const MOE_MODEL: &str = "Qwen/Qwen3-30B-A3B";
 
 /// The ports of one deployment, each from the OS.
+#[derive(Clone, Copy)]
 struct Ports {
     router: u16,
     backend: u16,
@@ -990,4 +992,85 @@ fn resume_adopts_a_service_whose_handle_never_reached_the_journal() {
         out.stderr
     );
     g.assert_gone();
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. a port that is not ours: taken before the start, or answered by someone else
+
+impl Local {
+    /// Another sandbox with the same recipe on the same ports (a second copy of a
+    /// deployment, with its own state dir).
+    fn twin(&self) -> Local {
+        let twin = Local {
+            sb: Sandbox::new(),
+            recipe: self.recipe,
+            ports: self.ports,
+            knobs: self.knobs.clone(),
+        };
+        twin.write();
+        twin
+    }
+}
+
+/// A second copy of a deployment on the same ports fails at once, naming the port, the
+/// field that set it and who holds it, starts nothing, and the first keeps serving.
+#[test]
+fn a_second_copy_on_the_same_ports_fails_naming_the_port_and_the_first_keeps_serving() {
+    if !have_router() {
+        return;
+    }
+    let first = Local::new("multi_node", &[]);
+    first.run(&[]).expect_code(0);
+    let second = first.twin();
+    let out = second.run(&[]);
+    out.expect_code(1);
+    let want = format!(
+        "port {} is already in use (set by [inference.deployment] backend_port), held by pid ",
+        first.ports.backend
+    );
+    assert!(
+        out.stderr.contains(&want),
+        "no `{want}` in:\n{}",
+        out.stderr
+    );
+    second.assert_nothing_runs();
+    // The first deployment still answers, from its own engines.
+    first.assert_as_planned();
+    assert!(first.complete("still here").starts_with("mock@"));
+    first.down();
+}
+
+/// A service whose probe is answered by another process (on its port, after its start)
+/// is not ready: the run fails at once, naming who answers, and stops what it started.
+#[test]
+fn a_probe_answered_by_another_process_does_not_make_a_service_ready() {
+    let d = Local::new("single_node", &[("FAIL", "hang")]);
+    let mut run = d.spawn("run", &[]);
+    let engine = "engine[0].node[0]";
+    let st = d.st();
+    wait_until("the engine started", WAIT, || in_flight(&st, engine));
+    // The stranger: another engine on the port the hung engine never binds.
+    let port = d.ports.backend.to_string();
+    let stranger = std::process::Command::new(common::mock_engine())
+        .args([MODEL, "--host", "127.0.0.1", "--port", &port])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start the stranger");
+    let _guard = KillOnDrop(stranger.id() as i32);
+    let out = run.wait(COMMAND_DEADLINE);
+    out.expect_code(1);
+    let want = format!(
+        "`{engine}` on node0 (127.0.0.1) is not what answers on port {port}: pid {} ",
+        stranger.id()
+    );
+    assert!(
+        out.stderr.contains(&want),
+        "no `{want}` in:\n{}",
+        out.stderr
+    );
+    assert_eq!(status_of(&st, engine).as_deref(), Some("failed"));
+    d.assert_nothing_runs();
+    assert!(alive(stranger.id() as i32), "the stranger was stopped");
 }

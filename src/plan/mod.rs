@@ -102,6 +102,10 @@ pub struct TaskSpec {
     /// Ports the task listens on (for clash checks and displays).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// The recipe field that set each of `ports`, for messages (`[inference.deployment]
+    /// backend_port`). Derived from the recipe each time it is loaded, so never stored.
+    #[serde(skip)]
+    pub port_fields: BTreeMap<u16, String>,
     /// A service keeps running once ready; a one-shot is done when it exits 0.
     #[serde(default)]
     pub service: bool,

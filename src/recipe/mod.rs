@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::diag::{Problem, Problems};
-use crate::plan::Plan;
+use crate::plan::{Plan, TaskSpec};
 use deployment::Deployment;
 use schema::Recipe;
 
@@ -163,6 +163,9 @@ pub fn load(
     };
     let mut tasks = render::tasks(&dep, &templates, &prefixes, &mut p);
     custom::add(&mut tasks, &entries, dep.nodes, &mut p);
+    if let Some(inf) = &recipe.inference {
+        name_port_fields(&mut tasks, &dep, inf);
+    }
     if !p.is_empty() {
         return Err(in_file_order(p));
     }
@@ -198,6 +201,22 @@ pub fn checked_deployment(recipe: &Recipe, backend: &str, p: &mut Problems) -> O
         ports::check_clashes(&dep, &inf.deployment, inf.offload.as_ref(), p);
     }
     (p.len() == before).then_some(dep)
+}
+
+/// Notes on each task the recipe field that set each of its ports.
+fn name_port_fields(tasks: &mut [TaskSpec], dep: &Deployment, inf: &schema::InferenceSection) {
+    let uses = ports::port_uses(dep, &inf.deployment, inf.offload.as_ref());
+    for t in tasks {
+        for u in uses.iter().filter(|u| u.task == t.id) {
+            let table = match u.field {
+                "master_port" | "master_metrics_port" | "metadata_port" | "client_port" => {
+                    "[inference.offload]"
+                }
+                _ => "[inference.deployment]",
+            };
+            t.port_fields.insert(u.port, format!("{table} {}", u.field));
+        }
+    }
 }
 
 /// Problems in the order their places appear in the file (those without a place last),

@@ -84,6 +84,29 @@ pub struct SpawnSpec {
     pub attempt: u64,
 }
 
+/// A port that something already listens on, and who, where the backend can tell
+/// (`pid 4242 (python3)`, `a process of another user`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortHolder {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+}
+
+/// Who listens on a service's port, as [`Backend::listener`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "listener", content = "holder")]
+pub enum Listener {
+    /// The service's own process, or another process of its group.
+    Ours,
+    /// Another process: the one that answers is not ours (who, where the backend can tell).
+    Other(String),
+    /// Nothing listens on the port.
+    Nobody,
+    /// The backend cannot tell.
+    Unknown,
+}
+
 /// Nodes given to a deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
@@ -152,6 +175,30 @@ pub trait Backend: Send + Sync {
         _state_dir: Option<&Path>,
     ) -> Vec<Stopped> {
         teardown_each(self, items, grace).await
+    }
+
+    /// Which of `ports` something already listens on where a service about to start on `node`
+    /// (`None`: this machine) would bind them (`address`), each with who holds it where the
+    /// backend can tell. `None`: this backend cannot tell, and the start goes ahead.
+    async fn ports_taken(
+        &self,
+        _node: Option<&str>,
+        _address: &str,
+        _ports: &[u16],
+    ) -> Result<Option<Vec<PortHolder>>, BackendError> {
+        Ok(None)
+    }
+
+    /// Who listens on `address:port` for the service that `handle` names: its own process
+    /// (or one of its group), someone else, or nobody. A readiness probe that passed counts
+    /// only when the answer is not [`Listener::Other`].
+    async fn listener(
+        &self,
+        _handle: &ProcHandle,
+        _address: &str,
+        _port: u16,
+    ) -> Result<Listener, BackendError> {
+        Ok(Listener::Unknown)
     }
 
     /// A few words on a running process for `status` (`pid 4242`, `step 12.3`); empty when

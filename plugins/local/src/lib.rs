@@ -25,6 +25,7 @@
 //!
 //! This crate must not know recipes, plans, the journal, or any other backend.
 
+mod procfs;
 mod with_local;
 
 pub use with_local::WithLocal;
@@ -35,10 +36,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK,
+    Allocation, Backend, BackendError, Held, Listener, PortHolder, ProcHandle, ProcState, Recorded,
+    SpawnSpec, Stopped, LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -47,6 +49,7 @@ use tokio::sync::watch;
 const NAME: &str = "local";
 
 const PID_FILE: &str = "pid";
+
 const STATUS_FILE: &str = "exit-status";
 
 /// How often to look at a process that is not our child.
@@ -63,6 +66,10 @@ struct Handle {
     log: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     status_file: Option<PathBuf>,
+    /// The session the process started in (absent in older handles): what is left of its
+    /// group after its leader died is ours only in that session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<i32>,
 }
 
 /// Resolves to how a child ended, once it has.
@@ -108,10 +115,8 @@ impl LocalBackend {
             }
             return ProcState::Running;
         }
-        match proc_start(h.pid) {
-            Some((start, state)) if start == h.start && state != 'Z' && state != 'X' => {
-                ProcState::Running
-            }
+        match procfs::stat(h.pid) {
+            Some(st) if st.start == h.start && !st.is_dead() => ProcState::Running,
             _ => match h.status_file.as_deref().and_then(read_status) {
                 Some(code) => ProcState::Exited(Some(code)),
                 None => ProcState::Gone,
@@ -120,16 +125,29 @@ impl LocalBackend {
     }
 }
 
-/// `(start time, state letter)` of a live pid, from `/proc/PID/stat`.
-fn proc_start(pid: i32) -> Option<(u64, char)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    // Field 22 overall is index 19 after the state (field 3).
-    let start = fields.get(19)?.parse().ok()?;
-    Some((start, state))
+impl Handle {
+    /// The live processes of the attempt's group, leader or not: the leader may have died
+    /// and left workers behind (a crashed server's engine workers).
+    ///
+    /// What keeps strangers out: while the leader lives, the group is ours only if the
+    /// leader's start time is the recorded one. Linux hands out no pid that is still a group
+    /// id, so while any member lives nobody else can have made a group of that id; once the
+    /// leader is gone, a member counts only if it started after the leader and in the
+    /// leader's session. (A group of that id made by another process of the same session,
+    /// after every process of ours ended and the pid came round again, would pass: that is
+    /// the one case this cannot tell.)
+    fn members(&self) -> Vec<i32> {
+        let group = procfs::group(self.pid);
+        match group.iter().find(|(pid, _)| *pid == self.pid) {
+            Some((_, leader)) if leader.start != self.start => Vec::new(),
+            Some(_) => group.into_iter().map(|(pid, _)| pid).collect(),
+            None => group
+                .into_iter()
+                .filter(|(_, s)| s.start >= self.start && self.sid.is_some_and(|sid| s.sid == sid))
+                .map(|(pid, _)| pid)
+                .collect(),
+        }
+    }
 }
 
 fn read_status(path: &Path) -> Option<i32> {
@@ -161,6 +179,77 @@ impl Backend for LocalBackend {
 
     async fn release(&self, _allocation: &Allocation) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    async fn teardown(
+        &self,
+        items: &[Recorded],
+        grace: Duration,
+        _state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let (was_running, result) = match &item.held {
+                Held::Allocation(a) => (false, self.release(a).await),
+                Held::Process(h) => {
+                    // Anything of its group counts: a leader that died may leave workers.
+                    let was_running = Self::parse(h).is_ok_and(|p| !p.members().is_empty())
+                        || matches!(self.status(h).await, Ok(ProcState::Running));
+                    (was_running, self.stop(h, grace).await)
+                }
+            };
+            out.push(Stopped {
+                id: item.id.clone(),
+                was_running,
+                error: result.err().map(|e| e.message),
+            });
+        }
+        out
+    }
+
+    async fn ports_taken(
+        &self,
+        _node: Option<&str>,
+        address: &str,
+        ports: &[u16],
+    ) -> Result<Option<Vec<PortHolder>>, BackendError> {
+        let ip: std::net::IpAddr = address
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let taken = ports
+            .iter()
+            .filter(|&&port| {
+                matches!(
+                    std::net::TcpListener::bind((ip, port)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+                )
+            })
+            .map(|&port| PortHolder {
+                port,
+                holder: Some(procfs::describe_holders(&procfs::listening(
+                    port,
+                    Some(ip).filter(|ip| !ip.is_unspecified()),
+                ))),
+            })
+            .collect();
+        Ok(Some(taken))
+    }
+
+    async fn listener(
+        &self,
+        handle: &ProcHandle,
+        address: &str,
+        port: u16,
+    ) -> Result<Listener, BackendError> {
+        let h = Self::parse(handle)?;
+        let inodes = procfs::listening(port, address.parse().ok());
+        if inodes.is_empty() {
+            return Ok(Listener::Nobody);
+        }
+        if !procfs::holders(&inodes, h.members()).is_empty() {
+            return Ok(Listener::Ours);
+        }
+        Ok(Listener::Other(procfs::describe_holders(&inodes)))
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
@@ -203,10 +292,10 @@ impl Backend for LocalBackend {
             .id()
             .ok_or_else(|| BackendError::new("the process ended before it had a pid"))?
             as i32;
-        let start = proc_start(pid).map(|(s, _)| s).unwrap_or(0);
+        let st = procfs::stat(pid);
         let (tx, rx) = watch::channel(None);
         if let Ok(mut m) = self.children.lock() {
-            m.insert(pid, (start, rx));
+            m.insert(pid, (st.map_or(0, |s| s.start), rx));
         }
         tokio::spawn(async move {
             let state = match child.wait().await {
@@ -217,10 +306,11 @@ impl Backend for LocalBackend {
         });
         let h = Handle {
             pid,
-            start,
             node: spec.node.clone(),
             log: spec.log.clone(),
             status_file,
+            start: st.map_or(0, |s| s.start),
+            sid: st.map(|s| s.sid),
         };
         Self::wrap(&h)
     }
@@ -248,53 +338,62 @@ impl Backend for LocalBackend {
 
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
         let h = Self::parse(handle)?;
-        if self.state_of(&h) != ProcState::Running {
+        // Every process of the attempt's group, whether or not its leader still lives: a
+        // crashed server's workers must not be left holding their GPUs and ports.
+        let signal_all = |sig| {
+            let left = h.members();
+            for pid in &left {
+                let _ = kill(Pid::from_raw(*pid), sig);
+            }
+            left
+        };
+        if signal_all(Signal::SIGTERM).is_empty() {
             return Ok(());
         }
-        let group = Pid::from_raw(h.pid);
-        let _ = killpg(group, Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if self.state_of(&h) != ProcState::Running {
-                // The leader is gone; make sure nothing of its group lingers.
-                let _ = killpg(group, Signal::SIGKILL);
+            tokio::time::sleep(POLL).await;
+            if h.members().is_empty() {
                 return Ok(());
             }
-            tokio::time::sleep(POLL).await;
         }
-        let _ = killpg(group, Signal::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.state_of(&h) == ProcState::Running {
+        loop {
+            let left = signal_all(Signal::SIGKILL);
+            if left.is_empty() {
+                return Ok(());
+            }
             if Instant::now() > deadline {
                 return Err(BackendError::new(format!(
-                    "process {} did not end after SIGKILL",
+                    "processes {left:?} of group {} did not end after SIGKILL",
                     h.pid
                 )));
             }
             tokio::time::sleep(POLL).await;
         }
-        Ok(())
     }
 
     async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         let pid_file = spec.run_dir.join(PID_FILE);
-        let Some((pid, attempt)) = std::fs::read_to_string(&pid_file)
+        let Some(f) = std::fs::read_to_string(&pid_file)
             .ok()
-            .and_then(|t| parse_pid_file(&t))
+            .and_then(|t| PidFile::parse(&t))
         else {
             return Ok(None);
         };
         // Another attempt's file (an earlier one, if this attempt never got to start).
-        if attempt != spec.attempt {
+        if f.attempt != spec.attempt {
             return Ok(None);
         }
+        // The process wrote its own start time: whatever holds the pid now is ours only if
+        // it started then (never the start time of whoever holds a reused pid).
         let h = Handle {
-            pid,
-            // A dead process has no start time to read; 0 never matches a live one.
-            start: proc_start(pid).map(|(s, _)| s).unwrap_or(0),
+            pid: f.pid,
+            start: f.start,
             node: spec.node.clone(),
             log: spec.log.clone(),
             status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
+            sid: Some(f.sid),
         };
         Self::wrap(&h).map(Some)
     }
@@ -314,19 +413,37 @@ impl Backend for LocalBackend {
     }
 }
 
-/// `PID ATTEMPT`, as the wrapper writes it.
-fn parse_pid_file(text: &str) -> Option<(i32, u64)> {
-    let mut w = text.split_whitespace();
-    let pid = w.next()?.parse().ok()?;
-    let attempt = w.next()?.parse().ok()?;
-    Some((pid, attempt))
+/// What a process writes to `RUN_DIR/pid` first thing: `PID ATTEMPT START SID`.
+struct PidFile {
+    pid: i32,
+    attempt: u64,
+    /// Its start time in clock ticks since boot, as `/proc/PID/stat` says.
+    start: u64,
+    sid: i32,
 }
 
-/// Runs `argv` under `sh`, which first writes its pid and `attempt` to `RUN_DIR/pid`. A one-shot also
+impl PidFile {
+    fn parse(text: &str) -> Option<Self> {
+        let mut w = text.split_whitespace();
+        Some(Self {
+            pid: w.next()?.parse().ok()?,
+            attempt: w.next()?.parse().ok()?,
+            start: w.next()?.parse().ok()?,
+            sid: w.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// Runs `argv` under `sh`, which first writes its pid, `attempt`, start time and session to
+/// `RUN_DIR/pid` (fields 22 and 6 of `/proc/$$/stat`, read by the shell itself: `sh`'s
+/// command name holds no space, so the fields split plainly). A one-shot also
 /// leaves its exit status in `RUN_DIR/exit-status` when it ends (not when it is killed: then
 /// there is no status, which is the truth); a service `exec`s, keeping the pid.
 fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<String> {
-    let pid = format!("echo \"$$ {attempt}\" > \"$0/{PID_FILE}\"");
+    let pid = format!(
+        "_prl_flow_pid() {{ echo \"$1 $2 ${{24}} ${{8}}\"; }}; read -r _s < /proc/$$/stat; \
+         _prl_flow_pid $$ {attempt} $_s > \"$0/{PID_FILE}\""
+    );
     let run_dir = run_dir.to_string_lossy().into_owned();
     let script = match (service, argv) {
         (true, _) => format!("{pid}; exec \"$@\""),
@@ -429,6 +546,107 @@ mod tests {
             LocalBackend::new().status(&fake).await.expect("status"),
             ProcState::Gone
         );
+    }
+
+    async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A server whose leader died and left a worker: the worker is still ours, is reported,
+    /// and is stopped.
+    #[tokio::test]
+    async fn stop_reaches_the_group_after_its_leader_died() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::new();
+        let s = spec(dir.path(), &["sh", "-c", "sleep 4031 & exit 0"], true);
+        let h = b.spawn(&s).await.expect("spawn");
+        assert_ne!(b.wait(&h).await.expect("wait"), ProcState::Running);
+        let p: Handle = h.open(NAME).expect("handle");
+        wait_until("the worker runs", || !p.members().is_empty()).await;
+        let worker = p.members()[0];
+        assert_ne!(worker, p.pid);
+        let items = [Recorded {
+            id: "t".into(),
+            held: Held::Process(h.clone()),
+        }];
+        let out = b.teardown(&items, Duration::from_secs(2), None).await;
+        assert!(out[0].was_running, "{out:?}");
+        assert_eq!(out[0].error, None);
+        assert!(procfs::stat(worker).is_none_or(|s| s.is_dead()));
+        assert!(p.members().is_empty());
+    }
+
+    /// A pid file whose pid now belongs to a stranger (here: this test process): the stranger
+    /// is never taken for the attempt's process, nor signalled.
+    #[tokio::test]
+    async fn a_reused_pid_is_never_adopted_nor_signalled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = spec(dir.path(), &["sleep", "30"], true);
+        std::fs::create_dir_all(&s.run_dir).expect("run dir");
+        let me = std::process::id();
+        // The attempt's process started at tick 1, in this session, and is long gone.
+        let sid = procfs::stat(me as i32).expect("stat").sid;
+        let line = format!("{me} {} 1 {sid}\n", s.attempt);
+        std::fs::write(s.run_dir.join(PID_FILE), line).expect("pid");
+        let b = LocalBackend::new();
+        let h = b.recover(&s).await.expect("recover").expect("a handle");
+        assert_eq!(b.status(&h).await, Ok(ProcState::Gone));
+        b.stop(&h, Duration::from_millis(100)).await.expect("stop");
+        assert!(procfs::stat(me as i32).is_some_and(|s| !s.is_dead()));
+    }
+
+    /// A port held by someone else is reported with its holder, before a start and as the
+    /// answer to "whose listener is this"; our own process's listener is ours.
+    #[tokio::test]
+    async fn ports_are_told_free_taken_ours_or_someone_elses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::new();
+        let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let taken = stranger.local_addr().expect("addr").port();
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let found = b
+            .ports_taken(None, "127.0.0.1", &[taken, free])
+            .await
+            .expect("ports")
+            .expect("the local backend can tell");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].port, taken);
+        let me = format!("pid {}", std::process::id());
+        assert!(found[0].holder.as_deref().is_some_and(|h| h.contains(&me)));
+
+        let script = format!(
+            "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',{free}))\ns.listen()\ntime.sleep(60)"
+        );
+        let h = b
+            .spawn(&spec(dir.path(), &["python3", "-c", &script], true))
+            .await
+            .expect("spawn");
+        assert_eq!(
+            b.listener(&h, "127.0.0.1", taken).await,
+            Ok(Listener::Other(procfs::describe_holders(
+                &procfs::listening(taken, None)
+            )))
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match b.listener(&h, "127.0.0.1", free).await.expect("listener") {
+                Listener::Ours => break,
+                Listener::Nobody => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        b.stop(&h, Duration::from_secs(2)).await.expect("stop");
+        drop(stranger);
     }
 
     /// A prl-flow killed between a spawn and its journal write: the record says when the

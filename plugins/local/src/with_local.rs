@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, ConfigError, ProcHandle, ProcState, Recorded, SpawnSpec,
-    Stopped,
+    Allocation, Backend, BackendError, ConfigError, Listener, PortHolder, ProcHandle, ProcState,
+    Recorded, SpawnSpec, Stopped,
 };
 
 use crate::{LocalBackend, NAME};
@@ -120,6 +120,30 @@ impl<B: Backend> Backend for WithLocal<B> {
         let mut out = self.local.teardown(&local, grace, state_dir).await;
         out.extend(self.remote.teardown(&remote, grace, state_dir).await);
         out
+    }
+
+    async fn ports_taken(
+        &self,
+        node: Option<&str>,
+        address: &str,
+        ports: &[u16],
+    ) -> Result<Option<Vec<PortHolder>>, BackendError> {
+        match node {
+            None => self.local.ports_taken(node, address, ports).await,
+            Some(_) => self.remote.ports_taken(node, address, ports).await,
+        }
+    }
+
+    async fn listener(
+        &self,
+        handle: &ProcHandle,
+        address: &str,
+        port: u16,
+    ) -> Result<Listener, BackendError> {
+        if is_local(handle) {
+            return self.local.listener(handle, address, port).await;
+        }
+        self.remote.listener(handle, address, port).await
     }
 
     fn describe(&self, handle: &ProcHandle) -> String {
