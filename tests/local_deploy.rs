@@ -1051,7 +1051,7 @@ fn a_probe_answered_by_another_process_does_not_make_a_service_ready() {
     wait_until("the engine started", WAIT, || in_flight(&st, engine));
     // The stranger: another engine on the port the hung engine never binds.
     let port = d.ports.backend.to_string();
-    let stranger = std::process::Command::new(common::mock_engine())
+    let mut stranger = std::process::Command::new(common::mock_engine())
         .args([MODEL, "--host", "127.0.0.1", "--port", &port])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1073,4 +1073,6 @@ fn a_probe_answered_by_another_process_does_not_make_a_service_ready() {
     assert_eq!(status_of(&st, engine).as_deref(), Some("failed"));
     d.assert_nothing_runs();
     assert!(alive(stranger.id() as i32), "the stranger was stopped");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
 }
