@@ -98,16 +98,7 @@ pub async fn run(
             halt.fire();
             sink.emit(&Event::Cancelling);
         }
-        if broken.is_none() {
-            if let Some(why) = sink.broken() {
-                // Nothing more may start, and what runs must stop: a later prl-flow could
-                // not rely on the journal to find it.
-                tracing::debug!(%why, "a subscriber is broken: stopping the run");
-                broken = Some(why);
-                halt.fire();
-                ready.clear();
-            }
-        }
+        note_broken(&sink, &mut broken, &halt);
         if !aborted && !cancelled && broken.is_none() {
             while in_flight.len() < jobs {
                 let Some(i) = ready.pop_front() else { break };
@@ -137,6 +128,8 @@ pub async fn run(
             () = &mut cancel_wait, if !cancelled => continue,
             () = &mut broken_wait, if broken.is_none() => continue,
         };
+        // Its start may be what broke the journal: then that, not its failure, stops the run.
+        note_broken(&sink, &mut broken, &halt);
         let i = fin.index;
         tracing::debug!(task = %ids[i], outcome = fin.outcome.as_str(), took = ?fin.duration, "finished");
         state[i] = State::Finished;
@@ -246,5 +239,17 @@ pub async fn run(
         errors,
         cancelled,
         broken,
+    }
+}
+
+/// Once a subscriber is broken, nothing more may start, and what runs must stop: a later
+/// prl-flow could not rely on the journal to find it.
+fn note_broken(sink: &Sink, broken: &mut Option<String>, halt: &CancelSource) {
+    if broken.is_none() {
+        if let Some(why) = sink.broken() {
+            tracing::debug!(%why, "a subscriber is broken: stopping the run");
+            *broken = Some(why);
+            halt.fire();
+        }
     }
 }
