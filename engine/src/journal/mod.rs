@@ -15,7 +15,13 @@
 //! process: a `kill -9` right after the fork must not leave a journal that never heard of
 //! it), or within [`SYNC_EVERY`] from a background thread, which also calls `fsync` at most
 //! that often. A `write` reaches the kernel at once, so a `kill -9` of prl-flow loses only
-//! what was still queued (never a start); a crash of the machine can lose the last moments.
+//! what was still queued: never a start or a handle (both are written at once), only a later
+//! update such as a task's end, which the next command learns again from the process (see
+//! docs/architecture.md). A crash of the machine can lose the last moments.
+//!
+//! A write that fails makes the journal *failed* ([`Journal::failure`]): nothing more is
+//! appended, and a run stops at once (the journal's recorder is then
+//! [broken](crate::Subscriber::broken)).
 //! Thousands of tasks mean a handful of fsyncs, not thousands.
 
 mod recorder;
