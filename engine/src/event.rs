@@ -140,6 +140,13 @@ impl Summary {
 
 pub trait Subscriber: Send + Sync {
     fn on_event(&self, event: &Event);
+    /// A subscriber that must hear every event to keep its promise (the journal: a start it
+    /// could not record must not be made) says here, once it can no longer, why. The run
+    /// then starts nothing more and stops what it started. Called after every event, so it
+    /// must be cheap.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<F: Fn(&Event) + Send + Sync> Subscriber for F {
@@ -150,18 +157,38 @@ impl<F: Fn(&Event) + Send + Sync> Subscriber for F {
 
 /// The subscribers of one run, cheap to clone into every task's context.
 #[derive(Clone)]
-pub struct Sink(Arc<[Arc<dyn Subscriber>]>);
+pub struct Sink {
+    subscribers: Arc<[Arc<dyn Subscriber>]>,
+    /// Set once a subscriber is [broken](Subscriber::broken).
+    broken: Arc<tokio::sync::watch::Sender<bool>>,
+}
 
 impl Sink {
     pub fn new(subscribers: Vec<Arc<dyn Subscriber>>) -> Self {
-        Self(subscribers.into())
+        Self {
+            subscribers: subscribers.into(),
+            broken: Arc::new(tokio::sync::watch::channel(false).0),
+        }
     }
     pub fn none() -> Self {
-        Self(Arc::new([]))
+        Self::new(Vec::new())
     }
     pub fn emit(&self, event: &Event) {
-        for s in self.0.iter() {
+        for s in self.subscribers.iter() {
             s.on_event(event);
+            if s.broken().is_some() {
+                self.broken.send_replace(true);
+            }
         }
+    }
+    /// Why a subscriber can no longer keep its promise, if one cannot (the first one's).
+    pub fn broken(&self) -> Option<String> {
+        self.subscribers.iter().find_map(|s| s.broken())
+    }
+    /// Resolves once a subscriber is broken (after the event that broke it).
+    pub async fn on_broken(&self) {
+        let mut rx = self.broken.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = rx.wait_for(|b| *b).await;
     }
 }

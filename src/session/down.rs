@@ -13,6 +13,7 @@ use prl_flow_backend::{Backend, Held, ProcState, Recorded};
 use prl_flow_engine::{journal, Journal, Record, Status};
 
 use super::run::recover_missing;
+use super::salvage;
 use super::{is_allocation, journal_error, Error, Result, Session};
 use crate::exec::STOP_GRACE;
 
@@ -42,8 +43,11 @@ impl Session {
         dir: &Path,
         on_stop: &mut (dyn FnMut(&str) + Send),
     ) -> Result<DownReport> {
-        super::read_records(dir)?;
-        let journal = Journal::open(dir, true, "prl-flow down").map_err(journal_error)?;
+        super::has_journal(dir)?;
+        // A damaged journal does not stop `down`: what can still be read of it is taken
+        // down, then whatever the run dirs say still runs (see `salvage`).
+        let (journal, damage) =
+            Journal::open_salvaged(dir, "prl-flow down").map_err(journal_error)?;
         let mut all = journal.records();
         let first = self
             .registry()
@@ -53,6 +57,7 @@ impl Session {
         let mut records: Vec<Record> = all.into_values().collect();
         records.sort_by_key(|r| std::cmp::Reverse(r.seq));
         let mut report = DownReport::default();
+
         // Per backend (for a plugin: one plugin process), in the order their last records
         // started, everything it started in one call: a backend that can stop many things
         // at once does (SLURM: one `scancel` per job, the allocation with it).
@@ -98,6 +103,10 @@ impl Session {
                     Some(e) => report.failures.push(format!("{}: {e}", s.id)),
                 }
             }
+        }
+        if !damage.is_empty() {
+            salvage::stop_unrecorded(self, dir, &mut report, on_stop).await;
+            report.failures.push(salvage::damage_note(dir, &damage));
         }
         journal.close().map_err(journal_error)?;
         Ok(report)

@@ -15,6 +15,7 @@ pub mod down;
 pub mod inspect;
 pub mod load;
 pub mod run;
+mod salvage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,8 +38,8 @@ pub enum Error {
     Usage(String),
     /// Problems in a file, each with its place. Exit code 2.
     Problems(Problems),
-    /// The state dir still has live services of an earlier run (a fresh run would start
-    /// them twice). Exit code 2.
+    /// The state dir still has work of an earlier run that may still run: live services,
+    /// or one-shots still in flight (a fresh run would start them twice). Exit code 2.
     LiveServices { dir: PathBuf, ids: Vec<String> },
     /// Something was tried and failed: a message. Exit code 1.
     Failed(String),
@@ -93,18 +94,36 @@ pub(crate) fn journal_error(e: JournalError) -> Error {
             "error: the state dir `{}` is in use by another prl-flow: {holder}\n  help: wait for it to finish, or use another `--state-dir`",
             dir.display()
         )),
+        JournalError::Corrupt { ref path, .. } => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            Error::Usage(format!(
+                "error: {e}\n  help: `prl-flow down --state-dir {}` stops everything it can still \
+                 find (what the journal still holds, the run dirs' pid files, a SLURM job), keeps \
+                 the damaged files as `*.damaged` and makes the journal whole again",
+                dir.display()
+            ))
+        }
+        // Written during or after a run: something may have been done.
+        e @ JournalError::Write { .. } => Error::Failed(format!("error: {e}")),
         other => Error::Usage(format!("error: {other}")),
     }
 }
 
-/// The records of the journal in `dir`; an error when nothing has run there.
-pub fn read_records(dir: &Path) -> Result<BTreeMap<String, Record>> {
-    if !dir.join("journal.json").exists() {
-        return Err(Error::Usage(format!(
-            "error: `{}` has no journal: nothing has run there",
-            dir.display()
-        )));
+/// An error unless `dir` has a journal (something has run there).
+pub(crate) fn has_journal(dir: &Path) -> Result<()> {
+    if dir.join("journal.json").exists() {
+        return Ok(());
     }
+    Err(Error::Usage(format!(
+        "error: `{}` has no journal: nothing has run there",
+        dir.display()
+    )))
+}
+
+/// The records of the journal in `dir`; an error when nothing has run there, or when the
+/// journal is damaged (the message says how to recover).
+pub fn read_records(dir: &Path) -> Result<BTreeMap<String, Record>> {
+    has_journal(dir)?;
     journal::load(dir).map_err(journal_error)
 }
 

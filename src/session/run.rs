@@ -104,7 +104,7 @@ pub async fn prepare(
     let mut previous = journal.records();
     recover_missing(backend.clone(), &journal, &mut previous).await;
     if !settings.resume {
-        let live = live_services(backend.as_ref(), &previous).await;
+        let live = live_work(backend.as_ref(), &previous).await;
         if !live.is_empty() {
             return Err(PrepareError::Session(Error::LiveServices {
                 dir: dir.to_path_buf(),
@@ -118,6 +118,13 @@ pub async fn prepare(
                 journal.update(&id, |r| r.handle = Some(h));
             }
         }
+    }
+    // Nothing has started yet: a journal that cannot be written is bad input, not a run.
+    if let Some(why) = journal.failure() {
+        return Err(PrepareError::Session(Error::Usage(format!(
+            "error: {why}\n  help: nothing was started; make room in `{}` or pass another `--state-dir`",
+            dir.display()
+        ))));
     }
     exec.prime(&previous);
     let previous = settings.resume.then_some(previous);
@@ -179,20 +186,30 @@ impl Prepared {
             cancel,
         )
         .await;
-        self.journal.flush();
-        let Prepared {
-            exec,
-            graph,
-            journal,
-            dir,
-            ..
-        } = self;
-        drop(graph);
-        if let Ok(j) = Arc::try_unwrap(journal) {
-            j.close().map_err(journal_error)?;
+        // Closed here, whoever else holds the journal (a signal handler): its errors are
+        // this run's, and must not wait for a drop that may never come.
+        let closed = self.journal.close();
+        if let Some(why) = &report.broken {
+            return Err(Error::Failed(broken_run(&self.dir, why)));
         }
-        Ok(Ran { report, exec, dir })
+        closed.map_err(journal_error)?;
+        Ok(Ran {
+            report,
+            exec: self.exec,
+            dir: self.dir,
+        })
     }
+}
+
+/// The message of a run stopped because its journal could not be written.
+fn broken_run(dir: &Path, why: &str) -> String {
+    format!(
+        "error: the run stopped: {why}\n  \
+         a start is recorded before it is made, so nothing unrecorded was started; nothing \
+         more was started, and everything this run had started was stopped\n  \
+         help: make room in `{}` (or pass another `--state-dir`), then run again",
+        dir.display()
+    )
 }
 
 /// Fills in the handles of records left `running` without one (prl-flow was killed between
@@ -229,14 +246,24 @@ pub(crate) async fn recover_missing(
     }
 }
 
-/// Services an earlier run left that are still alive, by id.
-async fn live_services(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
+/// What an earlier run left that still runs, by id: services alive, and one-shots still in
+/// flight (a killed run's; a fresh run would start them a second time while they run).
+async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
     let mut live = Vec::new();
     for r in records.values() {
-        if r.service && matches!(r.status, Status::Done | Status::Running) && !is_allocation(r) {
+        let may_run = if r.service {
+            matches!(r.status, Status::Done | Status::Running)
+        } else {
+            r.status == Status::Running
+        };
+        if may_run && !is_allocation(r) {
             if let Some(h) = super::proc_handle(r) {
                 if matches!(backend.status(&h).await, Ok(ProcState::Running)) {
-                    live.push(r.id.clone());
+                    live.push(if r.service {
+                        r.id.clone()
+                    } else {
+                        format!("{} (a one-shot, still running)", r.id)
+                    });
                 }
             }
         }

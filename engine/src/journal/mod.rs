@@ -5,7 +5,9 @@
 //! - `journal.json`: a snapshot of every record, replaced atomically (temp file, fsync,
 //!   rename) when a run opens and closes the journal;
 //! - `journal.log`: records appended during a run, one JSON object a line; the last line for
-//!   an id wins. A torn last line (the machine died mid-write) is ignored on load;
+//!   an id wins. A torn last line (the machine died mid-write) is ignored on load; any other
+//!   line that does not parse makes the journal damaged ([`load`] names its line number),
+//!   and [`salvage`] reads what is left of a damaged one;
 //! - `lock`: held with `flock` for the whole run, and naming its holder.
 //!
 //! Group commit: records queue up in memory and go to the file in one `write`, either at
@@ -13,7 +15,13 @@
 //! process: a `kill -9` right after the fork must not leave a journal that never heard of
 //! it), or within [`SYNC_EVERY`] from a background thread, which also calls `fsync` at most
 //! that often. A `write` reaches the kernel at once, so a `kill -9` of prl-flow loses only
-//! what was still queued (never a start); a crash of the machine can lose the last moments.
+//! what was still queued: never a start or a handle (both are written at once), only a later
+//! update such as a task's end, which the next command learns again from the process (see
+//! docs/architecture.md). A crash of the machine can lose the last moments.
+//!
+//! A write that fails makes the journal *failed* ([`Journal::failure`]): nothing more is
+//! appended, and a run stops at once (the journal's recorder is then
+//! [broken](crate::Subscriber::broken)).
 //! Thousands of tasks mean a handful of fsyncs, not thousands.
 
 mod recorder;
@@ -24,7 +32,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::record::{now_ms, Record, Status};
-pub use store::load;
+pub use store::{load, salvage, Damage, Salvaged};
 pub use writer::Journal;
 
 /// The longest time a record written to the log may wait for its fsync.
@@ -46,4 +54,6 @@ pub enum JournalError {
     },
     #[error("the journal `{path}` is damaged: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error("cannot write the journal of state dir `{dir}`: {message}")]
+    Write { dir: PathBuf, message: String },
 }

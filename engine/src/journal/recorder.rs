@@ -44,6 +44,10 @@ struct Recorder {
 }
 
 impl Subscriber for Recorder {
+    fn broken(&self) -> Option<String> {
+        self.journal.failure()
+    }
+
     fn on_event(&self, event: &Event) {
         match event {
             Event::Planned { decisions } => {
@@ -75,7 +79,8 @@ impl Subscriber for Recorder {
                     r.attempts = *attempt;
                     r.started_ms = Some(*at_ms);
                 }
-                // On file before the task can start a process.
+                // On file before the task can start a process: if it cannot be written, the
+                // journal is broken and the scheduler does not start the task.
                 self.journal.put_now(r);
             }
             Event::Spawned { id, handle, .. } => {

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,41 +25,107 @@ pub(super) struct Snapshot {
 }
 
 /// Reads the records of a state dir without locking it (for `status`, `logs`, and the
-/// decisions of a resume). A missing journal reads as empty.
+/// decisions of a resume). A missing journal reads as empty. A snapshot that does not parse,
+/// or a line of the log that does not (other than a torn last one: the machine died
+/// mid-write), is an error naming the file and the line: [`JournalError::Corrupt`].
 pub fn load(dir: &Path) -> Result<BTreeMap<String, Record>, JournalError> {
+    let s = salvage(dir)?;
+    match s.damage.first() {
+        None => Ok(s.records),
+        Some(first) => Err(JournalError::Corrupt {
+            path: first.path.clone(),
+            message: s
+                .damage
+                .iter()
+                .map(|d| d.what.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    }
+}
+
+/// One part of a journal that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// `journal.json` or `journal.log` of the state dir.
+    pub path: PathBuf,
+    /// What is wrong there (`line 3: not a record (...)`), for people.
+    pub what: String,
+}
+
+/// What could be read of a journal, and what could not.
+#[derive(Debug, Clone, Default)]
+pub struct Salvaged {
+    pub records: BTreeMap<String, Record>,
+    /// Empty when the journal is whole.
+    pub damage: Vec<Damage>,
+}
+
+/// Reads whatever can be read of a state dir's journal, even a damaged one: the snapshot if
+/// it parses, then every line of the log that parses (the last line of an id wins). What
+/// could not be read is listed, the snapshot as a whole and each line of the log by its
+/// number; a torn last line of the log (no newline after it) is not damage. `Err` only when
+/// the files cannot be read at all.
+pub fn salvage(dir: &Path) -> Result<Salvaged, JournalError> {
     let io = |source| JournalError::Io {
         dir: dir.to_path_buf(),
         source,
     };
-    let mut records = BTreeMap::new();
+    let mut out = Salvaged::default();
     let snap = dir.join(SNAPSHOT);
-    match File::open(&snap) {
-        Ok(mut f) => {
-            let mut text = String::new();
-            f.read_to_string(&mut text).map_err(io)?;
-            let s: Snapshot = serde_json::from_str(&text).map_err(|e| JournalError::Corrupt {
+    if let Some(bytes) = read_if_there(&snap).map_err(io)? {
+        let parsed = std::str::from_utf8(&bytes)
+            .map_err(|e| format!("not UTF-8 text ({e})"))
+            .and_then(|t| serde_json::from_str::<Snapshot>(t).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(s) => out.records = s.records,
+            Err(what) => out.damage.push(Damage {
                 path: snap.clone(),
-                message: e.to_string(),
-            })?;
-            records = s.records;
+                what,
+            }),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
     }
-    match File::open(dir.join(LOG)) {
-        Ok(f) => {
-            for line in BufReader::new(f).lines() {
-                let line = line.map_err(io)?;
-                // A line that does not parse can only be a torn last write.
-                if let Ok(r) = serde_json::from_str::<Record>(&line) {
-                    records.insert(r.id.clone(), r);
+    let log = dir.join(LOG);
+    if let Some(bytes) = read_if_there(&log).map_err(io)? {
+        let mut lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+        // After the last newline: empty, or a torn last write.
+        let torn = lines.pop().unwrap_or_default();
+        for (i, line) in lines.iter().enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match parse_line(line) {
+                Ok(r) => {
+                    out.records.insert(r.id.clone(), r);
                 }
+                Err(e) => out.damage.push(Damage {
+                    path: log.clone(),
+                    what: format!("line {}: {e}", i + 1),
+                }),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+        if let Ok(r) = parse_line(torn) {
+            out.records.insert(r.id.clone(), r);
+        }
     }
-    Ok(records)
+    Ok(out)
+}
+
+fn parse_line(line: &[u8]) -> Result<Record, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 text ({e})"))?;
+    serde_json::from_str(text).map_err(|e| format!("not a record ({e})"))
+}
+
+fn read_if_there(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match File::open(path) {
+        Ok(mut f) => {
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)?;
+            Ok(Some(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -98,5 +164,69 @@ pub(super) fn lock(dir: &Path, holder: &str) -> Result<nix::fcntl::Flock<File>, 
             })
         }
         Err((_, e)) => Err(io(std::io::Error::from(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: &str) -> String {
+        let r = crate::testing::record(id, crate::record::Status::Done, "f");
+        serde_json::to_string(&r).expect("json") + "\n"
+    }
+
+    fn state(log: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(SNAPSHOT),
+            "{\"version\":1,\"records\":{}}\n",
+        )
+        .expect("snapshot");
+        std::fs::write(dir.path().join(LOG), log).expect("log");
+        dir
+    }
+
+    #[test]
+    fn a_corrupt_line_in_the_middle_is_named_by_its_number_and_a_torn_last_one_is_not() {
+        let mut log = line("a").into_bytes();
+        log.extend(b"{\"id\":\"b\",\"sta\n");
+        log.extend(b"\xff\xfe\n");
+        log.extend(line("c").as_bytes());
+        log.extend(b"{\"id\":\"d\",\"sta");
+        let dir = state(&log);
+        match load(dir.path()) {
+            Err(JournalError::Corrupt { path, message }) => {
+                assert!(path.ends_with(LOG), "{path:?}");
+                assert!(message.contains("line 2: not a record"), "{message}");
+                assert!(message.contains("line 3: not UTF-8"), "{message}");
+                assert!(!message.contains("line 5"), "{message}");
+            }
+            other => panic!("expected a damaged journal, got {other:?}"),
+        }
+        let s = salvage(dir.path()).expect("salvage");
+        assert_eq!(s.records.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(s.damage.len(), 2);
+    }
+
+    #[test]
+    fn a_torn_last_line_alone_is_no_damage() {
+        let mut log = line("a").into_bytes();
+        log.extend(b"{\"id\":\"b\",\"sta");
+        let dir = state(&log);
+        let r = load(dir.path()).expect("load");
+        assert_eq!(r.keys().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn a_truncated_or_non_utf8_snapshot_is_damaged() {
+        for bytes in [&b"{\"version\":1,\"reco"[..], &b"\xff{}"[..]] {
+            let dir = state(b"");
+            std::fs::write(dir.path().join(SNAPSHOT), bytes).expect("snapshot");
+            match load(dir.path()) {
+                Err(JournalError::Corrupt { path, .. }) => assert!(path.ends_with(SNAPSHOT)),
+                other => panic!("expected a damaged journal, got {other:?}"),
+            }
+        }
     }
 }

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::store::{load, lock, to_json, Snapshot, SnapshotRef};
+use super::store::{load, lock, salvage, to_json, Damage, Snapshot, SnapshotRef};
 use super::{JournalError, LOG, SNAPSHOT, SYNC_EVERY};
 use crate::fs::write_atomic;
 use crate::record::{now_ms, Record, Status};
@@ -21,8 +22,11 @@ struct Inner {
     /// Written since the last fsync.
     unsynced: bool,
     next_seq: u64,
-    /// The first write error, reported at close.
+    /// The first write error. From then on nothing more is appended (a torn line must stay
+    /// the last one), the run stops at once, and close reports it.
     error: Option<String>,
+    /// Set with `error`, for a check without the lock.
+    failed: Arc<AtomicBool>,
     /// The records differ from the snapshot on file (so close must rewrite it).
     changed: bool,
 }
@@ -38,11 +42,20 @@ impl Inner {
         if self.buf.is_empty() {
             return;
         }
-        if let Err(e) = self.log.write_all(&self.buf) {
-            self.error.get_or_insert_with(|| e.to_string());
+        if self.error.is_none() {
+            if let Err(e) = self.log.write_all(&self.buf) {
+                self.fail(format!("{LOG}: {e}"));
+            }
+            self.unsynced = true;
         }
         self.buf.clear();
-        self.unsynced = true;
+    }
+    /// Keeps the first error.
+    fn fail(&mut self, message: String) {
+        if self.error.is_none() {
+            self.error = Some(message);
+            self.failed.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -53,26 +66,55 @@ pub struct Journal {
     dir: PathBuf,
     inner: Arc<Mutex<Inner>>,
     stop: Arc<(Mutex<bool>, Condvar)>,
-    syncer: Option<std::thread::JoinHandle<()>>,
-    _lock: nix::fcntl::Flock<File>,
+    /// The background thread; `None` once closed.
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    failed: Arc<AtomicBool>,
+    /// The state dir's lock, held until close.
+    lock: Mutex<Option<nix::fcntl::Flock<File>>>,
 }
 
 impl Journal {
     /// Locks `dir` (creating it) and opens its journal. With `keep` the earlier records
     /// stay (resume); without, the journal starts empty.
     pub fn open(dir: &Path, keep: bool, holder: &str) -> Result<Self, JournalError> {
+        Self::open_as(dir, if keep { Keep::All } else { Keep::Nothing }, holder).map(|(j, _)| j)
+    }
+
+    /// Locks `dir` and opens its journal even if it is damaged: with what can still be read
+    /// of it ([`salvage`]), and the parts that could not, which are kept beside it as
+    /// `journal.json.damaged` and `journal.log.damaged` before the journal is written whole
+    /// again. For taking down what a damaged journal still names.
+    pub fn open_salvaged(dir: &Path, holder: &str) -> Result<(Self, Vec<Damage>), JournalError> {
+        Self::open_as(dir, Keep::Salvage, holder)
+    }
+
+    fn open_as(dir: &Path, keep: Keep, holder: &str) -> Result<(Self, Vec<Damage>), JournalError> {
         let io = |source| JournalError::Io {
             dir: dir.to_path_buf(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = lock(dir, holder)?;
+        remove_stale_temps(dir);
         // A run that closed its journal left everything in the snapshot and an empty log:
         // then the snapshot on file already holds exactly what `load` returns, and writing
         // it again (the costly part of a no-op resume of many tasks) can be skipped.
         let log_empty = std::fs::metadata(dir.join(LOG)).map_or(true, |m| m.len() == 0);
-        let current = keep && log_empty && dir.join(SNAPSHOT).is_file();
-        let records = if keep { load(dir)? } else { BTreeMap::new() };
+        let mut current = keep != Keep::Nothing && log_empty && dir.join(SNAPSHOT).is_file();
+        let (records, damage) = match keep {
+            Keep::Nothing => (BTreeMap::new(), Vec::new()),
+            Keep::All => (load(dir)?, Vec::new()),
+            Keep::Salvage => {
+                let s = salvage(dir)?;
+                for d in &s.damage {
+                    let mut keep_as = d.path.clone().into_os_string();
+                    keep_as.push(".damaged");
+                    std::fs::copy(&d.path, &keep_as).map_err(io)?;
+                    current = false;
+                }
+                (s.records, s.damage)
+            }
+        };
         let next_seq = records.values().map(|r| r.seq + 1).max().unwrap_or(0);
         if !current {
             let snapshot = SnapshotRef {
@@ -88,6 +130,7 @@ impl Journal {
             .append(true)
             .open(dir.join(LOG))
             .map_err(io)?;
+        let failed = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Mutex::new(Inner {
             records,
             log,
@@ -95,6 +138,7 @@ impl Journal {
             unsynced: false,
             next_seq,
             error: None,
+            failed: failed.clone(),
             changed: false,
         }));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
@@ -106,13 +150,15 @@ impl Journal {
                 .spawn(move || sync_loop(&inner, &stop))
                 .map_err(io)?
         };
-        Ok(Self {
+        let journal = Self {
             dir: dir.to_path_buf(),
             inner,
             stop,
-            syncer: Some(syncer),
-            _lock: lock,
-        })
+            syncer: Mutex::new(Some(syncer)),
+            failed,
+            lock: Mutex::new(Some(lock)),
+        };
+        Ok((journal, damage))
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -121,6 +167,20 @@ impl Journal {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Why the journal can no longer be written, once it cannot (the first error): from
+    /// then on nothing more reaches its log, and a run must stop.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner().error.clone().map(|e| {
+            format!(
+                "the journal of state dir `{}` cannot be written: {e}",
+                self.dir.display()
+            )
+        })
     }
 
     /// The records as they stand now.
@@ -191,7 +251,7 @@ impl Journal {
             )
         });
         if let Err(e) = cleared {
-            g.error.get_or_insert_with(|| e.to_string());
+            g.fail(format!("{SNAPSHOT}: {e}"));
         }
     }
 
@@ -215,7 +275,7 @@ impl Journal {
         g.write();
         if g.unsynced {
             if let Err(e) = g.log.sync_data() {
-                g.error.get_or_insert_with(|| e.to_string());
+                g.fail(format!("{LOG}: {e}"));
             }
             g.unsynced = false;
         }
@@ -228,13 +288,12 @@ impl Journal {
         v
     }
 
-    /// Writes everything, replaces the snapshot atomically and empties the log.
-    pub fn close(mut self) -> Result<(), JournalError> {
-        self.finish()
-    }
-
-    fn finish(&mut self) -> Result<(), JournalError> {
-        let Some(syncer) = self.syncer.take() else {
+    /// Writes everything, replaces the snapshot atomically and empties the log. Any write
+    /// error of the journal's life is reported here (if no earlier one, this close's own).
+    /// The state dir's lock is released. Closing twice does nothing the second time; a
+    /// journal that is dropped unclosed is closed then, its error lost: close it.
+    pub fn close(&self) -> Result<(), JournalError> {
+        let Some(syncer) = self.syncer.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
         {
@@ -243,27 +302,32 @@ impl Journal {
             cv.notify_all();
         }
         let _ = syncer.join();
-        let dir = self.dir.clone();
-        let io = |source| JournalError::Io {
-            dir: dir.clone(),
-            source,
-        };
         let mut g = self.inner();
         g.write();
         // Nothing changed since open (a no-op resume): the snapshot on file is current.
+        // Even after a write error the snapshot is tried: it holds every record in memory,
+        // and the log is emptied only once it is on file.
+        let mut closed = Ok(());
         if g.changed {
             let snapshot = SnapshotRef {
                 version: 1,
                 records: &g.records,
             };
-            write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
-            g.changed = false;
+            closed = write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot))
+                .map_err(|e| format!("{SNAPSHOT}: {e}"));
         }
-        g.log.set_len(0).map_err(io)?;
-        match g.error.take() {
-            Some(e) => Err(JournalError::Io {
+        if closed.is_ok() {
+            g.changed = false;
+            closed = g.log.set_len(0).map_err(|e| format!("{LOG}: {e}"));
+        }
+        if let Err(e) = closed {
+            g.fail(e);
+        }
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
+        match g.error.clone() {
+            Some(message) => Err(JournalError::Write {
                 dir: self.dir.clone(),
-                source: std::io::Error::other(e),
+                message,
             }),
             None => Ok(()),
         }
@@ -272,7 +336,29 @@ impl Journal {
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        let _ = self.finish();
+        let _ = self.close();
+    }
+}
+
+/// How much of the journal on file an open keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    All,
+    Salvage,
+}
+
+/// Temp files of [`write_atomic`] that a killed prl-flow left (the lock is held: no one else
+/// writes them now).
+fn remove_stale_temps(dir: &Path) {
+    let prefix = format!(".{SNAPSHOT}.tmp");
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -300,7 +386,10 @@ fn sync_loop(inner: &Mutex<Inner>, stop: &(Mutex<bool>, Condvar)) {
             g.log.try_clone()
         };
         if let Ok(f) = file {
-            let _ = f.sync_data();
+            if let Err(e) = f.sync_data() {
+                let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+                g.fail(format!("{LOG}: {e}"));
+            }
         }
     }
 }

@@ -52,6 +52,17 @@ pub(super) fn start(
                 adopted: adopt && attempt == 1,
                 at_ms,
             });
+            // The start could not be recorded (the journal cannot be written): it is not
+            // made, since no later prl-flow could find what it would start.
+            if let Some(why) = sink.broken() {
+                return Finish {
+                    index,
+                    outcome: Outcome::Cancelled,
+                    done: None,
+                    error: Some(TaskError::new(format!("`{id}` was not started: {why}"))),
+                    duration: began.elapsed(),
+                };
+            }
             let stop = CancelSource::new();
             let cx = TaskContext {
                 index,

@@ -21,8 +21,13 @@
 //! which forwards the signal to its process and returns when the process is gone. A future
 //! is never simply dropped while its child runs. Timeouts work the same way.
 //!
+//! A third way: a subscriber that must hear every event is [broken](crate::Subscriber::broken)
+//! (the journal cannot be written). Then the run acts as if cancelled: nothing new starts (a
+//! task whose start was not recorded is not started), every running task is told to stop.
+//!
 //! A run that fails or is cancelled then undoes, in reverse order, the services it started
-//! itself, unless `keep` is set. Services kept from an earlier run are left alone.
+//! itself, unless `keep` is set (a broken journal overrides `keep`). Services kept from an
+//! earlier run are left alone.
 
 mod attempt;
 mod decide;
@@ -67,11 +72,14 @@ pub struct Report {
     /// Per task index: the last error, if it failed.
     pub errors: Vec<Option<TaskError>>,
     pub cancelled: bool,
+    /// The run stopped because a subscriber could not keep up its promise (the journal
+    /// could not be written), and why.
+    pub broken: Option<String>,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
-        self.summary.ok() && !self.cancelled
+        self.summary.ok() && !self.cancelled && self.broken.is_none()
     }
 }
 

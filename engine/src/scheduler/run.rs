@@ -75,8 +75,11 @@ pub async fn run(
     }
 
     let abort = CancelSource::new();
+    // What tasks hear as their cancel: the caller's, or a broken subscriber (the journal).
+    let halt = CancelSource::new();
     let mut aborted = false;
     let mut cancelled = false;
+    let mut broken: Option<String> = None;
     let mut finish_order: Vec<usize> = Vec::new();
     let mut in_flight: FuturesUnordered<TaskFuture> = FuturesUnordered::new();
     let jobs = options.jobs.max(1);
@@ -84,13 +87,19 @@ pub async fn run(
         let c = cancel.clone();
         Box::pin(async move { c.cancelled().await })
     };
+    let mut broken_wait: Pin<Box<dyn Future<Output = ()> + Send>> = {
+        let s = sink.clone();
+        Box::pin(async move { s.on_broken().await })
+    };
 
     loop {
         if !cancelled && cancel.is_cancelled() {
             cancelled = true;
+            halt.fire();
             sink.emit(&Event::Cancelling);
         }
-        if !aborted && !cancelled {
+        note_broken(&sink, &mut broken, &halt);
+        if !aborted && !cancelled && broken.is_none() {
             while in_flight.len() < jobs {
                 let Some(i) = ready.pop_front() else { break };
                 state[i] = State::Running;
@@ -105,7 +114,7 @@ pub async fn run(
                     decisions[i] == Decision::Adopt,
                     prior,
                     sink.clone(),
-                    cancel.clone(),
+                    halt.token(),
                     abort.token(),
                 ));
             }
@@ -117,7 +126,10 @@ pub async fn run(
             biased;
             Some(f) = in_flight.next() => f,
             () = &mut cancel_wait, if !cancelled => continue,
+            () = &mut broken_wait, if broken.is_none() => continue,
         };
+        // Its start may be what broke the journal: then that, not its failure, stops the run.
+        note_broken(&sink, &mut broken, &halt);
         let i = fin.index;
         tracing::debug!(task = %ids[i], outcome = fin.outcome.as_str(), took = ?fin.duration, "finished");
         state[i] = State::Finished;
@@ -172,7 +184,7 @@ pub async fn run(
                     }
                 }
                 ready.retain(|&r| state[r] == State::Waiting);
-                if !options.keep_going && !aborted && !cancelled {
+                if !options.keep_going && !aborted && !cancelled && broken.is_none() {
                     aborted = true;
                     abort.fire();
                     sink.emit(&Event::Aborting { id: ids[i].clone() });
@@ -197,8 +209,10 @@ pub async fn run(
         }
     }
 
-    let failed = !summary.ok() || cancelled;
-    if failed && !options.keep {
+    // A broken journal may not hold these services' handles: `--keep` would leave them
+    // where no later prl-flow finds them, so they are stopped whatever `keep` says.
+    let failed = !summary.ok() || cancelled || broken.is_some();
+    if failed && (!options.keep || broken.is_some()) {
         for &i in finish_order.iter().rev() {
             let task = graph.task(i);
             if !task.is_service() {
@@ -224,5 +238,18 @@ pub async fn run(
         outcomes,
         errors,
         cancelled,
+        broken,
+    }
+}
+
+/// Once a subscriber is broken, nothing more may start, and what runs must stop: a later
+/// prl-flow could not rely on the journal to find it.
+fn note_broken(sink: &Sink, broken: &mut Option<String>, halt: &CancelSource) {
+    if broken.is_none() {
+        if let Some(why) = sink.broken() {
+            tracing::debug!(%why, "a subscriber is broken: stopping the run");
+            *broken = Some(why);
+            halt.fire();
+        }
     }
 }

@@ -334,3 +334,64 @@ async fn resume_decisions_say_why() {
     assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 0);
     assert_eq!(s.tasks[4].runs.load(Ordering::SeqCst), 1);
 }
+
+/// A subscriber that can no longer keep its promise from the `Started` of `at` on, as a
+/// journal that cannot be written.
+struct BreaksAt {
+    at: &'static str,
+    broken: std::sync::Mutex<Option<String>>,
+}
+
+impl crate::event::Subscriber for BreaksAt {
+    fn on_event(&self, event: &crate::event::Event) {
+        if let crate::event::Event::Started { id, .. } = event {
+            if &**id == self.at {
+                *self.broken.lock().expect("lock") = Some("disk full".into());
+            }
+        }
+    }
+    fn broken(&self) -> Option<String> {
+        self.broken.lock().expect("lock").clone()
+    }
+}
+
+#[tokio::test]
+async fn a_broken_subscriber_stops_the_run_before_the_unrecorded_start() {
+    let s = setup(vec![
+        FakeTask::new("svc", &[]).service(),
+        FakeTask::new("a", &["svc"]).behaviour(Behaviour::Hang),
+        FakeTask::new("b", &["svc"]),
+        FakeTask::new("c", &["b"]),
+    ]);
+    let sink = Sink::new(vec![Arc::new(BreaksAt {
+        at: "b",
+        broken: Default::default(),
+    })]);
+    let d = decide(&s.graph, None).await;
+    // `keep` would leave services running: not when the journal cannot find them later.
+    let opts = RunOptions {
+        keep: true,
+        ..RunOptions::default()
+    };
+    let r = run(&s.graph, &d, None, &opts, sink, Cancel::never()).await;
+    assert_eq!(r.broken.as_deref(), Some("disk full"));
+    assert!(!r.ok());
+    assert_eq!(
+        s.tasks[2].runs.load(Ordering::SeqCst),
+        0,
+        "b's start was not recorded"
+    );
+    assert_eq!(
+        s.tasks[3].runs.load(Ordering::SeqCst),
+        0,
+        "nothing starts after"
+    );
+    assert_eq!(r.outcomes[3], Some(Outcome::Skipped));
+    // `a` (running, or never started) ended: the run did not hang on it.
+    assert_ne!(r.outcomes[1], Some(Outcome::Done));
+    assert_eq!(
+        s.tasks[0].undos.load(Ordering::SeqCst),
+        1,
+        "svc was stopped"
+    );
+}

@@ -1,0 +1,114 @@
+//! `down` on a damaged journal: what the journal no longer names may still run. Each run dir
+//! of the state dir is looked at for a local process's pid file (`PID ATTEMPT`, which the
+//! local backend's processes write before anything else), and a SLURM job this state dir
+//! submitted is cancelled by the job file the SLURM backend keeps. What cannot be known is
+//! said, with how to recover.
+
+use std::path::Path;
+
+use prl_flow_backend::{ProcState, SpawnSpec};
+use prl_flow_engine::journal::Damage;
+
+use super::{DownReport, Session};
+use crate::exec::STOP_GRACE;
+use crate::registry::builtins::LOCAL;
+
+/// Stops the local processes whose pid files lie in the run dirs of `dir` and that still
+/// run (after the records' teardown, only those the damaged part named), and cancels a
+/// SLURM job the state dir submitted.
+pub(super) async fn stop_unrecorded(
+    session: &Session,
+    dir: &Path,
+    report: &mut DownReport,
+    on_stop: &mut (dyn FnMut(&str) + Send),
+) {
+    if let Ok(local) = session.registry().for_handles(LOCAL, None) {
+        let run = dir.join("run");
+        let mut dirs: Vec<_> = std::fs::read_dir(&run)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        dirs.sort();
+        for run_dir in dirs {
+            let Some(name) = run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+            else {
+                continue;
+            };
+            let Some((pid, attempt)) = std::fs::read_to_string(run_dir.join("pid"))
+                .ok()
+                .and_then(|t| pid_file(&t))
+            else {
+                continue;
+            };
+            // A pid can be reused: only a process still in its run dir is taken for ours.
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            let here = std::fs::canonicalize(&run_dir).ok();
+            match cwd {
+                None => continue,
+                Some(c) if Some(&c) != here.as_ref() => {
+                    report.failures.push(format!(
+                        "{name}: its pid file names pid {pid}, which runs in `{}`, not in its \
+                         run dir: not stopped (look at it by hand)",
+                        c.display()
+                    ));
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let spec = SpawnSpec {
+                task: name.clone(),
+                run_dir: run_dir.clone(),
+                log: dir.join("logs").join(format!("{name}.log")),
+                attempt,
+                ..SpawnSpec::default()
+            };
+            let Ok(Some(h)) = local.recover(&spec).await else {
+                continue;
+            };
+            if !matches!(local.status(&h).await, Ok(ProcState::Running)) {
+                continue;
+            }
+            match local.stop(&h, STOP_GRACE).await {
+                Ok(()) => {
+                    report.stopped += 1;
+                    on_stop(&name);
+                }
+                Err(e) => report.failures.push(format!("{name}: {e}")),
+            }
+        }
+    }
+    // A SLURM job this state dir submitted (its job file), whatever the journal says.
+    if let Ok(slurm) = session.registry().for_handles("slurm", None) {
+        for s in slurm.teardown(&[], STOP_GRACE, Some(dir)).await {
+            if let Some(e) = s.error {
+                report.failures.push(format!("{}: {e}", s.id));
+            }
+        }
+    }
+}
+
+/// `PID ATTEMPT`, as a local process writes its pid file.
+fn pid_file(text: &str) -> Option<(i32, u64)> {
+    let mut w = text.split_whitespace();
+    Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+}
+
+/// What `down` says of a damaged journal: what was wrong, what it did, how to go on.
+pub(super) fn damage_note(dir: &Path, damage: &[Damage]) -> String {
+    let what: Vec<String> = damage
+        .iter()
+        .map(|d| format!("`{}` {}", d.path.display(), d.what))
+        .collect();
+    format!(
+        "the journal was damaged: {}\n  \
+         what could still be read of it was taken down, and so was every process found by \
+         the pid files of its run dirs and any SLURM job of its job file; what only the \
+         damaged part named (a process on another host, a plugin's handle) could not be \
+         looked at\n  \
+         help: the damaged files are kept beside the journal as `*.damaged`, and the journal \
+         is whole again: `prl-flow status` and `run` work; to start afresh, remove `{}`",
+        what.join("; "),
+        dir.display()
+    )
+}
