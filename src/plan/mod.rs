@@ -227,12 +227,20 @@ impl TaskSpec {
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The command as one line for people (`plan` output).
+    /// The command as one line for people (`plan` output), secrets shown.
     pub fn command_line(&self) -> String {
+        self.shown_command_line(true)
+    }
+
+    /// The command as one line for people, every argument one shell word; the values of
+    /// secret-looking flags masked unless `show_secrets` ([`shown_argv`]).
+    pub fn shown_command_line(&self, show_secrets: bool) -> String {
         match &self.command {
-            Command::Argv { argv } => {
-                shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
-            }
+            Command::Argv { argv } => shown_argv(argv, show_secrets)
+                .iter()
+                .map(|a| shell_word(a))
+                .collect::<Vec<_>>()
+                .join(" "),
             Command::Shell { script } => script.clone(),
             Command::Builtin { action, args } => {
                 if args.is_null() {
@@ -242,6 +250,77 @@ impl TaskSpec {
                 }
             }
         }
+    }
+}
+
+/// Words that mark a name (an environment variable's, a flag's) as holding a secret,
+/// matched anywhere in the name, case-insensitively: `HF_TOKEN`, `api_key`, `--api-key`,
+/// `DB_PASSWORD`, `AWS_SECRET_ACCESS_KEY`.
+pub const SECRET_WORDS: &[&str] = &[
+    "TOKEN",
+    "KEY",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "CREDENTIAL",
+    "AUTH",
+    "PRIVATE",
+];
+
+/// What a secret value is shown as.
+pub const MASK: &str = "***";
+
+/// True when `name` looks like it names a secret (see [`SECRET_WORDS`]).
+pub fn is_secret(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase().replace('-', "_");
+    SECRET_WORDS.iter().any(|w| upper.contains(w))
+}
+
+/// An environment for people: the values of secret-looking keys become [`MASK`] unless
+/// `show_secrets`.
+pub fn shown_env(env: &BTreeMap<String, String>, show_secrets: bool) -> BTreeMap<String, String> {
+    env.iter()
+        .map(|(k, v)| {
+            let v = if !show_secrets && is_secret(k) {
+                MASK.to_string()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// An argv for people: the value of a secret-looking flag (`--api-key K`,
+/// `--hf-token=T`) becomes [`MASK`] unless `show_secrets`.
+pub fn shown_argv(argv: &[String], show_secrets: bool) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut mask_next = false;
+    for a in argv {
+        if std::mem::take(&mut mask_next) && !a.starts_with('-') {
+            out.push(MASK.to_string());
+            continue;
+        }
+        let flag = a.starts_with('-') && !show_secrets;
+        match a.split_once('=') {
+            Some((name, _)) if flag && is_secret(name) => out.push(format!("{name}={MASK}")),
+            None if flag && is_secret(a) => {
+                mask_next = true;
+                out.push(a.clone());
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// `text` as one POSIX shell word, quoted by `shlex` where it needs it (`a b` → `'a b'`),
+/// for every value prl-flow prints or renders for a shell. A NUL, which no shell word can
+/// hold, is dropped (validation refuses it in every field before this is reached).
+pub fn shell_word(text: &str) -> String {
+    match shlex::try_quote(text) {
+        Ok(q) => q.into_owned(),
+        Err(_) => shell_word(&text.replace('\0', "")),
     }
 }
 
