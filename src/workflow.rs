@@ -441,7 +441,7 @@ fn check_http(url: &str) -> Result<(), String> {
             parsed.scheme()
         ));
     }
-    if parsed.host_str().is_none_or(str::is_empty) {
+    if parsed.host_str().map_or(true, str::is_empty) {
         return Err("has no host".into());
     }
     Ok(())

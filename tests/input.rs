@@ -12,7 +12,10 @@ use common::Sandbox;
 
 /// `validate FILE` (and `run FILE`) exit 2 and say each of `says`; nothing is started.
 fn refused(sb: &Sandbox, file: &str, says: &[&str]) {
-    for args in [&["validate", file][..], &["run", file, "--state-dir", "st"][..]] {
+    for args in [
+        &["validate", file][..],
+        &["run", file, "--state-dir", "st"][..],
+    ] {
         let cmd = args[0];
         let out = sb.run(args);
         out.expect_code(2);
@@ -50,7 +53,11 @@ fn a_name_that_is_a_path_is_refused_and_makes_nothing_outside() {
     for (file, at) in [("up.toml", "up.toml:1:8"), ("abs.toml", "abs.toml:1:8")] {
         let out = sb.run(&["run", file]);
         out.expect_code(2);
-        for s in [at, "cannot name a state dir", "letters, digits, `-`, `_` and `.`"] {
+        for s in [
+            at,
+            "cannot name a state dir",
+            "letters, digits, `-`, `_` and `.`",
+        ] {
             assert!(out.stderr.contains(s), "{file}: `{s}` in:\n{}", out.stderr);
         }
         assert!(!sb.join(".prl-flow").exists(), "{file}: made .prl-flow");
@@ -81,7 +88,11 @@ fn a_task_id_that_is_a_path_is_refused() {
         "recipe.toml",
         "[inference]\nmodel = \"m\"\n\n[[task]]\nid = \".hidden\"\nrun = \"true\"\n",
     );
-    refused(&sb, "recipe.toml", &["recipe.toml:5:6", "task id `.hidden`"]);
+    refused(
+        &sb,
+        "recipe.toml",
+        &["recipe.toml:5:6", "task id `.hidden`"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -153,7 +164,12 @@ fn every_problem_of_a_recipe_is_said_at_once_backend_included() {
     );
     let out = sb.run(&["validate", "all.toml"]);
     out.expect_code(2);
-    for at in ["all.toml:1:8", "all.toml:3:9", "all.toml:5:13", "all.toml:7:8"] {
+    for at in [
+        "all.toml:1:8",
+        "all.toml:3:9",
+        "all.toml:5:13",
+        "all.toml:7:8",
+    ] {
         assert!(out.stderr.contains(at), "`{at}` in:\n{}", out.stderr);
     }
     assert!(out.stderr.contains("4 problems"), "{}", out.stderr);
@@ -344,7 +360,10 @@ fn a_run_writes_no_secret_value_anywhere() {
         &["logs", "use-token", "--state-dir", "st"][..],
     ] {
         let o = sb.run(cmd);
-        assert!(!o.stdout.contains(SECRET) && !o.stderr.contains(SECRET), "{cmd:?}");
+        assert!(
+            !o.stdout.contains(SECRET) && !o.stderr.contains(SECRET),
+            "{cmd:?}"
+        );
     }
     let found = files_holding(&sb.join("st"), SECRET);
     assert!(found.is_empty(), "the secret is in {found:?}");

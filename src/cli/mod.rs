@@ -77,7 +77,11 @@ pub fn main() -> i32 {
             // Only `run` refuses this way, and it names its own file; see `run`.
             eprintln!(
                 "{}",
-                show::live_services(&dir, &ids, &crate::plan::shell_word(&dir.display().to_string()))
+                show::live_services(
+                    &dir,
+                    &ids,
+                    &crate::plan::shell_word(&dir.display().to_string())
+                )
             );
             2
         }

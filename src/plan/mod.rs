@@ -411,7 +411,9 @@ mod tests {
         for ok in ["a", "stage-weights", "build_2", "v1.2", "modèle"] {
             assert_eq!(check_identifier(ok), Ok(()), "{ok}");
         }
-        for bad in ["", ".", "..", ".hidden", "../../x", "/abs", "a/b", "a b", "a\0b", "x$(y)"] {
+        for bad in [
+            "", ".", "..", ".hidden", "../../x", "/abs", "a/b", "a b", "a\0b", "x$(y)",
+        ] {
             assert!(check_identifier(bad).is_err(), "{bad:?}");
         }
         assert!(check_identifier(&"a".repeat(129)).is_err());
@@ -419,36 +421,82 @@ mod tests {
 
     #[test]
     fn secret_names_are_matched_case_insensitively() {
-        for k in ["HF_TOKEN", "hf_token", "OPENAI_API_KEY", "db-password", "AWS_SECRET_ACCESS_KEY", "--api-key"] {
+        for k in [
+            "HF_TOKEN",
+            "hf_token",
+            "OPENAI_API_KEY",
+            "db-password",
+            "AWS_SECRET_ACCESS_KEY",
+            "--api-key",
+        ] {
             assert!(is_secret(k), "{k}");
         }
-        for k in ["PATH", "VLLM_NIXL_SIDE_CHANNEL_PORT", "PYTHONHASHSEED", "--model"] {
+        for k in [
+            "PATH",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT",
+            "PYTHONHASHSEED",
+            "--model",
+        ] {
             assert!(!is_secret(k), "{k}");
         }
     }
 
     #[test]
     fn secret_values_are_masked_in_env_and_argv_unless_asked() {
-        let env: BTreeMap<String, String> =
-            [("HF_TOKEN".to_string(), "hf_x".to_string()), ("A".into(), "1".into())].into();
+        let env: BTreeMap<String, String> = [
+            ("HF_TOKEN".to_string(), "hf_x".to_string()),
+            ("A".into(), "1".into()),
+        ]
+        .into();
         assert_eq!(shown_env(&env, false)["HF_TOKEN"], MASK);
         assert_eq!(shown_env(&env, false)["A"], "1");
         assert_eq!(shown_env(&env, true)["HF_TOKEN"], "hf_x");
-        let argv: Vec<String> = ["vllm", "serve", "m", "--api-key", "k1", "--hf-token=k2", "--port", "8"]
-            .map(String::from)
-            .into();
+        let argv: Vec<String> = [
+            "vllm",
+            "serve",
+            "m",
+            "--api-key",
+            "k1",
+            "--hf-token=k2",
+            "--port",
+            "8",
+        ]
+        .map(String::from)
+        .into();
         assert_eq!(
             shown_argv(&argv, false),
-            ["vllm", "serve", "m", "--api-key", MASK, "--hf-token=***", "--port", "8"]
+            [
+                "vllm",
+                "serve",
+                "m",
+                "--api-key",
+                MASK,
+                "--hf-token=***",
+                "--port",
+                "8"
+            ]
         );
         assert_eq!(shown_argv(&argv, true), argv);
     }
 
     #[test]
     fn shell_words_come_back_intact() {
-        for v in ["plain", "a b", "x$(touch pwned)", "it's", "`id`", "\"q\"", "", "a\nb"] {
+        for v in [
+            "plain",
+            "a b",
+            "x$(touch pwned)",
+            "it's",
+            "`id`",
+            "\"q\"",
+            "",
+            "a\nb",
+        ] {
             let w = shell_word(v);
-            assert_eq!(shlex::split(&w).as_deref(), Some(&[v.to_string()][..]), "{v:?} → {w}");
+            assert_eq!(
+                shlex::split(&w).as_deref(),
+                Some(&[v.to_string()][..]),
+                "{v:?} → {w}"
+            );
         }
     }
 }

@@ -544,8 +544,11 @@ fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<VllmExtra> {
     for (key, item) in t.entries() {
         let vspan = super::doc::item_span(item, &key.span);
         match table.extra_args(&key.v, item) {
-            Ok(args) if args.iter().any(|a| unusable_arg(a).is_some()) => {
-                let why = args.iter().find_map(|a| unusable_arg(a)).unwrap_or_default();
+            Ok(args) if args.iter().any(|a| flags::unusable_arg(a).is_some()) => {
+                let why = args
+                    .iter()
+                    .find_map(|a| flags::unusable_arg(a))
+                    .unwrap_or_default();
                 p.push(
                     Problem::new(format!("`inference.vllm_extra.{}` {why}", key.v))
                         .at(Some(vspan))
@@ -592,21 +595,4 @@ fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<VllmExtra> {
         }
     }
     out
-}
-
-/// Why an argument rendered from `vllm_extra` would not reach `vllm serve` as written: the
-/// argv format trims each line and drops blank ones, so a blank value vanishes and the next
-/// flag takes its place (`--tokenizer --revision ...`).
-fn unusable_arg(arg: &str) -> Option<&'static str> {
-    if arg.trim().is_empty() {
-        Some("has an empty or blank value, which would vanish from the command line and shift the next flag into its place")
-    } else if arg.contains('\0') {
-        Some("holds a NUL character, which no command line can carry")
-    } else if arg.contains('\n') || arg.contains('\r') {
-        Some("holds a line break, which would split it into two arguments")
-    } else if arg.trim() != arg {
-        Some("has spaces at its start or end, which the command line would drop")
-    } else {
-        None
-    }
 }

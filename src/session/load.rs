@@ -76,7 +76,8 @@ impl Session {
             };
             crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(|mut p| {
                 // Said with the recipe's other problems, not only once it plans.
-                p.items.extend(self.registry().backend_problem_of(&backend, &source));
+                p.items
+                    .extend(self.registry().backend_problem_of(&backend, &source));
                 Error::Problems(p)
             })?
         } else {
