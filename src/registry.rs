@@ -110,7 +110,14 @@ impl Registry {
         source: &Arc<String>,
     ) -> Result<(), Problems> {
         if !BUILTINS.contains(&plan.backend.as_str()) {
-            return Ok(());
+            return match self.backend_problem(&plan.backend, &plan.backend_config, source) {
+                None => Ok(()),
+                Some(q) => {
+                    let mut p = Problems::new(path.display().to_string(), source.clone());
+                    p.push(q);
+                    Err(p)
+                }
+            };
         }
         let base = path.parent().filter(|p| !p.as_os_str().is_empty());
         let state_dir = crate::plan::default_state_dir(&plan.name);
@@ -133,6 +140,53 @@ impl Registry {
             p.push(q);
         }
         Err(p)
+    }
+
+    /// The problem with the backend `name`, when this prl-flow cannot use it: neither built
+    /// in nor a plugin it can find (with the backends there are and the closest of them),
+    /// or a plugin file the recipe names that is not executable. Placed at the file's
+    /// `[backend] type` when that names it. `config` is the `[backend]` table (its `plugin`
+    /// key names a plugin's file).
+    pub fn backend_problem(&self, name: &str, config: &Value, source: &str) -> Option<Problem> {
+        let err = plugins::locate(name, self.site(), config).err()?;
+        let at = backend_type_span(source).filter(|s| source[s.clone()].contains(name));
+        if config.get("plugin").is_some() {
+            let msg = err.strip_prefix("error: ").unwrap_or(&err);
+            let (what, help) = msg.split_once("\n  help: ").unwrap_or((msg, ""));
+            return Some(Problem::new(what).at(at).label("this backend").help(help));
+        }
+        let known: Vec<String> = plugins::discover(self.site())
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let help = match crate::diag::did_you_mean(name, known.iter().map(String::as_str)) {
+            Some(near) => format!("did you mean `{near}`? The backends here: {}", known.join(", ")),
+            None => format!(
+                "the backends here: {}; a site plugin is `{}{name}` on PATH or named in a site file (docs/plugins.md)",
+                known.join(", "),
+                prl_flow_plugin::EXE_PREFIX
+            ),
+        };
+        Some(
+            Problem::new(format!(
+                "no backend `{name}`: it is not built in ({}), and no site plugin of that name is found",
+                BUILTINS.join(", ")
+            ))
+            .at(at)
+            .label("unknown backend")
+            .help(help),
+        )
+    }
+
+    /// [`Registry::backend_problem`] for a file that did not plan: its `[backend]` table
+    /// read from the text.
+    pub fn backend_problem_of(&self, name: &str, source: &str) -> Option<Problem> {
+        let config = toml::from_str::<toml::Table>(source)
+            .ok()
+            .and_then(|t| t.get("backend").cloned())
+            .and_then(|b| serde_json::to_value(b).ok())
+            .unwrap_or(Value::Null);
+        self.backend_problem(name, &config, source)
     }
 
     /// A backend by name: built in, or a plugin (recipe, site file, PATH), made from
@@ -224,6 +278,16 @@ impl Registry {
             None => self.for_handles(builtins::LOCAL, None),
         }
     }
+}
+
+/// Where a file's `[backend] type` value is written.
+fn backend_type_span(source: &str) -> Option<std::ops::Range<usize>> {
+    let doc = toml_edit::ImDocument::parse(source).ok()?;
+    doc.as_table()
+        .get("backend")?
+        .as_table_like()?
+        .get("type")?
+        .span()
 }
 
 /// A file's own `[backend] type`, if it names one.

@@ -16,13 +16,16 @@
 //! returned together.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::diag::{did_you_mean, Problem, Problems};
-use crate::plan::{parse_duration, Command, Plan, Probe, Readiness, TaskSpec};
+use crate::plan::{
+    check_identifier, parse_duration, Command, Plan, Probe, Readiness, TaskSpec, IDENTIFIER_RULE,
+};
 
 /// The fields of a `[[task]]` entry, for messages and suggestions.
 pub const TASK_FIELDS: &[&str] = &[
@@ -42,7 +45,7 @@ const READY_FIELDS: &[&str] = &[
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WorkflowFile {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     #[serde(default)]
     task: Vec<Spanned<TaskEntry>>,
 }
@@ -73,9 +76,9 @@ pub struct TaskEntry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReadyEntry {
-    pub http: Option<String>,
-    pub tcp: Option<String>,
-    pub log: Option<String>,
+    pub http: Option<Spanned<String>>,
+    pub tcp: Option<Spanned<String>>,
+    pub log: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub start_period: Option<Spanned<String>>,
@@ -111,17 +114,58 @@ pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan
         .filter_map(|t| entry_to_spec(t, "custom", &mut problems))
         .collect();
     let tasks = apply_before(entries, &mut problems);
+    let written = file.name.as_ref().map(|n| (n.get_ref().as_str(), n.span()));
+    check_name(written, default_name, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Plan {
-        name: file.name.unwrap_or_else(|| default_name.to_string()),
+        name: file
+            .name
+            .map(Spanned::into_inner)
+            .unwrap_or_else(|| default_name.to_string()),
         backend: "local".into(),
         backend_config: serde_json::Value::Null,
         nodes: Vec::new(),
         tasks,
         endpoint: None,
     })
+}
+
+/// Checks the plan's name, which names its state dir (`.prl-flow/<name>/`): the `name`
+/// written in the file (with its place), else `default_name` (the file's stem), against
+/// [`IDENTIFIER_RULE`].
+pub fn check_name(written: Option<(&str, Range<usize>)>, default_name: &str, p: &mut Problems) {
+    match written {
+        Some((name, span)) => {
+            if let Err(why) = check_identifier(name) {
+                p.push(
+                    Problem::new(format!(
+                        "`name` `{}` cannot name a state dir: it {why}",
+                        name.escape_debug()
+                    ))
+                    .at(Some(span))
+                    .label("not a safe name")
+                    .help(format!(
+                        "a name is {IDENTIFIER_RULE}, e.g. `name = \"my-deployment\"`"
+                    )),
+                );
+            }
+        }
+        None => {
+            if let Err(why) = check_identifier(default_name) {
+                p.push(
+                    Problem::new(format!(
+                        "the file's name gives the plan the name `{}`, which cannot name a state dir: it {why}",
+                        default_name.escape_debug()
+                    ))
+                    .help(format!(
+                        "add `name = \"...\"` at the top of the file ({IDENTIFIER_RULE}), or rename the file"
+                    )),
+                );
+            }
+        }
+    }
 }
 
 /// Turns a toml/serde error into a problem at its place, with a suggestion for a misspelt
@@ -165,6 +209,18 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
                 .at(Some(e.id.span()))
                 .help("give the task a name, e.g. `id = \"compile\"`"),
         );
+    } else if let Err(why) = check_identifier(&id) {
+        problems.push(
+            Problem::new(format!(
+                "task id `{}` cannot name the task's log and run dir: it {why}",
+                id.escape_debug()
+            ))
+            .at(Some(e.id.span()))
+            .label("not a safe id")
+            .help(format!(
+                "a task id is {IDENTIFIER_RULE}, e.g. `id = \"stage-weights\"`"
+            )),
+        );
     }
     let command = match (&e.run, &e.argv) {
         (Some(r), None) => Command::Shell {
@@ -199,6 +255,30 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             Command::default()
         }
     };
+    let nul_in_command = match (&e.run, &e.argv) {
+        (Some(r), _) if r.get_ref().contains('\0') => Some(("run", r.span())),
+        (_, Some(a)) if a.get_ref().iter().any(|x| x.contains('\0')) => Some(("argv", a.span())),
+        _ => None,
+    };
+    let nul_in_env = e
+        .env
+        .iter()
+        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+        .map(|(k, _)| format!("env.{}", k.escape_debug()));
+    for (field, span) in nul_in_command
+        .map(|(f, s)| (f.to_string(), s))
+        .into_iter()
+        .chain(nul_in_env.map(|f| (f, t.span())))
+    {
+        problems.push(
+            Problem::new(format!(
+                "`{field}` of task `{id}` holds a NUL character, which no command line or environment can carry"
+            ))
+            .at(Some(span))
+            .label("NUL here")
+            .help("remove the `\\u0000` from the value"),
+        );
+    }
     let mut duration = |v: &Option<Spanned<String>>, field: &str| {
         v.as_ref().and_then(|s| match parse_duration(s.get_ref()) {
             Ok(d) => Some(d),
@@ -223,34 +303,54 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             let start_period = duration(&rr.start_period, "ready.start_period");
             let ready_timeout = duration(&rr.ready_timeout, "ready.ready_timeout");
             let probes: Vec<Probe> = [
-                rr.http.clone().map(|url| Probe::Http { url }),
-                rr.tcp.clone().map(|addr| Probe::Tcp { addr }),
-                rr.log.clone().map(|regex| Probe::Log { regex }),
+                rr.http.as_ref().map(|url| Probe::Http {
+                    url: url.get_ref().clone(),
+                }),
+                rr.tcp.as_ref().map(|addr| Probe::Tcp {
+                    addr: addr.get_ref().clone(),
+                }),
+                rr.log.as_ref().map(|regex| Probe::Log {
+                    regex: regex.get_ref().clone(),
+                }),
             ]
             .into_iter()
             .flatten()
             .collect();
-            if let Some(Probe::Log { regex }) = probes.first() {
-                if let Err(err) = regex::Regex::new(regex) {
+            if let Some(regex) = &rr.log {
+                if let Err(err) = regex::Regex::new(regex.get_ref()) {
                     problems.push(
                         Problem::new(format!(
                             "`ready.log` of task `{id}` is not a valid regex: {err}"
                         ))
-                        .at(Some(r.span())),
+                        .at(Some(regex.span()))
+                        .label("not a regex")
+                        .help("write a regex a line of the log matches, e.g. `log = \"listening on\"`"),
                     );
                 }
             }
-            if let Some(Probe::Tcp { addr }) = probes.first() {
-                if addr
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
+            if let Some(addr) = &rr.tcp {
+                if let Err(why) = check_tcp(addr.get_ref()) {
                     problems.push(
                         Problem::new(format!(
-                            "`ready.tcp` of task `{id}` must be `host:port`, not `{addr}`"
+                            "`ready.tcp` of task `{id}` must be `host:port`, not `{}`: {why}",
+                            addr.get_ref().escape_debug()
                         ))
-                        .at(Some(r.span())),
+                        .at(Some(addr.span()))
+                        .label("not host:port")
+                        .help("write e.g. `tcp = \"127.0.0.1:8000\"`"),
+                    );
+                }
+            }
+            if let Some(url) = &rr.http {
+                if let Err(why) = check_http(url.get_ref()) {
+                    problems.push(
+                        Problem::new(format!(
+                            "`ready.http` of task `{id}` is not an http URL: `{}` {why}",
+                            url.get_ref().escape_debug()
+                        ))
+                        .at(Some(url.span()))
+                        .label("not an http URL")
+                        .help("write e.g. `http = \"http://127.0.0.1:8000/health\"`"),
                     );
                 }
             }
@@ -315,6 +415,37 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
         },
         before: e.before.clone(),
     })
+}
+
+/// `host:port` with a host and a port of 1 to 65535 (`${host:nodeK}` counts as a host).
+fn check_tcp(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| "there is no `:port`".to_string())?;
+    if host.trim().is_empty() {
+        return Err("there is no host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{port}` is not a port (1 to 65535)")),
+    }
+}
+
+/// An `http://` or `https://` URL with a host. A `${host:nodeK}` placeholder is taken for
+/// an address (the run fills it in).
+fn check_http(url: &str) -> Result<(), String> {
+    let sample = crate::plan::resolve_hosts(url, &|_| Some("127.0.0.1".to_string()));
+    let parsed = reqwest::Url::parse(&sample).map_err(|e| format!("does not parse ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "has the scheme `{}`; a probe speaks `http` or `https`",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().map_or(true, str::is_empty) {
+        return Err("has no host".into());
+    }
+    Ok(())
 }
 
 /// Resolves `before = [...]`: the named tasks get this one added to their `needs`. Works
@@ -411,6 +542,20 @@ retries = 2
             "[[task]]\nid = \"a\"\n\n[[task]]\nid = \"b\"\nrun = \"x\"\ntimeout = \"soon\"\nready = { http = \"h\" }\n",
         )
         .expect_err("error");
-        assert_eq!(err.len(), 3, "{}", err.render(false));
+        // No command; a bad timeout; `h` is no http URL; `ready` without `service`.
+        assert_eq!(err.len(), 4, "{}", err.render(false));
+    }
+
+    #[test]
+    fn probe_addresses_are_checked_and_placeholders_count_as_hosts() {
+        assert!(check_http("http://${host:node0}:8000/health").is_ok());
+        assert!(check_http("https://example.org/").is_ok());
+        for bad in ["::::", "h", "ftp://x/", "http://", "127.0.0.1:8000"] {
+            assert!(check_http(bad).is_err(), "{bad}");
+        }
+        assert!(check_tcp("${host:node1}:50052").is_ok());
+        for bad in ["::::", ":80", "h:0", "h", "h:99999"] {
+            assert!(check_tcp(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -181,6 +181,10 @@ pub struct PlanArgs {
     pub file: FileArgs,
     #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
     pub format: PlanFormat,
+    /// Show the values of secret-looking env variables and flags (names holding TOKEN,
+    /// KEY, SECRET, PASSWORD, CREDENTIAL, ...); they are `***` otherwise.
+    #[arg(long)]
+    pub show_secrets: bool,
 }
 
 #[derive(Args)]

@@ -77,7 +77,11 @@ pub fn main() -> i32 {
             // Only `run` refuses this way, and it names its own file; see `run`.
             eprintln!(
                 "{}",
-                show::live_services(&dir, &ids, &dir.display().to_string())
+                show::live_services(
+                    &dir,
+                    &ids,
+                    &crate::plan::shell_word(&dir.display().to_string())
+                )
             );
             2
         }
@@ -107,8 +111,8 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             let plan =
                 session::load::shown(session.load_checked(&load_options(&a.file)?).await?.plan);
             match a.format {
-                PlanFormat::Json => out(&show::plan_json(&plan)),
-                PlanFormat::Text => out(&show::plan_text(&plan)),
+                PlanFormat::Json => out(&show::plan_json(&plan, a.show_secrets)),
+                PlanFormat::Text => out(&show::plan_text(&plan, a.show_secrets)),
             }
             Ok(0)
         }
@@ -207,9 +211,10 @@ fn mock_engine_exe() -> R<PathBuf> {
 /// The file as hints name it, with `--state-dir` when one was given (`prl-flow down FILE`
 /// alone would look in the default state dir).
 fn hint_args(a: &RunArgs) -> String {
+    let q = |p: &std::path::Path| crate::plan::shell_word(&p.display().to_string());
     match &a.state_dir {
-        Some(d) => format!("{} --state-dir {}", a.file.file.display(), d.display()),
-        None => a.file.file.display().to_string(),
+        Some(d) => format!("{} --state-dir {}", q(&a.file.file), q(d)),
+        None => q(&a.file.file),
     }
 }
 

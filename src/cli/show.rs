@@ -10,7 +10,9 @@ use crate::diag::count;
 use crate::plan::{self, Plan};
 use crate::session::TaskRow;
 
-pub fn plan_json(plan: &Plan) -> String {
+/// The plan as JSON. The values of secret-looking env keys and flags are `***` unless
+/// `show_secrets` ([`plan::is_secret`]).
+pub fn plan_json(plan: &Plan, show_secrets: bool) -> String {
     let tasks: Vec<serde_json::Value> = plan
         .tasks
         .iter()
@@ -21,13 +23,15 @@ pub fn plan_json(plan: &Plan) -> String {
                 "needs": t.needs,
                 "node": t.node,
                 "service": t.service,
-                "env": t.env,
+                "env": plan::shown_env(&t.env, show_secrets),
                 "ports": t.ports,
                 "ready": t.ready,
                 "fingerprint": t.fingerprint(),
             });
             match &t.command {
-                plan::Command::Argv { argv } => v["argv"] = serde_json::json!(argv),
+                plan::Command::Argv { argv } => {
+                    v["argv"] = serde_json::json!(plan::shown_argv(argv, show_secrets))
+                }
                 plan::Command::Shell { script } => {
                     v["argv"] = serde_json::json!(["sh", "-c", script])
                 }
@@ -60,7 +64,8 @@ pub fn plan_json(plan: &Plan) -> String {
     s
 }
 
-pub fn plan_text(plan: &Plan) -> String {
+/// The plan for people, secrets masked as in [`plan_json`].
+pub fn plan_text(plan: &Plan, show_secrets: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -84,8 +89,8 @@ pub fn plan_text(plan: &Plan) -> String {
         if !t.needs.is_empty() {
             let _ = writeln!(s, "  needs:  {}", t.needs.join(", "));
         }
-        let _ = writeln!(s, "  run:    {}", t.command_line());
-        for (k, v) in &t.env {
+        let _ = writeln!(s, "  run:    {}", t.shown_command_line(show_secrets));
+        for (k, v) in &plan::shown_env(&t.env, show_secrets) {
             let _ = writeln!(s, "  env:    {k}={v}");
         }
         for f in &t.files {

@@ -41,6 +41,42 @@ pub fn default_state_dir(name: &str) -> std::path::PathBuf {
     std::path::Path::new(".prl-flow").join(name)
 }
 
+/// The rule for a plan's name and a task's id, both of which become parts of paths under the
+/// state dir (`.prl-flow/<name>/`, `logs/<id>.log`, `run/<id>/`), said in messages.
+pub const IDENTIFIER_RULE: &str =
+    "letters, digits, `-`, `_` and `.`, not starting with `.`, at most 128 characters";
+
+/// Checks that `text` is a safe identifier ([`IDENTIFIER_RULE`]): it can only ever name one
+/// file or directory, never `..`, a hidden file, or a path elsewhere. `Err` says what is
+/// wrong with it.
+pub fn check_identifier(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("is empty".into());
+    }
+    if text.starts_with('.') {
+        return Err("starts with `.`".into());
+    }
+    if text.chars().count() > 128 {
+        return Err("is longer than 128 characters".into());
+    }
+    match text
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        Some(c) => Err(format!("holds {}", describe_char(c))),
+        None => Ok(()),
+    }
+}
+
+fn describe_char(c: char) -> String {
+    match c {
+        '/' => "a `/`".into(),
+        ' ' => "a space".into(),
+        c if c.is_control() => format!("a control character (U+{:04X})", c as u32),
+        c => format!("`{c}`"),
+    }
+}
+
 /// The placeholder for a node's address in argv, env, files and probe URLs: `${host:node1}`.
 /// Addresses are known only once nodes are allocated (a SLURM allocation names them), so the
 /// plan keeps the placeholder and the run fills it in; `plan --backend local` shows them
@@ -231,12 +267,20 @@ impl TaskSpec {
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The command as one line for people (`plan` output).
+    /// The command as one line for people (`plan` output), secrets shown.
     pub fn command_line(&self) -> String {
+        self.shown_command_line(true)
+    }
+
+    /// The command as one line for people, every argument one shell word; the values of
+    /// secret-looking flags masked unless `show_secrets` ([`shown_argv`]).
+    pub fn shown_command_line(&self, show_secrets: bool) -> String {
         match &self.command {
-            Command::Argv { argv } => {
-                shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
-            }
+            Command::Argv { argv } => shown_argv(argv, show_secrets)
+                .iter()
+                .map(|a| shell_word(a))
+                .collect::<Vec<_>>()
+                .join(" "),
             Command::Shell { script } => script.clone(),
             Command::Builtin { action, args } => {
                 if args.is_null() {
@@ -246,6 +290,77 @@ impl TaskSpec {
                 }
             }
         }
+    }
+}
+
+/// Words that mark a name (an environment variable's, a flag's) as holding a secret,
+/// matched anywhere in the name, case-insensitively: `HF_TOKEN`, `api_key`, `--api-key`,
+/// `DB_PASSWORD`, `AWS_SECRET_ACCESS_KEY`.
+pub const SECRET_WORDS: &[&str] = &[
+    "TOKEN",
+    "KEY",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "CREDENTIAL",
+    "AUTH",
+    "PRIVATE",
+];
+
+/// What a secret value is shown as.
+pub const MASK: &str = "***";
+
+/// True when `name` looks like it names a secret (see [`SECRET_WORDS`]).
+pub fn is_secret(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase().replace('-', "_");
+    SECRET_WORDS.iter().any(|w| upper.contains(w))
+}
+
+/// An environment for people: the values of secret-looking keys become [`MASK`] unless
+/// `show_secrets`.
+pub fn shown_env(env: &BTreeMap<String, String>, show_secrets: bool) -> BTreeMap<String, String> {
+    env.iter()
+        .map(|(k, v)| {
+            let v = if !show_secrets && is_secret(k) {
+                MASK.to_string()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// An argv for people: the value of a secret-looking flag (`--api-key K`,
+/// `--hf-token=T`) becomes [`MASK`] unless `show_secrets`.
+pub fn shown_argv(argv: &[String], show_secrets: bool) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut mask_next = false;
+    for a in argv {
+        if std::mem::take(&mut mask_next) && !a.starts_with('-') {
+            out.push(MASK.to_string());
+            continue;
+        }
+        let flag = a.starts_with('-') && !show_secrets;
+        match a.split_once('=') {
+            Some((name, _)) if flag && is_secret(name) => out.push(format!("{name}={MASK}")),
+            None if flag && is_secret(a) => {
+                mask_next = true;
+                out.push(a.clone());
+            }
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// `text` as one POSIX shell word, quoted by `shlex` where it needs it (`a b` → `'a b'`),
+/// for every value prl-flow prints or renders for a shell. A NUL, which no shell word can
+/// hold, is dropped (validation refuses it in every field before this is reached).
+pub fn shell_word(text: &str) -> String {
+    match shlex::try_quote(text) {
+        Ok(q) => q.into_owned(),
+        Err(_) => shell_word(&text.replace('\0', "")),
     }
 }
 
@@ -288,5 +403,104 @@ mod opt_duration {
         let text = Option::<String>::deserialize(d)?;
         text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_single_safe_path_parts() {
+        for ok in ["a", "stage-weights", "build_2", "v1.2", "modèle"] {
+            assert_eq!(check_identifier(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "", ".", "..", ".hidden", "../../x", "/abs", "a/b", "a b", "a\0b", "x$(y)",
+        ] {
+            assert!(check_identifier(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_identifier(&"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn secret_names_are_matched_case_insensitively() {
+        for k in [
+            "HF_TOKEN",
+            "hf_token",
+            "OPENAI_API_KEY",
+            "db-password",
+            "AWS_SECRET_ACCESS_KEY",
+            "--api-key",
+        ] {
+            assert!(is_secret(k), "{k}");
+        }
+        for k in [
+            "PATH",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT",
+            "PYTHONHASHSEED",
+            "--model",
+        ] {
+            assert!(!is_secret(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn secret_values_are_masked_in_env_and_argv_unless_asked() {
+        let env: BTreeMap<String, String> = [
+            ("HF_TOKEN".to_string(), "hf_x".to_string()),
+            ("A".into(), "1".into()),
+        ]
+        .into();
+        assert_eq!(shown_env(&env, false)["HF_TOKEN"], MASK);
+        assert_eq!(shown_env(&env, false)["A"], "1");
+        assert_eq!(shown_env(&env, true)["HF_TOKEN"], "hf_x");
+        let argv: Vec<String> = [
+            "vllm",
+            "serve",
+            "m",
+            "--api-key",
+            "k1",
+            "--hf-token=k2",
+            "--port",
+            "8",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            shown_argv(&argv, false),
+            [
+                "vllm",
+                "serve",
+                "m",
+                "--api-key",
+                MASK,
+                "--hf-token=***",
+                "--port",
+                "8"
+            ]
+        );
+        assert_eq!(shown_argv(&argv, true), argv);
+    }
+
+    #[test]
+    fn shell_words_come_back_intact() {
+        for v in [
+            "plain",
+            "a b",
+            "x$(touch pwned)",
+            "it's",
+            "`id`",
+            "\"q\"",
+            "",
+            "a\nb",
+        ] {
+            let w = shell_word(v);
+            assert_eq!(
+                shlex::split(&w).as_deref(),
+                Some(&[v.to_string()][..]),
+                "{v:?} → {w}"
+            );
+        }
     }
 }

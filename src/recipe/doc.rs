@@ -138,9 +138,25 @@ impl<'a> Table<'a> {
         .help(format!("write e.g. `{key} = {example}`"))
     }
 
+    /// A NUL character: no argv, environment or file name can carry it, so the value would
+    /// fail only at its spawn, after nodes were allocated.
+    fn nul(&self, key: &str, span: Range<usize>) -> Problem {
+        Problem::new(format!(
+            "`{}` holds a NUL character, which no command line, environment or path can carry",
+            self.field(key)
+        ))
+        .at(Some(span))
+        .label("NUL here")
+        .help("remove the `\\u0000` from the value")
+    }
+
     pub fn string(&mut self, key: &'static str, p: &mut Problems) -> Option<Sp<String>> {
         let (item, span) = self.item(key)?;
         match item.as_str() {
+            Some(s) if s.contains('\0') => {
+                p.push(self.nul(key, span));
+                None
+            }
             Some(s) => Some(Sp::new(s.to_string(), span)),
             None => {
                 p.push(self.wrong_type(key, item, span, "a string", "\"...\""));
@@ -295,6 +311,10 @@ impl<'a> Table<'a> {
         for v in arr.iter() {
             let vspan = v.span().unwrap_or_else(|| span.clone());
             match v.as_str() {
+                Some(s) if s.contains('\0') => {
+                    ok = false;
+                    p.push(self.nul(key, vspan));
+                }
                 Some(s) if !s.trim().is_empty() && !s.contains('\n') => out.push(s.to_string()),
                 Some(_) => {
                     ok = false;
@@ -366,6 +386,9 @@ impl<'a> Table<'a> {
                 _ => None,
             };
             match text {
+                Some(v) if v.contains('\0') || name.contains('\0') => {
+                    p.push(t.nul(name, vspan));
+                }
                 Some(v) => out.push((Sp::new(name.to_string(), kspan), Sp::new(v, vspan))),
                 None => p.push(
                     Problem::new(format!(

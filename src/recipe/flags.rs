@@ -178,6 +178,23 @@ fn example(flag: &Flag) -> String {
     }
 }
 
+/// Why an argument rendered from `vllm_extra` would not reach `vllm serve` as written: the
+/// argv format trims each line and drops blank ones, so a blank value vanishes and the next
+/// flag takes its place (`--tokenizer --revision ...`).
+pub fn unusable_arg(arg: &str) -> Option<&'static str> {
+    if arg.trim().is_empty() {
+        Some("has an empty or blank value, which would vanish from the command line and shift the next flag into its place")
+    } else if arg.contains('\0') {
+        Some("holds a NUL character, which no command line can carry")
+    } else if arg.contains('\n') || arg.contains('\r') {
+        Some("holds a line break, which would split it into two arguments")
+    } else if arg.trim() != arg {
+        Some("has spaces at its start or end, which the command line would drop")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,7 +53,15 @@ pub fn try_it(plan: &crate::plan::Plan, url: &str) -> String {
             _ => None,
         })
         .unwrap_or_else(|| "default".into());
+    // The request body is JSON made by serde, and every value reaches the shell as one
+    // quoted word: a model name may hold quotes, `$(...)`, anything.
+    let body = serde_json::json!({ "model": model, "prompt": "Hello", "max_tokens": 16 });
+    let q = crate::plan::shell_word;
     format!(
-        "endpoint: {url}\ntry:\n  curl -s {url}/v1/completions -H 'Content-Type: application/json' -H 'X-Session-ID: demo' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+        "endpoint: {url}\ntry:\n  curl -s {} -H {} -H {} \\\n    -d {}\n",
+        q(&format!("{url}/v1/completions")),
+        q("Content-Type: application/json"),
+        q("X-Session-ID: demo"),
+        q(&body.to_string()),
     )
 }

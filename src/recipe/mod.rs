@@ -115,6 +115,12 @@ pub fn load(
         }
     };
     let recipe = schema::read(&doc, &mut p);
+    let written = recipe
+        .name
+        .get()
+        .map(|n| (n.v.trim(), n.span.clone()))
+        .filter(|(n, _)| !n.is_empty());
+    crate::workflow::check_name(written, default_name, &mut p);
     // The `[[task]]` entries go through the workflow's own parser, unless their keys were
     // already found wrong (it would report the first of them again).
     let entries = if recipe.tasks_readable {

@@ -72,6 +72,10 @@ impl TaskTemplates {
                 minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
             })
         });
+        // For a site template that writes a shell line: a value as one shell word.
+        env.add_filter("shell_quote", |v: minijinja::Value| {
+            crate::plan::shell_word(&v.to_string())
+        });
         let before = p.len();
         let origin = dir
             .as_ref()

@@ -544,6 +544,21 @@ fn read_extra(t: &Table<'_>, p: &mut Problems) -> Vec<VllmExtra> {
     for (key, item) in t.entries() {
         let vspan = super::doc::item_span(item, &key.span);
         match table.extra_args(&key.v, item) {
+            Ok(args) if args.iter().any(|a| flags::unusable_arg(a).is_some()) => {
+                let why = args
+                    .iter()
+                    .find_map(|a| flags::unusable_arg(a))
+                    .unwrap_or_default();
+                p.push(
+                    Problem::new(format!("`inference.vllm_extra.{}` {why}", key.v))
+                        .at(Some(vspan))
+                        .label("not a usable argument")
+                        .help(format!(
+                            "give it a value of one line, without spaces at its ends, or drop `{}`",
+                            key.v
+                        )),
+                );
+            }
             Ok(args) => {
                 let dest = table
                     .by_key(&key.v)

@@ -74,7 +74,12 @@ impl Session {
                 launcher: a.launcher.clone(),
                 router: a.router.as_ref().map(|r| vec![r.clone()]),
             };
-            crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(Error::Problems)?
+            crate::recipe::load(&shown, source.clone(), &name, &opts).map_err(|mut p| {
+                // Said with the recipe's other problems, not only once it plans.
+                p.items
+                    .extend(self.registry().backend_problem_of(&backend, &source));
+                Error::Problems(p)
+            })?
         } else {
             crate::workflow::parse(&shown, source.clone(), &name).map_err(Error::Problems)?
         };

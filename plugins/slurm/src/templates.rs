@@ -65,6 +65,7 @@ impl Templates {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_keep_trailing_newline(true);
+        env.add_filter("shell_quote", shell_quote);
         for (name, source) in BUILT_IN {
             let mut text = source.to_string();
             let mut origin = format!("built-in template `slurm/{name}`");
@@ -145,6 +146,14 @@ impl Templates {
             .and_then(|t| t.render(vars))
             .map_err(|e| format!("template `slurm/{name}`: {}", detail(&e)))
     }
+}
+
+/// The `shell_quote` filter: a value as one POSIX shell word (quoted by `shlex`).
+fn shell_quote(v: minijinja::Value) -> Result<String, minijinja::Error> {
+    let text = v.to_string();
+    shlex::try_quote(&text)
+        .map(|q| q.into_owned())
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))
 }
 
 fn detail(e: &minijinja::Error) -> String {
