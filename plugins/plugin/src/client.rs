@@ -25,7 +25,14 @@
 //! it says after that can be trusted. The next call starts a fresh process.
 //!
 //! The plugin runs in its own process group, so a Ctrl-C at the terminal reaches prl-flow
-//! alone, which still needs the plugin to stop what it started.
+//! alone, which still needs the plugin to stop what it started; killing it kills that group,
+//! so helpers it started go with it.
+//!
+//! A lost answer (the plugin died, wrote nonsense, or did not answer in time) is told from
+//! an error answer. Two calls act on it: a lost `spawn` asks the plugin (a new process if
+//! that one died) to `recover` the spawn by its id, the task and the attempt, and goes on
+//! with the process found; a `wait` goes on watching with a new plugin process, since the
+//! processes outlive the plugin.
 //!
 //! A plugin's handles are its own JSON objects. prl-flow wraps each in a [`ProcHandle`]
 //! named after the plugin (the name it was found by), whose payload is the plugin's object
