@@ -87,7 +87,7 @@ async fn a_plugin_without_the_optional_methods_passes_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let source = std::fs::read_to_string(wrapped()).expect("read the example plugin");
     let plain = source.replace(
-        "CAPABILITIES = [\"allocation_alive\", \"wait\", \"log_tail\", \"read_log\"]",
+        "CAPABILITIES = [\"allocation_alive\", \"wait\", \"log_tail\", \"read_log\", \"recover\"]",
         "CAPABILITIES = []",
     );
     assert_ne!(
@@ -598,24 +598,48 @@ impl Cli {
         }
     }
 
-    fn cmd(&self) -> assert_cmd::Command {
-        let mut c = assert_cmd::Command::cargo_bin("prl-flow").expect("the prl-flow binary");
+    /// `prl-flow` in the test's dir, with its `bin/` (plugins a test writes) and the
+    /// example plugin first on `PATH`.
+    fn std_cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_prl-flow"));
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut dirs = vec![examples()];
+        let mut dirs = vec![self.bin(), examples()];
         dirs.extend(std::env::split_paths(&path));
         c.current_dir(self.dir.path())
             .env("PATH", std::env::join_paths(dirs).expect("PATH"))
-            .env_remove("PRL_FLOW_SITE")
-            .timeout(LIMIT);
+            .env_remove("PRL_FLOW_SITE");
         c
+    }
+
+    fn cmd(&self) -> assert_cmd::Command {
+        let mut c = assert_cmd::Command::from_std(self.std_cmd());
+        c.timeout(LIMIT);
+        c
+    }
+
+    /// Where a test puts plugins of its own (first on `PATH`).
+    fn bin(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+
+    /// Writes an executable plugin `prl-flow-backend-NAME` into [`Self::bin`].
+    fn plugin(&self, name: &str, body: &str) -> PathBuf {
+        std::fs::create_dir_all(self.bin()).expect("bin dir");
+        script(&self.bin(), &format!("prl-flow-backend-{name}"), body)
     }
 
     /// `(pid, start time)` of the `server` task of `wf.toml`, from its journal.
     fn server(&self) -> (i32, u64) {
+        self.service_of("server", "wrapped")
+    }
+
+    /// `(pid, start time)` of service `id` of `wf.toml`, which `backend` started, from its
+    /// journal.
+    fn service_of(&self, id: &str, backend: &str) -> (i32, u64) {
         let st = self.dir.path().join(".prl-flow/wf");
         let recs = common::records(&st);
-        let h = &recs.get("server").expect("a record of `server`")["handle"];
-        assert_eq!(h["backend"], "wrapped", "{h}");
+        let h = &recs.get(id).expect("a record of the service")["handle"];
+        assert_eq!(h["backend"], backend, "{h}");
         let server = pid_in(h).expect("a pid and start time in the server's handle");
         assert!(common::alive(server.0), "the server runs before `down`");
         server
@@ -752,4 +776,316 @@ fn cli_names_what_is_available_for_an_unknown_backend() {
         err.contains("no backend `wraped`") && err.contains("did you mean `wrapped`?"),
         "{err}"
     );
+}
+
+// ---- the plugin process, as the OS sees it ------------------------------------------------
+
+/// What a test plugin wrote of itself: `(its pid, its process group, a child's pid)`.
+fn plugin_pids(file: &Path) -> (i32, i32, i32) {
+    let text = std::fs::read_to_string(file).expect("the plugin's pid file");
+    let v: Vec<i32> = text
+        .split_whitespace()
+        .map(|w| w.parse().expect("a pid"))
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+/// Python lines that start a child in the plugin's own process group (a helper a plugin
+/// might keep) and write `PID PGID CHILD` to `file`.
+fn with_child(file: &Path) -> String {
+    format!(
+        r#"import os, subprocess
+kid = subprocess.Popen(["sleep", "600"])
+with open("{f}.tmp", "w") as f:
+    f.write(f"{{os.getpid()}} {{os.getpgid(0)}} {{kid.pid}}")
+os.replace("{f}.tmp", "{f}")"#,
+        f = file.display()
+    )
+}
+
+/// The plugin and its child are gone (waited for off the runtime, which must keep running
+/// the client's tasks), and the plugin led a process group other than the test's.
+async fn assert_plugin_gone((pid, pgid, kid): (i32, i32, i32)) {
+    assert_eq!(pgid, pid, "the plugin leads its own process group");
+    assert_ne!(
+        pgid,
+        nix::unistd::getpgrp().as_raw(),
+        "the plugin must not share prl-flow's process group (a Ctrl-C would reach it)"
+    );
+    tokio::task::spawn_blocking(move || {
+        common::wait_gone("the plugin", pid);
+        common::wait_until(
+            &format!("the plugin's child (pid {kid}) to be gone"),
+            Duration::from_secs(15),
+            || !common::alive(kid),
+        );
+    })
+    .await
+    .expect("waiting for the plugin to be gone");
+}
+
+#[tokio::test]
+async fn a_plugin_that_writes_nonsense_is_killed_with_its_children() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pids = dir.path().join("pids");
+    let exe = python_plugin(
+        dir.path(),
+        "nonsense",
+        GOOD_HELLO,
+        &format!(
+            "{}\nprint('status: all good, I think', flush=True)\ntime.sleep(600)",
+            with_child(&pids)
+        ),
+    );
+    let (e, _) = first_error(&exe, Timeouts::default()).await;
+    assert!(e.contains("wrote a line that is not JSON"), "{e}");
+    assert_plugin_gone(plugin_pids(&pids)).await;
+}
+
+#[tokio::test]
+async fn a_plugin_that_lingers_after_end_of_input_is_killed_with_its_children() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pids = dir.path().join("pids");
+    let body = format!(
+        r#"#!/usr/bin/env python3
+import json, sys, time
+{child}
+for line in sys.stdin:
+    r = json.loads(line)
+    result = {hello} if r["method"] == "hello" else {{"state": "running"}}
+    sys.stdout.write(json.dumps({{"id": r["id"], "result": result}}) + "\n"); sys.stdout.flush()
+# End of input: a plugin should exit now. This one lingers.
+time.sleep(600)
+"#,
+        child = with_child(&pids),
+        hello = GOOD_HELLO
+    );
+    let exe = script(dir.path(), "lingers", &body);
+    let b = PluginBackend::new("broken", &exe);
+    let h = ProcHandle::new("broken", 1, &json!({"pid": 1})).expect("handle");
+    assert_eq!(
+        bounded("status", b.status(&h)).await,
+        Ok(ProcState::Running)
+    );
+    let who = plugin_pids(&pids);
+    assert!(common::alive(who.0) && common::alive(who.2));
+    // Closes its stdin; past the grace period it is killed, with its process group.
+    b.shutdown().await;
+    assert_plugin_gone(who).await;
+}
+
+// ---- a plugin failing under a deployment (the binary) -------------------------------------
+
+/// The example plugin, with its `answer` made to do `instead` for `method` (Python, at the
+/// indentation of the `elif` chain's bodies).
+fn example_with(method: &str, instead: &str) -> String {
+    let source = std::fs::read_to_string(wrapped()).expect("read the example plugin");
+    let anchor = "        elif method in METHODS:\n";
+    let body: String = instead
+        .lines()
+        .map(|l| format!("            {l}\n"))
+        .collect();
+    let changed = source.replacen(
+        anchor,
+        &format!("        elif method == \"{method}\":\n{body}{anchor}"),
+        1,
+    );
+    assert_ne!(changed, source, "the example plugin's `answer` moved");
+    changed
+}
+
+/// A service that writes a start mark (`starts.ID`, one line per start) and then serves.
+fn marked_service(cli: &Cli, id: &str, port: u16, before: &str) -> String {
+    let mark = cli.dir.path().join(format!("starts.{id}"));
+    format!(
+        r#"
+[[task]]
+id = "{id}"
+run = "echo start >> {mark}; {before} exec python3 -m http.server {port} --bind 127.0.0.1"
+service = true
+ready = {{ http = "http://127.0.0.1:{port}/", interval = "100ms" }}
+timeout = "60s"
+"#,
+        mark = mark.display()
+    )
+}
+
+fn starts(cli: &Cli, id: &str) -> usize {
+    std::fs::read_to_string(cli.dir.path().join(format!("starts.{id}")))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+#[test]
+fn cli_a_lost_spawn_answer_is_recovered_by_its_spawn_id() {
+    // The plugin starts the process, records it, and then answers `spawn` with garbage
+    // (and is killed for it). Asked by the spawn's id, a fresh plugin process finds the
+    // process: the run goes on with it, `down` stops it, a resume starts nothing again.
+    let cli = Cli::new();
+    cli.plugin(
+        "lossy",
+        &example_with(
+            "spawn",
+            "METHODS[method](request.get(\"params\"))\nwith stdout_lock:\n    sys.stdout.write(\"spawned it, I think\\n\"); sys.stdout.flush()\nreturn",
+        ),
+    );
+    let port = free_port("127.0.0.1");
+    cli.write("wf.toml", &marked_service(&cli, "server", port, ""));
+    let run = cli
+        .cmd()
+        .args(["run", "wf.toml", "--backend", "lossy"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert_eq!(starts(&cli, "server"), 1, "{err}");
+    let server = cli.service_of("server", "lossy");
+
+    let resume = cli
+        .cmd()
+        .args(["run", "wf.toml", "--backend", "lossy", "--resume"])
+        .output()
+        .expect("resume");
+    let err = String::from_utf8_lossy(&resume.stderr);
+    assert!(resume.status.success(), "{err}");
+    assert_eq!(
+        starts(&cli, "server"),
+        1,
+        "a resume started it again: {err}"
+    );
+    assert!(common::alive(server.0), "the resume stopped the server");
+
+    cli.cmd().arg("down").assert().success();
+    assert_gone("the server", "127.0.0.1", port, server);
+}
+
+#[test]
+fn cli_status_shows_a_failing_plugin_and_exits_non_zero() {
+    let cli = Cli::new();
+    let good = std::fs::read_to_string(wrapped()).expect("read the example plugin");
+    let exe = cli.plugin("flaky", &good);
+    let port = free_port("127.0.0.1");
+    cli.write("wf.toml", &marked_service(&cli, "server", port, ""));
+    cli.cmd()
+        .args(["run", "wf.toml", "--backend", "flaky"])
+        .assert()
+        .success();
+    let server = cli.service_of("server", "flaky");
+
+    // The handle names the plugin's path: `status` runs whatever is there now.
+    let hello =
+        r#"{"protocol": 1, "name": "flaky", "capabilities": [], "timeouts": {"status": 1}}"#;
+    let broken = [
+        (
+            "print('all good, I think', flush=True)",
+            "wrote a line that is not JSON",
+        ),
+        (
+            "sys.exit(3)",
+            "exited with status 3 before answering `status`",
+        ),
+        (
+            "time.sleep(0)  # never answers",
+            "did not answer `status` within 1s",
+        ),
+    ];
+    for (otherwise, said) in broken {
+        python_plugin(&cli.bin(), "prl-flow-backend-flaky", hello, otherwise);
+        let out = cli.cmd().arg("status").output().expect("status");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_ne!(out.status.code(), Some(0), "{said}: {text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("server "))
+            .unwrap_or_else(|| panic!("no row of `server`: {text}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.get(3), Some(&"?"), "{row}");
+        assert!(row.contains(said), "{said}: {row}");
+    }
+
+    std::fs::write(&exe, &good).expect("restore the plugin");
+    let out = cli.cmd().arg("status").output().expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("ready"), "{text}");
+    cli.cmd().arg("down").assert().success();
+    assert_gone("the server", "127.0.0.1", port, server);
+}
+
+/// Kills a background prl-flow (and reaps it) when dropped.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn cli_a_plugin_killed_mid_bring_up_is_restarted_and_the_run_goes_on() {
+    let cli = Cli::new();
+    // The example plugin behind a wrapper that writes its pid (`exec` keeps it).
+    let pids = cli.dir.path().join("plugin-pids");
+    cli.plugin(
+        "mid",
+        &format!(
+            "#!/bin/sh\necho $$ >> '{}'\nexec '{}' \"$@\"\n",
+            pids.display(),
+            wrapped().display()
+        ),
+    );
+    // Two services that hold back from serving until `go` exists: the plugin dies while
+    // prl-flow waits for them to be ready.
+    let go = cli.dir.path().join("go");
+    let hold = format!("while [ ! -e {} ]; do sleep 0.05; done;", go.display());
+    let (p1, p2) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    cli.write(
+        "wf.toml",
+        &(marked_service(&cli, "one", p1, &hold) + &marked_service(&cli, "two", p2, &hold)),
+    );
+    let stderr = cli.dir.path().join("run.stderr");
+    let mut run = cli.std_cmd();
+    run.args(["run", "wf.toml", "--backend", "mid"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+    let mut run = Background(run.spawn().expect("start prl-flow"));
+
+    // Both spawned and recorded: what is in flight now is the wait for their readiness.
+    let st = cli.dir.path().join(".prl-flow/wf");
+    common::wait_until("both services to be started and recorded", LIMIT, || {
+        let recs = common::records(&st);
+        ["one", "two"].iter().all(|id| {
+            recs.get(*id)
+                .is_some_and(|r| r["handle"].is_object() && r["status"] == "running")
+        })
+    });
+    let plugin: i32 = std::fs::read_to_string(&pids)
+        .expect("the plugin's pid")
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(plugin),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the plugin");
+    common::wait_until("the plugin to die", LIMIT, || !common::alive(plugin));
+    std::fs::write(&go, "").expect("let the services serve");
+
+    let status = common::wait_for("the run to end", LIMIT, || {
+        run.0.try_wait().expect("prl-flow's status")
+    });
+    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        (starts(&cli, "one"), starts(&cli, "two")),
+        (1, 1),
+        "a service started twice: {err}"
+    );
+    let (one, two) = (cli.service_of("one", "mid"), cli.service_of("two", "mid"));
+    cli.cmd().arg("down").assert().success();
+    assert_gone("service one", "127.0.0.1", p1, one);
+    assert_gone("service two", "127.0.0.1", p2, two);
 }

@@ -340,7 +340,7 @@ async fn status(session: &Session, cli: &Cli, a: &StateArgs) -> R<i32> {
     }
     let down = rows
         .iter()
-        .filter(|r| r.live == session::Liveness::Down)
+        .filter(|r| matches!(r.live, session::Liveness::Down | session::Liveness::Unknown))
         .count();
     Ok(if down > 0 { 1 } else { 0 })
 }

@@ -22,6 +22,9 @@ pub enum Liveness {
     Down,
     /// Nothing to check (no process, a one-shot that ended, an allocation).
     NotApplicable,
+    /// The backend could not say (a plugin that died, hung or wrote nonsense): the detail
+    /// says why.
+    Unknown,
 }
 
 impl Liveness {
@@ -30,6 +33,7 @@ impl Liveness {
             Self::Up => "up",
             Self::Down => "down",
             Self::NotApplicable => "-",
+            Self::Unknown => "?",
         }
     }
 }
@@ -198,6 +202,10 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
         Ok(ProcState::Exited(Some(c))) if !r.service => {
             (Liveness::NotApplicable, Some(format!("exit {c}")))
         }
+        Err(e) => (
+            Liveness::Unknown,
+            Some(e.message.lines().next().unwrap_or_default().to_string()),
+        ),
         _ => (Liveness::NotApplicable, None),
     }
 }

@@ -25,7 +25,14 @@
 //! it says after that can be trusted. The next call starts a fresh process.
 //!
 //! The plugin runs in its own process group, so a Ctrl-C at the terminal reaches prl-flow
-//! alone, which still needs the plugin to stop what it started.
+//! alone, which still needs the plugin to stop what it started; killing it kills that group,
+//! so helpers it started go with it.
+//!
+//! A lost answer (the plugin died, wrote nonsense, or did not answer in time) is told from
+//! an error answer. Two calls act on it: a lost `spawn` asks the plugin (a new process if
+//! that one died) to `recover` the spawn by its id, the task and the attempt, and goes on
+//! with the process found; a `wait` goes on watching with a new plugin process, since the
+//! processes outlive the plugin.
 //!
 //! A plugin's handles are its own JSON objects. prl-flow wraps each in a [`ProcHandle`]
 //! named after the plugin (the name it was found by), whose payload is the plugin's object
@@ -50,10 +57,14 @@ use crate::protocol::{self, Hello, LogChunk};
 
 mod conn;
 
-use conn::Conn;
+use conn::{Conn, Failure};
 
 /// How often `wait` asks for `status` when the plugin cannot `wait` itself.
 const POLL: Duration = Duration::from_millis(200);
+
+/// How many times in a row `wait` starts a plugin again that died under it, before it
+/// gives up (a wait that lasted a while before the plugin died does not count).
+const WAIT_RESTARTS: u32 = 3;
 
 /// An allocation as it crosses the wire: the handle is the plugin's own object.
 #[derive(Debug, Serialize, Deserialize)]
@@ -171,9 +182,46 @@ impl PluginBackend {
     }
 
     async fn call(&self, method: &'static str, params: Value) -> Result<Value, BackendError> {
-        let conn = self.conn().await?;
+        self.send(method, params).await.map_err(|f| f.error)
+    }
+
+    /// [`Self::call`], telling a lost answer from an error answer. A plugin that cannot be
+    /// started at all is an error answer: asking again will not help.
+    async fn send(&self, method: &'static str, params: Value) -> Result<Value, Failure> {
+        let conn = self
+            .conn()
+            .await
+            .map_err(|error| Failure { error, lost: false })?;
         let limit = conn.limit(method, &self.timeouts);
-        conn.request(method, &params, limit).await
+        conn.send(method, &params, limit).await
+    }
+
+    /// A spawn spec as it goes on the wire.
+    fn spec_json(&self, spec: &SpawnSpec) -> Result<Value, BackendError> {
+        // Not `json!` with the spec itself: that panics on a path that is not UTF-8.
+        serde_json::to_value(spec).map_err(|e| {
+            BackendError::new(format!(
+                "task `{}` cannot be sent to plugin `{}`: {e}",
+                spec.task, self.name
+            ))
+        })
+    }
+
+    /// One `wait` (or, without it, `status` polled until the process is no longer running).
+    async fn wait_once(&self, handle: &ProcHandle) -> Result<ProcState, Failure> {
+        let bad = |error| Failure { error, lost: false };
+        let params = json!({ "handle": self.untag(handle).map_err(bad)? });
+        if self.can("wait").await.map_err(bad)? {
+            let v = self.send("wait", params).await?;
+            return protocol::parse_state(&v).map_err(|e| bad(self.bad_answer("wait", e)));
+        }
+        loop {
+            let v = self.send("status", params.clone()).await?;
+            match protocol::parse_state(&v).map_err(|e| bad(self.bad_answer("status", e)))? {
+                ProcState::Running => tokio::time::sleep(POLL).await,
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Wraps what the plugin returned into a handle named after the plugin, with the keys
@@ -303,20 +351,51 @@ impl Backend for PluginBackend {
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
-        // Not `json!` with the spec itself: that panics on a path that is not UTF-8.
-        let spec_json = serde_json::to_value(spec).map_err(|e| {
-            BackendError::new(format!(
-                "task `{}` cannot be sent to plugin `{}`: {e}",
-                spec.task, self.name
-            ))
-        })?;
         let conn = self.conn().await?;
-        let params = json!({ "spec": spec_json });
+        let params = json!({ "spec": self.spec_json(spec)? });
+        let sent = conn
+            .send("spawn", &params, conn.limit("spawn", &self.timeouts))
+            .await;
+        let serves_logs = conn.hello.can("log_tail") && conn.hello.can("read_log");
+        drop(conn);
+        let lost = match sent {
+            Ok(v) => return self.tag(v, (!serves_logs).then_some(spec.log.as_path())),
+            Err(f) if f.lost && spec.attempt != 0 => f.error,
+            Err(f) => return Err(f.error),
+        };
+        // The plugin may have started the process before its answer was lost: ask it (a
+        // fresh process, if that one died) about this spawn by its id, the task and the
+        // attempt, so that the process is not left running unknown to prl-flow.
+        match self.recover(spec).await {
+            Ok(Some(h)) => {
+                tracing::warn!(
+                    plugin = %self.name, task = %spec.task,
+                    "the answer to `spawn` was lost, and the plugin found the process it started: {lost}"
+                );
+                Ok(h)
+            }
+            Ok(None) => Err(lost),
+            Err(e) => Err(BackendError::new(format!(
+                "{lost}\n  asking it about that spawn failed too: {e}\n  help: `prl-flow down` and `run --resume` ask again"
+            ))),
+        }
+    }
+
+    async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
+        let conn = self.conn().await?;
+        if !conn.hello.can("recover") {
+            return Ok(None);
+        }
+        let params = json!({ "spec": self.spec_json(spec)? });
         let v = conn
-            .request("spawn", &params, conn.limit("spawn", &self.timeouts))
+            .request("recover", &params, conn.limit("recover", &self.timeouts))
             .await?;
+        if v.is_null() {
+            return Ok(None);
+        }
         let serves_logs = conn.hello.can("log_tail") && conn.hello.can("read_log");
         self.tag(v, (!serves_logs).then_some(spec.log.as_path()))
+            .map(Some)
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
@@ -326,17 +405,23 @@ impl Backend for PluginBackend {
         protocol::parse_state(&v).map_err(|e| self.bad_answer("status", e))
     }
 
+    /// Waits through the plugin's death: the process it watched does not end with it (a
+    /// plugin's processes outlive it), so a new plugin process goes on watching it by its
+    /// handle, as a later prl-flow would.
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
-        if self.can("wait").await? {
-            let v = self
-                .call("wait", json!({ "handle": self.untag(handle)? }))
-                .await?;
-            return protocol::parse_state(&v).map_err(|e| self.bad_answer("wait", e));
-        }
+        let mut restarts = 0;
         loop {
-            match self.status(handle).await? {
-                ProcState::Running => tokio::time::sleep(POLL).await,
-                other => return Ok(other),
+            let began = std::time::Instant::now();
+            match self.wait_once(handle).await {
+                Ok(state) => return Ok(state),
+                Err(f) if f.lost && restarts < WAIT_RESTARTS => {
+                    if began.elapsed() > Duration::from_secs(10) {
+                        restarts = 0;
+                    }
+                    restarts += 1;
+                    tracing::warn!(plugin = %self.name, "{}; watching on with a new plugin process", f.error);
+                }
+                Err(f) => return Err(f.error),
             }
         }
     }

@@ -14,7 +14,9 @@
 //! 6. `check it`: `status` says running.
 //! 7. `reattach after a restart`: the backend object is dropped (a plugin's process ends
 //!    with it) and a new one made, as a later `prl-flow status` would; it still sees the
-//!    service running, and the service still answers.
+//!    service running, and the service still answers. If the backend can find a spawn whose
+//!    answer was lost ([`Backend::recover`]), it finds the service by its spawn's id (the
+//!    task and the attempt), and nothing for an attempt that never started.
 //! 8. `read its log`: `read_log` from 0 holds the server's line for our GET, and reading on
 //!    from the returned offset works.
 //! 9. `stop it`: `stop` ends it; `status` no longer says running; its port refuses
@@ -291,6 +293,10 @@ pub async fn conformance(
             ];
             let mut s = spec("service", "node1", argv, true);
             s.files.insert("conformance.txt".into(), token.clone());
+            // The spawn's id, as a run gives it: the attempt's start time.
+            s.attempt = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as u64);
             let h = b.spawn(&s).await.map_err(err)?;
             remember(&h);
             names_backend(&h, b.name())?;
@@ -298,7 +304,7 @@ pub async fn conformance(
                 "{} -m http.server {port} --bind {host} on node1",
                 scenario.python
             );
-            Ok(((h, host, port), shown))
+            Ok(((h, host, port, s), shown))
         })
         .await;
 
@@ -334,7 +340,7 @@ pub async fn conformance(
     let svc = service.clone();
     run.step(STEPS[4], async {
         let (b, _) = ready?;
-        let (h, host, port) = svc.ok_or("no service")?;
+        let (h, host, port, _) = svc.ok_or("no service")?;
         probe(b, h, host, port).await
     })
     .await;
@@ -343,7 +349,7 @@ pub async fn conformance(
     let svc = service.clone();
     run.step(STEPS[5], async {
         let (b, _) = ready?;
-        let (h, _, _) = svc.ok_or("no service")?;
+        let (h, _, _, _) = svc.ok_or("no service")?;
         match b.status(&h).await.map_err(err)? {
             ProcState::Running => Ok(((), "running".to_string())),
             other => Err(format!(
@@ -363,7 +369,7 @@ pub async fn conformance(
     let svc = service.clone();
     let fresh = run
         .step(STEPS[6], async {
-            let (h, host, port) = svc.ok_or("no service")?;
+            let (h, host, port, s) = svc.ok_or("no service")?;
             let b = make()?;
             match b.status(&h).await.map_err(err)? {
                 ProcState::Running => {}
@@ -375,10 +381,11 @@ pub async fn conformance(
                     ))
                 }
             }
-            probe(b.clone(), h, host, port).await?;
+            probe(b.clone(), h.clone(), host, port).await?;
+            let found = recovers(b.as_ref(), &h, &s).await?;
             Ok((
                 b,
-                "a new backend sees it running, and it still answers".to_string(),
+                format!("a new backend sees it running, and it still answers; {found}"),
             ))
         })
         .await;
@@ -390,7 +397,7 @@ pub async fn conformance(
     let svc = service.clone();
     run.step(STEPS[7], async {
         let (b, _) = ready?;
-        let (h, _, _) = svc.ok_or("no service")?;
+        let (h, _, _, _) = svc.ok_or("no service")?;
         loop {
             let (text, offset) = b.read_log(&h, 0).await.map_err(err)?;
             if text.contains("GET /conformance.txt") {
@@ -416,7 +423,7 @@ pub async fn conformance(
     let stopped = run
         .step(STEPS[8], async {
             let (b, _) = ready?;
-            let (h, host, port) = svc.ok_or("no service")?;
+            let (h, host, port, _) = svc.ok_or("no service")?;
             // What the OS can tell, not only the backend's word: the process, when it
             // runs on this machine, and the port it answered on.
             let process = local_process(&h, port);
@@ -495,4 +502,40 @@ pub async fn conformance(
             .push(format!("logs and run dirs are kept in `{}`", dir.display()));
     }
     run.summary
+}
+
+/// A spawn whose answer was lost, as a later prl-flow asks about it: the backend finds the
+/// service `h` by the spec's id, and nothing for another attempt. A backend that cannot
+/// recover passes, and is told so.
+async fn recovers(b: &dyn Backend, h: &ProcHandle, s: &SpawnSpec) -> Result<String, String> {
+    let Some(found) = b.recover(s).await.map_err(err)? else {
+        return Ok("it cannot find a spawn whose answer was lost (no `recover`)".into());
+    };
+    names_backend(&found, b.name())?;
+    match b.status(&found).await.map_err(err)? {
+        ProcState::Running => {}
+        other => {
+            return Err(format!(
+                "`recover` of the service's spawn gave a handle that is {}, not running: {found}",
+                describe(&other)
+            ))
+        }
+    }
+    if b.describe(&found) != b.describe(h) {
+        return Err(format!(
+            "`recover` of the service's spawn found `{}`, and the service is `{}`",
+            b.describe(&found),
+            b.describe(h)
+        ));
+    }
+    let other = SpawnSpec {
+        attempt: s.attempt + 1,
+        ..s.clone()
+    };
+    if let Some(stranger) = b.recover(&other).await.map_err(err)? {
+        return Err(format!(
+            "`recover` of an attempt that never started found {stranger}"
+        ));
+    }
+    Ok("`recover` finds it by its spawn's id".into())
 }

@@ -43,9 +43,15 @@ pub const EXE_PREFIX: &str = "prl-flow-backend-";
 pub const REQUIRED: &[&str] = &["hello", ALLOCATE, "release", "spawn", "status", "stop"];
 
 /// Methods a plugin may implement, and then announces in `capabilities`. Without them
-/// prl-flow falls back: `allocation_alive` is taken as true, `wait` polls `status`, and the
-/// log methods read the file named by the handle's `log` key.
-pub const OPTIONAL: &[&str] = &["allocation_alive", "wait", "log_tail", "read_log"];
+/// prl-flow falls back: `allocation_alive` is taken as true, `wait` polls `status`, the
+/// log methods read the file named by the handle's `log` key, and `recover` finds nothing.
+pub const OPTIONAL: &[&str] = &[
+    "allocation_alive",
+    "wait",
+    "log_tail",
+    "read_log",
+    "recover",
+];
 
 /// Error codes a plugin should use (any other string is passed on as it is).
 pub const ERROR_CODES: &[(&str, &str)] = &[

@@ -35,6 +35,14 @@ pub(super) struct Conn {
     pub(super) _end: oneshot::Sender<()>,
 }
 
+/// A request that failed.
+pub(super) struct Failure {
+    pub(super) error: BackendError,
+    /// No answer came (the plugin died, wrote nonsense, or did not answer in time), so
+    /// whatever the request asked for may or may not have happened.
+    pub(super) lost: bool,
+}
+
 /// What the connection's tasks share.
 struct Shared {
     name: String,
@@ -187,6 +195,20 @@ fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// Kills the plugin and whatever it started in its own process group (a helper, a
+/// connection it keeps), then reaps it. The group is signalled while the plugin is not yet
+/// reaped, so its id cannot name anyone else's group. (A process the plugin started in a
+/// session of its own, a service, is not touched.)
+async fn kill_group(group: Option<i32>, child: &mut tokio::process::Child) {
+    if let Some(pgid) = group {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill().await;
+}
+
 fn start_error(name: &str, path: &Path, e: &std::io::Error) -> BackendError {
     let help = match e.kind() {
         std::io::ErrorKind::NotFound => format!(
@@ -294,6 +316,8 @@ impl Conn {
 
         let (end, end_rx) = oneshot::channel::<()>();
         let sh = shared.clone();
+        // The plugin leads its own process group (`process_group(0)`): its pid is the group's.
+        let group = child.id().and_then(|p| i32::try_from(p).ok());
         tokio::spawn(async move {
             let how = tokio::select! {
                 st = child.wait() => describe_exit(st),
@@ -302,13 +326,13 @@ impl Conn {
                     match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
                         Ok(st) => describe_exit(st),
                         Err(_) => {
-                            let _ = child.kill().await;
+                            kill_group(group, &mut child).await;
                             "was killed by prl-flow (it did not exit at end of input)".into()
                         }
                     }
                 }
                 () = sh.kill.notified() => {
-                    let _ = child.kill().await;
+                    kill_group(group, &mut child).await;
                     "was killed by prl-flow".into()
                 }
             };
@@ -409,12 +433,24 @@ impl Conn {
         params: &Value,
         limit: Option<Duration>,
     ) -> Result<Value, BackendError> {
+        self.send(method, params, limit).await.map_err(|f| f.error)
+    }
+
+    /// A request, telling a lost answer (the plugin died, wrote nonsense or did not answer
+    /// in time) from an answer that is an error.
+    pub(super) async fn send(
+        &self,
+        method: &'static str,
+        params: &Value,
+        limit: Option<Duration>,
+    ) -> Result<Value, Failure> {
+        let lost = |error| Failure { error, lost: true };
         let sh = &self.shared;
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut st = lock(&sh.state);
             if let Some(reason) = &st.dead {
-                return Err(sh.death(reason, method));
+                return Err(lost(sh.death(reason, method)));
             }
             st.next_id += 1;
             let id = st.next_id;
@@ -422,8 +458,13 @@ impl Conn {
             id
         };
         let _abandon = Abandon { shared: sh, id };
-        let line = serde_json::to_string(&protocol::Request { id, method, params })
-            .map_err(|e| BackendError::new(format!("cannot write a `{method}` request: {e}")))?;
+        let line =
+            serde_json::to_string(&protocol::Request { id, method, params }).map_err(|e| {
+                Failure {
+                    error: BackendError::new(format!("cannot write a `{method}` request: {e}")),
+                    lost: false,
+                }
+            })?;
         // If the writer is gone, the reader is about to say why: wait for that answer.
         let _ = self.lines.send(line);
         let reply = match limit {
@@ -431,25 +472,28 @@ impl Conn {
             Some(limit) => match tokio::time::timeout(limit, rx).await {
                 Ok(r) => r,
                 Err(_) => {
-                    return Err(BackendError::new(format!(
+                    return Err(lost(BackendError::new(format!(
                         "plugin `{}` did not answer `{method}` within {}{}\n  help: a plugin answers every request; one that handles requests one at a time must not announce `wait` (see docs/plugins.md)",
                         sh.name,
                         fmt_secs(limit),
                         sh.context()
-                    )))
+                    ))))
                 }
             },
         };
         match reply {
             Ok(Reply::Answer(Answer::Result(v))) => Ok(v),
-            Ok(Reply::Answer(Answer::Error(e))) => Err(remote_error(&sh.name, method, e)),
-            Ok(Reply::Dead(reason)) => Err(sh.death(&reason, method)),
+            Ok(Reply::Answer(Answer::Error(e))) => Err(Failure {
+                error: remote_error(&sh.name, method, e),
+                lost: false,
+            }),
+            Ok(Reply::Dead(reason)) => Err(lost(sh.death(&reason, method))),
             Err(_) => {
                 let reason = lock(&sh.state)
                     .dead
                     .clone()
                     .unwrap_or_else(|| "went away".into());
-                Err(sh.death(&reason, method))
+                Err(lost(sh.death(&reason, method)))
             }
         }
     }
