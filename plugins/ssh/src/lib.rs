@@ -67,7 +67,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
+    last_lines, Allocation, Backend, BackendError, Held, ProcHandle, ProcState, Recorded,
+    SpawnSpec, Stopped,
 };
 use prl_flow_local::WithLocal;
 use tokio::sync::watch;
@@ -157,6 +158,14 @@ impl SshBackend {
     /// The remote base dir of this state dir.
     pub fn remote_base(&self) -> &str {
         &self.remote_base
+    }
+
+    /// Where the master socket of `node`'s host lives (in the control directory).
+    pub fn control_path(&self, node: &str) -> Result<std::path::PathBuf, BackendError> {
+        Ok(self
+            .link(&self.conn_for(node)?)?
+            .control_path()
+            .to_path_buf())
     }
 
     /// Closes every master connection this backend opened or used.
@@ -394,27 +403,40 @@ impl Backend for SshBackend {
         self.wait_remote(&h).await
     }
 
+    /// Signals the whole process group, also when its leader has ended (a crashed server
+    /// whose workers still run), and logs what it found still running.
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
         let h = parse(handle)?;
-        if let Some(rx) = self.watch_of(&h) {
-            if matches!(&*rx.borrow(), Watch::Ended(_)) {
-                return Ok(());
-            }
+        self.stop_group(&h, grace).await.map(|_| ())
+    }
+
+    /// Each item in turn, in the order given; a process counts as running when anything of
+    /// its group was (the leader or what it left behind).
+    async fn teardown(
+        &self,
+        items: &[Recorded],
+        grace: Duration,
+        _state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let (was_running, result) = match &item.held {
+                Held::Allocation(a) => (false, self.release(a).await),
+                Held::Process(handle) => match parse(handle) {
+                    Ok(h) => match self.stop_group(&h, grace).await {
+                        Ok(found) => (!found.is_empty(), Ok(())),
+                        Err(e) => (false, Err(e)),
+                    },
+                    Err(e) => (false, Err(e)),
+                },
+            };
+            out.push(Stopped {
+                id: item.id.clone(),
+                was_running,
+                error: result.err().map(|e| e.message),
+            });
         }
-        let link = self.link(&h.conn)?;
-        let limit = grace + Duration::from_secs(10) + OP_LIMIT;
-        let reply = link.run(&script::stop(&h.proc(), grace)?, limit).await?;
-        match reply.get("stopped").as_deref() {
-            Some(["stuck"]) => Err(BackendError::new(format!(
-                "host `{}`: process group {} did not end after SIGKILL",
-                link.label, h.pid
-            ))),
-            Some(_) => Ok(()),
-            None => Err(BackendError::new(format!(
-                "host `{}`: the stop script did not answer",
-                link.label
-            ))),
-        }
+        out
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
