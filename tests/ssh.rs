@@ -11,8 +11,9 @@
 //! The processes a task starts on a "host" run in that host's namespace, and the pid space
 //! is shared, so `ip netns pids` tells exactly what runs on which host. On loopback hosts
 //! the OS tells it too: every process a session starts inherits `SSH_CONNECTION` from sshd,
-//! naming the host's address and port ([`Hosts::pids`]). Either way the tests check
-//! processes as `/proc` shows them, not as the backend reports them.
+//! naming the host's address and port, and so do its children and the sessions it leads
+//! ([`Hosts::pids`]). Either way the tests check processes as `/proc` shows them, not as
+//! the backend reports them.
 //!
 //! `PRL_FLOW_TEST_NO_NETNS=1` forces the loopback fallback (to test it where namespaces work).
 //!
@@ -194,7 +195,7 @@ impl Hosts {
     /// itself left out. In namespaces, what `ip netns pids` lists for the host; on loopback
     /// hosts, every process whose environment says its ssh session came in at this host's
     /// address and port (`SSH_CONNECTION`, which sshd sets and everything a session starts
-    /// inherits).
+    /// inherits), with their children and the members of sessions they lead.
     fn pids(&self, k: usize) -> Vec<(i32, String)> {
         let candidates: Vec<i32> = match &self.list[k].netns {
             Some(ns) => {
@@ -212,21 +213,48 @@ impl Hosts {
                     .target
                     .rsplit_once(':')
                     .expect("a loopback host is ADDRESS:PORT");
-                all_pids()
-                    .into_iter()
-                    .filter(|p| {
-                        let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
-                        env.split(|b| *b == 0).any(|v| {
-                            let v = String::from_utf8_lossy(v);
-                            let w: Vec<&str> = v
-                                .strip_prefix("SSH_CONNECTION=")
-                                .unwrap_or_default()
-                                .split(' ')
-                                .collect();
-                            w.len() == 4 && w[2] == addr && w[3] == port
-                        })
+                let came_here = |p: i32| {
+                    let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+                    env.split(|b| *b == 0).any(|v| {
+                        let v = String::from_utf8_lossy(v);
+                        let w: Vec<&str> = v
+                            .strip_prefix("SSH_CONNECTION=")
+                            .unwrap_or_default()
+                            .split(' ')
+                            .collect();
+                        w.len() == 4 && w[2] == addr && w[3] == port
                     })
-                    .collect()
+                };
+                // A program that rewrites its process title may overwrite its environment
+                // too: its parent or its session leader (the backend's wrapper) tells then.
+                let all: Vec<(i32, i32, i32)> = all_pids()
+                    .into_iter()
+                    .filter_map(|p| {
+                        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                        let (_, rest) = stat.rsplit_once(") ")?;
+                        let w: Vec<&str> = rest.split_whitespace().collect();
+                        Some((p, w.get(1)?.parse().ok()?, w.get(3)?.parse().ok()?))
+                    })
+                    .collect();
+                let mut found: std::collections::BTreeSet<i32> = all
+                    .iter()
+                    .map(|(p, ..)| *p)
+                    .filter(|p| came_here(*p))
+                    .collect();
+                loop {
+                    let more: Vec<i32> = all
+                        .iter()
+                        .filter(|(p, ppid, sid)| {
+                            !found.contains(p) && (found.contains(ppid) || found.contains(sid))
+                        })
+                        .map(|(p, ..)| *p)
+                        .collect();
+                    if more.is_empty() {
+                        break;
+                    }
+                    found.extend(more);
+                }
+                found.into_iter().collect()
             }
         };
         candidates
