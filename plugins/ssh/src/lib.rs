@@ -11,7 +11,11 @@
 //! connection (`ControlMaster`), opened by `allocate` (or the first task that needs it) and
 //! shared by every session to that host, also by later prl-flow commands. `BatchMode` is
 //! always on and host keys are always checked; accepting new keys is the recipe's explicit
-//! `accept_new_host_keys = true`.
+//! `accept_new_host_keys = true`. The masters' sockets live in a directory only the user can
+//! write (checked before each use), and a socket counts as a master only once `ssh -O check`
+//! says so.
+//!
+//! docs/ssh.md lists what this backend guarantees and the test that checks each.
 //!
 //! **Remote layout.** Each state dir has a remote base dir on every host,
 //! `<remote_dir>/<state dir name>-<hash>` (`remote_dir` defaults to `.prl-flow/remote` under
@@ -25,8 +29,11 @@
 //! the host's boot id. A one-shot's session then stays open and waits for it, so its end is
 //! known at once; if the session breaks, the one-shot goes on, and its wrapper leaves its
 //! exit status in a file for whoever looks next. Status, stop (SIGTERM to the group, a grace
-//! period, SIGKILL) and waiting are small scripts of their own, keyed by that identity, so a
-//! later prl-flow reattaches from the journal alone.
+//! period, SIGKILL; also when the group's leader has ended and left others behind) and
+//! waiting are small scripts of their own, keyed by that identity, so a later prl-flow
+//! reattaches from the journal alone. Environment values reach the host inside the spawn
+//! script, on stdin, and the process through a file only the user can read: never through a
+//! command line.
 //!
 //! **Handles** are JSON the journal keeps; the payload of a process's:
 //!

@@ -11,8 +11,11 @@
 //! Every process runs under a small wrapper `sh`, started with `setsid` so it leads a
 //! session and process group of its own (stopping signals the whole group, and a dropped ssh
 //! connection signals nothing in it). The wrapper writes its pid to a file (how the spawn
-//! script learns it when `setsid -f` forks), runs the command as its child, and writes the
-//! command's exit status to `exit-status` when it ends. A service is started with
+//! script learns it when `setsid -f` forks), reads the task's environment from a file only
+//! the user can read and removes it (values never appear in a command line), runs the
+//! command as its child, and writes the command's exit status to `exit-status` when it ends.
+//! Stopping signals the whole group, also when the wrapper has ended and left processes in
+//! it. A service is started with
 //! `setsid -f`, so it keeps default signal dispositions; a one-shot is started in the
 //! background of the spawn session, which then `wait`s for it and says how it ended the
 //! moment it does, over the same session.

@@ -15,7 +15,10 @@
 //! find an unreachable host before anything starts elsewhere. The master outlives prl-flow
 //! for `ControlPersist`, so `status`, `logs` and `down` from another shell reuse it.
 //! Its socket lives in a local directory, named by a hash of how the host is reached, so two
-//! state dirs using the same host share the connection and two ssh configs never do.
+//! state dirs using the same host share the connection and two ssh configs never do. That
+//! directory must be the user's alone (checked as OpenSSH checks its own files, refused
+//! otherwise), and a socket there counts as a master only once `ssh -O check` says so: a
+//! socket someone else placed would receive every session.
 //!
 //! sshd refuses more than `MaxSessions` (10) sessions on one connection. Short operations
 //! (spawn, status, stop, log reads) share one semaphore and long-lived watches (waiting for a
