@@ -127,16 +127,10 @@ pub(crate) fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
             spec.task
         )));
     }
-    if spec.argv[0].contains('=') && !spec.env.is_empty() {
-        return Err(BackendError::new(format!(
-            "task `{}`: a program name with `=` (`{}`) cannot be started with environment variables",
-            spec.task, spec.argv[0]
-        )));
-    }
     for k in spec.env.keys() {
-        if k.is_empty() || k.contains('=') {
+        if !script::is_env_name(k) {
             return Err(BackendError::new(format!(
-                "task `{}`: `{k}` is not an environment variable name",
+                "task `{}`: `{k}` cannot be set on a host: names of environment variables there are letters, digits and `_`, not starting with a digit",
                 spec.task
             )));
         }
@@ -215,5 +209,11 @@ mod tests {
         s.files.clear();
         s.env.insert("A=B".into(), String::new());
         assert!(check_spec(&s).is_err());
+        s.env.clear();
+        s.env.insert("ODD NAME".into(), String::new());
+        assert!(check_spec(&s).is_err());
+        s.env.clear();
+        s.env.insert("HF_TOKEN".into(), "it's $x".into());
+        assert!(check_spec(&s).is_ok());
     }
 }

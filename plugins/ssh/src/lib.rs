@@ -11,7 +11,11 @@
 //! connection (`ControlMaster`), opened by `allocate` (or the first task that needs it) and
 //! shared by every session to that host, also by later prl-flow commands. `BatchMode` is
 //! always on and host keys are always checked; accepting new keys is the recipe's explicit
-//! `accept_new_host_keys = true`.
+//! `accept_new_host_keys = true`. The masters' sockets live in a directory only the user can
+//! write (checked before each use), and a socket counts as a master only once `ssh -O check`
+//! says so.
+//!
+//! docs/ssh.md lists what this backend guarantees and the test that checks each.
 //!
 //! **Remote layout.** Each state dir has a remote base dir on every host,
 //! `<remote_dir>/<state dir name>-<hash>` (`remote_dir` defaults to `.prl-flow/remote` under
@@ -25,8 +29,11 @@
 //! the host's boot id. A one-shot's session then stays open and waits for it, so its end is
 //! known at once; if the session breaks, the one-shot goes on, and its wrapper leaves its
 //! exit status in a file for whoever looks next. Status, stop (SIGTERM to the group, a grace
-//! period, SIGKILL) and waiting are small scripts of their own, keyed by that identity, so a
-//! later prl-flow reattaches from the journal alone.
+//! period, SIGKILL; also when the group's leader has ended and left others behind) and
+//! waiting are small scripts of their own, keyed by that identity, so a later prl-flow
+//! reattaches from the journal alone. Environment values reach the host inside the spawn
+//! script, on stdin, and the process through a file only the user can read: never through a
+//! command line.
 //!
 //! **Handles** are JSON the journal keeps; the payload of a process's:
 //!
@@ -67,7 +74,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
+    last_lines, Allocation, Backend, BackendError, Held, ProcHandle, ProcState, Recorded,
+    SpawnSpec, Stopped,
 };
 use prl_flow_local::WithLocal;
 use tokio::sync::watch;
@@ -157,6 +165,14 @@ impl SshBackend {
     /// The remote base dir of this state dir.
     pub fn remote_base(&self) -> &str {
         &self.remote_base
+    }
+
+    /// Where the master socket of `node`'s host lives (in the control directory).
+    pub fn control_path(&self, node: &str) -> Result<std::path::PathBuf, BackendError> {
+        Ok(self
+            .link(&self.conn_for(node)?)?
+            .control_path()
+            .to_path_buf())
     }
 
     /// Closes every master connection this backend opened or used.
@@ -394,27 +410,40 @@ impl Backend for SshBackend {
         self.wait_remote(&h).await
     }
 
+    /// Signals the whole process group, also when its leader has ended (a crashed server
+    /// whose workers still run), and logs what it found still running.
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
         let h = parse(handle)?;
-        if let Some(rx) = self.watch_of(&h) {
-            if matches!(&*rx.borrow(), Watch::Ended(_)) {
-                return Ok(());
-            }
+        self.stop_group(&h, grace).await.map(|_| ())
+    }
+
+    /// Each item in turn, in the order given; a process counts as running when anything of
+    /// its group was (the leader or what it left behind).
+    async fn teardown(
+        &self,
+        items: &[Recorded],
+        grace: Duration,
+        _state_dir: Option<&Path>,
+    ) -> Vec<Stopped> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let (was_running, result) = match &item.held {
+                Held::Allocation(a) => (false, self.release(a).await),
+                Held::Process(handle) => match parse(handle) {
+                    Ok(h) => match self.stop_group(&h, grace).await {
+                        Ok(found) => (!found.is_empty(), Ok(())),
+                        Err(e) => (false, Err(e)),
+                    },
+                    Err(e) => (false, Err(e)),
+                },
+            };
+            out.push(Stopped {
+                id: item.id.clone(),
+                was_running,
+                error: result.err().map(|e| e.message),
+            });
         }
-        let link = self.link(&h.conn)?;
-        let limit = grace + Duration::from_secs(10) + OP_LIMIT;
-        let reply = link.run(&script::stop(&h.proc(), grace)?, limit).await?;
-        match reply.get("stopped").as_deref() {
-            Some(["stuck"]) => Err(BackendError::new(format!(
-                "host `{}`: process group {} did not end after SIGKILL",
-                link.label, h.pid
-            ))),
-            Some(_) => Ok(()),
-            None => Err(BackendError::new(format!(
-                "host `{}`: the stop script did not answer",
-                link.label
-            ))),
-        }
+        out
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {

@@ -1,7 +1,8 @@
-//! Following a remote process: its state, waiting for its end over a long session, and a
-//! one-shot whose spawn session stays open to report how it ended.
+//! Following a remote process: its state, waiting for its end over a long session, a
+//! one-shot whose spawn session stays open to report how it ended, and stopping its group.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prl_flow_backend::{BackendError, ProcState};
 use tokio::sync::watch;
@@ -33,6 +34,46 @@ impl SshBackend {
                     link.label, reply.lines
                 ))
             })
+    }
+
+    /// Stops the process group of `h` on its host, whether or not its leader still runs, and
+    /// says what it found running there (`PID COMM` each); empty when nothing was.
+    pub(crate) async fn stop_group(
+        &self,
+        h: &Handle,
+        grace: Duration,
+    ) -> Result<Vec<String>, BackendError> {
+        let link = self.link(&h.conn)?;
+        let limit = grace + Duration::from_secs(10) + OP_LIMIT;
+        let reply = link.run(&script::stop(&h.proc(), grace)?, limit).await?;
+        let found: Vec<String> = reply
+            .lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("found "))
+            .map(String::from)
+            .collect();
+        let leader = format!("{} ", h.pid);
+        if !found.is_empty() && !found.iter().any(|f| f.starts_with(&leader)) {
+            tracing::warn!(
+                "host `{}`: process {} had ended, but its group still ran: {}; stopped",
+                link.label,
+                h.pid,
+                found.join(", ")
+            );
+        }
+        match reply.get("stopped").as_deref() {
+            Some(["stuck", ..]) => Err(BackendError::new(format!(
+                "host `{}`: process group {} did not end after SIGKILL (still running: {})",
+                link.label,
+                h.pid,
+                found.join(", ")
+            ))),
+            Some(_) => Ok(found),
+            None => Err(BackendError::new(format!(
+                "host `{}`: the stop script did not answer",
+                link.label
+            ))),
+        }
     }
 
     /// Waits on the host for the process to end, over one long session; falls back to

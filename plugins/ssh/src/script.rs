@@ -11,8 +11,11 @@
 //! Every process runs under a small wrapper `sh`, started with `setsid` so it leads a
 //! session and process group of its own (stopping signals the whole group, and a dropped ssh
 //! connection signals nothing in it). The wrapper writes its pid to a file (how the spawn
-//! script learns it when `setsid -f` forks), runs the command as its child, and writes the
-//! command's exit status to `exit-status` when it ends. A service is started with
+//! script learns it when `setsid -f` forks), reads the task's environment from a file only
+//! the user can read and removes it (values never appear in a command line), runs the
+//! command as its child, and writes the command's exit status to `exit-status` when it ends.
+//! Stopping signals the whole group, also when the wrapper has ended and left processes in
+//! it. A service is started with
 //! `setsid -f`, so it keeps default signal dispositions; a one-shot is started in the
 //! background of the spawn session, which then `wait`s for it and says how it ended the
 //! moment it does, over the same session.
@@ -55,10 +58,38 @@ state() {
 	fi
 	st_=gone
 }
-# Stops the group of pid $1 (start $2, boot $3): SIGTERM, up to $4 tenths of a second,
-# SIGKILL. Sets stopped_ to none, term, kill or stuck.
+# Says `found PID COMM` for each live process of the group led by pid $1 (in the session
+# it leads, started at or after $2 ticks) and sets n_ to their number. The leader itself may
+# be gone: the others still hold the group's id, which no new process can take meanwhile.
+members() {
+	g_=$1 t_=$2 n_=0
+	set +f
+	for d_ in /proc/[0-9]*; do
+		set -f
+		read -r s_ 2>/dev/null <"$d_/stat" || continue
+		c_=${s_#*(}
+		c_=${c_%) *}
+		set -- ${s_##*) }
+		[ $# -ge 20 ] || continue
+		[ "$3" = "$g_" ] && [ "$4" = "$g_" ] || continue
+		case $1 in Z | X) continue ;; esac
+		[ "${20}" -ge "$t_" ] 2>/dev/null || continue
+		n_=$((n_ + 1))
+		say found "${d_#/proc/}" "$c_"
+	done
+	set -f
+}
+# Stops the group of pid $1 (start $2, boot $3), whether or not its leader still runs:
+# SIGTERM, up to $4 tenths of a second, SIGKILL. Says what it found running (`found`), sets
+# n_ to how many and stopped_ to none, term, kill or stuck.
 stop_group() {
-	ours "$1" "$2" "$3" || { stopped_=none; return 0; }
+	n_=0
+	boot_id
+	[ "$boot_" = "$3" ] || { stopped_=none; return 0; }
+	# Another process has the leader's pid: the whole group ended long ago.
+	if proc_start "$1" && [ "$start_" != "$2" ]; then stopped_=none; return 0; fi
+	members "$1" "$2"
+	[ "$n_" -gt 0 ] || { stopped_=none; return 0; }
 	kill -s TERM -- "-$1" 2>/dev/null
 	i_=0
 	while kill -s 0 -- "-$1" 2>/dev/null && [ "$i_" -lt "$4" ]; do sleep 0.1; i_=$((i_ + 1)); done
@@ -72,13 +103,20 @@ stop_group() {
 }
 "#;
 
-/// The wrapper every process runs under: `sh -c WRAPPER prl-flow PIDFILE STATUSFILE ARGV...`.
-/// Each file is written by one `echo`, a single write: a reader that sees it non-empty sees
-/// all of it.
-const WRAPPER: &str = r#"pidf=$1 statf=$2
-shift 2
+/// The wrapper every process runs under:
+/// `sh -c WRAPPER prl-flow PIDFILE STATUSFILE ENVFILE ARGV...`. Each file is written by one
+/// `echo`, a single write: a reader that sees it non-empty sees all of it. ENVFILE (empty
+/// when the task sets no variable) holds `export NAME=VALUE` lines, readable by the user
+/// alone; the wrapper reads it and removes it before it starts the command, so environment
+/// values are never part of a command line.
+const WRAPPER: &str = r#"pidf=$1 statf=$2 envf=$3
+shift 3
 echo "$$" >"$pidf"
 trap 'echo "$?" >"$statf"' EXIT
+if [ -n "$envf" ]; then
+	. "$envf" || exit 126
+	rm -f "$envf"
+fi
 "$@"
 exit $?"#;
 
@@ -99,15 +137,25 @@ boot_id
 boot=$boot_
 # A process of this task that no journal records (its spawn's answer was lost with the
 # connection) must not run twice.
-if [ -s "$rd/.proc" ] && read -r opid ostart oboot <"$rd/.proc" && ours "$opid" "$ostart" "$oboot"; then
-	echo "prl-flow: stopping an earlier instance (pid $opid) that no run recorded" >>"$lf"
+if [ -s "$rd/.proc" ] && read -r opid ostart oboot <"$rd/.proc"; then
 	stop_group "$opid" "$ostart" "$oboot" 50
+	if [ "$stopped_" != none ]; then
+		echo "prl-flow: stopped an earlier instance (process group $opid) that no run recorded" >>"$lf"
+	fi
 fi
-for f_ in "$pf" "$sf" "$rd/.proc"; do
+ef=$rd/.env
+for f_ in "$pf" "$sf" "$rd/.proc" "$ef"; do
 	if [ -e "$f_" ]; then rm -f "$f_"; fi
 done
 place_files || exit 3
 cd "$rd" || { say error "cannot enter $rd"; exit 3; }
+# The environment, in a file only the user can read (a new one: `set -C`); `printf` is a
+# shell builtin, so the values are in no command line.
+if [ -n "$envtext" ]; then
+	(umask 077 && set -C && printf '%s' "$envtext" >"$ef") || { say error "cannot write the environment file $ef"; exit 3; }
+else
+	ef=
+fi
 "#;
 
 /// After the start line (which sets `bg` to the pid of a one-shot started in the
@@ -211,7 +259,8 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
         .set("name", s.name)?
         .set("logname", s.log_name)?
         .set("service", if s.service { "1" } else { "0" })?
-        .set("watch", if s.watch { "1" } else { "0" })?;
+        .set("watch", if s.watch { "1" } else { "0" })?
+        .set("envtext", &env_file(s.env)?)?;
 
     // The files: one `printf` per file, its content a single quoted word.
     sc.line("place_files() {");
@@ -231,7 +280,7 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
     sc.line("\treturn 0");
     sc.line("}");
 
-    // The command: env assignments through `env`, then argv, each word quoted.
+    // The command: the wrapper, its files, then argv, each word quoted.
     let mut words: Vec<String> = vec![
         "setsid".into(),
         if s.service {
@@ -245,14 +294,9 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
         "prl-flow".into(),
         "\"$pf\"".into(),
         "\"$sf\"".into(),
+        "\"$ef\"".into(),
     ];
     words.retain(|w| !w.is_empty());
-    if !s.env.is_empty() {
-        words.push("env".into());
-        for (k, v) in s.env {
-            words.push(quote(&format!("{k}={v}"))?);
-        }
-    }
     for a in s.argv {
         words.push(quote(a)?);
     }
@@ -269,6 +313,31 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
     }
     sc.line(SPAWN_AFTER);
     Ok(sc.text().to_string())
+}
+
+/// The environment file's text: one `export NAME=VALUE` line per variable, each value
+/// quoted. Names must be portable shell names (letters, digits, `_`, not starting with a
+/// digit), which [`is_env_name`] checks before a spawn.
+fn env_file(env: &std::collections::BTreeMap<String, String>) -> Result<String, BackendError> {
+    let mut text = String::new();
+    for (k, v) in env {
+        if !is_env_name(k) {
+            return Err(BackendError::new(format!(
+                "`{k}` cannot be set on a host: names of environment variables there are letters, digits and `_`"
+            )));
+        }
+        text.push_str(&format!("export {k}={}\n", quote(v)?));
+    }
+    Ok(text)
+}
+
+/// A name a POSIX shell can export: letters, digits and `_`, not starting with a digit.
+pub fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Identity of a process on the host, quoted for a script.
@@ -304,12 +373,14 @@ pub fn wait(p: &Proc<'_>) -> Result<String, BackendError> {
     Ok(sc.text().to_string())
 }
 
-/// Stops the process group; says `stopped none|term|kill|stuck`.
+/// Stops the process group, whether or not its leader lives; says `found PID COMM` for each
+/// process of the group it found running, then `stopped none|term|kill|stuck N` (N: how many
+/// it found).
 pub fn stop(p: &Proc<'_>, grace: std::time::Duration) -> Result<String, BackendError> {
     let mut sc = with_proc(p)?;
     let tenths = (grace.as_millis() / 100).max(1);
     sc.line(&format!(
-        r#"stop_group "$pid" "$start" "$boot" {tenths}; say stopped "$stopped_""#
+        r#"stop_group "$pid" "$start" "$boot" {tenths}; say stopped "$stopped_" "$n_""#
     ));
     Ok(sc.text().to_string())
 }
@@ -393,9 +464,24 @@ mod tests {
         })
         .expect("script");
         assert!(text.contains("base='.prl-flow/remote/x y'"), "{text}");
-        assert!(text.contains(&quote("A=it's $x").expect("q")));
+        // The value is inside the quoted environment file text, never a word of the command.
+        assert!(!text.contains(&quote("A=it's $x").expect("q")));
+        let env_text = env_file(&env).expect("env");
+        assert_eq!(
+            env_text,
+            format!("export A={}\n", quote("it's $x").expect("q"))
+        );
+        assert!(text.contains(&format!("envtext={}", quote(&env_text).expect("q"))));
         assert!(text.contains(&quote("echo \"$HOME\" 'x'; rm -rf /nope").expect("q")));
         assert!(quote("a\0b").is_err());
+    }
+
+    #[test]
+    fn only_shell_names_are_exported() {
+        assert!(is_env_name("HF_TOKEN") && is_env_name("_x1"));
+        assert!(!is_env_name("1X") && !is_env_name("A B") && !is_env_name(""));
+        let env: BTreeMap<String, String> = [("A B".to_string(), "v".to_string())].into();
+        assert!(env_file(&env).is_err());
     }
 
     #[test]

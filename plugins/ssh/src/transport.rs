@@ -15,7 +15,10 @@
 //! find an unreachable host before anything starts elsewhere. The master outlives prl-flow
 //! for `ControlPersist`, so `status`, `logs` and `down` from another shell reuse it.
 //! Its socket lives in a local directory, named by a hash of how the host is reached, so two
-//! state dirs using the same host share the connection and two ssh configs never do.
+//! state dirs using the same host share the connection and two ssh configs never do. That
+//! directory must be the user's alone (checked as OpenSSH checks its own files, refused
+//! otherwise), and a socket there counts as a master only once `ssh -O check` says so: a
+//! socket someone else placed would receive every session.
 //!
 //! sshd refuses more than `MaxSessions` (10) sessions on one connection. Short operations
 //! (spawn, status, stop, log reads) share one semaphore and long-lived watches (waiting for a
@@ -214,30 +217,90 @@ pub fn explain_ssh_failure(host: &str, stderr: &str, accept_new: bool) -> SshErr
     }
 }
 
-/// `$XDG_RUNTIME_DIR/prl-flow-ssh`, else `/tmp/prl-flow-ssh-UID`: short, private, local.
+/// Where master sockets live unless the recipe says `control_dir`:
+/// `$XDG_RUNTIME_DIR/prl-flow-ssh`, else `~/.ssh/prl-flow`; both are under a directory only
+/// the user can write, unlike a name in `/tmp` that anyone could take first.
 pub fn default_control_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("prl-flow-ssh"),
-        _ => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self")
-                .map(|m| m.uid())
-                .unwrap_or(0);
-            PathBuf::from(format!("/tmp/prl-flow-ssh-{uid}"))
-        }
+    control_dir_for(
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        std::env::var_os("HOME").as_deref(),
+    )
+}
+
+fn control_dir_for(runtime: Option<&std::ffi::OsStr>, home: Option<&std::ffi::OsStr>) -> PathBuf {
+    match (runtime, home) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("prl-flow-ssh"),
+        (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".ssh").join("prl-flow"),
+        // No home at all: a name in /tmp, which the checks below refuse if anyone else
+        // made it first.
+        _ => PathBuf::from(format!("/tmp/prl-flow-ssh-{}", effective_uid())),
     }
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// The user this process runs as (the owner of its `/proc/self`).
+fn effective_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
+/// Makes the control socket directory (mode 0700) unless it exists, then checks it as
+/// OpenSSH checks its own files: a directory, not a symbolic link, owned by this user and
+/// writable by nobody else. Anyone else able to write there could put a socket of theirs
+/// where ssh sends our sessions. The error names the path and what is wrong.
+pub fn create_private_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if dir.is_dir() {
-        return Ok(());
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                format!(
+                    "cannot make the control socket directory `{}`: {e}",
+                    dir.display()
+                )
+            })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make `{}` private: {e}", dir.display()))?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    check_private_dir(dir)
+}
+
+/// What is wrong with `dir` as a control socket directory, if anything.
+pub fn check_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let refuse = |what: String| {
+        Err(format!(
+            "the control socket directory `{}` is not safe: {what}",
+            dir.display()
+        ))
+    };
+    let m = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) => return refuse(format!("cannot read it: {e}")),
+    };
+    if m.file_type().is_symlink() {
+        return refuse("it is a symbolic link".into());
+    }
+    if !m.is_dir() {
+        return refuse("it is not a directory".into());
+    }
+    let uid = effective_uid();
+    if m.uid() != uid {
+        return refuse(format!(
+            "it is owned by uid {}, not by this user (uid {uid})",
+            m.uid()
+        ));
+    }
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return refuse(format!(
+            "it is writable by its group or by others (mode {mode:04o})"
+        ));
+    }
+    Ok(())
 }
 
 /// The links of one backend, one per way of reaching a host.
@@ -273,6 +336,24 @@ impl Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_control_dir_is_where_only_the_user_writes() {
+        let os = |s: &str| std::ffi::OsString::from(s);
+        assert_eq!(
+            control_dir_for(Some(&os("/run/user/7")), Some(&os("/home/u"))),
+            PathBuf::from("/run/user/7/prl-flow-ssh")
+        );
+        assert_eq!(
+            control_dir_for(None, Some(&os("/home/u"))),
+            PathBuf::from("/home/u/.ssh/prl-flow")
+        );
+        assert_eq!(
+            control_dir_for(Some(&os("")), Some(&os("/home/u"))),
+            PathBuf::from("/home/u/.ssh/prl-flow")
+        );
+        assert!(control_dir_for(None, None).starts_with("/tmp"));
+    }
 
     #[test]
     fn ssh_errors_are_explained() {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,11 @@ pub struct Link {
     pub conn: Conn,
     pub label: String,
     control_path: PathBuf,
+    /// The socket at `control_path` is a master: this link opened it, or `ssh -O check`
+    /// said so. Until then a file there is only a file.
+    verified: AtomicBool,
+    /// The control directory passed its checks.
+    dir_checked: AtomicBool,
     master: Arc<tokio::sync::Mutex<()>>,
     ops: Arc<Semaphore>,
     watchers: Arc<Semaphore>,
@@ -133,6 +139,8 @@ impl Link {
         Ok(Self {
             label,
             control_path,
+            verified: AtomicBool::new(false),
+            dir_checked: AtomicBool::new(false),
             master: Arc::new(tokio::sync::Mutex::new(())),
             ops: Arc::new(Semaphore::new(usable - watchers)),
             watchers: Arc::new(Semaphore::new(watchers)),
@@ -216,9 +224,6 @@ impl Link {
     /// Opens the master connection unless one is up. Fails with ssh's own words when the
     /// host cannot be reached or refuses us.
     pub async fn connect(&self) -> Result<(), SshError> {
-        if self.control_path.exists() {
-            return Ok(());
-        }
         let Some(_guard) = self.first_use().await? else {
             return Ok(());
         };
@@ -255,6 +260,7 @@ impl Link {
             if let Ok(mut u) = self.unreachable.lock() {
                 *u = None;
             }
+            self.verified.store(true, Ordering::SeqCst);
             return Ok(());
         }
         let e = explain_ssh_failure(
@@ -268,15 +274,28 @@ impl Link {
 
     /// Before a session: `None` when the master is up; else the host's lock, for the caller
     /// to hold until the master it opens is up. Fails at once if the host failed to connect
-    /// a moment ago.
+    /// a moment ago, or if the control directory is not private. A socket this link did not
+    /// open counts as a master only once `ssh -O check` says so; anything else there is
+    /// removed (the directory is ours alone) and a master opened in its place.
     async fn first_use(&self) -> Result<Option<OwnedMutexGuard<()>>, SshError> {
-        if self.control_path.exists() {
+        self.check_dir()?;
+        if self.verified.load(Ordering::SeqCst) && self.control_path.exists() {
             return Ok(None);
         }
         let guard = self.master.clone().lock_owned().await;
         if self.control_path.exists() {
-            return Ok(None);
+            if self.verified.load(Ordering::SeqCst) || self.master_answers().await {
+                self.verified.store(true, Ordering::SeqCst);
+                return Ok(None);
+            }
+            tracing::debug!(
+                "{}: `{}` is not a live master; removing it",
+                self.label,
+                self.control_path.display()
+            );
+            let _ = std::fs::remove_file(&self.control_path);
         }
+        self.verified.store(false, Ordering::SeqCst);
         if let Ok(u) = self.unreachable.lock() {
             if let Some((when, e)) = u.as_ref() {
                 if when.elapsed() < Duration::from_secs(2) {
@@ -284,18 +303,40 @@ impl Link {
                 }
             }
         }
+        Ok(Some(guard))
+    }
+
+    /// Makes (or checks, once) the directory of the control socket.
+    fn check_dir(&self) -> Result<(), SshError> {
+        if self.dir_checked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if let Some(dir) = self.control_path.parent() {
-            create_private_dir(dir).map_err(|e| SshError {
+            create_private_dir(dir).map_err(|message| SshError {
                 host: self.label.clone(),
-                message: format!(
-                    "cannot make the control socket directory `{}`: {e}",
-                    dir.display()
+                message,
+                help: Some(
+                    "remove it, or set `control_dir` under `[backend]` to a directory only you can write".into(),
                 ),
-                help: None,
                 transport: false,
             })?;
         }
-        Ok(Some(guard))
+        self.dir_checked.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Does a master answer on the control socket (`ssh -O check`)?
+    async fn master_answers(&self) -> bool {
+        let mut cmd = self.command(&["-O", "check"], None);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), cmd.output()).await,
+            Ok(Ok(o)) if o.status.success()
+        )
+    }
+
+    /// Where this host's master socket lives.
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control_path
     }
 
     fn remember(&self, e: &SshError) {
@@ -352,6 +393,8 @@ impl Link {
                     // While this session opens the master, let the others in once it is up.
                     () = tokio::time::sleep(Duration::from_millis(10)), if opening.is_some() => {
                         if self.control_path.exists() {
+                            // The socket this session's ssh made.
+                            self.verified.store(true, Ordering::SeqCst);
                             opening = None;
                         }
                     }
