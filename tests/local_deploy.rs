@@ -801,7 +801,7 @@ fn signalable(pid: i32) -> bool {
 
 /// The state a `kill -9` of prl-flow leaves when it lands between the spawn of a service and
 /// the journal write of its handle: the service's record says `running` with no handle, its
-/// process runs (it wrote `PID ATTEMPT` to its pid file before anything else), and nothing
+/// process runs (it wrote `PID ATTEMPT START SID` to its pid file before anything else), and nothing
 /// downstream has run. Any pid file time is possible then; this one is 5 ms older than the
 /// record's `started_ms`, the case file times could not tell apart.
 struct Gap {
@@ -853,10 +853,16 @@ needs = ["{GAP_SERVICE}"]
             .expect("started_ms");
         let pid_file = st.join("run").join(GAP_SERVICE).join("pid");
         let text = std::fs::read_to_string(&pid_file).expect("the pid file");
+        let words: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(
-            text.split_whitespace().collect::<Vec<_>>(),
+            words[..2],
             [pid.to_string(), started_ms.to_string()],
-            "the pid file holds `PID ATTEMPT`"
+            "the pid file holds `PID ATTEMPT START SID`: {text}"
+        );
+        assert_eq!(
+            words.len(),
+            4,
+            "the pid file holds `PID ATTEMPT START SID`: {text}"
         );
 
         // The journal as the kill leaves it: the service `running` without a handle, its

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_engine::{
-    decide, run, Cancel, Done, GraphBuilder, Outcome, Policy, RunOptions, Sink, Task,
-    TaskContext, TaskError,
+    decide, run, Cancel, Done, GraphBuilder, Outcome, Policy, RunOptions, Sink, Task, TaskContext,
+    TaskError,
 };
 use tokio::time::Instant;
 
@@ -51,7 +51,7 @@ impl Task for Flaky {
         "f".into()
     }
     fn policy(&self) -> Policy {
-        self.policy.clone()
+        self.policy
     }
     async fn run(&self, cx: &TaskContext) -> Result<Done, TaskError> {
         let n = {

@@ -212,10 +212,12 @@ fn broken_run(dir: &Path, why: &str) -> String {
     )
 }
 
-/// Fills in the handles of records left `running` without one (prl-flow was killed between
-/// starting a process and recording it) from what the backend finds in the task's run dir,
-/// and records them, so that nothing a killed run started is invisible to a fresh run's
-/// check for live services, to `down`, or to `status`.
+/// Fills in the handles of records of a start without one from what the backend finds of
+/// that attempt (its run dir, or a plugin asked by the attempt's id), and records them, so
+/// that nothing started is invisible to a fresh run's check for live services, to `down`,
+/// or to `status`. Such a record is left `running` when prl-flow was killed between a start
+/// and its record, and ended (failed, timed out, cancelled) when the backend's answer to the
+/// start was lost.
 pub(crate) async fn recover_missing(
     backend: Arc<dyn Backend>,
     journal: &Journal,
@@ -223,7 +225,11 @@ pub(crate) async fn recover_missing(
 ) {
     let paths = Exec::new(backend.clone(), journal.dir(), Vec::new());
     for r in records.values_mut() {
-        if r.status != Status::Running || r.handle.is_some() || Action::of_kind(&r.kind).is_some() {
+        let started = matches!(
+            r.status,
+            Status::Running | Status::Failed | Status::TimedOut | Status::Cancelled
+        ) && r.started_ms.is_some();
+        if !started || r.handle.is_some() || Action::of_kind(&r.kind).is_some() {
             continue;
         }
         let spec = SpawnSpec {
