@@ -5,8 +5,10 @@
 //! under a second) and a [`TestCluster`] guard stops it when the test ends, passing or not:
 //! every job is cancelled, the daemons and whatever still runs in the nodes' network
 //! namespaces are killed by pid, the namespaces and the bridge removed. The daemons get free
-//! ports and the nodes a /24 of their own, taken from the pid and a counter, so two test
-//! processes (two checkouts, two sessions) never meet; inside this binary the tests take
+//! ports, the names a tag and the nodes a /24 of their own, each claimed for the life of the
+//! test process (`common::claim_port`, `netns::claim_tag`, `netns::free_subnet`: a locked
+//! file per value in a directory all test processes share), so two test processes (two
+//! checkouts, two sessions) never meet; inside this binary the tests take
 //! turns ([`serial`]) because a deployment's services use fixed ports on the node addresses
 //! and there are two cores to share.
 //!
@@ -102,16 +104,17 @@ impl TestCluster {
         }
         let k = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
-        let tag = format!("{:x}{k}", pid % 0xfff);
+        // Claimed for the life of this process: no other test process gets them meanwhile.
+        let tag = netns::claim_tag();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<String> = (0..4).map(|_| common::free_port().to_string()).collect();
+        let ports: Vec<String> = (0..4).map(|_| common::claim_port().to_string()).collect();
         let out = Command::new("bash")
             .arg(SCRIPT)
             .arg("start")
             .arg(dir.path())
             .env("SLURM_TAG", &tag)
             .env("SLURM_NET", free_subnet(50, pid, k))
-            .env("SLURM_CTLD_PORT", common::free_port().to_string())
+            .env("SLURM_CTLD_PORT", common::claim_port().to_string())
             .env("SLURMD_PORTS", ports.join(","))
             .env("SLURM_GPUS", gpus.to_string())
             .env_remove("SLURM_CONF")

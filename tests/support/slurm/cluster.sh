@@ -137,7 +137,7 @@ start() {
         echo "SlurmctldLogFile=$dir/log/slurmctld.log"
         echo "SlurmdLogFile=$dir/log/slurmd.%n.log"
         echo "SlurmdParameters=config_overrides"
-        echo "ProctrackType=proctrack/linuxproc"
+        echo "ProctrackType=proctrack/pgid"
         echo "TaskPlugin=task/none"
         echo "JobAcctGatherType=jobacct_gather/none"
         echo "AccountingStorageType=accounting_storage/none"
