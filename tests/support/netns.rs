@@ -35,9 +35,7 @@ pub fn free_subnet(first: u32, pid: u32, k: usize) -> String {
         let i = (start + i) % (100 * 250);
         format!("10.{}.{}", first as usize + i / 250, i % 250 + 1)
     });
-    crate::common::claim_first("net", candidates, |net| {
-        !used.contains(&format!(" {net}."))
-    })
+    crate::common::claim_first("net", candidates, |net| !used.contains(&format!(" {net}.")))
 }
 
 /// A tag of five hex digits for the names of a harness's bridge, veths and namespaces
