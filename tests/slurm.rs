@@ -1284,7 +1284,7 @@ async fn down_cancels_a_job_submitted_but_never_written_down() {
     assert!(job_file(&state).is_none(), "the job file was written");
     assert!(records(&state)
         .get(ALLOCATE)
-        .is_none_or(|r| r.handle.is_none()));
+        .map_or(true, |r| r.handle.is_none()));
     assert!(
         !job_state(&cluster, &job).is_empty(),
         "the job is in the queue"

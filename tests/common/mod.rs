@@ -784,7 +784,7 @@ pub fn router_workers(router: &str) -> Vec<String> {
 // same value from this process too (a lock belongs to the open file, not the process).
 
 /// The open claim files of this process: their locks last as long as it does.
-static CLAIMS: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+static CLAIMS: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
 
 /// Claims `kind`-`value` for the life of this process; `false` when another claim (of any
 /// process) holds it.
@@ -801,11 +801,13 @@ pub fn try_claim(kind: &str, value: &str) -> bool {
     else {
         return false;
     };
-    if file.try_lock().is_err() {
-        return false;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            CLAIMS.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+            true
+        }
+        Err(_) => false,
     }
-    CLAIMS.lock().unwrap_or_else(|e| e.into_inner()).push(file);
-    true
 }
 
 /// The first of `candidates` that [`try_claim`] gets and `usable` accepts; panics when none.
