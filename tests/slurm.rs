@@ -1127,6 +1127,7 @@ impl Child {
     fn kill_9(&mut self) {
         let _ = Command::new("kill")
             .args(["-9", &self.0.id().to_string()])
+            .stderr(std::process::Stdio::null())
             .status();
         let _ = self.0.wait();
     }
