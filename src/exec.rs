@@ -401,11 +401,16 @@ impl Task for SpecTask {
         }
     }
     fn meta(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut meta = serde_json::json!({
             "node": self.spec.node,
             "log": self.exec.log_path(&self.spec.id),
             "ready": self.spec.ready,
-        })
+        });
+        // An allocation in flight has no handle yet: `down` learns its backend from here.
+        if self.action().is_some_and(|a| a.held()) {
+            meta["backend"] = self.exec.backend.name().into();
+        }
+        meta
     }
 
     async fn run(&self, cx: &TaskContext) -> Result<Done, TaskError> {

@@ -5,8 +5,10 @@
 //! under a second) and a [`TestCluster`] guard stops it when the test ends, passing or not:
 //! every job is cancelled, the daemons and whatever still runs in the nodes' network
 //! namespaces are killed by pid, the namespaces and the bridge removed. The daemons get free
-//! ports and the nodes a /24 of their own, taken from the pid and a counter, so two test
-//! processes (two checkouts, two sessions) never meet; inside this binary the tests take
+//! ports, the names a tag and the nodes a /24 of their own, each claimed for the life of the
+//! test process (`common::claim_port`, `netns::claim_tag`, `netns::free_subnet`: a locked
+//! file per value in a directory all test processes share), so two test processes (two
+//! checkouts, two sessions) never meet; inside this binary the tests take
 //! turns ([`serial`]) because a deployment's services use fixed ports on the node addresses
 //! and there are two cores to share.
 //!
@@ -102,16 +104,17 @@ impl TestCluster {
         }
         let k = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
-        let tag = format!("{:x}{k}", pid % 0xfff);
+        // Claimed for the life of this process: no other test process gets them meanwhile.
+        let tag = netns::claim_tag();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<String> = (0..4).map(|_| common::free_port().to_string()).collect();
+        let ports: Vec<String> = (0..4).map(|_| common::claim_port().to_string()).collect();
         let out = Command::new("bash")
             .arg(SCRIPT)
             .arg("start")
             .arg(dir.path())
             .env("SLURM_TAG", &tag)
             .env("SLURM_NET", free_subnet(50, pid, k))
-            .env("SLURM_CTLD_PORT", common::free_port().to_string())
+            .env("SLURM_CTLD_PORT", common::claim_port().to_string())
             .env("SLURMD_PORTS", ports.join(","))
             .env("SLURM_GPUS", gpus.to_string())
             .env_remove("SLURM_CONF")
@@ -639,19 +642,23 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
 /// Not a test of its own: the `prl-flow run` that
 /// [`kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_twice`] kills.
 /// It runs only as that test's child process, with [`DRIVER_ENV`] naming a JSON file:
-/// `{ "recipe": TEXT, "router": PATH, "state": DIR, "config": {...} }`.
+/// `{ "recipe": TEXT, "router": PATH, "state": DIR, "config": {...} }`, or with
+/// `"small": PORT` instead of recipe and router, [`small_plan`] on two nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a helper: run as the child process of the kill -9 test"]
+#[ignore = "a helper: run as the child process of the kill -9 tests"]
 async fn driver() {
     let Some(file) = std::env::var_os(DRIVER_ENV) else {
         return;
     };
     let args: Value =
         serde_json::from_str(&std::fs::read_to_string(file).expect("driver args")).expect("json");
-    let plan = plan_of(
-        args["recipe"].as_str().expect("recipe"),
-        Path::new(args["router"].as_str().expect("router")),
-    );
+    let plan = match args["small"].as_u64() {
+        Some(port) => small_plan(2, port as u16, "true"),
+        None => plan_of(
+            args["recipe"].as_str().expect("recipe"),
+            Path::new(args["router"].as_str().expect("router")),
+        ),
+    };
     let state = PathBuf::from(args["state"].as_str().expect("state"));
     let backend = SlurmBackend::from_config(&args["config"], &state).expect("config");
     let (report, _) = run_plan(&plan, Arc::new(backend), &state, false).await;
@@ -1086,6 +1093,392 @@ async fn resume_refuses_once_the_allocation_has_ended() {
 }
 
 // ---------------------------------------------------------------------------------------
+// A run killed with its job queued or unrecorded; a step whose leader has exited.
+
+/// A `prl-flow run` of [`small_plan`] in a process of its own ([`driver`]), to be killed.
+fn small_driver(cluster: &TestCluster, state: &Path, port: u16, config: &Value) -> Child {
+    let args = cluster.dir().join(format!("driver-{port}.json"));
+    std::fs::write(
+        &args,
+        json!({ "small": port, "state": state, "config": config }).to_string(),
+    )
+    .expect("write");
+    let log = std::fs::File::create(cluster.dir().join(format!("driver-{port}.log"))).expect("log");
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "driver",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(DRIVER_ENV, &args)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("driver");
+    Child(child)
+}
+
+/// A child process killed (`kill -9`) and reaped on drop, if still there.
+struct Child(std::process::Child);
+
+impl Child {
+    fn kill_9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.kill_9();
+        }
+    }
+}
+
+/// A job that takes every node whole, so that the next one waits in the queue.
+fn blocker(cluster: &TestCluster) -> String {
+    let job = cluster
+        .slurm(
+            "sbatch",
+            &[
+                "--parsable",
+                "--exclusive",
+                "-N4",
+                "--output=/dev/null",
+                "--wrap=sleep 100000",
+            ],
+        )
+        .trim()
+        .to_string();
+    assert!(!job.is_empty(), "the blocker job was not submitted");
+    common::wait_until("the blocker to run", Duration::from_secs(30), || {
+        job_state(cluster, &job) == "RUNNING"
+    });
+    job
+}
+
+fn job_state(cluster: &TestCluster, job: &str) -> String {
+    cluster
+        .slurm("squeue", &["-h", "-j", job, "-o", "%T"])
+        .trim()
+        .to_string()
+}
+
+/// The job id the state dir's job file names, once it names one.
+fn job_file(state: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(state.join("slurm/job")).ok()?;
+    text.split_whitespace().next().map(String::from)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_while_its_job_is_queued_is_cancelled_by_down_and_adopted_by_resume() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let blocker = blocker(&cluster);
+    let bin = cluster.counting_bin_dir();
+    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms", "bin_dir": bin });
+
+    // Killed while the job waits; then `down`: the job leaves the queue.
+    let cl = &cluster;
+    let queued = |state: &Path| {
+        let state = state.to_path_buf();
+        move || job_file(&state).filter(|j| job_state(cl, j) == "PENDING")
+    };
+    let state = cluster.dir().join("state-down");
+    let mut run = small_driver(&cluster, &state, 8771, &config);
+    let job = common::wait_for("the job to queue", Duration::from_secs(60), queued(&state));
+    run.kill_9();
+    assert_eq!(job_state(&cluster, &job), "PENDING", "still queued");
+    let report = down(&state).await;
+    assert!(report.failures.is_empty(), "{report:?}");
+    let left = cluster.jobs();
+    assert!(
+        !left
+            .iter()
+            .any(|l| l.split_whitespace().next() == Some(job.as_str())),
+        "down left the queued job {job}: {left:?}"
+    );
+
+    // Killed while the job waits; then `run --resume`: it adopts the queued job, submits
+    // none, and comes up once the job runs.
+    let state = cluster.dir().join("state-resume");
+    let mut run = small_driver(&cluster, &state, 8772, &config);
+    let job = common::wait_for("the job to queue", Duration::from_secs(60), queued(&state));
+    run.kill_9();
+    let submitted = cluster.calls("sbatch").len();
+    let plan = small_plan(2, 8772, "true");
+    let backend = Arc::new(SlurmBackend::from_config(&config, &state).expect("config"));
+    let resume = tokio::spawn({
+        let state = state.clone();
+        async move { run_plan(&plan, backend, &state, true).await }
+    });
+    cluster.slurm("scancel", &[&blocker]);
+    let (report, _) = resume.await.expect("resume");
+    assert!(report.ok(), "{}", errors(&report));
+    assert_eq!(
+        cluster.calls("sbatch").len(),
+        submitted,
+        "the resume submitted a job: {:?}",
+        cluster.calls("sbatch")
+    );
+    let recorded = records(&state)[ALLOCATE]
+        .handle
+        .as_ref()
+        .and_then(|h| h["handle"]["payload"]["job"].as_str().map(String::from))
+        .expect("job id");
+    assert_eq!(recorded, job, "the resume runs in the queued job");
+    common::wait_until("the blocker to end", Duration::from_secs(60), || {
+        cluster.jobs().len() == 1
+    });
+    assert_eq!(
+        cluster.jobs(),
+        [format!("{job} RUNNING")],
+        "one job of ours, the adopted one"
+    );
+    assert!(down(&state).await.failures.is_empty());
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_cancels_a_job_submitted_but_never_written_down() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    // A bin dir whose `sbatch` submits, notes the id, and kills prl-flow (its parent) before
+    // the id reaches the job file or the journal.
+    let bin = cluster.counting_bin_dir();
+    let noted = cluster.dir().join("submitted");
+    let real = ["/usr/bin/sbatch", "/usr/local/bin/sbatch"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("sbatch");
+    std::fs::write(
+        bin.join("sbatch"),
+        format!(
+            "#!/bin/sh\nout=$('{real}' \"$@\")\necho \"$out\" > '{}'\nkill -9 $PPID\necho \"$out\"\n",
+            noted.display()
+        ),
+    )
+    .expect("write");
+    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms", "bin_dir": bin });
+    let state = cluster.dir().join("state");
+    let mut run = small_driver(&cluster, &state, 8773, &config);
+    let job = common::wait_for("the submission", Duration::from_secs(60), || {
+        let id = std::fs::read_to_string(&noted).ok()?;
+        let id = id.trim().split(';').next()?.to_string();
+        (!id.is_empty()).then_some(id)
+    });
+    common::wait_until("prl-flow to be killed", Duration::from_secs(30), || {
+        matches!(run.0.try_wait(), Ok(Some(_)))
+    });
+    run.kill_9();
+    // The gap: SLURM has the job, nothing of prl-flow names it.
+    assert!(job_file(&state).is_none(), "the job file was written");
+    assert!(records(&state)
+        .get(ALLOCATE)
+        .map_or(true, |r| r.handle.is_none()));
+    assert!(
+        !job_state(&cluster, &job).is_empty(),
+        "the job is in the queue"
+    );
+
+    let report = down(&state).await;
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert!(
+        cluster.jobs().is_empty(),
+        "down left the unrecorded job {job}: {:?}",
+        cluster.jobs()
+    );
+}
+
+/// Pids of processes whose command line has `needle`.
+fn pids_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(needle)
+            })
+        })
+        .filter(|pid| {
+            // A zombie has ended; only its parent has not looked yet.
+            !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_ends_every_process_of_a_step_whose_leader_has_exited() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    // The service's leader starts a child that stays, then exits when the test says so
+    // (it reads a FIFO the test opens and closes). The child's argument is unique to this
+    // test process, so `ps` finds it and nothing else.
+    let token = 4_000_000 + common::claim_port() as u32;
+    let fifo = cluster.dir().join("go");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let mut plan = small_plan(2, 8774, "true");
+    plan.tasks.push(task(
+        "leftover",
+        &[ALLOCATE],
+        Some("node0"),
+        shell(&format!(
+            "sleep {token} & read _ < '{}'; exit 0",
+            fifo.display()
+        )),
+        true,
+    ));
+    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms" });
+    let (report, _) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        false,
+    )
+    .await;
+    assert!(report.ok(), "{}", errors(&report));
+    let needle = format!("sleep {token}");
+    common::wait_until("the child to start", Duration::from_secs(30), || {
+        !pids_with(&needle).is_empty()
+    });
+    let leader: u32 = {
+        let f = std::fs::read_to_string(
+            Path::new(&handle_field(&state, "leftover", "run_dir")).join("slurm-step"),
+        )
+        .expect("step file");
+        f.split_whitespace()
+            .nth(2)
+            .expect("pid")
+            .parse()
+            .expect("pid")
+    };
+    // The leader exits; its child stays behind it.
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open the FIFO"),
+    );
+    common::wait_until("the leader to exit", Duration::from_secs(30), || {
+        !Path::new(&format!("/proc/{leader}")).exists()
+            || std::fs::read_to_string(format!("/proc/{leader}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+    });
+
+    let report = down(&state).await;
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert!(
+        pids_with(&needle).is_empty(),
+        "a process of the step outlived down: {:?}",
+        pids_with(&needle)
+    );
+    assert!(cluster.steps().is_empty(), "{:?}", cluster.steps());
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
+// ---------------------------------------------------------------------------------------
+// Claims (tests/common, tests/support/netns.rs): what two test processes must not share.
+
+const CLAIM_ENV: &str = "PRL_FLOW_TEST_CLAIM_KIND";
+
+/// Not a test of its own: the other process of
+/// [`claims_are_unique_within_and_across_test_processes`]. Claims five values of the kind
+/// [`CLAIM_ENV`] names, prints them, and holds them until its stdin closes.
+#[test]
+#[ignore = "a helper: run as the child process of the claims test"]
+fn claim_holder() {
+    let Some(kind) = std::env::var_os(CLAIM_ENV) else {
+        return;
+    };
+    let kind = kind.to_string_lossy().into_owned();
+    let got: Vec<String> = (0..5)
+        .map(|_| common::claim_first(&kind, (0..20).map(|i| i.to_string()), |_| true))
+        .collect();
+    // Straight to the pipe: the test harness may capture `println!`.
+    let mut out = std::io::stdout();
+    std::io::Write::write_all(&mut out, format!("claimed {}\n", got.join(" ")).as_bytes())
+        .expect("write");
+    std::io::Write::flush(&mut out).expect("flush");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+}
+
+#[test]
+fn claims_are_unique_within_and_across_test_processes() {
+    use std::io::BufRead;
+    // Within this process.
+    let ports: BTreeSet<u16> = (0..40).map(|_| common::claim_port()).collect();
+    assert_eq!(ports.len(), 40);
+    let tags: BTreeSet<String> = (0..5).map(|_| netns::claim_tag()).collect();
+    assert_eq!(tags.len(), 5);
+    assert!(tags.iter().all(|t| t.len() == 5), "{tags:?}");
+
+    // Across two processes: the other holds five of twenty values; this one gets the rest.
+    let kind = format!("selftest-{}", std::process::id());
+    let mut other = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "claim_holder",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CLAIM_ENV, &kind)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the other process");
+    let mut lines = std::io::BufReader::new(other.stdout.take().expect("stdout")).lines();
+    let theirs: BTreeSet<String> = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once("claimed ").map(|(_, v)| v.to_string()))
+        .expect("the other process's claims")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(theirs.len(), 5, "{theirs:?}");
+    let ours: BTreeSet<String> = (0..15)
+        .map(|_| common::claim_first(&kind, (0..20).map(|i| i.to_string()), |_| true))
+        .collect();
+    assert_eq!(ours.len(), 15);
+    assert!(ours.is_disjoint(&theirs), "{ours:?} {theirs:?}");
+    // A claim ends with its process.
+    drop(other.stdin.take());
+    let _ = other.wait();
+    for v in &theirs {
+        assert!(common::try_claim(&kind, v), "{v} still taken");
+    }
+    let dir = std::env::temp_dir().join("prl-flow-test-claims");
+    for v in 0..20 {
+        let _ = std::fs::remove_file(dir.join(format!("{kind}-{v}")));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Through the binary (the registry builds the slurm backend; `down` goes through its
 // `teardown`, one scancel per job).
 
@@ -1160,6 +1553,10 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
         .args(["-9", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    // What runs at the kill, as SLURM and the journal see it.
+    let live_at_kill = cluster.steps();
+    let recorded_at_kill = step_ids(&state);
+    assert!(!live_at_kill.is_empty());
     prl(
         &cluster,
         &router,
@@ -1168,6 +1565,19 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     .expect_code(0);
     let steps = cluster.steps();
     assert!(duplicates(&steps).is_empty(), "{steps:?}");
+    // No step was started a second time: every step that ran at the kill still runs, under
+    // the same id (a restart that cancelled the old step first would leave one of each name
+    // too, with a new id), and the journal keeps the ids it had.
+    for (id, name, _) in &live_at_kill {
+        assert!(
+            steps.iter().any(|(i, n, _)| i == id && n == name),
+            "step {id} ({name}) was replaced or ended by the resume: {steps:?}"
+        );
+    }
+    let recorded = step_ids(&state);
+    for (task, step) in &recorded_at_kill {
+        assert_eq!(&recorded[task], step, "{task} was started a second time");
+    }
 
     // scancel an engine step: status says so (exit 1), --resume restarts it.
     let step = step_ids(&state)["decode[1].node[3]"].clone();

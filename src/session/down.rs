@@ -35,6 +35,16 @@ pub enum WatchEnd {
     Signalled,
 }
 
+/// Backends of allocations recorded as running with no handle.
+fn unrecorded_backends(journal: &Journal) -> BTreeSet<String> {
+    journal
+        .records()
+        .values()
+        .filter(|r| r.status == Status::Running && r.handle.is_none() && is_allocation(r))
+        .filter_map(|r| r.meta.get("backend")?.as_str().map(String::from))
+        .collect()
+}
+
 impl Session {
     /// Stops every process the journal of `dir` records as possibly running, last started
     /// first, and releases allocations. `on_stop` hears each task stopped.
@@ -85,6 +95,17 @@ impl Session {
                     let backend = self.registry().for_record(&r).map_err(Error::Usage)?;
                     groups.push((name, backend, vec![item]));
                 }
+            }
+        }
+        // A backend whose allocation was in flight (no handle yet) may have started
+        // something its state dir knows of (a queued SLURM job): its teardown looks there.
+        for name in unrecorded_backends(&journal) {
+            if !groups.iter().any(|(n, _, _)| *n == name) {
+                let backend = self
+                    .registry()
+                    .for_handles(&name, None)
+                    .map_err(Error::Usage)?;
+                groups.push((name, backend, Vec::new()));
             }
         }
         for (_, backend, items) in groups {

@@ -774,3 +774,62 @@ pub fn router_workers(router: &str) -> Vec<String> {
     urls.sort();
     urls
 }
+
+// ---------------------------------------------------------------------------------------
+// Claims: values that two test processes running at once must never share (a port, a tag
+// that names network interfaces, a subnet). A value is claimed by an exclusive `flock` on a
+// file of its own in a directory every test process shares (`$TMPDIR/prl-flow-test-claims`);
+// the lock is held for the life of the process and released by the OS when it ends, even on
+// `kill -9`, so a crashed run leaves nothing taken. A claim excludes a second claim of the
+// same value from this process too (a lock belongs to the open file, not the process).
+
+/// The open claim files of this process: their locks last as long as it does.
+static CLAIMS: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+
+/// Claims `kind`-`value` for the life of this process; `false` when another claim (of any
+/// process) holds it.
+pub fn try_claim(kind: &str, value: &str) -> bool {
+    let dir = std::env::temp_dir().join("prl-flow-test-claims");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return false;
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{kind}-{value}")))
+    else {
+        return false;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            CLAIMS.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// The first of `candidates` that [`try_claim`] gets and `usable` accepts; panics when none.
+pub fn claim_first(
+    kind: &str,
+    candidates: impl IntoIterator<Item = String>,
+    mut usable: impl FnMut(&str) -> bool,
+) -> String {
+    candidates
+        .into_iter()
+        .find(|v| usable(v) && try_claim(kind, v))
+        .unwrap_or_else(|| panic!("no free `{kind}` value left to claim"))
+}
+
+/// A TCP port free now and claimed for the life of this process: unlike [`free_port`], no
+/// other test process that claims its ports can get the same one while this one runs.
+pub fn claim_port() -> u16 {
+    for _ in 0..1000 {
+        let port = free_port();
+        if try_claim("port", &port.to_string()) {
+            return port;
+        }
+    }
+    panic!("no free port could be claimed");
+}

@@ -12,7 +12,10 @@ use sha2::{Digest, Sha256};
 use crate::handles::{alloc_handle, read_job_file, seal, AllocHandle};
 use crate::slurm::{self, JobInfo};
 use crate::templates::HolderVars;
-use crate::{write_atomic, AddressMode, SlurmBackend, END_WAIT, JOB_FILE, STATE_SUBDIR};
+use crate::{
+    write_atomic, AddressMode, SlurmBackend, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE,
+    STATE_SUBDIR,
+};
 
 impl SlurmBackend {
     pub(crate) fn state_dir(&self) -> Result<&Path, BackendError> {
@@ -87,8 +90,23 @@ impl SlurmBackend {
                 }
             }
         }
-        let path = dir.join("holder.sbatch");
+        let path = dir.join(HOLDER_SCRIPT);
+        // A job of an earlier attempt whose id never reached the job file (killed between
+        // `sbatch` and the write): its request is unknown, so it is cancelled, never kept
+        // beside the new one.
+        let strays = self.cluster.jobs_of_script(&path).await?;
+        if !strays.is_empty() {
+            tracing::info!(
+                "cancelling job(s) {} that this state dir submitted earlier",
+                strays.join(", ")
+            );
+            self.cluster.scancel(&strays, None).await?;
+        }
         std::fs::write(&path, &script)?;
+        // Where the job goes, on file before it exists: `down` finds it with no recipe.
+        let cluster = serde_json::to_vec(&self.cluster)
+            .map_err(|e| BackendError::new(format!("cannot write the cluster file: {e}")))?;
+        write_atomic(&dir.join(CLUSTER_FILE), &cluster)?;
         let job = self.cluster.sbatch(&args, &path).await?;
         // The id goes on file before any waiting: see above.
         write_atomic(&job_file, format!("{job} {digest}\n").as_bytes())?;

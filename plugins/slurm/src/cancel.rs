@@ -1,6 +1,7 @@
 //! Taking down many steps at once: one `scancel` per job, never one per step (a thousand
 //! `scancel` calls at once overload slurmctld). [`Backend::teardown`] takes down what a
-//! journal records this way, cancelling a job whole when its allocation is among the records.
+//! journal records this way, cancelling a job whole when its allocation is among the records,
+//! and the jobs its state dir submitted that no record names.
 //!
 //! [`Backend::teardown`]: prl_flow_backend::Backend::teardown
 
@@ -13,7 +14,7 @@ use prl_flow_local::LocalBackend;
 
 use crate::handles::{alloc_handle, parse_step, read_job_file, StepHandle};
 use crate::slurm::Cluster;
-use crate::{SlurmBackend, END_WAIT, JOB_FILE, STATE_SUBDIR};
+use crate::{SlurmBackend, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE, STATE_SUBDIR};
 
 /// What to cancel of one job: the allocation (the job whole), or some of its steps.
 #[derive(Default)]
@@ -88,21 +89,19 @@ impl SlurmBackend {
                 },
             }
         }
-        if let Some(job) =
-            state_dir.and_then(|d| read_job_file(&d.join(STATE_SUBDIR).join(JOB_FILE)))
-        {
-            let key = job_key(&self.cluster, &job.0);
-            if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(key) {
-                if let Ok(Some(info)) = self.cluster.job(&job.0).await {
-                    if info.is_pending() || info.is_alive() {
-                        slot.insert((
-                            self.cluster.clone(),
-                            Group {
-                                allocs: vec![format!("(job {} of this state dir)", job.0)],
-                                steps: Vec::new(),
-                            },
-                        ));
-                    }
+        if let Some(dir) = state_dir {
+            let (cluster, jobs) = self.unrecorded_jobs(dir).await;
+            for job in jobs {
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    groups.entry(job_key(&cluster, &job))
+                {
+                    slot.insert((
+                        cluster.clone(),
+                        Group {
+                            allocs: vec![format!("(job {job} of this state dir)")],
+                            steps: Vec::new(),
+                        },
+                    ));
                 }
             }
         }
@@ -140,6 +139,39 @@ impl SlurmBackend {
             }
         }
         out
+    }
+}
+
+impl SlurmBackend {
+    /// The jobs `dir` submitted that may still pend or run, whether or not a journal
+    /// recorded them, and the cluster they went to (from the state dir's cluster file, else
+    /// this backend's): the one its job file names, and any job of this user whose command
+    /// is the state dir's holder script (its id was lost: prl-flow was killed between
+    /// `sbatch` and writing it down).
+    async fn unrecorded_jobs(&self, dir: &Path) -> (Cluster, Vec<String>) {
+        let sub = dir.join(STATE_SUBDIR);
+        let cluster = std::fs::read(sub.join(CLUSTER_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Cluster>(&b).ok())
+            .unwrap_or_else(|| self.cluster.clone());
+        let mut jobs = Vec::new();
+        if let Some((job, _)) = read_job_file(&sub.join(JOB_FILE)) {
+            if let Ok(Some(info)) = cluster.job(&job).await {
+                if info.is_pending() || info.is_alive() {
+                    jobs.push(job);
+                }
+            }
+        }
+        let script = sub.join(HOLDER_SCRIPT);
+        if script.exists() {
+            let script = std::path::absolute(&script).unwrap_or(script);
+            for job in cluster.jobs_of_script(&script).await.unwrap_or_default() {
+                if !jobs.contains(&job) {
+                    jobs.push(job);
+                }
+            }
+        }
+        (cluster, jobs)
     }
 }
 

@@ -48,7 +48,10 @@
 //! (SLURM sends SIGTERM, then SIGKILL after its `KillWait`). All `scancel` calls go through
 //! slurmctld (`--ctld`). [`Backend::teardown`] takes down what a journal records with one
 //! `scancel` per job, never one per step, and cancels a job whole when its allocation is
-//! among the records.
+//! among the records. With the state dir, it also cancels the jobs that state dir
+//! submitted but never recorded: the one its job file names, and any job of this user whose
+//! command is the state dir's holder script (prl-flow was killed between `sbatch` and
+//! writing the job id down).
 //!
 //! **Resume.** [`Backend::allocation_alive`] asks whether the recorded job still runs. If it
 //! has ended (time limit, preemption, an admin's `scancel`), every step ended with it, and
@@ -101,6 +104,12 @@ const STATUS_FILE: &str = "exit-status";
 /// `<state dir>/slurm/`: the holder script, and the id of the job it was submitted as.
 const STATE_SUBDIR: &str = "slurm";
 const JOB_FILE: &str = "job";
+/// `<state dir>/slurm/cluster.json`: how to reach the cluster the holder job goes to,
+/// written before it is submitted (a later `down` needs no recipe to find the job).
+const CLUSTER_FILE: &str = "cluster.json";
+/// `<state dir>/slurm/holder.sbatch`: the holder script. SLURM keeps its path as the job's
+/// command, so a job this state dir submitted is found by it even when its id was lost.
+const HOLDER_SCRIPT: &str = "holder.sbatch";
 /// How often a starting step's file, or a stopping step, is looked at.
 const FAST_POLL: Duration = Duration::from_millis(20);
 /// How long `release` and `down` wait for SLURM to end what they cancelled: its own

@@ -212,6 +212,14 @@ impl Cluster {
         Ok(parse_steps(&out))
     }
 
+    /// This user's jobs (pending or running) whose batch script is `script`: SLURM keeps
+    /// the script's absolute path as the job's command (`%o`).
+    pub async fn jobs_of_script(&self, script: &Path) -> Result<Vec<String>, BackendError> {
+        let args = ["--me", "-h", "-o", "%i|%T|%o"].map(String::from);
+        let out = self.run("squeue", &args).await?;
+        Ok(parse_script_jobs(&out, script))
+    }
+
     /// `scancel` of jobs or steps, through slurmctld (`--ctld`: the direct path to slurmd
     /// reports bogus errors for step signals in SLURM 22.05, and one request to the
     /// controller is what it is best at).
@@ -323,6 +331,30 @@ pub fn parse_job_line(line: &str) -> Option<JobInfo> {
 
 /// `squeue -s -o %i|%j` output: step id → name. The batch step (`J.batch`) and the extern
 /// step are SLURM's, not ours, and are left out.
+/// Job ids of `squeue -o %i|%T|%o` lines whose command is `script` and that have not
+/// ended (squeue lists only those, unless asked for more).
+pub fn parse_script_jobs(out: &str, script: &Path) -> Vec<String> {
+    const ENDED: &[&str] = &[
+        "COMPLETED",
+        "CANCELLED",
+        "FAILED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "OUT_OF_MEMORY",
+    ];
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.trim().splitn(3, '|');
+            let (id, state, command) = (w.next()?, w.next()?, w.next()?);
+            let ours = !id.is_empty() && Path::new(command) == script;
+            (ours && !ENDED.contains(&state)).then(|| id.to_string())
+        })
+        .collect()
+}
+
 pub fn parse_steps(out: &str) -> BTreeMap<String, String> {
     out.lines()
         .filter_map(|l| {
@@ -416,6 +448,12 @@ mod tests {
         assert_eq!(steps.len(), 2);
         assert_eq!(steps["12.0"], "pf:router");
         assert_eq!(steps["12.3"], "x|y");
+        let script = Path::new("/s/a b/slurm/holder.sbatch");
+        let jobs = parse_script_jobs(
+            "7|PENDING|/s/a b/slurm/holder.sbatch\n8|RUNNING|/s/other/slurm/holder.sbatch\n9|COMPLETED|/s/a b/slurm/holder.sbatch\n10|RUNNING|/s/a b/slurm/holder.sbatch\n",
+            script,
+        );
+        assert_eq!(jobs, ["7", "10"]);
     }
 
     #[test]

@@ -272,12 +272,16 @@ impl SlurmBackend {
         grace: Duration,
     ) -> Result<(), BackendError> {
         let h = parse_step(handle)?;
-        if self.step_state(&h, true).await? != ProcState::Running {
-            return Ok(());
-        }
+        // The step is signalled whatever its first look says: its leader may be gone while
+        // other processes of the step still run (an engine's workers), and SLURM's signal
+        // reaches every process of the step. Signalling a step that has ended is harmless.
+        let was = self.step_state(&h, true).await?;
         h.slurm
             .scancel(std::slice::from_ref(&h.step), Some("TERM"))
             .await?;
+        if was == ProcState::Running {
+            tracing::info!("step {} (`{}`) was running: signalled", h.step, h.name);
+        }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;

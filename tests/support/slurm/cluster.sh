@@ -32,6 +32,12 @@
 # test can ask for more nodes than a partition has. The scheduler runs on every submission
 # (no batch delay, backfill every second): jobs start in well under a second.
 #
+# Why `proctrack/pgid`: like `proctrack/cgroup` on real clusters, it finds every process of
+# a step (here by the task's process group), so a child that outlives its step's leader is
+# ended with the step. `proctrack/linuxproc` follows parent links: such a child, reparented
+# to init, escapes it, keeps the step's output open (the step never ends) and outlives a
+# `scancel` of the step or the job.
+#
 # Why the order in `stop`: stopping a slurmd while steps run leaves slurmstepd orphans, so
 # jobs are cancelled first and the script waits for them to end; then whatever still runs in
 # the namespaces (only this cluster's processes can be there) is killed by pid.
@@ -137,7 +143,7 @@ start() {
         echo "SlurmctldLogFile=$dir/log/slurmctld.log"
         echo "SlurmdLogFile=$dir/log/slurmd.%n.log"
         echo "SlurmdParameters=config_overrides"
-        echo "ProctrackType=proctrack/linuxproc"
+        echo "ProctrackType=proctrack/pgid"
         echo "TaskPlugin=task/none"
         echo "JobAcctGatherType=jobacct_gather/none"
         echo "AccountingStorageType=accounting_storage/none"
