@@ -4,8 +4,8 @@
 //! a private bridge, each with its own address, hostname and sshd, and its own client key,
 //! known_hosts and ssh config in a temp dir (nothing touches `~/.ssh`). A [`Hosts`] guard
 //! removes them when the test ends, passing or not, after killing every process in them.
-//! Names and subnets come from the test process's pid and a counter, so tests run in
-//! parallel. Where network namespaces cannot be made, the hosts are sshd instances on
+//! Names and subnets are claimed for the life of the test process (`netns::claim_tag`,
+//! `netns::free_subnet`), so test runs, even two at once, never share them. Where network namespaces cannot be made, the hosts are sshd instances on
 //! loopback ports instead, and the tests that cut a link are skipped, loudly.
 //!
 //! The processes a task starts on a "host" run in that host's namespace, and the pid space
@@ -70,7 +70,7 @@ impl Hosts {
     fn up(n: usize) -> Option<Hosts> {
         let k = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
-        let tag = format!("{:x}{k}", pid % 0xfff);
+        let tag = netns::claim_tag();
         let dir = tempfile::tempdir().expect("tempdir");
         if !common::prerequisite(
             Path::new("/usr/sbin/sshd").exists(),

@@ -47,8 +47,14 @@ pub fn fixture_path(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it).
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it), claimed for the life
+/// of this test process ([`try_claim`]): no other test process gets it while this one runs.
 pub fn free_port() -> u16 {
+    claim_port()
+}
+
+/// A port the OS says is free now, not claimed.
+fn os_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local address").port()
 }
@@ -555,7 +561,7 @@ static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// The first of `len` consecutive ports, all free on every local address (each was bound on
 /// 0.0.0.0 a moment ago, which fails if anything listens on any address with that port), and
-/// none handed out before by this test process. The OS picks the first; the rest are tried,
+/// none handed out before by this test process or claimed by another ([`try_claim`]). The OS picks the first; the rest are tried,
 /// and the whole block is picked again until every port of it binds. For recipes that derive
 /// ports by offsets from a base (`router_metrics_port + g`, NIXL side channels from
 /// `nixl_side_channel_port`).
@@ -586,6 +592,11 @@ pub fn free_port_block(len: u16) -> u16 {
         }
         let mut given = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if (base..base + len).any(|p| given.contains(&p)) {
+            continue;
+        }
+        // Claimed across test processes too (a claim is never given back: the block may be
+        // half claimed when another process holds a later port of it).
+        if !(base..base + len).all(|p| try_claim("port", &p.to_string())) {
             continue;
         }
         given.extend(base..base + len);
@@ -822,11 +833,11 @@ pub fn claim_first(
         .unwrap_or_else(|| panic!("no free `{kind}` value left to claim"))
 }
 
-/// A TCP port free now and claimed for the life of this process: unlike [`free_port`], no
-/// other test process that claims its ports can get the same one while this one runs.
+/// A TCP port free now and claimed for the life of this process: no other test process
+/// that claims its ports can get the same one while this one runs.
 pub fn claim_port() -> u16 {
     for _ in 0..1000 {
-        let port = free_port();
+        let port = os_port();
         if try_claim("port", &port.to_string()) {
             return port;
         }
