@@ -964,3 +964,301 @@ fn help_of_every_subcommand_shows_an_example() {
         assert!(out.stdout.contains("prl-flow"), "{}", out.stdout);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 10. what the docs promise: teardown order, attach, logs -f, status -v, timeouts,
+//     start_period, retries of a service
+
+/// Three services in a chain; each notes in `$WORK/stops` when SIGTERM reaches it.
+const CHAIN: &str = r#"
+[[task]]
+id = "a"
+service = true
+run = 'trap "echo a >> \"$WORK/stops\"; exit 0" TERM; while :; do sleep 0.05; done'
+
+[[task]]
+id = "b"
+service = true
+needs = ["a"]
+run = 'trap "echo b >> \"$WORK/stops\"; exit 0" TERM; while :; do sleep 0.05; done'
+
+[[task]]
+id = "c"
+service = true
+needs = ["b"]
+run = 'trap "echo c >> \"$WORK/stops\"; exit 0" TERM; while :; do sleep 0.05; done'
+"#;
+
+fn chain() -> Sandbox {
+    let sb = Sandbox::new();
+    sb.write("chain.toml", CHAIN);
+    sb
+}
+
+#[track_caller]
+fn assert_nothing_runs(sb: &Sandbox) {
+    let left = common::processes_under(&sb.join("st"));
+    assert!(left.is_empty(), "processes left running:\n{left:#?}");
+}
+
+#[test]
+fn down_stops_services_last_started_first() {
+    let sb = chain();
+    sb.run(&["run", "chain.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let down = sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    // Each service heard its SIGTERM only once the one after it had ended.
+    assert_eq!(sb.lines("stops"), ["c", "b", "a"]);
+    let at = |id: &str| {
+        down.stderr
+            .find(&format!("stopped {id}"))
+            .unwrap_or_else(|| panic!("`{id}` not stopped:\n{}", down.stderr))
+    };
+    assert!(at("c") < at("b") && at("b") < at("a"), "{}", down.stderr);
+    assert_nothing_runs(&sb);
+}
+
+/// `run --attach` (what `./dev demo` runs) says when a service dies, and Ctrl-C stops
+/// everything.
+#[test]
+fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
+    let sb = chain();
+    let mut run = sb.spawn(
+        "attach",
+        &[
+            "--no-progress",
+            "run",
+            "chain.toml",
+            "--state-dir",
+            "st",
+            "--attach",
+        ],
+    );
+    wait_until("attached", WAIT, || run.stderr_text().contains("attached:"));
+    let b = pid_of(&sb.join("st"), "b").expect("b's pid");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(b), Signal::SIGKILL).expect("kill b");
+    wait_until("the death of `b` reported", WAIT, || {
+        run.stderr_text().contains("warning: `b` is down")
+    });
+    run.signal(Signal::SIGINT);
+    let out = run.wait(COMMAND_DEADLINE);
+    out.expect_code(0);
+    assert!(
+        out.stderr.contains("stopping the deployment"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(sb.lines("stops"), ["c", "a"]);
+    assert_nothing_runs(&sb);
+}
+
+/// `run --attach` ends by itself when `down` runs elsewhere.
+#[test]
+fn attach_ends_when_down_runs_elsewhere() {
+    let sb = chain();
+    let mut run = sb.spawn(
+        "attach",
+        &[
+            "--no-progress",
+            "run",
+            "chain.toml",
+            "--state-dir",
+            "st",
+            "--attach",
+        ],
+    );
+    wait_until("attached", WAIT, || run.stderr_text().contains("attached:"));
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+    let out = run.wait(COMMAND_DEADLINE);
+    out.expect_code(0);
+    assert!(
+        out.stderr
+            .contains("the deployment was stopped by `prl-flow down`"),
+        "{}",
+        out.stderr
+    );
+    assert_nothing_runs(&sb);
+}
+
+/// `logs -f` prints what a task appends, as it comes, and ends when the task ends.
+#[test]
+fn logs_follow_prints_what_is_appended_and_ends_with_the_task() {
+    let sb = Sandbox::new();
+    sb.write(
+        "talk.toml",
+        r#"
+[[task]]
+id = "talker"
+service = true
+run = 'echo first-line; while [ ! -f "$WORK/go" ]; do sleep 0.05; done; echo second-line; while :; do sleep 0.05; done'
+"#,
+    );
+    sb.run(&["run", "talk.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let mut follow = sb.spawn("follow", &["logs", "talker", "-f", "--state-dir", "st"]);
+    wait_until("the first line followed", WAIT, || {
+        follow.stdout_text().contains("first-line")
+    });
+    assert!(!follow.stdout_text().contains("second-line"));
+    sb.write("go", "");
+    wait_until("the appended line followed", WAIT, || {
+        follow.stdout_text().contains("second-line")
+    });
+    assert!(follow.is_running(), "`logs -f` ended while the task runs");
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+    let out = follow.wait(COMMAND_DEADLINE);
+    out.expect_code(0);
+}
+
+/// `status -v` shows a dead service as down and says what a resume would do about it and
+/// what follows it.
+#[test]
+fn status_verbose_shows_a_dead_service_and_what_a_resume_would_do() {
+    let sb = chain();
+    sb.run(&["run", "chain.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let b = pid_of(&sb.join("st"), "b").expect("b's pid");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(b), Signal::SIGKILL).expect("kill b");
+    wait_gone("b", b);
+    let out = sb.run(&["status", "chain.toml", "--state-dir", "st", "-v"]);
+    out.expect_code(1);
+    let row = |id: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no row for `{id}`:\n{}", out.stdout))
+            .to_string()
+    };
+    assert!(row("a").contains(" up"), "{}", out.stdout);
+    assert!(row("b").contains(" down"), "{}", out.stdout);
+    let plan = out
+        .stdout
+        .split("what `run --resume` would do:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no resume plan:\n{}", out.stdout));
+    let says = |word: &str, id: &str, why: &str| {
+        plan.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.first() == Some(&word) && w.get(1) == Some(&id) && l.contains(why)
+        })
+    };
+    assert!(says("keep", "a", ""), "{plan}");
+    assert!(says("run", "b", "no longer alive"), "{plan}");
+    assert!(says("run", "c", "upstream re-ran"), "{plan}");
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+    assert_nothing_runs(&sb);
+}
+
+/// A service whose probe never passes, with a long `ready_timeout` and a short `timeout`:
+/// `timeout` covers readiness, so the attempt ends at `timeout` and its process is stopped.
+#[test]
+fn timeout_covers_readiness() {
+    let sb = Sandbox::new();
+    let port = common::free_port();
+    sb.write(
+        "slow.toml",
+        &format!(
+            r#"
+[[task]]
+id = "slow"
+service = true
+run = 'exec sleep 1000'
+timeout = "1s"
+ready = {{ tcp = "127.0.0.1:{port}", ready_timeout = "1h" }}
+"#
+        ),
+    );
+    let out = sb.run(&["run", "slow.toml", "--state-dir", "st"]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("timed out after 1s"), "{}", out.stderr);
+    assert_eq!(
+        status_of(&sb.join("st"), "slow").as_deref(),
+        Some("timed-out")
+    );
+    assert_nothing_runs(&sb);
+}
+
+/// Probe failures within `start_period` are expected and not reported; after it they are.
+#[test]
+fn start_period_hides_the_probe_failures_it_expects() {
+    let sb = Sandbox::new();
+    let port = common::free_port();
+    let service = |id: &str, period: &str| {
+        format!(
+            r#"
+[[task]]
+id = "{id}"
+service = true
+run = 'exec sleep 1000'
+ready = {{ tcp = "127.0.0.1:{port}", interval = "50ms", start_period = "{period}", ready_timeout = "1s" }}
+"#
+        )
+    };
+    sb.write(
+        "two.toml",
+        &format!("{}{}", service("patient", "1h"), service("eager", "0s")),
+    );
+    let out = sb.run(&[
+        "--no-progress",
+        "run",
+        "two.toml",
+        "--state-dir",
+        "st",
+        "--keep-going",
+    ]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains(&format!(
+            "wait   eager: not ready yet: tcp 127.0.0.1:{port}"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("wait   patient"), "{}", out.stderr);
+    assert_nothing_runs(&sb);
+}
+
+/// A retried service stops its previous attempt before the next one starts: two attempts
+/// never run at once (each notes whether the one before it still ran).
+#[test]
+fn a_retried_service_stops_its_previous_attempt_first() {
+    let sb = Sandbox::new();
+    let port = common::free_port();
+    sb.write(
+        "retry.toml",
+        &format!(
+            r#"
+[[task]]
+id = "svc"
+service = true
+retries = 2
+backoff = "10ms"
+timeout = "1s"
+run = '''
+if [ -f "$WORK/pids" ]; then
+  last=$(tail -n 1 "$WORK/pids")
+  state=$(cut -d" " -f3 "/proc/$last/stat" 2>/dev/null)
+  if [ -n "$state" ] && [ "$state" != Z ]; then echo "$last" >> "$WORK/overlap"; fi
+fi
+echo $$ >> "$WORK/pids"
+exec sleep 1000
+'''
+ready = {{ tcp = "127.0.0.1:{port}" }}
+"#
+        ),
+    );
+    let out = sb.run(&["run", "retry.toml", "--state-dir", "st"]);
+    out.expect_code(1);
+    let pids = sb.lines("pids");
+    assert_eq!(pids.len(), 3, "three attempts: {pids:?}\n{}", out.stderr);
+    assert_eq!(
+        sb.lines("overlap"),
+        Vec::<String>::new(),
+        "attempts overlapped"
+    );
+    for p in &pids {
+        assert!(!alive(p.parse().expect("pid")), "attempt {p} still runs");
+    }
+    assert_nothing_runs(&sb);
+}

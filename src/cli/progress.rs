@@ -3,7 +3,8 @@
 //! - [`Bars`] on a terminal: an overall bar and one spinner line per running task, with
 //!   what the task is waiting for;
 //! - [`Lines`] otherwise (pipes, CI, `--no-progress`): one timestamped line per event worth
-//!   reading later.
+//!   reading later, and what a task waits for when that changes (or once a minute while it
+//!   does not: an engine loads for many minutes).
 //!
 //! Both write to stderr; stdout is kept for results. Neither holds up the scheduler: they
 //! only format and print.
@@ -31,10 +32,15 @@ pub fn clock() -> String {
     )
 }
 
+/// How often a task's unchanged "waiting for" line is said again in plain lines.
+const SAY_AGAIN: Duration = Duration::from_secs(60);
+
 /// Plain lines, for logs and CI.
 pub struct Lines {
     out: Mutex<Box<dyn Write + Send>>,
     quiet: bool,
+    /// The last line of output said per task, and when.
+    waiting: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
 
 impl Lines {
@@ -42,6 +48,7 @@ impl Lines {
         Self {
             out: Mutex::new(Box::new(std::io::stderr())),
             quiet,
+            waiting: Mutex::new(HashMap::new()),
         }
     }
     fn say(&self, text: &str) {
@@ -88,6 +95,21 @@ impl Subscriber for Lines {
             } => {
                 let first = error.lines().next().unwrap_or("");
                 self.say(&format!("retry  {id} in {}: {first}", fmt_duration(*delay)));
+            }
+            Event::Output { id, line } if !self.quiet => {
+                let now = std::time::Instant::now();
+                let say = self.waiting.lock().is_ok_and(|mut w| {
+                    let fresh = w.get(id.as_ref()).is_none_or(|(last, at)| {
+                        last != line || now.duration_since(*at) >= SAY_AGAIN
+                    });
+                    if fresh {
+                        w.insert(id.to_string(), (line.clone(), now));
+                    }
+                    fresh
+                });
+                if say {
+                    self.say(&format!("wait   {id}: {line}"));
+                }
             }
             Event::Finished {
                 id,
