@@ -99,7 +99,7 @@ impl Subscriber for Lines {
             Event::Output { id, line } if !self.quiet => {
                 let now = std::time::Instant::now();
                 let say = self.waiting.lock().is_ok_and(|mut w| {
-                    let fresh = w.get(id.as_ref()).is_none_or(|(last, at)| {
+                    let fresh = w.get(id.as_ref()).map_or(true, |(last, at)| {
                         last != line || now.duration_since(*at) >= SAY_AGAIN
                     });
                     if fresh {
