@@ -53,8 +53,11 @@ fn graph_renders_a_diamond_and_a_service_in_every_format() {
 
 #[test]
 fn graph_dot_is_accepted_by_graphviz() {
-    if !have("dot", &["-V"]) {
-        eprintln!("note: skipped: graphviz `dot` is not installed (CI installs it)");
+    if !common::prerequisite(
+        have("dot", &["-V"]),
+        "graphviz `dot` (the DOT output is NOT checked against graphviz)",
+        "apt-get install graphviz, or run `./dev test`",
+    ) {
         return;
     }
     let sb = Sandbox::new();
@@ -657,8 +660,11 @@ fn down_stops_what_is_left_of_a_group_whose_leader_died() {
 
 #[test]
 fn live_service_status_resume_logs_and_down() {
-    if !have("python3", &["--version"]) {
-        eprintln!("note: skipped: `python3` is not installed (the HTTP service needs it)");
+    if !common::prerequisite(
+        have("python3", &["--version"]),
+        "python3 (the live HTTP service of this test)",
+        "apt-get install python3, or run `./dev test`",
+    ) {
         return;
     }
     let sb = Sandbox::new();

@@ -72,9 +72,14 @@ A failed or interrupted run stops the services it started (unless --keep). Fix t
     #[command(after_help = "Example:\n  prl-flow validate recipes/wide_ep.toml")]
     Validate(FileArgs),
     /// The state of each task from the journal; services are checked live.
-    #[command(after_help = "Examples:
+    #[command(
+        after_help = "Exit status: 0 when all is well, 1 when a service is down (or its \
+backend cannot say) or a task failed or timed out.
+
+Examples:
   prl-flow status
-  prl-flow status recipes/local/single_node.toml -v    also say what a --resume would do")]
+  prl-flow status recipes/local/single_node.toml -v    also say what a --resume would do"
+    )]
     Status(StateArgs),
     /// Stop every service the journal records, in reverse order, and release nodes.
     #[command(

@@ -338,11 +338,15 @@ async fn status(session: &Session, cli: &Cli, a: &StateArgs) -> R<i32> {
             out("\n(name the recipe or workflow to see what `run --resume` would do)\n");
         }
     }
-    let down = rows
-        .iter()
-        .filter(|r| matches!(r.live, session::Liveness::Down | session::Liveness::Unknown))
-        .count();
-    Ok(if down > 0 { 1 } else { 0 })
+    // A failure shows as one: a service down (or that cannot be asked), a task that failed.
+    let bad = rows.iter().any(|r| {
+        matches!(r.live, session::Liveness::Down | session::Liveness::Unknown)
+            || matches!(
+                r.record.status,
+                prl_flow_engine::Status::Failed | prl_flow_engine::Status::TimedOut
+            )
+    });
+    Ok(i32::from(bad))
 }
 
 async fn down(session: &Session, dir: &Path, quiet: bool) -> R<i32> {
