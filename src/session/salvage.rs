@@ -1,8 +1,9 @@
 //! `down` on a damaged journal: what the journal no longer names may still run. Each run dir
-//! of the state dir is looked at for a local process's pid file (`PID ATTEMPT`, which the
-//! local backend's processes write before anything else), and a SLURM job this state dir
-//! submitted is cancelled by the job file the SLURM backend keeps. What cannot be known is
-//! said, with how to recover.
+//! of the state dir is looked at for a local process's pid file (whose first words are
+//! `PID ATTEMPT`; the local backend's processes write it before anything else, and the
+//! backend's `recover` checks the rest), and every other built-in backend is asked to take
+//! down what the state dir started (SLURM: the job its job file names). What cannot be known
+//! is said, with how to recover.
 
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use prl_flow_engine::journal::Damage;
 
 use super::{DownReport, Session};
 use crate::exec::STOP_GRACE;
-use crate::registry::builtins::LOCAL;
+use crate::registry::builtins::{BUILTINS, LOCAL};
 
 /// Stops the local processes whose pid files lie in the run dirs of `dir` and that still
 /// run (after the records' teardown, only those the damaged part named), and cancels a
@@ -78,9 +79,13 @@ pub(super) async fn stop_unrecorded(
             }
         }
     }
-    // A SLURM job this state dir submitted (its job file), whatever the journal says.
-    if let Ok(slurm) = session.registry().for_handles("slurm", None) {
-        for s in slurm.teardown(&[], STOP_GRACE, Some(dir)).await {
+    // What the state dir started on other backends, whatever the journal says (SLURM: the
+    // job of its job file).
+    for name in BUILTINS.iter().filter(|n| **n != LOCAL) {
+        let Ok(backend) = session.registry().for_handles(name, None) else {
+            continue;
+        };
+        for s in backend.teardown(&[], STOP_GRACE, Some(dir)).await {
             if let Some(e) = s.error {
                 report.failures.push(format!("{}: {e}", s.id));
             }
@@ -88,7 +93,7 @@ pub(super) async fn stop_unrecorded(
     }
 }
 
-/// `PID ATTEMPT`, as a local process writes its pid file.
+/// The first words of a local process's pid file: `PID ATTEMPT`.
 fn pid_file(text: &str) -> Option<(i32, u64)> {
     let mut w = text.split_whitespace();
     Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
