@@ -163,6 +163,14 @@ pub trait Backend: Send + Sync {
     /// that is already gone is not an error.
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError>;
 
+    /// Stops as [`Backend::stop`] does, and says whether anything of the process was running
+    /// (for `down`'s count). The default asks [`Backend::status`] first; a backend that can
+    /// see what a process left behind (a group whose leader died) counts that too.
+    async fn stop_found(&self, handle: &ProcHandle, grace: Duration) -> Result<bool, BackendError> {
+        let was_running = matches!(self.status(handle).await, Ok(ProcState::Running));
+        self.stop(handle, grace).await.map(|()| was_running)
+    }
+
     /// Takes down what a journal records (`items`, last started first): stops each process
     /// as [`Backend::stop`] would and releases each allocation, and says how each went. The
     /// default does one item after the other, in order ([`teardown_each`]); a backend that

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::{Allocation, Backend, BackendError, ProcHandle, ProcState};
+use crate::{Allocation, Backend, BackendError, ProcHandle};
 
 /// What a journal record holds that a teardown takes down.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,10 +67,10 @@ pub async fn teardown_each<B: Backend + ?Sized>(
     for item in items {
         let (was_running, result) = match &item.held {
             Held::Allocation(a) => (false, backend.release(a).await),
-            Held::Process(h) => {
-                let was_running = matches!(backend.status(h).await, Ok(ProcState::Running));
-                (was_running, backend.stop(h, grace).await)
-            }
+            Held::Process(h) => match backend.stop_found(h, grace).await {
+                Ok(found) => (found, Ok(())),
+                Err(e) => (false, Err(e)),
+            },
         };
         out.push(Stopped {
             id: item.id.clone(),
@@ -88,7 +88,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::SpawnSpec;
+    use crate::{ProcState, SpawnSpec};
 
     /// Remembers each call; `p1` is running, stopping `p2` fails.
     #[derive(Default)]

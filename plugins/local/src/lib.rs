@@ -39,8 +39,8 @@ use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, Held, Listener, PortHolder, ProcHandle, ProcState, Recorded,
-    SpawnSpec, Stopped, LOG_MARK,
+    Allocation, Backend, BackendError, Listener, PortHolder, ProcHandle, ProcState, SpawnSpec,
+    LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -181,30 +181,11 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    async fn teardown(
-        &self,
-        items: &[Recorded],
-        grace: Duration,
-        _state_dir: Option<&Path>,
-    ) -> Vec<Stopped> {
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            let (was_running, result) = match &item.held {
-                Held::Allocation(a) => (false, self.release(a).await),
-                Held::Process(h) => {
-                    // Anything of its group counts: a leader that died may leave workers.
-                    let was_running = Self::parse(h).is_ok_and(|p| !p.members().is_empty())
-                        || matches!(self.status(h).await, Ok(ProcState::Running));
-                    (was_running, self.stop(h, grace).await)
-                }
-            };
-            out.push(Stopped {
-                id: item.id.clone(),
-                was_running,
-                error: result.err().map(|e| e.message),
-            });
-        }
-        out
+    /// Anything of the group counts: a leader that died may leave workers.
+    async fn stop_found(&self, handle: &ProcHandle, grace: Duration) -> Result<bool, BackendError> {
+        let h = Self::parse(handle)?;
+        let found = !h.members().is_empty();
+        self.stop(handle, grace).await.map(|()| found)
     }
 
     async fn ports_taken(
@@ -464,6 +445,7 @@ fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prl_flow_backend::{Held, Recorded};
 
     fn spec(dir: &Path, argv: &[&str], service: bool) -> SpawnSpec {
         SpawnSpec {

@@ -105,6 +105,13 @@ impl<B: Backend> Backend for WithLocal<B> {
         self.remote.stop(handle, grace).await
     }
 
+    async fn stop_found(&self, handle: &ProcHandle, grace: Duration) -> Result<bool, BackendError> {
+        if is_local(handle) {
+            return self.local.stop_found(handle, grace).await;
+        }
+        self.remote.stop_found(handle, grace).await
+    }
+
     /// The local items to the local backend, the rest to the remote one (which batches them
     /// as it can); local ones first.
     async fn teardown(

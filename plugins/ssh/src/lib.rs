@@ -74,8 +74,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, Held, ProcHandle, ProcState, Recorded,
-    SpawnSpec, Stopped,
+    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
 };
 use prl_flow_local::WithLocal;
 use tokio::sync::watch;
@@ -417,33 +416,13 @@ impl Backend for SshBackend {
         self.stop_group(&h, grace).await.map(|_| ())
     }
 
-    /// Each item in turn, in the order given; a process counts as running when anything of
-    /// its group was (the leader or what it left behind).
-    async fn teardown(
-        &self,
-        items: &[Recorded],
-        grace: Duration,
-        _state_dir: Option<&Path>,
-    ) -> Vec<Stopped> {
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            let (was_running, result) = match &item.held {
-                Held::Allocation(a) => (false, self.release(a).await),
-                Held::Process(handle) => match parse(handle) {
-                    Ok(h) => match self.stop_group(&h, grace).await {
-                        Ok(found) => (!found.is_empty(), Ok(())),
-                        Err(e) => (false, Err(e)),
-                    },
-                    Err(e) => (false, Err(e)),
-                },
-            };
-            out.push(Stopped {
-                id: item.id.clone(),
-                was_running,
-                error: result.err().map(|e| e.message),
-            });
-        }
-        out
+    /// A process counts as running when anything of its group was (the leader or what it
+    /// left behind).
+    async fn stop_found(&self, handle: &ProcHandle, grace: Duration) -> Result<bool, BackendError> {
+        let h = parse(handle)?;
+        self.stop_group(&h, grace)
+            .await
+            .map(|found| !found.is_empty())
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {
