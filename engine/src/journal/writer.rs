@@ -313,8 +313,19 @@ impl Journal {
                 version: 1,
                 records: &g.records,
             };
-            closed = write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot))
-                .map_err(|e| format!("{SNAPSHOT}: {e}"));
+            // With every append on file, only the snapshot is missing: nothing is lost.
+            let log_whole = g.error.is_none();
+            closed = write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(|e| {
+                if log_whole {
+                    format!(
+                        "{SNAPSHOT}: {e} (every record is on file in {LOG}: `status`, \
+                         `run --resume` and `down` work, and the snapshot is written again \
+                         when there is room)"
+                    )
+                } else {
+                    format!("{SNAPSHOT}: {e}")
+                }
+            });
         }
         if closed.is_ok() {
             g.changed = false;
@@ -437,6 +448,28 @@ mod tests {
             }
             other => panic!("expected a lock error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_be_written_says_the_log_holds_every_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(dir.path(), false, "t").expect("open");
+        j.put(rec("a", Status::Done));
+        // The snapshot's place is taken (a full disk fails the same call): its rename fails.
+        let snapshot = dir.path().join(SNAPSHOT);
+        let _ = std::fs::remove_file(&snapshot);
+        std::fs::create_dir_all(snapshot.join("in-the-way")).expect("dir");
+        let err = j
+            .close()
+            .expect_err("the snapshot cannot be written")
+            .to_string();
+        assert!(
+            err.contains("every record is on file in journal.log"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&snapshot).expect("clear");
+        let r = load(dir.path()).expect("load");
+        assert_eq!(r["a"].status, Status::Done);
     }
 
     #[test]
