@@ -134,42 +134,106 @@ pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     bytes
 }
 
+/// How long a lock whose holder has died may still be held: a process the holder was
+/// starting when it was killed keeps the lock's file open until its `exec` closes it (a few
+/// ms, more on a loaded machine).
+const DEAD_HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(super) fn lock(dir: &Path, holder: &str) -> Result<nix::fcntl::Flock<File>, JournalError> {
     let path = dir.join(LOCK);
     let io = |source| JournalError::Io {
         dir: dir.to_path_buf(),
         source,
     };
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(mut f) => {
-            let text = format!("{holder} (pid {})\n", std::process::id());
-            f.set_len(0).map_err(io)?;
-            f.write_all(text.as_bytes()).map_err(io)?;
-            Ok(f)
+    let deadline = std::time::Instant::now() + DEAD_HOLDER_GRACE;
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut f) => {
+                let text = format!("{holder} (pid {})\n", std::process::id());
+                f.set_len(0).map_err(io)?;
+                f.write_all(text.as_bytes()).map_err(io)?;
+                return Ok(f);
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = std::fs::read_to_string(&path)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "unknown".into());
+                if holder_pid(&holder).is_some_and(|pid| !alive(pid))
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                return Err(JournalError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err((_, e)) => return Err(io(std::io::Error::from(e))),
         }
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let holder = std::fs::read_to_string(&path)
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "unknown".into());
-            Err(JournalError::Locked {
-                dir: dir.to_path_buf(),
-                holder,
-            })
-        }
-        Err((_, e)) => Err(io(std::io::Error::from(e))),
     }
+}
+
+/// The pid in a lock file's `HOLDER (pid N)`.
+fn holder_pid(text: &str) -> Option<i32> {
+    let rest = &text[text.rfind("(pid ")? + 5..];
+    rest.strip_suffix(')')?.parse().ok()
+}
+
+/// Whether a process of that pid runs (a zombie does not: it has released its files).
+fn alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .and_then(|rest| rest.chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A holder killed while it started a process: the process holds the lock's file until
+    /// its `exec`. The lock is taken once it lets go, not refused as "in use".
+    #[test]
+    fn a_lock_held_after_its_holder_died_is_waited_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let held = lock(dir.path(), "prl-flow run wf.toml").expect("lock");
+        std::fs::write(
+            dir.path().join(LOCK),
+            format!("prl-flow run wf.toml (pid {dead})\n"),
+        )
+        .expect("holder");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+        });
+        lock(dir.path(), "prl-flow run wf.toml --resume").expect("taken once released");
+        release.join().expect("join");
+        // A live holder is refused at once.
+        let _mine = lock(dir.path(), "me").expect("lock");
+        let other = std::thread::spawn({
+            let d = dir.path().to_path_buf();
+            move || lock(&d, "other").map(|_| ())
+        });
+        assert!(matches!(
+            other.join().expect("join"),
+            Err(JournalError::Locked { .. })
+        ));
+    }
 
     fn line(id: &str) -> String {
         let r = crate::testing::record(id, crate::record::Status::Done, "f");
