@@ -35,6 +35,10 @@
 //! script, on stdin, and the process through a file only the user can read: never through a
 //! command line.
 //!
+//! **Ports** ([`script::ports`]). Before a start, the task's ports are looked up in the
+//! host's `/proc/net/tcp*`; a probe that passes counts only when a process of the service's
+//! group holds the listening socket. Each is one ssh round trip.
+//!
 //! **Handles** are JSON the journal keeps; the payload of a process's:
 //!
 //! ```json

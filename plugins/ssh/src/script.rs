@@ -2,7 +2,7 @@
 //!
 //! Each script is a fixed prelude of functions plus a few variable assignments whose values
 //! are quoted with `shlex` (never by hand), then a fixed body. Only POSIX `sh`, `setsid`
-//! (util-linux) and Linux `/proc` are needed on the host.
+//! (util-linux) and Linux `/proc` are needed on the host (and `awk` and `ls` for [`ports`]).
 //!
 //! A process is identified by its pid, its start time (field 22 of `/proc/PID/stat`, in clock
 //! ticks since boot) and the host's boot id: a pid alone could be reused, and start times

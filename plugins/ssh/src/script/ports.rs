@@ -212,7 +212,7 @@ fn same_ip(want: IpAddr, have: IpAddr) -> bool {
 /// An address as `/proc/net/tcp*` writes it: 32-bit words in hex, each the host's memory
 /// order of its bytes. Hosts are taken to be little-endian, as Linux on x86 and arm is.
 fn hex_addr(hex: &str) -> Option<IpAddr> {
-    if hex.len() % 8 != 0 {
+    if hex.len() != 8 && hex.len() != 32 {
         return None;
     }
     let mut bytes = Vec::with_capacity(hex.len() / 2);
