@@ -284,6 +284,23 @@ impl Hosts {
         }
     }
 
+    /// Like [`Hosts::settle`], with process `pid` left out.
+    fn settle_but(&self, k: usize, pid: i32) -> Vec<String> {
+        let began = Instant::now();
+        loop {
+            let p: Vec<String> = self
+                .pids(k)
+                .into_iter()
+                .filter(|(p, _)| *p != pid)
+                .map(|(_, c)| c)
+                .collect();
+            if p.is_empty() || began.elapsed() > Duration::from_secs(5) {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn count(&self, k: usize, needle: &str) -> usize {
         self.processes(k)
             .iter()
@@ -958,6 +975,172 @@ async fn stop_and_down_end_a_group_whose_leader_is_gone() {
     assert_eq!(hosts.count(0, "sleep 403"), 0, "{:?}", hosts.processes(0));
 }
 
+/// Starts `argv` on host `k` over plain ssh, in a session of its own, and says its pid (the
+/// pid space is shared with the host). A stranger to prl-flow: no run knows it.
+fn start_on(hosts: &Hosts, k: usize, argv: &[&str]) -> Stranger {
+    let (host, port) = match hosts.list[k].target.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.to_string()),
+        None => (hosts.list[k].target.clone(), "22".to_string()),
+    };
+    let words: Vec<String> = argv
+        .iter()
+        .map(|a| shlex::try_quote(a).expect("quote").into_owned())
+        .collect();
+    let remote = format!(
+        "setsid {} </dev/null >/dev/null 2>&1 & echo $!",
+        words.join(" ")
+    );
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(hosts.dir().join("ssh_config"))
+        .args(["-o", "BatchMode=yes", "-p", &port, &host, &remote])
+        .output()
+        .expect("ssh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "no pid from host {k}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Stranger(pid)
+}
+
+/// A process started by [`start_on`]; killed on drop.
+struct Stranger(i32);
+
+impl Stranger {
+    fn alive(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z') && !r.starts_with('X'))
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Waits until something accepts connections at `addr:port`.
+fn wait_listening(addr: &str, port: u16) {
+    let began = Instant::now();
+    let to: std::net::SocketAddr = format!("{addr}:{port}").parse().expect("address");
+    while std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "nothing listens at {to}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_tells_a_services_own_listener_from_a_strangers_on_the_host() {
+    let Some(hosts) = Hosts::up(1) else { return };
+    let state = hosts.dir().join("state");
+    let b = hosts.backend(&state);
+    let alloc = b.allocate(&["node0".into()]).await.expect("allocation");
+    let addr = alloc.hosts["node0"].clone();
+    let base = common::free_port_block(3);
+    let (its, taken, free) = (base, base + 1, base + 2);
+    let engine = common::mock_engine();
+    // A stranger on a wildcard address; then the service: an engine that its leader leaves
+    // behind in the group once the file `go` appears in the run dir.
+    let stranger = start_on(
+        &hosts,
+        0,
+        &[&engine, "--host", "0.0.0.0", "--port", &taken.to_string()],
+    );
+    wait_listening(&addr, taken);
+    let found = b
+        .ports_taken(Some("node0"), &addr, &[its, taken, free])
+        .await
+        .expect("ports")
+        .expect("the ssh backend can tell");
+    let want = format!("pid {} (", stranger.0);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].port, taken);
+    assert!(
+        found[0]
+            .holder
+            .as_deref()
+            .is_some_and(|h| h.starts_with(&want)),
+        "{found:?}"
+    );
+
+    let cmd = format!(
+        "{} --host {addr} --port {its} & while [ ! -e go ]; do sleep 0.1; done",
+        shlex::try_quote(&engine).expect("quote")
+    );
+    let h = b
+        .spawn(&spec(
+            "svc",
+            Some("node0"),
+            &["sh", "-c", &cmd],
+            true,
+            &state,
+        ))
+        .await
+        .expect("spawn");
+    wait_listening(&addr, its);
+    let later = SshBackend::from_handles();
+    assert_eq!(
+        later.listener(&h, &addr, its).await.expect("listener"),
+        prl_flow_backend::Listener::Ours
+    );
+    assert_eq!(
+        later.listener(&h, &addr, free).await.expect("listener"),
+        prl_flow_backend::Listener::Nobody
+    );
+    match later.listener(&h, &addr, taken).await.expect("listener") {
+        prl_flow_backend::Listener::Other(who) => assert!(who.starts_with(&want), "{who}"),
+        other => panic!("{other:?}"),
+    }
+    // A handle whose start time is not the leader's names no group (the pid is
+    // another process's now): the engine is a stranger to it.
+    let mut fake = h.clone();
+    fake.payload["start"] = json!(h.payload["start"].as_u64().unwrap_or(0) + 1);
+    assert!(matches!(
+        later.listener(&fake, &addr, its).await.expect("listener"),
+        prl_flow_backend::Listener::Other(_)
+    ));
+    // The port is taken now, by the service.
+    let found = b
+        .ports_taken(Some("node0"), &addr, &[its])
+        .await
+        .expect("ports")
+        .expect("the ssh backend can tell");
+    assert_eq!(found.len(), 1, "{found:?}");
+
+    // The leader ends; the engine it left in the group still counts as the service's.
+    let pid = h.payload["pid"].as_i64().expect("pid") as i32;
+    let run_dir = PathBuf::from(h.payload["run_dir"].as_str().expect("run dir"));
+    std::fs::write(run_dir.join("go"), "").expect("go");
+    let began = Instant::now();
+    while later.status(&h).await.expect("status") == ProcState::Running {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the leader runs on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(group_members(pid).len(), 1, "{:?}", group_members(pid));
+    assert_eq!(
+        later.listener(&h, &addr, its).await.expect("listener"),
+        prl_flow_backend::Listener::Ours
+    );
+
+    later.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    assert_eq!(group_members(pid), Vec::<String>::new());
+    assert!(stranger.alive(), "the stranger was stopped");
+    b.release(&alloc).await.expect("release");
+}
+
 // ---------------------------------------------------------------------------------------
 // A deployment through the engine: the library-level twin of
 // `prl-flow run recipes/local/multi_node.toml` on three ssh hosts.
@@ -1402,6 +1585,157 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     for k in 0..3 {
         assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
     }
+}
+
+/// `tests/fixtures/ssh/multi_node.toml` on `hosts` as one node, its ports free ones from
+/// `base` (backend, router, router metrics) and `engine_env` in its place; and the path of
+/// the recipe written.
+fn one_node_recipe(hosts: &Hosts, base: u16, engine_env: &str) -> PathBuf {
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ssh/multi_node.toml"
+    ))
+    .expect("fixture");
+    let recipe = fixture
+        .replace("num_nodes = 3", "num_nodes = 1")
+        .replace("backend_port = 18110", &format!("backend_port = {base}"))
+        .replace(
+            "router_port = 18010",
+            &format!("router_port = {}", base + 1),
+        )
+        .replace(
+            "router_metrics_port = 18910",
+            &format!("router_metrics_port = {}", base + 2),
+        )
+        .replace("@HOSTS@", &format!("[\"{}\"]", hosts.list[0].target))
+        .replace("@SSH_CONFIG@", path(&hosts.dir().join("ssh_config")))
+        .replace("@CONTROL_DIR@", path(&hosts.dir().join("cm")))
+        .replace("@REMOTE_DIR@", path(&hosts.dir().join("remote")))
+        .replace("@ENGINE_ENV@", engine_env);
+    let file = hosts.dir().join("one_node.toml");
+    std::fs::write(&file, recipe).expect("recipe");
+    file
+}
+
+/// The address of host `k` (what `${host:node0}` becomes).
+fn address(hosts: &Hosts, k: usize) -> String {
+    let t = &hosts.list[k].target;
+    t.rsplit_once(':').map_or(t.clone(), |(h, _)| h.to_string())
+}
+
+#[test]
+fn cli_a_port_taken_on_the_host_fails_the_start_naming_the_port_and_its_holder() {
+    let Some(router) = router_program() else {
+        return;
+    };
+    let Some(hosts) = Hosts::up(1) else { return };
+    let base = common::free_port_block(3);
+    let file = one_node_recipe(&hosts, base, "");
+    let addr = address(&hosts, 0);
+    // Another process holds the engine's port on the host, at every address.
+    let engine = common::mock_engine();
+    let stranger = start_on(
+        &hosts,
+        0,
+        &[&engine, "--host", "0.0.0.0", "--port", &base.to_string()],
+    );
+    wait_listening(&addr, base);
+    let state = hosts.dir().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["run", path(&file), "--engine", "mock", "--router"])
+        .arg(&router)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("prl-flow");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let want = format!(
+        "port {base} is already in use (set by [inference.deployment] backend_port), held by pid {} (",
+        stranger.0
+    );
+    assert!(err.contains(&want), "no `{want}` in:\n{err}");
+    // Nothing started: the host runs the stranger alone, and the journal holds no handle.
+    assert_eq!(hosts.settle_but(0, stranger.0), Vec::<String>::new());
+    let records = prl_flow_engine::journal::load(&state).unwrap_or_default();
+    assert!(
+        records
+            .values()
+            .all(|r| r.kind == ALLOCATE || r.handle.is_none()),
+        "{records:?}"
+    );
+    assert!(stranger.alive(), "the stranger was stopped");
+    let (code, err) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+            .args(["down", path(&file), "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("down");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stranger.alive(), "down stopped the stranger");
+}
+
+#[test]
+fn cli_a_probe_answered_by_another_process_on_the_host_does_not_make_a_service_ready() {
+    let Some(router) = router_program() else {
+        return;
+    };
+    let Some(hosts) = Hosts::up(1) else { return };
+    let base = common::free_port_block(3);
+    // The engine never binds its port.
+    let file = one_node_recipe(
+        &hosts,
+        base,
+        "[inference.deployment.env]\nPRL_MOCK_FAIL = \"hang\"",
+    );
+    let addr = address(&hosts, 0);
+    let state = hosts.dir().join("state");
+    let run = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["run", path(&file), "--engine", "mock", "--router"])
+        .arg(&router)
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    // Once the journal records the engine as started, a stranger answers on its port.
+    let began = Instant::now();
+    let engine_id = loop {
+        let records = prl_flow_engine::journal::load(&state).unwrap_or_default();
+        let started = records
+            .iter()
+            .find(|(_, r)| r.kind == "engine" && r.status == Status::Running && r.handle.is_some());
+        if let Some((id, _)) = started {
+            break id.clone();
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "the engine never started: {records:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let engine = common::mock_engine();
+    let stranger = start_on(
+        &hosts,
+        0,
+        &[&engine, "--host", &addr, "--port", &base.to_string()],
+    );
+    let out = run.wait_with_output().expect("run ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let want = format!(
+        "`{engine_id}` on node0 ({addr}) is not what answers on port {base}: pid {} (",
+        stranger.0
+    );
+    assert!(err.contains(&want), "no `{want}` in:\n{err}");
+    // Ours is stopped; the stranger is left alone.
+    assert_eq!(hosts.settle_but(0, stranger.0), Vec::<String>::new());
+    assert!(stranger.alive(), "the stranger was stopped");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@
 //! script, on stdin, and the process through a file only the user can read: never through a
 //! command line.
 //!
+//! **Ports** ([`script::ports`]). Before a start, the task's ports are looked up in the
+//! host's `/proc/net/tcp*`; a probe that passes counts only when a process of the service's
+//! group holds the listening socket. Each is one ssh round trip.
+//!
 //! **Handles** are JSON the journal keeps; the payload of a process's:
 //!
 //! ```json
@@ -74,7 +78,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, ProcHandle, ProcState, SpawnSpec,
+    last_lines, Allocation, Backend, BackendError, Listener, PortHolder, ProcHandle, ProcState,
+    SpawnSpec,
 };
 use prl_flow_local::WithLocal;
 use tokio::sync::watch;
@@ -158,6 +163,22 @@ impl SshBackend {
             links: Links::default(),
             nodes: Mutex::new(BTreeMap::new()),
             watches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs a port script on the host of `link` and reads its answer.
+    async fn sockets(
+        &self,
+        link: &Link,
+        text: &str,
+    ) -> Result<script::ports::Sockets, BackendError> {
+        let reply = link.run(text, OP_LIMIT).await?;
+        script::ports::Sockets::read(&reply.lines).ok_or_else(|| {
+            BackendError::new(format!(
+                "host `{}`: the port check did not finish: {}",
+                link.label,
+                reply.stderr.trim()
+            ))
         })
     }
 
@@ -321,6 +342,42 @@ impl Backend for SshBackend {
             self.link(conn)?.disconnect().await;
         }
         Ok(())
+    }
+
+    /// Reads the host's `/proc`, in one ssh round trip.
+    async fn ports_taken(
+        &self,
+        node: Option<&str>,
+        address: &str,
+        ports: &[u16],
+    ) -> Result<Option<Vec<PortHolder>>, BackendError> {
+        let Some(node) = node else {
+            return Ok(None);
+        };
+        if ports.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let link = self.link(&self.conn_for(node)?)?;
+        let sockets = self
+            .sockets(&link, &script::ports::ports_taken(ports)?)
+            .await?;
+        Ok(Some(sockets.taken(address, ports)))
+    }
+
+    /// Reads the host's `/proc`, in one ssh round trip: the listener is ours when a process
+    /// of the service's group holds it (found as `stop` finds the group).
+    async fn listener(
+        &self,
+        handle: &ProcHandle,
+        address: &str,
+        port: u16,
+    ) -> Result<Listener, BackendError> {
+        let h = parse(handle)?;
+        let link = self.link(&h.conn)?;
+        let sockets = self
+            .sockets(&link, &script::ports::listener(&h.proc(), port)?)
+            .await?;
+        Ok(sockets.listener(address, port))
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {

@@ -2,7 +2,7 @@
 //!
 //! Each script is a fixed prelude of functions plus a few variable assignments whose values
 //! are quoted with `shlex` (never by hand), then a fixed body. Only POSIX `sh`, `setsid`
-//! (util-linux) and Linux `/proc` are needed on the host.
+//! (util-linux) and Linux `/proc` are needed on the host (and `awk` and `ls` for [`ports`]).
 //!
 //! A process is identified by its pid, its start time (field 22 of `/proc/PID/stat`, in clock
 //! ticks since boot) and the host's boot id: a pid alone could be reused, and start times
@@ -19,6 +19,10 @@
 //! `setsid -f`, so it keeps default signal dispositions; a one-shot is started in the
 //! background of the spawn session, which then `wait`s for it and says how it ended the
 //! moment it does, over the same session.
+//!
+//! [`ports`] holds the scripts that tell who listens on a port of the host.
+
+pub mod ports;
 
 use prl_flow_backend::{BackendError, ProcState};
 
@@ -79,16 +83,21 @@ members() {
 	done
 	set -f
 }
+# Says `found PID COMM` for each live process of the group of pid $1 (start $2, boot $3),
+# whether or not its leader still runs, and sets n_ to their number: none after a reboot,
+# nor when another process has the leader's pid (the whole group ended long ago).
+group_of() {
+	n_=0
+	boot_id
+	[ "$boot_" = "$3" ] || return 0
+	if proc_start "$1" && [ "$start_" != "$2" ]; then return 0; fi
+	members "$1" "$2"
+}
 # Stops the group of pid $1 (start $2, boot $3), whether or not its leader still runs:
 # SIGTERM, up to $4 tenths of a second, SIGKILL. Says what it found running (`found`), sets
 # n_ to how many and stopped_ to none, term, kill or stuck.
 stop_group() {
-	n_=0
-	boot_id
-	[ "$boot_" = "$3" ] || { stopped_=none; return 0; }
-	# Another process has the leader's pid: the whole group ended long ago.
-	if proc_start "$1" && [ "$start_" != "$2" ]; then stopped_=none; return 0; fi
-	members "$1" "$2"
+	group_of "$1" "$2" "$3"
 	[ "$n_" -gt 0 ] || { stopped_=none; return 0; }
 	kill -s TERM -- "-$1" 2>/dev/null
 	i_=0
