@@ -445,6 +445,7 @@ fn spec(task: &str, node: Option<&str>, argv: &[&str], service: bool, dir: &Path
         env: BTreeMap::new(),
         files: BTreeMap::new(),
         run_dir: dir.join("run").join(task),
+        cwd: None,
         log: dir.join("logs").join(format!("{task}.log")),
         service,
         attempt: 0,
