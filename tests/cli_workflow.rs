@@ -635,7 +635,7 @@ fn down_stops_what_is_left_of_a_group_whose_leader_died() {
     sb.run(&["run", "orphan.toml", "--state-dir", "st"])
         .expect_code(0);
     let leader = pid_of(&st, "server").expect("the service's pid is recorded");
-    let worker_pid = st.join("run/server/worker.pid");
+    let worker_pid = sb.join("worker.pid");
     let worker: i32 = wait_for("the worker's pid", WAIT, || {
         std::fs::read_to_string(&worker_pid)
             .ok()?
@@ -1003,7 +1003,7 @@ fn chain() -> Sandbox {
 
 #[track_caller]
 fn assert_nothing_runs(sb: &Sandbox) {
-    let left = common::processes_under(&sb.join("st"));
+    let left = common::processes_under(sb.path());
     assert!(left.is_empty(), "processes left running:\n{left:#?}");
 }
 
