@@ -1307,7 +1307,14 @@ fn tasks_run_in_the_workflows_directory_or_their_dir_and_keep_their_files_in_the
     }
     // Nothing changed: a resume from another directory keeps both.
     let st = sb.join("st").display().to_string();
-    let mut again = sb.cmd(&["run", "../wf.toml", "--state-dir", &st, "--resume", "--explain"]);
+    let mut again = sb.cmd(&[
+        "run",
+        "../wf.toml",
+        "--state-dir",
+        &st,
+        "--resume",
+        "--explain",
+    ]);
     again.current_dir(sb.join("proj/sub"));
     let out = common::output_within(again, COMMAND_DEADLINE);
     out.expect_code(0);
@@ -1336,8 +1343,18 @@ fn a_changed_dir_runs_the_task_again() {
     std::fs::create_dir_all(sb.join("proj/other")).expect("proj/other");
     sb.run(&["run", "proj/wf.toml", "--state-dir", "st"])
         .expect_code(0);
-    sb.write("proj/wf.toml", &IN_A_DIR.replace("dir = \"sub\"", "dir = \"other\""));
-    let out = sb.run(&["run", "proj/wf.toml", "--state-dir", "st", "--resume", "--explain"]);
+    sb.write(
+        "proj/wf.toml",
+        &IN_A_DIR.replace("dir = \"sub\"", "dir = \"other\""),
+    );
+    let out = sb.run(&[
+        "run",
+        "proj/wf.toml",
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
     out.expect_code(0);
     assert_eq!(decision(&out.stdout, "build"), "keep", "{}", out.stdout);
     assert_eq!(decision(&out.stdout, "deeper"), "run", "{}", out.stdout);
@@ -1383,14 +1400,24 @@ fn kill_9_then_resume_adopts_a_one_shot_running_in_the_workflows_directory() {
             .map(|p| p as i32)
     });
     first.kill9();
-    assert!(alive(pid), "the one-shot must outlive a `kill -9` of prl-flow");
+    assert!(
+        alive(pid),
+        "the one-shot must outlive a `kill -9` of prl-flow"
+    );
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("its cwd");
     assert_eq!(cwd, std::fs::canonicalize(sb.join("proj")).expect("proj"));
     assert!(sb.join("st/run/long/pid").is_file());
 
     let mut resume = sb.spawn(
         "resume",
-        &["run", "proj/wf.toml", "--state-dir", "st", "--resume", "--explain"],
+        &[
+            "run",
+            "proj/wf.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ],
     );
     wait_until("the resume to adopt `long`", WAIT, || {
         resume.stderr_text().contains("adopt  long")
@@ -1398,7 +1425,11 @@ fn kill_9_then_resume_adopts_a_one_shot_running_in_the_workflows_directory() {
     sb.write("proj/gate", "");
     resume.wait(COMMAND_DEADLINE).expect_code(0);
     assert_eq!(sb.count("marks", "started"), 1, "`long` ran twice");
-    assert_eq!(pid_of(&st, "long"), Some(pid), "the adopted process is kept");
+    assert_eq!(
+        pid_of(&st, "long"),
+        Some(pid),
+        "the adopted process is kept"
+    );
     assert!(sb.join("proj/result").is_file());
     assert_eq!(
         std::fs::read_to_string(st.join("run/long/exit-status")).expect("exit status"),

@@ -1127,14 +1127,10 @@ async fn a_plugin_starts_a_task_in_its_dir() {
         ..Plan::default()
     };
     let backend: Arc<dyn Backend> = Arc::new(PluginBackend::new("wrapped", wrapped()));
-    let prepared = session::run::prepare(
-        &plan,
-        backend,
-        dir.path(),
-        &session::RunSettings::default(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("the plan does not make a run: {e:?}"));
+    let prepared =
+        session::run::prepare(&plan, backend, dir.path(), &session::RunSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("the plan does not make a run: {e:?}"));
     let report = bounded("the run", prepared.execute(Vec::new(), Cancel::never()))
         .await
         .expect("the run")

@@ -121,7 +121,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let work = dir.path().join("work dir");
         std::fs::create_dir(&work).expect("work dir");
-        let argv = vec!["sh".to_string(), "-c".to_string(), "pwd; exit 4".to_string()];
+        let argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            "pwd; exit 4".to_string(),
+        ];
         let w = wrap("sh", Some("cd /"), &argv, dir.path(), Some(&work), false, 7);
         let out = tokio::process::Command::new(&w[0])
             .args(&w[1..])

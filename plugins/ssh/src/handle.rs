@@ -136,7 +136,8 @@ pub(crate) fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
         }
     }
     if let Some(cwd) = &spec.cwd {
-        if !cwd.is_absolute() || cwd.to_str().map_or(true, |c| c.contains('\n')) {
+        let usable = cwd.is_absolute() && matches!(cwd.to_str(), Some(c) if !c.contains('\n'));
+        if !usable {
             return Err(BackendError::new(format!(
                 "task `{}`: the directory to start in, `{}`, must be an absolute path on the host",
                 spec.task,
