@@ -3,7 +3,7 @@
 # SIGKILL at a random moment of its first 300 ms, then `run --resume` and `down`. Counts
 #   duplicates  a task whose process was started twice (each task writes a start line),
 #   orphans     a process of the bring-up still alive after `down` (its cwd is under the
-#               state dir, where the local backend starts every task),
+#               try's `tasks/` dir, where every task starts: its `dir`),
 #   failures    a resume or down that did not exit 0, or a resume that left a service down.
 # Prints the counts and exits 1 if any is not 0.
 #
@@ -47,13 +47,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Live (not zombie) processes whose working directory is under $1.
+# Live (not zombie) processes whose working directory is $1 or under it.
 procs_under() {
     local dir=$1 p pid cwd state
     for p in /proc/[0-9]*; do
         pid=${p#/proc/}
         cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
-        case "$cwd" in "$dir"/*) ;; *) continue ;; esac
+        case "$cwd" in "$dir" | "$dir"/*) ;; *) continue ;; esac
         state=$(sed 's/.*) //' "$p/stat" 2>/dev/null | cut -d' ' -f1) || continue
         case "$state" in Z | X | "") continue ;; esac
         echo "$pid"
@@ -72,19 +72,19 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))'
 write_workflow() {
     local dir=$1 p1=$2 p2=$3 p3=$4
     engine() { # id port
-        printf '\n[[task]]\nid = "%s"\n' "$1"
+        printf '\n[[task]]\nid = "%s"\ndir = "tasks"\n' "$1"
         printf 'run = %s\n' "'echo $1 >> \"\$WORK/starts\"; exec \"$MOCK\" serve m --port $2'"
         printf 'service = true\nenv = { PRL_MOCK_STARTUP_DELAY = "%s" }\n' "$DELAY"
         printf 'ready = { http = "http://127.0.0.1:%s/health", interval = "20ms" }\n' "$2"
     }
     {
         printf 'name = "kill9"\n'
-        printf '\n[[task]]\nid = "prep"\nrun = %s\n' "'echo prep >> \"\$WORK/starts\"; sleep 0.05'"
+        printf '\n[[task]]\nid = "prep"\ndir = "tasks"\nrun = %s\n' "'echo prep >> \"\$WORK/starts\"; sleep 0.05'"
         engine e1 "$p1"
         printf 'needs = ["prep"]\n'
         engine e2 "$p2"
         printf 'needs = ["prep"]\n'
-        printf '\n[[task]]\nid = "client"\nrun = %s\nneeds = ["e1", "e2"]\n' \
+        printf '\n[[task]]\nid = "client"\ndir = "tasks"\nrun = %s\nneeds = ["e1", "e2"]\n' \
             "'echo client >> \"\$WORK/starts\"; sleep 0.05'"
         engine e3 "$p3"
         printf 'needs = ["client"]\n'
@@ -96,7 +96,7 @@ say_fail() { printf 'try %d: %s\n' "$1" "$2" >&2; }
 
 for i in $(seq 1 "$N"); do
     dir=$TMP/$i
-    mkdir -p "$dir"
+    mkdir -p "$dir/tasks"
     read -r p1 p2 p3 < <(free_ports)
     write_workflow "$dir" "$p1" "$p2" "$p3"
     export WORK=$dir
@@ -119,7 +119,7 @@ for i in $(seq 1 "$N"); do
         say_fail "$i" "resume after a kill at ${at_ms}ms failed: $(tail -3 resume.out)"
     else
         # Every service runs, once.
-        live=$(procs_under "$dir/st" | wc -l)
+        live=$(procs_under "$dir/tasks" | wc -l)
         if [ "$live" -ne 3 ]; then
             failures=$((failures + 1))
             say_fail "$i" "after the resume (kill at ${at_ms}ms) $live processes run, not 3"
@@ -137,7 +137,7 @@ for i in $(seq 1 "$N"); do
         failures=$((failures + 1))
         say_fail "$i" "down failed: $(tail -3 down.out)"
     fi
-    left=$(procs_under "$dir/st")
+    left=$(procs_under "$dir/tasks")
     if [ -n "$left" ]; then
         orphans=$((orphans + $(echo "$left" | wc -l)))
         say_fail "$i" "left after down (kill at ${at_ms}ms): $(echo "$left" | tr '\n' ' ')"

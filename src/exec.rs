@@ -241,6 +241,7 @@ impl SpecTask {
                 .map(|f| (f.path.clone(), ex.resolve(&f.content)))
                 .collect(),
             run_dir: ex.run_dir(&self.spec.id),
+            cwd: self.spec.dir.as_ref().map(PathBuf::from),
             log: ex.log_path(&self.spec.id),
             service: self.spec.service,
             attempt,

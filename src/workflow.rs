@@ -22,6 +22,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod dir;
+
 use crate::diag::{did_you_mean, Problem, Problems};
 use crate::plan::{
     check_identifier, parse_duration, Command, Plan, Probe, Readiness, TaskSpec, IDENTIFIER_RULE,
@@ -29,7 +31,7 @@ use crate::plan::{
 
 /// The fields of a `[[task]]` entry, for messages and suggestions.
 pub const TASK_FIELDS: &[&str] = &[
-    "id", "run", "argv", "needs", "before", "node", "env", "service", "ready", "timeout",
+    "id", "run", "argv", "dir", "needs", "before", "node", "env", "service", "ready", "timeout",
     "retries", "backoff",
 ];
 const READY_FIELDS: &[&str] = &[
@@ -57,6 +59,7 @@ pub struct TaskEntry {
     pub id: Spanned<String>,
     pub run: Option<Spanned<String>>,
     pub argv: Option<Spanned<Vec<String>>>,
+    pub dir: Option<Spanned<String>>,
     #[serde(default)]
     pub needs: Vec<Spanned<String>>,
     #[serde(default)]
@@ -279,6 +282,7 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             .help("remove the `\\u0000` from the value"),
         );
     }
+    let dir = dir::start_dir(e, &id, problems);
     let mut duration = |v: &Option<Spanned<String>>, field: &str| {
         v.as_ref().and_then(|s| match parse_duration(s.get_ref()) {
             Ok(d) => Some(d),
@@ -401,6 +405,7 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             needs: e.needs.iter().map(|n| n.get_ref().clone()).collect(),
             node: e.node.as_ref().map(|n| n.get_ref().clone()),
             command,
+            dir,
             env: e.env.clone(),
             files: Vec::new(),
             ports: Vec::new(),

@@ -635,7 +635,7 @@ fn down_stops_what_is_left_of_a_group_whose_leader_died() {
     sb.run(&["run", "orphan.toml", "--state-dir", "st"])
         .expect_code(0);
     let leader = pid_of(&st, "server").expect("the service's pid is recorded");
-    let worker_pid = st.join("run/server/worker.pid");
+    let worker_pid = sb.join("worker.pid");
     let worker: i32 = wait_for("the worker's pid", WAIT, || {
         std::fs::read_to_string(&worker_pid)
             .ok()?
@@ -1003,7 +1003,7 @@ fn chain() -> Sandbox {
 
 #[track_caller]
 fn assert_nothing_runs(sb: &Sandbox) {
-    let left = common::processes_under(&sb.join("st"));
+    let left = common::processes_under(sb.path());
     assert!(left.is_empty(), "processes left running:\n{left:#?}");
 }
 
@@ -1267,4 +1267,172 @@ ready = {{ tcp = "127.0.0.1:{port}" }}
         assert!(!alive(p.parse().expect("pid")), "attempt {p} still runs");
     }
     assert_nothing_runs(&sb);
+}
+
+// ---------------------------------------------------------------------------------------
+// Where a workflow's tasks run: the workflow file's directory, or their `dir`
+
+/// A workflow in `proj/`, run from the sandbox: `build` reads and writes relative paths in
+/// `proj/`, `deeper` runs in `proj/sub` (its `dir`).
+const IN_A_DIR: &str = r#"
+[[task]]
+id = "build"
+run = "cat input.txt > output.txt"
+
+[[task]]
+id = "deeper"
+dir = "sub"
+run = "pwd > where.txt"
+needs = ["build"]
+"#;
+
+#[test]
+fn tasks_run_in_the_workflows_directory_or_their_dir_and_keep_their_files_in_the_state_dir() {
+    let sb = Sandbox::new();
+    sb.write("proj/wf.toml", IN_A_DIR);
+    sb.write("proj/input.txt", "from the input\n");
+    std::fs::create_dir(sb.join("proj/sub")).expect("proj/sub");
+    sb.run(&["run", "proj/wf.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let read = |rel: &str| std::fs::read_to_string(sb.join(rel)).unwrap_or_default();
+    assert_eq!(read("proj/output.txt"), "from the input\n");
+    let sub = std::fs::canonicalize(sb.join("proj/sub")).expect("canonical");
+    assert_eq!(Path::new(read("proj/sub/where.txt").trim()), sub);
+    assert!(!sb.join("output.txt").exists() && !sb.join("st/run/build/output.txt").exists());
+    // The pid and exit-status files stay in each task's run dir under the state dir.
+    for id in ["build", "deeper"] {
+        let run = sb.join("st/run").join(id);
+        assert!(run.join("pid").is_file(), "{id}: no pid file");
+        assert_eq!(read(&format!("st/run/{id}/exit-status")), "0\n", "{id}");
+    }
+    // Nothing changed: a resume from another directory keeps both.
+    let st = sb.join("st").display().to_string();
+    let mut again = sb.cmd(&[
+        "run",
+        "../wf.toml",
+        "--state-dir",
+        &st,
+        "--resume",
+        "--explain",
+    ]);
+    again.current_dir(sb.join("proj/sub"));
+    let out = common::output_within(again, COMMAND_DEADLINE);
+    out.expect_code(0);
+    assert_eq!(decision(&out.stdout, "build"), "keep", "{}", out.stdout);
+    assert_eq!(decision(&out.stdout, "deeper"), "keep", "{}", out.stdout);
+}
+
+/// What `--explain` says it does with task `id` (`keep`, `run`, `adopt`).
+fn decision(explained: &str, id: &str) -> String {
+    explained
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let what = w.next()?;
+            (w.next()? == id).then(|| what.to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_changed_dir_runs_the_task_again() {
+    let sb = Sandbox::new();
+    sb.write("proj/wf.toml", IN_A_DIR);
+    sb.write("proj/input.txt", "x\n");
+    std::fs::create_dir_all(sb.join("proj/sub")).expect("proj/sub");
+    std::fs::create_dir_all(sb.join("proj/other")).expect("proj/other");
+    sb.run(&["run", "proj/wf.toml", "--state-dir", "st"])
+        .expect_code(0);
+    sb.write(
+        "proj/wf.toml",
+        &IN_A_DIR.replace("dir = \"sub\"", "dir = \"other\""),
+    );
+    let out = sb.run(&[
+        "run",
+        "proj/wf.toml",
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
+    out.expect_code(0);
+    assert_eq!(decision(&out.stdout, "build"), "keep", "{}", out.stdout);
+    assert_eq!(decision(&out.stdout, "deeper"), "run", "{}", out.stdout);
+    assert!(sb.join("proj/other/where.txt").is_file());
+}
+
+#[test]
+fn a_dir_that_does_not_exist_is_refused_at_its_place() {
+    let sb = Sandbox::new();
+    sb.write(
+        "proj/wf.toml",
+        "[[task]]\nid = \"a\"\nrun = 'echo a >> \"$WORK/marks\"'\n\n[[task]]\nid = \"b\"\ndir = \"nowhere\"\nrun = \"true\"\n",
+    );
+    for args in [
+        &["validate", "proj/wf.toml"][..],
+        &["run", "proj/wf.toml", "--state-dir", "st"],
+    ] {
+        let out = sb.run(args);
+        out.expect_code(2);
+        assert!(out.stderr.contains("proj/wf.toml:7:7"), "{}", out.stderr);
+        assert!(out.stderr.contains("no such directory"), "{}", out.stderr);
+        assert!(out.stderr.contains("nowhere"), "{}", out.stderr);
+    }
+    assert_eq!(sb.count("marks", "a"), 0, "nothing runs");
+}
+
+#[test]
+fn kill_9_then_resume_adopts_a_one_shot_running_in_the_workflows_directory() {
+    let sb = Sandbox::new();
+    sb.write(
+        "proj/wf.toml",
+        "[[task]]\nid = \"long\"\n\
+         run = 'echo started >> \"$WORK/marks\"; while [ ! -e gate ]; do sleep 0.05; done; echo done > result'\n",
+    );
+    let st = sb.join("st");
+    let mut first = sb.spawn("first", &["run", "proj/wf.toml", "--state-dir", "st"]);
+    let pid = wait_for("`long` in flight", WAIT, || {
+        let recs = records(&st);
+        let long = recs.get("long")?;
+        (long["status"] == "running" && sb.count("marks", "started") == 1)
+            .then(|| long["handle"]["payload"]["pid"].as_i64())
+            .flatten()
+            .map(|p| p as i32)
+    });
+    first.kill9();
+    assert!(
+        alive(pid),
+        "the one-shot must outlive a `kill -9` of prl-flow"
+    );
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("its cwd");
+    assert_eq!(cwd, std::fs::canonicalize(sb.join("proj")).expect("proj"));
+    assert!(sb.join("st/run/long/pid").is_file());
+
+    let mut resume = sb.spawn(
+        "resume",
+        &[
+            "run",
+            "proj/wf.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ],
+    );
+    wait_until("the resume to adopt `long`", WAIT, || {
+        resume.stderr_text().contains("adopt  long")
+    });
+    sb.write("proj/gate", "");
+    resume.wait(COMMAND_DEADLINE).expect_code(0);
+    assert_eq!(sb.count("marks", "started"), 1, "`long` ran twice");
+    assert_eq!(
+        pid_of(&st, "long"),
+        Some(pid),
+        "the adopted process is kept"
+    );
+    assert!(sb.join("proj/result").is_file());
+    assert_eq!(
+        std::fs::read_to_string(st.join("run/long/exit-status")).expect("exit status"),
+        "0\n"
+    );
 }

@@ -51,11 +51,11 @@ impl Drop for Tmpfs {
 /// system the state dir is on.
 fn full_disk_workflow(services: usize) -> String {
     let mut wf = String::from(
-        "[[task]]\nid = \"fill\"\nrun = \"cat /dev/zero > filler 2>/dev/null; true\"\n",
+        "[[task]]\nid = \"fill\"\ndir = \"st\"\nrun = \"cat /dev/zero > filler 2>/dev/null; true\"\n",
     );
     for i in 0..services {
         wf.push_str(&format!(
-            "\n[[task]]\nid = \"s{i:02}\"\nargv = [\"sleep\", \"3600\"]\nservice = true\nneeds = [\"fill\"]\n"
+            "\n[[task]]\nid = \"s{i:02}\"\ndir = \"st\"\nargv = [\"sleep\", \"3600\"]\nservice = true\nneeds = [\"fill\"]\n"
         ));
     }
     wf
@@ -175,7 +175,7 @@ fn down_recovers(sb: &Sandbox, st: &Path, pid: i32, damaged_file: &str) {
     let out = sb.run(&["down", "--state-dir", "st"]);
     out.expect_code(1);
     assert!(!alive(pid), "web still runs\n{}", out.stderr);
-    let left = processes_under(st);
+    let left = processes_under(sb.path());
     assert!(left.is_empty(), "still running: {left:?}\n{}", out.stderr);
     assert!(out.stderr.contains("stopped web"), "{}", out.stderr);
     assert!(out.stderr.contains("damaged"), "{}", out.stderr);

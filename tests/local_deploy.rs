@@ -7,7 +7,8 @@
 //! out, so tests run in parallel, and works in its own [`Sandbox`] with `--state-dir st`.
 //!
 //! What a test started is found by the working directory: the local backend starts every
-//! task's process in `STATE_DIR/run/TASK`, so a live process whose cwd is under `st/` belongs
+//! deployment task's process in `STATE_DIR/run/TASK` (and a workflow's task in the sandbox,
+//! where its file is), so a live process whose cwd is under `st/` (or the sandbox) belongs
 //! to this test, whoever its parent is now (after a `kill -9` of prl-flow, nobody's). That
 //! is how "nothing twice" and "nothing left" are counted, against the plan's own count.
 //!
@@ -910,9 +911,9 @@ needs = ["{GAP_SERVICE}"]
         self.sb.join("st")
     }
 
-    /// The live processes under the state dir.
+    /// The live processes started in the sandbox (the workflow's tasks start in its dir).
     fn processes(&self) -> Vec<Proc> {
-        processes_under(&self.st())
+        processes_under(self.sb.path())
     }
 
     /// The service's process and port are gone, as the OS sees them.

@@ -1089,3 +1089,59 @@ fn cli_a_plugin_killed_mid_bring_up_is_restarted_and_the_run_goes_on() {
     assert_gone("service one", "127.0.0.1", p1, one);
     assert_gone("service two", "127.0.0.1", p2, two);
 }
+
+// ---------------------------------------------------------------------------------------
+// Where a plugin's process starts
+
+/// A task's `dir` reaches a plugin as the spawn spec's `cwd`: the example plugin starts the
+/// process there and keeps its exit status in the run dir.
+#[tokio::test]
+async fn a_plugin_starts_a_task_in_its_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("work dir");
+    std::fs::create_dir(&work).expect("work dir");
+    let mut allocate = task(
+        ALLOCATE,
+        &[],
+        None,
+        Command::Builtin {
+            action: Action::Allocate,
+            args: Value::Null,
+        },
+    );
+    allocate.kind = Action::Allocate.name().into();
+    let mut here = task(
+        "here",
+        &[ALLOCATE],
+        Some("node0"),
+        Command::Shell {
+            script: "pwd > out".into(),
+        },
+    );
+    here.dir = Some(work.display().to_string());
+    let plan = Plan {
+        name: "cwd-through-plugin".into(),
+        backend: "wrapped".into(),
+        nodes: vec!["node0".into()],
+        tasks: vec![allocate, here],
+        ..Plan::default()
+    };
+    let backend: Arc<dyn Backend> = Arc::new(PluginBackend::new("wrapped", wrapped()));
+    let prepared =
+        session::run::prepare(&plan, backend, dir.path(), &session::RunSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("the plan does not make a run: {e:?}"));
+    let report = bounded("the run", prepared.execute(Vec::new(), Cancel::never()))
+        .await
+        .expect("the run")
+        .report;
+    assert!(report.ok(), "the run failed: {:#?}", report.errors);
+    let out = std::fs::read_to_string(work.join("out")).expect("the task's output");
+    assert_eq!(Path::new(out.trim()), work);
+    let run_dir = dir.path().join("run/here");
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("exit-status")).expect("exit status"),
+        "0\n"
+    );
+    assert!(!run_dir.join("out").exists());
+}

@@ -1900,3 +1900,47 @@ async fn bench_bring_up_against_a_sequential_sbatch_script() {
         theirs.iter().map(s).collect::<Vec<_>>().join(", ")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Where a step starts
+
+/// A task with a node and a `dir` starts its step there (a path on the node; the test
+/// cluster's nodes share this machine's files); its step and exit-status files stay in its
+/// run dir under the state dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_starts_in_its_tasks_dir_and_keeps_its_files_in_the_run_dir() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    let work = cluster.dir().join("work dir");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let mut plan = small_plan(1, 8775, "true");
+    plan.tasks.retain(|t| t.id != "server");
+    let check = plan
+        .tasks
+        .iter_mut()
+        .find(|t| t.id == "check")
+        .expect("check");
+    check.command = shell("pwd >out");
+    check.dir = Some(work.display().to_string());
+    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms" });
+    let (report, _) = run_plan(
+        &plan,
+        Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
+        &state,
+        false,
+    )
+    .await;
+    assert!(report.ok(), "{}", errors(&report));
+    let out = std::fs::read_to_string(work.join("out")).expect("the step's output");
+    assert_eq!(Path::new(out.trim()), work);
+    let run_dir = state.join("run").join("check");
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("exit-status")).expect("exit status"),
+        "0\n"
+    );
+    assert!(run_dir.join("slurm-step").exists() && !run_dir.join("out").exists());
+    down(&state).await;
+}

@@ -462,6 +462,7 @@ fn spec(task: &str, node: Option<&str>, argv: &[&str], service: bool, dir: &Path
         env: BTreeMap::new(),
         files: BTreeMap::new(),
         run_dir: dir.join("run").join(task),
+        cwd: None,
         log: dir.join("logs").join(format!("{task}.log")),
         service,
         attempt: 0,
@@ -1958,4 +1959,41 @@ async fn bench_multi_node_bring_up_against_its_critical_path() {
             (w.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Where a process starts on a host
+
+/// A spawn spec's `cwd` is where the command starts on the host; the pid and exit-status
+/// files stay in the run dir, and a directory the host lacks is refused with its path.
+#[tokio::test]
+async fn a_process_starts_in_its_cwd_on_the_host_and_keeps_its_files_in_the_run_dir() {
+    let Some(hosts) = Hosts::up(1) else { return };
+    let state = hosts.dir().join("state");
+    let work = hosts.dir().join("work dir");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let b = hosts.backend(&state);
+    b.allocate(&["node0".into()]).await.expect("allocation");
+    let mut once = spec(
+        "here",
+        Some("node0"),
+        &["sh", "-c", "pwd >out; exit 5"],
+        false,
+        &state,
+    );
+    once.cwd = Some(work.clone());
+    let o = b.spawn(&once).await.expect("spawn");
+    assert_eq!(b.wait(&o).await.expect("wait"), ProcState::Exited(Some(5)));
+    let out = std::fs::read_to_string(work.join("out")).expect("out");
+    assert_eq!(Path::new(out.trim()), work);
+    let run_dir = PathBuf::from(o.payload["run_dir"].as_str().expect("run dir"));
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("exit-status")).expect("exit status"),
+        "5\n"
+    );
+    assert!(run_dir.join(".pid").exists() && !run_dir.join("out").exists());
+
+    once.cwd = Some(hosts.dir().join("missing"));
+    let e = b.spawn(&once).await.expect_err("no such dir on the host");
+    assert!(e.message.contains("missing"), "{e}");
 }

@@ -132,6 +132,11 @@ pub struct TaskSpec {
     pub command: Command,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Where the command starts, an absolute path (on the node's host for a task with a
+    /// node). `None`: the task's run dir under the state dir, as for every deployment task.
+    /// A workflow's `[[task]]` gets its file's directory, or its `dir` field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
     /// Files to place before the command starts, relative to the task's run dir.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileSpec>,

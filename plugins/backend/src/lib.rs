@@ -70,8 +70,15 @@ pub struct SpawnSpec {
     pub env: BTreeMap<String, String>,
     /// Files to write into the run dir before starting: relative path → content.
     pub files: BTreeMap<String, String>,
-    /// The directory the process starts in (created; files are placed there).
+    /// The task's own directory (created): its files are placed there, and a backend keeps
+    /// there what it leaves for [`Backend::recover`] (pid, exit status). The process starts
+    /// in it unless `cwd` names another directory.
     pub run_dir: PathBuf,
+    /// Where the process starts, when not in `run_dir`: an absolute path, on the node's host
+    /// for a task with a node. It must exist; it is not created. `None`: the run dir. Absent
+    /// from the JSON when `None`, so peers that predate it see what they always saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
     /// Where stdout and stderr go.
     pub log: PathBuf,
     /// A service keeps running; a one-shot's exit status is what matters.
@@ -82,6 +89,13 @@ pub struct SpawnSpec {
     /// earlier one's without trusting file times. 0: not known.
     #[serde(default)]
     pub attempt: u64,
+}
+
+impl SpawnSpec {
+    /// The directory the process starts in: `cwd`, else the run dir.
+    pub fn start_dir(&self) -> &Path {
+        self.cwd.as_deref().unwrap_or(&self.run_dir)
+    }
 }
 
 /// A port that something already listens on, and who, where the backend can tell

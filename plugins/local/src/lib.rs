@@ -7,6 +7,8 @@
 //! - each starts in its own process group, so a Ctrl-C at the terminal reaches prl-flow
 //!   alone, which then decides what to stop; stopping signals the whole group (SIGTERM, a
 //!   grace period, SIGKILL);
+//! - each starts in its spawn spec's `cwd` when it names one, else in its run dir; the
+//!   files below stay in the run dir either way;
 //! - stdout and stderr go to the task's log file;
 //! - a handle records the pid *and* the process's start time from `/proc/PID/stat`, so a
 //!   reused pid is never taken for ours;
@@ -240,6 +242,15 @@ impl Backend for LocalBackend {
                 spec.task
             )));
         }
+        if let Some(cwd) = &spec.cwd {
+            if !cwd.is_dir() {
+                return Err(BackendError::new(format!(
+                    "task `{}` is to start in `{}`, which is not a directory",
+                    spec.task,
+                    cwd.display()
+                )));
+            }
+        }
         let log = prl_flow_backend::prepare_run_dir(spec)?;
         let log_err = log.try_clone()?;
         {
@@ -260,7 +271,7 @@ impl Backend for LocalBackend {
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(&spec.env)
-            .current_dir(&spec.run_dir)
+            .current_dir(spec.start_dir())
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -455,6 +466,7 @@ mod tests {
             env: Default::default(),
             files: [("conf/a.json".to_string(), "{}".to_string())].into(),
             run_dir: dir.join("run"),
+            cwd: None,
             log: dir.join("t.log"),
             service,
             attempt: 1_700_000_000_123,
@@ -485,6 +497,27 @@ mod tests {
             later.status(&h).await.expect("status"),
             ProcState::Exited(Some(3))
         );
+    }
+
+    #[tokio::test]
+    async fn a_process_starts_in_its_cwd_and_leaves_its_files_in_the_run_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).expect("work dir");
+        let b = LocalBackend::new();
+        let mut s = spec(dir.path(), &["sh", "-c", "pwd > out; exit 4"], false);
+        s.cwd = Some(work.clone());
+        let h = b.spawn(&s).await.expect("spawn");
+        assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(4)));
+        let out = std::fs::read_to_string(work.join("out")).expect("out");
+        assert_eq!(Path::new(out.trim()), work);
+        for kept in ["pid", "exit-status", "conf/a.json"] {
+            assert!(dir.path().join("run").join(kept).exists(), "{kept}");
+        }
+        assert!(!dir.path().join("run/out").exists());
+        s.cwd = Some(dir.path().join("missing"));
+        let e = b.spawn(&s).await.expect_err("no such dir");
+        assert!(e.message.contains("not a directory"), "{e}");
     }
 
     #[tokio::test]

@@ -200,6 +200,7 @@ pub async fn conformance(
         env: [("PRL_FLOW_CONFORMANCE".to_string(), token.clone())].into(),
         files: Default::default(),
         run_dir: dir.join("run").join(task),
+        cwd: None,
         log: dir.join("logs").join(format!("{task}.log")),
         service,
         attempt: 0,

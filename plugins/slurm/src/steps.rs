@@ -150,6 +150,7 @@ impl SlurmBackend {
             self.config.prologue.as_deref(),
             &spec.argv,
             &spec.run_dir,
+            spec.cwd.as_deref(),
             spec.service,
             spec.attempt,
         ));

@@ -1,18 +1,22 @@
 //! The shell wrapper every step runs: it names its step in a file, runs the site's prologue,
-//! then the command (a one-shot under a trap that leaves its exit status).
+//! then the command (a one-shot under a trap that leaves its exit status), in the run dir
+//! (srun's `--chdir`) or in the directory the spawn spec names.
 
 use std::path::Path;
 
 use crate::{STATUS_FILE, STEP_FILE};
 
-/// The wrapper a step runs: `SHELL -c SCRIPT RUN_DIR ARGV...` (the run dir is `$0`, so no
-/// path is ever quoted into the script). The step file holds `JOB.STEP NODE PID ATTEMPT`,
-/// `attempt` naming the spawn's attempt exactly (a number).
+/// The wrapper a step runs: `SHELL -c SCRIPT RUN_DIR [CWD] ARGV...` (the run dir is `$0`,
+/// and `cwd`, when given, `$1`, so no path is ever quoted into the script). The step file
+/// holds `JOB.STEP NODE PID ATTEMPT`, `attempt` naming the spawn's attempt exactly (a
+/// number). With a `cwd`, the command starts there, after the prologue; the step and
+/// exit-status files stay in the run dir.
 pub(crate) fn wrap(
     shell: &str,
     prologue: Option<&str>,
     argv: &[String],
     run_dir: &Path,
+    cwd: Option<&Path>,
     service: bool,
     attempt: u64,
 ) -> Vec<String> {
@@ -28,6 +32,11 @@ pub(crate) fn wrap(
             "{{\n{p}\n}} || {{ s=$?; echo \"prl-flow: the step prologue failed with status $s\" >&2; exit $s; }}\n"
         ));
     }
+    if cwd.is_some() {
+        script.push_str(
+            "cd \"$1\" || { echo \"prl-flow: cannot enter $1, where the task is to start\" >&2; exit 1; }\nshift\n",
+        );
+    }
     script.push_str(if service { "exec \"$@\"\n" } else { "\"$@\"\n" });
     let mut v = vec![
         shell.to_string(),
@@ -35,6 +44,7 @@ pub(crate) fn wrap(
         script,
         run_dir.to_string_lossy().into_owned(),
     ];
+    v.extend(cwd.map(|c| c.to_string_lossy().into_owned()));
     v.extend(argv.iter().cloned());
     v
 }
@@ -48,7 +58,7 @@ mod tests {
     fn the_wrapper_names_its_step_then_runs_the_prologue_then_the_command() {
         let run = Path::new("/r");
         let argv = vec!["echo".to_string(), "a b".to_string()];
-        let w = wrap("sh", Some("module load cuda"), &argv, run, false, 7);
+        let w = wrap("sh", Some("module load cuda"), &argv, run, None, false, 7);
         assert_eq!(&w[..2], ["sh", "-c"]);
         assert_eq!(&w[3..], ["/r", "echo", "a b"]);
         let s = &w[2];
@@ -60,7 +70,7 @@ mod tests {
         );
         assert!(step < trap && trap < prologue && prologue < run_it, "{s}");
         assert!(!s.contains("exec \"$@\""), "a one-shot is waited for: {s}");
-        let svc = wrap("sh", None, &argv, run, true, 7);
+        let svc = wrap("sh", None, &argv, run, None, true, 7);
         assert!(
             svc[2].ends_with("exec \"$@\"\n") && !svc[2].contains("trap"),
             "{}",
@@ -82,6 +92,7 @@ mod tests {
             Some("GREETING=hello; export GREETING"),
             &argv,
             dir.path(),
+            None,
             false,
             7,
         );
@@ -95,7 +106,7 @@ mod tests {
         assert_eq!(read_status(&dir.path().join(STATUS_FILE)), Some(3));
         assert!(dir.path().join(STEP_FILE).exists());
 
-        let failing = wrap("sh", Some("false"), &argv, dir.path(), true, 7);
+        let failing = wrap("sh", Some("false"), &argv, dir.path(), None, true, 7);
         let out = tokio::process::Command::new(&failing[0])
             .args(&failing[1..])
             .output()
@@ -103,5 +114,38 @@ mod tests {
             .expect("run");
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("prologue failed"));
+    }
+
+    #[tokio::test]
+    async fn with_a_cwd_the_command_starts_there_and_the_files_stay_in_the_run_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join("work dir");
+        std::fs::create_dir(&work).expect("work dir");
+        let argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            "pwd; exit 4".to_string(),
+        ];
+        let w = wrap("sh", Some("cd /"), &argv, dir.path(), Some(&work), false, 7);
+        let out = tokio::process::Command::new(&w[0])
+            .args(&w[1..])
+            .current_dir(dir.path())
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(out.status.code(), Some(4));
+        let pwd = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(Path::new(pwd.trim()), work);
+        assert_eq!(read_status(&dir.path().join(STATUS_FILE)), Some(4));
+        assert!(dir.path().join(STEP_FILE).exists());
+
+        let missing = dir.path().join("missing");
+        let w = wrap("sh", None, &argv, dir.path(), Some(&missing), false, 7);
+        let out = std::process::Command::new(&w[0])
+            .args(&w[1..])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot enter"));
     }
 }

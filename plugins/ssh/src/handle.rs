@@ -135,6 +135,16 @@ pub(crate) fn check_spec(spec: &SpawnSpec) -> Result<(), BackendError> {
             )));
         }
     }
+    if let Some(cwd) = &spec.cwd {
+        let usable = cwd.is_absolute() && matches!(cwd.to_str(), Some(c) if !c.contains('\n'));
+        if !usable {
+            return Err(BackendError::new(format!(
+                "task `{}`: the directory to start in, `{}`, must be an absolute path on the host",
+                spec.task,
+                cwd.display()
+            )));
+        }
+    }
     for rel in spec.files.keys() {
         let p = Path::new(rel);
         let ok = !rel.is_empty()
@@ -207,6 +217,11 @@ mod tests {
         s.files.insert("../escape".into(), String::new());
         assert!(check_spec(&s).is_err());
         s.files.clear();
+        s.cwd = Some("relative".into());
+        assert!(check_spec(&s).is_err());
+        s.cwd = Some("/srv/project".into());
+        assert!(check_spec(&s).is_ok());
+        s.cwd = None;
         s.env.insert("A=B".into(), String::new());
         assert!(check_spec(&s).is_err());
         s.env.clear();

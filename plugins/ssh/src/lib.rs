@@ -20,8 +20,10 @@
 //! **Remote layout.** Each state dir has a remote base dir on every host,
 //! `<remote_dir>/<state dir name>-<hash>` (`remote_dir` defaults to `.prl-flow/remote` under
 //! the remote home; the hash is of this machine's name and the state dir's absolute path, so
-//! two state dirs never share one). In it, `run/<task>/` is the task's working dir (the
-//! rendered files are uploaded there, inside the spawn script) and `logs/<task>.log` its log.
+//! two state dirs never share one). In it, `run/<task>/` is the task's run dir (the rendered
+//! files are uploaded there, inside the spawn script, and the pid and exit-status files are
+//! kept there) and `logs/<task>.log` its log. The command starts in the run dir, or in the
+//! spawn spec's `cwd`, an absolute path on the host that must exist there.
 //!
 //! **Processes** ([`script`]). A spawn is one ssh session running a script that places the
 //! files and starts the command detached with `setsid`, in a session and process group of
@@ -392,6 +394,7 @@ impl Backend for SshBackend {
         let link = self.link(&conn)?;
         let name = last_name(&spec.run_dir, "run dir")?;
         let log_name = last_name(&spec.log, "log")?;
+        let cwd = spec.cwd.as_ref().map(|c| c.to_string_lossy().into_owned());
         let start = |watch: bool| {
             script::spawn(&script::Start {
                 base: &self.remote_base,
@@ -400,6 +403,7 @@ impl Backend for SshBackend {
                 argv: &spec.argv,
                 env: &spec.env,
                 files: &spec.files,
+                cwd: cwd.as_deref(),
                 service: spec.service,
                 watch,
             })

@@ -257,6 +257,8 @@ pub struct Start<'a> {
     pub argv: &'a [String],
     pub env: &'a std::collections::BTreeMap<String, String>,
     pub files: &'a std::collections::BTreeMap<String, String>,
+    /// Where the command starts on the host (an absolute path); `None`: its run dir.
+    pub cwd: Option<&'a str>,
     pub service: bool,
     pub watch: bool,
 }
@@ -269,7 +271,8 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
         .set("logname", s.log_name)?
         .set("service", if s.service { "1" } else { "0" })?
         .set("watch", if s.watch { "1" } else { "0" })?
-        .set("envtext", &env_file(s.env)?)?;
+        .set("envtext", &env_file(s.env)?)?
+        .set("cwd", s.cwd.unwrap_or(""))?;
 
     // The files: one `printf` per file, its content a single quoted word.
     sc.line("place_files() {");
@@ -310,6 +313,9 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
         words.push(quote(a)?);
     }
     sc.line(SPAWN_BEFORE);
+    // The run dir keeps the pid, exit-status and environment files (their paths are
+    // absolute); only the command starts elsewhere.
+    sc.line("if [ -n \"$cwd\" ]; then cd \"$cwd\" || { say error \"cannot enter $cwd, where the task is to start\"; exit 3; }; fi");
     // A one-shot is a plain background command, so that `$!` is the wrapper itself (setsid
     // does not fork when its caller leads no group) and the session can `wait` for it.
     let redirect = "</dev/null >>\"$lf\" 2>&1";
@@ -468,11 +474,13 @@ mod tests {
             argv: &argv,
             env: &env,
             files: &files,
+            cwd: Some("/srv/a b"),
             service: true,
             watch: false,
         })
         .expect("script");
         assert!(text.contains("base='.prl-flow/remote/x y'"), "{text}");
+        assert!(text.contains("cwd='/srv/a b'"), "{text}");
         // The value is inside the quoted environment file text, never a word of the command.
         assert!(!text.contains(&quote("A=it's $x").expect("q")));
         let env_text = env_file(&env).expect("env");
