@@ -1,0 +1,268 @@
+//! The local backend's tests, on real processes of this machine.
+
+use super::*;
+use prl_flow_backend::{Held, Recorded};
+
+fn spec(dir: &Path, argv: &[&str], service: bool) -> SpawnSpec {
+    SpawnSpec {
+        task: "t".into(),
+        node: None,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Default::default(),
+        files: [("conf/a.json".to_string(), "{}".to_string())].into(),
+        run_dir: dir.join("run"),
+        cwd: None,
+        log: dir.join("t.log"),
+        service,
+        attempt: 1_700_000_000_123,
+    }
+}
+
+#[test]
+fn addresses_are_loopback() {
+    assert_eq!(LocalBackend::address(0), "127.0.0.1");
+    assert_eq!(LocalBackend::address(1), "127.0.0.2");
+    assert_eq!(LocalBackend::address(255), "127.0.1.0");
+}
+
+#[tokio::test]
+async fn oneshot_exit_status_is_recorded_and_readable_without_the_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let h = b
+        .spawn(&spec(dir.path(), &["sh", "-c", "echo hi; exit 3"], false))
+        .await
+        .expect("spawn");
+    assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
+    assert!(dir.path().join("run/conf/a.json").exists());
+    assert_eq!(b.log_tail(&h, 5).await.expect("log"), "hi");
+    // Another backend instance (a later prl-flow) reads the status file.
+    let later = LocalBackend::new();
+    assert_eq!(
+        later.status(&h).await.expect("status"),
+        ProcState::Exited(Some(3))
+    );
+}
+
+#[tokio::test]
+async fn a_process_starts_in_its_cwd_and_leaves_its_files_in_the_run_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).expect("work dir");
+    let b = LocalBackend::new();
+    let mut s = spec(dir.path(), &["sh", "-c", "pwd > out; exit 4"], false);
+    s.cwd = Some(work.clone());
+    let h = b.spawn(&s).await.expect("spawn");
+    assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(4)));
+    let out = std::fs::read_to_string(work.join("out")).expect("out");
+    assert_eq!(Path::new(out.trim()), work);
+    for kept in ["pid", "exit-status", "conf/a.json"] {
+        assert!(dir.path().join("run").join(kept).exists(), "{kept}");
+    }
+    assert!(!dir.path().join("run/out").exists());
+    s.cwd = Some(dir.path().join("missing"));
+    let e = b.spawn(&s).await.expect_err("no such dir");
+    assert!(e.message.contains("not a directory"), "{e}");
+}
+
+#[tokio::test]
+async fn a_handle_with_a_childs_pid_but_another_start_time_is_not_that_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let h = b
+        .spawn(&spec(dir.path(), &["sleep", "30"], true))
+        .await
+        .expect("spawn");
+    let mut other: Handle = h.open(NAME).expect("handle");
+    other.start += 1;
+    let other = LocalBackend::wrap(&other).expect("handle");
+    // The same backend knows the child by pid; a later process with that pid is not it.
+    assert_eq!(b.status(&other).await.expect("status"), ProcState::Gone);
+    assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
+    b.stop(&h, Duration::from_secs(2)).await.expect("stop");
+}
+
+#[tokio::test]
+async fn service_stops_with_its_group_and_pid_reuse_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let h = b
+        .spawn(&spec(
+            dir.path(),
+            &["sh", "-c", "sleep 30 & sleep 30; wait"],
+            true,
+        ))
+        .await
+        .expect("spawn");
+    assert_eq!(b.status(&h).await.expect("status"), ProcState::Running);
+    b.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    assert_ne!(b.status(&h).await.expect("status"), ProcState::Running);
+    // A handle with the right pid but another start time is not ours.
+    let mut fake: Handle = h.open(NAME).expect("handle");
+    fake.pid = std::process::id() as i32;
+    fake.start += 1;
+    let fake = LocalBackend::wrap(&fake).expect("handle");
+    assert_eq!(
+        LocalBackend::new().status(&fake).await.expect("status"),
+        ProcState::Gone
+    );
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A server whose leader died and left a worker: the worker is still ours, is reported,
+/// and is stopped.
+#[tokio::test]
+async fn stop_reaches_the_group_after_its_leader_died() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let s = spec(dir.path(), &["sh", "-c", "sleep 4031 & exit 0"], true);
+    let h = b.spawn(&s).await.expect("spawn");
+    assert_ne!(b.wait(&h).await.expect("wait"), ProcState::Running);
+    let p: Handle = h.open(NAME).expect("handle");
+    wait_until("the worker runs", || !p.members().is_empty()).await;
+    let worker = p.members()[0];
+    assert_ne!(worker, p.pid);
+    let items = [Recorded {
+        id: "t".into(),
+        held: Held::Process(h.clone()),
+    }];
+    let out = b.teardown(&items, Duration::from_secs(2), None).await;
+    assert!(out[0].was_running, "{out:?}");
+    assert_eq!(out[0].error, None);
+    assert!(procfs::stat(worker).is_none_or(|s| s.is_dead()));
+    assert!(p.members().is_empty());
+}
+
+/// A pid file whose pid now belongs to a stranger (here: this test process): the stranger
+/// is never taken for the attempt's process, nor signalled.
+#[tokio::test]
+async fn a_reused_pid_is_never_adopted_nor_signalled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = spec(dir.path(), &["sleep", "30"], true);
+    std::fs::create_dir_all(&s.run_dir).expect("run dir");
+    let me = std::process::id();
+    // The attempt's process started at tick 1, in this session, and is long gone.
+    let sid = procfs::stat(me as i32).expect("stat").sid;
+    let line = format!("{me} {} 1 {sid}\n", s.attempt);
+    std::fs::write(s.run_dir.join(PID_FILE), line).expect("pid");
+    let b = LocalBackend::new();
+    let h = b.recover(&s).await.expect("recover").expect("a handle");
+    assert_eq!(b.status(&h).await, Ok(ProcState::Gone));
+    b.stop(&h, Duration::from_millis(100)).await.expect("stop");
+    assert!(procfs::stat(me as i32).is_some_and(|s| !s.is_dead()));
+}
+
+/// A port held by someone else is reported with its holder, before a start and as the
+/// answer to "whose listener is this"; our own process's listener is ours.
+#[tokio::test]
+async fn ports_are_told_free_taken_ours_or_someone_elses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = stranger.local_addr().expect("addr").port();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let found = b
+        .ports_taken(None, "127.0.0.1", &[taken, free])
+        .await
+        .expect("ports")
+        .expect("the local backend can tell");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].port, taken);
+    let me = format!("pid {}", std::process::id());
+    assert!(found[0].holder.as_deref().is_some_and(|h| h.contains(&me)));
+
+    let script = format!(
+        "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',{free}))\ns.listen()\ntime.sleep(60)"
+    );
+    let h = b
+        .spawn(&spec(dir.path(), &["python3", "-c", &script], true))
+        .await
+        .expect("spawn");
+    assert_eq!(
+        b.listener(&h, "127.0.0.1", taken).await,
+        Ok(Listener::Other(procfs::describe_holders(
+            &procfs::listening(taken, None)
+        )))
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match b.listener(&h, "127.0.0.1", free).await.expect("listener") {
+            Listener::Ours => break,
+            Listener::Nobody => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    drop(stranger);
+}
+
+/// A prl-flow killed between a spawn and its journal write: the record says when the
+/// attempt started, and the process's pid file must be found by that, exactly, even when
+/// the file's time reads earlier than the record (coarse file-system clocks do that).
+#[tokio::test]
+async fn recover_finds_its_attempt_by_its_token_whatever_the_file_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let s = spec(dir.path(), &["sleep", "30"], true);
+    let h = b.spawn(&s).await.expect("spawn");
+    let pid_file = s.run_dir.join(PID_FILE);
+    // The child writes it first thing; wait for that, not for a while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&pid_file).map_or(true, |t| !t.ends_with('\n')) {
+        assert!(std::time::Instant::now() < deadline, "no pid file");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let f = std::fs::File::options()
+        .write(true)
+        .open(&pid_file)
+        .expect("pid file");
+    let when = std::time::UNIX_EPOCH + Duration::from_millis(s.attempt - 5);
+    f.set_modified(when).expect("set mtime");
+    drop(f);
+
+    let found = b
+        .recover(&s)
+        .await
+        .expect("recover")
+        .expect("this attempt's process is found");
+    assert_eq!(
+        found.open::<Handle>("local").expect("local").pid,
+        h.open::<Handle>("local").expect("local").pid
+    );
+    assert_eq!(b.status(&found).await, Ok(ProcState::Running));
+    // An attempt that started later never got to its spawn: this process is not its.
+    let later = SpawnSpec {
+        attempt: s.attempt + 1,
+        ..s.clone()
+    };
+    assert_eq!(b.recover(&later).await, Ok(None));
+    b.stop(&h, Duration::from_secs(5)).await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_handle_of_another_backend_is_refused() {
+    let other = ProcHandle::new("ssh", ProcHandle::VERSION, &serde_json::json!({ "pid": 1 }))
+        .expect("handle");
+    let e = LocalBackend::new()
+        .status(&other)
+        .await
+        .expect_err("not ours");
+    assert_eq!(
+        e.message,
+        "backend `local` cannot use a handle of backend `ssh`"
+    );
+    assert_eq!(LocalBackend::new().describe(&other), "");
+}
