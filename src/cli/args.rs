@@ -91,6 +91,17 @@ Examples:
         after_help = "Examples:\n  prl-flow logs router\n  prl-flow logs 'prefill[0].node[0]' -f"
     )]
     Logs(LogsArgs),
+    /// List the deployments and workflows under `./.prl-flow/`: file, state, endpoint.
+    #[command(
+        after_help = "State: `up` (every service that should run is up), `partly up`, \
+`down`, `failed` (a task failed), `done` (a workflow without services, all done), as `status` \
+says it.
+
+Examples:
+  prl-flow ls
+  prl-flow ls --format json | jq -r '.[] | select(.state == \"up\") | .endpoint'"
+    )]
+    Ls(LsArgs),
     /// List the backends: built in, and plugins found on PATH or named by the site file.
     #[command(after_help = "Example:\n  PATH=$PWD/examples/plugins:$PATH prl-flow plugins")]
     Plugins,
@@ -190,6 +201,19 @@ pub struct PlanArgs {
     /// KEY, SECRET, PASSWORD, CREDENTIAL, ...); they are `***` otherwise.
     #[arg(long)]
     pub show_secrets: bool,
+}
+
+/// Text for people, or JSON for scripts (its schema is in docs/cli.md).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 }
 
 #[derive(Args)]

@@ -4,6 +4,7 @@
 //! (`prl-flow graph x | head`) is not an error. It knows no backend and no deployment shape.
 
 pub mod args;
+pub mod json;
 pub mod progress;
 pub mod show;
 
@@ -16,7 +17,9 @@ use std::time::Duration;
 use clap::Parser;
 use prl_flow_engine::Subscriber;
 
-use args::{Cli, Cmd, EngineArg, FileArgs, PlanFormat, PluginCmd, RunArgs, StateArgs};
+use args::{
+    Cli, Cmd, EngineArg, FileArgs, OutputFormat, PlanFormat, PluginCmd, RunArgs, StateArgs,
+};
 
 use crate::session::{self, Error, LoadOptions, RunSettings, Session};
 
@@ -138,6 +141,14 @@ async fn dispatch(cli: &Cli) -> R<i32> {
                 .await?;
             Ok(0)
         }
+        Cmd::Ls(a) => {
+            let listed = session.list(Path::new(".prl-flow")).await;
+            match a.format {
+                OutputFormat::Json => out(&json::list_json(&listed)),
+                OutputFormat::Text => out(&show::list_table(&listed)),
+            }
+            Ok(0)
+        }
         Cmd::Plugins => {
             out(&crate::registry::report::plugins_text(session.registry()).await);
             Ok(0)
@@ -229,12 +240,15 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         holder: format!("prl-flow run {}", a.file.file.display()),
     };
     let file = hint_args(a);
-    let prepared = match session.prepare(&loaded, &settings).await {
+    let (prepared, note) = match session.prepare_owned(&loaded, &settings).await {
         Err(Error::LiveServices { dir, ids }) => {
             return Err(Error::Usage(show::live_services(&dir, &ids, &file)))
         }
         other => other?,
     };
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     if a.explain {
         out(&show::explain(prepared.graph.topo().iter().map(|&i| {
             (prepared.graph.task(i).id(), &prepared.decisions[i])
@@ -273,7 +287,10 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
     if ran.report.ok() {
         eprintln!("{}", show::ok_line(s));
         if let Some(e) = &plan.endpoint {
-            out(&crate::recipe::kinds::try_it(plan, &ran.exec.resolve(e)));
+            let endpoint = ran.exec.resolve(e);
+            // Only for `ls`: a run that is up must not fail for it.
+            let _ = session::identity::record_endpoint(&ran.dir, &endpoint);
+            out(&crate::recipe::kinds::try_it(plan, &endpoint));
         }
         if a.attach {
             return attach(session, &ran.dir, ran.exec.backend.as_ref(), cli.quiet).await;
@@ -307,7 +324,8 @@ async fn wait_signal() {
 }
 
 /// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`;
-/// and the file loaded, when one is named.
+/// and the file loaded, when one is named. A state dir that belongs to another file than
+/// the one named is refused.
 async fn state_dir_of(
     session: &Session,
     file: Option<&Path>,
@@ -319,9 +337,12 @@ async fn state_dir_of(
     };
     let dir = match (dir, &loaded) {
         (Some(d), _) => d.to_path_buf(),
-        (None, Some(l)) => session::default_state_dir(&l.plan.name),
+        (None, Some(l)) => session::identity::state_dir_for(&l.plan.name, &l.path).dir,
         (None, None) => session::only_state_dir()?,
     };
+    if let Some(l) = &loaded {
+        session::identity::check(&dir, &l.path)?;
+    }
     Ok((dir, loaded))
 }
 
