@@ -257,6 +257,127 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Writes every task's log to `out`, each line prefixed by `TASK | ` (ids padded to one
+    /// width): the tasks in the order they started, each log whole; with `follow`, then what
+    /// any of them appends, line by line as it comes, until none runs or `stop` resolves.
+    pub async fn logs_all(
+        &self,
+        dir: &Path,
+        follow: bool,
+        out: &mut (dyn FnMut(&str) + Send),
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let records = read_records(dir)?;
+        let mut with_log: Vec<&Record> = records
+            .values()
+            .filter(|r| r.handle.is_some() && !is_allocation(r))
+            .collect();
+        with_log.sort_by_key(|r| (r.started_ms.is_none(), r.seq, r.id.clone()));
+        if with_log.is_empty() {
+            return Err(Error::Usage(format!(
+                "error: no task in `{}` has a log: none started a process",
+                dir.display()
+            )));
+        }
+        let width = with_log.iter().map(|r| r.id.len()).max().unwrap_or(0);
+        let failed = |e: prl_flow_backend::BackendError| Error::Failed(format!("error: {e}"));
+        let mut tails = Vec::new();
+        for r in with_log {
+            let backend = self.registry().for_record(r).map_err(Error::Usage)?;
+            let Some(h) = super::proc_handle(r) else {
+                continue;
+            };
+            tails.push(Tail {
+                prefix: format!("{:<width$} | ", r.id),
+                backend,
+                handle: h,
+                offset: 0,
+                partial: String::new(),
+            });
+        }
+        for t in &mut tails {
+            let (text, next) = t.backend.read_log(&t.handle, 0).await.map_err(failed)?;
+            t.offset = next;
+            t.push(&text, out);
+            if !follow {
+                t.flush(out);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::pin!(stop);
+        loop {
+            let mut running = 0;
+            for t in &mut tails {
+                let (more, next) = t
+                    .backend
+                    .read_log(&t.handle, t.offset)
+                    .await
+                    .map_err(failed)?;
+                t.offset = next;
+                t.push(&more, out);
+                if matches!(t.backend.status(&t.handle).await, Ok(ProcState::Running)) {
+                    running += 1;
+                } else {
+                    // Ended: what it wrote last, then its unfinished line.
+                    let (rest, next) = t
+                        .backend
+                        .read_log(&t.handle, t.offset)
+                        .await
+                        .unwrap_or_default();
+                    t.offset = t.offset.max(next);
+                    t.push(&rest, out);
+                    t.flush(out);
+                }
+            }
+            if running == 0 {
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = &mut stop => {
+                    for t in &mut tails {
+                        t.flush(out);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// One task's log being read for [`Session::logs_all`]: whole lines are written with the
+/// task's prefix; a line not yet ended waits for the rest.
+struct Tail {
+    prefix: String,
+    backend: Arc<dyn prl_flow_backend::Backend>,
+    handle: prl_flow_backend::ProcHandle,
+    offset: u64,
+    partial: String,
+}
+
+impl Tail {
+    fn push(&mut self, text: &str, out: &mut (dyn FnMut(&str) + Send)) {
+        self.partial.push_str(text);
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            out(&format!("{}{line}", self.prefix));
+        }
+    }
+
+    fn flush(&mut self, out: &mut (dyn FnMut(&str) + Send)) {
+        if !self.partial.is_empty() {
+            out(&format!(
+                "{}{}\n",
+                self.prefix,
+                std::mem::take(&mut self.partial)
+            ));
+        }
+    }
+}
+
 fn unknown_task(task: &str, dir: &Path, records: &BTreeMap<String, Record>) -> Error {
     let ids: Vec<&str> = records.keys().map(String::as_str).collect();
     let hint = match crate::diag::did_you_mean(task, ids.iter().copied()) {
