@@ -15,6 +15,7 @@ Examples:
   prl-flow graph build.toml --format dot | dot -Tsvg > graph.svg
   prl-flow status                                 what runs, and is it alive
   prl-flow logs server -f                         follow one task's log
+  prl-flow ls                                     every deployment here, with its state
   prl-flow down                                   stop everything, last started first";
 
 #[derive(Parser)]
@@ -53,6 +54,8 @@ pub enum Cmd {
   prl-flow run recipes/local/single_node.toml --engine mock
   prl-flow run build.toml -j 8 --keep-going
   prl-flow run build.toml --resume --explain
+  prl-flow run build.toml --events jsonl | jq -c 'select(.event == \"failed\")'
+  prl-flow run build.toml --events jsonl --events-file events.jsonl
 
 A failed or interrupted run stops the services it started (unless --keep). Fix the cause, then
 `--resume`: tasks recorded as done, unchanged and still alive are kept; the rest run again.")]
@@ -69,8 +72,10 @@ A failed or interrupted run stops the services it started (unless --keep). Fix t
   prl-flow plan recipes/multi_node.toml --backend local --format json | jq '.tasks[].argv'")]
     Plan(PlanArgs),
     /// Check a recipe or workflow and report every problem at once.
-    #[command(after_help = "Example:\n  prl-flow validate recipes/wide_ep.toml")]
-    Validate(FileArgs),
+    #[command(after_help = "Examples:
+  prl-flow validate recipes/wide_ep.toml
+  prl-flow validate build.toml --format json | jq -r '.problems[] | \"\\(.line):\\(.column) \\(.message)\"'")]
+    Validate(ValidateArgs),
     /// The state of each task from the journal; services are checked live.
     #[command(
         after_help = "Exit status: 0 when all is well, 1 when a service is down (or its \
@@ -78,19 +83,42 @@ backend cannot say) or a task failed or timed out.
 
 Examples:
   prl-flow status
-  prl-flow status recipes/local/single_node.toml -v    also say what a --resume would do"
+  prl-flow status recipes/local/single_node.toml -v    also say what a --resume would do
+  prl-flow status --format json | jq -r '.tasks[] | select(.live == \"down\") | .id'"
     )]
-    Status(StateArgs),
+    Status(StatusArgs),
     /// Stop every service the journal records, in reverse order, and release nodes.
     #[command(
         after_help = "Examples:\n  prl-flow down\n  prl-flow down --state-dir /scratch/run1"
     )]
     Down(StateArgs),
-    /// Print a task's log (`-f` to follow it).
-    #[command(
-        after_help = "Examples:\n  prl-flow logs router\n  prl-flow logs 'prefill[0].node[0]' -f"
-    )]
+    /// Print a task's log, or every task's, each line prefixed by its task (`-f` to follow).
+    #[command(after_help = "Examples:
+  prl-flow logs                                   every task's log, `TASK | line`
+  prl-flow logs router
+  prl-flow logs recipes/local/single_node.toml router -f
+  prl-flow logs build.toml -f                     follow every task of build.toml")]
     Logs(LogsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:
+  prl-flow completions bash > ~/.local/share/bash-completion/completions/prl-flow
+  prl-flow completions zsh > \"${fpath[1]}/_prl-flow\"
+  source <(prl-flow completions bash)")]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// List the deployments and workflows under `./.prl-flow/`: file, state, endpoint.
+    #[command(
+        after_help = "State: `up` (every service that should run is up), `partly up`, \
+`down`, `failed` (a task failed), `done` (a workflow without services, all done), as `status` \
+says it.
+
+Examples:
+  prl-flow ls
+  prl-flow ls --format json | jq -r '.[] | select(.state == \"up\") | .endpoint'"
+    )]
+    Ls(LsArgs),
     /// List the backends: built in, and plugins found on PATH or named by the site file.
     #[command(after_help = "Example:\n  PATH=$PWD/examples/plugins:$PATH prl-flow plugins")]
     Plugins,
@@ -160,10 +188,40 @@ pub struct RunArgs {
     /// Print, per task, why it runs or is kept.
     #[arg(long)]
     pub explain: bool,
+    /// Write each event of the run as one JSON object a line (schema in docs/cli.md): to
+    /// stdout, or to `--events-file`.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub events: Option<EventsFormat>,
+    /// Where `--events` go (appended), instead of stdout.
+    #[arg(long, value_name = "FILE", requires = "events")]
+    pub events_file: Option<PathBuf>,
     /// Once up, stay in the foreground: report services that die, and stop everything on
     /// Ctrl-C (or when `prl-flow down` is run elsewhere).
     #[arg(long)]
     pub attach: bool,
+}
+
+/// The formats of `run --events`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventsFormat {
+    /// One JSON object a line.
+    Jsonl,
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 }
 
 #[derive(Args)]
@@ -192,6 +250,19 @@ pub struct PlanArgs {
     pub show_secrets: bool,
 }
 
+/// Text for people, or JSON for scripts (its schema is in docs/cli.md).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
 #[derive(Args)]
 pub struct StateArgs {
     /// The recipe or workflow (names the state dir); optional when `.prl-flow/` holds one.
@@ -202,14 +273,30 @@ pub struct StateArgs {
 
 #[derive(Args)]
 pub struct LogsArgs {
-    /// The task's id (see `prl-flow status`).
-    pub task: String,
-    /// Keep printing what is appended, until the task ends (or Ctrl-C).
+    /// `[FILE] [TASK]`: the recipe or workflow (names the state dir) and the task's id (see
+    /// `prl-flow status`). A lone word is the FILE when such a file exists, else the TASK.
+    /// No TASK: every task's log, each line prefixed by `TASK | `.
+    #[arg(value_name = "FILE|TASK", num_args = 0..=2)]
+    pub words: Vec<String>,
+    /// Keep printing what is appended, until the task (or every task) ends, or Ctrl-C.
     #[arg(short, long)]
     pub follow: bool,
-    /// The recipe or workflow (names the state dir).
-    #[arg(long, value_name = "FILE")]
+    /// The recipe or workflow (the same as the FILE word).
+    #[arg(long, value_name = "FILE", hide = true)]
     pub file: Option<PathBuf>,
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+}
+
+impl LogsArgs {
+    /// (FILE, TASK) from the words and `--file`.
+    pub fn file_and_task(&self) -> (Option<PathBuf>, Option<String>) {
+        match (self.file.clone(), self.words.as_slice()) {
+            (Some(f), [task, ..]) => (Some(f), Some(task.clone())),
+            (f, []) => (f, None),
+            (None, [file, task]) => (Some(PathBuf::from(file)), Some(task.clone())),
+            (None, [one]) if std::path::Path::new(one).is_file() => (Some(one.into()), None),
+            (None, [one, ..]) => (None, Some(one.clone())),
+        }
+    }
 }

@@ -4,6 +4,8 @@
 //! (`prl-flow graph x | head`) is not an error. It knows no backend and no deployment shape.
 
 pub mod args;
+pub mod events;
+pub mod json;
 pub mod progress;
 pub mod show;
 
@@ -16,7 +18,10 @@ use std::time::Duration;
 use clap::Parser;
 use prl_flow_engine::Subscriber;
 
-use args::{Cli, Cmd, EngineArg, FileArgs, PlanFormat, PluginCmd, RunArgs, StateArgs};
+use args::{
+    Cli, Cmd, EngineArg, FileArgs, OutputFormat, PlanFormat, PluginCmd, RunArgs, StatusArgs,
+    ValidateArgs,
+};
 
 use crate::session::{self, Error, LoadOptions, RunSettings, Session};
 
@@ -116,11 +121,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             }
             Ok(0)
         }
-        Cmd::Validate(a) => {
-            let plan = session.load_checked(&load_options(a)?).await?.plan;
-            out(&show::valid(&a.file, &plan));
-            Ok(0)
-        }
+        Cmd::Validate(a) => validate(&session, a).await,
         Cmd::Status(a) => status(&session, cli, a).await,
         Cmd::Down(a) => {
             let (dir, _) =
@@ -128,14 +129,38 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             down(&session, &dir, cli.quiet).await
         }
         Cmd::Logs(a) => {
-            let (dir, _) =
-                state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref()).await?;
+            let (file, task) = a.file_and_task();
+            let (dir, _) = state_dir_of(&session, file.as_deref(), a.state_dir.as_deref()).await?;
             let stop = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            session
-                .logs(&dir, &a.task, a.follow, &mut |t| out(t), stop)
-                .await?;
+            match task {
+                Some(task) => {
+                    session
+                        .logs(&dir, &task, a.follow, &mut |t| out(t), stop)
+                        .await?
+                }
+                None => {
+                    session
+                        .logs_all(&dir, a.follow, &mut |t| out(t), stop)
+                        .await?
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Completions { shell } => {
+            let mut buf = Vec::new();
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "prl-flow", &mut buf);
+            out(&String::from_utf8_lossy(&buf));
+            Ok(0)
+        }
+        Cmd::Ls(a) => {
+            let listed = session.list(Path::new(".prl-flow")).await;
+            match a.format {
+                OutputFormat::Json => out(&json::list_json(&listed)),
+                OutputFormat::Text => out(&show::list_table(&listed)),
+            }
             Ok(0)
         }
         Cmd::Plugins => {
@@ -229,14 +254,26 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         holder: format!("prl-flow run {}", a.file.file.display()),
     };
     let file = hint_args(a);
-    let prepared = match session.prepare(&loaded, &settings).await {
+    let (prepared, note) = match session.prepare_owned(&loaded, &settings).await {
         Err(Error::LiveServices { dir, ids }) => {
             return Err(Error::Usage(show::live_services(&dir, &ids, &file)))
         }
         other => other?,
     };
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    // With events on stdout, what is said for people goes to stderr.
+    let events_on_stdout = a.events.is_some() && a.events_file.is_none();
+    let result = |text: &str| {
+        if events_on_stdout {
+            eprint!("{text}");
+        } else {
+            out(text);
+        }
+    };
     if a.explain {
-        out(&show::explain(prepared.graph.topo().iter().map(|&i| {
+        result(&show::explain(prepared.graph.topo().iter().map(|&i| {
             (prepared.graph.task(i).id(), &prepared.decisions[i])
         })));
     }
@@ -251,6 +288,9 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         subs.push(Arc::new(progress::Bars::new()));
     } else {
         subs.push(Arc::new(progress::Lines::stderr(cli.quiet)));
+    }
+    if a.events.is_some() {
+        subs.push(Arc::new(events_subscriber(a, &loaded.plan)?));
     }
     let cancel = prl_flow_engine::CancelSource::new();
     let token = cancel.token();
@@ -273,7 +313,10 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
     if ran.report.ok() {
         eprintln!("{}", show::ok_line(s));
         if let Some(e) = &plan.endpoint {
-            out(&crate::recipe::kinds::try_it(plan, &ran.exec.resolve(e)));
+            let endpoint = ran.exec.resolve(e);
+            // Only for `ls`: a run that is up must not fail for it.
+            let _ = session::identity::record_endpoint(&ran.dir, &endpoint);
+            result(&crate::recipe::kinds::try_it(plan, &endpoint));
         }
         if a.attach {
             return attach(session, &ran.dir, ran.exec.backend.as_ref(), cli.quiet).await;
@@ -289,6 +332,59 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         a.keep,
         &file,
     )))
+}
+
+/// The `--events` writer: to `--events-file` (appended), else stdout.
+fn events_subscriber(a: &RunArgs, plan: &crate::plan::Plan) -> R<events::Jsonl> {
+    let to: Box<dyn Write + Send> = match &a.events_file {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "error: cannot open `{}` for the events: {e}\n  help: nothing was started",
+                        p.display()
+                    ))
+                })?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let services = plan
+        .tasks
+        .iter()
+        .map(|t| (t.id.clone(), t.service))
+        .collect();
+    Ok(events::Jsonl::new(to, services))
+}
+
+/// `validate`: text for people, or JSON (exit 2 too when there are problems).
+async fn validate(session: &Session, a: &ValidateArgs) -> R<i32> {
+    let loaded = match load_options(&a.file) {
+        Ok(o) => session.load_checked(&o).await,
+        Err(e) => Err(e),
+    };
+    let file = &a.file.file;
+    match (a.format, loaded) {
+        (OutputFormat::Text, loaded) => {
+            out(&show::valid(file, &loaded?.plan));
+            Ok(0)
+        }
+        (OutputFormat::Json, Ok(l)) => {
+            out(&json::valid_json(file, &l.plan));
+            Ok(0)
+        }
+        (OutputFormat::Json, Err(Error::Problems(p))) => {
+            out(&json::problems_json(file, &p));
+            Ok(2)
+        }
+        (OutputFormat::Json, Err(Error::Usage(m))) => {
+            out(&json::usage_json(file, &m));
+            Ok(2)
+        }
+        (OutputFormat::Json, Err(e)) => Err(e),
+    }
 }
 
 async fn wait_signal() {
@@ -307,7 +403,8 @@ async fn wait_signal() {
 }
 
 /// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`;
-/// and the file loaded, when one is named.
+/// and the file loaded, when one is named. A state dir that belongs to another file than
+/// the one named is refused.
 async fn state_dir_of(
     session: &Session,
     file: Option<&Path>,
@@ -319,17 +416,29 @@ async fn state_dir_of(
     };
     let dir = match (dir, &loaded) {
         (Some(d), _) => d.to_path_buf(),
-        (None, Some(l)) => session::default_state_dir(&l.plan.name),
+        (None, Some(l)) => session::identity::state_dir_for(&l.plan.name, &l.path).dir,
         (None, None) => session::only_state_dir()?,
     };
+    if let Some(l) = &loaded {
+        session::identity::check(&dir, &l.path)?;
+    }
     Ok((dir, loaded))
 }
 
-async fn status(session: &Session, cli: &Cli, a: &StateArgs) -> R<i32> {
-    let (dir, loaded) = state_dir_of(session, a.file.as_deref(), a.state_dir.as_deref()).await?;
+async fn status(session: &Session, cli: &Cli, a: &StatusArgs) -> R<i32> {
+    let (dir, loaded) = state_dir_of(
+        session,
+        a.state.file.as_deref(),
+        a.state.state_dir.as_deref(),
+    )
+    .await?;
     let rows = session.status(&dir).await?;
-    out(&show::status_table(&rows));
-    if cli.verbose > 0 {
+    if a.format == OutputFormat::Json {
+        out(&json::status_json(&dir, &rows));
+    } else {
+        out(&show::status_table(&rows));
+    }
+    if cli.verbose > 0 && a.format == OutputFormat::Text {
         if let Some(loaded) = loaded {
             let d = session.resume_decisions(&loaded, &dir).await?;
             out("\nwhat `run --resume` would do:\n");

@@ -8,7 +8,7 @@ use prl_flow_engine::{Decision, Report, Summary};
 
 use crate::diag::count;
 use crate::plan::{self, Plan};
-use crate::session::TaskRow;
+use crate::session::{Listed, TaskRow};
 
 /// The plan as JSON. The values of secret-looking env keys and flags are `***` unless
 /// `show_secrets` ([`plan::is_secret`]).
@@ -243,4 +243,65 @@ pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str) -> String {
         "  help: fix the cause, then `prl-flow run {file} --resume` re-runs only what failed and what depends on it"
     ));
     msg
+}
+
+/// A path as people read it: relative to the current directory when under it.
+pub fn shown_path(p: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            let cwd = cwd.canonicalize().unwrap_or(cwd);
+            p.strip_prefix(&cwd).ok().map(|r| r.display().to_string())
+        })
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// `ls`'s table: one state dir a line.
+pub fn list_table(listed: &[Listed]) -> String {
+    if listed.is_empty() {
+        return "no deployments or workflows under `.prl-flow/`\n".into();
+    }
+    let rows: Vec<[String; 4]> = listed
+        .iter()
+        .map(|l| {
+            [
+                l.dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                l.file.as_deref().map_or_else(|| "-".into(), shown_path),
+                match &l.state {
+                    Ok(s) => s.as_str().to_string(),
+                    Err(why) => format!("unknown ({why})"),
+                },
+                l.endpoint.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "FILE", "STATE", "ENDPOINT"].map(String::from);
+    let w: Vec<usize> = (0..3)
+        .map(|i| {
+            rows.iter()
+                .chain(std::iter::once(&head))
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut s = String::new();
+    for r in std::iter::once(&head).chain(&rows) {
+        let line = format!(
+            "{:<a$}  {:<b$}  {:<c$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            a = w[0],
+            b = w[1],
+            c = w[2]
+        );
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
+    s
 }

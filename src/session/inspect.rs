@@ -1,9 +1,10 @@
 //! Looking at a deployment from its journal alone: each task's recorded state with a live
 //! check of its process ([`Session::status`]), what a resume would do
-//! ([`Session::resume_decisions`]), and a task's log ([`Session::logs`]).
+//! ([`Session::resume_decisions`]), a task's log ([`Session::logs`]), the state of a whole
+//! deployment ([`Overall`]) and every state dir under a directory ([`Session::list`]).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +47,116 @@ pub struct TaskRow {
     pub detail: String,
 }
 
+/// The state of a deployment or workflow as a whole, from its tasks' rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overall {
+    /// Every service that should run is up.
+    Up,
+    /// Some of them are up, not all.
+    PartlyUp,
+    /// None runs (stopped, or dead).
+    Down,
+    /// A task failed or timed out.
+    Failed,
+    /// A workflow without services whose tasks are all done.
+    Done,
+}
+
+impl Overall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::PartlyUp => "partly up",
+            Self::Down => "down",
+            Self::Failed => "failed",
+            Self::Done => "done",
+        }
+    }
+
+    /// The same rows `status` shows, summed up: a failed task makes it `failed`; else the
+    /// services that should run decide (all up, some, none); else `done` when every task is.
+    pub fn of(rows: &[TaskRow]) -> Self {
+        if rows
+            .iter()
+            .any(|r| matches!(r.record.status, Status::Failed | Status::TimedOut))
+        {
+            return Self::Failed;
+        }
+        let should_run: Vec<&TaskRow> = rows
+            .iter()
+            .filter(|r| {
+                r.record.service
+                    && !is_allocation(&r.record)
+                    && matches!(r.record.status, Status::Done | Status::Running)
+            })
+            .collect();
+        if !should_run.is_empty() {
+            let up = should_run.iter().filter(|r| r.live == Liveness::Up).count();
+            return match up {
+                0 => Self::Down,
+                n if n == should_run.len() => Self::Up,
+                _ => Self::PartlyUp,
+            };
+        }
+        let all_done = rows
+            .iter()
+            .all(|r| matches!(r.record.status, Status::Done | Status::Skipped));
+        if all_done && !rows.iter().any(|r| r.record.service) && !rows.is_empty() {
+            Self::Done
+        } else {
+            Self::Down
+        }
+    }
+}
+
+/// One state dir of [`Session::list`].
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub dir: PathBuf,
+    /// The file it belongs to, when a run recorded one.
+    pub file: Option<PathBuf>,
+    /// Its state, or why it could not be read.
+    pub state: std::result::Result<Overall, String>,
+    /// Where it answers, when a run brought it up.
+    pub endpoint: Option<String>,
+}
+
 impl Session {
+    /// Every state dir under `root` (`.prl-flow/`) with a journal, by name, each with its
+    /// file, its state (as [`Overall::of`] its status) and its endpoint.
+    pub async fn list(&self, root: &Path) -> Vec<Listed> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.join("journal.json").exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        dirs.sort();
+        let mut out = Vec::new();
+        for dir in dirs {
+            let identity = super::identity::read(&dir);
+            let state = match self.status(&dir).await {
+                Ok(rows) => Ok(Overall::of(&rows)),
+                Err(Error::Usage(m) | Error::Failed(m)) => Err(m
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+                    .into()),
+                Err(_) => Err("cannot be read".into()),
+            };
+            out.push(Listed {
+                dir,
+                file: identity.as_ref().map(|i| i.file.clone()),
+                endpoint: identity.and_then(|i| i.endpoint),
+                state,
+            });
+        }
+        out
+    }
+
     /// Every task the journal of `dir` records, in the order they started, each checked live.
     pub async fn status(&self, dir: &Path) -> Result<Vec<TaskRow>> {
         let records = read_records(dir)?;
@@ -143,6 +253,127 @@ impl Session {
                 out(&rest);
                 return Ok(());
             }
+        }
+    }
+}
+
+impl Session {
+    /// Writes every task's log to `out`, each line prefixed by `TASK | ` (ids padded to one
+    /// width): the tasks in the order they started, each log whole; with `follow`, then what
+    /// any of them appends, line by line as it comes, until none runs or `stop` resolves.
+    pub async fn logs_all(
+        &self,
+        dir: &Path,
+        follow: bool,
+        out: &mut (dyn FnMut(&str) + Send),
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let records = read_records(dir)?;
+        let mut with_log: Vec<&Record> = records
+            .values()
+            .filter(|r| r.handle.is_some() && !is_allocation(r))
+            .collect();
+        with_log.sort_by_key(|r| (r.started_ms.is_none(), r.seq, r.id.clone()));
+        if with_log.is_empty() {
+            return Err(Error::Usage(format!(
+                "error: no task in `{}` has a log: none started a process",
+                dir.display()
+            )));
+        }
+        let width = with_log.iter().map(|r| r.id.len()).max().unwrap_or(0);
+        let failed = |e: prl_flow_backend::BackendError| Error::Failed(format!("error: {e}"));
+        let mut tails = Vec::new();
+        for r in with_log {
+            let backend = self.registry().for_record(r).map_err(Error::Usage)?;
+            let Some(h) = super::proc_handle(r) else {
+                continue;
+            };
+            tails.push(Tail {
+                prefix: format!("{:<width$} | ", r.id),
+                backend,
+                handle: h,
+                offset: 0,
+                partial: String::new(),
+            });
+        }
+        for t in &mut tails {
+            let (text, next) = t.backend.read_log(&t.handle, 0).await.map_err(failed)?;
+            t.offset = next;
+            t.push(&text, out);
+            if !follow {
+                t.flush(out);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::pin!(stop);
+        loop {
+            let mut running = 0;
+            for t in &mut tails {
+                let (more, next) = t
+                    .backend
+                    .read_log(&t.handle, t.offset)
+                    .await
+                    .map_err(failed)?;
+                t.offset = next;
+                t.push(&more, out);
+                if matches!(t.backend.status(&t.handle).await, Ok(ProcState::Running)) {
+                    running += 1;
+                } else {
+                    // Ended: what it wrote last, then its unfinished line.
+                    let (rest, next) = t
+                        .backend
+                        .read_log(&t.handle, t.offset)
+                        .await
+                        .unwrap_or_default();
+                    t.offset = t.offset.max(next);
+                    t.push(&rest, out);
+                    t.flush(out);
+                }
+            }
+            if running == 0 {
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = &mut stop => {
+                    for t in &mut tails {
+                        t.flush(out);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// One task's log being read for [`Session::logs_all`]: whole lines are written with the
+/// task's prefix; a line not yet ended waits for the rest.
+struct Tail {
+    prefix: String,
+    backend: Arc<dyn prl_flow_backend::Backend>,
+    handle: prl_flow_backend::ProcHandle,
+    offset: u64,
+    partial: String,
+}
+
+impl Tail {
+    fn push(&mut self, text: &str, out: &mut (dyn FnMut(&str) + Send)) {
+        self.partial.push_str(text);
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            out(&format!("{}{line}", self.prefix));
+        }
+    }
+
+    fn flush(&mut self, out: &mut (dyn FnMut(&str) + Send)) {
+        if !self.partial.is_empty() {
+            out(&format!(
+                "{}{}\n",
+                self.prefix,
+                std::mem::take(&mut self.partial)
+            ));
         }
     }
 }

@@ -9,9 +9,12 @@
 //! - [`Session::prepare`] opens the state dir and decides what runs; [`Prepared::execute`]
 //!   runs it ([`run`]).
 //! - [`Session::status`], [`Session::down`], [`Session::logs`] and [`Session::watch`] work
-//!   from the journal alone ([`inspect`], [`down`]).
+//!   from the journal alone ([`inspect`], [`down`]); [`Session::list`] finds every state
+//!   dir under `.prl-flow/`.
+//! - [`identity`]: which file a state dir belongs to, and a file's default state dir.
 
 pub mod down;
+pub mod identity;
 pub mod inspect;
 pub mod load;
 pub mod run;
@@ -27,7 +30,7 @@ use crate::registry::Registry;
 use crate::site::Site;
 
 pub use down::DownReport;
-pub use inspect::{Liveness, TaskRow};
+pub use inspect::{Listed, Liveness, Overall, TaskRow};
 pub use load::{LoadOptions, Loaded};
 pub use run::{Prepared, Ran, RunSettings};
 
