@@ -1494,12 +1494,14 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     // The engines' environment is the remote one: a slow start must be in the recipe.
     let slow_env = "[inference.deployment.env]\nPRL_MOCK_STARTUP_DELAY = \"5s\"";
     std::fs::write(&slow_file, recipe.replace("@ENGINE_ENV@", slow_env)).expect("recipe");
+    // One state dir per recipe file: a state dir belongs to the file that first ran in it.
     let state = hosts.dir().join("state");
-    let prl = |args: &[&str]| {
+    let slow_state = hosts.dir().join("state-slow");
+    let prl_in = |state: &Path, args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
             .args(args)
             .arg("--state-dir")
-            .arg(&state)
+            .arg(state)
             .env("PRL_FLOW_ROUTER", &router)
             .output()
             .expect("prl-flow");
@@ -1508,6 +1510,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let prl = |args: &[&str]| prl_in(&state, args);
     let f = path(&file);
     let r = path(&router);
 
@@ -1534,9 +1537,11 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     // Cut host 2 while the run is in flight (its engine loads for 5 s): the run fails,
     // naming it.
     let f = path(&slow_file);
+    let prl = |args: &[&str]| prl_in(&slow_state, args);
+    let state = &slow_state;
     let child = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
         .args(["run", f, "--engine", "mock", "--router", r, "--state-dir"])
-        .arg(&state)
+        .arg(state)
         .env("PRL_FLOW_ROUTER", &router)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1544,7 +1549,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     // Cut once the journal records host 2's engine as started (it then loads for 5 s).
     let began = Instant::now();
     loop {
-        let records = prl_flow_engine::journal::load(&state).unwrap_or_default();
+        let records = prl_flow_engine::journal::load(state).unwrap_or_default();
         let started = records.values().any(|r| {
             r.kind == "engine"
                 && r.status == Status::Running
