@@ -125,15 +125,7 @@ impl Session {
     /// Every state dir under `root` (`.prl-flow/`) with a journal, by name, each with its
     /// file, its state (as [`Overall::of`] its status) and its endpoint.
     pub async fn list(&self, root: &Path) -> Vec<Listed> {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| p.join("journal.json").exists())
-                    .collect()
-            })
-            .unwrap_or_default();
-        dirs.sort();
+        let dirs = super::state_dirs(root);
         let mut out = Vec::new();
         for dir in dirs {
             let identity = super::identity::read(&dir);

@@ -130,9 +130,8 @@ pub fn read_records(dir: &Path) -> Result<BTreeMap<String, Record>> {
     journal::load(dir).map_err(journal_error)
 }
 
-/// The only state dir under `.prl-flow/` (for `status`, `down`, `logs` without a file).
-pub fn only_state_dir() -> Result<PathBuf> {
-    let root = Path::new(".prl-flow");
+/// The state dirs under `root` (`.prl-flow/`): those with a journal, in name order.
+pub fn state_dirs(root: &Path) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -142,6 +141,12 @@ pub fn only_state_dir() -> Result<PathBuf> {
         })
         .unwrap_or_default();
     dirs.sort();
+    dirs
+}
+
+/// The only state dir under `.prl-flow/` (for `status`, `down`, `logs` without a file).
+pub fn only_state_dir() -> Result<PathBuf> {
+    let mut dirs = state_dirs(Path::new(".prl-flow"));
     match dirs.len() {
         1 => Ok(dirs.remove(0)),
         0 => Err(Error::Usage(

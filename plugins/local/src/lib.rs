@@ -27,7 +27,7 @@
 //!
 //! This crate must not know recipes, plans, the journal, or any other backend.
 
-mod procfs;
+pub mod procfs;
 mod with_local;
 
 pub use with_local::WithLocal;

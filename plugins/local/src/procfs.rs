@@ -89,7 +89,7 @@ pub fn listening(port: u16, address: Option<IpAddr>) -> BTreeSet<u64> {
             if u16::from_str_radix(p, 16).ok() != Some(port) {
                 continue;
             }
-            let matches = match (address, hex_addr(addr)) {
+            let matches = match (address, proc_net_addr(addr)) {
                 (None, _) => true,
                 (Some(want), Some(have)) => have.is_unspecified() || same_ip(want, have),
                 (Some(_), None) => true,
@@ -105,7 +105,7 @@ pub fn listening(port: u16, address: Option<IpAddr>) -> BTreeSet<u64> {
 }
 
 /// `want` and `have` name one address (an IPv4 address may show as IPv4-mapped IPv6).
-fn same_ip(want: IpAddr, have: IpAddr) -> bool {
+pub fn same_ip(want: IpAddr, have: IpAddr) -> bool {
     let v4 = |a: IpAddr| match a {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
         a => a,
@@ -113,9 +113,10 @@ fn same_ip(want: IpAddr, have: IpAddr) -> bool {
     v4(want) == v4(have)
 }
 
-/// An address as `/proc/net/tcp*` writes it: the bytes of the address in host order, 32
-/// bits at a time, in hex.
-fn hex_addr(hex: &str) -> Option<IpAddr> {
+/// An address as `/proc/net/tcp*` writes it: the bytes of the address in the machine's
+/// order, 32 bits at a time, in hex (read in this machine's order: a remote host's text is
+/// taken to come from a machine of the same byte order).
+pub fn proc_net_addr(hex: &str) -> Option<IpAddr> {
     let words: Option<Vec<u32>> = (0..hex.len() / 8)
         .map(|i| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok())
         .collect();

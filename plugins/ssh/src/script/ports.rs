@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use prl_flow_backend::{BackendError, Listener, PortHolder};
+use prl_flow_local::procfs::{proc_net_addr, same_ip};
 
 use super::{Proc, Script};
 
@@ -112,7 +113,7 @@ impl Sockets {
             match w.as_slice() {
                 ["listen", port, addr, inode] => {
                     if let (Ok(p), Ok(i)) = (port.parse(), inode.parse()) {
-                        s.listen.push((p, hex_addr(addr), i));
+                        s.listen.push((p, proc_net_addr(addr), i));
                     }
                 }
                 ["holds", inode, pid, comm] => {
@@ -200,33 +201,6 @@ impl Sockets {
     }
 }
 
-/// `want` and `have` name one address (an IPv4 address may show as IPv4-mapped IPv6).
-fn same_ip(want: IpAddr, have: IpAddr) -> bool {
-    let v4 = |a: IpAddr| match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
-        a => a,
-    };
-    v4(want) == v4(have)
-}
-
-/// An address as `/proc/net/tcp*` writes it: 32-bit words in hex, each the host's memory
-/// order of its bytes. Hosts are taken to be little-endian, as Linux on x86 and arm is.
-fn hex_addr(hex: &str) -> Option<IpAddr> {
-    if hex.len() != 8 && hex.len() != 32 {
-        return None;
-    }
-    let mut bytes = Vec::with_capacity(hex.len() / 2);
-    for k in 0..hex.len() / 8 {
-        let word = u32::from_str_radix(hex.get(k * 8..k * 8 + 8)?, 16).ok()?;
-        bytes.extend(word.to_le_bytes());
-    }
-    match bytes.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,17 +211,17 @@ mod tests {
 
     #[test]
     fn addresses_read_as_the_kernel_writes_them() {
-        assert_eq!(hex_addr("0100007F"), "127.0.0.1".parse().ok());
-        assert_eq!(hex_addr("00000000"), "0.0.0.0".parse().ok());
+        assert_eq!(proc_net_addr("0100007F"), "127.0.0.1".parse().ok());
+        assert_eq!(proc_net_addr("00000000"), "0.0.0.0".parse().ok());
         assert_eq!(
-            hex_addr("0000000000000000FFFF00000100007F"),
+            proc_net_addr("0000000000000000FFFF00000100007F"),
             "::ffff:127.0.0.1".parse().ok()
         );
         assert_eq!(
-            hex_addr("00000000000000000000000001000000"),
+            proc_net_addr("00000000000000000000000001000000"),
             "::1".parse().ok()
         );
-        assert_eq!(hex_addr("xyz"), None);
+        assert_eq!(proc_net_addr("xyz"), None);
     }
 
     #[test]
