@@ -165,15 +165,14 @@ async fn a_reused_pid_is_never_adopted_nor_signalled() {
 async fn ports_are_told_free_taken_ours_or_someone_elses() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = LocalBackend::new();
+    // Held for the whole test, so no other process can take them meanwhile: `taken` on
+    // 127.0.0.1; `elsewhere` on 127.0.0.2 only, which leaves that port free on 127.0.0.1.
     let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = stranger.local_addr().expect("addr").port();
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let other_node = std::net::TcpListener::bind("127.0.0.2:0").expect("bind");
+    let elsewhere = other_node.local_addr().expect("addr").port();
     let found = b
-        .ports_taken(None, "127.0.0.1", &[taken, free])
+        .ports_taken(None, "127.0.0.1", &[taken, elsewhere])
         .await
         .expect("ports")
         .expect("the local backend can tell");
@@ -182,31 +181,27 @@ async fn ports_are_told_free_taken_ours_or_someone_elses() {
     let me = format!("pid {}", std::process::id());
     assert!(found[0].holder.as_deref().is_some_and(|h| h.contains(&me)));
 
-    let script = format!(
-        "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',{free}))\ns.listen()\ntime.sleep(60)"
-    );
-    let h = b
-        .spawn(&spec(dir.path(), &["python3", "-c", &script], true))
-        .await
-        .expect("spawn");
+    // Our service listens on a port the OS gives it, and says which.
+    let script = "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\n\
+                  open('port.tmp','w').write(str(s.getsockname()[1]))\n\
+                  __import__('os').rename('port.tmp','port')\ntime.sleep(60)";
+    let s = spec(dir.path(), &["python3", "-c", script], true);
+    let h = b.spawn(&s).await.expect("spawn");
     assert_eq!(
         b.listener(&h, "127.0.0.1", taken).await,
         Ok(Listener::Other(procfs::describe_holders(
             &procfs::listening(taken, None)
         )))
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match b.listener(&h, "127.0.0.1", free).await.expect("listener") {
-            Listener::Ours => break,
-            Listener::Nobody => {}
-            other => panic!("{other:?}"),
-        }
-        assert!(std::time::Instant::now() < deadline, "never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let port_file = s.run_dir.join("port");
+    wait_until("the service's port", || port_file.exists()).await;
+    let port: u16 = std::fs::read_to_string(&port_file)
+        .expect("port")
+        .parse()
+        .expect("a port");
+    assert_eq!(b.listener(&h, "127.0.0.1", port).await, Ok(Listener::Ours));
     b.stop(&h, Duration::from_secs(2)).await.expect("stop");
-    drop(stranger);
+    drop((stranger, other_node));
 }
 
 /// A prl-flow killed between a spawn and its journal write: the record says when the
