@@ -1025,12 +1025,9 @@ fn down_stops_services_last_started_first() {
     assert_nothing_runs(&sb);
 }
 
-/// `run --attach` (what `./dev demo` runs) says when a service dies, and Ctrl-C stops
-/// everything.
-#[test]
-fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
-    let sb = chain();
-    let mut run = sb.spawn(
+/// `run chain.toml --attach` in the background, once it says it is attached.
+fn attached(sb: &Sandbox) -> common::Running {
+    let run = sb.spawn(
         "attach",
         &[
             "--no-progress",
@@ -1042,6 +1039,15 @@ fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
         ],
     );
     wait_until("attached", WAIT, || run.stderr_text().contains("attached:"));
+    run
+}
+
+/// `run --attach` (what `./dev demo` runs) says when a service dies, and Ctrl-C stops
+/// everything.
+#[test]
+fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
+    let sb = chain();
+    let mut run = attached(&sb);
     let b = pid_of(&sb.join("st"), "b").expect("b's pid");
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(b), Signal::SIGKILL).expect("kill b");
     wait_until("the death of `b` reported", WAIT, || {
@@ -1063,18 +1069,7 @@ fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
 #[test]
 fn attach_ends_when_down_runs_elsewhere() {
     let sb = chain();
-    let mut run = sb.spawn(
-        "attach",
-        &[
-            "--no-progress",
-            "run",
-            "chain.toml",
-            "--state-dir",
-            "st",
-            "--attach",
-        ],
-    );
-    wait_until("attached", WAIT, || run.stderr_text().contains("attached:"));
+    let mut run = attached(&sb);
     sb.run(&["down", "--state-dir", "st"]).expect_code(0);
     let out = run.wait(COMMAND_DEADLINE);
     out.expect_code(0);
