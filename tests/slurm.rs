@@ -684,22 +684,12 @@ async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_
         json!({ "recipe": text, "router": router, "state": state, "config": config }).to_string(),
     )
     .expect("write");
-    let log = std::fs::File::create(cluster.dir().join("driver.log")).expect("log");
     // Engines take 4 s to "load the model": the kill lands while they start.
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "driver",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(DRIVER_ENV, &args)
-        .env("PRL_MOCK_STARTUP_DELAY", "4s")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("driver");
+    let mut child = spawn_driver(
+        &cluster.dir().join("driver.log"),
+        &args,
+        &[("PRL_MOCK_STARTUP_DELAY", "4s")],
+    );
     let engines = ["prefill[0].node[0]", "decode[0].node[2]"];
     eventually(
         "the engines' steps to start",
@@ -1103,8 +1093,15 @@ fn small_driver(cluster: &TestCluster, state: &Path, port: u16, config: &Value) 
         json!({ "small": port, "state": state, "config": config }).to_string(),
     )
     .expect("write");
-    let log = std::fs::File::create(cluster.dir().join(format!("driver-{port}.log"))).expect("log");
-    let child = Command::new(std::env::current_exe().expect("test binary"))
+    let log = cluster.dir().join(format!("driver-{port}.log"));
+    Child(spawn_driver(&log, &args, &[]))
+}
+
+/// This test binary again, running only the ignored `driver` test with the arguments file `args` (through
+/// [`DRIVER_ENV`]) and `env`, its output in `log`: a run of its own that a test may kill.
+fn spawn_driver(log: &Path, args: &Path, env: &[(&str, &str)]) -> std::process::Child {
+    let log = std::fs::File::create(log).expect("log");
+    Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "driver",
             "--exact",
@@ -1112,12 +1109,12 @@ fn small_driver(cluster: &TestCluster, state: &Path, port: u16, config: &Value) 
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(DRIVER_ENV, &args)
+        .env(DRIVER_ENV, args)
+        .envs(env.iter().copied())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
-        .expect("driver");
-    Child(child)
+        .expect("driver")
 }
 
 /// A child process killed (`kill -9`) and reaped on drop, if still there.

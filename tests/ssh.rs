@@ -307,6 +307,19 @@ impl Hosts {
             .filter(|c| c.contains(needle) && !c.starts_with("sh -c"))
             .count()
     }
+
+    /// Every host runs exactly one mock engine, as the OS sees it.
+    #[track_caller]
+    fn assert_one_engine_each(&self) {
+        for k in 0..self.list.len() {
+            assert_eq!(
+                self.count(k, "mock-engine"),
+                1,
+                "host {k}: {:?}",
+                self.processes(k)
+            );
+        }
+    }
 }
 
 /// Kills what the backend started under `remote` and still runs (the `.proc` file of each
@@ -1356,14 +1369,7 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
     let plan = multi_node_plan(3, &router, &[]);
     let report = run_plan(&plan, backend.clone(), &state, false, false, None).await;
     assert!(report.ok(), "{}", errors(&report));
-    for k in 0..3 {
-        assert_eq!(
-            hosts.count(k, "mock-engine"),
-            1,
-            "host {k}: {:?}",
-            hosts.processes(k)
-        );
-    }
+    hosts.assert_one_engine_each();
     assert_eq!(hosts.count(0, "router"), 1, "{:?}", hosts.processes(0));
     down(&state).await;
     for k in 0..3 {
@@ -1446,14 +1452,7 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
     );
     let after: Vec<_> = ["sidecar2", "engine0", "engine1"].map(pid_of).to_vec();
     assert_eq!(before, after, "reattached, not restarted");
-    for k in 0..3 {
-        assert_eq!(
-            hosts.count(k, "mock-engine"),
-            1,
-            "host {k}: {:?}",
-            hosts.processes(k)
-        );
-    }
+    hosts.assert_one_engine_each();
     assert_eq!(hosts.count(2, "sleep 600"), 1, "{:?}", hosts.processes(2));
     assert_eq!(hosts.count(0, "router"), 1, "{:?}", hosts.processes(0));
 
@@ -1516,14 +1515,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
 
     let (code, err) = prl(&["run", f, "--engine", "mock", "--router", r]);
     assert_eq!(code, Some(0), "{err}");
-    for k in 0..3 {
-        assert_eq!(
-            hosts.count(k, "mock-engine"),
-            1,
-            "host {k}: {:?}",
-            hosts.processes(k)
-        );
-    }
+    hosts.assert_one_engine_each();
     let (code, err) = prl(&["down", f]);
     assert_eq!(code, Some(0), "{err}");
     for k in 0..3 {
@@ -1576,14 +1568,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     hosts.wait_reachable(2);
     let (code, err) = prl(&["run", f, "--engine", "mock", "--router", r, "--resume"]);
     assert_eq!(code, Some(0), "{err}");
-    for k in 0..3 {
-        assert_eq!(
-            hosts.count(k, "mock-engine"),
-            1,
-            "host {k}: {:?}",
-            hosts.processes(k)
-        );
-    }
+    hosts.assert_one_engine_each();
     let (code, err) = prl(&["logs", "router", "--file", f]);
     assert_eq!(code, Some(0), "{err}");
     let (code, err) = prl(&["down", f]);
