@@ -132,6 +132,7 @@ pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan
         nodes: Vec::new(),
         tasks,
         endpoint: None,
+        layout: None,
     })
 }
 

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    alive, free_port_block, http, pid_of, processes_under, records, router_or_skip, status_of,
+    alive, free_port_block, http_with, pid_of, processes_under, records, router_or_skip, status_of,
     wait_until, Out, Proc, Running, Sandbox, COMMAND_DEADLINE, WAIT,
 };
 use nix::sys::signal::Signal;
@@ -85,7 +85,8 @@ impl Local {
         }
         let ports = Ports {
             router: free_port_block(1),
-            backend: free_port_block(1),
+            // Up to two ranks on a node: `backend_port + 0` and `+ 1`.
+            backend: free_port_block(2),
             // One router: `router_metrics_port + 0`. One rank of tp 1 per P/D node: one
             // side-channel port from `nixl_side_channel_port`.
             metrics: free_port_block(1),
@@ -235,6 +236,12 @@ impl Local {
     /// One completion through the router: the text of its first choice.
     #[track_caller]
     fn complete(&self, prompt: &str) -> String {
+        self.complete_in(None, prompt)
+    }
+
+    /// [`Self::complete`] within a session (`X-Session-ID`), when given.
+    #[track_caller]
+    fn complete_in(&self, session: Option<&str>, prompt: &str) -> String {
         let url = format!("{}/v1/completions", self.router_url());
         let model = if self.recipe == "wide_ep" {
             MOE_MODEL
@@ -242,7 +249,9 @@ impl Local {
             MODEL
         };
         let body = json!({ "model": model, "prompt": prompt, "max_tokens": 16 });
-        let (status, text) = http("POST", &url, Some(&body)).unwrap_or_else(|e| panic!("{e}"));
+        let headers: Vec<(&str, &str)> = session.map(|s| ("X-Session-ID", s)).into_iter().collect();
+        let (status, text) =
+            http_with("POST", &url, Some(&body), &headers).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(status, 200, "POST {url}: {text}");
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         v.pointer("/choices/0/text")
@@ -393,19 +402,79 @@ fn multi_node_comes_up_healthy_and_the_router_reaches_both_engines() {
 }
 
 #[test]
-fn wide_ep_comes_up_healthy_with_its_headless_node_joined() {
+fn wide_ep_comes_up_healthy_with_every_rank_behind_the_router() {
     comes_up_healthy("wide_ep", |d| {
-        // One replica: one URL, the API server on node0, which answers `/health` only once
-        // the headless node1's ranks joined.
-        assert_eq!(d.router_workers(), [d.engine_url(0)]);
-        let head = d.log("engine[0].node[0]");
-        assert!(head.contains("All remote ranks have joined"), "{head}");
+        // One replica of 4 ranks over two nodes, each rank its own API server on
+        // `backend_port + k`, every one listed by the router.
+        let b = d.ports.backend;
+        let mut want: Vec<String> = (1..=2)
+            .flat_map(|n| (0..2).map(move |k| format!("http://127.0.0.{n}:{}", b + k)))
+            .collect();
+        let mut workers = d.router_workers();
+        want.sort();
+        workers.sort();
+        assert_eq!(workers, want);
         let text = d.complete("Hello there");
-        assert!(
-            text.starts_with(&format!("mock@127.0.0.1:{}", d.ports.backend)),
-            "{text}"
-        );
+        assert!(text.starts_with("mock@127.0.0."), "{text}");
     });
+}
+
+/// One node, two ranks (each an engine of its own) behind a `consistent_hash` router: the
+/// router lists both, a session's turns stay on one rank while sessions spread over both,
+/// and a killed rank is the one `status` names.
+#[test]
+fn consistent_hash_keeps_a_session_on_one_rank_and_status_names_a_killed_rank() {
+    if !have_router() {
+        return;
+    }
+    let d = Local::new("ranks", &[]);
+    let st = d.st();
+    d.run(&[]).expect_code(0);
+    let b = d.ports.backend;
+    assert_eq!(
+        d.router_workers(),
+        [
+            format!("http://127.0.0.1:{b}"),
+            format!("http://127.0.0.1:{}", b + 1)
+        ]
+    );
+    // The mock's answer begins with who served it: `mock@HOST:PORT`, one port per rank.
+    let who = |session: &str, turn: usize| -> String {
+        let text = d.complete_in(Some(session), &format!("turn {turn}"));
+        text.split_whitespace().next().unwrap_or("").to_string()
+    };
+    let mut ranks_used = std::collections::BTreeSet::new();
+    for s in 0..24 {
+        let session = format!("session-{s}");
+        let first = who(&session, 0);
+        for turn in 1..4 {
+            assert_eq!(
+                who(&session, turn),
+                first,
+                "{session} moved to another rank"
+            );
+        }
+        ranks_used.insert(first);
+    }
+    assert_eq!(
+        ranks_used.len(),
+        2,
+        "sessions all went to one rank: {ranks_used:?}"
+    );
+
+    let victim = "engine[0].rank[1]";
+    let pid = pid_of(&st, victim).expect("rank 1's pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    wait_until("the killed rank to be gone", WAIT, || !alive(pid));
+    let (code, rows) = d.status();
+    assert_eq!(code, Some(1), "{rows:#?}");
+    assert!(rows[victim].contains(" down "), "{}", rows[victim]);
+    assert!(
+        rows["engine[0].rank[0]"].contains(" up "),
+        "{}",
+        rows["engine[0].rank[0]"]
+    );
+    d.down();
 }
 
 #[test]
@@ -422,7 +491,9 @@ fn disaggregated_comes_up_healthy_and_decode_continues_the_prefill() {
 fn assert_pd_answer(d: &Local) {
     let text = d.complete("Hello there");
     for s in [
-        format!("mock@127.0.0.2:{} role=decode", d.ports.backend),
+        // Both sides are `kv_both` (as prime-rl configures NIXL): the answer comes from the
+        // decode node, continuing what the prefill node computed.
+        format!("mock@127.0.0.2:{} role=prefill+decode", d.ports.backend),
         "continued-from-prefill".to_string(),
         format!("at=127.0.0.1:{}", d.ports.nixl),
         format!("first-token=mock@127.0.0.1:{}", d.ports.backend),
@@ -444,7 +515,7 @@ enum Moment {
     RouterStarting,
 }
 
-const ENGINES: [&str; 2] = ["prefill[0].node[0]", "decode[0].node[1]"];
+const ENGINES: [&str; 2] = ["prefill[0].rank[0]", "decode[0].rank[0]"];
 
 /// A disaggregated deployment whose engines take `delay` to load (so that a bring-up has a
 /// middle), started in the background and waited for until `at`.
@@ -623,8 +694,8 @@ fn engine_that_fails_to_start_is_named_and_resume_reruns_only_it_and_its_depende
     }
     let mut d = Local::new("disaggregated", &[("PREFILL_FAIL", "start")]);
     let st = d.st();
-    let prefill = "prefill[0].node[0]";
-    let decode = "decode[0].node[1]";
+    let prefill = "prefill[0].rank[0]";
+    let decode = "decode[0].rank[0]";
 
     // A plain run: fails naming the task, its node and the end of its log; stops the rest.
     let failed = d.run(&[]);
@@ -691,8 +762,8 @@ fn engine_killed_after_bringup_is_down_and_resume_restores_it_behind_the_router(
     let d = Local::new("multi_node", &[]);
     let st = d.st();
     d.run(&[]).expect_code(0);
-    let victim = "engine[1].node[1]";
-    let survivor = "engine[0].node[0]";
+    let victim = "engine[1].rank[0]";
+    let survivor = "engine[0].rank[0]";
     let victim_pid = pid_of(&st, victim).expect("victim pid");
     let survivor_pid = pid_of(&st, survivor).expect("survivor pid");
     let router_pid = pid_of(&st, "router").expect("router pid");
@@ -756,7 +827,7 @@ fn hung_engine_fails_at_its_ready_timeout_with_a_clear_message() {
     let out = d.run(&[]);
     let took = began.elapsed();
     out.expect_code(1);
-    let engine = "engine[0].node[0]";
+    let engine = "engine[0].rank[0]";
     for s in [
         format!(
             "error: task `{engine}` failed: `{engine}` on node0 (127.0.0.1) was not ready after 3s"
@@ -1053,7 +1124,7 @@ fn a_second_copy_on_the_same_ports_fails_naming_the_port_and_the_first_keeps_ser
 fn a_probe_answered_by_another_process_does_not_make_a_service_ready() {
     let d = Local::new("single_node", &[("FAIL", "hang")]);
     let mut run = d.spawn("run", &[]);
-    let engine = "engine[0].node[0]";
+    let engine = "engine[0].rank[0]";
     let st = d.st();
     wait_until("the engine started", WAIT, || in_flight(&st, engine));
     // The stranger: another engine on the port the hung engine never binds.

@@ -122,14 +122,14 @@ fn disaggregated_is_the_full_chain() {
     assert!(needs("mooncake-master").contains(&Action::Allocate.name().to_string()));
     assert!(needs("metadata-server").contains(&"mooncake-master".to_string()));
     assert!(needs("mooncake-client.node[3]").contains(&"metadata-server".to_string()));
-    assert!(needs("prefill[0].node[0]").contains(&"mooncake-client.node[0]".to_string()));
-    assert!(needs("decode[0].node[3]").contains(&"mooncake-client.node[3]".to_string()));
+    assert!(needs("prefill[0].rank[0]").contains(&"mooncake-client.node[0]".to_string()));
+    assert!(needs("decode[0].rank[7]").contains(&"mooncake-client.node[3]".to_string()));
     let router = needs("router");
     for e in [
-        "prefill[0].node[0]",
-        "prefill[0].node[1]",
-        "decode[0].node[2]",
-        "decode[0].node[3]",
+        "prefill[0].rank[0]",
+        "prefill[0].rank[7]",
+        "decode[0].rank[0]",
+        "decode[0].rank[7]",
     ] {
         assert!(router.contains(&e.to_string()), "router needs {e}");
     }
@@ -138,7 +138,7 @@ fn disaggregated_is_the_full_chain() {
     let engine = plan
         .tasks
         .iter()
-        .find(|t| t.id == "decode[0].node[3]")
+        .find(|t| t.id == "decode[0].rank[7]")
         .expect("decode");
     assert_eq!(
         engine.env.get("MOONCAKE_CONFIG_PATH").map(String::as_str),
@@ -174,6 +174,11 @@ fn every_rendered_flag_is_real() {
         let plan = load_file(&p, &opts).expect("plans");
         for t in &plan.tasks {
             let Some(a) = argv(t) else { continue };
+            // KV offload starts engines through a shell that raises the memlock limit.
+            let a = match a.first().map(String::as_str) {
+                Some("sh") if a[1] == "-c" => &a[4..],
+                _ => a,
+            };
             let errors = match t.kind.as_str() {
                 "engine" | "prefill" | "decode" => {
                     assert_eq!(a[0], "ENGINE", "{}", t.id);
@@ -219,36 +224,63 @@ fn every_rendered_flag_is_real() {
 
 #[test]
 fn engines_carry_their_shape() {
-    let plan = load_file(&root().join("recipes/wide_ep.toml"), &Options::default()).expect("plans");
-    let head = plan
-        .tasks
-        .iter()
-        .find(|t| t.id == "engine[0].node[0]")
-        .expect("head");
-    let tail = plan
-        .tasks
-        .iter()
-        .find(|t| t.id == "engine[0].node[1]")
-        .expect("headless");
-    let h = argv(head).expect("argv").join(" ");
-    let t = argv(tail).expect("argv").join(" ");
+    let text = std::fs::read_to_string(root().join("recipes/wide_ep.toml")).expect("recipe");
+    let plan = load_str(&text, &Options::default()).expect("plans");
+    let task = |plan: &Plan, id: &str| {
+        plan.tasks
+            .iter()
+            .find(|t| t.id == id)
+            .unwrap_or_else(|| panic!("no {id}"))
+            .clone()
+    };
+    // One API server per rank: rank 9 is the second rank of the replica's second node.
+    let first = task(&plan, "engine[0].rank[0]");
+    let ninth = task(&plan, "engine[0].rank[9]");
+    let h = argv(&first).expect("argv").join(" ");
+    let n = argv(&ninth).expect("argv").join(" ");
     assert!(
         h.starts_with("vllm serve deepseek-ai/DeepSeek-V3 --host ${host:node0} --port 8100"),
         "{h}"
     );
-    assert!(h.contains("--data-parallel-size 16 --data-parallel-size-local 8 --data-parallel-address ${host:node0} --data-parallel-rpc-port 29550"), "{h}");
+    assert!(h.contains("--data-parallel-size 16 --data-parallel-size-local 1 --data-parallel-rank 0 --data-parallel-address ${host:node0} --data-parallel-rpc-port 29550"), "{h}");
     assert!(
         h.contains("--enable-expert-parallel")
             && h.contains("--enable-eplb")
             && h.contains("--enable-dbo"),
         "{h}"
     );
+    assert!(n.contains("--host ${host:node1} --port 8101"), "{n}");
+    assert!(
+        n.contains("--data-parallel-rank 9 --data-parallel-address ${host:node0}"),
+        "{n}"
+    );
+    assert_eq!(ninth.env["CUDA_VISIBLE_DEVICES"], "1");
+    assert_eq!(
+        first.ports,
+        [8100, 29550],
+        "rank 0 holds the DP coordinator's port"
+    );
+    assert_eq!(ninth.ports, [8101]);
+    assert!(first.ready.is_some() && ninth.ready.is_some());
+
+    // vLLM's internal balancing: one process per node, the second `--headless`.
+    let internal = text.replace(
+        "type = \"multi_node\"",
+        "type = \"multi_node\"\nload_balancing = \"internal\"",
+    );
+    let plan = load_str(&internal, &Options::default()).expect("plans");
+    let head = task(&plan, "engine[0].node[0]");
+    let tail = task(&plan, "engine[0].node[1]");
+    let h = argv(&head).expect("argv").join(" ");
+    let t = argv(&tail).expect("argv").join(" ");
+    assert!(h.contains("--data-parallel-size 16 --data-parallel-size-local 8 --data-parallel-address ${host:node0} --data-parallel-rpc-port 29550"), "{h}");
     assert!(
         t.contains("--headless") && t.contains("--data-parallel-start-rank 8"),
         "{t}"
     );
     assert!(!t.contains("--port"), "{t}");
     assert!(head.ready.is_some() && tail.ready.is_none());
+    assert!(!head.env.contains_key("CUDA_VISIBLE_DEVICES"));
 
     let plan = load_file(
         &root().join("recipes/local/disaggregated.toml"),
@@ -267,10 +299,12 @@ fn engines_carry_their_shape() {
     );
     assert!(
         a.contains(r#""kv_connector":"MultiConnector""#)
-            && a.contains("kv_producer")
+            && a.contains(r#""kv_role":"kv_both""#)
+            && a.contains(r#""num_threads":1"#)
             && a.contains("OffloadingConnector"),
         "{a}"
     );
+    assert!(a.starts_with("sh -c ulimit -l unlimited"), "{a}");
     assert!(a.contains("--enable-prefix-caching"), "{a}");
     assert_eq!(
         prefill
@@ -378,10 +412,10 @@ needs = ["health-probe"]
     };
     assert_eq!(task("stage.node[1]").node.as_deref(), Some("node1"));
     assert_eq!(task("stage.node[1]").needs, [ALLOCATE, "download"]);
-    assert!(task("engine[1].node[1]")
+    assert!(task("engine[1].rank[0]")
         .needs
         .contains(&"stage.node[1]".to_string()));
-    assert!(!task("engine[1].node[1]")
+    assert!(!task("engine[1].rank[0]")
         .needs
         .contains(&"stage.node[0]".to_string()));
     assert_eq!(task("download").node, None);
@@ -389,38 +423,147 @@ needs = ["health-probe"]
     assert_eq!(task("smoke").kind, "custom");
 }
 
-#[test]
-fn several_pd_groups_get_a_router_each() {
-    let src = r#"
+const PD_UNITS: &str = r#"
 [inference]
 model = "m"
+[inference.parallel]
+tp = 2
 [inference.deployment]
 type = "disaggregated"
-gpus_per_node = 1
+gpus_per_node = 4
+num_replicas = 3
 num_prefill_nodes = 2
-num_decode_nodes = 2
 num_prefill_replicas = 2
-num_decode_replicas = 2
+num_decode_nodes = 2
 "#;
-    let plan = load_str(src, &Options::default()).expect("plans");
+
+#[test]
+fn pd_units_get_a_router_each_listing_only_their_ranks() {
+    let plan = load_str(PD_UNITS, &Options::default()).expect("plans");
+    assert_eq!(
+        plan.nodes.len(),
+        12,
+        "3 units × (2 prefill + 2 decode nodes)"
+    );
     let routers: Vec<&prl_flow::plan::TaskSpec> =
         plan.tasks.iter().filter(|t| t.kind == "router").collect();
-    assert_eq!(routers.len(), 2);
-    assert_eq!(routers[0].id, "router[0]");
-    assert_eq!(routers[1].node.as_deref(), Some("node1"));
-    assert_eq!(
-        routers[1].needs,
-        [ALLOCATE, "prefill[1].node[1]", "decode[1].node[3]"]
-    );
+    assert_eq!(routers.len(), 3);
+    for (u, r) in routers.iter().enumerate() {
+        assert_eq!(r.id, format!("router[{u}]"));
+        // On the unit's first prefill node.
+        assert_eq!(r.node.as_deref(), Some(format!("node{}", 4 * u).as_str()));
+        let a = argv(r).expect("argv").join(" ");
+        let urls: Vec<&str> = a.split(' ').filter(|w| w.starts_with("http://")).collect();
+        // Prefill: 2 replicas of 1 node, 2 ranks each; decode: 1 replica of 2 nodes, 2 ranks
+        // on each (every GPU: dp = 2 nodes × 4 GPUs / tp 2).
+        assert_eq!(urls.len(), 8, "{a}");
+        for url in urls {
+            let node: usize = url["http://${host:node".len()..]
+                .split('}')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("node");
+            assert!(
+                (4 * u..4 * u + 4).contains(&node),
+                "router[{u}] lists {url}"
+            );
+        }
+        let needs: Vec<&String> = r.needs.iter().filter(|n| n.as_str() != ALLOCATE).collect();
+        assert_eq!(needs.len(), 8, "{needs:?}");
+    }
     assert_ne!(
         routers[0].ports, routers[1].ports,
         "metrics ports differ per router"
     );
-    assert!(plan.tasks.iter().any(|t| t.id == "health-probe[1]"));
+    assert!(plan.tasks.iter().any(|t| t.id == "prefill[5].rank[1]"));
+    assert!(plan.tasks.iter().any(|t| t.id == "decode[2].rank[3]"));
     assert_eq!(
         plan.endpoint.as_deref(),
-        Some("http://${host:node0}:8000 http://${host:node1}:8000")
+        Some("http://${host:node0}:8000 http://${host:node4}:8000 http://${host:node8}:8000")
     );
+    // The other spelling: nodes per replica.
+    let per_replica = PD_UNITS
+        .replace("num_prefill_nodes = 2", "prefill_nodes_per_replica = 1")
+        .replace("num_decode_nodes = 2", "decode_nodes_per_replica = 2");
+    let again = load_str(&per_replica, &Options::default()).expect("plans");
+    assert_eq!(again.tasks, plan.tasks, "both spellings give one plan");
+    // Never both at once.
+    let both = PD_UNITS.replace(
+        "num_decode_nodes = 2",
+        "num_decode_nodes = 2\ndecode_nodes_per_replica = 2",
+    );
+    let e = load_str(&both, &Options::default()).expect_err("two spellings");
+    assert!(
+        e.render(false).contains("say the same thing two ways"),
+        "{}",
+        e.render(false)
+    );
+}
+
+/// Every rank of every shipped recipe is an engine task of its own: GPU slices on a node
+/// are disjoint and of size tp, ports do not clash, and each router lists exactly the rank
+/// URLs of the engines it needs.
+#[test]
+fn every_rank_is_a_task_on_its_own_gpus() {
+    for p in recipes() {
+        let plan = load_file(&p, &Options::default()).expect("plans");
+        let text = std::fs::read_to_string(&p).expect("read");
+        let tp: usize = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("tp = "))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(1);
+        let engines: Vec<&prl_flow::plan::TaskSpec> = plan
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.kind.as_str(), "engine" | "prefill" | "decode"))
+            .collect();
+        let mut gpus: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut ports: BTreeMap<(String, u16), String> = BTreeMap::new();
+        for e in &engines {
+            assert!(e.id.contains(".rank["), "{}: {}", rel(&p), e.id);
+            let node = e.node.clone().expect("node");
+            let slice: Vec<usize> = e.env["CUDA_VISIBLE_DEVICES"]
+                .split(',')
+                .map(|g| g.parse().expect("gpu"))
+                .collect();
+            assert_eq!(slice.len(), tp, "{}: {}", rel(&p), e.id);
+            let used = gpus.entry(node.clone()).or_default();
+            for g in slice {
+                assert!(!used.contains(&g), "{}: GPU {g} twice on {node}", rel(&p));
+                used.push(g);
+            }
+        }
+        for t in plan.tasks.iter().filter(|t| t.service) {
+            for port in &t.ports {
+                let key = (t.node.clone().unwrap_or_default(), *port);
+                if let Some(other) = ports.insert(key, t.id.clone()) {
+                    panic!("{}: port {port} of {} and {other}", rel(&p), t.id);
+                }
+            }
+        }
+        for r in plan.tasks.iter().filter(|t| t.kind == "router") {
+            let a = argv(r).expect("argv").join(" ");
+            let mut listed: Vec<String> = a
+                .split(' ')
+                .filter(|w| w.starts_with("http://"))
+                .map(str::to_string)
+                .collect();
+            let mut want: Vec<String> = engines
+                .iter()
+                .filter(|e| r.needs.contains(&e.id))
+                .map(|e| match &e.ready.as_ref().expect("ready").probe {
+                    prl_flow::plan::Probe::Http { url } => {
+                        url.trim_end_matches("/health").to_string()
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            listed.sort();
+            want.sort();
+            assert_eq!(listed, want, "{}: {}", rel(&p), r.id);
+        }
+    }
 }
 
 /// `# expect: TEXT` lines of a bad recipe.

@@ -66,7 +66,7 @@ fn up_and_down(sb: &Sandbox, site: &str, st: &str, router: u16) -> String {
     )
     .expect("the router answers");
     assert_eq!(code, 200, "{body}");
-    let engine = pid_of(&sb.join(st), "engine[0].node[0]").expect("the engine's pid");
+    let engine = pid_of(&sb.join(st), "engine[0].rank[0]").expect("the engine's pid");
     let env = environ(engine);
     sb.run(&["down", "--state-dir", st]).expect_code(0);
     wait_gone("the engine", engine);
@@ -111,7 +111,7 @@ fn one_recipe_runs_unchanged_at_two_sites() {
     );
     // The journal of site B names the plugin, so `status` and `down` found it again.
     let recs = records(&sb.join("st-b"));
-    assert_eq!(recs["engine[0].node[0]"]["handle"]["backend"], "wrapped");
+    assert_eq!(recs["engine[0].rank[0]"]["handle"]["backend"], "wrapped");
 }
 
 #[test]

@@ -295,17 +295,24 @@ fn deployment_prerequisites(c: &TestCluster) -> Option<PathBuf> {
     Some(router)
 }
 
-/// recipes/disaggregated.toml as these tests run it: Mooncake over TCP (no RDMA here) and a
-/// 64 MiB segment per node instead of 100 GiB; `pairs` prefill/decode replica pairs of one
-/// node each instead of one pair of two-node replicas.
+/// recipes/disaggregated.toml as these tests run it: Mooncake over TCP (no RDMA here), a
+/// 64 MiB segment per node instead of 100 GiB, two GPUs a node (one rank of tp 2); `pairs`: two
+/// P/D units of one prefill and one decode node instead of one unit of two-node replicas.
 fn recipe_text(pairs: bool) -> String {
     let text = std::fs::read_to_string(RECIPE).expect("recipe");
+    // Two GPUs a node: one rank of tp 2 on each, so four engines on four nodes.
     let text = text
         .replace("protocol = \"rdma\"", "protocol = \"tcp\"")
-        .replace("num_bytes = 107374182400", "num_bytes = 67108864");
+        .replace("num_bytes = 107374182400", "num_bytes = 67108864")
+        .replace("gpus_per_node = 8", "gpus_per_node = 2");
     if pairs {
-        text.replace("num_prefill_replicas = 1", "num_prefill_replicas = 2")
-            .replace("num_decode_replicas = 1 ", "num_decode_replicas = 2 ")
+        // Two P/D units of one prefill and one decode node, a router each.
+        let two = text
+            .replace("num_prefill_nodes = 2 ", "num_prefill_nodes = 1 ")
+            .replace("num_decode_nodes = 2 ", "num_decode_nodes = 1 ")
+            .replace("num_replicas = 1 ", "num_replicas = 2 ");
+        assert_ne!(two, text, "the recipe's counts moved");
+        two
     } else {
         text
     }
@@ -472,17 +479,17 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
     assert_eq!(steps.len(), commands, "{steps:?}");
     assert!(duplicates(&steps).is_empty(), "{steps:?}");
     let node_of = |id: &str| handle_field(&state, id, "host");
-    let prefill = node_of("prefill[0].node[0]");
-    let decode = node_of("decode[0].node[2]");
+    let prefill = node_of("prefill[0].rank[0]");
+    let decode = node_of("decode[0].rank[0]");
     assert_ne!(
         prefill, decode,
         "prefill and decode must run on distinct nodes"
     );
     let engines: BTreeSet<String> = [
-        "prefill[0].node[0]",
-        "prefill[0].node[1]",
-        "decode[0].node[2]",
-        "decode[0].node[3]",
+        "prefill[0].rank[0]",
+        "prefill[0].rank[1]",
+        "decode[0].rank[0]",
+        "decode[0].rank[1]",
     ]
     .iter()
     .map(|id| node_of(id))
@@ -509,7 +516,7 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
     let master = &cluster.nodes[0].1;
     let health = http_get(&format!("http://{master}:9003/health")).await;
     assert_eq!(health, Some(200));
-    for id in ["prefill[0].node[0]", "decode[0].node[3]"] {
+    for id in ["prefill[0].rank[0]", "decode[0].rank[1]"] {
         let path = handle_field(&state, id, "run_dir");
         let conf: Value = serde_json::from_str(
             &std::fs::read_to_string(Path::new(&path).join("mooncake.json"))
@@ -580,7 +587,7 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
     let before = step_ids(&state);
 
     // An admin (or the OOM killer's SLURM) cancels one engine step.
-    let victim = "decode[1].node[3]";
+    let victim = "decode[1].rank[0]";
     let step = before[victim].clone();
     cluster.slurm("scancel", &[&step]);
     eventually("the step to end", Duration::from_secs(30), || async {
@@ -690,7 +697,7 @@ async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_
         &args,
         &[("PRL_MOCK_STARTUP_DELAY", "4s")],
     );
-    let engines = ["prefill[0].node[0]", "decode[0].node[2]"];
+    let engines = ["prefill[0].rank[0]", "decode[0].rank[0]"];
     eventually(
         "the engines' steps to start",
         Duration::from_secs(60),
@@ -1542,7 +1549,7 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
         .expect("run");
     common::wait_until("engines started", Duration::from_secs(60), || {
         prl_flow_engine::journal::load(&state).is_ok_and(|r| {
-            r.get("decode[1].node[3]")
+            r.get("decode[1].rank[0]")
                 .is_some_and(|r| r.handle.is_some())
         })
     });
@@ -1577,7 +1584,7 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     }
 
     // scancel an engine step: status says so (exit 1), --resume restarts it.
-    let step = step_ids(&state)["decode[1].node[3]"].clone();
+    let step = step_ids(&state)["decode[1].rank[0]"].clone();
     cluster.slurm("scancel", &[&step]);
     common::wait_until("the step to end", Duration::from_secs(30), || {
         !cluster.steps().iter().any(|(id, _, _)| *id == step)
@@ -1587,7 +1594,7 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     assert!(
         st.stdout
             .lines()
-            .any(|l| l.starts_with("decode[1].node[3]") && l.contains("down")),
+            .any(|l| l.starts_with("decode[1].rank[0]") && l.contains("down")),
         "{}",
         st.stdout
     );
@@ -1609,14 +1616,14 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     assert!(
         out.stdout
             .lines()
-            .any(|l| l.starts_with("run") && l.contains("decode[1].node[3]")),
+            .any(|l| l.starts_with("run") && l.contains("decode[1].rank[0]")),
         "{}",
         out.stdout
     );
     assert!(
         out.stdout
             .lines()
-            .any(|l| l.starts_with("keep") && l.contains("decode[0].node[2]")),
+            .any(|l| l.starts_with("keep") && l.contains("decode[0].rank[0]")),
         "{}",
         out.stdout
     );

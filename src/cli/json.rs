@@ -86,6 +86,7 @@ pub fn valid_json(file: &Path, plan: &Plan) -> String {
             "tasks": plan.tasks.len(),
             "services": plan.tasks.iter().filter(|t| t.service).count(),
             "nodes": plan.nodes.len(),
+            "layout": plan.layout.as_ref().map(|l| l.summary.as_str()),
         },
     }))
 }

@@ -57,6 +57,7 @@ pub fn plan_json(plan: &Plan, show_secrets: bool) -> String {
         "backend": plan.backend,
         "nodes": plan.nodes,
         "endpoint": plan.endpoint,
+        "layout": plan.layout,
         "tasks": tasks,
     });
     let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
@@ -79,6 +80,9 @@ pub fn plan_text(plan: &Plan, show_secrets: bool) -> String {
             format!(", nodes {}", plan.nodes.join(" "))
         }
     );
+    if let Some(l) = &plan.layout {
+        s.push_str(&layout_text(l));
+    }
     for t in &plan.tasks {
         let _ = writeln!(s);
         let svc = if t.service { " (service)" } else { "" };
@@ -130,14 +134,44 @@ pub fn plan_text(plan: &Plan, show_secrets: bool) -> String {
 /// `validate`'s answer.
 pub fn valid(file: &Path, plan: &Plan) -> String {
     let services = plan.tasks.iter().filter(|t| t.service).count();
-    format!(
+    let mut s = format!(
         "`{}` is valid: {} ({}) on {}, backend `{}`\n",
         file.display(),
         count(plan.tasks.len(), "task"),
         count(services, "service"),
         count(plan.nodes.len(), "node"),
         plan.backend
-    )
+    );
+    if let Some(l) = &plan.layout {
+        let _ = writeln!(s, "layout: {}", l.summary);
+    }
+    s
+}
+
+/// The layout: its summary, then per node each process's ranks, GPUs and ports.
+pub fn layout_text(l: &plan::Layout) -> String {
+    let mut s = format!("\nlayout: {}\n", l.summary);
+    let width = l
+        .nodes
+        .iter()
+        .flat_map(|n| n.processes.iter().map(|p| p.task.len()))
+        .max()
+        .unwrap_or(0);
+    for n in &l.nodes {
+        let _ = writeln!(s, "  {}:", n.node);
+        for p in &n.processes {
+            let ports: Vec<String> = p.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(
+                s,
+                "    {:<width$}  ranks {:<5}  gpus {:<8}  ports {}",
+                p.task,
+                p.ranks,
+                p.gpus,
+                ports.join(",")
+            );
+        }
+    }
+    s
 }
 
 /// Per task, in order, what it will do and why.

@@ -34,6 +34,37 @@ pub struct Plan {
     /// message of `run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// A deployment's arithmetic, for people: the node count and, per node, which ranks,
+    /// GPUs and ports each engine process has. `None` for a plain workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+}
+
+/// How a deployment's ranks sit on its nodes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Layout {
+    /// One line: nodes, units, replicas, ranks and how they are balanced.
+    pub summary: String,
+    pub nodes: Vec<NodeLayout>,
+}
+
+/// One node's engine processes and other services.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeLayout {
+    pub node: String,
+    pub processes: Vec<ProcessLayout>,
+}
+
+/// One process on a node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProcessLayout {
+    pub task: String,
+    /// Its global data-parallel rank(s) (`3`, `8-15`), or `-` for an engine of its own or a
+    /// service that has none.
+    pub ranks: String,
+    /// `CUDA_VISIBLE_DEVICES`, or `all` / `-`.
+    pub gpus: String,
+    pub ports: Vec<u16>,
 }
 
 /// The state dir of a plan when none is given: `.prl-flow/<name>`.

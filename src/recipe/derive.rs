@@ -1,5 +1,5 @@
-//! From the checked settings to the [`Deployment`]: engine processes (DP ranks, ports, KV
-//! connector, env), routers and the Mooncake store, each computed once by a small function
+//! From the checked settings to the [`Deployment`]: engine processes (DP ranks, GPUs, ports,
+//! KV connector, env), routers and the Mooncake store, each computed once by a small function
 //! without I/O. Nothing here reports a problem: [`super::validate`] has checked every rule
 //! first, and a port base that would run past 65535 yields only the ports that fit (the
 //! validation says so).
@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::deployment::{
-    node_name, url, Deployment, EngineProcess, Mooncake, Offload, OffloadKind, Replica,
-    ReplicaRole, Router, Shape, MOONCAKE_CONFIG_FILE,
+    node_name, url, Deployment, DpPart, EngineProcess, LoadBalancing, Mooncake, Offload,
+    OffloadKind, Replica, ReplicaRole, Router, Shape, DEFAULT_GPU_MEMORY_UTILIZATION,
+    MOONCAKE_CONFIG_FILE,
 };
 use super::schema::VllmExtra;
 use crate::plan::host_ref;
@@ -24,16 +25,20 @@ pub struct DeploymentSettings<'a> {
     pub model: String,
     pub launcher: Vec<String>,
     pub router_launcher: Vec<String>,
+    /// Each with its own `dp` (filled in where the recipe leaves it to the shape).
     pub replicas: Vec<Replica>,
+    pub units: usize,
     pub gpus_per_node: u32,
     pub tp: u32,
-    pub dp: u32,
+    pub load_balancing: LoadBalancing,
     pub expert_parallel: bool,
     pub dbo: bool,
     pub eplb: bool,
     pub return_routed_experts: bool,
     pub prefix_caching: Option<bool>,
     pub router_policy: String,
+    pub router_bind: Option<String>,
+    pub router_log_level: String,
     pub ready_timeout: Duration,
     pub probe_interval: Duration,
     pub ports: PortBases,
@@ -49,6 +54,7 @@ pub struct DeploymentSettings<'a> {
 /// The ports of `[inference.deployment]`, defaults filled in.
 #[derive(Debug, Clone, Copy)]
 pub struct PortBases {
+    /// Rank `s` of a node listens on `backend + s`.
     pub backend: u16,
     pub router: u16,
     /// The first router's; the others count up from it.
@@ -58,6 +64,9 @@ pub struct PortBases {
     pub nixl: u16,
 }
 
+/// Decode engines capture CUDA graphs for decode batches only, as prime-rl runs them.
+pub const DECODE_COMPILATION_CONFIG: &str = r#"{"cudagraph_mode":"FULL_DECODE_ONLY"}"#;
+
 /// The deployment the settings describe.
 pub fn deployment(s: &DeploymentSettings<'_>) -> Deployment {
     let nodes = s
@@ -66,6 +75,12 @@ pub fn deployment(s: &DeploymentSettings<'_>) -> Deployment {
         .flat_map(|r| r.nodes.iter())
         .max()
         .map_or(1, |m| m + 1);
+    let sets_extra = |dest: &str| s.vllm_extra.iter().any(|x| x.dest == dest);
+    let engines: Vec<EngineProcess> = s
+        .replicas
+        .iter()
+        .flat_map(|r| engine_processes(s, r))
+        .collect();
     Deployment {
         shape: s.shape,
         backend: s.backend.to_string(),
@@ -74,51 +89,61 @@ pub fn deployment(s: &DeploymentSettings<'_>) -> Deployment {
         launcher: s.launcher.clone(),
         router_launcher: s.router_launcher.clone(),
         nodes,
+        units: s.units,
         gpus_per_node: s.gpus_per_node,
         tp: s.tp,
-        dp: s.dp,
+        load_balancing: s.load_balancing,
         expert_parallel: s.expert_parallel,
         dbo: s.dbo,
         eplb: s.eplb,
         return_routed_experts: s.return_routed_experts,
         prefix_caching: s.prefix_caching,
         router_policy: s.router_policy.clone(),
+        router_log_level: s.router_log_level.clone(),
         ready_timeout: s.ready_timeout,
         probe_interval: s.probe_interval,
         offload: s.offload.clone(),
         mooncake: s.mooncake.clone(),
         replicas: s.replicas.clone(),
-        engines: s
-            .replicas
-            .iter()
-            .flat_map(|r| engine_processes(s, r))
-            .collect(),
-        routers: routers(s),
+        routers: routers(s, &engines),
+        engines,
         extra_args: s
             .vllm_extra
             .iter()
             .flat_map(|x| x.args.iter().cloned())
             .collect(),
+        gpu_memory_utilization: (!sets_extra("gpu_memory_utilization"))
+            .then(|| DEFAULT_GPU_MEMORY_UTILIZATION.to_string()),
     }
 }
 
-/// Splits `count` nodes starting at `first` into `replicas` replicas of equal size.
-pub fn split(role: ReplicaRole, first: usize, count: usize, replicas: usize) -> Vec<Replica> {
+/// Splits `count` nodes starting at `first` into `replicas` replicas of equal size, each
+/// running `dp` ranks; `index_base` numbers them on from earlier units.
+pub fn split(
+    role: ReplicaRole,
+    unit: usize,
+    index_base: usize,
+    first: usize,
+    count: usize,
+    replicas: usize,
+    dp: u32,
+) -> Vec<Replica> {
     let per = count / replicas.max(1);
     (0..replicas)
         .map(|r| Replica {
             role,
-            index: r,
+            index: index_base + r,
+            unit,
             nodes: (first + r * per..first + (r + 1) * per).collect(),
+            dp,
         })
         .collect()
 }
 
-/// How many NIXL side-channel ports a node of a replica of `nodes` nodes uses: one per
-/// GPU of its ranks.
-pub fn nixl_port_count(dp: u32, tp: u32, nodes: usize) -> u16 {
-    let local = dp / nodes as u32;
-    (local * tp).min(u32::from(u16::MAX)) as u16
+/// How many NIXL side-channel ports one engine process of `ranks` local ranks uses from
+/// its base: one per rank (vLLM adds the local DP rank to `VLLM_NIXL_SIDE_CHANNEL_PORT`).
+pub fn nixl_port_count(ranks: u32) -> u16 {
+    ranks.min(u32::from(u16::MAX)) as u16
 }
 
 /// The ports from `base` on, `count` of them, as far as they fit under 65536.
@@ -126,64 +151,120 @@ pub fn port_run(base: u16, count: u16) -> impl Iterator<Item = u16> {
     (0..count).map_while(move |off| base.checked_add(off))
 }
 
-/// One engine process per node of the replica.
+/// `base + off`, when it fits.
+fn port_at(base: u16, off: u32) -> Option<u16> {
+    u16::try_from(u32::from(base) + off).ok()
+}
+
+/// The engine processes of a replica: one per rank (external balancing) or one per node.
 fn engine_processes(s: &DeploymentSettings<'_>, r: &Replica) -> Vec<EngineProcess> {
     let k = r.nodes.len();
-    let local = s.dp / k as u32;
+    let local = r.dp_local();
+    let pd = r.role != ReplicaRole::Engine;
     let kv = kv_transfer_config(r.role, s.offload.as_ref()).map(|v| v.to_string());
-    let nixl =
-        (r.role != ReplicaRole::Engine).then(|| (s.ports.nixl, nixl_port_count(s.dp, s.tp, k)));
-    r.nodes
-        .iter()
-        .enumerate()
-        .map(|(i, &node)| {
-            let headless = i > 0;
-            let mut ports = Vec::new();
-            if !headless {
-                ports.push(s.ports.backend);
-                if k > 1 {
-                    ports.push(s.ports.dp_rpc);
+    let compilation = (r.role == ReplicaRole::Decode
+        && !s.vllm_extra.iter().any(|x| x.dest == "compilation_config"))
+    .then(|| DECODE_COMPILATION_CONFIG.to_string());
+    let mut out = Vec::new();
+    for (i, &node) in r.nodes.iter().enumerate() {
+        let i = i as u32;
+        let mut add = |id: String, slot: u32, headless: bool, port: u16, dp: DpPart| {
+            let gpus = match s.load_balancing {
+                LoadBalancing::External => Some((slot * s.tp..(slot + 1) * s.tp).collect()),
+                LoadBalancing::Internal => None,
+            };
+            let nixl = match (pd, s.load_balancing) {
+                (false, _) => None,
+                (true, LoadBalancing::External) => {
+                    port_at(s.ports.nixl, slot).map(|b| (b, nixl_port_count(1)))
                 }
-            }
-            if let Some((base, count)) = nixl {
-                ports.extend(port_run(base, count));
-            }
-            EngineProcess {
-                id: r.engine_id(node),
+                (true, LoadBalancing::Internal) => Some((s.ports.nixl, nixl_port_count(local))),
+            };
+            let mut e = EngineProcess {
+                id,
                 role: r.role,
                 replica: r.index,
                 node,
+                slot,
                 head: r.nodes[0],
                 headless,
-                replica_nodes: k,
-                port: s.ports.backend,
-                dp_size: s.dp,
-                dp_local: local,
-                dp_start_rank: i as u32 * local,
+                port,
+                dp,
                 rpc_port: s.ports.dp_rpc,
+                env: engine_env(s, r.role, node, nixl.map(|(b, _)| b), gpus.as_deref()),
+                gpus,
                 nixl_port: nixl,
                 kv_transfer_config: kv.clone(),
-                env: engine_env(s, r.role, node, nixl.map(|(base, _)| base)),
-                ports,
+                compilation_config: compilation.clone(),
+                ports: Vec::new(),
+            };
+            if !headless {
+                e.ports.push(port);
             }
-        })
-        .collect()
+            if e.coordinator() {
+                e.ports.push(s.ports.dp_rpc);
+            }
+            if let Some((base, count)) = nixl {
+                e.ports.extend(port_run(base, count));
+            }
+            out.push(e);
+        };
+        match s.load_balancing {
+            LoadBalancing::External => {
+                for slot in 0..local {
+                    // Validation has reported a port past 65535.
+                    let Some(port) = port_at(s.ports.backend, slot) else {
+                        continue;
+                    };
+                    let rank = i * local + slot;
+                    let dp = if s.expert_parallel && r.dp > 1 {
+                        DpPart::Rank { size: r.dp, rank }
+                    } else {
+                        DpPart::Alone
+                    };
+                    let id = format!("{}[{}].rank[{rank}]", r.role.kind(), r.index);
+                    add(id, slot, false, port, dp);
+                }
+            }
+            LoadBalancing::Internal => {
+                let dp = DpPart::Node {
+                    size: r.dp,
+                    local,
+                    start: i * local,
+                    spans_nodes: k > 1,
+                };
+                let id = format!("{}[{}].node[{node}]", r.role.kind(), r.index);
+                add(id, 0, i > 0, s.ports.backend, dp);
+            }
+        }
+    }
+    out
 }
 
-/// An engine's env: the recipe's `env`, its role's, then what the launcher sets.
+/// An engine's env: what prime-rl sets for every engine (and for P/D), then the recipe's
+/// `env` and its role's, then what the launcher manages.
 fn engine_env(
     s: &DeploymentSettings<'_>,
     role: ReplicaRole,
     node: usize,
     nixl_base: Option<u16>,
+    gpus: Option<&[u32]>,
 ) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = default_env(role, s.ready_timeout)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let role_env = match role {
         ReplicaRole::Engine => &[][..],
         ReplicaRole::Prefill => &s.prefill_env[..],
         ReplicaRole::Decode => &s.decode_env[..],
     };
-    let mut env: BTreeMap<String, String> = s.env.iter().cloned().collect();
+    env.extend(s.env.iter().cloned());
     env.extend(role_env.iter().cloned());
+    if let Some(gpus) = gpus {
+        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        env.insert("CUDA_VISIBLE_DEVICES".into(), list.join(","));
+    }
     if let Some(base) = nixl_base {
         env.insert(
             "VLLM_NIXL_SIDE_CHANNEL_HOST".into(),
@@ -191,17 +272,54 @@ fn engine_env(
         );
         env.insert("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), base.to_string());
     }
-    if s.offload
+    if let Some(o) = s
+        .offload
         .as_ref()
-        .is_some_and(|o| o.kind == OffloadKind::Mooncake)
+        .filter(|o| o.kind == OffloadKind::Mooncake)
     {
         env.insert("MOONCAKE_CONFIG_PATH".into(), MOONCAKE_CONFIG_FILE.into());
         env.insert("PYTHONHASHSEED".into(), "0".into());
+        if let Some(disk) = &o.disk {
+            env.insert("MOONCAKE_OFFLOAD_FSDIR".into(), disk.clone());
+            env.insert("MOONCAKE_OFFLOAD_FILE_STORAGE_PATH".into(), disk.clone());
+            env.insert("MOONCAKE_OFFLOAD_ENABLE_EVICTION".into(), "true".into());
+        }
     }
     env
 }
 
-/// The `--kv-transfer-config` of an engine of `role`, as JSON.
+/// The environment every engine of `role` starts with, before the recipe's own tables (which
+/// override any of it). prime-rl's launcher sets the same; docs/recipes.md gives each
+/// reason. Cache directories are relative to the engine's run dir: private to the
+/// deployment, never a guessable shared path.
+pub fn default_env(role: ReplicaRole, ready_timeout: Duration) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
+        ("PYTHONUNBUFFERED", "1".to_string()),
+        ("OMP_NUM_THREADS", "1".to_string()),
+        ("TRITON_CACHE_DIR", "cache/triton".to_string()),
+        ("VLLM_CACHE_ROOT", "cache/vllm".to_string()),
+        (
+            "VLLM_ENGINE_READY_TIMEOUT_S",
+            ready_timeout.as_secs().max(1).to_string(),
+        ),
+    ];
+    if role != ReplicaRole::Engine {
+        env.extend([
+            ("VLLM_WORKER_MULTIPROC_METHOD", "spawn".to_string()),
+            (
+                "PYTORCH_CUDA_ALLOC_CONF",
+                "expandable_segments:False".to_string(),
+            ),
+            ("UCX_TLS", "all".to_string()),
+            ("UCX_NET_DEVICES", "all".to_string()),
+        ]);
+    }
+    env
+}
+
+/// The `--kv-transfer-config` of an engine of `role`, as JSON. NIXL is `kv_both` on both
+/// sides with one handshake thread, as prime-rl configures it.
 pub fn kv_transfer_config(
     role: ReplicaRole,
     offload: Option<&Offload>,
@@ -218,55 +336,55 @@ pub fn kv_transfer_config(
             };
             json!({ "kv_connector": "OffloadingConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra })
         }
-        OffloadKind::Mooncake => json!({ "kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both" }),
+        OffloadKind::Mooncake => json!({
+            "kv_connector": "MooncakeStoreConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {},
+        }),
     });
-    let nixl_role = match role {
-        ReplicaRole::Engine => return offload_connector,
-        ReplicaRole::Prefill => "kv_producer",
-        ReplicaRole::Decode => "kv_consumer",
-    };
-    let nixl = json!({ "kv_connector": "NixlConnector", "kv_role": nixl_role });
+    if role == ReplicaRole::Engine {
+        return offload_connector;
+    }
+    let nixl = json!({
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": { "num_threads": 1 },
+    });
     Some(match offload_connector {
         None => nixl,
         Some(off) => json!({
             "kv_connector": "MultiConnector",
-            "kv_role": nixl_role,
+            "kv_role": "kv_both",
             "kv_connector_extra_config": { "connectors": [nixl, off] },
         }),
     })
 }
 
-/// Which replicas each router serves, and the node it runs on: all of them from `node0`,
-/// or, for P/D with as many prefill as decode replicas (more than one), one pair each.
-pub fn router_sets(shape: Shape, replicas: &[Replica]) -> Vec<(usize, Vec<&Replica>)> {
-    if shape == Shape::Disaggregated {
-        let of = |role| replicas.iter().filter(move |r: &&Replica| r.role == role);
-        let prefill: Vec<&Replica> = of(ReplicaRole::Prefill).collect();
-        let decode: Vec<&Replica> = of(ReplicaRole::Decode).collect();
-        if prefill.len() == decode.len() && prefill.len() > 1 {
-            return prefill
-                .iter()
-                .zip(&decode)
-                .map(|(p, d)| (p.nodes[0], vec![*p, *d]))
-                .collect();
+/// Which replicas each router serves, and the node it runs on: one router per P/D unit on
+/// the unit's first node, else one for all replicas on `node0`.
+pub fn router_sets(replicas: &[Replica]) -> Vec<(usize, Vec<&Replica>)> {
+    let mut sets: Vec<(usize, Vec<&Replica>)> = Vec::new();
+    for r in replicas {
+        match sets.iter_mut().find(|(_, rs)| rs[0].unit == r.unit) {
+            Some((node, rs)) => {
+                *node = (*node).min(r.nodes[0]);
+                rs.push(r);
+            }
+            None => sets.push((r.nodes[0], vec![r])),
         }
     }
-    vec![(0, replicas.iter().collect())]
+    if sets.is_empty() {
+        sets.push((0, Vec::new()));
+    }
+    sets
 }
 
-/// The routers, each with its workers; those whose metrics port would run past 65535 are
-/// left out.
-fn routers(s: &DeploymentSettings<'_>) -> Vec<Router> {
-    let sets = router_sets(s.shape, &s.replicas);
+/// The routers, each with its workers (the URL of every engine process of its replicas
+/// that serves HTTP); those whose metrics port would run past 65535 are left out.
+fn routers(s: &DeploymentSettings<'_>, engines: &[EngineProcess]) -> Vec<Router> {
+    let sets = router_sets(&s.replicas);
     let several = sets.len() > 1;
     let pd = s.shape == Shape::Disaggregated;
-    let head_url = |r: &Replica| url(r.nodes[0], s.ports.backend);
-    let heads = |rs: &[&Replica], role| -> Vec<String> {
-        rs.iter()
-            .filter(|r| r.role == role)
-            .map(|r| head_url(r))
-            .collect()
-    };
     let base = s.ports.router_metrics;
     let metrics_ports = (0..=u16::MAX).map_while(|i| base.checked_add(i));
     sets.into_iter()
@@ -278,24 +396,28 @@ fn routers(s: &DeploymentSettings<'_>) -> Vec<Router> {
             } else {
                 String::new()
             };
+            let mine =
+                |e: &&EngineProcess| rs.iter().any(|r| r.role == e.role && r.index == e.replica);
+            let urls = |role: Option<ReplicaRole>| -> Vec<String> {
+                engines
+                    .iter()
+                    .filter(mine)
+                    .filter(|e| !e.headless && role.map_or(true, |r| r == e.role))
+                    .map(|e| url(e.node, e.port))
+                    .collect()
+            };
             Router {
                 id: format!("router{suffix}"),
                 suffix,
                 node,
+                bind: s.router_bind.clone(),
                 port: s.ports.router,
                 metrics_port,
                 pd,
-                workers: if pd {
-                    Vec::new()
-                } else {
-                    rs.iter().map(|r| head_url(r)).collect()
-                },
-                prefill: heads(&rs, ReplicaRole::Prefill),
-                decode: heads(&rs, ReplicaRole::Decode),
-                engines: rs
-                    .iter()
-                    .flat_map(|r| r.nodes.iter().map(|&n| r.engine_id(n)))
-                    .collect(),
+                workers: if pd { Vec::new() } else { urls(None) },
+                prefill: urls(Some(ReplicaRole::Prefill)),
+                decode: urls(Some(ReplicaRole::Decode)),
+                engines: engines.iter().filter(mine).map(|e| e.id.clone()).collect(),
             }
         })
         .collect()
@@ -317,7 +439,7 @@ mod tests {
 
     #[test]
     fn split_makes_equal_consecutive_replicas() {
-        let r = split(ReplicaRole::Decode, 2, 4, 2);
+        let r = split(ReplicaRole::Decode, 0, 0, 2, 4, 2, 4);
         assert_eq!(r[0].nodes, [2, 3]);
         assert_eq!(r[1].nodes, [4, 5]);
         assert_eq!(r[1].index, 1);
@@ -349,12 +471,13 @@ mod tests {
             "fs"
         );
         let p = kv_transfer_config(ReplicaRole::Prefill, None).expect("nixl");
-        assert_eq!(p["kv_role"], "kv_producer");
+        assert_eq!(p["kv_role"], "kv_both");
+        assert_eq!(p["kv_connector_extra_config"]["num_threads"], 1);
         let d = kv_transfer_config(ReplicaRole::Decode, Some(&native)).expect("multi");
         assert_eq!(d["kv_connector"], "MultiConnector");
         assert_eq!(
             d["kv_connector_extra_config"]["connectors"][0]["kv_role"],
-            "kv_consumer"
+            "kv_both"
         );
         assert_eq!(
             d["kv_connector_extra_config"]["connectors"][1]["kv_connector"],
@@ -374,6 +497,6 @@ mod tests {
     #[test]
     fn ports_stop_at_65535() {
         assert_eq!(port_run(65534, 3).collect::<Vec<_>>(), [65534, 65535]);
-        assert_eq!(nixl_port_count(4, 2, 2), 4);
+        assert_eq!(nixl_port_count(4), 4);
     }
 }

@@ -57,9 +57,21 @@ pub fn try_it(plan: &crate::plan::Plan, url: &str) -> String {
     // quoted word: a model name may hold quotes, `$(...)`, anything.
     let body = serde_json::json!({ "model": model, "prompt": "Hello", "max_tokens": 16 });
     let q = crate::plan::shell_word;
+    // Several routers (one per P/D unit): each is an endpoint; the example uses the first.
+    let urls: Vec<&str> = url.split_whitespace().collect();
+    let first = urls.first().copied().unwrap_or(url);
+    let head = if urls.len() > 1 {
+        let mut h = format!("endpoints ({}, one per unit):\n", urls.len());
+        for (i, u) in urls.iter().enumerate() {
+            h.push_str(&format!("  [{i}] {u}\n"));
+        }
+        h
+    } else {
+        format!("endpoint: {first}\n")
+    };
     format!(
-        "endpoint: {url}\ntry:\n  curl -s {} -H {} -H {} \\\n    -d {}\n",
-        q(&format!("{url}/v1/completions")),
+        "{head}try:\n  curl -s {} -H {} -H {} \\\n    -d {}\n",
+        q(&format!("{first}/v1/completions")),
         q("Content-Type: application/json"),
         q("X-Session-ID: demo"),
         q(&body.to_string()),

@@ -4,12 +4,13 @@
 /// The environment variables the launcher sets or that would contradict what it sets.
 pub fn managed_env(name: &str, disaggregated: bool, mooncake: bool) -> Option<&'static str> {
     match name {
-        "CUDA_VISIBLE_DEVICES" => Some("GPU visibility belongs to the backend (SLURM sets it for each step) and vLLM places each local rank on the GPUs it sees"),
-        "VLLM_NIXL_SIDE_CHANNEL_HOST" | "VLLM_NIXL_SIDE_CHANNEL_PORT" => Some("the launcher sets the NIXL side channel per node; change the port with `[inference.deployment] nixl_side_channel_port`"),
+        "CUDA_VISIBLE_DEVICES" => Some("the launcher gives each rank its own slice of `tp` GPUs (with `load_balancing = \"internal\"`, vLLM places a node's ranks on the GPUs the backend gives it)"),
+        "VLLM_NIXL_SIDE_CHANNEL_HOST" | "VLLM_NIXL_SIDE_CHANNEL_PORT" => Some("the launcher sets the NIXL side channel per rank; change the first port with `[inference.deployment] nixl_side_channel_port`"),
         "MOONCAKE_CONFIG_PATH" => Some("the launcher writes each node's Mooncake config and points at it"),
         "VLLM_DP_RANK" | "VLLM_DP_RANK_LOCAL" | "VLLM_DP_SIZE" | "VLLM_DP_MASTER_IP" | "VLLM_DP_MASTER_PORT" => Some("the launcher lays out data parallelism from `[inference.parallel]`"),
         "VLLM_ALL2ALL_BACKEND" if disaggregated => Some("a disaggregated deployment sets the all2all backend per role; only a template override (`engine.argv.j2`) changes it"),
         "PYTHONHASHSEED" if mooncake => Some("Mooncake offload pins `PYTHONHASHSEED=0` so that every node hashes KV blocks alike"),
+        "MOONCAKE_OFFLOAD_FSDIR" | "MOONCAKE_OFFLOAD_FILE_STORAGE_PATH" | "MOONCAKE_OFFLOAD_ENABLE_EVICTION" if mooncake => Some("the launcher sets Mooncake's disk tier from `[inference.kv_cache_offload] disk`"),
         _ => None,
     }
 }
@@ -26,9 +27,10 @@ pub fn managed_dest(dest: &str, disaggregated: bool) -> Option<&'static str> {
         "data_parallel_rpc_port" => Some("set `[inference.deployment] data_parallel_rpc_port`"),
         "data_parallel_rank" | "data_parallel_start_rank" | "data_parallel_size_local"
         | "data_parallel_address" | "data_parallel_hybrid_lb" | "data_parallel_external_lb"
-        | "data_parallel_multi_port_external_lb" | "headless" => {
-            Some("the launcher lays out data parallelism per node from `tp`, `dp` and the node counts")
+        | "data_parallel_multi_port_external_lb" => {
+            Some("the launcher lays out data parallelism from `tp`, `dp` and the node counts; `[inference.deployment] load_balancing` chooses one API server per rank (`external`) or vLLM's own balancing (`internal`)")
         }
+        "headless" => Some("in prime-rl, `headless = true` means `api_server_count = 0`: nodes without an API server. prl-flow starts every rank with its own API server; for vLLM's layout with `--headless` secondary nodes write `[inference.deployment] load_balancing = \"internal\"`"),
         "pipeline_parallel_size" | "nnodes" | "node_rank" | "master_addr" | "master_port" => {
             Some("recipes place engines by `tp` and `dp`; pipeline parallelism and tensor parallelism across nodes are not supported")
         }

@@ -37,6 +37,7 @@ pub mod derive;
 pub mod doc;
 pub mod flags;
 pub mod kinds;
+pub mod layout;
 pub mod managed;
 pub mod ports;
 pub mod render;
@@ -194,6 +195,7 @@ pub fn load(
         nodes: (0..dep.nodes).map(deployment::node_name).collect(),
         tasks,
         endpoint: (!endpoint.is_empty()).then_some(endpoint),
+        layout: Some(layout::of(&dep)),
     })
 }
 
@@ -262,7 +264,7 @@ mod tests {
             ids,
             [
                 kinds::ALLOCATE,
-                "engine[0].node[0]",
+                "engine[0].rank[0]",
                 "router",
                 "register",
                 "health-probe"

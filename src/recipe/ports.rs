@@ -5,31 +5,45 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use super::deployment::{node_name, Deployment, ReplicaRole};
+use super::deployment::{node_name, Deployment, LoadBalancing, ReplicaRole};
 use super::derive::{nixl_port_count, port_run, router_sets, DeploymentSettings};
 use super::schema::{DeploymentSection, OffloadSection, F};
 use crate::diag::{Problem, Problems};
 
 /// Runs of ports that would go past 65535 (derivation keeps only the ports that fit).
 pub fn check_ranges(s: &DeploymentSettings<'_>, d: &DeploymentSection, p: &mut Problems) {
-    let base = s.ports.nixl;
-    for r in s.replicas.iter().filter(|r| r.role != ReplicaRole::Engine) {
-        let count = nixl_port_count(s.dp, s.tp, r.nodes.len());
+    let external = s.load_balancing == LoadBalancing::External;
+    let mut runs: Vec<(&str, u16, u16, &F<u16>)> = Vec::new();
+    for r in &s.replicas {
+        let local = nixl_port_count(r.dp_local());
+        if external {
+            runs.push(("backend_port", s.ports.backend, local, &d.backend_port));
+        }
+        if r.role != ReplicaRole::Engine {
+            runs.push((
+                "nixl_side_channel_port",
+                s.ports.nixl,
+                local,
+                &d.nixl_side_channel_port,
+            ));
+        }
+    }
+    runs.sort_by_key(|&(f, base, count, _)| (f, base, count));
+    runs.dedup_by_key(|r| (r.0, r.1, r.2));
+    for (field, base, count, f) in runs {
         if port_run(base, count).count() == usize::from(count) {
             continue;
         }
-        for _ in &r.nodes {
-            p.push(
-                Problem::new(format!(
-                    "the NIXL side-channel ports from {base} run past 65535 ({count} ranks per node)"
-                ))
-                .at(Some(d.nixl_side_channel_port.span_or(&d.span)))
-                .help("pick a lower `nixl_side_channel_port`"),
-            );
-        }
+        p.push(
+            Problem::new(format!(
+                "the ports from `{field}` {base} on run past 65535 ({count} ranks on a node, one port each)"
+            ))
+            .at(Some(f.span_or(&d.span)))
+            .help(format!("pick a lower `{field}`")),
+        );
     }
     let metrics_base = s.ports.router_metrics;
-    let routers = router_sets(s.shape, &s.replicas).len();
+    let routers = router_sets(&s.replicas).len();
     let first_past = (0..routers).find(|&i| {
         u16::try_from(i)
             .ok()
@@ -85,7 +99,7 @@ pub fn port_uses(
                 &d.backend_port,
                 &d.span,
             );
-            if e.replica_nodes > 1 {
+            if e.coordinator() {
                 let f = &d.data_parallel_rpc_port;
                 add(
                     e.node,

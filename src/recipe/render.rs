@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::deployment::{
-    node_name, url, Deployment, EngineProcess, Mooncake, Router, MOONCAKE_CONFIG_FILE,
+    node_name, url, Deployment, DpPart, EngineProcess, Mooncake, Router, MOONCAKE_CONFIG_FILE,
     ROUTER_STARTUP_SECS,
 };
 use super::kinds::ALLOCATE;
@@ -188,9 +188,15 @@ struct EngineCtx<'a> {
     dp: u32,
     dp_local: u32,
     dp_start_rank: u32,
+    /// The global rank of an external-balancing rank; none otherwise.
+    dp_rank: Option<u32>,
     dp_address: String,
     dp_rpc_port: u16,
     multi_node: bool,
+    /// Raise the locked-memory limit before starting (KV offload pins host memory).
+    memlock_unlimited: bool,
+    gpu_memory_utilization: Option<&'a str>,
+    compilation_config: Option<&'a str>,
     expert_parallel: bool,
     dbo: bool,
     eplb: bool,
@@ -204,6 +210,9 @@ struct EngineCtx<'a> {
 struct RouterCtx<'a> {
     launcher: &'a [String],
     host: String,
+    /// The address it binds: `host`, or the recipe's `router_host`.
+    bind: String,
+    log_level: &'a str,
     port: u16,
     metrics_port: u16,
     policy: &'a str,
@@ -447,6 +456,16 @@ fn engine_task(
     p: &mut Problems,
 ) -> Option<TaskSpec> {
     let node = node_name(e.node);
+    let (dp, dp_local, dp_start_rank, dp_rank, multi_node) = match e.dp {
+        DpPart::Alone => (1, 1, 0, None, false),
+        DpPart::Rank { size, rank } => (size, 1, rank, Some(rank), false),
+        DpPart::Node {
+            size,
+            local,
+            start,
+            spans_nodes,
+        } => (size, local, start, None, spans_nodes),
+    };
     let ctx = EngineCtx {
         launcher,
         model: &dep.model,
@@ -455,12 +474,16 @@ fn engine_task(
         port: e.port,
         headless: e.headless,
         tp: dep.tp,
-        dp: e.dp_size,
-        dp_local: e.dp_local,
-        dp_start_rank: e.dp_start_rank,
+        dp,
+        dp_local,
+        dp_start_rank,
+        dp_rank,
         dp_address: host_ref(&node_name(e.head)),
         dp_rpc_port: e.rpc_port,
-        multi_node: e.replica_nodes > 1,
+        multi_node,
+        memlock_unlimited: dep.offload.is_some(),
+        gpu_memory_utilization: dep.gpu_memory_utilization.as_deref(),
+        compilation_config: e.compilation_config.as_deref(),
         expert_parallel: dep.expert_parallel,
         dbo: dep.dbo,
         eplb: dep.eplb,
@@ -523,9 +546,12 @@ fn router_task(
     launcher: &[String],
     p: &mut Problems,
 ) -> Option<TaskSpec> {
+    let host = host_ref(&node_name(r.node));
     let ctx = RouterCtx {
         launcher,
-        host: host_ref(&node_name(r.node)),
+        bind: r.bind.clone().unwrap_or_else(|| host.clone()),
+        log_level: &dep.router_log_level,
+        host,
         port: r.port,
         metrics_port: r.metrics_port,
         policy: &dep.router_policy,
@@ -533,7 +559,7 @@ fn router_task(
         workers: &r.workers,
         prefill: &r.prefill,
         decode: &r.decode,
-        startup_timeout_secs: ROUTER_STARTUP_SECS,
+        startup_timeout_secs: dep.ready_timeout.as_secs().max(ROUTER_STARTUP_SECS),
     };
     let argv = match t.argv("router.argv.j2", &ctx) {
         Ok(a) => a,

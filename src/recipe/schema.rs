@@ -76,6 +76,10 @@ pub const POLICIES: &[&str] = &[
     "random",
 ];
 pub const OFFLOAD_TYPES: &[&str] = &["native", "mooncake"];
+/// `load_balancing`: one API server per rank (the router picks it), or vLLM's own.
+pub const LOAD_BALANCING: &[&str] = &["external", "internal"];
+/// vllm-router 0.1.17's `--log-level` choices.
+pub const ROUTER_LOG_LEVELS: &[&str] = &["debug", "info", "warn", "error"];
 pub const MOONCAKE_PROTOCOLS: &[&str] = &["rdma", "tcp"];
 
 #[derive(Debug, Clone)]
@@ -133,6 +137,11 @@ pub struct DeploymentSection {
     pub num_decode_nodes: F<u32>,
     pub num_prefill_replicas: F<u32>,
     pub num_decode_replicas: F<u32>,
+    pub prefill_nodes_per_replica: F<u32>,
+    pub decode_nodes_per_replica: F<u32>,
+    pub load_balancing: F<String>,
+    pub router_host: F<String>,
+    pub router_log_level: F<String>,
     pub env: Vec<(Sp<String>, Sp<String>)>,
     pub prefill_env: Vec<(Sp<String>, Sp<String>)>,
     pub decode_env: Vec<(Sp<String>, Sp<String>)>,
@@ -331,8 +340,10 @@ fn read_inference(mut t: Table<'_>, p: &mut Problems) -> InferenceSection {
 }
 
 /// Fields that only one deployment type reads.
-const ONLY_MULTI: &[&str] = &["num_nodes", "num_replicas"];
+const ONLY_MULTI: &[&str] = &["num_nodes"];
 const ONLY_PD: &[&str] = &[
+    "prefill_nodes_per_replica",
+    "decode_nodes_per_replica",
     "num_prefill_nodes",
     "num_decode_nodes",
     "num_prefill_replicas",
@@ -352,19 +363,25 @@ fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> DeploymentSectio
     let shape = kind.or("single_node".to_string());
     // A field of another deployment type is a mistake worth saying (it would be ignored).
     if let Some(shape) = shape.as_deref() {
-        for (fields, owner) in [(ONLY_MULTI, "multi_node"), (ONLY_PD, "disaggregated")] {
-            if shape == owner {
+        for (fields, owners) in [
+            (ONLY_MULTI, &["multi_node"][..]),
+            (ONLY_PD, &["disaggregated"][..]),
+            (&["num_replicas"][..], &["multi_node", "disaggregated"][..]),
+        ] {
+            if owners.contains(&shape) {
                 continue;
             }
+            let named: Vec<String> = owners.iter().map(|o| format!("`{o}`")).collect();
             for f in fields {
                 if t.has(f) {
                     p.push(
                         Problem::new(format!(
-                            "`inference.deployment.{f}` applies to `{owner}` deployments, and this one is `{shape}`"
+                            "`inference.deployment.{f}` applies to {} deployments, and this one is `{shape}`",
+                            named.join(" and ")
                         ))
                         .at(Some(t.key_span(f)))
                         .label("not read for this type")
-                        .help(format!("drop `{f}`, or set `type = \"{owner}\"`")),
+                        .help(format!("drop `{f}`, or set `type = \"{}\"`", owners[0])),
                     );
                 }
             }
@@ -385,6 +402,15 @@ fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> DeploymentSectio
         num_decode_nodes: field(&mut t, "num_decode_nodes", p, Table::count),
         num_prefill_replicas: field(&mut t, "num_prefill_replicas", p, Table::count),
         num_decode_replicas: field(&mut t, "num_decode_replicas", p, Table::count),
+        prefill_nodes_per_replica: field(&mut t, "prefill_nodes_per_replica", p, Table::count),
+        decode_nodes_per_replica: field(&mut t, "decode_nodes_per_replica", p, Table::count),
+        load_balancing: field(&mut t, "load_balancing", p, |t, k, p| {
+            t.choice(k, LOAD_BALANCING, p)
+        }),
+        router_host: field(&mut t, "router_host", p, Table::string),
+        router_log_level: field(&mut t, "router_log_level", p, |t, k, p| {
+            t.choice(k, ROUTER_LOG_LEVELS, p)
+        }),
         env: t.env("env", p).unwrap_or_default(),
         prefill_env: t.env("prefill_env", p).unwrap_or_default(),
         decode_env: t.env("decode_env", p).unwrap_or_default(),
@@ -404,18 +430,41 @@ fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> DeploymentSectio
         );
     }
     if shape.as_deref() == Some("disaggregated") {
-        for (f, v) in [
-            ("num_prefill_nodes", &d.num_prefill_nodes),
-            ("num_decode_nodes", &d.num_decode_nodes),
+        for (f, v, g, w) in [
+            (
+                "num_prefill_nodes",
+                &d.num_prefill_nodes,
+                "prefill_nodes_per_replica",
+                &d.prefill_nodes_per_replica,
+            ),
+            (
+                "num_decode_nodes",
+                &d.num_decode_nodes,
+                "decode_nodes_per_replica",
+                &d.decode_nodes_per_replica,
+            ),
         ] {
-            if *v == F::Absent {
+            if *v == F::Absent && *w == F::Absent {
                 p.push(
-                    Problem::new(format!("a `disaggregated` deployment needs `{f}`"))
-                        .at(Some(d.kind.span_or(&d.span)))
-                        .label("disaggregated")
-                        .help(format!(
-                            "add `{f} = 1` (or more) to `[inference.deployment]`"
-                        )),
+                    Problem::new(format!(
+                        "a `disaggregated` deployment needs `{f}` (or `{g}`)"
+                    ))
+                    .at(Some(d.kind.span_or(&d.span)))
+                    .label("disaggregated")
+                    .help(format!(
+                        "add `{f} = 1` (or more) to `[inference.deployment]`"
+                    )),
+                );
+            } else if v.is_set() && w.is_set() {
+                p.push(
+                    Problem::new(format!(
+                        "`{f}` and `{g}` say the same thing two ways; give one of them"
+                    ))
+                    .at(Some(w.span_or(&d.span)))
+                    .label("second spelling")
+                    .help(format!(
+                        "keep `{f}` (the total over the unit's replicas) or `{g}` (nodes of one replica; the total is it × the replica count)"
+                    )),
                 );
             }
         }

@@ -7,10 +7,11 @@
 use std::time::Duration;
 
 use super::deployment::{
-    Mooncake, Offload, OffloadKind, Replica, ReplicaRole, Shape, DEFAULT_BACKEND_PORT,
-    DEFAULT_DP_RPC_PORT, DEFAULT_GPUS_PER_NODE, DEFAULT_LAUNCHER, DEFAULT_MOONCAKE_CLIENT_PORT,
-    DEFAULT_MOONCAKE_MASTER_PORT, DEFAULT_MOONCAKE_METADATA_PORT, DEFAULT_MOONCAKE_METRICS_PORT,
-    DEFAULT_NIXL_PORT, DEFAULT_READY_TIMEOUT, DEFAULT_ROUTER_LAUNCHER, DEFAULT_ROUTER_METRICS_PORT,
+    LoadBalancing, Mooncake, Offload, OffloadKind, Replica, ReplicaRole, Shape,
+    DEFAULT_BACKEND_PORT, DEFAULT_DP_RPC_PORT, DEFAULT_GPUS_PER_NODE, DEFAULT_LAUNCHER,
+    DEFAULT_MOONCAKE_CLIENT_PORT, DEFAULT_MOONCAKE_MASTER_PORT, DEFAULT_MOONCAKE_METADATA_PORT,
+    DEFAULT_MOONCAKE_METRICS_PORT, DEFAULT_NIXL_PORT, DEFAULT_READY_TIMEOUT,
+    DEFAULT_ROUTER_LAUNCHER, DEFAULT_ROUTER_LOG_LEVEL, DEFAULT_ROUTER_METRICS_PORT,
     DEFAULT_ROUTER_PORT, MAX_GPUS_PER_NODE, MAX_NODES,
 };
 use super::derive::{split, DeploymentSettings, PortBases};
@@ -32,9 +33,10 @@ pub fn settings<'a>(
     let shape = shape(inf);
     let too_big = check_size(d, shape, p);
     let replicas = match shape {
-        Some(shape) if !too_big => replicas(d, shape, p),
+        Some(shape) if !too_big => replicas(inf, shape, p),
         _ => None,
     };
+    check_router_host(d, p);
     check_gpus_per_node(d, p);
     if let Some(replicas) = &replicas {
         check_fit(inf, shape, replicas, p);
@@ -71,17 +73,42 @@ fn shape(inf: &InferenceSection) -> Option<Shape> {
     }
 }
 
+/// The nodes of one side of a P/D unit and its replica count, from either spelling: the
+/// total (`num_prefill_nodes`) or per replica (`prefill_nodes_per_replica` × replicas).
+fn pd_side(total: &F<u32>, per_replica: &F<u32>, replicas: &F<u32>) -> Option<(u64, u32)> {
+    let r = replicas.or(1)?;
+    if total.is_set() {
+        return Some((u64::from(total.or(0)?), r));
+    }
+    Some((u64::from(per_replica.or(0)?) * u64::from(r), r))
+}
+
+/// How many nodes the deployment uses, as far as the counts are known.
+pub fn planned_nodes(d: &DeploymentSection, shape: Option<Shape>) -> u64 {
+    match shape {
+        Some(Shape::MultiNode | Shape::WideEp) => d.num_nodes.or(0).map_or(0, u64::from),
+        Some(Shape::Disaggregated) => {
+            let units = d.num_replicas.or(1).map_or(1, u64::from);
+            let side = |t, per, r| pd_side(t, per, r).map_or(0, |(n, _)| n);
+            units
+                * (side(
+                    &d.num_prefill_nodes,
+                    &d.prefill_nodes_per_replica,
+                    &d.num_prefill_replicas,
+                ) + side(
+                    &d.num_decode_nodes,
+                    &d.decode_nodes_per_replica,
+                    &d.num_decode_replicas,
+                ))
+        }
+        _ => 1,
+    }
+}
+
 /// A bound on the size, so that a typo (`num_nodes = 1000000000`) is a message rather
 /// than an exhausted machine. True when the deployment is too big.
 fn check_size(d: &DeploymentSection, shape: Option<Shape>, p: &mut Problems) -> bool {
-    let planned: u64 = match shape {
-        Some(Shape::MultiNode | Shape::WideEp) => d.num_nodes.or(0).map_or(0, u64::from),
-        Some(Shape::Disaggregated) => {
-            d.num_prefill_nodes.or(0).map_or(0, u64::from)
-                + d.num_decode_nodes.or(0).map_or(0, u64::from)
-        }
-        _ => 1,
-    };
+    let planned = planned_nodes(d, shape);
     let too_big = planned > MAX_NODES as u64;
     if too_big {
         p.push(
@@ -96,10 +123,31 @@ fn check_size(d: &DeploymentSection, shape: Option<Shape>, p: &mut Problems) -> 
     too_big
 }
 
+/// The data-parallel ranks of a replica over `k` nodes: `dp` as written, else for P/D
+/// every GPU of its nodes (`k × gpus_per_node / tp`, as prime-rl fills them), else 1.
+fn replica_dp(inf: &InferenceSection, shape: Shape, k: usize) -> Option<u32> {
+    let par = &inf.parallel;
+    if par.dp.is_set() || shape != Shape::Disaggregated {
+        return par.dp.or(1);
+    }
+    let gpus = inf.deployment.gpus_per_node.or(DEFAULT_GPUS_PER_NODE)?;
+    let tp = par.tp.or(1)?.max(1);
+    u32::try_from(k).ok()?.checked_mul((gpus / tp).max(1))
+}
+
 /// The replicas, each a DP group over its nodes; `None` when a count is wrong.
-fn replicas(d: &DeploymentSection, shape: Shape, p: &mut Problems) -> Option<Vec<Replica>> {
+fn replicas(inf: &InferenceSection, shape: Shape, p: &mut Problems) -> Option<Vec<Replica>> {
+    let d = &inf.deployment;
     match shape {
-        Shape::SingleNode => Some(split(ReplicaRole::Engine, 0, 1, 1)),
+        Shape::SingleNode => Some(split(
+            ReplicaRole::Engine,
+            0,
+            0,
+            0,
+            1,
+            1,
+            replica_dp(inf, shape, 1)?,
+        )),
         Shape::MultiNode | Shape::WideEp => {
             let n = d.num_nodes.or(0).filter(|&n| n > 0);
             let default_r = if shape == Shape::WideEp { Some(1) } else { n };
@@ -108,16 +156,29 @@ fn replicas(d: &DeploymentSection, shape: Shape, p: &mut Problems) -> Option<Vec
                 other => other.or(1),
             };
             let (n, r) = (n?, r?);
-            check_divides(d, &d.num_replicas, "num_replicas", "num_nodes", n, r, p)
-                .then(|| split(ReplicaRole::Engine, 0, n as usize, r as usize))
+            if !check_divides(d, &d.num_replicas, "num_replicas", "num_nodes", n, r, p) {
+                return None;
+            }
+            let dp = replica_dp(inf, shape, (n / r) as usize)?;
+            Some(split(
+                ReplicaRole::Engine,
+                0,
+                0,
+                0,
+                n as usize,
+                r as usize,
+                dp,
+            ))
         }
         Shape::Disaggregated => {
-            let mut out = Some(Vec::new());
-            let mut first = 0usize;
-            for (role, nodes_f, reps_f, nodes_key, reps_key) in [
+            let units = d.num_replicas.or(1)? as usize;
+            let mut sides = Vec::new();
+            let mut ok = true;
+            for (role, nodes_f, per_f, reps_f, nodes_key, reps_key) in [
                 (
                     ReplicaRole::Prefill,
                     &d.num_prefill_nodes,
+                    &d.prefill_nodes_per_replica,
                     &d.num_prefill_replicas,
                     "num_prefill_nodes",
                     "num_prefill_replicas",
@@ -125,26 +186,57 @@ fn replicas(d: &DeploymentSection, shape: Shape, p: &mut Problems) -> Option<Vec
                 (
                     ReplicaRole::Decode,
                     &d.num_decode_nodes,
+                    &d.decode_nodes_per_replica,
                     &d.num_decode_replicas,
                     "num_decode_nodes",
                     "num_decode_replicas",
                 ),
             ] {
-                match (nodes_f.or(0).filter(|&n| n > 0), reps_f.or(1)) {
-                    (Some(n), Some(r)) => {
-                        if !check_divides(d, reps_f, reps_key, nodes_key, n, r, p) {
-                            out = None;
+                match pd_side(nodes_f, per_f, reps_f) {
+                    Some((n, r)) if n > 0 => {
+                        let n = n as u32;
+                        if nodes_f.is_set()
+                            && !check_divides(d, reps_f, reps_key, nodes_key, n, r, p)
+                        {
+                            ok = false;
                             continue;
                         }
-                        if let Some(o) = out.as_mut() {
-                            o.extend(split(role, first, n as usize, r as usize));
-                        }
-                        first += n as usize;
+                        sides.push((role, n as usize, r as usize));
                     }
-                    _ => out = None,
+                    _ => ok = false,
                 }
             }
-            out
+            if !ok {
+                return None;
+            }
+            let unit_nodes: usize = sides.iter().map(|(_, n, _)| n).sum();
+            let mut out = Vec::new();
+            for unit in 0..units {
+                let mut first = unit * unit_nodes;
+                for &(role, n, r) in &sides {
+                    let dp = replica_dp(inf, shape, n / r)?;
+                    out.extend(split(role, unit, unit * r, first, n, r, dp));
+                    first += n;
+                }
+            }
+            Some(out)
+        }
+    }
+}
+
+/// `router_host` is an address the router can bind.
+fn check_router_host(d: &DeploymentSection, p: &mut Problems) {
+    if let Some(h) = d.router_host.get() {
+        if h.v.trim().parse::<std::net::IpAddr>().is_err() {
+            p.push(
+                Problem::new(format!(
+                    "`router_host` must be an IP address for the router to bind, not `{}`",
+                    h.v
+                ))
+                .at(Some(h.span.clone()))
+                .label("not an IP address")
+                .help("write `router_host = \"0.0.0.0\"` to listen on every interface, or leave it out to bind the node's own address"),
+            );
         }
     }
 }
@@ -191,9 +283,8 @@ fn check_gpus_per_node(d: &DeploymentSection, p: &mut Problems) {
 /// are anything a user wrote.)
 fn check_fit(inf: &InferenceSection, shape: Option<Shape>, replicas: &[Replica], p: &mut Problems) {
     let par = &inf.parallel;
-    let (Some(tp), Some(dp), Some(gpus)) = (
+    let (Some(tp), Some(gpus)) = (
         par.tp.or(1).map(u64::from),
-        par.dp.or(1).map(u64::from),
         inf.deployment
             .gpus_per_node
             .or(DEFAULT_GPUS_PER_NODE)
@@ -201,11 +292,14 @@ fn check_fit(inf: &InferenceSection, shape: Option<Shape>, replicas: &[Replica],
     ) else {
         return;
     };
-    let mut sizes: Vec<(ReplicaRole, usize)> =
-        replicas.iter().map(|r| (r.role, r.nodes.len())).collect();
+    let mut sizes: Vec<(ReplicaRole, usize, u32)> = replicas
+        .iter()
+        .map(|r| (r.role, r.nodes.len(), r.dp))
+        .collect();
+    sizes.sort_by_key(|&(role, k, dp)| (role as u8, k, dp));
     sizes.dedup();
-    for (role, k) in sizes {
-        let k64 = k as u64;
+    for (role, k, dp) in sizes {
+        let (k64, dp) = (k as u64, u64::from(dp));
         let side = match role {
             ReplicaRole::Engine => String::new(),
             r => format!(" ({} side)", r.kind()),
@@ -342,8 +436,13 @@ fn check_features(inf: &InferenceSection, p: &mut Problems) {
                 .help("drop `[inference.kv_cache_offload]`, or set `enable_return_routed_experts = false`"),
         );
     }
+    let ep_default = inf
+        .deployment
+        .kind
+        .get()
+        .is_some_and(|k| k.v == "disaggregated");
     if inf.enable_eplb.or(false) == Some(true)
-        && inf.enable_expert_parallel.or(false) == Some(false)
+        && inf.enable_expert_parallel.or(ep_default) == Some(false)
     {
         p.push(
             Problem::new("`enable_eplb` balances experts across expert-parallel ranks, and `enable_expert_parallel` is off")
@@ -415,7 +514,10 @@ fn values<'a>(
     };
     let gpus_per_node = d.gpus_per_node.or(DEFAULT_GPUS_PER_NODE)?;
     let tp = inf.parallel.tp.or(1)?;
-    let dp = inf.parallel.dp.or(1)?;
+    let load_balancing = match d.load_balancing.or("external".to_string())?.as_str() {
+        "internal" => LoadBalancing::Internal,
+        _ => LoadBalancing::External,
+    };
     let ports = PortBases {
         backend: d.backend_port.or(DEFAULT_BACKEND_PORT)?,
         router: d.router_port.or(DEFAULT_ROUTER_PORT)?,
@@ -429,6 +531,15 @@ fn values<'a>(
     let ready_timeout = d.ready_timeout.or(DEFAULT_READY_TIMEOUT)?;
     let probe_interval = d.probe_interval.or(interval_default)?;
     let router_policy = d.router_policy.or("consistent_hash".to_string())?;
+    let router_log_level = d
+        .router_log_level
+        .or(DEFAULT_ROUTER_LOG_LEVEL.to_string())?;
+    let router_bind = match &d.router_host {
+        F::Set(h) => Some(h.v.trim().to_string()),
+        F::Bad => return None,
+        F::Absent => None,
+    };
+    let units = replicas.iter().map(|r| r.unit + 1).max().unwrap_or(1);
     let prefix_caching = match (
         inf.enable_prefix_caching.or(false)?,
         &inf.enable_prefix_caching,
@@ -450,15 +561,21 @@ fn values<'a>(
         launcher,
         router_launcher,
         replicas,
+        units,
         gpus_per_node,
         tp,
-        dp,
-        expert_parallel: inf.enable_expert_parallel.or(false).unwrap_or(false),
+        load_balancing,
+        expert_parallel: inf
+            .enable_expert_parallel
+            .or(shape == Shape::Disaggregated)
+            .unwrap_or(false),
         dbo: inf.enable_dbo.or(false).unwrap_or(false),
         eplb: inf.enable_eplb.or(false).unwrap_or(false),
         return_routed_experts: inf.enable_return_routed_experts.or(false).unwrap_or(false),
         prefix_caching,
         router_policy,
+        router_bind,
+        router_log_level,
         ready_timeout,
         probe_interval,
         ports,

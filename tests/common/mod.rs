@@ -739,6 +739,16 @@ pub fn processes_under(dir: &Path) -> Vec<Proc> {
 /// One HTTP request to a local service, answered within 30 s: `(status, body)`, or `Err`
 /// saying why there was no answer. Blocking (it runs its own small runtime), for tests.
 pub fn http(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, String), String> {
+    http_with(method, url, body, &[])
+}
+
+/// [`http`] with request headers.
+pub fn http_with(
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -751,6 +761,9 @@ pub fn http(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, Strin
             .map_err(|e| e.to_string())?;
         let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
         let mut req = client.request(m, url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
