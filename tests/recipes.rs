@@ -905,3 +905,86 @@ fn huge_counts_are_messages_not_overflows() {
         err.render(false)
     );
 }
+
+/// Mooncake with a disk tier, as prime-rl runs it: the master and every client offload, each
+/// client first creates the disk path on its node, and every engine gets the offload env.
+#[test]
+fn mooncake_disk_tier_reaches_master_clients_and_engines() {
+    let text = std::fs::read_to_string(root().join("recipes/disaggregated.toml"))
+        .expect("recipe")
+        .replace(
+            "# disk = { path = \"/mnt/nvme/kv\" }",
+            "disk = { path = \"/mnt/nvme/kv\" }",
+        );
+    let plan = load_str(&text, &Options::default()).expect("plans");
+    let task = |id: &str| {
+        plan.tasks
+            .iter()
+            .find(|t| t.id == id)
+            .unwrap_or_else(|| panic!("no {id}"))
+    };
+    let master = argv(task("mooncake-master")).expect("argv").join(" ");
+    assert!(
+        master.contains("--enable_offload=true --root_fs_dir=/mnt/nvme/kv"),
+        "{master}"
+    );
+    let client = task("mooncake-client.node[2]");
+    let a = argv(client).expect("argv");
+    assert_eq!(a[..2], ["sh", "-c"]);
+    assert!(a[2].starts_with("mkdir -p -- \"$MOONCAKE_OFFLOAD_FILE_STORAGE_PATH\""));
+    assert!(a.contains(&"--enable_offload=true".to_string()), "{a:?}");
+    assert_eq!(
+        client.env["MOONCAKE_OFFLOAD_FILE_STORAGE_PATH"],
+        "/mnt/nvme/kv"
+    );
+    let engine = task("decode[0].rank[5]");
+    for (k, v) in [
+        ("MOONCAKE_OFFLOAD_FSDIR", "/mnt/nvme/kv"),
+        ("MOONCAKE_OFFLOAD_FILE_STORAGE_PATH", "/mnt/nvme/kv"),
+        ("MOONCAKE_OFFLOAD_ENABLE_EVICTION", "true"),
+        ("PYTHONHASHSEED", "0"),
+        ("VLLM_WORKER_MULTIPROC_METHOD", "spawn"),
+    ] {
+        assert_eq!(engine.env.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    let e = argv(engine).expect("argv").join(" ");
+    assert!(e.starts_with("sh -c ulimit -l unlimited"), "{e}");
+    assert!(
+        e.contains(r#"--compilation-config {"cudagraph_mode":"FULL_DECODE_ONLY"}"#),
+        "{e}"
+    );
+    // A recipe's env overrides a default; the launcher's own variables are refused.
+    let over = text.replace(
+        "[inference.deployment.decode_env]\n",
+        "[inference.deployment.decode_env]\nUCX_TLS = \"rc\"\n",
+    );
+    let plan = load_str(&over, &Options::default()).expect("plans");
+    let d = plan
+        .tasks
+        .iter()
+        .find(|t| t.id == "decode[0].rank[0]")
+        .expect("decode");
+    assert_eq!(d.env["UCX_TLS"], "rc");
+    let bad = text.replace(
+        "[inference.deployment.decode_env]\n",
+        "[inference.deployment.decode_env]\nCUDA_VISIBLE_DEVICES = \"0\"\n",
+    );
+    let e = load_str(&bad, &Options::default()).expect_err("managed");
+    assert!(
+        e.render(false).contains("its own slice"),
+        "{}",
+        e.render(false)
+    );
+}
+
+/// prime-rl's `vllm_extra.headless = true` is refused with what to write instead.
+#[test]
+fn headless_in_vllm_extra_says_what_to_write_instead() {
+    let src = "[inference]\nmodel = \"m\"\n[inference.vllm_extra]\nheadless = true\n";
+    let e = load_str(src, &Options::default()).expect_err("headless");
+    let text = e.render(false);
+    assert!(
+        text.contains("api_server_count = 0") && text.contains("load_balancing = \"internal\""),
+        "{text}"
+    );
+}
