@@ -350,7 +350,7 @@ fn layout(
             d.insert("backend_port", value(backend_port));
             d.insert("data_parallel_rpc_port", value(dp_rpc));
             if let Some(v) = &dp {
-                ctx.note(&v.key, v.at.as_ref(), "prime-rl sizes each P/D replica's DP group as its nodes × gpus_per_node / tp; prl-flow does the same when dp is left out");
+                ctx.note(&v.key, v.at.as_ref(), "prime-rl sizes each P/D replica's DP group as its nodes × gpus_per_node / tp; prl-flow does the same when dp is left out, and the recipe writes it out when both roles span as many nodes");
             }
             let t = dep
                 .as_deref_mut()
@@ -369,8 +369,12 @@ fn layout(
                 );
                 ctx.note(&key, at.as_ref(), format!("prl-flow gives every engine one backend_port ({prefill}); decode engines listen there (they run on their own nodes)"));
             }
-            let p_nodes = pd_nodes(ctx, t, d, "prefill")?;
-            let d_nodes = pd_nodes(ctx, t, d, "decode")?;
+            let (p_nodes, p_per) = pd_nodes(ctx, t, d, "prefill")?;
+            let (d_nodes, d_per) = pd_nodes(ctx, t, d, "decode")?;
+            if p_per == d_per {
+                // Each role replica is one DP group over its nodes, every GPU used.
+                out.parallel.insert("dp", value(p_per * per_node));
+            }
             d.insert("nixl_side_channel_port", value(NIXL_PORT));
             if let Some(n) = &infer_nodes {
                 if n.v != p_nodes + d_nodes {
@@ -497,8 +501,9 @@ fn router(ctx: &mut Ctx, dep: Option<&mut Tab>) -> R<(i64, Option<String>)> {
     Ok((port.map_or(ROUTER_PORT, |v| v.v), policy))
 }
 
-/// One role's node count, in the spelling the source uses; returns the total.
-fn pd_nodes(ctx: &mut Ctx, t: &mut Tab, d: &mut Table, role: &str) -> R<i64> {
+/// One role's node count, in the spelling the source uses; returns the total and the
+/// nodes per replica.
+fn pd_nodes(ctx: &mut Ctx, t: &mut Tab, d: &mut Table, role: &str) -> R<(i64, i64)> {
     let total = t.count(ctx, &format!("num_{role}_nodes"))?;
     let per = t.count(ctx, &format!("{role}_nodes_per_replica"))?;
     let replicas = t.count(ctx, &format!("num_{role}_replicas"))?;
@@ -537,7 +542,7 @@ fn pd_nodes(ctx: &mut Ctx, t: &mut Tab, d: &mut Table, role: &str) -> R<i64> {
         }
     };
     d.insert(&format!("num_{role}_replicas"), value(r));
-    Ok(total_v)
+    Ok((total_v, total_v / r))
 }
 
 /// `[slurm]` as a `[backend]` table of the SLURM backend.
