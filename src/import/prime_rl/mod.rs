@@ -10,8 +10,9 @@
 //! docs/import.md has the table of what maps to what.
 
 mod engine;
+mod slurm;
 
-use toml_edit::{value, Array, DocumentMut, ImDocument, InlineTable, Item, Table};
+use toml_edit::{value, DocumentMut, ImDocument, InlineTable, Item, Table};
 
 use super::source::{Ctx, Tab, R, V};
 use super::{ImportError, Imported};
@@ -24,8 +25,6 @@ const DECODE_PORT: i64 = 8200;
 const POLICY: &str = "consistent_hash";
 const DP_RPC_PORT: i64 = 13345;
 const NIXL_PORT: i64 = 5600;
-const SLURM_PARTITION: &str = "cluster";
-const SLURM_JOB_NAME: &str = "prime-rl";
 /// The policies prl-flow's router accepts.
 const POLICIES: &[&str] = &[
     "consistent_hash",
@@ -115,7 +114,7 @@ pub fn import(file: &str, source: &str) -> Result<Imported, ImportError> {
     })
 }
 
-fn unknown() -> String {
+pub(super) fn unknown() -> String {
     "not a field prime-rl's inference config has (as far as this importer knows); left out".into()
 }
 
@@ -160,7 +159,7 @@ fn read<'a>(
         });
     }
     match slurm {
-        Some(s) => out.backend = Some(backend(ctx, s, gpus)?),
+        Some(s) => out.backend = Some(slurm::backend(ctx, s, gpus)?),
         None if shape != Shape::Single => ctx.note(
             "slurm",
             None,
@@ -295,7 +294,7 @@ fn layout(
             d.insert("backend_port", value(backend_port));
             d.insert("data_parallel_rpc_port", value(dp_rpc));
             let mut dpv = dp.as_ref().map_or(1, |v| v.v);
-            if let (Some(t), false) = (rl_dep.as_deref_mut(), rl_multi) {
+            if let (Some(t), false) = (rl_dep, rl_multi) {
                 // prime-rl's single-node RL fills the inference GPUs with DP ranks.
                 if let Some(g) = t.count(ctx, "num_infer_gpus")? {
                     if g.v % tpv != 0 {
@@ -407,7 +406,7 @@ fn layout(
         }
     }
     if shape != Shape::Disaggregated {
-        if let Some(t) = dep.as_deref_mut() {
+        if let Some(t) = dep {
             for k in [
                 "num_prefill_nodes",
                 "num_decode_nodes",
@@ -433,8 +432,11 @@ fn backend_port_of(d: &Table) -> i64 {
         .unwrap_or(BACKEND_PORT)
 }
 
+/// A count that may be absent.
+type Opt = Option<V<i64>>;
+
 /// `[inference.parallel] tp/dp`.
-fn parallel(ctx: &mut Ctx, inf: &mut Tab) -> R<(Option<V<i64>>, Option<V<i64>>)> {
+fn parallel(ctx: &mut Ctx, inf: &mut Tab) -> R<(Opt, Opt)> {
     let Some(mut p) = inf.table(ctx, "parallel")? else {
         return Ok((None, None));
     };
@@ -543,49 +545,6 @@ fn pd_nodes(ctx: &mut Ctx, t: &mut Tab, d: &mut Table, role: &str) -> R<(i64, i6
     };
     d.insert(&format!("num_{role}_replicas"), value(r));
     Ok((total_v, total_v / r))
-}
-
-/// `[slurm]` as a `[backend]` table of the SLURM backend.
-fn backend(ctx: &mut Ctx, mut s: Tab, gpus: i64) -> R<Table> {
-    let mut b = Table::new();
-    b.insert("type", value("slurm"));
-    let job = s
-        .str(ctx, "job_name")?
-        .map_or(SLURM_JOB_NAME.to_string(), |v| v.v);
-    b.insert("job_name", value(job));
-    let part = s
-        .str(ctx, "partition")?
-        .map_or(SLURM_PARTITION.to_string(), |v| v.v);
-    b.insert("partition", value(part));
-    for k in ["account", "time"] {
-        if let Some(v) = s.str(ctx, k)? {
-            b.insert(k, value(v.v));
-        }
-    }
-    b.insert("gpus_per_node", value(gpus));
-    b.insert("exclusive", value(true));
-    let mut lines = Array::new();
-    for k in ["nodelist", "exclude"] {
-        if let Some(v) = s.str(ctx, k)? {
-            lines.push(format!("--{k}={}", v.v));
-        }
-    }
-    if !lines.is_empty() {
-        b.insert("sbatch_lines", value(lines));
-    }
-    let why = [
-        ("project_dir", "prime-rl sources its .env and activates its .venv there; write what your nodes need in `[backend] prologue`"),
-        ("template_path", "prl-flow renders its own SLURM scripts; see docs/slurm.md for template overrides"),
-        ("pre_run_command", "prime-rl runs it once on the head node; the closest is `[backend] prologue`, which runs before every step"),
-        ("cleanup_grace_period", "a setting of prime-rl's RL job teardown"),
-    ];
-    for (k, w) in why {
-        if let Some(v) = s.take(k) {
-            ctx.note(&v.key, v.at.as_ref(), w);
-        }
-    }
-    s.rest(ctx, |_| unknown());
-    Ok(b)
 }
 
 /// The recipe's text: a header naming the source, then the tables in the order of
