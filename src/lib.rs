@@ -14,6 +14,7 @@ pub mod actions;
 pub mod cli;
 pub mod diag;
 pub mod exec;
+pub mod import;
 pub mod plan;
 pub mod recipe;
 pub mod registry;

@@ -122,6 +122,9 @@ Examples:
     /// List the backends: built in, and plugins found on PATH or named by the site file.
     #[command(after_help = "Example:\n  PATH=$PWD/examples/plugins:$PATH prl-flow plugins")]
     Plugins,
+    /// Write the recipe equivalent to another launcher's config on stdout.
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Site plugins: `plugin test NAME` runs the conformance scenario against a backend.
     #[command(subcommand)]
     Plugin(PluginCmd),
@@ -137,6 +140,21 @@ pub enum PluginCmd {
     Test {
         /// The backend's name (`local`, or a plugin's).
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ImportCmd {
+    /// A prime-rl `rl.toml` or `inference.toml`: the recipe goes to stdout, and every value
+    /// that could not be carried over is listed on stderr with the reason.
+    #[command(after_help = "Examples:
+  prl-flow import prime-rl rl.toml > recipe.toml
+  prl-flow import prime-rl inference.toml > recipe.toml && prl-flow validate recipe.toml
+
+What maps to what: docs/import.md.")]
+    PrimeRl {
+        /// The prime-rl config file (TOML).
+        file: PathBuf,
     },
 }
 

@@ -19,8 +19,8 @@ use clap::Parser;
 use prl_flow_engine::Subscriber;
 
 use args::{
-    Cli, Cmd, EngineArg, FileArgs, OutputFormat, PlanFormat, PluginCmd, RunArgs, StatusArgs,
-    ValidateArgs,
+    Cli, Cmd, EngineArg, FileArgs, ImportCmd, OutputFormat, PlanFormat, PluginCmd, RunArgs,
+    StatusArgs, ValidateArgs,
 };
 
 use crate::session::{self, Error, LoadOptions, RunSettings, Session};
@@ -163,6 +163,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             }
             Ok(0)
         }
+        Cmd::Import(ImportCmd::PrimeRl { file }) => import_prime_rl(file),
         Cmd::Plugins => {
             out(&crate::registry::report::plugins_text(session.registry()).await);
             Ok(0)
@@ -177,6 +178,21 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(if passed { 0 } else { 1 })
         }
     }
+}
+
+/// `import prime-rl FILE`: the recipe on stdout, one line per value not carried over on
+/// stderr; exit 2 when the file cannot be read or imported.
+fn import_prime_rl(file: &Path) -> R<i32> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::Usage(format!("error: cannot read {name}: {e}")))?;
+    let imported = crate::import::prime_rl::import(&name, &text)
+        .map_err(|e| Error::Usage(format!("error: {}", e.render(&name))))?;
+    for n in &imported.notes {
+        eprintln!("{}", n.render(&name));
+    }
+    out(&imported.recipe);
+    Ok(0)
 }
 
 /// Prints to stdout; a closed pipe ends quietly.
