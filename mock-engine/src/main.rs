@@ -55,6 +55,7 @@
 //! this binary beside its own and runs it where a recipe would run `vllm serve`.
 
 mod args;
+mod checks;
 mod config;
 mod dp;
 mod kv;
@@ -124,6 +125,15 @@ fn run_main(args: Vec<OsString>) -> i32 {
     );
     for w in &parsed.warnings {
         log::warn(Who::Api, "argparse_utils.py:210", w);
+    }
+    if let Some(why) = &cfg.device_fault {
+        log::error(
+            Who::Engine(cfg.rank),
+            "core.py:708",
+            "EngineCore failed to start.",
+        );
+        eprintln!("AssertionError: {why}");
+        return 1;
     }
     if knobs.fail == Some(Fail::Start) {
         log::error(
