@@ -41,6 +41,16 @@ struct Engine {
 
 impl Engine {
     fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Engine {
+        Engine::start_program(name, BIN.as_ref(), args, env)
+    }
+
+    /// Any program under the same guard (the router).
+    fn start_program(
+        name: &str,
+        program: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Engine {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("engine.log");
         // Both streams append to one file so the interleaving matches what a log probe sees.
@@ -51,7 +61,7 @@ impl Engine {
                 .open(&log)
                 .expect("log file")
         };
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(open())
@@ -70,7 +80,9 @@ impl Engine {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().copied());
-        let child = cmd.spawn().expect("spawn prl-flow-mock-engine");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         Engine {
             name: name.to_string(),
             child,
@@ -1007,4 +1019,181 @@ fn external_lb_refusals_name_the_flag() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The real `vllm-router` 0.1.17: `PRL_FLOW_ROUTER`, else the venv prl-flow's `./dev`
+/// installs, else `PATH`. Missing, the test is skipped loudly, or fails when
+/// `PRL_FLOW_TEST_REQUIRE_ALL` is on.
+fn router_or_skip() -> Option<PathBuf> {
+    let named = std::env::var_os("PRL_FLOW_ROUTER").filter(|p| !p.is_empty());
+    let found = match &named {
+        Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache/prl-flow/router-0.1.17/bin/vllm-router"))
+            .into_iter()
+            .chain(
+                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                    .map(|d| d.join("vllm-router")),
+            )
+            .find(|p| p.is_file()),
+    };
+    if found.is_none() {
+        let required =
+            std::env::var("PRL_FLOW_TEST_REQUIRE_ALL").is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(!required, "missing: vllm-router (set PRL_FLOW_ROUTER)");
+        eprintln!("\n!!! SKIPPED, missing: vllm-router 0.1.17 (set PRL_FLOW_ROUTER)\n");
+    }
+    found
+}
+
+/// Starts the router on free ports and waits until it is ready.
+async fn start_router(router: &std::path::Path, mode: &[&str]) -> (Engine, u16) {
+    let (port, metrics) = (free_port(), free_port());
+    let (ps, ms) = (port.to_string(), metrics.to_string());
+    let mut args = vec![
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &ps,
+        "--prometheus-port",
+        &ms,
+        "--policy",
+        "round_robin",
+        "--worker-startup-check-interval",
+        "1",
+        "--worker-startup-timeout-secs",
+        "60",
+    ];
+    args.extend_from_slice(mode);
+    let mut r = Engine::start_program("router", router, &args, &[]);
+    let url = format!("http://127.0.0.1:{port}/readiness");
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        assert!(r.exited().is_none(), "the router exited");
+        if client()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|a| a.status().is_success())
+        {
+            return (r, port);
+        }
+        assert!(Instant::now() < deadline, "the router never got ready");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A two-rank external-LB group; each rank with `extra` flags and its NIXL base port chosen
+/// so that base + rank is free.
+async fn external_group(extra: &[String]) -> Vec<(Engine, u16)> {
+    let rpc = free_port();
+    let mut ranks = Vec::new();
+    for rank in 0..2u16 {
+        let port = free_port();
+        let base = (free_port() - rank).to_string();
+        let mut argv = external_rank(u32::from(rank), port, rpc);
+        argv.extend_from_slice(extra);
+        let e = start_rank(
+            &format!("rank{rank}"),
+            &argv,
+            &[("VLLM_NIXL_SIDE_CHANNEL_PORT", base.as_str())],
+        );
+        ranks.push((e, port));
+    }
+    for (e, port) in &mut ranks {
+        e.wait_health(*port, 200).await;
+    }
+    ranks
+}
+
+/// Every answer names the rank that served it, through the router: `(rank, port, role)`.
+async fn answers_through(router_port: u16, n: usize) -> Vec<(u64, u64, String)> {
+    let mut seen = Vec::new();
+    for i in 0..n {
+        let (path, body) = if i % 2 == 0 {
+            (
+                "/v1/completions",
+                json!({"model": "m", "prompt": "who are you", "max_tokens": 2}),
+            )
+        } else {
+            (
+                "/v1/chat/completions",
+                json!({"model": "m", "messages": [{"role": "user", "content": "who"}], "max_tokens": 2}),
+            )
+        };
+        let (status, v) = post(router_port, path, body).await;
+        assert_eq!(status, 200, "{v}");
+        let who = &v["mock_engine"];
+        seen.push((
+            who["rank"].as_u64().expect("rank"),
+            who["port"].as_u64().expect("port"),
+            who["role"].as_str().expect("role").to_string(),
+        ));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn the_serving_rank_survives_the_real_router() {
+    let Some(router) = router_or_skip() else {
+        return;
+    };
+    let group = external_group(&[]).await;
+    let urls: Vec<String> = group
+        .iter()
+        .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let mut mode = vec!["--worker-urls"];
+    mode.extend(urls.iter().map(String::as_str));
+    let (_router, rport) = start_router(&router, &mode).await;
+    let seen = answers_through(rport, 4).await;
+    for (rank, port, role) in &seen {
+        assert_eq!(u64::from(group[*rank as usize].1), *port, "{seen:?}");
+        assert_eq!(role, "standalone");
+    }
+    // Round robin over two ranks: both answer.
+    assert!(
+        seen.iter().any(|s| s.0 == 0) && seen.iter().any(|s| s.0 == 1),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn pd_router_answers_name_the_decode_rank() {
+    let Some(router) = router_or_skip() else {
+        return;
+    };
+    let (pport, pside) = (free_port(), free_port());
+    let (pps, psides) = (pport.to_string(), pside.to_string());
+    let producer = nixl("kv_producer");
+    let mut prefill = Engine::start(
+        "prefill",
+        &["m", "--port", &pps, "--kv-transfer-config", &producer],
+        &[("VLLM_NIXL_SIDE_CHANNEL_PORT", psides.as_str())],
+    );
+    prefill.wait_health(pport, 200).await;
+    let decode = external_group(&["--kv-transfer-config".into(), nixl("kv_consumer")]).await;
+    let purl = format!("http://127.0.0.1:{pport}");
+    let durls: Vec<String> = decode
+        .iter()
+        .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let (_router, rport) = start_router(
+        &router,
+        &[
+            "--vllm-pd-disaggregation",
+            "--prefill",
+            &purl,
+            "--decode",
+            &durls[0],
+            "--decode",
+            &durls[1],
+        ],
+    )
+    .await;
+    let seen = answers_through(rport, 4).await;
+    for (rank, port, role) in &seen {
+        assert_eq!(role, "decode", "{seen:?}");
+        assert_eq!(u64::from(decode[*rank as usize].1), *port, "{seen:?}");
+    }
 }
