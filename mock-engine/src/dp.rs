@@ -359,18 +359,10 @@ fn rank_range(first: u32, n: u32) -> String {
 
 /// A member's connection, kept where the signal handler can say goodbye on it, and whether
 /// its group is complete (the last `READY`/`WAIT` of the master).
+#[derive(Default)]
 pub(crate) struct Link {
     writer: Mutex<Option<OwnedWriteHalf>>,
     complete: watch::Sender<bool>,
-}
-
-impl Default for Link {
-    fn default() -> Link {
-        Link {
-            writer: Mutex::new(None),
-            complete: watch::channel(false).0,
-        }
-    }
 }
 
 impl Link {

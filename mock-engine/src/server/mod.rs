@@ -4,7 +4,9 @@
 //! 16), and its first words say which engine answered (`mock@HOST:PORT role=...`), so a test
 //! behind a router can tell replicas apart even with `max_tokens: 1`. A decode engine that
 //! continued a remote prefill says so next (`continued-from-prefill engine=... at=...`), then
-//! the prompt is echoed, then `tokN` filler. Request bodies are read as loose JSON: unknown
+//! the prompt is echoed, then `tokN` filler. Every answer and SSE chunk also carries a
+//! top-level `mock_engine` object (`rank`, `dp_size`, `addr`, `port`, `role`), which the
+//! router passes through whatever `max_tokens` is. Request bodies are read as loose JSON: unknown
 //! fields (the router adds SGLang-style ones) are ignored.
 //!
 //! Here: the shared state, the routes and the small endpoints; [`generate`] answers
