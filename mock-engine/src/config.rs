@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::args;
+use crate::checks::{self, DeviceError, DeviceNeeds, DpFlags};
 use crate::dp::{GroupKind, JoinSpec, ListenSpec};
 use crate::kv::{self, KvConfig};
 
@@ -67,7 +68,10 @@ impl Knobs {
 pub(crate) enum Group {
     None,
     Lead(ListenSpec),
+    /// A `--headless` engine: joins its group, serves no HTTP.
     Member(JoinSpec),
+    /// An external-LB rank above 0: joins rank 0 and serves HTTP itself.
+    Peer(JoinSpec),
 }
 
 /// Everything the running engine needs, decided once from the arguments and environment.
@@ -85,8 +89,11 @@ pub(crate) struct EngineConfig {
     pub(crate) kv: Option<KvConfig>,
     pub(crate) side_channel: Option<kv::SideChannel>,
     pub(crate) group: Group,
-    /// The (first) data-parallel rank of this process, for log prefixes.
+    /// The (first) global data-parallel rank of this process.
     pub(crate) rank: u32,
+    pub(crate) dp_size: u32,
+    /// The visible GPUs do not fit: the engine core fails its start with this assertion.
+    pub(crate) device_fault: Option<String>,
 }
 
 impl EngineConfig {
@@ -135,10 +142,28 @@ impl EngineConfig {
             a.int("data_parallel_size").unwrap_or(1),
             "--data-parallel-size",
         )?;
-        let dp_local = match a.int("data_parallel_size_local") {
-            None => dp_size,
-            Some(n) if (0..=i64::from(dp_size)).contains(&n) => n as u32,
-            Some(n) => {
+        let api_server_count = a.int("api_server_count");
+        // `--api-server-count 0` runs vLLM headless too (`serve.py:149-150`).
+        let headless = headless || api_server_count.is_some_and(|n| n < 1);
+        let dp_flags = DpFlags {
+            headless: a.flag("headless").unwrap_or(false),
+            api_server_count,
+            size: i64::from(dp_size),
+            size_local: a.int("data_parallel_size_local"),
+            rank: a.int("data_parallel_rank"),
+            start_rank: a.int("data_parallel_start_rank"),
+            external_lb: a.flag("data_parallel_external_lb").unwrap_or(false),
+            hybrid_lb: a.flag("data_parallel_hybrid_lb").unwrap_or(false),
+            multi_port: a
+                .flag("data_parallel_multi_port_external_lb")
+                .unwrap_or(false),
+        };
+        let external = checks::external_rank(&dp_flags)?;
+        let dp_local = match (external, a.int("data_parallel_size_local")) {
+            (Some(_), _) => 1,
+            (None, None) => dp_size,
+            (None, Some(n)) if n >= 0 => n as u32,
+            (None, Some(n)) => {
                 return Err(format!(
                     "--data-parallel-size-local ({n}) must be between 0 and --data-parallel-size ({dp_size})"
                 ))
@@ -163,7 +188,51 @@ impl EngineConfig {
                 format!("VLLM_ENGINE_READY_TIMEOUT_S=`{v}` is not a whole number of seconds")
             })?,
         };
-        let group = if headless {
+        let world = [
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "prefill_context_parallel_size",
+        ]
+        .iter()
+        .map(|d| a.int(d).unwrap_or(1).max(1) as u64)
+        .product::<u64>();
+        let device_fault = match checks::check_devices(
+            env("CUDA_VISIBLE_DEVICES").as_deref(),
+            &DeviceNeeds {
+                world,
+                dp_size: u64::from(dp_size),
+                local_engines: u64::from(dp_local),
+                nnodes: u64::from(nnodes),
+                backend_set: a.str("distributed_executor_backend").is_some(),
+            },
+        ) {
+            Ok(()) => None,
+            Err(DeviceError::Config(m)) => return Err(m),
+            Err(DeviceError::Worker(m)) => Some(m),
+        };
+        let group = if let Some(rank) = external {
+            // vLLM's default address is --master-addr's (`arg_utils.py:2539-2553`).
+            let addr = dp_addr.unwrap_or(master_addr);
+            if rank == 0 {
+                Group::Lead(ListenSpec {
+                    kind: GroupKind::Dp,
+                    addr,
+                    port: dp_port,
+                    needed: dp_size - 1,
+                    size: dp_size,
+                })
+            } else {
+                Group::Peer(JoinSpec {
+                    kind: GroupKind::Dp,
+                    addr,
+                    port: dp_port,
+                    size: dp_size,
+                    ranks: 1,
+                    first: rank,
+                    deadline: Duration::from_secs(deadline),
+                })
+            }
+        } else if headless {
             if dp_size > 1 {
                 if dp_local == 0 {
                     return Err(
@@ -219,8 +288,22 @@ impl EngineConfig {
             Group::None
         };
         let rank = match &group {
-            Group::Member(j) => j.first,
-            _ => start_rank.unwrap_or(0),
+            Group::Member(j) | Group::Peer(j) => j.first,
+            _ => external.or(start_rank).unwrap_or(0),
+        };
+        // One side channel per engine core, on the base port plus its global data-parallel
+        // rank (`nixl/base_scheduler.py:77-80`, `config/parallel.py:1048`).
+        let side_channel = match side_channel {
+            Some(mut s) => {
+                s.port = u16::try_from(u32::from(s.port) + rank).map_err(|_| {
+                    format!(
+                        "VLLM_NIXL_SIDE_CHANNEL_PORT {} + data-parallel rank {rank} is not a TCP port",
+                        s.port
+                    )
+                })?;
+                Some(s)
+            }
+            None => None,
         };
         Ok(EngineConfig {
             model,
@@ -235,6 +318,8 @@ impl EngineConfig {
             side_channel,
             group,
             rank,
+            dp_size,
+            device_fault,
         })
     }
 }

@@ -14,16 +14,24 @@
 //!   (`VLLM_ENGINE_READY_TIMEOUT_S`, default 600 s as in vLLM), and stays connected without
 //!   serving HTTP.
 //!
+//! External load balancing (`--data-parallel-rank R`, one API server per rank) uses the same
+//! handshake: rank 0 is the master, on `--data-parallel-address`:`--data-parallel-rpc-port`
+//! (default `--master-addr`, then 127.0.0.1, and 29550), and every other rank is a member that
+//! also serves HTTP on its own `--host`/`--port`. Every rank answers `/health` with 503 until
+//! the whole group has joined: the master tells its members when it is complete.
+//!
 //! Protocol, one text line per message over TCP:
 //!
 //! ```text
 //! member → master  HELLO kind=dp size=4 ranks=2 first=2     (kind=node for --nnodes groups;
 //!                                                            ranks = this member's local ranks)
 //! master → member  OK joined=2 needed=2                      or  ERR <reason>, then close
+//! master → members READY joined=2 needed=2                   every remote rank has joined
+//! master → members WAIT joined=1 needed=2                    a rank left: incomplete again
 //! either → other   BYE                                       a graceful leave (on SIGTERM/SIGINT)
 //! ```
 //!
-//! After `OK` the connection stays open and idle. A member that reads `BYE` exits 0; one that
+//! After `OK` the connection stays open and idle but for `READY`/`WAIT`. A member that reads `BYE` exits 0; one that
 //! sees the connection drop without it exits 1 (the engine core lost its group). The master
 //! treats a member's `BYE` as a leave (it goes back to 503 until the ranks rejoin) and a drop
 //! without `BYE` as a crash of part of the group, which kills it (exit 1), as in vLLM.
@@ -231,7 +239,15 @@ impl Master {
             return;
         }
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
-        self.links.lock().await.insert(id, wr);
+        {
+            // Insert, then check, under one lock: the last member in sees every link.
+            let mut links = self.links.lock().await;
+            links.insert(id, wr);
+            if self.ready() {
+                let line = format!("READY joined={} needed={needed}\n", self.joined());
+                broadcast(&mut links, &line).await;
+            }
+        }
         let ranks = rank_range(hello.first, hello.ranks);
         log::info(
             Who::Api,
@@ -245,9 +261,14 @@ impl Master {
         loop {
             match read_line(&mut rd).await {
                 Ok(Some(l)) if l.trim() == "BYE" => {
-                    self.links.lock().await.remove(&id);
-                    self.joined
-                        .send_modify(|j| *j = j.saturating_sub(hello.ranks));
+                    {
+                        let mut links = self.links.lock().await;
+                        links.remove(&id);
+                        self.joined
+                            .send_modify(|j| *j = j.saturating_sub(hello.ranks));
+                        let line = format!("WAIT joined={} needed={needed}\n", self.joined());
+                        broadcast(&mut links, &line).await;
+                    }
                     log::warn(
                         Who::Api,
                         "coordinator.py:152",
@@ -322,6 +343,12 @@ impl Master {
     }
 }
 
+async fn broadcast(links: &mut HashMap<u64, OwnedWriteHalf>, line: &str) {
+    for wr in links.values_mut() {
+        let _ = tokio::time::timeout(BYE_TIMEOUT, wr.write_all(line.as_bytes())).await;
+    }
+}
+
 fn rank_range(first: u32, n: u32) -> String {
     if n <= 1 {
         first.to_string()
@@ -330,13 +357,27 @@ fn rank_range(first: u32, n: u32) -> String {
     }
 }
 
-/// A member's connection, kept where the signal handler can say goodbye on it.
+/// A member's connection, kept where the signal handler can say goodbye on it, and whether
+/// its group is complete (the last `READY`/`WAIT` of the master).
 #[derive(Default)]
 pub(crate) struct Link {
     writer: Mutex<Option<OwnedWriteHalf>>,
+    complete: watch::Sender<bool>,
 }
 
 impl Link {
+    /// Every rank of the group has joined, as the master last said.
+    pub(crate) fn complete(&self) -> bool {
+        *self.complete.borrow()
+    }
+
+    /// Resolves once the group is complete.
+    pub(crate) async fn wait_complete(&self) {
+        let mut rx = self.complete.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
     pub(crate) async fn goodbye(&self) {
         if let Some(wr) = self.writer.lock().await.as_mut() {
             let _ = tokio::time::timeout(BYE_TIMEOUT, wr.write_all(b"BYE\n")).await;
@@ -436,8 +477,25 @@ pub(crate) async fn join(spec: JoinSpec, link: Arc<Link>) -> i32 {
                 );
                 return 0;
             }
+            Ok(Some(l)) if l.starts_with("READY") => {
+                link.complete.send_replace(true);
+                log::info(
+                    who,
+                    "core.py:740",
+                    &format!("The group at {target} is complete ({l})"),
+                );
+            }
+            Ok(Some(l)) if l.starts_with("WAIT") => {
+                link.complete.send_replace(false);
+                log::warn(
+                    who,
+                    "core.py:742",
+                    &format!("The group at {target} lost a rank ({l}); waiting for it"),
+                );
+            }
             Ok(Some(_)) => continue,
             Ok(None) | Err(_) => {
+                link.complete.send_replace(false);
                 log::error(
                     who,
                     "core.py:752",

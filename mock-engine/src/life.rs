@@ -210,9 +210,14 @@ async fn engine(
     } else {
         format!("{}:{port}", cfg.host)
     };
+    let peer = match &cfg.group {
+        Group::Peer(spec) => Some(spec.clone()),
+        _ => None,
+    };
     let state = Arc::new(server::AppState::new(
         cfg.clone(),
         master.clone(),
+        peer.as_ref().map(|_| link.clone()),
         nixl,
         addr.clone(),
     ));
@@ -226,7 +231,24 @@ async fn engine(
     log::uvicorn(&format!("Started server process [{}]", std::process::id()));
     log::uvicorn("Waiting for application startup.");
 
+    let ready_link = peer.as_ref().map(|spec| (spec.clone(), link.clone()));
     tokio::spawn(async move {
+        if let Some((spec, link)) = &ready_link {
+            log::info(
+                Who::Api,
+                "core_client.py:455",
+                &format!(
+                    "Waiting for the {} data-parallel ranks to join at {}:{} (/health answers 503 until then)",
+                    spec.size, spec.addr, spec.port
+                ),
+            );
+            link.wait_complete().await;
+            log::info(
+                Who::Api,
+                "core_client.py:470",
+                "All data-parallel ranks have joined",
+            );
+        }
         if let Some(m) = &master {
             let spec = m.spec();
             log::info(
@@ -251,8 +273,15 @@ async fn engine(
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await;
+    );
+    let served = match peer {
+        // An external-LB rank lives as long as its place in the group.
+        Some(spec) => tokio::select! {
+            s = served => s,
+            code = dp::join(spec, link) => return code,
+        },
+        None => served.await,
+    };
     let why = match served {
         Ok(()) => "the HTTP server stopped".to_string(),
         Err(e) => format!("the HTTP server failed: {e}"),

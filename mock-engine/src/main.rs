@@ -18,6 +18,7 @@
 //!    Loading takes `PRL_MOCK_STARTUP_DELAY`. Then the NIXL side channel is bound ([`kv`]),
 //!    then the HTTP port, and `Starting vLLM API server on http://HOST:PORT` is logged. A
 //!    `--headless` engine binds no HTTP port: it joins its group and waits.
+//!    An external-LB rank above 0 (`--data-parallel-rank`) serves HTTP too and joins rank 0.
 //! 4. **Ready**: once every remote rank has joined (at once when there are none), `/health`
 //!    turns 200 and uvicorn's `Application startup complete.` is logged: both are probes a
 //!    deployment can wait on.
@@ -38,7 +39,8 @@
 //! failure test into a success test. vLLM's own environment variables that the mock honours:
 //! `VLLM_NIXL_SIDE_CHANNEL_HOST`, `VLLM_NIXL_SIDE_CHANNEL_PORT`,
 //! `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, `VLLM_ENGINE_READY_TIMEOUT_S`, `VLLM_API_KEY`,
-//! `MOONCAKE_CONFIG_PATH`.
+//! `MOONCAKE_CONFIG_PATH`, `CUDA_VISIBLE_DEVICES` (counted against the parallel sizes,
+//! [`checks`]).
 //!
 //! # Protocols
 //!
@@ -55,6 +57,7 @@
 //! this binary beside its own and runs it where a recipe would run `vllm serve`.
 
 mod args;
+mod checks;
 mod config;
 mod dp;
 mod kv;
@@ -124,6 +127,15 @@ fn run_main(args: Vec<OsString>) -> i32 {
     );
     for w in &parsed.warnings {
         log::warn(Who::Api, "argparse_utils.py:210", w);
+    }
+    if let Some(why) = &cfg.device_fault {
+        log::error(
+            Who::Engine(cfg.rank),
+            "core.py:708",
+            "EngineCore failed to start.",
+        );
+        eprintln!("AssertionError: {why}");
+        return 1;
     }
     if knobs.fail == Some(Fail::Start) {
         log::error(

@@ -41,6 +41,16 @@ struct Engine {
 
 impl Engine {
     fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Engine {
+        Engine::start_program(name, BIN.as_ref(), args, env)
+    }
+
+    /// Any program under the same guard (the router).
+    fn start_program(
+        name: &str,
+        program: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Engine {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("engine.log");
         // Both streams append to one file so the interleaving matches what a log probe sees.
@@ -51,7 +61,7 @@ impl Engine {
                 .open(&log)
                 .expect("log file")
         };
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(open())
@@ -65,11 +75,14 @@ impl Engine {
             "VLLM_ENGINE_READY_TIMEOUT_S",
             "VLLM_NIXL_ABORT_REQUEST_TIMEOUT",
             "MOONCAKE_CONFIG_PATH",
+            "CUDA_VISIBLE_DEVICES",
         ] {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().copied());
-        let child = cmd.spawn().expect("spawn prl-flow-mock-engine");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         Engine {
             name: name.to_string(),
             child,
@@ -173,6 +186,7 @@ fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.args(args).stdin(Stdio::null());
     cmd.env_remove("PRL_MOCK_FAIL")
         .env_remove("PRL_MOCK_STARTUP_DELAY")
+        .env_remove("CUDA_VISIBLE_DEVICES")
         .envs(env.iter().copied());
     let child = cmd
         .stdout(Stdio::piped())
@@ -822,4 +836,364 @@ async fn api_key_guards_the_v1_routes() {
         .await
         .expect("GET");
     assert_eq!(r.status().as_u16(), 200);
+}
+
+/// `vllm serve` flags of one rank of a two-rank external-LB group (prime-rl's layout).
+fn external_rank(rank: u32, port: u16, rpc: u16) -> Vec<String> {
+    [
+        "m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--tensor-parallel-size",
+        "2",
+        "--data-parallel-size",
+        "2",
+        "--data-parallel-size-local",
+        "1",
+        "--data-parallel-rank",
+        &rank.to_string(),
+        "--data-parallel-address",
+        "127.0.0.1",
+        "--data-parallel-rpc-port",
+        &rpc.to_string(),
+        "--api-server-count",
+        "1",
+        "--enable-expert-parallel",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start_rank(name: &str, argv: &[String], env: &[(&str, &str)]) -> Engine {
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    Engine::start(name, &argv, env)
+}
+
+/// The `mock_engine` field of a completion: who served it.
+async fn served_by(port: u16) -> Value {
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        json!({"prompt": "who", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["mock_engine"].clone()
+}
+
+#[tokio::test]
+async fn external_lb_rank1_waits_for_rank0_and_both_serve() {
+    let (p0, p1, rpc) = (free_port(), free_port(), free_port());
+    // Rank 1 first: it serves HTTP at once but is not healthy without rank 0.
+    let mut rank1 = start_rank(
+        "rank1",
+        &external_rank(1, p1, rpc),
+        &[("CUDA_VISIBLE_DEVICES", "2,3")],
+    );
+    rank1.wait_health(p1, 503).await;
+    let (status, body) = post(p1, "/v1/completions", json!({"prompt": "x"})).await;
+    assert_eq!(status, 503, "{body}");
+
+    let mut rank0 = start_rank(
+        "rank0",
+        &external_rank(0, p0, rpc),
+        &[("CUDA_VISIBLE_DEVICES", "0,1")],
+    );
+    rank0.wait_health(p0, 200).await;
+    rank1.wait_health(p1, 200).await;
+    rank1.wait_log("Application startup complete.");
+
+    let who = served_by(p0).await;
+    assert_eq!(
+        (who["rank"].as_u64(), who["port"].as_u64()),
+        (Some(0), Some(u64::from(p0)))
+    );
+    let who = served_by(p1).await;
+    assert_eq!(
+        (who["rank"].as_u64(), who["port"].as_u64()),
+        (Some(1), Some(u64::from(p1)))
+    );
+    assert_eq!(who["dp_size"].as_u64(), Some(2));
+    assert_eq!(who["role"].as_str(), Some("standalone"));
+}
+
+#[tokio::test]
+async fn external_lb_rank0_waits_for_rank1_and_a_leave_turns_it_503() {
+    let (p0, p1, rpc) = (free_port(), free_port(), free_port());
+    let mut rank0 = start_rank("rank0", &external_rank(0, p0, rpc), &[]);
+    rank0.wait_health(p0, 503).await;
+    rank0.wait_log("Waiting for 1 remote rank(s) to join");
+
+    let mut rank1 = start_rank("rank1", &external_rank(1, p1, rpc), &[]);
+    rank0.wait_health(p0, 200).await;
+    rank1.wait_health(p1, 200).await;
+
+    // A rank that leaves on purpose: rank 0 stays up but is no longer healthy.
+    rank1.signal("-TERM");
+    assert_eq!(rank1.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    rank0.wait_health(p0, 503).await;
+
+    // It comes back: the group is whole again.
+    let mut again = start_rank("rank1-again", &external_rank(1, p1, rpc), &[]);
+    rank0.wait_health(p0, 200).await;
+    again.wait_health(p1, 200).await;
+
+    // Rank 0 dies: rank 1 has lost its group and exits 1.
+    rank0.signal("-KILL");
+    assert_eq!(again.wait_exit(Duration::from_secs(10)).code(), Some(1));
+}
+
+#[tokio::test]
+async fn external_lb_nixl_side_channel_is_base_plus_rank() {
+    let (p1, rpc) = (free_port(), free_port());
+    // A base whose rank-1 port is the free one.
+    let side = free_port();
+    let base = (side - 1).to_string();
+    let mut argv = external_rank(1, p1, rpc);
+    argv.extend(["--kv-transfer-config".to_string(), nixl("kv_producer")]);
+    let mut rank1 = start_rank(
+        "rank1",
+        &argv,
+        &[("VLLM_NIXL_SIDE_CHANNEL_PORT", base.as_str())],
+    );
+    rank1.wait_health(p1, 503).await;
+    rank1.wait_log(&format!("NIXL side channel listening on 127.0.0.1:{side} "));
+    std::net::TcpStream::connect(("127.0.0.1", side)).expect("the side channel is bound");
+}
+
+#[test]
+fn external_lb_refusals_name_the_flag() {
+    let (port, rpc) = (free_port(), free_port());
+    let mut argv = external_rank(1, port, rpc);
+    let local = argv
+        .iter()
+        .position(|a| a == "--data-parallel-size-local")
+        .expect("flag")
+        + 1;
+    argv[local] = "2".into();
+    let argv_ref: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = run_to_end(&argv_ref, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "an external data-parallel rank requires `--data-parallel-size-local 1`; got 2"
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    let argv = external_rank(2, port, rpc);
+    let argv_ref: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = run_to_end(&argv_ref, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data_parallel_rank (2) must be in the range [0, 2)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A tp-2 rank given one GPU.
+    let argv = external_rank(0, port, rpc);
+    let argv_ref: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = run_to_end(&argv_ref, &[("CUDA_VISIBLE_DEVICES", "0")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "World size (2) is larger than the number of available GPUs (1) in this node."
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    // Internal LB: two local engines of tp 2 on three GPUs.
+    let out = run_to_end(
+        &["m", "--port", &port.to_string(), "-tp", "2", "-dp", "2"],
+        &[("CUDA_VISIBLE_DEVICES", "0,1,2")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("DP adjusted local rank 3 is out of bounds for 3 devices."),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The real `vllm-router` 0.1.17: `PRL_FLOW_ROUTER`, else the venv prl-flow's `./dev`
+/// installs, else `PATH`. Missing, the test is skipped loudly, or fails when
+/// `PRL_FLOW_TEST_REQUIRE_ALL` is on.
+fn router_or_skip() -> Option<PathBuf> {
+    let named = std::env::var_os("PRL_FLOW_ROUTER").filter(|p| !p.is_empty());
+    let found = match &named {
+        Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache/prl-flow/router-0.1.17/bin/vllm-router"))
+            .into_iter()
+            .chain(
+                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                    .map(|d| d.join("vllm-router")),
+            )
+            .find(|p| p.is_file()),
+    };
+    if found.is_none() {
+        let required =
+            std::env::var("PRL_FLOW_TEST_REQUIRE_ALL").is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(!required, "missing: vllm-router (set PRL_FLOW_ROUTER)");
+        eprintln!("\n!!! SKIPPED, missing: vllm-router 0.1.17 (set PRL_FLOW_ROUTER)\n");
+    }
+    found
+}
+
+/// Starts the router on free ports and waits until it is ready.
+async fn start_router(router: &std::path::Path, mode: &[&str]) -> (Engine, u16) {
+    let (port, metrics) = (free_port(), free_port());
+    let (ps, ms) = (port.to_string(), metrics.to_string());
+    let mut args = vec![
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &ps,
+        "--prometheus-port",
+        &ms,
+        "--policy",
+        "round_robin",
+        "--worker-startup-check-interval",
+        "1",
+        "--worker-startup-timeout-secs",
+        "60",
+    ];
+    args.extend_from_slice(mode);
+    let mut r = Engine::start_program("router", router, &args, &[]);
+    let url = format!("http://127.0.0.1:{port}/readiness");
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        assert!(r.exited().is_none(), "the router exited");
+        if client()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|a| a.status().is_success())
+        {
+            return (r, port);
+        }
+        assert!(Instant::now() < deadline, "the router never got ready");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A two-rank external-LB group; each rank with `extra` flags and its NIXL base port chosen
+/// so that base + rank is free.
+async fn external_group(extra: &[String]) -> Vec<(Engine, u16)> {
+    let rpc = free_port();
+    let mut ranks = Vec::new();
+    for rank in 0..2u16 {
+        let port = free_port();
+        let base = (free_port() - rank).to_string();
+        let mut argv = external_rank(u32::from(rank), port, rpc);
+        argv.extend_from_slice(extra);
+        let e = start_rank(
+            &format!("rank{rank}"),
+            &argv,
+            &[("VLLM_NIXL_SIDE_CHANNEL_PORT", base.as_str())],
+        );
+        ranks.push((e, port));
+    }
+    for (e, port) in &mut ranks {
+        e.wait_health(*port, 200).await;
+    }
+    ranks
+}
+
+/// Every answer names the rank that served it, through the router: `(rank, port, role)`.
+async fn answers_through(router_port: u16, n: usize) -> Vec<(u64, u64, String)> {
+    let mut seen = Vec::new();
+    for i in 0..n {
+        let (path, body) = if i % 2 == 0 {
+            (
+                "/v1/completions",
+                json!({"model": "m", "prompt": "who are you", "max_tokens": 2}),
+            )
+        } else {
+            (
+                "/v1/chat/completions",
+                json!({"model": "m", "messages": [{"role": "user", "content": "who"}], "max_tokens": 2}),
+            )
+        };
+        let (status, v) = post(router_port, path, body).await;
+        assert_eq!(status, 200, "{v}");
+        let who = &v["mock_engine"];
+        seen.push((
+            who["rank"].as_u64().expect("rank"),
+            who["port"].as_u64().expect("port"),
+            who["role"].as_str().expect("role").to_string(),
+        ));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn the_serving_rank_survives_the_real_router() {
+    let Some(router) = router_or_skip() else {
+        return;
+    };
+    let group = external_group(&[]).await;
+    let urls: Vec<String> = group
+        .iter()
+        .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let mut mode = vec!["--worker-urls"];
+    mode.extend(urls.iter().map(String::as_str));
+    let (_router, rport) = start_router(&router, &mode).await;
+    let seen = answers_through(rport, 4).await;
+    for (rank, port, role) in &seen {
+        assert_eq!(u64::from(group[*rank as usize].1), *port, "{seen:?}");
+        assert_eq!(role, "standalone");
+    }
+    // Round robin over two ranks: both answer.
+    assert!(
+        seen.iter().any(|s| s.0 == 0) && seen.iter().any(|s| s.0 == 1),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn pd_router_answers_name_the_decode_rank() {
+    let Some(router) = router_or_skip() else {
+        return;
+    };
+    let (pport, pside) = (free_port(), free_port());
+    let (pps, psides) = (pport.to_string(), pside.to_string());
+    let producer = nixl("kv_producer");
+    let mut prefill = Engine::start(
+        "prefill",
+        &["m", "--port", &pps, "--kv-transfer-config", &producer],
+        &[("VLLM_NIXL_SIDE_CHANNEL_PORT", psides.as_str())],
+    );
+    prefill.wait_health(pport, 200).await;
+    let decode = external_group(&["--kv-transfer-config".into(), nixl("kv_consumer")]).await;
+    let purl = format!("http://127.0.0.1:{pport}");
+    let durls: Vec<String> = decode
+        .iter()
+        .map(|(_, p)| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let (_router, rport) = start_router(
+        &router,
+        &[
+            "--vllm-pd-disaggregation",
+            "--prefill",
+            &purl,
+            "--decode",
+            &durls[0],
+            "--decode",
+            &durls[1],
+        ],
+    )
+    .await;
+    let seen = answers_through(rport, 4).await;
+    for (rank, port, role) in &seen {
+        assert_eq!(role, "decode", "{seen:?}");
+        assert_eq!(u64::from(decode[*rank as usize].1), *port, "{seen:?}");
+    }
 }

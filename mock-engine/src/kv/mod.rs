@@ -9,7 +9,9 @@
 //! fails the way it would with real engines:
 //!
 //! * every engine with a Nixl connector listens on the side channel (real vLLM does too, for
-//!   every role, which is why two engines on one host need distinct ports);
+//!   every role, which is why two engines on one host need distinct ports), on
+//!   `VLLM_NIXL_SIDE_CHANNEL_PORT` plus its global data-parallel rank: one port per engine
+//!   core, whatever its TP size (vLLM 0.33 `nixl/base_scheduler.py:77-80`);
 //! * a prefill request (`kv_transfer_params.do_remote_decode: true`) stores the prompt under
 //!   the request id with freshly numbered block ids, for `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`
 //!   seconds (default 480, as in vLLM), and answers with the `kv_transfer_params` the router

@@ -265,6 +265,7 @@ async fn generate(state: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: 
         "prompt_tokens_details": null,
     });
     let created = unix_now();
+    let tag = state.engine_tag();
 
     if !stream {
         let choices: Vec<Json> = choices
@@ -289,6 +290,7 @@ async fn generate(state: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: 
             "id": id, "object": object, "created": created, "model": model,
             "choices": choices, "usage": usage, "system_fingerprint": null,
             "prompt_logprobs": null, "kv_transfer_params": kv_out,
+            "mock_engine": tag,
         }))
         .into_response();
     }
@@ -300,7 +302,7 @@ async fn generate(state: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: 
     };
     let mut events: Vec<String> = Vec::new();
     let chunk = |choice: Json| -> String {
-        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "mock_engine": tag})
             .to_string()
     };
     for (index, text, _) in &choices {
@@ -335,7 +337,7 @@ async fn generate(state: Arc<AppState>, ep: Endpoint, headers: HeaderMap, body: 
     }
     if include_usage {
         events.push(
-            json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage})
+            json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage, "mock_engine": tag})
                 .to_string(),
         );
     }

@@ -4,7 +4,9 @@
 //! 16), and its first words say which engine answered (`mock@HOST:PORT role=...`), so a test
 //! behind a router can tell replicas apart even with `max_tokens: 1`. A decode engine that
 //! continued a remote prefill says so next (`continued-from-prefill engine=... at=...`), then
-//! the prompt is echoed, then `tokN` filler. Request bodies are read as loose JSON: unknown
+//! the prompt is echoed, then `tokN` filler. Every answer and SSE chunk also carries a
+//! top-level `mock_engine` object (`rank`, `dp_size`, `addr`, `port`, `role`), which the
+//! router passes through whatever `max_tokens` is. Request bodies are read as loose JSON: unknown
 //! fields (the router adds SGLang-style ones) are ignored.
 //!
 //! Here: the shared state, the routes and the small endpoints; [`generate`] answers
@@ -26,7 +28,7 @@ use axum::{Json as AxumJson, Router};
 use serde_json::{json, Value as Json};
 
 use crate::config::EngineConfig;
-use crate::dp::Master;
+use crate::dp::{Link, Master};
 use crate::kv::Nixl;
 use crate::log;
 
@@ -49,6 +51,8 @@ pub(crate) struct AppState {
     /// Set once start-up is complete (remote ranks joined, if any).
     pub(crate) started: AtomicBool,
     pub(crate) master: Option<Arc<Master>>,
+    /// An external-LB rank's place in its group.
+    pub(crate) link: Option<Arc<Link>>,
     pub(crate) nixl: Option<Arc<Nixl>>,
     /// `host:port` this engine answers on, as it names itself in answers.
     pub(crate) addr: String,
@@ -61,6 +65,7 @@ impl AppState {
     pub(crate) fn new(
         cfg: Arc<EngineConfig>,
         master: Option<Arc<Master>>,
+        link: Option<Arc<Link>>,
         nixl: Option<Arc<Nixl>>,
         addr: String,
     ) -> AppState {
@@ -68,6 +73,7 @@ impl AppState {
             cfg,
             started: AtomicBool::new(false),
             master,
+            link,
             nixl,
             addr,
             metrics: Metrics::default(),
@@ -78,10 +84,8 @@ impl AppState {
 
     fn healthy(&self) -> bool {
         self.started.load(Ordering::SeqCst)
-            && match &self.master {
-                Some(m) => m.ready(),
-                None => true,
-            }
+            && self.master.as_ref().map_or(true, |m| m.ready())
+            && self.link.as_ref().map_or(true, |l| l.complete())
     }
 
     fn not_ready_reason(&self) -> String {
@@ -93,6 +97,10 @@ impl AppState {
                 m.spec().addr,
                 m.spec().port
             ),
+            _ if self.link.as_ref().is_some_and(|l| !l.complete()) => format!(
+                "engine is not ready: data-parallel rank {} waits for its group of {} to be complete",
+                self.cfg.rank, self.cfg.dp_size
+            ),
             _ => "engine is not ready".to_string(),
         }
     }
@@ -102,6 +110,22 @@ impl AppState {
             .kv
             .as_ref()
             .map_or("standalone", |k| k.role.label())
+    }
+
+    /// Who answered, for the `mock_engine` field of every completion.
+    fn engine_tag(&self) -> Json {
+        let port = self
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok());
+        json!({
+            "rank": self.cfg.rank,
+            "dp_size": self.cfg.dp_size,
+            "addr": self.addr,
+            "port": port,
+            "role": self.role_label(),
+        })
     }
 
     fn next_id(&self, prefix: &str) -> String {
