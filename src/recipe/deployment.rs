@@ -187,7 +187,7 @@ pub struct EngineProcess {
     pub rpc_port: u16,
     /// The GPUs it sees (`CUDA_VISIBLE_DEVICES`); `None`: all of the node's.
     pub gpus: Option<Vec<u32>>,
-    /// First NIXL side-channel port (P/D), and how many it uses from there.
+    /// The first NIXL side-channel port it binds (P/D), and how many from there.
     pub nixl_port: Option<(u16, u16)>,
     pub kv_transfer_config: Option<String>,
     /// `--compilation-config` (decode engines).

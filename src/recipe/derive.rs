@@ -140,8 +140,9 @@ pub fn split(
         .collect()
 }
 
-/// How many NIXL side-channel ports one engine process of `ranks` local ranks uses from
-/// its base: one per rank (vLLM adds the local DP rank to `VLLM_NIXL_SIDE_CHANNEL_PORT`).
+/// How many NIXL side-channel ports one engine process of `ranks` local ranks binds: one
+/// per engine core, each at `VLLM_NIXL_SIDE_CHANNEL_PORT` plus its global DP rank (vLLM's
+/// NixlConnector; the mock engine binds the same).
 pub fn nixl_port_count(ranks: u32) -> u16 {
     ranks.min(u32::from(u16::MAX)) as u16
 }
@@ -173,12 +174,30 @@ fn engine_processes(s: &DeploymentSettings<'_>, r: &Replica) -> Vec<EngineProces
                 LoadBalancing::External => Some((slot * s.tp..(slot + 1) * s.tp).collect()),
                 LoadBalancing::Internal => None,
             };
-            let nixl = match (pd, s.load_balancing) {
-                (false, _) => None,
-                (true, LoadBalancing::External) => {
-                    port_at(s.ports.nixl, slot).map(|b| (b, nixl_port_count(1)))
+            // `VLLM_NIXL_SIDE_CHANNEL_PORT` (prime-rl: `base + slot`) and the ports vLLM
+            // binds from it: one per engine core, at the variable plus its global DP rank.
+            let (nixl_env, nixl) = match (pd, s.load_balancing, dp) {
+                (false, ..) => (None, None),
+                (true, LoadBalancing::External, _) => {
+                    let rank = match dp {
+                        DpPart::Rank { rank, .. } => rank,
+                        _ => 0,
+                    };
+                    let env = port_at(s.ports.nixl, slot);
+                    let bound = env.and_then(|b| port_at(b, rank));
+                    (env, bound.map(|b| (b, nixl_port_count(1))))
                 }
-                (true, LoadBalancing::Internal) => Some((s.ports.nixl, nixl_port_count(local))),
+                (true, LoadBalancing::Internal, _) => {
+                    let start = match dp {
+                        DpPart::Node { start, .. } => start,
+                        _ => 0,
+                    };
+                    let bound = port_at(s.ports.nixl, start);
+                    (
+                        Some(s.ports.nixl),
+                        bound.map(|b| (b, nixl_port_count(local))),
+                    )
+                }
             };
             let mut e = EngineProcess {
                 id,
@@ -191,7 +210,7 @@ fn engine_processes(s: &DeploymentSettings<'_>, r: &Replica) -> Vec<EngineProces
                 port,
                 dp,
                 rpc_port: s.ports.dp_rpc,
-                env: engine_env(s, r.role, node, nixl.map(|(b, _)| b), gpus.as_deref()),
+                env: engine_env(s, r.role, node, nixl_env, gpus.as_deref()),
                 gpus,
                 nixl_port: nixl,
                 kv_transfer_config: kv.clone(),

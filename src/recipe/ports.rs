@@ -20,10 +20,18 @@ pub fn check_ranges(s: &DeploymentSettings<'_>, d: &DeploymentSection, p: &mut P
             runs.push(("backend_port", s.ports.backend, local, &d.backend_port));
         }
         if r.role != ReplicaRole::Engine {
+            // Rank `R` in slot `s` binds `nixl_side_channel_port + s + R` (vLLM adds the
+            // global rank); internal balancing binds from `+ R` on.
+            let reach = if external {
+                u32::from(local) + r.dp
+            } else {
+                r.dp.max(1)
+            };
+            let count = reach.min(u32::from(u16::MAX)) as u16;
             runs.push((
                 "nixl_side_channel_port",
                 s.ports.nixl,
-                local,
+                count,
                 &d.nixl_side_channel_port,
             ));
         }
@@ -36,7 +44,7 @@ pub fn check_ranges(s: &DeploymentSettings<'_>, d: &DeploymentSection, p: &mut P
         }
         p.push(
             Problem::new(format!(
-                "the ports from `{field}` {base} on run past 65535 ({count} ranks on a node, one port each)"
+                "the ports from `{field}` {base} on run past 65535 ({count} of them, one per rank)"
             ))
             .at(Some(f.span_or(&d.span)))
             .help(format!("pick a lower `{field}`")),
