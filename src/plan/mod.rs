@@ -148,7 +148,7 @@ pub fn resolve_hosts(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Str
 /// One task, fully rendered.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TaskSpec {
-    /// Stable id, e.g. `prefill[0].node[1]`.
+    /// Stable id, e.g. `prefill[0].rank[1]`.
     pub id: String,
     /// `custom` for workflow tasks; for deployments `allocate`, `mooncake-master`,
     /// `metadata-server`, `mooncake-client`, `engine`, `prefill`, `decode`, `router`,

@@ -2,7 +2,7 @@
 //!
 //! An entry may run where prl-flow runs (no `node`), on one node (`node = "node2"`), or on
 //! every node (`node = "each"`: one task per node, `ID.node[K]`). Its `needs` and `before`
-//! name tasks by id (`engine[0].node[0]`), by kind (`engine`, `prefill`, `router`, ...: all
+//! name tasks by id (`engine[0].rank[0]`), by kind (`engine`, `prefill`, `router`, ...: all
 //! tasks of that kind), or by the id of another `each` entry. Inside an `each` entry a kind
 //! or an `each` id means the ones *on the same node*, so "stage weights on every node
 //! before its engine starts" is `node = "each"`, `before = ["engine"]`. A task on a node
@@ -240,7 +240,7 @@ pub fn add(
         let names = all_names();
         let help = match super::doc::near(name, names.iter().map(String::as_str)) {
             Some(s) if why.is_empty() => format!("did you mean `{s}`?"),
-            _ => "name a task id (`engine[0].node[0]`), a kind (`engine`, `prefill`, `decode`, `router`, ...) or another `[[task]]` id".to_string(),
+            _ => "name a task id (`engine[0].rank[0]`), a kind (`engine`, `prefill`, `decode`, `router`, ...) or another `[[task]]` id".to_string(),
         };
         let why = if why.is_empty() {
             "which is not a task".to_string()

@@ -159,9 +159,14 @@ impl SlurmBackend {
             spec.task,
             shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default()
         );
+        // The GPU slice goes under another name; the wrapper applies it after SLURM's own.
+        let env = spec.env.iter().map(|(k, v)| match k.as_str() {
+            "CUDA_VISIBLE_DEVICES" => (crate::wrapper::GPU_SLICE_VAR, v.as_str()),
+            k => (k, v.as_str()),
+        });
         let mut cmd = alloc.slurm.command(&argv[0]);
         cmd.args(&argv[1..])
-            .envs(&spec.env)
+            .envs(env)
             .current_dir(&spec.run_dir)
             // srun's own messages (`srun: error: ...`) go to the task's log too.
             .stdout(log.try_clone()?)

@@ -1,10 +1,36 @@
 //! The shell wrapper every step runs: it names its step in a file, runs the site's prologue,
-//! then the command (a one-shot under a trap that leaves its exit status), in the run dir
-//! (srun's `--chdir`) or in the directory the spawn spec names.
+//! gives the command its GPU slice, then runs the command (a one-shot under a trap that
+//! leaves its exit status), in the run dir (srun's `--chdir`) or in the directory the spawn
+//! spec names.
 
 use std::path::Path;
 
 use crate::{STATUS_FILE, STEP_FILE};
+
+/// The variable a step's GPU slice travels in: SLURM sets `CUDA_VISIBLE_DEVICES` for a step
+/// itself (every GPU of the job on the node), after the environment srun passes on, so a
+/// rank's own slice would be lost. The wrapper applies it last: each index picks that entry
+/// of the list SLURM gave the step (its GPUs may be numbered `4,5,6,7`), or is the GPU
+/// itself when SLURM gave none.
+pub(crate) const GPU_SLICE_VAR: &str = "PRL_FLOW_GPU_SLICE";
+
+const GPU_SLICE: &str = r#"if [ -n "${PRL_FLOW_GPU_SLICE:-}" ]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    _all=$CUDA_VISIBLE_DEVICES; _pick=
+    for _i in $(echo "$PRL_FLOW_GPU_SLICE" | tr ',' ' '); do
+      _n=0; _g=
+      for _d in $(echo "$_all" | tr ',' ' '); do [ "$_n" = "$_i" ] && _g=$_d; _n=$((_n + 1)); done
+      [ -n "$_g" ] || { echo "prl-flow: this step sees the GPUs $_all; the rank's GPU $_i is not among them" >&2; exit 1; }
+      _pick=${_pick:+$_pick,}$_g
+    done
+    CUDA_VISIBLE_DEVICES=$_pick
+  else
+    CUDA_VISIBLE_DEVICES=$PRL_FLOW_GPU_SLICE
+  fi
+  export CUDA_VISIBLE_DEVICES
+  unset PRL_FLOW_GPU_SLICE _all _pick _i _n _g _d
+fi
+"#;
 
 /// The wrapper a step runs: `SHELL -c SCRIPT RUN_DIR [CWD] ARGV...` (the run dir is `$0`,
 /// and `cwd`, when given, `$1`, so no path is ever quoted into the script). The step file
@@ -32,6 +58,7 @@ pub(crate) fn wrap(
             "{{\n{p}\n}} || {{ s=$?; echo \"prl-flow: the step prologue failed with status $s\" >&2; exit $s; }}\n"
         ));
     }
+    script.push_str(GPU_SLICE);
     if cwd.is_some() {
         script.push_str(
             "cd \"$1\" || { echo \"prl-flow: cannot enter $1, where the task is to start\" >&2; exit 1; }\nshift\n",
@@ -114,6 +141,40 @@ mod tests {
             .expect("run");
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("prologue failed"));
+    }
+
+    /// A rank's GPU slice picks from the GPUs SLURM gave the step, or stands alone.
+    #[tokio::test]
+    async fn the_gpu_slice_is_applied_after_slurm_set_the_steps_gpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            "echo \"$CUDA_VISIBLE_DEVICES ${PRL_FLOW_GPU_SLICE:-gone}\"".to_string(),
+        ];
+        let w = wrap("sh", None, &argv, dir.path(), None, false, 7);
+        let run = |env: &[(&str, &str)]| {
+            let mut c = std::process::Command::new(&w[0]);
+            c.args(&w[1..]).env_remove("CUDA_VISIBLE_DEVICES");
+            for (k, v) in env {
+                c.env(k, v);
+            }
+            c.output().expect("run")
+        };
+        for (env, want) in [
+            (
+                &[(GPU_SLICE_VAR, "2,3"), ("CUDA_VISIBLE_DEVICES", "4,5,6,7")][..],
+                "6,7 gone",
+            ),
+            (&[(GPU_SLICE_VAR, "2,3")][..], "2,3 gone"),
+            (&[("CUDA_VISIBLE_DEVICES", "4,5")][..], "4,5 gone"),
+        ] {
+            let out = run(env);
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{env:?}");
+        }
+        let out = run(&[(GPU_SLICE_VAR, "2"), ("CUDA_VISIBLE_DEVICES", "0,1")]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("GPU 2 is not among them"));
     }
 
     #[tokio::test]
