@@ -477,6 +477,36 @@ fn consistent_hash_keeps_a_session_on_one_rank_and_status_names_a_killed_rank() 
     d.down();
 }
 
+/// `router_host = "0.0.0.0"` (prime-rl's bind): the router listens on every address, its
+/// probe on the node's address passes as its own listener, and it serves there.
+#[test]
+fn a_router_bound_to_every_address_comes_up_and_serves() {
+    if !have_router() {
+        return;
+    }
+    let d = Local::new("single_node", &[]);
+    let path = d.sb.path().join(d.file());
+    let text = std::fs::read_to_string(&path).expect("recipe");
+    let text = text.replace(
+        "[inference.deployment]\n",
+        "[inference.deployment]\nrouter_host = \"0.0.0.0\"\n",
+    );
+    d.sb.write(d.file(), &text);
+    d.run(&[]).expect_code(0);
+    // Listening on 0.0.0.0 (`/proc/net/tcp`: address 00000000, state 0A).
+    let wildcard = format!("00000000:{:04X}", d.ports.router);
+    let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    assert!(
+        tcp.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&wildcard.as_str()) && f.get(3) == Some(&"0A")
+        }),
+        "no listener on {wildcard}"
+    );
+    assert!(d.complete("hello").starts_with("mock@127.0.0.1:"));
+    d.down();
+}
+
 #[test]
 fn disaggregated_comes_up_healthy_and_decode_continues_the_prefill() {
     comes_up_healthy("disaggregated", |d| {
