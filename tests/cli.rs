@@ -639,3 +639,38 @@ fn help_of_every_subcommand_shows_an_example_the_new_ones_too() {
         );
     }
 }
+
+/// `validate` prints the node count of a P/D deployment with units (text and JSON), and
+/// `plan` opens with the per-node layout.
+#[test]
+fn validate_and_plan_say_the_node_count_and_layout() {
+    let sb = Sandbox::new();
+    sb.write(
+        "pd.toml",
+        "[inference]\nmodel = \"m\"\n[inference.parallel]\ntp = 2\n[inference.deployment]\ntype = \"disaggregated\"\ngpus_per_node = 4\nnum_replicas = 3\nprefill_nodes_per_replica = 1\nnum_prefill_replicas = 2\nnum_decode_nodes = 2\n[backend]\ntype = \"slurm\"\n",
+    );
+    let out = sb.run(&["validate", "pd.toml"]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains("on 12 nodes")
+            && out
+                .stdout
+                .contains("layout: 12 nodes: 3 P/D units × (prefill 2 nodes"),
+        "{}",
+        out.stdout
+    );
+    let json = sb.run(&["validate", "pd.toml", "--format", "json"]);
+    let v = parse(&json.stdout);
+    assert_matches_schema("validate.schema.json", &v);
+    assert_eq!(v["plan"]["nodes"], 12);
+    let plan = sb.run(&["plan", "pd.toml"]);
+    plan.expect_code(0);
+    assert!(
+        plan.stdout.contains("  node11:\n    decode[2].rank[2]"),
+        "{}",
+        plan.stdout
+    );
+    let plan = sb.run(&["plan", "pd.toml", "--format", "json"]);
+    let v = parse(&plan.stdout);
+    assert_eq!(v["layout"]["nodes"][11]["processes"][1]["gpus"], "2,3");
+}

@@ -77,3 +77,21 @@ pub fn try_it(plan: &crate::plan::Plan, url: &str) -> String {
         q(&body.to_string()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_routers_are_one_endpoint_each() {
+        let plan = crate::plan::Plan::default();
+        let one = try_it(&plan, "http://a:1");
+        assert!(one.starts_with("endpoint: http://a:1\n"), "{one}");
+        let two = try_it(&plan, "http://a:1 http://b:1");
+        assert!(
+            two.starts_with("endpoints (2, one per unit):\n  [0] http://a:1\n  [1] http://b:1\n"),
+            "{two}"
+        );
+        assert!(two.contains("curl -s http://a:1/v1/completions"), "{two}");
+    }
+}
