@@ -69,12 +69,12 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("dot", |b| {
-        b.iter(|| render(black_box(&plan), Format::Dot).len())
+        b.iter(|| render(black_box(&plan), Format::Dot, false).len())
     });
     group.bench_function("load+dot", |b| {
         b.iter(|| {
             load("bench.toml", black_box(text.clone()), "bench", &opts)
-                .map(|p| render(&p, Format::Dot).len())
+                .map(|p| render(&p, Format::Dot, false).len())
         })
     });
     group.finish();

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use prl_flow_backend::{Backend, ProcHandle, ProcState, SpawnSpec};
 use prl_flow_engine::{
-    Check, Done, GraphBuilder, GraphError, Handle, Origin, Policy, Record, Task, TaskContext,
-    TaskError,
+    Check, Done, EdgeRule, GraphBuilder, GraphError, Handle, Origin, Policy, Record, Task,
+    TaskContext, TaskError,
 };
 
 use crate::actions::{Action, Context, Perform};
-use crate::plan::{resolve_hosts, Command, Plan, Probe, Readiness, TaskSpec};
+use crate::plan::{resolve_hosts, Command, Edge, Plan, Probe, Readiness, TaskSpec};
 use ports::Foreign;
 
 /// How long a stopped process gets between SIGTERM and SIGKILL.
@@ -38,6 +38,9 @@ pub struct Exec {
     pub state_dir: PathBuf,
     pub nodes: Vec<String>,
     hosts: RwLock<BTreeMap<String, String>>,
+    /// The tasks this run starts again (not kept, not adopted): a registration re-announces
+    /// their processes to a router that stayed up.
+    rerun: RwLock<std::collections::BTreeSet<String>>,
     http: reqwest::Client,
     pub grace: Duration,
 }
@@ -50,11 +53,19 @@ impl Exec {
             state_dir: std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()),
             nodes,
             hosts: RwLock::new(BTreeMap::new()),
+            rerun: RwLock::default(),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .unwrap_or_default(),
             grace: STOP_GRACE,
+        }
+    }
+
+    /// Notes which tasks this run starts again (from the resume's decisions).
+    pub fn set_reruns(&self, ids: impl IntoIterator<Item = String>) {
+        if let Ok(mut r) = self.rerun.write() {
+            *r = ids.into_iter().collect();
         }
     }
 
@@ -394,6 +405,13 @@ impl Task for SpecTask {
     fn fingerprint(&self) -> String {
         self.fingerprint.clone()
     }
+    fn on_rerun_of(&self, upstream: &str) -> EdgeRule {
+        match self.spec.edges.get(upstream) {
+            None => EdgeRule::Rerun(None),
+            Some(Edge::Restart(why)) => EdgeRule::Rerun(Some(why.clone())),
+            Some(Edge::Reregister | Edge::Nothing) => EdgeRule::Keep,
+        }
+    }
     fn policy(&self) -> Policy {
         Policy {
             timeout: self.spec.timeout,
@@ -536,5 +554,8 @@ impl Context for Exec {
     }
     fn set_hosts(&self, hosts: BTreeMap<String, String>) {
         Exec::set_hosts(self, hosts)
+    }
+    fn reruns(&self, task: &str) -> bool {
+        self.rerun.read().is_ok_and(|r| r.contains(task))
     }
 }

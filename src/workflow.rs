@@ -418,6 +418,7 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             backoff,
             span: Some(t.span()),
             need_spans: e.needs.iter().map(|n| Some(n.span())).collect(),
+            edges: Default::default(),
         },
         before: e.before.clone(),
     })

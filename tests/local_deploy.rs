@@ -810,24 +810,49 @@ fn engine_killed_after_bringup_is_down_and_resume_restores_it_behind_the_router(
     assert!(rows[victim].contains(" down "), "{}", rows[victim]);
     assert!(rows[survivor].contains(" up "), "{}", rows[survivor]);
 
+    // Completions go on through the router while the resume runs: every one succeeds, on
+    // the healthy engine.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        let url = format!("{}/v1/completions", d.router_url());
+        std::thread::spawn(move || {
+            let mut answered = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let body = json!({ "model": MODEL, "prompt": "during", "max_tokens": 4 });
+                let (status, text) =
+                    http_with("POST", &url, Some(&body), &[]).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(status, 200, "a completion during the resume failed: {text}");
+                answered += 1;
+            }
+            answered
+        })
+    };
     let out = d.run(&["--resume", "--explain"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answered = traffic.join().expect("no completion failed");
+    assert!(answered > 0);
     out.expect_code(0);
     assert_explained(&out.stdout, survivor, "keep", "");
     assert_explained(&out.stdout, victim, "run", "no longer alive");
-    // The router's worker list is fixed at its start: it restarts as a dependent.
+    // Surgical: the router stays, and its registration re-announces the new engine.
+    assert_explained(&out.stdout, "router", "keep", "");
     assert_explained(
         &out.stdout,
-        "router",
+        "register",
         "run",
         &format!("upstream re-ran (`{victim}`)"),
     );
-    assert_explained(&out.stdout, "register", "run", "upstream re-ran (`router`)");
     assert_explained(&out.stdout, "health-probe", "run", "upstream re-ran");
     assert_eq!(pid_of(&st, survivor), Some(survivor_pid));
     let new_victim = pid_of(&st, victim).expect("new engine pid");
     assert_ne!(new_victim, victim_pid);
-    assert_ne!(pid_of(&st, "router"), Some(router_pid));
-    assert!(!alive(router_pid), "the old router still runs");
+    assert_eq!(
+        pid_of(&st, "router"),
+        Some(router_pid),
+        "the router was replaced"
+    );
+    assert_eq!(d.starts("router"), 1);
     // The health probe passed again, the router lists the engine and sends it requests.
     assert_eq!(status_of(&st, "health-probe").as_deref(), Some("done"));
     assert_eq!(d.router_workers(), [d.engine_url(0), d.engine_url(1)]);
@@ -844,6 +869,39 @@ fn engine_killed_after_bringup_is_down_and_resume_restores_it_behind_the_router(
     let (code, rows) = d.status();
     assert_eq!(code, Some(0), "{rows:#?}");
     d.assert_as_planned();
+    d.down();
+}
+
+/// P/D: the router cannot take a restarted worker back (vllm-router 0.1.17 refuses
+/// `add_worker` in P/D mode), so a resume restarts it too, and `--explain` says why; the
+/// prefill engine stays.
+#[test]
+fn pd_resume_restarts_the_router_with_a_killed_decode_engine_and_says_why() {
+    if !have_router() {
+        return;
+    }
+    let d = Local::new("disaggregated", &[]);
+    let st = d.st();
+    d.run(&[]).expect_code(0);
+    let (prefill, decode) = ENGINES.into();
+    let prefill_pid = pid_of(&st, prefill).expect("prefill pid");
+    let decode_pid = pid_of(&st, decode).expect("decode pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(decode_pid), Signal::SIGKILL).expect("kill");
+    wait_until("the killed engine to be gone", WAIT, || !alive(decode_pid));
+    let out = d.run(&["--resume", "--explain"]);
+    out.expect_code(0);
+    assert_explained(&out.stdout, prefill, "keep", "");
+    assert_explained(&out.stdout, decode, "run", "no longer alive");
+    assert_explained(
+        &out.stdout,
+        "router",
+        "run",
+        &format!(
+            "upstream re-ran (`{decode}`): a P/D router's worker lists are fixed at its start"
+        ),
+    );
+    assert_eq!(pid_of(&st, prefill), Some(prefill_pid));
+    assert_pd_answer(&d);
     d.down();
 }
 

@@ -77,6 +77,36 @@ pub fn stages(deps: &[Vec<usize>]) -> Vec<usize> {
     stages_in(deps, &topo(deps))
 }
 
+/// Each node's edges without those another of its edges already implies (the transitive
+/// reduction of a DAG): `a` needs `b` and `c`, and `c` needs `b`, so `a → b` goes. Order
+/// within each list is kept. Ancestor sets are bitsets built in topological order.
+pub fn reduced(deps: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let n = deps.len();
+    let words = n.div_ceil(64);
+    let mut anc: Vec<Vec<u64>> = vec![vec![0; words]; n];
+    for &i in &topo(deps) {
+        let mut set = vec![0u64; words];
+        for &d in &deps[i] {
+            set[d / 64] |= 1 << (d % 64);
+            for (w, a) in set.iter_mut().zip(&anc[d]) {
+                *w |= a;
+            }
+        }
+        anc[i] = set;
+    }
+    deps.iter()
+        .map(|ds| {
+            ds.iter()
+                .copied()
+                .filter(|&d| {
+                    !ds.iter()
+                        .any(|&o| o != d && anc[o][d / 64] & (1 << (d % 64)) != 0)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// [`stages`] with a topological order already at hand.
 pub fn stages_in(deps: &[Vec<usize>], topo: &[usize]) -> Vec<usize> {
     let mut stage = vec![0; deps.len()];
@@ -143,6 +173,17 @@ mod tests {
         // 0 needs 2; 1 needs nothing; 2 needs 1; 3 and 4 need each other.
         let deps = vec![vec![2], vec![], vec![1], vec![4], vec![3]];
         assert_eq!(topo(&deps), [1, 2, 0]);
+    }
+
+    #[test]
+    fn reduction_drops_only_implied_edges() {
+        // 0; 1 needs 0; 2 needs 0 and 1 (0 implied); 3 needs 2 and 0 (implied via 2); 4
+        // needs 3 and 1 (1 implied via 3 → 2 → 1).
+        let deps = vec![vec![], vec![0], vec![0, 1], vec![2, 0], vec![3, 1]];
+        assert_eq!(reduced(&deps), [vec![], vec![0], vec![1], vec![2], vec![3]]);
+        // Nothing implied: nothing dropped.
+        let deps = vec![vec![], vec![], vec![0, 1]];
+        assert_eq!(reduced(&deps), deps);
     }
 
     #[test]

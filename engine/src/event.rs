@@ -35,6 +35,9 @@ pub enum Reason {
     Changed,
     /// A task it needs re-runs (named).
     UpstreamReRan(String),
+    /// A task it needs re-runs (named), and why that edge restarts it (where another task
+    /// could have carried the change instead).
+    UpstreamReRanBecause(String, String),
     /// Recorded as done, but its check failed (the detail says how).
     NoLongerAlive(String),
 }
@@ -58,6 +61,7 @@ impl std::fmt::Display for Reason {
             Reason::Interrupted => f.write_str("interrupted"),
             Reason::Changed => f.write_str("changed"),
             Reason::UpstreamReRan(up) => write!(f, "upstream re-ran (`{up}`)"),
+            Reason::UpstreamReRanBecause(up, why) => write!(f, "upstream re-ran (`{up}`): {why}"),
             Reason::NoLongerAlive(why) => write!(f, "no longer alive ({why})"),
         }
     }

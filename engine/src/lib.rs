@@ -35,4 +35,6 @@ pub use event::{Decision, Event, Outcome, Reason, Sink, Subscriber, Summary};
 pub use graph::{Graph, GraphBuilder, GraphError, Origin};
 pub use journal::{Journal, JournalError, Record, Status};
 pub use scheduler::{decide, fmt_duration, recover_handles, run, Report, RunOptions};
-pub use task::{Cancel, CancelSource, Check, Done, Handle, Policy, Task, TaskContext, TaskError};
+pub use task::{
+    Cancel, CancelSource, Check, Done, EdgeRule, Handle, Policy, Task, TaskContext, TaskError,
+};

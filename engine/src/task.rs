@@ -51,6 +51,17 @@ pub struct Done {
     pub handle: Option<Handle>,
 }
 
+/// What a re-run of a task this one needs means for it, on resume ([`Task::on_rerun_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeRule {
+    /// It runs again too (the default: "everything downstream of a re-run re-runs"), and
+    /// why, when the reason is worth telling.
+    Rerun(Option<String>),
+    /// It is kept: another task carries the change (a registration), or it does not
+    /// depend on the upstream's process at all.
+    Keep,
+}
+
 /// The answer of [`Task::check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
@@ -174,6 +185,10 @@ pub trait Task: Send + Sync + 'static {
     }
     /// A hash of everything that would change what the task does.
     fn fingerprint(&self) -> String;
+    /// On resume, what a re-run of `upstream` (one of its needs) means for it.
+    fn on_rerun_of(&self, _upstream: &str) -> EdgeRule {
+        EdgeRule::Rerun(None)
+    }
     fn policy(&self) -> Policy {
         Policy::default()
     }

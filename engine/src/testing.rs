@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::record::{Handle, Record, Status, TaskError};
-use crate::task::{Check, Done, Policy, Task, TaskContext};
+use crate::task::{Check, Done, EdgeRule, Policy, Task, TaskContext};
 
 /// What a [`FakeTask`] does when run.
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct FakeTask {
     pub fingerprint: String,
     pub policy: Policy,
     pub check: Check,
+    /// Needs whose re-run does not re-run it, and needs whose re-run does, with a why.
+    pub keep_on: Vec<String>,
+    pub rerun_why: Option<(String, String)>,
     pub trace: Option<Trace>,
     pub runs: AtomicU32,
     pub undos: AtomicU32,
@@ -50,6 +53,8 @@ impl FakeTask {
             fingerprint: "1".into(),
             policy: Policy::default(),
             check: Check::Valid,
+            keep_on: Vec::new(),
+            rerun_why: None,
             trace: None,
             runs: AtomicU32::new(0),
             undos: AtomicU32::new(0),
@@ -71,6 +76,18 @@ impl FakeTask {
         self.check = c;
         self
     }
+    /// A re-run of `upstream` leaves it be ([`EdgeRule::Keep`]).
+    pub fn keep_on(mut self, upstream: &str) -> Self {
+        self.keep_on.push(upstream.into());
+        self
+    }
+
+    /// A re-run of `upstream` re-runs it, for `why`.
+    pub fn rerun_on(mut self, upstream: &str, why: &str) -> Self {
+        self.rerun_why = Some((upstream.into(), why.into()));
+        self
+    }
+
     pub fn fingerprint(mut self, f: &str) -> Self {
         self.fingerprint = f.into();
         self
@@ -104,6 +121,15 @@ impl Task for FakeTask {
     }
     fn fingerprint(&self) -> String {
         self.fingerprint.clone()
+    }
+    fn on_rerun_of(&self, upstream: &str) -> EdgeRule {
+        if self.keep_on.iter().any(|u| u == upstream) {
+            return EdgeRule::Keep;
+        }
+        match &self.rerun_why {
+            Some((u, why)) if u == upstream => EdgeRule::Rerun(Some(why.clone())),
+            _ => EdgeRule::Rerun(None),
+        }
     }
     fn policy(&self) -> Policy {
         self.policy

@@ -70,6 +70,11 @@ pub trait Context: Send + Sync {
     fn nodes(&self) -> &[String];
     /// Learns the nodes' addresses.
     fn set_hosts(&self, hosts: BTreeMap<String, String>);
+    /// Whether this run starts `task` again (a resume re-runs it): a registration then
+    /// replaces the router's entry for it.
+    fn reruns(&self, _task: &str) -> bool {
+        false
+    }
 }
 
 /// How a built-in action runs, is checked on resume, and is undone on teardown.

@@ -66,9 +66,10 @@ async fn listed(http: &reqwest::Client, router: &str) -> Result<Vec<String>, Tas
     Ok(out)
 }
 
-/// Regular mode: adds each worker the router does not list (after an engine restart the
-/// router may have dropped it). P/D mode: the lists are fixed at the router's start, so
-/// check them.
+/// Regular mode: adds each worker the router does not list, and replaces the entry of each
+/// worker whose engine this run restarted (a resume that kept the router): removed, then
+/// added again, so the router drops what it knew of the old process. P/D mode: the lists
+/// are fixed at the router's start, so check them.
 async fn register(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
     let router = arg(ex, args, "router")?;
     let http = client();
@@ -82,38 +83,57 @@ async fn register(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
     } else {
         strings(args, "workers")
     };
+    let task_of = |w: &str| {
+        args.get("worker_tasks")
+            .and_then(|t| t.get(w))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let mut missing = Vec::new();
-    for w in want
-        .iter()
-        .map(|w| ex.resolve(w).trim_end_matches('/').to_string())
-    {
-        if have.contains(&w) {
+    for raw in &want {
+        let w = ex.resolve(raw).trim_end_matches('/').to_string();
+        let restarted = task_of(raw).is_some_and(|t| ex.reruns(&t));
+        if have.contains(&w) && !(restarted && mode != "pd") {
             continue;
         }
         if mode == "pd" {
             missing.push(w);
             continue;
         }
-        let url = format!("{router}/add_worker");
-        let resp = http
-            .post(&url)
-            .query(&[("url", w.as_str())])
-            .timeout(Duration::from_secs(120))
-            .send()
-            .await
-            .map_err(|e| TaskError::new(format!("POST {url}?url={w}: {e}")))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            return Err(TaskError::new(format!(
-                "the router at {router} refused worker {w}: {status} {text}"
-            )));
+        if have.contains(&w) {
+            worker_call(&http, &router, "remove_worker", &w).await?;
         }
+        worker_call(&http, &router, "add_worker", &w).await?;
     }
     if !missing.is_empty() {
         return Err(TaskError::new(format!(
             "the router at {router} does not list {}",
             missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `POST ROUTER/ACTION?url=WORKER`, which must succeed.
+async fn worker_call(
+    http: &reqwest::Client,
+    router: &str,
+    action: &str,
+    worker: &str,
+) -> Result<(), TaskError> {
+    let url = format!("{router}/{action}");
+    let resp = http
+        .post(&url)
+        .query(&[("url", worker)])
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .map_err(|e| TaskError::new(format!("POST {url}?url={worker}: {e}")))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(TaskError::new(format!(
+            "the router at {router} refused `{action}` of worker {worker}: {status} {text}"
         )));
     }
     Ok(())

@@ -248,6 +248,10 @@ pub struct GraphArgs {
     pub file: FileArgs,
     #[arg(long, value_enum, default_value_t = Format::Ascii)]
     pub format: Format,
+    /// Draw every need, also those another need already implies (by default a need
+    /// reached through another one is left out of the drawing; JSON lists them all).
+    #[arg(long)]
+    pub all_edges: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -109,7 +109,11 @@ async fn dispatch(cli: &Cli) -> R<i32> {
         Cmd::Run(a) => run(&session, cli, a).await,
         Cmd::Graph(a) => {
             let loaded = session.load_checked(&load_options(&a.file)?).await?;
-            out(&crate::plan::draw::render(&loaded.plan, a.format));
+            out(&crate::plan::draw::render(
+                &loaded.plan,
+                a.format,
+                a.all_edges,
+            ));
             Ok(0)
         }
         Cmd::Plan(a) => {

@@ -26,6 +26,7 @@ pub fn plan_json(plan: &Plan, show_secrets: bool) -> String {
                 "env": plan::shown_env(&t.env, show_secrets),
                 "ports": t.ports,
                 "ready": t.ready,
+                "edges": t.edges,
                 "fingerprint": t.fingerprint(),
             });
             match &t.command {
@@ -92,6 +93,26 @@ pub fn plan_text(plan: &Plan, show_secrets: bool) -> String {
         }
         if !t.needs.is_empty() {
             let _ = writeln!(s, "  needs:  {}", t.needs.join(", "));
+        }
+        // What a resume does to it when a need re-runs, where that is not "re-run too".
+        let mut by_edge: Vec<(&plan::Edge, Vec<&str>)> = Vec::new();
+        for (up, e) in &t.edges {
+            match by_edge.iter_mut().find(|(x, _)| *x == e) {
+                Some((_, ids)) => ids.push(up),
+                None => by_edge.push((e, vec![up])),
+            }
+        }
+        for (e, ids) in by_edge {
+            let more = match ids.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            };
+            let _ = writeln!(
+                s,
+                "  resume: when `{}`{more} re-runs, it {}",
+                ids[0],
+                e.describe()
+            );
         }
         let _ = writeln!(s, "  run:    {}", t.shown_command_line(show_secrets));
         for (k, v) in &plan::shown_env(&t.env, show_secrets) {

@@ -32,13 +32,33 @@ fn is_service(t: &crate::plan::TaskSpec) -> bool {
     t.service
 }
 
-pub fn render(plan: &Plan, format: Format) -> String {
+/// Draws the plan. Without `all_edges`, a need that another need already implies is left
+/// out of the drawing (ascii, dot, mermaid): `register` needs its router and every engine,
+/// and the router needs the engines too, so `register` is drawn under the router only. JSON
+/// always lists every need.
+pub fn render(plan: &Plan, format: Format, all_edges: bool) -> String {
+    let drawn = if all_edges || format == Format::Json {
+        plan.clone()
+    } else {
+        reduced(plan)
+    };
     match format {
-        Format::Ascii => ascii(plan),
-        Format::Dot => dot(plan),
-        Format::Mermaid => mermaid(plan),
-        Format::Json => json(plan),
+        Format::Ascii => ascii(&drawn),
+        Format::Dot => dot(&drawn),
+        Format::Mermaid => mermaid(&drawn),
+        Format::Json => json(&drawn),
     }
+}
+
+/// The plan with each task's needs reduced to those no other need implies.
+fn reduced(plan: &Plan) -> Plan {
+    let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
+    let keep = algo::reduced(&deps);
+    let mut out = plan.clone();
+    for (t, keep) in out.tasks.iter_mut().zip(keep) {
+        t.needs = keep.iter().map(|&d| plan.tasks[d].id.clone()).collect();
+    }
+    out
 }
 
 fn ascii(plan: &Plan) -> String {

@@ -205,6 +205,33 @@ pub struct TaskSpec {
     /// Byte ranges of each `needs` entry in the source file.
     #[serde(skip)]
     pub need_spans: Vec<Option<Range<usize>>>,
+    /// On resume, what a re-run of one of its needs means for it; a need not listed
+    /// re-runs it too. Not part of the fingerprint: it changes no command.
+    #[serde(skip)]
+    pub edges: BTreeMap<String, Edge>,
+}
+
+/// What a re-run of a need means for the task that needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "on-rerun", content = "why")]
+pub enum Edge {
+    /// It stays; its registration task tells it about the new process.
+    Reregister,
+    /// It stays: nothing of it depends on the need's process.
+    Nothing,
+    /// It restarts too, for this reason.
+    Restart(String),
+}
+
+impl Edge {
+    /// For people (`plan`): `re-register`, `nothing`, `restart (why)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Edge::Reregister => "stays; re-registered".into(),
+            Edge::Nothing => "stays".into(),
+            Edge::Restart(why) => format!("restarts too: {why}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -23,7 +23,11 @@ use super::deployment::{
 use super::kinds::ALLOCATE;
 use crate::actions::Action;
 use crate::diag::{Problem, Problems};
-use crate::plan::{host_ref, Command, FileSpec, Probe, Readiness, TaskSpec};
+use crate::plan::{host_ref, Command, Edge, FileSpec, Probe, Readiness, TaskSpec};
+
+/// Why a P/D router restarts with an engine (its `--prefill`/`--decode` lists are fixed).
+pub const PD_RESTART: &str =
+    "a P/D router's worker lists are fixed at its start (vllm-router 0.1.17 refuses `add_worker` in P/D mode)";
 
 /// The built-in templates, by file name.
 pub const TEMPLATES: &[(&str, &str)] = &[
@@ -276,10 +280,20 @@ pub fn tasks(
         }
     }
     for r in &dep.routers {
+        // It needs the engines too: an engine that a resume restarts is announced again to
+        // a router that stayed up (regular mode), or checked in a restarted one (P/D).
+        let mut needs = vec![r.id.clone()];
+        needs.extend(r.engines.iter().cloned());
+        let tasks: serde_json::Map<String, serde_json::Value> = dep
+            .engines
+            .iter()
+            .filter(|e| r.engines.contains(&e.id) && !e.headless)
+            .map(|e| (url(e.node, e.port), json!(e.id)))
+            .collect();
         out.push(TaskSpec {
             id: format!("register{}", r.suffix),
             kind: Action::Register.name().into(),
-            needs: vec![r.id.clone()],
+            needs,
             command: Command::Builtin {
                 action: Action::Register,
                 args: json!({
@@ -288,6 +302,7 @@ pub fn tasks(
                     "workers": r.workers,
                     "prefill": r.prefill,
                     "decode": r.decode,
+                    "worker_tasks": tasks,
                 }),
             },
             ..TaskSpec::default()
@@ -570,10 +585,23 @@ fn router_task(
     };
     let mut needs = vec![ALLOCATE.to_string()];
     needs.extend(r.engines.iter().cloned());
+    // A restarted engine is re-registered with the live router; in P/D mode the router
+    // cannot take it back and restarts.
+    let edge = if r.pd {
+        Edge::Restart(PD_RESTART.into())
+    } else {
+        Edge::Reregister
+    };
+    let edges = r
+        .engines
+        .iter()
+        .map(|e| (e.clone(), edge.clone()))
+        .collect();
     Some(TaskSpec {
         id: r.id.clone(),
         kind: "router".into(),
         needs,
+        edges,
         node: Some(node_name(r.node)),
         command: Command::Argv { argv },
         ports: vec![r.port, r.metrics_port],

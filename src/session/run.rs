@@ -129,6 +129,16 @@ pub async fn prepare(
     exec.prime(&previous);
     let previous = settings.resume.then_some(previous);
     let decisions = decide(&graph, previous.as_ref()).await;
+    if previous.is_some() {
+        exec.set_reruns(
+            graph
+                .tasks()
+                .iter()
+                .zip(&decisions)
+                .filter(|(_, d)| matches!(d, Decision::Run(_)))
+                .map(|(t, _)| t.id().to_string()),
+        );
+    }
     let is_deployment = !plan.nodes.is_empty();
     let options = RunOptions {
         jobs: settings.jobs.unwrap_or(if is_deployment {

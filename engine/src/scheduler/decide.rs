@@ -8,7 +8,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use crate::event::{Decision, Reason};
 use crate::graph::Graph;
 use crate::record::{Record, Status};
-use crate::task::Check;
+use crate::task::{Check, EdgeRule};
 
 /// Decides, per task, whether it runs, is kept or adopted. `previous` is `None` for a fresh
 /// run (everything runs).
@@ -51,11 +51,18 @@ pub async fn decide(graph: &Graph, previous: Option<&BTreeMap<String, Record>>) 
     for &i in graph.topo() {
         let task = graph.task(i);
         let rec = previous.get(task.id());
-        let upstream = graph
-            .deps(i)
-            .iter()
-            .find(|&&d| matches!(out[d], Decision::Run(_)))
-            .map(|&d| graph.task(d).id().to_string());
+        // The first need that re-runs along an edge that carries the re-run here.
+        let upstream = graph.deps(i).iter().find_map(|&d| {
+            if !matches!(out[d], Decision::Run(_)) {
+                return None;
+            }
+            let up = graph.task(d).id().to_string();
+            match task.on_rerun_of(&up) {
+                EdgeRule::Rerun(None) => Some(Reason::UpstreamReRan(up)),
+                EdgeRule::Rerun(Some(why)) => Some(Reason::UpstreamReRanBecause(up, why)),
+                EdgeRule::Keep => None,
+            }
+        });
         out[i] = match rec {
             None => Decision::Run(Reason::NeverRan),
             Some(r) => match r.status {
@@ -65,7 +72,7 @@ pub async fn decide(graph: &Graph, previous: Option<&BTreeMap<String, Record>>) 
                 Status::Stopped => Decision::Run(Reason::NoLongerAlive("stopped".into())),
                 _ if r.fingerprint != task.fingerprint() => Decision::Run(Reason::Changed),
                 _ if upstream.is_some() => {
-                    Decision::Run(Reason::UpstreamReRan(upstream.unwrap_or_default()))
+                    Decision::Run(upstream.unwrap_or(Reason::UpstreamReRan(String::new())))
                 }
                 Status::Done => match checks[i].take() {
                     Some(Check::Invalid(why)) => Decision::Run(Reason::NoLongerAlive(why)),

@@ -152,8 +152,12 @@ pub async fn run(
                 summary.done += 1;
                 finish_order.push(i);
                 for &d in graph.dependents(i) {
+                    // A kept dependent (its edge from this task keeps it) waits for nothing.
+                    if state[d] != State::Waiting {
+                        continue;
+                    }
                     remaining[d] -= 1;
-                    if remaining[d] == 0 && state[d] == State::Waiting {
+                    if remaining[d] == 0 {
                         ready.push_back(d);
                     }
                 }

@@ -285,6 +285,59 @@ async fn abort_stops_services_still_waiting_to_be_ready() {
     assert_eq!(r.outcomes[1], Some(Outcome::Cancelled));
 }
 
+/// Per-edge rules: a router kept across an engine's re-run while its registration re-runs;
+/// a router whose edge says it must restart, with the reason.
+#[tokio::test]
+async fn an_edge_says_whether_a_rerun_upstream_reruns_downstream() {
+    let s = setup(vec![
+        FakeTask::new("engine", &[])
+            .check(Check::Invalid("gone".into()))
+            .service(),
+        FakeTask::new("router", &["engine"])
+            .service()
+            .keep_on("engine"),
+        FakeTask::new("register", &["router", "engine"]),
+        FakeTask::new("pd-router", &["engine"])
+            .service()
+            .rerun_on("engine", "P/D lists are fixed"),
+        FakeTask::new("after", &["router"]),
+    ]);
+    let prev: BTreeMap<String, Record> = ["engine", "router", "register", "pd-router", "after"]
+        .into_iter()
+        .map(|id| record(id, Status::Done, "1"))
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    let d = decide(&s.graph, Some(&prev)).await;
+    assert_eq!(d[0], Decision::Run(Reason::NoLongerAlive("gone".into())));
+    assert_eq!(d[1], Decision::Keep, "the router stays");
+    assert_eq!(d[2], Decision::Run(Reason::UpstreamReRan("engine".into())));
+    assert_eq!(
+        d[3],
+        Decision::Run(Reason::UpstreamReRanBecause(
+            "engine".into(),
+            "P/D lists are fixed".into()
+        ))
+    );
+    assert_eq!(d[4], Decision::Keep, "nothing reaches past a kept task");
+    // And the run: the engine and what its edges re-run run; the kept ones wait for nothing.
+    let r = run(
+        &s.graph,
+        &d,
+        Some(&prev),
+        &RunOptions::default(),
+        Sink::none(),
+        Cancel::never(),
+    )
+    .await;
+    assert!(r.ok());
+    let runs: Vec<u32> = s
+        .tasks
+        .iter()
+        .map(|t| t.runs.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(runs, [1, 0, 1, 1, 0]);
+}
+
 #[tokio::test]
 async fn resume_decisions_say_why() {
     let s = setup(vec![
