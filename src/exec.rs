@@ -41,6 +41,8 @@ pub struct Exec {
     /// The tasks this run starts again (not kept, not adopted): a registration re-announces
     /// their processes to a router that stayed up.
     rerun: RwLock<std::collections::BTreeSet<String>>,
+    /// Tasks left down on purpose (the healer gave up on them): not registered.
+    held: RwLock<std::collections::BTreeSet<String>>,
     http: reqwest::Client,
     pub grace: Duration,
 }
@@ -54,6 +56,7 @@ impl Exec {
             nodes,
             hosts: RwLock::new(BTreeMap::new()),
             rerun: RwLock::default(),
+            held: RwLock::default(),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -66,6 +69,13 @@ impl Exec {
     pub fn set_reruns(&self, ids: impl IntoIterator<Item = String>) {
         if let Ok(mut r) = self.rerun.write() {
             *r = ids.into_iter().collect();
+        }
+    }
+
+    /// Notes which tasks are left down on purpose.
+    pub fn set_held(&self, ids: impl IntoIterator<Item = String>) {
+        if let Ok(mut h) = self.held.write() {
+            *h = ids.into_iter().collect();
         }
     }
 
@@ -557,5 +567,8 @@ impl Context for Exec {
     }
     fn reruns(&self, task: &str) -> bool {
         self.rerun.read().is_ok_and(|r| r.contains(task))
+    }
+    fn held(&self, task: &str) -> bool {
+        self.held.read().is_ok_and(|h| h.contains(task))
     }
 }

@@ -133,6 +133,7 @@ pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan
         tasks,
         endpoint: None,
         layout: None,
+        restart: Default::default(),
     })
 }
 

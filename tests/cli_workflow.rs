@@ -1045,14 +1045,18 @@ fn attached(sb: &Sandbox) -> common::Running {
 /// `run --attach` (what `./dev demo` runs) says when a service dies, and Ctrl-C stops
 /// everything.
 #[test]
-fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
+fn attach_restarts_a_dead_service_and_ctrl_c_leaves_nothing() {
     let sb = chain();
     let mut run = attached(&sb);
     let b = pid_of(&sb.join("st"), "b").expect("b's pid");
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(b), Signal::SIGKILL).expect("kill b");
-    wait_until("the death of `b` reported", WAIT, || {
-        run.stderr_text().contains("warning: `b` is down")
+    wait_until("the death of `b` reported and `b` restarted", WAIT, || {
+        let e = run.stderr_text();
+        e.contains("heal: `b` is down") && e.contains("heal: restarted `b`")
     });
+    let again = pid_of(&sb.join("st"), "b").expect("b's new pid");
+    assert_ne!(again, b);
+    assert!(alive(again));
     run.signal(Signal::SIGINT);
     let out = run.wait(COMMAND_DEADLINE);
     out.expect_code(0);
@@ -1061,7 +1065,9 @@ fn attach_reports_a_dead_service_and_ctrl_c_leaves_nothing() {
         "{}",
         out.stderr
     );
-    assert_eq!(sb.lines("stops"), ["c", "a"]);
+    // `c` needs `b`, so the restart replaced it too (its old process stopped first); then
+    // Ctrl-C stops the new `c`, the restarted `b` and `a`.
+    assert_eq!(sb.lines("stops"), ["c", "c", "b", "a"]);
     assert_nothing_runs(&sb);
 }
 

@@ -905,6 +905,77 @@ fn pd_resume_restarts_the_router_with_a_killed_decode_engine_and_says_why() {
     d.down();
 }
 
+/// `run --attach` keeps the deployment healthy: a killed engine is taken out of the router,
+/// restarted and registered again while the router runs on (same pid); killed more often
+/// than its budget allows, it is reported once and left down.
+#[test]
+fn attach_restarts_a_killed_engine_and_its_budget_stops_a_crash_loop() {
+    if !have_router() {
+        return;
+    }
+    let d = Local::new("multi_node", &[]);
+    let path = d.sb.path().join(d.file());
+    let text = std::fs::read_to_string(&path).expect("recipe").replace(
+        "[inference.deployment]\n",
+        "[inference.deployment]\nrestart_budget = 2\nrestart_backoff = \"100ms\"\n",
+    );
+    d.sb.write(d.file(), &text);
+    let st = d.st();
+    let mut run = d.spawn("attach", &["--attach"]);
+    wait_until("the deployment to be up", WAIT, || {
+        status_of(&st, "health-probe").as_deref() == Some("done")
+    });
+    let router_pid = pid_of(&st, "router").expect("router pid");
+    let victim = "engine[1].rank[0]";
+    let heal_log = || std::fs::read_to_string(st.join("logs/heal.log")).unwrap_or_default();
+    // Killed twice: restarted each time, the router untouched.
+    for round in 1..=2 {
+        let pid = pid_of(&st, victim).expect("victim pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+        wait_until("the engine to be back", WAIT, || {
+            heal_log().matches("restarted `engine[1].rank[0]`").count() == round
+        });
+        assert_ne!(pid_of(&st, victim), Some(pid));
+        assert_eq!(
+            pid_of(&st, "router"),
+            Some(router_pid),
+            "the router was replaced"
+        );
+        assert_eq!(d.router_workers(), [d.engine_url(0), d.engine_url(1)]);
+        assert!(d.complete("after a restart").starts_with("mock@"));
+    }
+    let log = heal_log();
+    assert!(
+        log.contains("`engine[1].rank[0]` taken out of http://127.0.0.1:"),
+        "{log}"
+    );
+    // The third death within the window is over the budget: reported, left down, and out of
+    // the router; the rest keeps serving.
+    let pid = pid_of(&st, victim).expect("victim pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    wait_until("the budget to say so", WAIT, || {
+        heal_log().contains("left down")
+    });
+    assert!(
+        heal_log().contains("`engine[1].rank[0]` died 3 times within 10m"),
+        "{}",
+        heal_log()
+    );
+    assert_eq!(d.router_workers(), [d.engine_url(0)]);
+    assert!(d.complete("still serving").starts_with("mock@127.0.0.1:"));
+    assert!(
+        run.is_running(),
+        "the attached run ended: {}",
+        run.stderr_text()
+    );
+    assert!(run
+        .stderr_text()
+        .contains("heal: `engine[1].rank[0]` is down"));
+    run.signal(Signal::SIGINT);
+    run.wait(COMMAND_DEADLINE);
+    d.down();
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. a hung engine fails at its ready timeout
 

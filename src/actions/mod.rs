@@ -75,6 +75,11 @@ pub trait Context: Send + Sync {
     fn reruns(&self, _task: &str) -> bool {
         false
     }
+    /// Whether `task` is left down on purpose (a service the healer gave up on): a
+    /// registration leaves it out of its router.
+    fn held(&self, _task: &str) -> bool {
+        false
+    }
 }
 
 /// How a built-in action runs, is checked on resume, and is undone on teardown.

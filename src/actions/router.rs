@@ -92,6 +92,12 @@ async fn register(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
     let mut missing = Vec::new();
     for raw in &want {
         let w = ex.resolve(raw).trim_end_matches('/').to_string();
+        if mode != "pd" && task_of(raw).is_some_and(|t| ex.held(&t)) {
+            if have.contains(&w) {
+                worker_call(&http, &router, "remove_worker", &w).await?;
+            }
+            continue;
+        }
         let restarted = task_of(raw).is_some_and(|t| ex.reruns(&t));
         if have.contains(&w) && !(restarted && mode != "pd") {
             continue;

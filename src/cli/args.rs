@@ -87,6 +87,16 @@ Examples:
   prl-flow status --format json | jq -r '.tasks[] | select(.live == \"down\") | .id'"
     )]
     Status(StatusArgs),
+    /// Keep a deployment that is up healthy: restart a service that dies (with backoff and a
+    /// budget), take it out of its router meanwhile and register it again.
+    #[command(after_help = "Examples:
+  prl-flow watch recipes/local/multi_node.toml --engine mock
+  prl-flow watch recipes/disaggregated.toml --state-dir /scratch/run1
+
+The budget and backoff are recipe fields: `restart_budget` (5), `restart_window` (\"10m\"),
+`restart_backoff` (\"1s\", doubled at each death up to a minute). Events go to stderr and to
+the state dir's `logs/heal.log`. Ctrl-C ends the watch and leaves the deployment up.")]
+    Watch(WatchArgs),
     /// Stop every service the journal records, in reverse order, and release nodes.
     #[command(
         after_help = "Examples:\n  prl-flow down\n  prl-flow down --state-dir /scratch/run1"
@@ -232,6 +242,14 @@ pub struct ValidateArgs {
     pub file: FileArgs,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]

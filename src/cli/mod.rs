@@ -20,7 +20,7 @@ use prl_flow_engine::Subscriber;
 
 use args::{
     Cli, Cmd, EngineArg, FileArgs, ImportCmd, OutputFormat, PlanFormat, PluginCmd, RunArgs,
-    StatusArgs, ValidateArgs,
+    StatusArgs, ValidateArgs, WatchArgs,
 };
 
 use crate::session::{self, Error, LoadOptions, RunSettings, Session};
@@ -127,6 +127,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
         }
         Cmd::Validate(a) => validate(&session, a).await,
         Cmd::Status(a) => status(&session, cli, a).await,
+        Cmd::Watch(a) => watch(&session, cli, a).await,
         Cmd::Down(a) => {
             let (dir, _) =
                 state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref()).await?;
@@ -272,6 +273,7 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         keep: a.keep,
         resume: a.resume,
         holder: format!("prl-flow run {}", a.file.file.display()),
+        ..RunSettings::default()
     };
     let file = hint_args(a);
     let (prepared, note) = match session.prepare_owned(&loaded, &settings).await {
@@ -339,7 +341,7 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
             result(&crate::recipe::kinds::try_it(plan, &endpoint));
         }
         if a.attach {
-            return attach(session, &ran.dir, ran.exec.backend.as_ref(), cli.quiet).await;
+            return attach(session, &loaded, &ran.dir, ran.exec.backend.as_ref(), cli).await;
         }
         if plan.tasks.iter().any(|t| t.service) {
             eprintln!("services keep running; stop them with `prl-flow down {file}`");
@@ -502,27 +504,18 @@ async fn down(session: &Session, dir: &Path, quiet: bool) -> R<i32> {
     }
 }
 
-/// Stays with a deployment that is up: says when a service dies, and tears everything down
-/// on Ctrl-C or SIGTERM. Ends by itself when `prl-flow down` stopped it from elsewhere.
+/// Stays with a deployment that is up and keeps it healthy (restarts a service that dies,
+/// within its budget); tears everything down on Ctrl-C or SIGTERM. Ends by itself when
+/// `prl-flow down` stopped it from elsewhere.
 async fn attach(
     session: &Session,
+    loaded: &session::Loaded,
     dir: &Path,
     backend: &dyn prl_flow_backend::Backend,
-    quiet: bool,
+    cli: &Cli,
 ) -> R<i32> {
-    eprintln!("attached: Ctrl-C stops the deployment (or run `prl-flow down` elsewhere)");
-    let end = session
-        .watch(
-            dir,
-            backend,
-            &mut |id| {
-                eprintln!(
-                    "warning: `{id}` is down; `prl-flow status` shows more, `run --resume` restarts it"
-                )
-            },
-            wait_signal(),
-        )
-        .await;
+    eprintln!("attached: a service that dies is restarted; Ctrl-C stops the deployment (or run `prl-flow down` elsewhere)");
+    let end = heal(session, loaded, dir, backend, cli).await;
     match end {
         session::down::WatchEnd::StoppedElsewhere => {
             eprintln!("the deployment was stopped by `prl-flow down`");
@@ -530,7 +523,76 @@ async fn attach(
         }
         session::down::WatchEnd::Signalled => {
             eprintln!("stopping the deployment");
-            down(session, dir, quiet).await
+            down(session, dir, cli.quiet).await
         }
+    }
+}
+
+/// The healer's loop until Ctrl-C: each event on stderr and in `logs/heal.log`.
+async fn heal(
+    session: &Session,
+    loaded: &session::Loaded,
+    dir: &Path,
+    backend: &dyn prl_flow_backend::Backend,
+    cli: &Cli,
+) -> session::down::WatchEnd {
+    let log_path = dir.join("logs").join("heal.log");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .ok();
+    let quiet = cli.quiet;
+    let subs =
+        move || -> Vec<Arc<dyn Subscriber>> { vec![Arc::new(progress::Lines::stderr(quiet))] };
+    let mut on = |e: session::heal::HealEvent| {
+        let line = format!("heal: {e}");
+        eprintln!("{line}");
+        if let Some(f) = log.as_mut() {
+            let _ = writeln!(
+                f,
+                "{} {line}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            );
+        }
+    };
+    session
+        .heal(
+            loaded,
+            dir,
+            backend,
+            &loaded.plan.restart,
+            &subs,
+            &mut on,
+            wait_signal(),
+        )
+        .await
+}
+
+/// `watch`: keeps a deployment that is already up healthy, until Ctrl-C (which leaves it up).
+async fn watch(session: &Session, cli: &Cli, a: &WatchArgs) -> R<i32> {
+    let (dir, loaded) = state_dir_of(session, Some(&a.file.file), a.state_dir.as_deref()).await?;
+    let loaded = match loaded {
+        Some(l) => l,
+        None => session.load(&load_options(&a.file)?).await?,
+    };
+    if prl_flow_engine::journal::load(&dir).map_or(true, |r| r.is_empty()) {
+        return Err(Error::Usage(format!(
+            "error: `{}` holds no deployment to watch\n  help: bring it up first with `prl-flow run {}`",
+            dir.display(),
+            a.file.file.display()
+        )));
+    }
+    let backend = session
+        .registry()
+        .for_plan(&loaded.plan, &dir)
+        .map_err(Error::Usage)?;
+    eprintln!("watching `{}`: a service that dies is restarted; Ctrl-C ends the watch and leaves the deployment up", dir.display());
+    match heal(session, &loaded, &dir, backend.as_ref(), cli).await {
+        session::down::WatchEnd::StoppedElsewhere => {
+            eprintln!("the deployment was stopped by `prl-flow down`");
+            Ok(0)
+        }
+        session::down::WatchEnd::Signalled => Ok(0),
     }
 }

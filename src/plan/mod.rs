@@ -38,6 +38,31 @@ pub struct Plan {
     /// GPUs and ports each engine process has. `None` for a plain workflow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Layout>,
+    /// How `run --attach` and `watch` restart a service that dies.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// How `run --attach` and `watch` restart a service that dies: after `backoff`, doubled at
+/// each death up to `max_backoff`; more than `budget` deaths within `window` and it is left
+/// down, reported once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub budget: u32,
+    pub window: Duration,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            budget: 5,
+            window: Duration::from_secs(600),
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How a deployment's ranks sit on its nodes.

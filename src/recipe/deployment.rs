@@ -278,4 +278,6 @@ pub struct Deployment {
     pub extra_args: Vec<String>,
     /// `--gpu-memory-utilization`, when `vllm_extra` leaves it to the launcher.
     pub gpu_memory_utilization: Option<String>,
+    /// How `run --attach` and `watch` restart a service that dies.
+    pub restart: crate::plan::RestartPolicy,
 }

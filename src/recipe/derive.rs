@@ -39,6 +39,7 @@ pub struct DeploymentSettings<'a> {
     pub router_policy: String,
     pub router_bind: Option<String>,
     pub router_log_level: String,
+    pub restart: crate::plan::RestartPolicy,
     pub ready_timeout: Duration,
     pub probe_interval: Duration,
     pub ports: PortBases,
@@ -114,6 +115,7 @@ pub fn deployment(s: &DeploymentSettings<'_>) -> Deployment {
             .collect(),
         gpu_memory_utilization: (!sets_extra("gpu_memory_utilization"))
             .then(|| DEFAULT_GPU_MEMORY_UTILIZATION.to_string()),
+        restart: s.restart.clone(),
     }
 }
 

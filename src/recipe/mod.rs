@@ -196,6 +196,7 @@ pub fn load(
         tasks,
         endpoint: (!endpoint.is_empty()).then_some(endpoint),
         layout: Some(layout::of(&dep)),
+        restart: dep.restart.clone(),
     })
 }
 

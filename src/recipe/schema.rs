@@ -142,6 +142,9 @@ pub struct DeploymentSection {
     pub load_balancing: F<String>,
     pub router_host: F<String>,
     pub router_log_level: F<String>,
+    pub restart_budget: F<u32>,
+    pub restart_window: F<Duration>,
+    pub restart_backoff: F<Duration>,
     pub env: Vec<(Sp<String>, Sp<String>)>,
     pub prefill_env: Vec<(Sp<String>, Sp<String>)>,
     pub decode_env: Vec<(Sp<String>, Sp<String>)>,
@@ -411,6 +414,9 @@ fn read_deployment(parent: &mut Table<'_>, p: &mut Problems) -> DeploymentSectio
         router_log_level: field(&mut t, "router_log_level", p, |t, k, p| {
             t.choice(k, ROUTER_LOG_LEVELS, p)
         }),
+        restart_budget: field(&mut t, "restart_budget", p, Table::count),
+        restart_window: field(&mut t, "restart_window", p, Table::duration),
+        restart_backoff: field(&mut t, "restart_backoff", p, Table::duration),
         env: t.env("env", p).unwrap_or_default(),
         prefill_env: t.env("prefill_env", p).unwrap_or_default(),
         decode_env: t.env("decode_env", p).unwrap_or_default(),

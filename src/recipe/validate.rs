@@ -540,6 +540,13 @@ fn values<'a>(
         F::Absent => None,
     };
     let units = replicas.iter().map(|r| r.unit + 1).max().unwrap_or(1);
+    let defaults = crate::plan::RestartPolicy::default();
+    let restart = crate::plan::RestartPolicy {
+        budget: d.restart_budget.or(defaults.budget)?,
+        window: d.restart_window.or(defaults.window)?,
+        backoff: d.restart_backoff.or(defaults.backoff)?,
+        max_backoff: defaults.max_backoff,
+    };
     let prefix_caching = match (
         inf.enable_prefix_caching.or(false)?,
         &inf.enable_prefix_caching,
@@ -576,6 +583,7 @@ fn values<'a>(
         router_policy,
         router_bind,
         router_log_level,
+        restart,
         ready_timeout,
         probe_interval,
         ports,

@@ -14,6 +14,7 @@
 //! - [`identity`]: which file a state dir belongs to, and a file's default state dir.
 
 pub mod down;
+pub mod heal;
 pub mod identity;
 pub mod inspect;
 pub mod load;

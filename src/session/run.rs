@@ -37,6 +37,9 @@ pub struct RunSettings {
     pub resume: bool,
     /// Who holds the state dir's lock, for another prl-flow's message.
     pub holder: String,
+    /// Tasks a resume leaves as they are even when dead (services the healer gave up on):
+    /// kept, and left out of their router's registration.
+    pub hold: std::collections::BTreeSet<String>,
 }
 
 /// A run ready to start: the graph, the journal, and what each task will do.
@@ -128,8 +131,14 @@ pub async fn prepare(
     }
     exec.prime(&previous);
     let previous = settings.resume.then_some(previous);
-    let decisions = decide(&graph, previous.as_ref()).await;
+    let mut decisions = decide(&graph, previous.as_ref()).await;
     if previous.is_some() {
+        for (t, d) in graph.tasks().iter().zip(decisions.iter_mut()) {
+            if settings.hold.contains(t.id()) {
+                *d = Decision::Keep;
+            }
+        }
+        exec.set_held(settings.hold.iter().cloned());
         exec.set_reruns(
             graph
                 .tasks()
