@@ -735,7 +735,7 @@ fn engine_that_fails_to_start_is_named_and_resume_reruns_only_it_and_its_depende
         format!("last lines of {}", st.join("logs").join(format!("{prefill}.log")).display()),
         "EngineCore failed to start.".to_string(),
         format!("RuntimeError: Failed to load model `{MODEL}`: simulated by PRL_MOCK_FAIL=start"),
-        format!("`prl-flow run {} --state-dir st --resume`", d.file()),
+        format!("`prl-flow run {} --state-dir st --engine mock --resume`", d.file()),
     ] {
         assert!(failed.stderr.contains(&s), "no `{s}` in:\n{}", failed.stderr);
     }

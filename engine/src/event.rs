@@ -33,6 +33,9 @@ pub enum Reason {
     /// Started by a run that ended before the task finished.
     Interrupted,
     Changed,
+    /// Changed, and the detail names why: an option or a file that differs from the last
+    /// run's (`--engine: mock → real`).
+    ChangedBy(String),
     /// A task it needs re-runs (named).
     UpstreamReRan(String),
     /// A task it needs re-runs (named), and why that edge restarts it (where another task
@@ -60,6 +63,7 @@ impl std::fmt::Display for Reason {
             Reason::Failed => f.write_str("failed"),
             Reason::Interrupted => f.write_str("interrupted"),
             Reason::Changed => f.write_str("changed"),
+            Reason::ChangedBy(why) => write!(f, "changed ({why})"),
             Reason::UpstreamReRan(up) => write!(f, "upstream re-ran (`{up}`)"),
             Reason::UpstreamReRanBecause(up, why) => write!(f, "upstream re-ran (`{up}`): {why}"),
             Reason::NoLongerAlive(why) => write!(f, "no longer alive ({why})"),

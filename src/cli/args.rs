@@ -175,9 +175,10 @@ pub struct FileArgs {
     /// Override the recipe's backend (`local`, `ssh`, `slurm`, or a plugin).
     #[arg(long)]
     pub backend: Option<String>,
-    /// Use the mock engine instead of the recipe's launcher (no GPU needed).
-    #[arg(long, value_enum, default_value_t = EngineArg::Real)]
-    pub engine: EngineArg,
+    /// Use the mock engine instead of the recipe's launcher (no GPU needed). Default: `real`,
+    /// or on `--resume` the last run's.
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineArg>,
     /// A directory of templates overriding the built-in ones.
     #[arg(long, value_name = "DIR")]
     pub templates: Option<PathBuf>,
@@ -189,6 +190,7 @@ pub struct FileArgs {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EngineArg {
     /// The recipe's launcher (`vllm serve`).
+    #[value(alias = "vllm")]
     Real,
     /// `prl-flow-mock-engine`, installed beside prl-flow: same flags, same HTTP API, no GPU.
     Mock,

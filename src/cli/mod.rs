@@ -23,6 +23,7 @@ use args::{
     StatusArgs, ValidateArgs, WatchArgs,
 };
 
+use crate::session::options::{Chosen, Engine};
 use crate::session::{self, Error, LoadOptions, RunSettings, Session};
 
 type R<T> = Result<T, Error>;
@@ -80,14 +81,10 @@ pub fn main() -> i32 {
         }
         Err(Error::LiveServices { dir, ids }) => {
             // Only `run` refuses this way, and it names its own file; see `run`.
-            eprintln!(
-                "{}",
-                show::live_services(
-                    &dir,
-                    &ids,
-                    &crate::plan::shell_word(&dir.display().to_string())
-                )
-            );
+            eprintln!("{}", {
+                let d = crate::plan::shell_word(&dir.display().to_string());
+                show::live_services(&dir, &ids, &d, &d)
+            });
             2
         }
         Err(Error::Failed(msg)) => {
@@ -106,7 +103,7 @@ fn color_stderr() -> bool {
 async fn dispatch(cli: &Cli) -> R<i32> {
     let session = Session::from_site_flag(cli.site.as_deref())?;
     match &cli.command {
-        Cmd::Run(a) => run(&session, cli, a).await,
+        Cmd::Run(a) => run(cli, a).await,
         Cmd::Graph(a) => {
             let loaded = session.load_checked(&load_options(&a.file)?).await?;
             out(&crate::plan::draw::render(
@@ -126,16 +123,17 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Validate(a) => validate(&session, a).await,
-        Cmd::Status(a) => status(&session, cli, a).await,
-        Cmd::Watch(a) => watch(&session, cli, a).await,
+        Cmd::Status(a) => status(cli, a).await,
+        Cmd::Watch(a) => watch(cli, a).await,
         Cmd::Down(a) => {
-            let (dir, _) =
-                state_dir_of(&session, a.file.as_deref(), a.state_dir.as_deref()).await?;
+            let (session, dir, _) =
+                state_dir_of(cli, a.file.as_deref(), a.state_dir.as_deref()).await?;
             down(&session, &dir, cli.quiet).await
         }
         Cmd::Logs(a) => {
             let (file, task) = a.file_and_task();
-            let (dir, _) = state_dir_of(&session, file.as_deref(), a.state_dir.as_deref()).await?;
+            let (session, dir, _) =
+                state_dir_of(cli, file.as_deref(), a.state_dir.as_deref()).await?;
             let stop = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
@@ -212,46 +210,22 @@ fn out(text: &str) {
 }
 
 fn load_options(a: &FileArgs) -> R<LoadOptions> {
-    let launcher = match a.engine {
-        EngineArg::Real => crate::recipe::Launcher::Vllm,
-        EngineArg::Mock => crate::recipe::Launcher::Mock {
-            argv_prefix: vec![mock_engine_exe()?.to_string_lossy().into_owned()],
-        },
-    };
-    Ok(LoadOptions {
-        file: a.file.clone(),
-        backend: a.backend.clone(),
-        launcher,
-        templates: a.templates.clone(),
-        router: a.router.clone(),
-    })
+    given(a, None).load_options(&a.file)
 }
 
-/// The mock engine's program: `prl-flow-mock-engine` in the directory of this executable
-/// (where `cargo build` and an install put it), else the first on PATH.
-fn mock_engine_exe() -> R<PathBuf> {
-    const NAME: &str = "prl-flow-mock-engine";
-    let exe = std::env::current_exe().ok();
-    let beside = exe.as_deref().and_then(Path::parent).map(|d| d.join(NAME));
-    if let Some(p) = beside.filter(|p| prl_flow_plugin::is_executable(p)) {
-        return Ok(p);
+/// The options of `a` that change what runs, as given (`None`: not given), with `site`.
+fn given(a: &FileArgs, site: Option<&Path>) -> Chosen {
+    Chosen {
+        engine: a.engine.map(|e| match e {
+            EngineArg::Real => Engine::Real,
+            EngineArg::Mock => Engine::Mock,
+        }),
+        router: a.router.clone(),
+        templates: a.templates.clone(),
+        backend: a.backend.clone(),
+        site: site.map(Path::to_path_buf),
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if let Some(p) = std::env::split_paths(&path)
-        .map(|d| d.join(NAME))
-        .find(|p| prl_flow_plugin::is_executable(p))
-    {
-        return Ok(p);
-    }
-    let dir = exe.as_deref().and_then(Path::parent).map_or_else(
-        || "this program's directory".to_string(),
-        |d| format!("`{}`", d.display()),
-    );
-    Err(Error::Usage(format!(
-        "error: the mock engine `{NAME}` is neither in {dir} nor on PATH\n  \
-         help: build it beside prl-flow with `cargo build --workspace` (a plain `cargo build` \
-         at the repository root builds both)"
-    )))
+    .normalized()
 }
 
 /// The file as hints name it, with `--state-dir` when one was given (`prl-flow down FILE`
@@ -264,8 +238,28 @@ fn hint_args(a: &RunArgs) -> String {
     }
 }
 
-async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
-    let loaded = session.load(&load_options(&a.file)?).await?;
+async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
+    let file = hint_args(a);
+    // A resume uses the last run's options where none are given; a fresh run what it is
+    // given (a refused one names the last run's in its hint).
+    let given = given(&a.file, cli.site.as_deref());
+    let dir = match &a.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            let name = session::options::plan_name(&a.file.file)?;
+            session::identity::state_dir_for(&name, &a.file.file).dir
+        }
+    };
+    let last = session::options::resolve(&given, &dir, true);
+    let resolved = if a.resume {
+        last.clone()
+    } else {
+        session::options::resolve(&given, &dir, false)
+    };
+    let session = resolved.chosen.session()?;
+    let loaded = session
+        .load(&resolved.chosen.load_options(&a.file.file)?)
+        .await?;
     let settings = RunSettings {
         state_dir: a.state_dir.clone(),
         jobs: a.jobs,
@@ -275,15 +269,44 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         holder: format!("prl-flow run {}", a.file.file.display()),
         ..RunSettings::default()
     };
-    let file = hint_args(a);
-    let (prepared, note) = match session.prepare_owned(&loaded, &settings).await {
+    let rerun = format!("{file}{}", resolved.chosen.args());
+    let prepared = session
+        .prepare_remembered(&loaded, &settings, &resolved.chosen)
+        .await;
+    let (mut prepared, note) = match prepared {
         Err(Error::LiveServices { dir, ids }) => {
-            return Err(Error::Usage(show::live_services(&dir, &ids, &file)))
+            let rerun = format!("{file}{}", last.chosen.args());
+            return Err(Error::Usage(show::live_services(&dir, &ids, &file, &rerun)));
         }
         other => other?,
     };
     if let Some(note) = note {
         eprintln!("{note}");
+    }
+    if a.resume {
+        let causes = session::options::Causes::of(&resolved, &session, &loaded).await;
+        let ids: Vec<String> = prepared
+            .graph
+            .tasks()
+            .iter()
+            .map(|t| t.id().to_string())
+            .collect();
+        causes.name(
+            &loaded.plan,
+            ids.iter()
+                .map(String::as_str)
+                .zip(prepared.decisions.iter_mut()),
+        );
+        let then = "the tasks it changes run again (`--explain` names them)";
+        for c in &causes.changes {
+            eprintln!(
+                "note: {} differs from the last run ({} → {}); {then}",
+                c.flag, c.from, c.to
+            );
+        }
+        for c in &causes.contents {
+            eprintln!("note: {c} since the last run; {then}");
+        }
     }
     // With events on stdout, what is said for people goes to stderr.
     let events_on_stdout = a.events.is_some() && a.events_file.is_none();
@@ -341,7 +364,7 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
             result(&crate::recipe::kinds::try_it(plan, &endpoint));
         }
         if a.attach {
-            return attach(session, &loaded, &ran.dir, ran.exec.backend.as_ref(), cli).await;
+            return attach(&session, &loaded, &ran.dir, ran.exec.backend.as_ref(), cli).await;
         }
         if plan.tasks.iter().any(|t| t.service) {
             eprintln!("services keep running; stop them with `prl-flow down {file}`");
@@ -353,6 +376,7 @@ async fn run(session: &Session, cli: &Cli, a: &RunArgs) -> R<i32> {
         &ran.report,
         a.keep,
         &file,
+        &rerun,
     )))
 }
 
@@ -424,36 +448,46 @@ async fn wait_signal() {
     }
 }
 
+/// The options of a command that takes none but `--site`.
+fn site_only(cli: &Cli) -> Chosen {
+    Chosen {
+        site: cli.site.clone(),
+        ..Chosen::default()
+    }
+    .normalized()
+}
+
 /// The state dir: `--state-dir`, or named by the file, or the only one under `.prl-flow/`;
-/// and the file loaded, when one is named. A state dir that belongs to another file than
-/// the one named is refused.
+/// the session of the site file given, else of the one the last run there recorded; and the
+/// file loaded with the options that run recorded, when one is named. A state dir that
+/// belongs to another file than the one named is refused.
 async fn state_dir_of(
-    session: &Session,
+    cli: &Cli,
     file: Option<&Path>,
     dir: Option<&Path>,
-) -> R<(PathBuf, Option<session::Loaded>)> {
-    let loaded = match file {
-        Some(f) => Some(session.load(&LoadOptions::file(f)).await?),
-        None => None,
-    };
-    let dir = match (dir, &loaded) {
+) -> R<(Session, PathBuf, Option<session::Loaded>)> {
+    let dir = match (dir, file) {
         (Some(d), _) => d.to_path_buf(),
-        (None, Some(l)) => session::identity::state_dir_for(&l.plan.name, &l.path).dir,
+        (None, Some(f)) => {
+            session::identity::state_dir_for(&session::options::plan_name(f)?, f).dir
+        }
         (None, None) => session::only_state_dir()?,
+    };
+    let resolved = session::options::resolve(&site_only(cli), &dir, true);
+    let session = resolved.chosen.session()?;
+    let loaded = match file {
+        Some(f) => Some(session.load(&resolved.chosen.load_options(f)?).await?),
+        None => None,
     };
     if let Some(l) = &loaded {
         session::identity::check(&dir, &l.path)?;
     }
-    Ok((dir, loaded))
+    Ok((session, dir, loaded))
 }
 
-async fn status(session: &Session, cli: &Cli, a: &StatusArgs) -> R<i32> {
-    let (dir, loaded) = state_dir_of(
-        session,
-        a.state.file.as_deref(),
-        a.state.state_dir.as_deref(),
-    )
-    .await?;
+async fn status(cli: &Cli, a: &StatusArgs) -> R<i32> {
+    let (session, dir, loaded) =
+        state_dir_of(cli, a.state.file.as_deref(), a.state.state_dir.as_deref()).await?;
     let rows = session.status(&dir).await?;
     if a.format == OutputFormat::Json {
         out(&json::status_json(&dir, &rows));
@@ -462,7 +496,11 @@ async fn status(session: &Session, cli: &Cli, a: &StatusArgs) -> R<i32> {
     }
     if cli.verbose > 0 && a.format == OutputFormat::Text {
         if let Some(loaded) = loaded {
-            let d = session.resume_decisions(&loaded, &dir).await?;
+            let mut d = session.resume_decisions(&loaded, &dir).await?;
+            let resolved = session::options::resolve(&site_only(cli), &dir, true);
+            session::options::Causes::of(&resolved, &session, &loaded)
+                .await
+                .name(&loaded.plan, d.iter_mut().map(|(id, d)| (id.as_str(), d)));
             out("\nwhat `run --resume` would do:\n");
             out(&show::explain(d.iter().map(|(id, d)| (id.as_str(), d))));
         } else {
@@ -570,12 +608,21 @@ async fn heal(
 }
 
 /// `watch`: keeps a deployment that is already up healthy, until Ctrl-C (which leaves it up).
-async fn watch(session: &Session, cli: &Cli, a: &WatchArgs) -> R<i32> {
-    let (dir, loaded) = state_dir_of(session, Some(&a.file.file), a.state_dir.as_deref()).await?;
-    let loaded = match loaded {
-        Some(l) => l,
-        None => session.load(&load_options(&a.file)?).await?,
+async fn watch(cli: &Cli, a: &WatchArgs) -> R<i32> {
+    // The options the deployment was brought up with, unless given here.
+    let dir = match &a.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            let name = session::options::plan_name(&a.file.file)?;
+            session::identity::state_dir_for(&name, &a.file.file).dir
+        }
     };
+    let resolved = session::options::resolve(&given(&a.file, cli.site.as_deref()), &dir, true);
+    let session = resolved.chosen.session()?;
+    let loaded = session
+        .load(&resolved.chosen.load_options(&a.file.file)?)
+        .await?;
+    session::identity::check(&dir, &loaded.path)?;
     if prl_flow_engine::journal::load(&dir).map_or(true, |r| r.is_empty()) {
         return Err(Error::Usage(format!(
             "error: `{}` holds no deployment to watch\n  help: bring it up first with `prl-flow run {}`",
@@ -588,7 +635,7 @@ async fn watch(session: &Session, cli: &Cli, a: &WatchArgs) -> R<i32> {
         .for_plan(&loaded.plan, &dir)
         .map_err(Error::Usage)?;
     eprintln!("watching `{}`: a service that dies is restarted; Ctrl-C ends the watch and leaves the deployment up", dir.display());
-    match heal(session, &loaded, &dir, backend.as_ref(), cli).await {
+    match heal(&session, &loaded, &dir, backend.as_ref(), cli).await {
         session::down::WatchEnd::StoppedElsewhere => {
             eprintln!("the deployment was stopped by `prl-flow down`");
             Ok(0)

@@ -239,10 +239,11 @@ pub fn status_table(rows: &[TaskRow]) -> String {
     s
 }
 
-/// The refusal of a fresh run on a state dir with live services.
-pub fn live_services(dir: &Path, ids: &[String], file: &str) -> String {
+/// The refusal of a fresh run on a state dir with live services. `file` is what `down`
+/// takes, `rerun` what `run` takes (the file with the options to run it with).
+pub fn live_services(dir: &Path, ids: &[String], file: &str, rerun: &str) -> String {
     format!(
-        "error: `{}` has {} live service{} from an earlier run: {}\n  help: `prl-flow run {file} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops them first",
+        "error: `{}` has {} live service{} from an earlier run: {}\n  help: `prl-flow run {rerun} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops them first",
         dir.display(),
         ids.len(),
         if ids.len() == 1 { "" } else { "s" },
@@ -262,8 +263,8 @@ pub fn ok_line(s: &Summary) -> String {
 }
 
 /// The story of a run that failed or was cancelled: each task's error, the counts, and
-/// what to do next.
-pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str) -> String {
+/// what to do next: `file` is what `down` takes, `rerun` what `run` takes.
+pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str, rerun: &str) -> String {
     let s = &report.summary;
     let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
     let mut msg = String::new();
@@ -295,7 +296,7 @@ pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str) -> String {
         );
     }
     msg.push_str(&format!(
-        "  help: fix the cause, then `prl-flow run {file} --resume` re-runs only what failed and what depends on it"
+        "  help: fix the cause, then `prl-flow run {rerun} --resume` re-runs only what failed and what depends on it"
     ));
     msg
 }

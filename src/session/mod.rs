@@ -12,12 +12,14 @@
 //!   from the journal alone ([`inspect`], [`down`]); [`Session::list`] finds every state
 //!   dir under `.prl-flow/`.
 //! - [`identity`]: which file a state dir belongs to, and a file's default state dir.
+//! - [`options`]: the options a run was given, remembered for a resume and for hints.
 
 pub mod down;
 pub mod heal;
 pub mod identity;
 pub mod inspect;
 pub mod load;
+pub mod options;
 pub mod run;
 mod salvage;
 
