@@ -49,8 +49,11 @@ pub struct Plan {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RestartPolicy {
     pub budget: u32,
+    #[serde(with = "duration")]
     pub window: Duration,
+    #[serde(with = "duration")]
     pub backoff: Duration,
+    #[serde(with = "duration")]
     pub max_backoff: Duration,
 }
 
