@@ -675,8 +675,8 @@ fn ctrl_c_stops_everything(at: Moment) {
     assert!(!d.processes().is_empty());
     run.signal(Signal::SIGINT);
     let out = run.wait(COMMAND_DEADLINE);
-    assert_eq!(out.code, Some(1), "{at:?}:\n{}", out.stderr);
-    assert!(out.stderr.contains("run cancelled"), "{}", out.stderr);
+    assert_eq!(out.code, Some(130), "{at:?}:\n{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, "cancelled by SIGINT after ");
     // prl-flow waited for every process it stopped before it exited.
     d.assert_nothing_runs();
     let st = d.st();
@@ -702,6 +702,73 @@ fn ctrl_c_stops_everything(at: Moment) {
         ),
     }
     assert_eq!(status_of(&st, "health-probe").as_deref(), Some("skipped"));
+}
+
+/// A cancelled run ends with one summary line starting with `head`: no `error:` per task,
+/// no help to fix a cause.
+#[track_caller]
+fn assert_one_cancelled_line(stderr: &str, head: &str) {
+    let summary: Vec<&str> = stderr.lines().filter(|l| l.starts_with(head)).collect();
+    assert_eq!(summary.len(), 1, "no one `{head}` line in:\n{stderr}");
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!stderr.contains("help: fix the cause"), "{stderr}");
+}
+
+/// `down` from a second process while the engines load aborts the bring-up: the run stops
+/// what it started and exits 130 naming the `down`; the `down` exits 0; nothing is left.
+#[test]
+fn down_while_engines_load_aborts_the_bring_up_and_leaves_nothing() {
+    let (d, mut run) = start_disaggregated("run", "1m", Moment::EnginesLoading);
+    let down = d.sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    assert!(
+        down.stderr.contains(&format!("(pid {})", run.pid())),
+        "{}",
+        down.stderr
+    );
+    let out = run.wait(COMMAND_DEADLINE);
+    assert_eq!(out.code, Some(130), "{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, "cancelled by `prl-flow down` (pid ");
+    d.assert_nothing_runs();
+    for id in ENGINES {
+        assert_eq!(status_of(&d.st(), id).as_deref(), Some("cancelled"), "`{id}`");
+    }
+}
+
+/// `--keep`: when one engine fails, the other, still loading, is left running and recorded
+/// as running, so a resume adopts it instead of starting it again.
+#[test]
+fn keep_leaves_a_loading_engine_running_for_a_resume_to_adopt() {
+    let d = Local::new(
+        "disaggregated",
+        &[("PREFILL_DELAY", "1m"), ("DECODE_FAIL", "start")],
+    );
+    let out = d.run(&["--keep"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("1 service left loading (--keep)"),
+        "{}",
+        out.stderr
+    );
+    let st = d.st();
+    let prefill = ENGINES[0];
+    let pid = pid_of(&st, prefill).expect("the loading engine's pid is recorded");
+    assert!(alive(pid), "--keep: the loading engine was stopped");
+    assert_eq!(status_of(&st, prefill).as_deref(), Some("running"));
+    wait_until("the kept engine still loading", WAIT, || {
+        d.log(prefill).contains("Starting to load model")
+    });
+    let file = d.file();
+    let status = d.sb.run(&["status", &file, "--state-dir", "st", "-v"]);
+    let plan = status
+        .stdout
+        .split("what `run --resume` would do:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no resume plan:\n{}", status.stdout))
+        .to_string();
+    let (word, _) = &explained(&plan)[prefill];
+    assert_eq!(word, "adopt", "{plan}");
+    d.down();
 }
 
 #[test]
