@@ -849,8 +849,15 @@ fn down_during_a_run_aborts_it_and_both_exit_with_nothing_left() {
     });
     let down = sb.run(&["down", "--state-dir", "st"]);
     down.expect_code(0);
-    let holder = format!("down: aborting prl-flow run signals.toml (pid {})", run.pid());
-    assert!(down.stderr.contains(&holder), "no `{holder}` in:\n{}", down.stderr);
+    let holder = format!(
+        "down: aborting prl-flow run signals.toml (pid {})",
+        run.pid()
+    );
+    assert!(
+        down.stderr.contains(&holder),
+        "no `{holder}` in:\n{}",
+        down.stderr
+    );
     let out = run.wait(COMMAND_DEADLINE);
     assert_eq!(out.code, Some(130), "{}", out.stderr);
     assert_one_cancelled_line(&out.stderr, "cancelled by `prl-flow down` (pid ");
@@ -858,7 +865,10 @@ fn down_during_a_run_aborts_it_and_both_exit_with_nothing_left() {
     wait_gone("the one-shot's group", long);
     assert_nothing_runs(&sb);
     assert_eq!(status_of(&st, "server").as_deref(), Some("stopped"));
-    assert!(!st.join("aborted-by").exists(), "`down` left its note behind");
+    assert!(
+        !st.join("aborted-by").exists(),
+        "`down` left its note behind"
+    );
 }
 
 /// A service that loads until `$WORK/go` exists, and a one-shot that fails once, as soon as
@@ -895,7 +905,14 @@ fn keep_leaves_a_loading_service_running_and_a_resume_adopts_it() {
 
     let mut resume = sb.spawn(
         "resume",
-        &["run", "keep.toml", "--state-dir", "st", "--resume", "--explain"],
+        &[
+            "run",
+            "keep.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ],
     );
     wait_until("the resume to adopt the service", WAIT, || {
         resume
@@ -905,7 +922,11 @@ fn keep_leaves_a_loading_service_running_and_a_resume_adopts_it() {
     });
     sb.write("go", "");
     resume.wait(COMMAND_DEADLINE).expect_code(0);
-    assert_eq!(pid_of(&st, "loading"), Some(pid), "the service was restarted");
+    assert_eq!(
+        pid_of(&st, "loading"),
+        Some(pid),
+        "the service was restarted"
+    );
     let log = std::fs::read_to_string(st.join("logs/loading.log")).unwrap_or_default();
     assert_eq!(log.matches("booting").count(), 1, "started twice:\n{log}");
     sb.run(&["down", "--state-dir", "st"]).expect_code(0);
@@ -917,7 +938,8 @@ fn keep_leaves_a_loading_service_running_and_a_resume_adopts_it() {
 fn down_leaves_a_lock_holder_that_is_not_prl_flow_alone() {
     let sb = Sandbox::new();
     sb.write("one.toml", "[[task]]\nid = \"one\"\nrun = \"true\"\n");
-    sb.run(&["run", "one.toml", "--state-dir", "st"]).expect_code(0);
+    sb.run(&["run", "one.toml", "--state-dir", "st"])
+        .expect_code(0);
     let lock = sb.join("st/lock");
     std::fs::write(&lock, "prl-flow run one.toml (pid 1)\n").expect("lock text");
     // `flock` holds the lock, then writes its own pid where a prl-flow's would be.

@@ -245,9 +245,7 @@ pub fn ok_line(s: &Summary) -> String {
 pub fn cancelled_line(s: &Summary, by: &str, keep: bool, file: &str) -> String {
     let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
     let left = if keep {
-        format!(
-            "services it started are left running (--keep); `prl-flow down {file}` stops them"
-        )
+        format!("services it started are left running (--keep); `prl-flow down {file}` stops them")
     } else {
         "everything it started is stopped".to_string()
     };

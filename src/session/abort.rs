@@ -107,13 +107,11 @@ pub(crate) async fn abort_run(
     let request = if holder.starts_with("prl-flow run") {
         let note = dir.join(REQUEST);
         let me = format!("`prl-flow down` (pid {})\n", std::process::id());
-        std::fs::write(&note, me).map_err(|e| {
-            Error::Failed(format!("error: cannot write `{}`: {e}", note.display()))
-        })?;
+        std::fs::write(&note, me)
+            .map_err(|e| Error::Failed(format!("error: cannot write `{}`: {e}", note.display())))?;
         let request = Request(note);
-        kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(|e| {
-            Error::Failed(format!("error: cannot signal {holder}: {e}"))
-        })?;
+        kill(Pid::from_raw(pid), Signal::SIGTERM)
+            .map_err(|e| Error::Failed(format!("error: cannot signal {holder}: {e}")))?;
         on_abort(holder);
         Some(request)
     } else {
