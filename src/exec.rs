@@ -444,7 +444,16 @@ impl Task for SpecTask {
 
     async fn run(&self, cx: &TaskContext) -> Result<Done, TaskError> {
         if let Command::Builtin { action, args } = &self.spec.command {
-            let handle = action.perform().run(self.exec.as_ref(), args).await?;
+            let perform = action.perform();
+            // An action holds no process of its own: on cancel it returns at once, and
+            // undoes what it may have begun.
+            let handle = tokio::select! {
+                r = perform.run(self.exec.as_ref(), args) => r?,
+                () = cx.cancel.cancelled() => {
+                    perform.abandoned(self.exec.as_ref()).await;
+                    return Err(TaskError::new(format!("`{}` was stopped", self.spec.id)));
+                }
+            };
             return Ok(Done { handle });
         }
         self.ports_free().await?;
@@ -570,5 +579,8 @@ impl Context for Exec {
     }
     fn held(&self, task: &str) -> bool {
         self.held.read().is_ok_and(|h| h.contains(task))
+    }
+    fn state_dir(&self) -> Option<&Path> {
+        Some(&self.state_dir)
     }
 }

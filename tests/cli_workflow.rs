@@ -570,13 +570,8 @@ fn signal_stops_everything_it_started(sig: Signal) {
     let (mut run, server, long) = start_signals(&sb, &[]);
     run.signal(sig);
     let out = run.wait(COMMAND_DEADLINE);
-    assert!(
-        out.code.is_some_and(|c| c != 0),
-        "{sig}: expected a non-zero exit, got {:?}\n{}",
-        out.code,
-        out.stderr
-    );
-    assert!(out.stderr.contains("run cancelled"), "{}", out.stderr);
+    assert_eq!(out.code, Some(130), "{sig}:\n{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, &format!("cancelled by {sig} after "));
     // prl-flow waited for its processes before exiting: the group leaders are gone now.
     assert!(!alive(server), "{sig}: the service outlived prl-flow");
     assert!(!alive(long), "{sig}: the one-shot outlived prl-flow");
@@ -587,13 +582,23 @@ fn signal_stops_everything_it_started(sig: Signal) {
     assert_eq!(status_of(&st, "long").as_deref(), Some("cancelled"));
 }
 
+/// A cancelled run ends with one summary line starting with `head`: no `error:` per task,
+/// no help to fix a cause.
+#[track_caller]
+fn assert_one_cancelled_line(stderr: &str, head: &str) {
+    let summary: Vec<&str> = stderr.lines().filter(|l| l.starts_with(head)).collect();
+    assert_eq!(summary.len(), 1, "no one `{head}` line in:\n{stderr}");
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!stderr.contains("help: fix the cause"), "{stderr}");
+}
+
 #[test]
-fn ctrl_c_stops_the_service_and_the_oneshot_and_exits_nonzero() {
+fn ctrl_c_stops_the_service_and_the_oneshot_and_exits_130() {
     signal_stops_everything_it_started(Signal::SIGINT);
 }
 
 #[test]
-fn sigterm_stops_the_service_and_the_oneshot_and_exits_nonzero() {
+fn sigterm_stops_the_service_and_the_oneshot_and_exits_130() {
     signal_stops_everything_it_started(Signal::SIGTERM);
 }
 
@@ -603,12 +608,8 @@ fn ctrl_c_with_keep_leaves_the_service_up_until_down() {
     let (mut run, server, long) = start_signals(&sb, &["--keep"]);
     run.signal(Signal::SIGINT);
     let out = run.wait(COMMAND_DEADLINE);
-    assert!(
-        out.code.is_some_and(|c| c != 0),
-        "{:?}\n{}",
-        out.code,
-        out.stderr
-    );
+    assert_eq!(out.code, Some(130), "{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, "cancelled by SIGINT after ");
     assert!(out.stderr.contains("--keep"), "{}", out.stderr);
     // The one-shot is stopped all the same; the service is left.
     wait_gone("the one-shot's group", long);
@@ -828,8 +829,138 @@ fn second_run_on_a_busy_state_dir_exits_2_naming_the_holder() {
 
     first.signal(Signal::SIGTERM);
     let out = first.wait(COMMAND_DEADLINE);
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(out.code, Some(130), "{}", out.stderr);
     wait_gone("the service", waiting);
+}
+
+/// `down` from a second shell while a run holds the state dir aborts that run: the run
+/// stops what it started and exits 130 saying who aborted it, then `down` finishes.
+#[test]
+fn down_during_a_run_aborts_it_and_both_exit_with_nothing_left() {
+    let sb = Sandbox::new();
+    sb.fixture("signals.toml", "signals.toml", &[]);
+    let st = sb.join("st");
+    let mut run = sb.spawn("run", &["run", "signals.toml", "--state-dir", "st"]);
+    let (server, long) = wait_for("the service up and `long` running", WAIT, || {
+        if sb.count("marks", "long-start") == 0 {
+            return None;
+        }
+        Some((pid_of(&st, "server")?, pid_of(&st, "long")?))
+    });
+    let down = sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    let holder = format!(
+        "down: aborting prl-flow run signals.toml (pid {})",
+        run.pid()
+    );
+    assert!(
+        down.stderr.contains(&holder),
+        "no `{holder}` in:\n{}",
+        down.stderr
+    );
+    let out = run.wait(COMMAND_DEADLINE);
+    assert_eq!(out.code, Some(130), "{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, "cancelled by `prl-flow down` (pid ");
+    wait_gone("the service's group", server);
+    wait_gone("the one-shot's group", long);
+    assert_nothing_runs(&sb);
+    assert_eq!(status_of(&st, "server").as_deref(), Some("stopped"));
+    assert!(
+        !st.join("aborted-by").exists(),
+        "`down` left its note behind"
+    );
+}
+
+/// A service that loads until `$WORK/go` exists, and a one-shot that fails once, as soon as
+/// the service has begun to load.
+const KEEP_LOADING: &str = r#"
+[[task]]
+id = "loading"
+service = true
+run = 'echo booting; touch "$WORK/booted"; while [ ! -f "$WORK/go" ]; do sleep 0.05; done; echo ready; exec sleep 300'
+ready = { log = "^ready$", interval = "20ms" }
+
+[[task]]
+id = "flaky"
+run = 'while [ ! -f "$WORK/booted" ]; do sleep 0.02; done; [ -f "$WORK/failed-once" ] && exit 0; touch "$WORK/failed-once"; exit 3'
+"#;
+
+/// `--keep`: a service still loading when another task fails is left running and recorded
+/// as running; a resume adopts it (the same process, started once) instead of restarting it.
+#[test]
+fn keep_leaves_a_loading_service_running_and_a_resume_adopts_it() {
+    let sb = Sandbox::new();
+    sb.write("keep.toml", KEEP_LOADING);
+    let st = sb.join("st");
+    let out = sb.run(&["run", "keep.toml", "--state-dir", "st", "--keep"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("1 service left loading (--keep)"),
+        "{}",
+        out.stderr
+    );
+    let pid = pid_of(&st, "loading").expect("the loading service's pid is recorded");
+    assert!(alive(pid), "--keep: the loading service was stopped");
+    assert_eq!(status_of(&st, "loading").as_deref(), Some("running"));
+
+    let mut resume = sb.spawn(
+        "resume",
+        &[
+            "run",
+            "keep.toml",
+            "--state-dir",
+            "st",
+            "--resume",
+            "--explain",
+        ],
+    );
+    wait_until("the resume to adopt the service", WAIT, || {
+        resume
+            .stdout_text()
+            .lines()
+            .any(|l| l.starts_with("adopt") && l.contains("loading"))
+    });
+    sb.write("go", "");
+    resume.wait(COMMAND_DEADLINE).expect_code(0);
+    assert_eq!(
+        pid_of(&st, "loading"),
+        Some(pid),
+        "the service was restarted"
+    );
+    let log = std::fs::read_to_string(st.join("logs/loading.log")).unwrap_or_default();
+    assert_eq!(log.matches("booting").count(), 1, "started twice:\n{log}");
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+    wait_gone("the service", pid);
+}
+
+/// `down` does not signal a process that is not a prl-flow, even one that holds the lock.
+#[test]
+fn down_leaves_a_lock_holder_that_is_not_prl_flow_alone() {
+    let sb = Sandbox::new();
+    sb.write("one.toml", "[[task]]\nid = \"one\"\nrun = \"true\"\n");
+    sb.run(&["run", "one.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let lock = sb.join("st/lock");
+    std::fs::write(&lock, "prl-flow run one.toml (pid 1)\n").expect("lock text");
+    // `flock` holds the lock, then writes its own pid where a prl-flow's would be.
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sh", "-c"])
+        .arg(format!(
+            "echo \"prl-flow run one.toml (pid $$)\" > {}; touch {}; exec sleep 300",
+            lock.display(),
+            sb.join("held").display()
+        ))
+        .spawn()
+        .expect("flock");
+    wait_until("the lock held", WAIT, || sb.join("held").exists());
+    let down = sb.run(&["down", "--state-dir", "st"]);
+    let still = holder.try_wait().expect("try_wait").is_none();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    down.expect_code(2);
+    assert!(down.stderr.contains("is not a prl-flow"), "{}", down.stderr);
+    assert!(still, "`down` signalled a process that is not a prl-flow");
 }
 
 // ---------------------------------------------------------------------------------------

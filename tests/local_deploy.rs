@@ -675,8 +675,8 @@ fn ctrl_c_stops_everything(at: Moment) {
     assert!(!d.processes().is_empty());
     run.signal(Signal::SIGINT);
     let out = run.wait(COMMAND_DEADLINE);
-    assert_eq!(out.code, Some(1), "{at:?}:\n{}", out.stderr);
-    assert!(out.stderr.contains("run cancelled"), "{}", out.stderr);
+    assert_eq!(out.code, Some(130), "{at:?}:\n{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, "cancelled by SIGINT after ");
     // prl-flow waited for every process it stopped before it exited.
     d.assert_nothing_runs();
     let st = d.st();
@@ -702,6 +702,75 @@ fn ctrl_c_stops_everything(at: Moment) {
         ),
     }
     assert_eq!(status_of(&st, "health-probe").as_deref(), Some("skipped"));
+}
+
+/// A cancelled run ends with one summary line starting with `head`: no `error:` per task,
+/// no help to fix a cause.
+#[track_caller]
+fn assert_one_cancelled_line(stderr: &str, head: &str) {
+    let summary: Vec<&str> = stderr.lines().filter(|l| l.starts_with(head)).collect();
+    assert_eq!(summary.len(), 1, "no one `{head}` line in:\n{stderr}");
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!stderr.contains("help: fix the cause"), "{stderr}");
+}
+
+/// `down` from a second process while the engines load aborts the bring-up: the run stops
+/// what it started and exits 130 naming the `down`; the `down` exits 0; nothing is left.
+#[test]
+fn down_while_engines_load_aborts_the_bring_up_and_leaves_nothing() {
+    let (d, mut run) = start_disaggregated("run", "1m", Moment::EnginesLoading);
+    let down = d.sb.run(&["down", "--state-dir", "st"]);
+    down.expect_code(0);
+    assert!(
+        down.stderr.contains(&format!("(pid {})", run.pid())),
+        "{}",
+        down.stderr
+    );
+    let out = run.wait(COMMAND_DEADLINE);
+    assert_eq!(out.code, Some(130), "{}", out.stderr);
+    assert_one_cancelled_line(&out.stderr, "cancelled by `prl-flow down` (pid ");
+    d.assert_nothing_runs();
+    // Cancelled by the run; `stopped` once the `down` has looked at it too.
+    for id in ENGINES {
+        let status = status_of(&d.st(), id);
+        assert!(
+            matches!(status.as_deref(), Some("cancelled" | "stopped")),
+            "`{id}`: {status:?}"
+        );
+    }
+}
+
+/// `--keep`: when one engine fails, the other, still loading, is left running and recorded
+/// as running, so a resume adopts it instead of starting it again.
+#[test]
+fn keep_leaves_a_loading_engine_running_for_a_resume_to_adopt() {
+    let d = Local::new(
+        "disaggregated",
+        &[("PREFILL_DELAY", "1m"), ("DECODE_FAIL", "start")],
+    );
+    let out = d.run(&["--keep"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("1 service left loading (--keep)"),
+        "{}",
+        out.stderr
+    );
+    let st = d.st();
+    let prefill = ENGINES[0];
+    let pid = pid_of(&st, prefill).expect("the loading engine's pid is recorded");
+    assert!(alive(pid), "--keep: the loading engine was stopped");
+    assert_eq!(status_of(&st, prefill).as_deref(), Some("running"));
+    wait_until("the kept engine still loading", WAIT, || {
+        d.log(prefill).contains("Starting to load model")
+    });
+    // The resume adopts it; the decode engine fails again, which ends this run too.
+    let resume = d.run(&["--resume", "--explain"]);
+    resume.expect_code(1);
+    let (word, _) = &explained(&resume.stdout)[prefill];
+    let plan = &resume.stdout;
+    assert_eq!(word, "adopt", "{plan}");
+    assert_eq!(d.starts(prefill), 1, "the loading engine was started again");
+    d.down();
 }
 
 #[test]

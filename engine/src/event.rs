@@ -137,12 +137,20 @@ pub struct Summary {
     pub timed_out: usize,
     pub cancelled: usize,
     pub skipped: usize,
+    /// Services still loading when a failure aborted a run with `keep`: left running,
+    /// recorded as running, for a resume to adopt.
+    #[serde(default)]
+    pub left: usize,
     pub elapsed_ms: u64,
 }
 
 impl Summary {
     pub fn ok(&self) -> bool {
-        self.failed == 0 && self.timed_out == 0 && self.cancelled == 0 && self.skipped == 0
+        self.failed == 0
+            && self.timed_out == 0
+            && self.cancelled == 0
+            && self.skipped == 0
+            && self.left == 0
     }
 }
 

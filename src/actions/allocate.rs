@@ -29,6 +29,15 @@ impl Perform for Allocate {
         true
     }
 
+    /// Cut short while the backend allocated (a job still queued): the backend takes down
+    /// what the state dir says it started.
+    async fn abandoned(&self, cx: &dyn Context) {
+        let _ = cx
+            .backend()
+            .teardown(&[], std::time::Duration::from_secs(10), cx.state_dir())
+            .await;
+    }
+
     async fn check(&self, cx: &dyn Context, handle: Option<&Handle>) -> Check {
         let Some(handle) = handle else {
             return Check::Invalid("nothing was recorded".into());

@@ -1,7 +1,9 @@
 //! Built-in actions: work prl-flow does itself, as a task of a plan, rather than by a process
 //! on a node. A plan names one by a value of [`Action`]; each value has its implementation
 //! behind the [`Perform`] trait, reached through [`Action::perform`]. The executor runs them
-//! through that trait and a [`Context`] it provides, and knows nothing of what they do.
+//! through that trait and a [`Context`] it provides, and knows nothing of what they do. A
+//! cancel cuts an action short at once (the executor drops its future); [`Perform::abandoned`]
+//! then undoes what it may have begun.
 //!
 //! - [`allocate`]: asks the backend for the plan's nodes and learns their addresses; the
 //!   allocation is held like a service and released on teardown.
@@ -80,6 +82,10 @@ pub trait Context: Send + Sync {
     fn held(&self, _task: &str) -> bool {
         false
     }
+    /// The run's state dir, where a backend notes what it starts before it is recorded.
+    fn state_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// How a built-in action runs, is checked on resume, and is undone on teardown.
@@ -98,6 +104,10 @@ pub trait Perform: Send + Sync {
     async fn check(&self, _cx: &dyn Context, _handle: Option<&Handle>) -> Check {
         Check::Invalid("interrupted".into())
     }
+
+    /// After `run` was cut short by a cancel (its future dropped): undoes what it may have
+    /// begun but not yet handed back (nothing by default).
+    async fn abandoned(&self, _cx: &dyn Context) {}
 
     /// On teardown: undoes what `run` did (nothing by default).
     async fn undo(&self, _cx: &dyn Context, _handle: &Handle) -> Result<(), TaskError> {

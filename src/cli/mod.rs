@@ -1,6 +1,6 @@
 //! The command line: it parses arguments ([`args`]), calls the [session API](crate::session),
 //! and prints what comes back ([`show`]) with exit codes: 0 ok, 1 the run failed, 2 bad
-//! input. Results go to stdout, progress and messages to stderr; a closed stdout pipe
+//! input, 130 the run was cancelled (Ctrl-C, SIGTERM, or `prl-flow down` from elsewhere). Results go to stdout, progress and messages to stderr; a closed stdout pipe
 //! (`prl-flow graph x | head`) is not an error. It knows no backend and no deployment shape.
 
 pub mod args;
@@ -339,10 +339,17 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     }
     let cancel = prl_flow_engine::CancelSource::new();
     let token = cancel.token();
+    // Who cancelled the run: the signal's name, or the `prl-flow down` that sent it.
+    let by = Arc::new(std::sync::Mutex::new(String::new()));
     let signals = {
         let journal = prepared.journal();
+        let (by, dir) = (by.clone(), prepared.dir.clone());
         tokio::spawn(async move {
-            wait_signal().await;
+            let sig = wait_signal().await;
+            let who = session::abort::abort_requester(&dir).unwrap_or_else(|| sig.to_string());
+            if let Ok(mut b) = by.lock() {
+                *b = who;
+            }
             cancel.fire();
             wait_signal().await;
             eprintln!("second signal: exiting now; the journal records what still runs");
@@ -355,6 +362,11 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let ran = ran?;
     let plan = &loaded.plan;
     let s = &ran.report.summary;
+    if ran.report.cancelled {
+        let by = by.lock().map(|b| b.clone()).unwrap_or_default();
+        eprintln!("{}", show::cancelled_line(s, &by, a.keep, &file));
+        return Ok(130);
+    }
     if ran.report.ok() {
         eprintln!("{}", show::ok_line(s));
         if let Some(e) = &plan.endpoint {
@@ -433,18 +445,19 @@ async fn validate(session: &Session, a: &ValidateArgs) -> R<i32> {
     }
 }
 
-async fn wait_signal() {
+/// Resolves on Ctrl-C or SIGTERM, with the signal's name.
+async fn wait_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
-            return;
+            return "SIGINT";
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 
@@ -520,11 +533,17 @@ async fn status(cli: &Cli, a: &StatusArgs) -> R<i32> {
 
 async fn down(session: &Session, dir: &Path, quiet: bool) -> R<i32> {
     let report = session
-        .down(dir, &mut |id| {
-            if !quiet {
-                eprintln!("stopped {id}");
-            }
-        })
+        .down_aborting(
+            dir,
+            &mut |holder| {
+                eprintln!("down: aborting {holder}; waiting for it to stop what it started")
+            },
+            &mut |id| {
+                if !quiet {
+                    eprintln!("stopped {id}");
+                }
+            },
+        )
         .await?;
     if report.failures.is_empty() {
         eprintln!(
@@ -602,7 +621,9 @@ async fn heal(
             &loaded.plan.restart,
             &subs,
             &mut on,
-            wait_signal(),
+            async {
+                wait_signal().await;
+            },
         )
         .await
 }

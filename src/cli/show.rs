@@ -262,10 +262,34 @@ pub fn ok_line(s: &Summary) -> String {
     format!("ok: {} done{kept} in {took}", count(s.done, "task"))
 }
 
+/// The one line a cancelled run ends with: why it stopped, the counts, and what it left.
+/// `by` is the signal's name, or who sent it (`prl-flow down`).
+pub fn cancelled_line(s: &Summary, by: &str, keep: bool, file: &str) -> String {
+    let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
+    let left = if keep {
+        format!("services it started are left running (--keep); `prl-flow down {file}` stops them")
+    } else {
+        "everything it started is stopped".to_string()
+    };
+    format!(
+        "cancelled by {by} after {took}: {} done, {} kept, {} cancelled, {} skipped; {left}",
+        s.done, s.kept, s.cancelled, s.skipped
+    )
+}
+
 /// The story of a run that failed or was cancelled: each task's error, the counts, and
 /// what to do next: `file` is what `down` takes, `rerun` what `run` takes.
 pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str, rerun: &str) -> String {
     let s = &report.summary;
+    let left_loading = if s.left > 0 {
+        format!(
+            "; {} left loading (--keep): `prl-flow run {file} --resume` adopts {}",
+            count(s.left, "service"),
+            if s.left == 1 { "it" } else { "them" }
+        )
+    } else {
+        String::new()
+    };
     let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
     let mut msg = String::new();
     for (i, e) in report.errors.iter().enumerate() {
@@ -286,7 +310,7 @@ pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str, rerun: &str
     };
     let _ = writeln!(
         msg,
-        "{what}: {} done, {} kept, {} failed, {} timed out, {} cancelled, {} skipped ({took})",
+        "{what}: {} done, {} kept, {} failed, {} timed out, {} cancelled, {} skipped ({took}){left_loading}",
         s.done, s.kept, s.failed, s.timed_out, s.cancelled, s.skipped
     );
     if keep {

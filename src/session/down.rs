@@ -1,7 +1,8 @@
 //! Taking a deployment down: every process the journal records as possibly running is
 //! stopped, last started first, and allocations are released. The backends come from the
 //! records' handles, so `down` needs neither the recipe nor the site file, and works from
-//! another shell or machine. [`Session::watch`] stays with a deployment that is up and takes
+//! another shell or machine; a bring-up still under way there is aborted first
+//! ([`abort`](super::abort)). [`Session::watch`] stays with a deployment that is up and takes
 //! it down when asked.
 
 use std::collections::BTreeSet;
@@ -10,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prl_flow_backend::{Backend, Held, ProcState, Recorded};
-use prl_flow_engine::{journal, Journal, Record, Status};
+use prl_flow_engine::{journal, Journal, JournalError, Record, Status};
 
+use super::abort;
 use super::run::recover_missing;
 use super::salvage;
 use super::{is_allocation, journal_error, Error, Result, Session};
@@ -47,17 +49,37 @@ fn unrecorded_backends(journal: &Journal) -> BTreeSet<String> {
 
 impl Session {
     /// Stops every process the journal of `dir` records as possibly running, last started
-    /// first, and releases allocations. `on_stop` hears each task stopped.
+    /// first, and releases allocations. `on_stop` hears each task stopped. A run that still
+    /// holds `dir` is aborted first ([`Session::down_aborting`]).
     pub async fn down(
         &self,
         dir: &Path,
         on_stop: &mut (dyn FnMut(&str) + Send),
     ) -> Result<DownReport> {
+        self.down_aborting(dir, &mut |_| {}, on_stop).await
+    }
+
+    /// [`Session::down`], which first aborts a prl-flow run that holds `dir` (a bring-up
+    /// under way): it signals that run, as Ctrl-C would, and waits for its teardown.
+    /// `on_abort` hears the run (`prl-flow run FILE (pid N)`) before the wait.
+    pub async fn down_aborting(
+        &self,
+        dir: &Path,
+        on_abort: &mut (dyn FnMut(&str) + Send),
+        on_stop: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<DownReport> {
         super::has_journal(dir)?;
         // A damaged journal does not stop `down`: what can still be read of it is taken
         // down, then whatever the run dirs say still runs (see `salvage`).
-        let (journal, damage) =
-            Journal::open_salvaged(dir, "prl-flow down").map_err(journal_error)?;
+        let mut request = None;
+        let (journal, damage) = loop {
+            match Journal::open_salvaged(dir, "prl-flow down") {
+                Err(JournalError::Locked { holder, .. }) if request.is_none() => {
+                    request = Some(abort::abort_run(dir, &holder, on_abort).await?);
+                }
+                other => break other.map_err(journal_error)?,
+            }
+        };
         let mut all = journal.records();
         let first = self
             .registry()

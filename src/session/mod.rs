@@ -11,9 +11,11 @@
 //! - [`Session::status`], [`Session::down`], [`Session::logs`] and [`Session::watch`] work
 //!   from the journal alone ([`inspect`], [`down`]); [`Session::list`] finds every state
 //!   dir under `.prl-flow/`.
+//! - [`abort`]: `down` aborting a run that still holds the state dir.
 //! - [`identity`]: which file a state dir belongs to, and a file's default state dir.
 //! - [`options`]: the options a run was given, remembered for a resume and for hints.
 
+pub mod abort;
 pub mod down;
 pub mod heal;
 pub mod identity;

@@ -19,6 +19,9 @@ pub(super) struct Finish {
     pub(super) done: Option<Done>,
     pub(super) error: Option<TaskError>,
     pub(super) duration: Duration,
+    /// A service still loading, left running on abort (`keep`): not finished, its record
+    /// stays `running` with its handle, for a resume to adopt.
+    pub(super) left: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -31,6 +34,7 @@ pub(super) fn start(
     sink: Sink,
     cancel: Cancel,
     abort: Cancel,
+    keep: bool,
 ) -> TaskFuture {
     Box::pin(async move {
         let began = Instant::now();
@@ -61,6 +65,7 @@ pub(super) fn start(
                     done: None,
                     error: Some(TaskError::new(format!("`{id}` was not started: {why}"))),
                     duration: began.elapsed(),
+                    left: false,
                 };
             }
             let stop = CancelSource::new();
@@ -97,7 +102,22 @@ pub(super) fn start(
                     r = &mut work => (r, None),
                     () = deadline => { stop.fire(); (work.await, Some(Outcome::TimedOut)) }
                     () = cancel.cancelled() => { stop.fire(); (work.await, Some(Outcome::Cancelled)) }
-                    () = aborted => { stop.fire(); (work.await, Some(Outcome::Cancelled)) }
+                    () = aborted => {
+                        // `keep`: a loading service stays, unless the journal may not
+                        // hold its handle.
+                        if keep && sink.broken().is_none() {
+                            return Finish {
+                                index,
+                                outcome: Outcome::Cancelled,
+                                done: None,
+                                error: None,
+                                duration: began.elapsed(),
+                                left: true,
+                            };
+                        }
+                        stop.fire();
+                        (work.await, Some(Outcome::Cancelled))
+                    }
                 }
             };
             let (outcome, done, error) = match (result, why) {
@@ -125,6 +145,7 @@ pub(super) fn start(
                     done,
                     error,
                     duration: began.elapsed(),
+                    left: false,
                 };
             }
             let delay = policy.backoff.saturating_mul(1u32 << (attempt - 1).min(16));
@@ -144,6 +165,7 @@ pub(super) fn start(
                         done: None,
                         error: Some(TaskError::new("cancelled while waiting to retry")),
                         duration: began.elapsed(),
+                        left: false,
                     };
                 }
             }

@@ -14,7 +14,8 @@
 //!
 //! Two ways a run stops early, kept apart (moon's *abort* and *cancel*):
 //! - **abort**: a task failed and `keep_going` is off. Nothing new starts; one-shots already
-//!   running finish; services still waiting to be ready are told to stop.
+//!   running finish; services still waiting to be ready are told to stop, or, with `keep`,
+//!   left running as they are (their records stay `running`, so a resume adopts them).
 //! - **cancel**: a signal arrived. Nothing new starts, and every running task is told to stop.
 //!
 //! Telling a task to stop fires its [`Cancel`]; the scheduler then goes on awaiting the task,
@@ -67,7 +68,7 @@ impl Default for RunOptions {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub summary: Summary,
-    /// Per task index: `None` if kept from an earlier run.
+    /// Per task index: `None` if kept from an earlier run, or left loading (`keep`).
     pub outcomes: Vec<Option<Outcome>>,
     /// Per task index: the last error, if it failed.
     pub errors: Vec<Option<TaskError>>,

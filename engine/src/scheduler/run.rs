@@ -116,6 +116,7 @@ pub async fn run(
                     sink.clone(),
                     halt.token(),
                     abort.token(),
+                    options.keep,
                 ));
             }
         }
@@ -131,6 +132,16 @@ pub async fn run(
         // Its start may be what broke the journal: then that, not its failure, stops the run.
         note_broken(&sink, &mut broken, &halt);
         let i = fin.index;
+        if fin.left {
+            // Left loading (`keep`): no end is recorded; its record keeps its handle.
+            state[i] = State::Finished;
+            summary.left += 1;
+            sink.emit(&Event::Output {
+                id: ids[i].clone(),
+                line: "left running while it loads (--keep); a resume adopts it".into(),
+            });
+            continue;
+        }
         tracing::debug!(task = %ids[i], outcome = fin.outcome.as_str(), took = ?fin.duration, "finished");
         state[i] = State::Finished;
         outcomes[i] = Some(fin.outcome);

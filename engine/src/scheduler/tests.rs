@@ -338,6 +338,33 @@ async fn an_edge_says_whether_a_rerun_upstream_reruns_downstream() {
     assert_eq!(runs, [1, 0, 1, 1, 0]);
 }
 
+/// With `keep`, a service still waiting to be ready when another task fails is left as it
+/// is: not told to stop, not undone, not finished (its record stays running), and counted.
+#[tokio::test]
+async fn abort_with_keep_leaves_services_still_waiting_to_be_ready() {
+    let s = setup(vec![
+        FakeTask::new("bad", &[]).behaviour(Behaviour::Fail),
+        FakeTask::new("svc", &[])
+            .service()
+            .behaviour(Behaviour::Hang),
+        FakeTask::new("after", &["svc"]),
+    ]);
+    let r = go(
+        &s,
+        RunOptions {
+            keep: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.outcomes[1], None, "{:?}", r.outcomes);
+    assert_eq!(r.outcomes[2], Some(Outcome::Skipped));
+    assert_eq!(r.summary.left, 1);
+    assert!(!r.ok());
+    assert_eq!(s.tasks[1].undos.load(Ordering::SeqCst), 0);
+    assert!(find(&s.trace, "end:svc").is_none(), "{:?}", s.trace);
+}
+
 #[tokio::test]
 async fn resume_decisions_say_why() {
     let s = setup(vec![
