@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{alive, pid_of, wait_until, Sandbox, WAIT};
+use common::{alive, assert_matches_schema, pid_of, wait_until, Sandbox, WAIT};
 use serde_json::Value;
 
 /// A workflow with one service (ready once it says `up`) named `{tag}-server`, and a
@@ -261,26 +261,6 @@ fn ls_says_partly_up_and_failed() {
 
 // ---------------------------------------------------------------------------------------
 // 2. JSON for scripts, checked against the schemas in docs/schemas/
-
-/// Panics unless `doc` matches `docs/schemas/NAME`, listing every mismatch.
-#[track_caller]
-fn assert_matches_schema(name: &str, doc: &Value) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("docs/schemas")
-        .join(name);
-    let text = std::fs::read_to_string(&path).expect("read the schema");
-    let schema: Value = serde_json::from_str(&text).expect("the schema is JSON");
-    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
-    let errors: Vec<String> = validator
-        .iter_errors(doc)
-        .map(|e| format!("{} at {}", e, e.instance_path))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "does not match {name}:\n{}\n--- document\n{doc:#}",
-        errors.join("\n")
-    );
-}
 
 fn parse(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))

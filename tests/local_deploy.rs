@@ -990,7 +990,16 @@ fn attach_restarts_a_killed_engine_and_its_budget_stops_a_crash_loop() {
     );
     d.sb.write(d.file(), &text);
     let st = d.st();
-    let mut run = d.spawn("attach", &["--attach"]);
+    let mut run = d.spawn(
+        "attach",
+        &[
+            "--attach",
+            "--events",
+            "jsonl",
+            "--events-file",
+            "events.jsonl",
+        ],
+    );
     wait_until("the deployment to be up", WAIT, || {
         status_of(&st, "health-probe").as_deref() == Some("done")
     });

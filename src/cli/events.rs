@@ -25,6 +25,27 @@ impl Jsonl {
         }
     }
 
+    /// A line for what `run --attach` did to keep the deployment up: `down`, `detached`,
+    /// `restarting`, `restarted`, `restart-failed`, `gave-up`.
+    pub fn heal(&self, e: &crate::session::heal::HealEvent) {
+        use crate::session::heal::HealEvent as H;
+        self.write(match e {
+            H::Down(t) => json!({ "event": "down", "task": t }),
+            H::Detached { task, router } => {
+                json!({ "event": "detached", "task": task, "router": router })
+            }
+            H::Restarting { tasks, wait } => json!({
+                "event": "restarting", "tasks": tasks,
+                "delay_ms": u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            }),
+            H::Restarted(tasks) => json!({ "event": "restarted", "tasks": tasks }),
+            H::RestartFailed(why) => json!({ "event": "restart-failed", "error": why }),
+            H::GaveUp { task, deaths, .. } => {
+                json!({ "event": "gave-up", "task": task, "deaths": deaths })
+            }
+        });
+    }
+
     fn write(&self, mut v: Value) {
         v["time_ms"] = json!(prl_flow_engine::record::now_ms());
         if let (Ok(mut o), Ok(line)) = (self.out.lock(), serde_json::to_string(&v)) {

@@ -334,8 +334,12 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     } else {
         subs.push(Arc::new(progress::Lines::stderr(cli.quiet)));
     }
-    if a.events.is_some() {
-        subs.push(Arc::new(events_subscriber(a, &loaded.plan)?));
+    let jsonl = match a.events {
+        Some(_) => Some(Arc::new(events_subscriber(a, &loaded.plan)?)),
+        None => None,
+    };
+    if let Some(j) = &jsonl {
+        subs.push(j.clone());
     }
     let cancel = prl_flow_engine::CancelSource::new();
     let token = cancel.token();
@@ -376,7 +380,15 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
             result(&crate::recipe::kinds::try_it(plan, &endpoint));
         }
         if a.attach {
-            return attach(&session, &loaded, &ran.dir, ran.exec.backend.as_ref(), cli).await;
+            return attach(
+                &session,
+                &loaded,
+                &ran.dir,
+                ran.exec.backend.as_ref(),
+                cli,
+                jsonl,
+            )
+            .await;
         }
         if plan.tasks.iter().any(|t| t.service) {
             eprintln!("services keep running; stop them with `prl-flow down {file}`");
@@ -570,9 +582,10 @@ async fn attach(
     dir: &Path,
     backend: &dyn prl_flow_backend::Backend,
     cli: &Cli,
+    events: Option<Arc<events::Jsonl>>,
 ) -> R<i32> {
     eprintln!("attached: a service that dies is restarted; Ctrl-C stops the deployment (or run `prl-flow down` elsewhere)");
-    let end = heal(session, loaded, dir, backend, cli).await;
+    let end = heal(session, loaded, dir, backend, cli, events).await;
     match end {
         session::down::WatchEnd::StoppedElsewhere => {
             eprintln!("the deployment was stopped by `prl-flow down`");
@@ -585,13 +598,15 @@ async fn attach(
     }
 }
 
-/// The healer's loop until Ctrl-C: each event on stderr and in `logs/heal.log`.
+/// The healer's loop until Ctrl-C: each event on stderr, in `logs/heal.log`, and on the
+/// `--events` stream when there is one (with the restart runs' own events).
 async fn heal(
     session: &Session,
     loaded: &session::Loaded,
     dir: &Path,
     backend: &dyn prl_flow_backend::Backend,
     cli: &Cli,
+    events: Option<Arc<events::Jsonl>>,
 ) -> session::down::WatchEnd {
     let log_path = dir.join("logs").join("heal.log");
     let mut log = std::fs::OpenOptions::new()
@@ -600,9 +615,18 @@ async fn heal(
         .open(&log_path)
         .ok();
     let quiet = cli.quiet;
-    let subs =
-        move || -> Vec<Arc<dyn Subscriber>> { vec![Arc::new(progress::Lines::stderr(quiet))] };
+    let stream = events.clone();
+    let subs = move || -> Vec<Arc<dyn Subscriber>> {
+        let mut v: Vec<Arc<dyn Subscriber>> = vec![Arc::new(progress::Lines::stderr(quiet))];
+        if let Some(j) = &stream {
+            v.push(j.clone());
+        }
+        v
+    };
     let mut on = |e: session::heal::HealEvent| {
+        if let Some(j) = &events {
+            j.heal(&e);
+        }
         let line = format!("heal: {e}");
         eprintln!("{line}");
         if let Some(f) = log.as_mut() {
@@ -656,7 +680,7 @@ async fn watch(cli: &Cli, a: &WatchArgs) -> R<i32> {
         .for_plan(&loaded.plan, &dir)
         .map_err(Error::Usage)?;
     eprintln!("watching `{}`: a service that dies is restarted; Ctrl-C ends the watch and leaves the deployment up", dir.display());
-    match heal(&session, &loaded, &dir, backend.as_ref(), cli).await {
+    match heal(&session, &loaded, &dir, backend.as_ref(), cli, None).await {
         session::down::WatchEnd::StoppedElsewhere => {
             eprintln!("the deployment was stopped by `prl-flow down`");
             Ok(0)

@@ -857,3 +857,23 @@ pub fn claim_port() -> u16 {
     }
     panic!("no free port could be claimed");
 }
+
+/// Panics unless `doc` matches `docs/schemas/NAME`, listing every mismatch.
+#[track_caller]
+pub fn assert_matches_schema(name: &str, doc: &Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schemas")
+        .join(name);
+    let text = std::fs::read_to_string(&path).expect("read the schema");
+    let schema: Value = serde_json::from_str(&text).expect("the schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(doc)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "does not match {name}:\n{}\n--- document\n{doc:#}",
+        errors.join("\n")
+    );
+}
