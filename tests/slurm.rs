@@ -1642,6 +1642,57 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     );
 }
 
+/// `watch` on SLURM: an engine step cancelled by an admin is restarted as a new step inside
+/// the allocation (its P/D router with it), and the deployment serves again.
+#[test]
+fn watch_restarts_a_cancelled_engine_step_inside_the_allocation() {
+    let _turn = SERIAL.blocking_lock();
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let recipe = cli_recipe(&cluster, true);
+    let f = recipe.to_str().expect("path");
+    let r = router.to_str().expect("path");
+    let state = cluster.dir().join("state");
+    prl(
+        &cluster,
+        &router,
+        &["run", f, "--engine", "mock", "--router", r],
+    )
+    .expect_code(0);
+    let err = cluster.dir().join("watch.stderr");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["watch", f, "--state-dir"])
+        .arg(&state)
+        .env("PRL_FLOW_ROUTER", &router)
+        .current_dir(cluster.dir())
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("watch");
+    let jobs = cluster.jobs();
+    let victim = "decode[1].rank[0]";
+    let step = step_ids(&state)[victim].clone();
+    cluster.slurm("scancel", &[&step]);
+    let heal_log = || std::fs::read_to_string(state.join("logs/heal.log")).unwrap_or_default();
+    common::wait_until("the step to be restarted", Duration::from_secs(120), || {
+        heal_log().contains(&format!("restarted `{victim}`"))
+    });
+    let again = step_ids(&state)[victim].clone();
+    assert_ne!(again, step, "a new step");
+    assert!(cluster.steps().iter().any(|(id, _, _)| *id == again));
+    assert_eq!(cluster.jobs(), jobs, "inside the same allocation");
+    prl(&cluster, &router, &["status", f]).expect_code(0);
+    let _ = Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status();
+    let _ = watch.wait();
+    prl(&cluster, &router, &["down", f]).expect_code(0);
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
 #[test]
 fn cli_more_nodes_than_the_partition_fails_with_slurms_reason() {
     let _turn = SERIAL.blocking_lock();
