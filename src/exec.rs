@@ -7,13 +7,15 @@
 //!
 //! Node addresses are not known when a plan is made (a SLURM allocation names them). Specs
 //! carry `${host:nodeK}` placeholders; [`Exec::hosts`] fills them in at the last moment,
-//! from the `allocate` task's result, or on resume from its journal record.
+//! from the `allocate` task's result, or on resume from its journal record. Before
+//! `allocate` is done, [`preflight`] checks the nodes for the plan's programs and ports.
 
 mod ports;
+pub mod preflight;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -40,6 +42,8 @@ pub struct Exec {
     hosts: RwLock<BTreeMap<String, String>>,
     http: reqwest::Client,
     pub grace: Duration,
+    /// What the plan's tasks need of their nodes, checked once they are allocated.
+    preflight: OnceLock<preflight::Preflight>,
 }
 
 impl Exec {
@@ -55,6 +59,7 @@ impl Exec {
                 .build()
                 .unwrap_or_default(),
             grace: STOP_GRACE,
+            preflight: OnceLock::new(),
         }
     }
 
@@ -168,6 +173,7 @@ pub fn build_graph(
     plan: &Plan,
     exec: &Arc<Exec>,
 ) -> Result<prl_flow_engine::Graph, Vec<GraphError>> {
+    let _ = exec.preflight.set(preflight::Preflight::of(plan));
     let mut b = GraphBuilder::with_capacity(plan.tasks.len());
     for spec in &plan.tasks {
         let origin = Origin {
@@ -524,6 +530,7 @@ pub fn recorded_readiness(meta: &serde_json::Value) -> Option<Readiness> {
     serde_json::from_value(meta.get("ready")?.clone()).ok()
 }
 
+#[async_trait]
 impl Context for Exec {
     fn resolve(&self, text: &str) -> String {
         Exec::resolve(self, text)
@@ -536,5 +543,11 @@ impl Context for Exec {
     }
     fn set_hosts(&self, hosts: BTreeMap<String, String>) {
         Exec::set_hosts(self, hosts)
+    }
+    async fn preflight(&self, hosts: &BTreeMap<String, String>) -> Result<(), String> {
+        match self.preflight.get() {
+            Some(p) => p.check(self.backend.as_ref(), hosts).await,
+            None => Ok(()),
+        }
     }
 }

@@ -62,6 +62,7 @@ impl std::fmt::Display for Action {
 }
 
 /// What an action may use of the run it is part of.
+#[async_trait]
 pub trait Context: Send + Sync {
     /// Fills the node placeholders of `text` with the addresses known so far.
     fn resolve(&self, text: &str) -> String;
@@ -70,6 +71,11 @@ pub trait Context: Send + Sync {
     fn nodes(&self) -> &[String];
     /// Learns the nodes' addresses.
     fn set_hosts(&self, hosts: BTreeMap<String, String>);
+    /// Once the nodes are known: are the plan's programs there and its ports free on each
+    /// (the preflight)? `Err`: every problem, for the message. The default finds none.
+    async fn preflight(&self, _hosts: &BTreeMap<String, String>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// How a built-in action runs, is checked on resume, and is undone on teardown.
