@@ -96,9 +96,11 @@ fn a_taken_port_fails_the_run_before_anything_starts_naming_its_field() {
         "{err}"
     );
     assert!(err.contains("`router` binds it"), "{err}");
-    assert!(err.contains("router_port"), "{err}");
     assert!(
-        err.contains(&format!("pid {}", std::process::id())),
+        err.contains(&format!(
+            "(set by [inference.deployment] router_port), held by pid {} (",
+            std::process::id()
+        )),
         "{err}"
     );
     nothing_started(&sb, &out);

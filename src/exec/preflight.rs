@@ -142,7 +142,7 @@ impl Preflight {
                             .map(|h| format!(", held by {h}"))
                             .unwrap_or_default();
                         problems.push(format!(
-                            "{}: port {} is already in use{holder}; `{}` binds it{field}\n    \
+                            "{}: port {} is already in use{field}{holder}; `{}` binds it\n    \
                              help: stop what holds it, or choose another port in the recipe",
                             where_(&node),
                             h.port,
