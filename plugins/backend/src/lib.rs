@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 mod config_error;
 mod handle;
 mod logs;
+pub mod preflight;
 mod teardown;
 
 pub use config_error::ConfigError;

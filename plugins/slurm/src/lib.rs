@@ -71,6 +71,7 @@ mod allocation;
 mod cancel;
 pub mod config;
 mod handles;
+mod preflight;
 pub mod slurm;
 mod steps;
 pub mod templates;
@@ -83,7 +84,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, ProcHandle, ProcState, Recorded, SpawnSpec, Stopped,
+    Allocation, Backend, BackendError, Missing, ProcHandle, ProcState, Program, Recorded,
+    SpawnSpec, Stopped,
 };
 pub(crate) use prl_flow_engine::fs::write_atomic;
 use prl_flow_local::WithLocal;
@@ -266,6 +268,11 @@ impl Backend for SlurmBackend {
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
         self.spawn_step(spec).await
+    }
+
+    /// One step across the allocation (see `preflight.rs`).
+    async fn preflight(&self, programs: &[Program]) -> Result<Option<Vec<Missing>>, BackendError> {
+        self.preflight_step(programs).await
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {

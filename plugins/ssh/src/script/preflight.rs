@@ -2,29 +2,16 @@
 //! them (the `PATH` of a non-interactive ssh session, or the path given)? One round trip per
 //! host, with `sh` alone.
 
+use prl_flow_backend::preflight::{read_missing, CHECK_SH};
 use prl_flow_backend::BackendError;
 
 use super::Script;
 
-/// Says `missing INDEX WHY` for each program that is not there, then `preflight done`.
-const CHECK: &str = r#"# Says `missing $1 WHY` unless program $2 can be run: a name on PATH, or an absolute path
-# to an executable file (a relative path depends on where the task starts: not checked).
-check() {
-	case $2 in
-	/*)
-		if [ ! -e "$2" ]; then say missing "$1" absent
-		elif [ ! -f "$2" ] || [ ! -x "$2" ]; then say missing "$1" noexec
-		fi ;;
-	*/*) ;;
-	*) command -v -- "$2" >/dev/null 2>&1 || say missing "$1" nopath ;;
-	esac
-}
-"#;
-
-/// The script that checks `programs` on one host.
+/// The script that checks `programs` on one host: `missing INDEX WHY` for each that is
+/// not there, then `preflight done`.
 pub fn programs(programs: &[String]) -> Result<String, BackendError> {
     let mut sc = Script::new();
-    sc.line(CHECK);
+    sc.line(CHECK_SH);
     for (i, p) in programs.iter().enumerate() {
         sc.set("p", p)?;
         sc.line(&format!("check {i} \"$p\""));
@@ -35,27 +22,19 @@ pub fn programs(programs: &[String]) -> Result<String, BackendError> {
 
 /// The programs the script found missing, each with why; `None` when it did not finish.
 pub fn read(lines: &[String], programs: &[String]) -> Option<Vec<(String, String)>> {
-    let mut missing = Vec::new();
-    let mut done = false;
-    for l in lines {
-        let w: Vec<&str> = l.split(' ').collect();
-        match w.as_slice() {
-            ["missing", i, why] => {
-                let Some(p) = i.parse::<usize>().ok().and_then(|i| programs.get(i)) else {
-                    continue;
-                };
-                let why = match *why {
-                    "absent" => "does not exist",
-                    "noexec" => "is not an executable file",
-                    _ => "is not on PATH (of a non-interactive ssh session)",
-                };
-                missing.push((p.clone(), why.to_string()));
-            }
-            ["preflight", "done"] => done = true,
-            _ => {}
-        }
+    if !lines.iter().any(|l| l == "preflight done") {
+        return None;
     }
-    done.then_some(missing)
+    let missing = read_missing(
+        lines.iter().map(String::as_str),
+        " (of a non-interactive ssh session)",
+    );
+    Some(
+        missing
+            .into_iter()
+            .filter_map(|(i, why)| Some((programs.get(i)?.clone(), why)))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
