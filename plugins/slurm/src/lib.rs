@@ -31,6 +31,11 @@
 //! of how it ended once its `srun` is gone). [`Backend::spawn`] returns when the step
 //! file names the step; the handle records job, step, node and the cluster's `SLURM_CONF`.
 //!
+//! **The preflight** ([`Backend::preflight`], `preflight.rs`): right after the allocation,
+//! one step across its nodes (`srun --overlap --ntasks-per-node=1`) runs the prologue and
+//! looks each node's programs up on its `PATH`, so a missing `vllm` fails the run before
+//! any step of the plan starts.
+//!
 //! **A step's life is tied to its `srun`**: SLURM cancels a step whose `srun` is killed.
 //! So each `srun` starts in a process group of its own with its output in files, and
 //! nothing of prl-flow stops it: when prl-flow exits (or is killed with `kill -9`) the
