@@ -58,9 +58,13 @@ mod tests {
             find_program("/nonexistent/x", None),
             Err("does not exist".to_string())
         );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "not a program").expect("write");
+        let plain = plain.to_string_lossy();
         assert_eq!(
-            find_program("/etc/hostname", None).map_err(|e| e.contains("executable")),
-            Err(true)
+            find_program(&plain, None),
+            Err("is not an executable file".to_string())
         );
     }
 }
