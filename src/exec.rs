@@ -44,6 +44,8 @@ pub struct Exec {
     pub grace: Duration,
     /// What the plan's tasks need of their nodes, checked once they are allocated.
     preflight: OnceLock<preflight::Preflight>,
+    /// On a resume, the tasks it will start: the preflight covers their programs alone.
+    resume_scope: OnceLock<std::collections::BTreeSet<String>>,
 }
 
 impl Exec {
@@ -60,6 +62,7 @@ impl Exec {
                 .unwrap_or_default(),
             grace: STOP_GRACE,
             preflight: OnceLock::new(),
+            resume_scope: OnceLock::new(),
         }
     }
 
@@ -82,6 +85,37 @@ impl Exec {
                 }
             }
         }
+    }
+
+    /// Narrows the preflight for a resume: the programs of the tasks it will start
+    /// (`starting`) and no ports, which a task about to be kept, adopted or restarted may
+    /// hold itself. A fresh run checks every task, ports too.
+    pub fn set_resume_scope(&self, starting: std::collections::BTreeSet<String>) {
+        let _ = self.resume_scope.set(starting);
+    }
+
+    /// The preflight with the addresses known so far (a resume's come from the journal), for
+    /// a resume that keeps the allocation. `Err`: the message.
+    pub async fn preflight_resume(&self) -> Result<(), String> {
+        let hosts = self.hosts.read().map(|h| h.clone()).unwrap_or_default();
+        self.run_preflight(&hosts, "nothing was started or stopped")
+            .await
+    }
+
+    async fn run_preflight(
+        &self,
+        hosts: &BTreeMap<String, String>,
+        after: &str,
+    ) -> Result<(), String> {
+        let Some(p) = self.preflight.get() else {
+            return Ok(());
+        };
+        let backend = self.backend.as_ref();
+        match self.resume_scope.get() {
+            Some(ids) => p.only(ids).check(backend, hosts, false).await,
+            None => p.check(backend, hosts, true).await,
+        }
+        .map_err(|e| preflight::message(&e, after))
     }
 
     pub fn resolve(&self, text: &str) -> String {
@@ -545,9 +579,6 @@ impl Context for Exec {
         Exec::set_hosts(self, hosts)
     }
     async fn preflight(&self, hosts: &BTreeMap<String, String>) -> Result<(), String> {
-        match self.preflight.get() {
-            Some(p) => p.check(self.backend.as_ref(), hosts).await,
-            None => Ok(()),
-        }
+        self.run_preflight(hosts, "the nodes were released").await
     }
 }

@@ -128,3 +128,37 @@ fn a_shipped_recipe_without_vllm_and_without_engine_mock_fails_at_once_with_the_
     assert!(err.contains("run with `--engine mock`"), "{err}");
     nothing_started(&sb, &out);
 }
+
+/// A resume that keeps the allocation checks the programs of what it will start, before it
+/// stops or starts anything: a changed launcher that does not exist fails it at once, and
+/// the running engine and router are left as they are.
+#[test]
+fn a_resume_to_a_launcher_that_does_not_exist_fails_before_it_stops_anything() {
+    let Some(router) = common::router_or_skip() else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let base = free_port_block(3);
+    let router = router.to_string_lossy().into_owned();
+    let file = recipe(&sb, &mock_engine(), &router, base);
+    sb.run(&["run", &file, "--state-dir", "st"]).expect_code(0);
+    let st = sb.join("st");
+    let engine = common::pid_of(&st, "engine[0].rank[0]").expect("engine pid");
+    let router_pid = common::pid_of(&st, "router").expect("router pid");
+
+    recipe(&sb, "prl-flow-no-such-engine", &router, base);
+    let out = sb.run(&["run", &file, "--state-dir", "st", "--resume"]);
+    out.expect_code(1);
+    let err = &out.stderr;
+    assert!(
+        err.contains("node0 (127.0.0.1): `prl-flow-no-such-engine` is not on PATH"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was started or stopped"), "{err}");
+    assert!(err.contains("--engine mock"), "{err}");
+    // Nothing was stopped or started: the same engine and router, still running.
+    assert_eq!(common::pid_of(&st, "engine[0].rank[0]"), Some(engine));
+    assert_eq!(common::pid_of(&st, "router"), Some(router_pid));
+    assert!(common::alive(engine) && common::alive(router_pid));
+    sb.run(&["down", &file, "--state-dir", "st"]).expect_code(0);
+}

@@ -3,6 +3,11 @@
 //! the ports its services bind are free. A problem fails `allocate`, which releases the
 //! nodes, so nothing starts; the message names each node, program or port, and the fix.
 //!
+//! A resume checks the programs of the tasks it will start alone, and no ports: a task it
+//! keeps, adopts or restarts may hold its own ([`crate::exec::Exec::set_resume_scope`]).
+//! When it keeps the allocation, that check runs before anything starts
+//! ([`crate::exec::Exec::preflight_resume`]).
+//!
 //! A backend that cannot tell (its default) lets the run go ahead; each task's own checks
 //! at its start remain.
 
@@ -66,7 +71,8 @@ impl Preflight {
         &self,
         backend: &dyn Backend,
         hosts: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
+        ports: bool,
+    ) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         let where_ = |node: &Option<String>| match node {
             Some(n) => match hosts.get(n) {
@@ -117,7 +123,7 @@ impl Preflight {
 
         // Ports: one call per node.
         let mut by_node: BTreeMap<Option<String>, Vec<&Needs>> = BTreeMap::new();
-        for t in self.tasks.iter().filter(|t| !t.ports.is_empty()) {
+        for t in self.tasks.iter().filter(|t| ports && !t.ports.is_empty()) {
             by_node.entry(t.node.clone()).or_default().push(t);
         }
         for (node, tasks) in by_node {
@@ -159,15 +165,34 @@ impl Preflight {
         }
 
         if problems.is_empty() {
-            return Ok(());
+            Ok(())
+        } else {
+            Err(problems)
         }
-        Err(format!(
-            "preflight: {} problem{} found before anything started; the nodes were released\n  {}",
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" },
-            problems.join("\n  ")
-        ))
     }
+
+    /// The needs of the tasks `ids` alone (those a resume will start).
+    pub fn only(&self, ids: &BTreeSet<String>) -> Self {
+        Self {
+            tasks: self
+                .tasks
+                .iter()
+                .filter(|t| ids.contains(&t.id))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The message of the problems found: a heading that says what was done about them
+/// (`after`), then one paragraph each.
+pub fn message(problems: &[String], after: &str) -> String {
+    format!(
+        "preflight: {} problem{} found before anything started; {after}\n  {}",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        problems.join("\n  ")
+    )
 }
 
 /// The programs an argv runs: its first word, and, when that is a shell running a script
