@@ -8,8 +8,8 @@
 //! When it keeps the allocation, that check runs before anything starts
 //! ([`crate::exec::Exec::preflight_resume`]).
 //!
-//! A backend that cannot tell (its default) lets the run go ahead; each task's own checks
-//! at its start remain.
+//! A backend that cannot tell (its default), or whose check fails to run (logged as a
+//! warning), lets the run go ahead; each task's own checks at its start remain.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -117,7 +117,8 @@ impl Preflight {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => problems.push(format!("the check of the programs failed: {e}")),
+                // A check that cannot run cannot tell: each start finds out for itself.
+                Err(e) => tracing::warn!("preflight: the programs could not be checked: {e}"),
             }
         }
 
@@ -157,10 +158,10 @@ impl Preflight {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => problems.push(format!(
-                    "{}: the check of the ports failed: {e}",
+                Err(e) => tracing::warn!(
+                    "preflight: the ports of {} could not be checked: {e}",
                     where_(&node)
-                )),
+                ),
             }
         }
 
