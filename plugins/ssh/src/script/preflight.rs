@@ -43,11 +43,16 @@ mod tests {
 
     #[test]
     fn the_script_names_what_is_missing_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "not a program").expect("write");
+        let plain = plain.to_string_lossy().into_owned();
         let progs: Vec<String> = [
             "sh",
             "no-such-program-anywhere",
             "/nonexistent/x",
             "./rel/x",
+            &plain,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -63,8 +68,12 @@ mod tests {
             .collect();
         let missing = read(&lines, &progs).expect("finished");
         let names: Vec<&str> = missing.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(names, ["no-such-program-anywhere", "/nonexistent/x"]);
+        assert_eq!(
+            names,
+            ["no-such-program-anywhere", "/nonexistent/x", &plain]
+        );
         assert!(missing[0].1.contains("PATH"));
         assert_eq!(missing[1].1, "does not exist");
+        assert_eq!(missing[2].1, "is not an executable file");
     }
 }
