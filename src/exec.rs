@@ -7,13 +7,15 @@
 //!
 //! Node addresses are not known when a plan is made (a SLURM allocation names them). Specs
 //! carry `${host:nodeK}` placeholders; [`Exec::hosts`] fills them in at the last moment,
-//! from the `allocate` task's result, or on resume from its journal record.
+//! from the `allocate` task's result, or on resume from its journal record. Before
+//! `allocate` is done, [`preflight`] checks the nodes for the plan's programs and ports.
 
 mod ports;
+pub mod preflight;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -45,6 +47,10 @@ pub struct Exec {
     held: RwLock<std::collections::BTreeSet<String>>,
     http: reqwest::Client,
     pub grace: Duration,
+    /// What the plan's tasks need of their nodes, checked once they are allocated.
+    preflight: OnceLock<preflight::Preflight>,
+    /// On a resume, the tasks it will start: the preflight covers their programs alone.
+    resume_scope: OnceLock<std::collections::BTreeSet<String>>,
 }
 
 impl Exec {
@@ -62,6 +68,8 @@ impl Exec {
                 .build()
                 .unwrap_or_default(),
             grace: STOP_GRACE,
+            preflight: OnceLock::new(),
+            resume_scope: OnceLock::new(),
         }
     }
 
@@ -98,6 +106,37 @@ impl Exec {
                 }
             }
         }
+    }
+
+    /// Narrows the preflight for a resume: the programs of the tasks it will start
+    /// (`starting`) and no ports, which a task about to be kept, adopted or restarted may
+    /// hold itself. A fresh run checks every task, ports too.
+    pub fn set_resume_scope(&self, starting: std::collections::BTreeSet<String>) {
+        let _ = self.resume_scope.set(starting);
+    }
+
+    /// The preflight with the addresses known so far (a resume's come from the journal), for
+    /// a resume that keeps the allocation. `Err`: the message.
+    pub async fn preflight_resume(&self) -> Result<(), String> {
+        let hosts = self.hosts.read().map(|h| h.clone()).unwrap_or_default();
+        self.run_preflight(&hosts, "nothing was started or stopped")
+            .await
+    }
+
+    async fn run_preflight(
+        &self,
+        hosts: &BTreeMap<String, String>,
+        after: &str,
+    ) -> Result<(), String> {
+        let Some(p) = self.preflight.get() else {
+            return Ok(());
+        };
+        let backend = self.backend.as_ref();
+        match self.resume_scope.get() {
+            Some(ids) => p.only(ids).check(backend, hosts, false).await,
+            None => p.check(backend, hosts, true).await,
+        }
+        .map_err(|e| preflight::message(&e, after))
     }
 
     pub fn resolve(&self, text: &str) -> String {
@@ -189,6 +228,7 @@ pub fn build_graph(
     plan: &Plan,
     exec: &Arc<Exec>,
 ) -> Result<prl_flow_engine::Graph, Vec<GraphError>> {
+    let _ = exec.preflight.set(preflight::Preflight::of(plan));
     let mut b = GraphBuilder::with_capacity(plan.tasks.len());
     for spec in &plan.tasks {
         let origin = Origin {
@@ -561,6 +601,7 @@ pub fn recorded_readiness(meta: &serde_json::Value) -> Option<Readiness> {
     serde_json::from_value(meta.get("ready")?.clone()).ok()
 }
 
+#[async_trait]
 impl Context for Exec {
     fn resolve(&self, text: &str) -> String {
         Exec::resolve(self, text)
@@ -582,5 +623,8 @@ impl Context for Exec {
     }
     fn state_dir(&self) -> Option<&Path> {
         Some(&self.state_dir)
+    }
+    async fn preflight(&self, hosts: &BTreeMap<String, String>) -> Result<(), String> {
+        self.run_preflight(hosts, "the nodes were released").await
     }
 }

@@ -1723,6 +1723,71 @@ fn cli_more_nodes_than_the_partition_fails_with_slurms_reason() {
     assert!(cluster.jobs().is_empty());
 }
 
+/// The preflight is one step across the allocation, after the site's prologue: a launcher
+/// on no node fails the run at once, naming each node and the fix, before any step of the
+/// plan starts, and the job is cancelled; a router that only the prologue puts on PATH is
+/// found.
+#[test]
+fn cli_a_launcher_missing_on_the_nodes_fails_in_one_step_and_releases_the_job() {
+    let _turn = SERIAL.blocking_lock();
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let Some(router) = deployment_prerequisites(&cluster) else {
+        return;
+    };
+    let only_prologue = cluster.dir().join("only-prologue");
+    std::fs::create_dir_all(&only_prologue).expect("mkdir");
+    std::os::unix::fs::symlink(&router, only_prologue.join("prl-flow-test-router")).expect("link");
+    let recipe = cli_recipe(&cluster, false);
+    let text = std::fs::read_to_string(&recipe).expect("read");
+    let text = text
+        .replace(
+            "launcher = [\"vllm\", \"serve\"]",
+            "launcher = [\"prl-flow-test-engine\", \"serve\"]",
+        )
+        .replace(
+            "[inference.deployment]\n",
+            "[inference.deployment]\nrouter_launcher = [\"prl-flow-test-router\"]\n",
+        )
+        .replace(
+            "prologue = \"",
+            &format!(
+                "prologue = \"export PATH={}:$PATH; ",
+                only_prologue.display()
+            ),
+        );
+    assert!(text.contains("prl-flow-test-engine") && text.contains("only-prologue"));
+    std::fs::write(&recipe, text).expect("write");
+    let out = prl(&cluster, &router, &["run", recipe.to_str().expect("path")]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for k in 0..4 {
+        let want = format!("node{k} (",);
+        assert!(out.stderr.contains(&want), "no `{want}` in {}", out.stderr);
+    }
+    assert!(
+        out.stderr
+            .contains("`prl-flow-test-engine` is not on PATH (after `[backend] prologue`)"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--engine mock"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("prl-flow-test-router"),
+        "{}",
+        out.stderr
+    );
+    // One srun: the preflight's; no step of the plan; the job is gone.
+    let sruns = cluster.calls("srun");
+    assert_eq!(sruns.len(), 1, "{sruns:?}");
+    assert!(sruns[0].contains("--job-name=pf:preflight"), "{sruns:?}");
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+    let run_dirs = std::fs::read_dir(cluster.dir().join("state/run"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(run_dirs, 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // Benchmark (docs/benchmarks.md, "SLURM bring-up"):
 //

@@ -1671,6 +1671,59 @@ fn cli_a_port_taken_on_the_host_fails_the_start_naming_the_port_and_its_holder()
     assert!(stranger.alive(), "down stopped the stranger");
 }
 
+/// The preflight asks the host, not this machine: a launcher on prl-flow's own `PATH` but not
+/// on the `PATH` of an ssh session on the host fails the run before anything starts there,
+/// naming the node, its address, the program and the fix.
+#[test]
+fn cli_a_launcher_missing_on_the_host_fails_before_anything_starts() {
+    let Some(router) = router_program() else {
+        return;
+    };
+    let Some(hosts) = Hosts::up(1) else { return };
+    let base = common::free_port_block(3);
+    let file = one_node_recipe(&hosts, base, "");
+    let text = std::fs::read_to_string(&file).expect("recipe");
+    let text = text.replacen(
+        "[inference]\n",
+        "[inference]\nlauncher = [\"prl-flow-test-engine\", \"serve\"]\n",
+        1,
+    );
+    std::fs::write(&file, text).expect("recipe");
+    // Here, the launcher is on PATH (and works: it is the mock engine).
+    let bin = hosts.dir().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    std::os::unix::fs::symlink(common::mock_engine(), bin.join("prl-flow-test-engine"))
+        .expect("link");
+    let local_path = format!(
+        "{}:{}",
+        path(&bin),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let state = hosts.dir().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["run", path(&file), "--router"])
+        .arg(&router)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("PATH", local_path)
+        .output()
+        .expect("prl-flow");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let want = format!(
+        "node0 ({}): `prl-flow-test-engine` is not on PATH",
+        address(&hosts, 0)
+    );
+    assert!(err.contains(&want), "no `{want}` in:\n{err}");
+    assert!(err.contains("--engine mock"), "{err}");
+    // The router's program is on the host: only the launcher is named.
+    assert!(!err.contains("vllm-router` is not"), "{err}");
+    // Nothing started: the host runs nothing of the plan, the journal holds no handle.
+    assert_eq!(hosts.settle_but(0, 0), Vec::<String>::new());
+    let records = prl_flow_engine::journal::load(&state).unwrap_or_default();
+    assert!(records.values().all(|r| r.handle.is_none()), "{records:?}");
+}
+
 #[test]
 fn cli_a_probe_answered_by_another_process_on_the_host_does_not_make_a_service_ready() {
     let Some(router) = router_program() else {

@@ -1,6 +1,7 @@
 //! `allocate`: the plan's nodes from the backend. Its handle is the [`Allocation`] (node
 //! addresses and the backend's own handle), so a resume learns the addresses from the
-//! journal and a teardown releases the nodes.
+//! journal and a teardown releases the nodes. Before it is done, the preflight checks the
+//! nodes (programs there, ports free); a problem releases them and fails the task.
 
 use async_trait::async_trait;
 use prl_flow_backend::Allocation;
@@ -21,6 +22,15 @@ impl Perform for Allocate {
             .await
             .map_err(|e| TaskError::new(format!("allocating {} nodes: {e}", nodes.len())))?;
         cx.set_hosts(a.hosts.clone());
+        // Before any task starts: a missing program or a taken port fails here, in seconds,
+        // and gives the nodes back.
+        if let Err(problems) = cx.preflight(&a.hosts).await {
+            let released = match cx.backend().release(&a).await {
+                Ok(()) => String::new(),
+                Err(e) => format!("\n  releasing the nodes failed too: {e}"),
+            };
+            return Err(TaskError::new(format!("{problems}{released}")));
+        }
         let handle = serde_json::to_value(&a).map_err(|e| TaskError::new(e.to_string()))?;
         Ok(Some(handle))
     }

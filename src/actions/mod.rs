@@ -64,6 +64,7 @@ impl std::fmt::Display for Action {
 }
 
 /// What an action may use of the run it is part of.
+#[async_trait]
 pub trait Context: Send + Sync {
     /// Fills the node placeholders of `text` with the addresses known so far.
     fn resolve(&self, text: &str) -> String;
@@ -85,6 +86,11 @@ pub trait Context: Send + Sync {
     /// The run's state dir, where a backend notes what it starts before it is recorded.
     fn state_dir(&self) -> Option<&std::path::Path> {
         None
+    }
+    /// Once the nodes are known: are the plan's programs there and its ports free on each
+    /// (the preflight)? `Err`: every problem, for the message. The default finds none.
+    async fn preflight(&self, _hosts: &BTreeMap<String, String>) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -148,6 +148,15 @@ pub async fn prepare(
                 .map(|(t, _)| t.id().to_string()),
         );
     }
+    if settings.resume {
+        let starting = graph.tasks().iter().zip(&decisions);
+        exec.set_resume_scope(
+            starting
+                .filter(|(_, d)| matches!(d, Decision::Run(_)))
+                .map(|(t, _)| t.id().to_string())
+                .collect(),
+        );
+    }
     let is_deployment = !plan.nodes.is_empty();
     let options = RunOptions {
         jobs: settings.jobs.unwrap_or(if is_deployment {
@@ -194,6 +203,10 @@ impl Prepared {
         subscribers: Vec<Arc<dyn Subscriber>>,
         cancel: Cancel,
     ) -> Result<Ran> {
+        if let Err(why) = self.preflight_resume().await {
+            let _ = self.journal.close();
+            return Err(Error::Failed(format!("error: {why}")));
+        }
         let mut subs: Vec<Arc<dyn Subscriber>> = vec![self.journal.recorder(&self.graph)];
         subs.extend(subscribers);
         let report = prl_flow_engine::run(
@@ -217,6 +230,22 @@ impl Prepared {
             exec: self.exec,
             dir: self.dir,
         })
+    }
+}
+
+impl Prepared {
+    /// A resume that keeps the allocation skips `allocate`'s preflight: the programs of the
+    /// tasks it will start are checked here instead, before anything starts.
+    async fn preflight_resume(&self) -> std::result::Result<(), String> {
+        let decisions = self.named_decisions();
+        let allocation_kept = self.graph.tasks().iter().any(|t| {
+            Action::of_kind(t.kind()) == Some(Action::Allocate)
+                && !matches!(decisions.get(t.id()), Some(Decision::Run(_)))
+        });
+        if self.previous.is_none() || !allocation_kept {
+            return Ok(());
+        }
+        self.exec.preflight_resume().await
     }
 }
 

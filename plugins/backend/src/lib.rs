@@ -15,7 +15,8 @@
 //!   ([`ProcHandle::open`]); others ask it ([`Backend::describe`]).
 //! - A handle must identify its process for good: a pid alone is not enough (pids are
 //!   reused), so backends record what makes it unique (start time, job and step ids).
-//! - [`Backend::check`] checks the configuration against a plan before anything starts, and
+//! - [`Backend::check`] checks the configuration against a plan before anything starts,
+//!   [`Backend::preflight`] that the plan's programs exist on the allocated nodes, and
 //!   [`Backend::teardown`] takes down what a journal records (a scheduler can batch it).
 //!
 //! This crate holds only the trait, its data types and small helpers every backend shares
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 mod config_error;
 mod handle;
 mod logs;
+pub mod preflight;
 mod teardown;
 
 pub use config_error::ConfigError;
@@ -105,6 +107,26 @@ pub struct PortHolder {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+}
+
+/// A program a plan runs on a node, for [`Backend::preflight`]: the first word of a task's
+/// command as the task would execute it (a name looked up on the node's `PATH`, or a path).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Program {
+    /// The node; `None` is the machine prl-flow runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub program: String,
+}
+
+/// A program [`Backend::preflight`] did not find where it will run, and why (`not found on
+/// PATH`, `not executable`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Missing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub program: String,
+    pub why: String,
 }
 
 /// Who listens on a service's port, as [`Backend::listener`] finds it.
@@ -208,6 +230,15 @@ pub trait Backend: Send + Sync {
         _address: &str,
         _ports: &[u16],
     ) -> Result<Option<Vec<PortHolder>>, BackendError> {
+        Ok(None)
+    }
+
+    /// Before anything starts (after the allocation): which of `programs` cannot be found
+    /// where they will run, resolved as a task's command would be (the node's `PATH`, after
+    /// whatever the backend runs before every command, such as a site's prologue). One
+    /// call covers every node, so a backend can batch it (one round trip per host, one
+    /// step across an allocation). `None`: this backend cannot tell, and the run goes ahead.
+    async fn preflight(&self, _programs: &[Program]) -> Result<Option<Vec<Missing>>, BackendError> {
         Ok(None)
     }
 

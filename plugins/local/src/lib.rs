@@ -27,6 +27,7 @@
 //!
 //! This crate must not know recipes, plans, the journal, or any other backend.
 
+pub mod path;
 pub mod procfs;
 mod with_local;
 
@@ -41,8 +42,8 @@ use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, Listener, PortHolder, ProcHandle, ProcState, SpawnSpec,
-    LOG_MARK,
+    Allocation, Backend, BackendError, Listener, Missing, PortHolder, ProcHandle, ProcState,
+    Program, SpawnSpec, LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -216,6 +217,25 @@ impl Backend for LocalBackend {
             })
             .collect();
         Ok(Some(taken))
+    }
+
+    /// Looks each program up on this machine's `PATH`: the one every process started here
+    /// inherits.
+    async fn preflight(&self, programs: &[Program]) -> Result<Option<Vec<Missing>>, BackendError> {
+        let path = std::env::var_os("PATH");
+        Ok(Some(
+            programs
+                .iter()
+                .filter_map(|p| {
+                    let why = path::find_program(&p.program, path.as_deref()).err()?;
+                    Some(Missing {
+                        node: p.node.clone(),
+                        program: p.program.clone(),
+                        why,
+                    })
+                })
+                .collect(),
+        ))
     }
 
     async fn listener(

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, ConfigError, Listener, PortHolder, ProcHandle, ProcState,
-    Recorded, SpawnSpec, Stopped,
+    Allocation, Backend, BackendError, ConfigError, Listener, Missing, PortHolder, ProcHandle,
+    ProcState, Program, Recorded, SpawnSpec, Stopped,
 };
 
 use crate::{LocalBackend, NAME};
@@ -139,6 +139,25 @@ impl<B: Backend> Backend for WithLocal<B> {
             None => self.local.ports_taken(node, address, ports).await,
             Some(_) => self.remote.ports_taken(node, address, ports).await,
         }
+    }
+
+    /// The programs of tasks without a node to the local backend, the rest to the remote
+    /// one; what either can tell.
+    async fn preflight(&self, programs: &[Program]) -> Result<Option<Vec<Missing>>, BackendError> {
+        let (local, remote): (Vec<Program>, Vec<Program>) =
+            programs.iter().cloned().partition(|p| p.node.is_none());
+        let mine = match local.is_empty() {
+            true => Some(Vec::new()),
+            false => self.local.preflight(&local).await?,
+        };
+        let theirs = match remote.is_empty() {
+            true => Some(Vec::new()),
+            false => self.remote.preflight(&remote).await?,
+        };
+        Ok(match (mine, theirs) {
+            (None, None) => None,
+            (a, b) => Some(a.into_iter().chain(b).flatten().collect()),
+        })
     }
 
     async fn listener(

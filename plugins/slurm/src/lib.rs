@@ -31,6 +31,11 @@
 //! of how it ended once its `srun` is gone). [`Backend::spawn`] returns when the step
 //! file names the step; the handle records job, step, node and the cluster's `SLURM_CONF`.
 //!
+//! **The preflight** ([`Backend::preflight`], `preflight.rs`): right after the allocation,
+//! one step across its nodes (`srun --overlap --ntasks-per-node=1`) runs the prologue and
+//! looks each node's programs up on its `PATH`, so a missing `vllm` fails the run before
+//! any step of the plan starts.
+//!
 //! **A step's life is tied to its `srun`**: SLURM cancels a step whose `srun` is killed.
 //! So each `srun` starts in a process group of its own with its output in files, and
 //! nothing of prl-flow stops it: when prl-flow exits (or is killed with `kill -9`) the
@@ -71,6 +76,7 @@ mod allocation;
 mod cancel;
 pub mod config;
 mod handles;
+mod preflight;
 pub mod slurm;
 mod steps;
 pub mod templates;
@@ -83,7 +89,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    Allocation, Backend, BackendError, ProcHandle, ProcState, Recorded, SpawnSpec, Stopped,
+    Allocation, Backend, BackendError, Missing, ProcHandle, ProcState, Program, Recorded,
+    SpawnSpec, Stopped,
 };
 pub(crate) use prl_flow_engine::fs::write_atomic;
 use prl_flow_local::WithLocal;
@@ -266,6 +273,11 @@ impl Backend for SlurmBackend {
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
         self.spawn_step(spec).await
+    }
+
+    /// One step across the allocation (see `preflight.rs`).
+    async fn preflight(&self, programs: &[Program]) -> Result<Option<Vec<Missing>>, BackendError> {
+        self.preflight_step(programs).await
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {

@@ -39,7 +39,9 @@
 //!
 //! **Ports** ([`script::ports`]). Before a start, the task's ports are looked up in the
 //! host's `/proc/net/tcp*`; a probe that passes counts only when a process of the service's
-//! group holds the listening socket. Each is one ssh round trip.
+//! group holds the listening socket. Each is one ssh round trip. The preflight, after
+//! `allocate`, looks every program a host runs up on its `PATH` in one round trip per host
+//! ([`script::preflight`]).
 //!
 //! **Handles** are JSON the journal keeps; the payload of a process's:
 //!
@@ -80,8 +82,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{
-    last_lines, Allocation, Backend, BackendError, Listener, PortHolder, ProcHandle, ProcState,
-    SpawnSpec,
+    last_lines, Allocation, Backend, BackendError, Listener, Missing, PortHolder, ProcHandle,
+    ProcState, Program, SpawnSpec,
 };
 use prl_flow_local::WithLocal;
 use tokio::sync::watch;
@@ -364,6 +366,43 @@ impl Backend for SshBackend {
             .sockets(&link, &script::ports::ports_taken(ports)?)
             .await?;
         Ok(Some(sockets.taken(address, ports)))
+    }
+
+    /// Looks every program of a host up in one ssh round trip, over its master connection,
+    /// all hosts at once.
+    async fn preflight(&self, programs: &[Program]) -> Result<Option<Vec<Missing>>, BackendError> {
+        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in programs {
+            if let Some(n) = &p.node {
+                by_node
+                    .entry(n.clone())
+                    .or_default()
+                    .push(p.program.clone());
+            }
+        }
+        let jobs = by_node.into_iter().map(|(node, progs)| async move {
+            let link = self.link(&self.conn_for(&node)?)?;
+            let reply = link
+                .run(&script::preflight::programs(&progs)?, OP_LIMIT)
+                .await?;
+            let missing = script::preflight::read(&reply.lines, &progs).ok_or_else(|| {
+                BackendError::new(format!(
+                    "host `{}`: the check of the programs did not finish: {}",
+                    link.label,
+                    reply.stderr.trim()
+                ))
+            })?;
+            Ok::<_, BackendError>(missing.into_iter().map(move |(program, why)| Missing {
+                node: Some(node.clone()),
+                program,
+                why,
+            }))
+        });
+        let mut out = Vec::new();
+        for r in futures::future::join_all(jobs).await {
+            out.extend(r?);
+        }
+        Ok(Some(out))
     }
 
     /// Reads the host's `/proc`, in one ssh round trip: the listener is ours when a process

@@ -20,9 +20,11 @@
 //! background of the spawn session, which then `wait`s for it and says how it ended the
 //! moment it does, over the same session.
 //!
-//! [`ports`] holds the scripts that tell who listens on a port of the host.
+//! [`ports`] holds the scripts that tell who listens on a port of the host; [`preflight`]
+//! the one that finds a host's programs before anything starts.
 
 pub mod ports;
+pub mod preflight;
 
 use prl_flow_backend::{BackendError, ProcState};
 
