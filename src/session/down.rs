@@ -8,10 +8,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use prl_flow_backend::{Backend, Held, ProcState, Recorded};
-use prl_flow_engine::{journal, Journal, JournalError, Record, Status};
+use prl_flow_backend::{Backend, Held, Recorded};
+use prl_flow_engine::{Journal, JournalError, Record, Status};
 
 use super::abort;
 use super::run::recover_missing;
@@ -153,46 +152,5 @@ impl Session {
         }
         journal.close().map_err(journal_error)?;
         Ok(report)
-    }
-
-    /// Stays with a deployment that is up: `on_down` hears each service that dies (once).
-    /// Ends when `down` stopped the deployment from elsewhere, or when `stop` resolves (the
-    /// caller then takes it down).
-    pub async fn watch(
-        &self,
-        dir: &Path,
-        backend: &dyn Backend,
-        on_down: &mut (dyn FnMut(&str) + Send),
-        stop: impl std::future::Future<Output = ()>,
-    ) -> WatchEnd {
-        let mut reported: BTreeSet<String> = BTreeSet::new();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                () = &mut stop => return WatchEnd::Signalled,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            let Ok(records) = journal::load(dir) else {
-                continue;
-            };
-            let services: Vec<&Record> = records
-                .values()
-                .filter(|r| r.service && !is_allocation(r) && r.handle.is_some())
-                .collect();
-            if !services.is_empty() && services.iter().all(|r| r.status == Status::Stopped) {
-                return WatchEnd::StoppedElsewhere;
-            }
-            for r in services {
-                if r.status != Status::Done || reported.contains(&r.id) {
-                    continue;
-                }
-                if let Some(h) = super::proc_handle(r) {
-                    if !matches!(backend.status(&h).await, Ok(ProcState::Running)) {
-                        on_down(&r.id);
-                        reported.insert(r.id.clone());
-                    }
-                }
-            }
-        }
     }
 }
