@@ -897,7 +897,17 @@ fn engine_killed_after_bringup_is_down_and_resume_restores_it_behind_the_router(
             answered
         })
     };
-    let out = d.run(&["--resume", "--explain"]);
+    // As a user types it, without `--engine mock`: the run's options are remembered.
+    let file = d.file();
+    let out = d.sb.run(&[
+        "-q",
+        "run",
+        &file,
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let answered = traffic.join().expect("no completion failed");
     assert!(answered > 0);
