@@ -1466,6 +1466,101 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
 // ---------------------------------------------------------------------------------------
 // The same through the binary. The recipe is tests/fixtures/ssh/multi_node.toml with this test's hosts.
 
+/// `watch` on ssh hosts: an engine killed on its host is taken out of the router, restarted
+/// there and registered again; the router (on the first host) keeps its process.
+#[test]
+fn watch_restarts_an_engine_killed_on_its_host() {
+    let Some(router) = router_program() else {
+        return;
+    };
+    let Some(hosts) = Hosts::up(3) else { return };
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ssh/multi_node.toml"
+    ))
+    .expect("fixture");
+    let list: Vec<String> = hosts
+        .list
+        .iter()
+        .map(|h| format!("\"{}\"", h.target))
+        .collect();
+    let recipe = fixture
+        .replace("@HOSTS@", &format!("[{}]", list.join(", ")))
+        .replace("@SSH_CONFIG@", path(&hosts.dir().join("ssh_config")))
+        .replace("@CONTROL_DIR@", path(&hosts.dir().join("cm")))
+        .replace("@REMOTE_DIR@", path(&hosts.dir().join("remote")))
+        .replace("@ENGINE_ENV@", "restart_backoff = \"100ms\"");
+    let file = hosts.dir().join("watched.toml");
+    std::fs::write(&file, recipe).expect("recipe");
+    let state = hosts.dir().join("state-watch");
+    let (f, r) = (path(&file), path(&router));
+    let run = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["run", f, "--engine", "mock", "--router", r, "--state-dir"])
+        .arg(&state)
+        .env("PRL_FLOW_ROUTER", &router)
+        .output()
+        .expect("run");
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let pid_of = |id: &str| {
+        prl_flow_engine::journal::load(&state)
+            .ok()
+            .and_then(|r| r.get(id).and_then(|r| r.handle.clone()))
+            .and_then(|h| h["payload"]["pid"].as_i64())
+    };
+    let watch_err = hosts.dir().join("watch.stderr");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["watch", f, "--state-dir"])
+        .arg(&state)
+        .env("PRL_FLOW_ROUTER", &router)
+        .stderr(std::fs::File::create(&watch_err).expect("stderr file"))
+        .spawn()
+        .expect("watch");
+    let victim = "engine[2].rank[0]";
+    let router_pid = pid_of("router").expect("router pid");
+    let pid = pid_of(victim).expect("engine pid");
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let heal_log = || std::fs::read_to_string(state.join("logs/heal.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !heal_log().contains(&format!("restarted `{victim}`")) {
+        assert!(
+            Instant::now() < deadline,
+            "the engine is not back after 60 s; watch said:\n{}",
+            std::fs::read_to_string(&watch_err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        heal_log().contains(&format!("`{victim}` taken out of")),
+        "{}",
+        heal_log()
+    );
+    assert_ne!(pid_of(victim), Some(pid));
+    assert_eq!(
+        pid_of("router"),
+        Some(router_pid),
+        "the router was replaced"
+    );
+    hosts.assert_one_engine_each();
+    let _ = Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status();
+    let _ = watch.wait();
+    let down = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+        .args(["down", f, "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("down");
+    assert_eq!(down.status.code(), Some(0));
+    for k in 0..3 {
+        assert_eq!(hosts.settle(k), Vec::<String>::new(), "host {k} after down");
+    }
+}
+
 #[test]
 fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
     let Some(router) = router_program() else {

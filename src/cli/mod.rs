@@ -609,10 +609,13 @@ async fn heal(
     events: Option<Arc<events::Jsonl>>,
 ) -> session::down::WatchEnd {
     let log_path = dir.join("logs").join("heal.log");
+    // Remote backends keep their task logs elsewhere: the folder may not exist here yet.
+    let _ = std::fs::create_dir_all(dir.join("logs"));
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
+        .map_err(|e| eprintln!("warning: cannot write `{}`: {e}", log_path.display()))
         .ok();
     let quiet = cli.quiet;
     let stream = events.clone();

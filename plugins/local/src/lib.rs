@@ -111,6 +111,44 @@ impl LocalBackend {
         }
     }
 
+    /// Signals every process of the attempt's group: SIGTERM, then SIGKILL after `grace`,
+    /// until none is left.
+    async fn stop_group(&self, h: &Handle, grace: Duration) -> Result<(), BackendError> {
+        // Every process of the attempt's group, whether or not its leader still lives: a
+        // crashed server's workers must not be left holding their GPUs and ports.
+        let signal_all = |sig| {
+            let left = h.members();
+            for pid in &left {
+                let _ = kill(Pid::from_raw(*pid), sig);
+            }
+            left
+        };
+        if signal_all(Signal::SIGTERM).is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+            if h.members().is_empty() {
+                return Ok(());
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = signal_all(Signal::SIGKILL);
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BackendError::new(format!(
+                    "processes {left:?} of group {} did not end after SIGKILL",
+                    h.pid
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     fn state_of(&self, h: &Handle) -> ProcState {
         if let Some(rx) = self.child(h) {
             if let Some(s) = rx.borrow().clone() {
@@ -350,39 +388,14 @@ impl Backend for LocalBackend {
 
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
         let h = Self::parse(handle)?;
-        // Every process of the attempt's group, whether or not its leader still lives: a
-        // crashed server's workers must not be left holding their GPUs and ports.
-        let signal_all = |sig| {
-            let left = h.members();
-            for pid in &left {
-                let _ = kill(Pid::from_raw(*pid), sig);
-            }
-            left
-        };
-        if signal_all(Signal::SIGTERM).is_empty() {
-            return Ok(());
+        self.stop_group(&h, grace).await?;
+        // A child of ours is seen to end by its waiter task; until that task has run, the
+        // process is a zombie and `status` would still say running. Wait for it, briefly.
+        if let Some(mut rx) = self.child(&h) {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            tokio::time::sleep(POLL).await;
-            if h.members().is_empty() {
-                return Ok(());
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let left = signal_all(Signal::SIGKILL);
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(BackendError::new(format!(
-                    "processes {left:?} of group {} did not end after SIGKILL",
-                    h.pid
-                )));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        Ok(())
     }
 
     async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
