@@ -301,8 +301,7 @@ impl Backend for LocalBackend {
         if !spec.service {
             cmd.env(ATTEMPT_ENV, attempt_token(spec));
         }
-        cmd
-            .current_dir(spec.start_dir())
+        cmd.current_dir(spec.start_dir())
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)

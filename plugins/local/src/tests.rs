@@ -289,7 +289,10 @@ async fn recover_finds_a_one_shot_by_the_attempt_in_its_environment() {
         .expect("recover")
         .expect("this attempt's process is found");
     let f = found.open::<Handle>("local").expect("local");
-    assert_eq!((f.pid, f.start), (pid, procfs::stat(pid).expect("stat").start));
+    assert_eq!(
+        (f.pid, f.start),
+        (pid, procfs::stat(pid).expect("stat").start)
+    );
     assert_eq!(later.status(&found).await, Ok(ProcState::Running));
     let other = SpawnSpec {
         attempt: s.attempt + 1,
