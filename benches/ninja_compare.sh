@@ -117,6 +117,12 @@ EOF
 # The no-op state: one full run of each tool, not timed.
 (cd "$noop/ninja" && mkdir -p stamps && ninja $ninja_quiet -j16 >/dev/null)
 (cd "$noop/prl-flow" && mkdir -p stamps && "$prl" run flow.toml -j16 --state-dir state --no-progress -q)
+# The workflow as generated (relative stamp paths) leaves its stamps beside the file.
+made=$(find "$noop/prl-flow/stamps" -type f | wc -l)
+if [ "$made" != "$tasks" ]; then
+    echo "error: prl-flow made $made of $tasks stamps in $noop/prl-flow/stamps" >&2
+    exit 1
+fi
 
 
 # name, prepare, command: in the order they alternate.

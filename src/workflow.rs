@@ -111,10 +111,12 @@ pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan
         );
         return Err(problems);
     }
+    // Thousands of tasks share a handful of start dirs: each is looked up once.
+    let mut dirs = dir::StartDirs::default();
     let entries: Vec<Entry> = file
         .task
         .iter()
-        .filter_map(|t| entry_to_spec(t, "custom", &mut problems))
+        .filter_map(|t| entry_to_spec_in(t, "custom", &mut problems, &mut dirs))
         .collect();
     let tasks = apply_before(entries, &mut problems);
     let written = file.name.as_ref().map(|n| (n.get_ref().as_str(), n.span()));
@@ -205,6 +207,16 @@ pub fn toml_problem(e: &toml::de::Error, fields: &[&str]) -> Problem {
 
 /// Converts one entry; problems go to `problems` and the entry is dropped.
 pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems) -> Option<Entry> {
+    entry_to_spec_in(t, kind, problems, &mut dir::StartDirs::default())
+}
+
+/// [`entry_to_spec`], with the start dirs already looked up by the entries before.
+fn entry_to_spec_in(
+    t: &Spanned<TaskEntry>,
+    kind: &str,
+    problems: &mut Problems,
+    dirs: &mut dir::StartDirs,
+) -> Option<Entry> {
     let e = t.get_ref();
     let before = problems.len();
     let id = e.id.get_ref().trim().to_string();
@@ -284,7 +296,7 @@ pub fn entry_to_spec(t: &Spanned<TaskEntry>, kind: &str, problems: &mut Problems
             .help("remove the `\\u0000` from the value"),
         );
     }
-    let dir = dir::start_dir(e, &id, problems);
+    let dir = dir::start_dir(e, &id, problems, dirs);
     let mut duration = |v: &Option<Spanned<String>>, field: &str| {
         v.as_ref().and_then(|s| match parse_duration(s.get_ref()) {
             Ok(d) => Some(d),

@@ -2,10 +2,16 @@
 //! compose do, or the entry's `dir`. Its pid and exit-status files stay in its run dir under
 //! the state dir whatever it is; only the process's working directory moves.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::TaskEntry;
 use crate::diag::{Problem, Problems};
+
+/// The directories looked up for one file, by the path as written joined to the file's
+/// directory: with `dir` absent, every task of a file starts in the same one.
+#[derive(Default)]
+pub(super) struct StartDirs(HashMap<PathBuf, Result<String, String>>);
 
 /// Where an entry's command starts ([`TaskSpec::dir`]), from the file named in `problems`.
 ///
@@ -14,7 +20,12 @@ use crate::diag::{Problem, Problems};
 /// links resolved, so the plan is the same from any working directory. With a node, the
 /// file's directory means nothing on the node's host: the task starts in its run dir, unless
 /// `dir` names an absolute path on that host (which only the host can check).
-pub(super) fn start_dir(e: &TaskEntry, id: &str, problems: &mut Problems) -> Option<String> {
+pub(super) fn start_dir(
+    e: &TaskEntry,
+    id: &str,
+    problems: &mut Problems,
+    seen: &mut StartDirs,
+) -> Option<String> {
     let written = e.dir.as_ref();
     if e.node.is_some() {
         let d = written?;
@@ -40,20 +51,11 @@ pub(super) fn start_dir(e: &TaskEntry, id: &str, problems: &mut Problems) -> Opt
         Some(d) => base.join(d.get_ref()),
         None => base,
     };
-    let found = std::fs::canonicalize(&wanted)
-        .map_err(|e| e.to_string())
-        .and_then(|p| {
-            if p.is_dir() {
-                Ok(p)
-            } else {
-                Err("it is not a directory".to_string())
-            }
-        })
-        .and_then(|p| {
-            p.to_str()
-                .map(String::from)
-                .ok_or_else(|| "its path is not UTF-8".to_string())
-        });
+    let found = seen
+        .0
+        .entry(wanted.clone())
+        .or_insert_with(|| look_up(&wanted))
+        .clone();
     match (found, written) {
         (Ok(p), _) => Some(p),
         (Err(why), Some(d)) => {
@@ -79,6 +81,24 @@ pub(super) fn start_dir(e: &TaskEntry, id: &str, problems: &mut Problems) -> Opt
             None
         }
     }
+}
+
+/// `wanted` with links resolved, if it is a directory.
+fn look_up(wanted: &Path) -> Result<String, String> {
+    std::fs::canonicalize(wanted)
+        .map_err(|e| e.to_string())
+        .and_then(|p| {
+            if p.is_dir() {
+                Ok(p)
+            } else {
+                Err("it is not a directory".to_string())
+            }
+        })
+        .and_then(|p| {
+            p.to_str()
+                .map(String::from)
+                .ok_or_else(|| "its path is not UTF-8".to_string())
+        })
 }
 
 #[cfg(test)]

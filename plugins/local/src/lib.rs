@@ -16,7 +16,10 @@
 //!   to `RUN_DIR/pid` before anything else, so a prl-flow killed between the fork and its
 //!   journal write can still find it, and a later one tells it from an earlier attempt's
 //!   exactly (file times are too coarse for that: a file's mtime can read a few ms *before*
-//!   the moment the journal recorded as the attempt's start);
+//!   the moment the journal recorded as the attempt's start). A service also writes its
+//!   start time and session; a one-shot, whose shell costs count in a DAG of thousands,
+//!   writes only `PID ATTEMPT` and carries its attempt in its environment
+//!   ([`ATTEMPT_ENV`]): whatever holds that pid later is ours only if it carries the same;
 //! - a one-shot runs under a tiny `sh` trap that writes its exit status to a file when it
 //!   ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the next
 //!   `--resume` reads the file (or sees it still running and waits) instead of running it
@@ -54,6 +57,11 @@ const NAME: &str = "local";
 const PID_FILE: &str = "pid";
 
 const STATUS_FILE: &str = "exit-status";
+
+/// The environment variable that names a one-shot's attempt: `ATTEMPT TASK`. A pid file of
+/// a one-shot holds no start time; [`LocalBackend::recover`] takes the process at its pid
+/// for the attempt's only if this variable in `/proc/PID/environ` says so.
+pub const ATTEMPT_ENV: &str = "PRL_FLOW_ATTEMPT";
 
 /// How often to look at a process that is not our child.
 const POLL: Duration = Duration::from_millis(20);
@@ -327,9 +335,11 @@ impl Backend for LocalBackend {
         }
         let argv = wrap(&spec.argv, &spec.run_dir, spec.service, spec.attempt);
         let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(&spec.env)
-            .current_dir(spec.start_dir())
+        cmd.args(&argv[1..]).envs(&spec.env);
+        if !spec.service {
+            cmd.env(ATTEMPT_ENV, attempt_token(spec));
+        }
+        cmd.current_dir(spec.start_dir())
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -410,15 +420,25 @@ impl Backend for LocalBackend {
         if f.attempt != spec.attempt {
             return Ok(None);
         }
-        // The process wrote its own start time: whatever holds the pid now is ours only if
-        // it started then (never the start time of whoever holds a reused pid).
+        // A service wrote its own start time: whatever holds the pid now is ours only if it
+        // started then (never the start time of whoever holds a reused pid). A one-shot
+        // wrote none: what holds the pid is ours only if it carries the attempt's token,
+        // and then `/proc` gives its start time; else no process is ours (start time 0
+        // and no session match nothing) and its exit-status file says how it ended.
+        let (start, sid) = match (f.start, f.sid) {
+            (Some(start), Some(sid)) => (start, Some(sid)),
+            _ => match procfs::stat(f.pid) {
+                Some(st) if carries(f.pid, &attempt_token(spec)) => (st.start, Some(st.sid)),
+                _ => (0, None),
+            },
+        };
         let h = Handle {
             pid: f.pid,
-            start: f.start,
+            start,
             node: spec.node.clone(),
             log: spec.log.clone(),
             status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
-            sid: Some(f.sid),
+            sid,
         };
         Self::wrap(&h).map(Some)
     }
@@ -438,37 +458,67 @@ impl Backend for LocalBackend {
     }
 }
 
-/// What a process writes to `RUN_DIR/pid` first thing: `PID ATTEMPT START SID`.
+/// What a process writes to `RUN_DIR/pid` first thing: `PID ATTEMPT START SID` (a service),
+/// or `PID ATTEMPT` (a one-shot, which carries [`ATTEMPT_ENV`] instead).
 struct PidFile {
     pid: i32,
     attempt: u64,
     /// Its start time in clock ticks since boot, as `/proc/PID/stat` says.
-    start: u64,
-    sid: i32,
+    start: Option<u64>,
+    sid: Option<i32>,
 }
 
 impl PidFile {
     fn parse(text: &str) -> Option<Self> {
         let mut w = text.split_whitespace();
+        let pid = w.next()?.parse().ok()?;
+        let attempt = w.next()?.parse().ok()?;
+        let (start, sid) = match (w.next(), w.next()) {
+            (None, None) => (None, None),
+            (Some(start), Some(sid)) => (Some(start.parse().ok()?), Some(sid.parse().ok()?)),
+            _ => return None,
+        };
         Some(Self {
-            pid: w.next()?.parse().ok()?,
-            attempt: w.next()?.parse().ok()?,
-            start: w.next()?.parse().ok()?,
-            sid: w.next()?.parse().ok()?,
+            pid,
+            attempt,
+            start,
+            sid,
         })
     }
 }
 
-/// Runs `argv` under `sh`, which first writes its pid, `attempt`, start time and session to
-/// `RUN_DIR/pid` (fields 22 and 6 of `/proc/$$/stat`, read by the shell itself: `sh`'s
-/// command name holds no space, so the fields split plainly). A one-shot also
-/// leaves its exit status in `RUN_DIR/exit-status` when it ends (not when it is killed: then
-/// there is no status, which is the truth); a service `exec`s, keeping the pid.
+/// The value of [`ATTEMPT_ENV`] for a spawn: its attempt and its task (two tasks may start
+/// in the same millisecond).
+fn attempt_token(spec: &SpawnSpec) -> String {
+    format!("{} {}", spec.attempt, spec.task)
+}
+
+/// Whether process `pid` was started with `ATTEMPT_ENV=token` (its environment as it was
+/// handed to it; unreadable counts as no).
+fn carries(pid: i32, token: &str) -> bool {
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let want = format!("{ATTEMPT_ENV}={token}");
+    env.split(|b| *b == 0).any(|v| v == want.as_bytes())
+}
+
+/// Runs `argv` under `sh`, which first writes its pid and `attempt` to `RUN_DIR/pid`; a
+/// service adds its start time and session (fields 22 and 6 of `/proc/$$/stat`, read by the
+/// shell itself: `sh`'s command name holds no space, so the fields split plainly). A
+/// one-shot skips that read (a shell's `read` takes a byte a system call: about 300 of
+/// them, more than the rest of a small task's shell) and leaves its exit status in
+/// `RUN_DIR/exit-status` when it ends (not when it is killed: then there is no status,
+/// which is the truth); a service `exec`s, keeping the pid.
 fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<String> {
-    let pid = format!(
-        "_prl_flow_pid() {{ echo \"$1 $2 ${{24}} ${{8}}\"; }}; read -r _s < /proc/$$/stat; \
-         _prl_flow_pid $$ {attempt} $_s > \"$0/{PID_FILE}\""
-    );
+    let pid = if service {
+        format!(
+            "_prl_flow_pid() {{ echo \"$1 $2 ${{24}} ${{8}}\"; }}; read -r _s < /proc/$$/stat; \
+             _prl_flow_pid $$ {attempt} $_s > \"$0/{PID_FILE}\""
+        )
+    } else {
+        format!("echo \"$$ {attempt}\" > \"$0/{PID_FILE}\"")
+    };
     let run_dir = run_dir.to_string_lossy().into_owned();
     let script = match (service, argv) {
         (true, _) => format!("{pid}; exec \"$@\""),

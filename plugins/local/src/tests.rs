@@ -261,3 +261,62 @@ async fn a_handle_of_another_backend_is_refused() {
     );
     assert_eq!(LocalBackend::new().describe(&other), "");
 }
+
+/// A one-shot's pid file holds `PID ATTEMPT` alone (its shell reads nothing of `/proc`):
+/// a later prl-flow finds the running process by the attempt it carries in its environment,
+/// and an attempt that never got to its spawn does not take it.
+#[tokio::test]
+async fn recover_finds_a_one_shot_by_the_attempt_in_its_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let s = spec(dir.path(), &["sleep", "30"], false);
+    let h = b.spawn(&s).await.expect("spawn");
+    let pid_file = s.run_dir.join(PID_FILE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&pid_file).map_or(true, |t| !t.ends_with('\n')) {
+        assert!(std::time::Instant::now() < deadline, "no pid file");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = h.open::<Handle>("local").expect("local").pid;
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).expect("pid file"),
+        format!("{pid} {}\n", s.attempt)
+    );
+    let later = LocalBackend::new();
+    let found = later
+        .recover(&s)
+        .await
+        .expect("recover")
+        .expect("this attempt's process is found");
+    let f = found.open::<Handle>("local").expect("local");
+    assert_eq!(
+        (f.pid, f.start),
+        (pid, procfs::stat(pid).expect("stat").start)
+    );
+    assert_eq!(later.status(&found).await, Ok(ProcState::Running));
+    let other = SpawnSpec {
+        attempt: s.attempt + 1,
+        ..s.clone()
+    };
+    assert_eq!(later.recover(&other).await, Ok(None));
+    b.stop(&h, Duration::from_secs(5)).await.expect("stop");
+}
+
+/// A one-shot's pid file whose pid now belongs to a stranger (this test process, which
+/// carries no attempt): the stranger is never taken for it, nor signalled; the exit-status
+/// file, once there, says how the attempt ended.
+#[tokio::test]
+async fn a_one_shot_pid_reused_by_a_stranger_is_never_adopted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = spec(dir.path(), &["true"], false);
+    std::fs::create_dir_all(&s.run_dir).expect("run dir");
+    let me = std::process::id();
+    std::fs::write(s.run_dir.join(PID_FILE), format!("{me} {}\n", s.attempt)).expect("pid");
+    let b = LocalBackend::new();
+    let h = b.recover(&s).await.expect("recover").expect("a handle");
+    assert_eq!(b.status(&h).await, Ok(ProcState::Gone));
+    b.stop(&h, Duration::from_millis(100)).await.expect("stop");
+    assert!(procfs::stat(me as i32).is_some_and(|s| !s.is_dead()));
+    std::fs::write(s.run_dir.join(STATUS_FILE), "0\n").expect("status");
+    assert_eq!(b.status(&h).await, Ok(ProcState::Exited(Some(0))));
+}
