@@ -16,7 +16,9 @@ pub mod preflight;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use prl_flow_backend::{Backend, ProcHandle, ProcState, SpawnSpec};
@@ -154,13 +156,21 @@ impl Exec {
         self.state_dir.join("run").join(file_name(id))
     }
 
-    /// One probe, with its own time limit. `Err` says why it is not ready.
+    /// One probe of the process `handle` names, with its own time limit. `Err` says why it
+    /// is not ready. A backend that models its processes answers it without the network.
     pub async fn probe_once(
         &self,
+        handle: Option<&ProcHandle>,
         probe: &Probe,
         limit: Duration,
         log: &Path,
     ) -> Result<(), String> {
+        if let Some(answer) = match handle {
+            Some(h) => self.backend.answer_probe(h).await,
+            None => None,
+        } {
+            return answer;
+        }
         match probe {
             Probe::Http { url } => {
                 let url = self.resolve(url);
@@ -340,7 +350,9 @@ impl SpecTask {
         let exit = self.exec.backend.wait(handle);
         tokio::pin!(exit);
         loop {
-            let probe = self.exec.probe_once(&ready.probe, ready.timeout, &log);
+            let probe = self
+                .exec
+                .probe_once(Some(handle), &ready.probe, ready.timeout, &log);
             let outcome = tokio::select! {
                 r = probe => Some(r),
                 st = &mut exit => {
@@ -539,7 +551,11 @@ impl Task for SpecTask {
                 None => Check::Valid,
                 Some(r) => {
                     let log = self.exec.log_path(&self.spec.id);
-                    match self.exec.probe_once(&r.probe, r.timeout, &log).await {
+                    match self
+                        .exec
+                        .probe_once(Some(&handle), &r.probe, r.timeout, &log)
+                        .await
+                    {
                         Ok(()) => match self.listener_is_ours(&handle, &r.probe).await {
                             Ok(()) => Check::Valid,
                             Err(Foreign::Other(why)) => Check::Invalid(why),
