@@ -13,9 +13,13 @@ use common::{output_within, Out, Sandbox};
 /// The repository's 10,000-node recipe, written into the sandbox with extra `[backend]`
 /// lines.
 fn recipe(sb: &Sandbox, name: &str, backend_lines: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/sim/disaggregated_10k.toml");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/sim/disaggregated_10k.toml");
     let text = std::fs::read_to_string(&path).expect("read the 10k recipe");
-    let text = text.replace("[backend]\ntype = \"sim\"\n", &format!("[backend]\ntype = \"sim\"\n{backend_lines}"));
+    let text = text.replace(
+        "[backend]\ntype = \"sim\"\n",
+        &format!("[backend]\ntype = \"sim\"\n{backend_lines}"),
+    );
     let file = format!("{name}.toml");
     sb.write(&file, &text);
     file
@@ -69,7 +73,15 @@ fn ten_thousand_nodes_come_up_with_a_timeline_the_same_for_the_same_seed() {
     a.expect_code(0);
     let t = timeline(&a);
     println!("{t}");
-    for group in ["allocation", "mooncake", "prefill", "decode", "routers", "register", "health"] {
+    for group in [
+        "allocation",
+        "mooncake",
+        "prefill",
+        "decode",
+        "routers",
+        "register",
+        "health",
+    ] {
         assert!(t.contains(&format!("\n  {group} ")), "no {group} row:\n{t}");
     }
     assert!(t.contains("critical path"), "{t}");
@@ -131,8 +143,15 @@ fn one_percent_dead_nodes_each_failure_once_nothing_started_twice_and_down_stops
     assert_eq!(said, failed.len(), "{t}");
     // Each was stopped once, and the failure also appears in the run's own report.
     for task in &failed {
-        assert!(out.stderr.contains(task), "`{task}` missing from the report");
-        let p: Vec<usize> = spawns.iter().filter(|s| s.task == *task).map(|s| s.p).collect();
+        assert!(
+            out.stderr.contains(task),
+            "`{task}` missing from the report"
+        );
+        let p: Vec<usize> = spawns
+            .iter()
+            .filter(|s| s.task == *task)
+            .map(|s| s.p)
+            .collect();
         assert_eq!(stops.iter().filter(|s| p.contains(s)).count(), 1, "{task}");
     }
 
@@ -146,7 +165,8 @@ fn one_percent_dead_nodes_each_failure_once_nothing_started_twice_and_down_stops
     let down = run(&sb, &["down", "--state-dir", "s"]);
     down.expect_code(0);
     assert!(
-        down.stdout.contains(&format!("stopped {running} ")) || down.stderr.contains(&format!("stopped {running} ")),
+        down.stdout.contains(&format!("stopped {running} "))
+            || down.stderr.contains(&format!("stopped {running} ")),
         "down did not stop all {running}:\n{}\n{}",
         down.stdout,
         down.stderr

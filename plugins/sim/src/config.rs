@@ -159,8 +159,10 @@ impl Reader<'_> {
         let v = self.table.get(key)?;
         let n = v.as_u64();
         if n.is_none() {
-            self.errors
-                .push(ConfigError::new(key, format!("`{v}` is not a whole number ≥ 0")));
+            self.errors.push(ConfigError::new(
+                key,
+                format!("`{v}` is not a whole number ≥ 0"),
+            ));
         }
         n
     }

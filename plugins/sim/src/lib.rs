@@ -58,7 +58,10 @@ pub struct SimBackend {
 
 impl SimBackend {
     /// The backend of a run, from its `[backend]` table; its world lives in the state dir.
-    pub fn configure(config: &serde_json::Value, state_dir: &Path) -> Result<Self, Vec<ConfigError>> {
+    pub fn configure(
+        config: &serde_json::Value,
+        state_dir: &Path,
+    ) -> Result<Self, Vec<ConfigError>> {
         let config = SimConfig::parse(config)?;
         let dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
         Ok(Self::new(config, World::file_in(&dir), true))
@@ -142,7 +145,11 @@ impl SimBackend {
         let rest = url.split_once("://").map_or(url, |(_, r)| r);
         let authority = rest.split('/').next()?;
         let (host, port) = authority.rsplit_once(':')?;
-        let host = if host.ends_with(".sim") { host } else { "local" };
+        let host = if host.ends_with(".sim") {
+            host
+        } else {
+            "local"
+        };
         w.listening.get(&format!("{host}:{port}")).copied()
     }
 
@@ -198,7 +205,10 @@ impl Backend for SimBackend {
         let (asked, until) = {
             let w = self.world();
             let asked = self.now(&w);
-            (asked, w.instant(asked + self.model.queue_wait().as_millis() as u64))
+            (
+                asked,
+                w.instant(asked + self.model.queue_wait().as_millis() as u64),
+            )
         };
         tokio::time::sleep_until(until).await;
         let at = {
@@ -301,7 +311,11 @@ impl Backend for SimBackend {
         self.stop_found(handle, _grace).await.map(|_| ())
     }
 
-    async fn stop_found(&self, handle: &ProcHandle, _grace: Duration) -> Result<bool, BackendError> {
+    async fn stop_found(
+        &self,
+        handle: &ProcHandle,
+        _grace: Duration,
+    ) -> Result<bool, BackendError> {
         let p = self.proc_of(handle)?;
         let mut w = self.world();
         let now = self.now(&w);
@@ -391,7 +405,13 @@ impl Backend for SimBackend {
         let w = self.world();
         let (procs, calls) = self.first.get().copied().unwrap_or((0, 0));
         let now = self.now(&w);
-        Some(timeline::render(&w, procs, calls, now, self.model.config.seed))
+        Some(timeline::render(
+            &w,
+            procs,
+            calls,
+            now,
+            self.model.config.seed,
+        ))
     }
 
     async fn log_tail(&self, handle: &ProcHandle, _lines: usize) -> Result<String, BackendError> {
@@ -405,14 +425,20 @@ impl Backend for SimBackend {
             "simulated `{}` (attempt {}){}: launched at {}\n",
             q.task,
             q.attempt,
-            q.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default(),
+            q.node
+                .as_deref()
+                .map(|n| format!(" on {n}"))
+                .unwrap_or_default(),
             timeline::clock(q.launched)
         );
         if let Some(r) = q.ready_at.filter(|r| *r <= now) {
             text.push_str(&format!("ready at {}\n", timeline::clock(r)));
         }
         if let (Some(why), true) = (&q.why, q.crash_at.is_some_and(|c| c <= now)) {
-            text.push_str(&format!("{why} at {}\n", timeline::clock(q.crash_at.unwrap_or(0))));
+            text.push_str(&format!(
+                "{why} at {}\n",
+                timeline::clock(q.crash_at.unwrap_or(0))
+            ));
         } else if let Some(why) = &q.why {
             text.push_str(&format!("{why}\n"));
         }

@@ -76,7 +76,10 @@ pub fn render(w: &World, first: usize, first_call: usize, now: u64, seed: u64) -
     );
     let mut path: Vec<String> = Vec::new();
     let call_row = |out: &mut String, path: &mut Vec<String>, name: &str, prefix: &str| {
-        let mine: Vec<_> = calls.iter().filter(|c| c.what.starts_with(prefix)).collect();
+        let mine: Vec<_> = calls
+            .iter()
+            .filter(|c| c.what.starts_with(prefix))
+            .collect();
         if mine.is_empty() {
             return;
         }
@@ -133,7 +136,10 @@ pub fn render(w: &World, first: usize, first_call: usize, now: u64, seed: u64) -
                 "{:<12} {}{}: asked {}, launched {}, up {}",
                 kind.name(),
                 p.task,
-                p.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default(),
+                p.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
                 clock(p.asked),
                 clock(p.launched),
                 clock(*t)
@@ -166,7 +172,10 @@ pub fn render(w: &World, first: usize, first_call: usize, now: u64, seed: u64) -
                 out,
                 "  {}{}: {} (up at {})",
                 p.task,
-                p.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default(),
+                p.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
                 clock(*took),
                 clock(up_at(p, now).unwrap_or(0))
             );
@@ -192,7 +201,10 @@ pub fn render(w: &World, first: usize, first_call: usize, now: u64, seed: u64) -
                 "  {} (attempt {}){}: {why} at {}; {then}",
                 p.task,
                 p.attempt,
-                p.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default(),
+                p.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
                 clock(at)
             ));
         }
