@@ -280,6 +280,15 @@ impl Registry {
     }
 }
 
+/// `--backend sim` over a recipe whose `[backend]` table was written for another backend:
+/// those fields are not the model's, whose knobs keep their defaults (docs/sim.md).
+pub fn simulated_over(plan: &mut Plan, decided: &str, source: &str) {
+    let own = recipe_backend(source);
+    if builtins::simulated(decided) && own.is_some_and(|o| !builtins::simulated(&o)) {
+        plan.backend_config = Value::Null;
+    }
+}
+
 /// Where a file's `[backend] type` value is written.
 fn backend_type_span(source: &str) -> Option<std::ops::Range<usize>> {
     let doc = toml_edit::ImDocument::parse(source).ok()?;

@@ -72,6 +72,9 @@ async fn listed(http: &reqwest::Client, router: &str) -> Result<Vec<String>, Tas
 /// are fixed at the router's start, so check them.
 async fn register(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
     let router = arg(ex, args, "router")?;
+    if let Some(answer) = ex.backend().answer_call("register", &router).await {
+        return answer.map_err(TaskError::new);
+    }
     let http = client();
     let have = listed(&http, &router).await?;
     let mode = args
@@ -152,6 +155,9 @@ async fn health_probe(ex: &dyn Context, args: &Value) -> Result<(), TaskError> {
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("default");
+    if let Some(answer) = ex.backend().answer_call("health-probe", &router).await {
+        return answer.map_err(TaskError::new);
+    }
     let http = client();
     let deadline = Instant::now() + Duration::from_secs(120);
     let readiness = format!("{router}/readiness");

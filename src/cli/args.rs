@@ -229,6 +229,9 @@ pub struct RunArgs {
     /// Ctrl-C (or when `prl-flow down` is run elsewhere).
     #[arg(long)]
     pub attach: bool,
+    /// The seed of the simulated backend's model (`--backend sim`; docs/sim.md).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 /// The formats of `run --events`.

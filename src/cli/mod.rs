@@ -8,6 +8,7 @@ pub mod events;
 pub mod json;
 pub mod progress;
 pub mod show;
+mod sim;
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -56,10 +57,7 @@ pub fn main() -> i32 {
             )
             .try_init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match sim::runtime(&cli) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -257,9 +255,10 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
         session::options::resolve(&given, &dir, false)
     };
     let session = resolved.chosen.session()?;
-    let loaded = session
+    let mut loaded = session
         .load(&resolved.chosen.load_options(&a.file.file)?)
         .await?;
+    sim::seed(a, &mut loaded.plan)?;
     let settings = RunSettings {
         state_dir: a.state_dir.clone(),
         jobs: a.jobs,
@@ -364,6 +363,9 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let ran = prepared.execute(subs, token).await;
     signals.abort();
     let ran = ran?;
+    if let Some(report) = ran.exec.backend.report() {
+        result(&report);
+    }
     let plan = &loaded.plan;
     let s = &ran.report.summary;
     if ran.report.cancelled {

@@ -387,7 +387,8 @@ fn offload(inf: &InferenceSection, backend: &str, p: &mut Problems) -> Option<Of
                 .help("add a CPU tier, e.g. `cpu = { num_bytes = 107374182400 }`"),
         );
     }
-    if kind == OffloadKind::Mooncake && backend != "slurm" {
+    // `sim` models a SLURM cluster.
+    if kind == OffloadKind::Mooncake && !matches!(backend, "slurm" | "sim") {
         ok = false;
         p.push(
             Problem::new(format!(

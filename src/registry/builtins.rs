@@ -11,7 +11,10 @@ use serde_json::Value;
 pub const LOCAL: &str = "local";
 
 /// The backends built into this prl-flow.
-pub const BUILTINS: &[&str] = &[LOCAL, "ssh", "slurm"];
+pub const BUILTINS: &[&str] = &[LOCAL, "ssh", "slurm", SIM];
+
+/// The simulated backend: a seeded model in virtual time (docs/sim.md).
+pub const SIM: &str = prl_flow_sim::NAME;
 
 /// A built-in backend, made from its `[backend]` table; relative paths in the table are
 /// taken from `base` (the recipe's directory) when given, else from the current directory.
@@ -26,6 +29,9 @@ pub fn make(
             config, base, state_dir,
         )?)),
         "slurm" => Ok(Arc::new(prl_flow_slurm::SlurmBackend::configure(
+            config, state_dir,
+        )?)),
+        SIM => Ok(Arc::new(prl_flow_sim::SimBackend::configure(
             config, state_dir,
         )?)),
         _ => Ok(Arc::new(prl_flow_local::LocalBackend::new())),
@@ -44,6 +50,11 @@ pub fn for_handles(name: &str, handle: Option<&ProcHandle>) -> Option<Arc<dyn Ba
                 .unwrap_or_else(prl_flow_slurm::SlurmBackend::for_handles),
         ),
         LOCAL => Arc::new(prl_flow_local::LocalBackend::new()),
+        SIM => Arc::new(
+            handle
+                .and_then(|h| prl_flow_sim::SimBackend::from_handle(h).ok())
+                .unwrap_or_else(prl_flow_sim::SimBackend::for_handles),
+        ),
         _ => return None,
     })
 }
@@ -51,4 +62,9 @@ pub fn for_handles(name: &str, handle: Option<&ProcHandle>) -> Option<Arc<dyn Ba
 /// The address the local backend gives the `i`-th node of a plan (for `plan` to show).
 pub fn local_address(i: usize) -> String {
     prl_flow_local::LocalBackend::address(i)
+}
+
+/// Is `name` the simulated backend? Its run keeps virtual time (a paused clock).
+pub fn simulated(name: &str) -> bool {
+    name == SIM
 }

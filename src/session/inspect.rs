@@ -406,7 +406,10 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
             match crate::exec::recorded_readiness(&r.meta) {
                 Some(ready) => {
                     let log = exec.log_path(&r.id);
-                    match exec.probe_once(&ready.probe, ready.timeout, &log).await {
+                    match exec
+                        .probe_once(Some(&h), &ready.probe, ready.timeout, &log)
+                        .await
+                    {
                         Ok(()) => (Liveness::Up, Some(format!("ready, {pid}{on}"))),
                         Err(e) => (Liveness::Up, Some(format!("not ready: {e}"))),
                     }

@@ -83,6 +83,7 @@ impl Session {
         } else {
             crate::workflow::parse(&shown, source.clone(), &name).map_err(Error::Problems)?
         };
+        crate::registry::simulated_over(&mut plan, &backend, &source);
         self.registry().settle(&mut plan, backend);
         self.registry()
             .check(&plan, path, &source)

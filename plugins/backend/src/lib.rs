@@ -254,6 +254,26 @@ pub trait Backend: Send + Sync {
         Ok(Listener::Unknown)
     }
 
+    /// A backend that models its processes instead of running them (`sim`) answers a
+    /// readiness probe of the process `handle` names itself, and nothing reaches the
+    /// network: `Some(Ok)` ready, `Some(Err(why))` not yet. `None` (the default): probe for
+    /// real.
+    async fn answer_probe(&self, _handle: &ProcHandle) -> Option<Result<(), String>> {
+        None
+    }
+
+    /// The same for a built-in action's call to a service (`register`, `health-probe` to
+    /// the router at `url`). `None` (the default): the call goes out.
+    async fn answer_call(&self, _action: &str, _url: &str) -> Option<Result<(), String>> {
+        None
+    }
+
+    /// What the backend has to tell once a run ends (`sim`: the bring-up timeline in
+    /// virtual time), printed after the run. `None` (the default): nothing.
+    fn report(&self) -> Option<String> {
+        None
+    }
+
     /// A few words on a running process for `status` (`pid 4242`, `step 12.3`); empty when
     /// the backend has none.
     fn describe(&self, _handle: &ProcHandle) -> String {
