@@ -1466,14 +1466,9 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
 // ---------------------------------------------------------------------------------------
 // The same through the binary. The recipe is tests/fixtures/ssh/multi_node.toml with this test's hosts.
 
-/// `watch` on ssh hosts: an engine killed on its host is taken out of the router, restarted
-/// there and registered again; the router (on the first host) keeps its process.
-#[test]
-fn watch_restarts_an_engine_killed_on_its_host() {
-    let Some(router) = router_program() else {
-        return;
-    };
-    let Some(hosts) = Hosts::up(3) else { return };
+/// tests/fixtures/ssh/multi_node.toml with these hosts filled in (`@ENGINE_ENV@` left for
+/// the test).
+fn multi_node_recipe(hosts: &Hosts) -> String {
     let fixture = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/ssh/multi_node.toml"
@@ -1484,12 +1479,22 @@ fn watch_restarts_an_engine_killed_on_its_host() {
         .iter()
         .map(|h| format!("\"{}\"", h.target))
         .collect();
-    let recipe = fixture
+    fixture
         .replace("@HOSTS@", &format!("[{}]", list.join(", ")))
         .replace("@SSH_CONFIG@", path(&hosts.dir().join("ssh_config")))
         .replace("@CONTROL_DIR@", path(&hosts.dir().join("cm")))
         .replace("@REMOTE_DIR@", path(&hosts.dir().join("remote")))
-        .replace("@ENGINE_ENV@", "restart_backoff = \"100ms\"");
+}
+
+/// `watch` on ssh hosts: an engine killed on its host is taken out of the router, restarted
+/// there and registered again; the router (on the first host) keeps its process.
+#[test]
+fn watch_restarts_an_engine_killed_on_its_host() {
+    let Some(router) = router_program() else {
+        return;
+    };
+    let Some(hosts) = Hosts::up(3) else { return };
+    let recipe = multi_node_recipe(&hosts).replace("@ENGINE_ENV@", "restart_backoff = \"100ms\"");
     let file = hosts.dir().join("watched.toml");
     std::fs::write(&file, recipe).expect("recipe");
     let state = hosts.dir().join("state-watch");
@@ -1567,21 +1572,7 @@ fn cli_multi_node_recipe_on_three_hosts_cut_resume_down() {
         return;
     };
     let Some(hosts) = Hosts::up(3) else { return };
-    let fixture = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/ssh/multi_node.toml"
-    ))
-    .expect("fixture");
-    let list: Vec<String> = hosts
-        .list
-        .iter()
-        .map(|h| format!("\"{}\"", h.target))
-        .collect();
-    let recipe = fixture
-        .replace("@HOSTS@", &format!("[{}]", list.join(", ")))
-        .replace("@SSH_CONFIG@", path(&hosts.dir().join("ssh_config")))
-        .replace("@CONTROL_DIR@", path(&hosts.dir().join("cm")))
-        .replace("@REMOTE_DIR@", path(&hosts.dir().join("remote")));
+    let recipe = multi_node_recipe(&hosts);
     let file = hosts.dir().join("multi_node.toml");
     let slow_file = hosts.dir().join("multi_node_slow.toml");
     std::fs::write(&file, recipe.replace("@ENGINE_ENV@", "")).expect("recipe");
