@@ -86,7 +86,11 @@ fn ten_thousand_nodes_come_up_with_a_timeline_the_same_for_the_same_seed() {
     }
     assert!(t.contains("critical path"), "{t}");
     assert!(t.contains("stragglers"), "{t}");
-    assert!(t.contains("failures: 0 (each once)"), "{t}");
+    assert!(t.contains("modelled failures: 0 (each once)"), "{t}");
+    assert!(
+        t.contains("stopped before they were up (a ready timeout, or cancelled): 0;"),
+        "{t}"
+    );
     // 10,000 engines, 10,000 Mooncake clients and two Mooncake servers, 100 routers.
     assert!(t.contains("  prefill         4000 "), "{t}");
     assert!(t.contains("  decode          6000 "), "{t}");
@@ -140,7 +144,7 @@ fn one_percent_dead_nodes_each_failure_once_nothing_started_twice_and_down_stops
     assert_eq!(unique.len(), failed.len(), "a failure reported twice:\n{t}");
     let said: usize = t
         .lines()
-        .find_map(|l| l.strip_prefix("failures: "))
+        .find_map(|l| l.strip_prefix("modelled failures: "))
         .and_then(|l| l.split(' ').next())
         .and_then(|n| n.parse().ok())
         .expect("a failures line");

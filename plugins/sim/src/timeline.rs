@@ -224,10 +224,18 @@ pub fn render(w: &World, first: usize, first_call: usize, now: u64, seed: u64) -
         .iter()
         .filter(|p| p.state(now) == ProcState::Running)
         .count();
+    // Stopped by prl-flow while still loading: a ready timeout, or the cancel after
+    // another task failed. The run's own messages name each one.
+    let never_up: Vec<&str> = procs
+        .iter()
+        .filter(|p| p.stopped.is_some() && failure(p, now).is_none() && up_at(p, now).is_none())
+        .map(|p| p.task.as_str())
+        .collect();
     let _ = writeln!(
         out,
-        "failures: {} (each once); processes stopped: {stopped}; running at the end: {running}",
-        failures.len()
+        "modelled failures: {} (each once); stopped before they were up (a ready timeout, or cancelled): {}; processes stopped: {stopped}; running at the end: {running}",
+        failures.len(),
+        never_up.len()
     );
     for f in failures {
         let _ = writeln!(out, "{f}");
