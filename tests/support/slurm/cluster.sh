@@ -82,28 +82,49 @@ start() {
         log "SLURM_NET=$net is a loopback net: namespaces need another (e.g. 10.61.7)"
         exit 2
     fi
+    # A /24 (three octets) holds 253 nodes; a /16 (two octets) 253 a row, 256 rows.
+    local len max
+    if [[ "$net" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+        len=24 max=253
+    elif [[ "$net" =~ ^[0-9]+\.[0-9]+$ ]]; then
+        len=16 max=$((253 * 256))
+    else
+        log "SLURM_NET=$net: give three octets (a /24) or two (a /16)"
+        exit 2
+    fi
+    # One bridge: the kernel gives a bridge at most 1024 ports.
+    [ "$use_netns" = 1 ] && [ "$max" -gt 1023 ] && max=1023
+    [ "$nodes" -le "$max" ] || { log "SLURM_NET=$net holds at most $max nodes here"; exit 2; }
     mkdir -p "$dir/munge" "$dir/state" "$dir/spool" "$dir/log"
     chmod 0700 "$dir/munge"
     echo "$tag $nodes $use_netns" >"$dir/cluster"
-    : >"$dir/nodes"
 
-    local ctld_addr=127.0.0.1
+    # addrs[K]: node K's address; addrs[0] the controller's (the bridge's) in netns mode.
+    local addrs=()
+    if [ "$len" = 24 ]; then
+        for k in $(seq 0 "$nodes"); do addrs[k]="$net.$((k + 1))"; done
+    else
+        addrs[0]="$net.0.1"
+        for k in $(seq 1 "$nodes"); do addrs[k]="$net.$(((k - 1) / 253)).$(((k - 1) % 253 + 2))"; done
+    fi
+    local ctld_addr=127.0.0.1 k
+    {
+        for k in $(seq 1 "$nodes"); do
+            if [ "$use_netns" = 1 ]; then echo "n$k ${addrs[k]} pfs-$tag-$k"; else echo "n$k ${addrs[k]} -"; fi
+        done
+    } >"$dir/nodes"
     if [ "$use_netns" = 1 ]; then
         local br="pfsb-$tag"
-        netns_bridge "$br" "$net"
-        ctld_addr="$net.1"
+        netns_bridge "$br" "${addrs[0]}/$len" 02:00:00:01:00:00
+        ctld_addr="${addrs[0]}"
         for k in $(seq 1 "$nodes"); do
-            local ns="pfs-$tag-$k" veth="pfsv-$tag-$k" addr="$net.$((k + 1))"
-            netns_host "$ns" "$veth" "$addr" "$br"
-            # No default route: nodes only talk within the bridge's /24. With one, a DNS
+            # No default route: nodes only talk within the bridge's subnet. With one, a DNS
             # query (every reverse lookup: Python's getfqdn, a bare hostname's AAAA) would go
             # to a nameserver this namespace cannot reach and time out after 10 s; without,
             # it fails at once, as on a cluster without DNS for these addresses.
-            echo "n$k $addr $ns" >>"$dir/nodes"
-        done
-    else
-        for k in $(seq 1 "$nodes"); do
-            echo "n$k $net.$((k + 1)) -" >>"$dir/nodes"
+            # A MAC from K: no ARP between the controller and the nodes (see netns.sh).
+            netns_host "pfs-$tag-$k" "pfsv-$tag-$k" "${addrs[k]}/$len" "$br" "" \
+                "$(printf '02:00:00:00:%02x:%02x' $((k / 256)) $((k % 256)))"
         done
     fi
 
@@ -162,9 +183,7 @@ start() {
         echo "MessageTimeout=10"
         [ -n "$gres" ] && echo "GresTypes=gpu"
         for k in $(seq 1 "$nodes"); do
-            local addr
-            addr="$(awk -v n="n$k" '$1 == n { print $2 }' "$dir/nodes")"
-            echo "NodeName=n$k NodeHostname=$host NodeAddr=$addr Port=${ports[$((k - 1))]} CPUs=$cpus$gres State=UNKNOWN"
+            echo "NodeName=n$k NodeHostname=$host NodeAddr=${addrs[k]} Port=${ports[$((k - 1))]} CPUs=$cpus$gres State=UNKNOWN"
             all="$all${all:+,}n$k"
             [ "$k" -le 2 ] && small="$small${small:+,}n$k"
         done
@@ -184,14 +203,15 @@ start() {
         fi
     done <"$dir/nodes"
     # Ready when every node is idle.
-    for _ in $(seq 1 300); do
+    local limit=$((30 + nodes / 4)) t0=$SECONDS
+    while [ $((SECONDS - t0)) -lt "$limit" ]; do
         if [ "$(sinfo -h -p gpu -t idle -o '%D' 2>/dev/null || true)" = "$nodes" ]; then
             log "up: $nodes nodes idle (SLURM_CONF=$conf)"
             return 0
         fi
         sleep 0.1
     done
-    log "the nodes did not become idle in 30 s:"
+    log "the nodes did not become idle in $limit s:"
     sinfo -N -l >&2 || true
     tail -n 20 "$dir/log/slurmctld.log" >&2 || true
     exit 1
