@@ -59,6 +59,9 @@ const SCRIPT: &str = concat!(
 const RECIPE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/disaggregated.toml");
 /// The env var that turns [`driver`] into a `prl-flow run` of its own (see there).
 const DRIVER_ENV: &str = "PRL_FLOW_SLURM_TEST_DRIVER";
+/// The prl-flow program the allocation's agent runs as (the tests drive the backend from a
+/// test binary, which cannot be the agent).
+const AGENT: &str = env!("CARGO_BIN_EXE_prl-flow");
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -196,6 +199,20 @@ impl TestCluster {
             .collect()
     }
 
+    /// How many tasks the running steps carry, together: a task started twice counts twice.
+    fn live_tasks(&self) -> usize {
+        self.steps()
+            .iter()
+            .map(|(id, _, _)| {
+                let show = self.slurm("scontrol", &["show", "step", id]);
+                show.split_whitespace()
+                    .find_map(|w| w.strip_prefix("Tasks="))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or_else(|| panic!("no task count for step {id}: {show}"))
+            })
+            .sum()
+    }
+
     /// A `bin_dir` whose SLURM commands log each call to `calls.log`, then run the real one.
     fn counting_bin_dir(&self) -> PathBuf {
         let bin = self.dir().join("bin");
@@ -235,6 +252,7 @@ impl TestCluster {
     fn config(&self, recipe: &Value, extra: Value) -> Value {
         let mut c = recipe.as_object().cloned().unwrap_or_default();
         c.insert("slurm_conf".into(), json!(self.conf));
+        c.insert("agent".into(), json!(AGENT));
         c.insert("poll".into(), json!("200ms"));
         if let Some(bin) = mooncake_bin() {
             let dir = shlex::try_quote(&bin.to_string_lossy())
@@ -436,6 +454,21 @@ async fn eventually<T, Fut: std::future::Future<Output = Option<T>>>(
     }
 }
 
+/// A task's role, as the backend groups tasks into steps: its id up to the first `[` or `.`.
+fn role(id: &str) -> &str {
+    id.split(['[', '.']).next().unwrap_or(id)
+}
+
+/// The roles of the plan's tasks that run a command (one step each when they start
+/// together).
+fn roles(plan: &Plan) -> BTreeSet<String> {
+    plan.tasks
+        .iter()
+        .filter(|t| !matches!(t.command, Cmd::Builtin { .. }))
+        .map(|t| role(&t.id).to_string())
+        .collect()
+}
+
 /// Step names that run more than once.
 fn duplicates(steps: &[(String, String, String)]) -> Vec<String> {
     let mut seen = BTreeSet::new();
@@ -468,7 +501,8 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
     assert!(report.ok(), "the run failed:\n{}", errors(&report));
     eprintln!("up in {:.1} s", began.elapsed().as_secs_f64());
 
-    // One job; one step per task with a command, each once, each where the plan put it.
+    // One job; one step per role (the tasks of a role start together), every task with a
+    // command running once, each where the plan put it.
     assert_eq!(cluster.jobs().len(), 1, "{:?}", cluster.jobs());
     let steps = cluster.steps();
     let commands = plan
@@ -476,7 +510,8 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
         .iter()
         .filter(|t| !matches!(t.command, Cmd::Builtin { .. }))
         .count();
-    assert_eq!(steps.len(), commands, "{steps:?}");
+    assert_eq!(steps.len(), roles(&plan).len(), "{steps:?}");
+    assert_eq!(cluster.live_tasks(), commands, "{steps:?}");
     assert!(duplicates(&steps).is_empty(), "{steps:?}");
     let node_of = |id: &str| handle_field(&state, id, "host");
     let prefill = node_of("prefill[0].rank[0]");
@@ -586,22 +621,30 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
     assert!(report.ok(), "the run failed:\n{}", errors(&report));
     let before = step_ids(&state);
 
-    // An admin (or the OOM killer's SLURM) cancels one engine step.
-    let victim = "decode[1].rank[0]";
-    let step = before[victim].clone();
+    // An admin (or the OOM killer's SLURM) cancels one engine step: the decode ranks'.
+    let step = before["decode[1].rank[0]"].clone();
+    let victims: BTreeSet<String> = before
+        .iter()
+        .filter(|(_, s)| **s == step)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(victims.len() > 1, "the decode ranks share a step: {before:?}");
     cluster.slurm("scancel", &[&step]);
     eventually("the step to end", Duration::from_secs(30), || async {
         (!cluster.steps().iter().any(|(id, _, _)| *id == step)).then_some(())
     })
     .await;
 
-    // `status` in another process: the step is down, everything else up.
-    let h = proc_handle(&records(&state)[victim]);
+    // `status` in another process: the step's tasks are down, everything else up.
+    let h = proc_handle(&records(&state)["decode[1].rank[0]"]);
     let later = SlurmBackend::from_handle(&h).expect("from handle");
-    assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone);
+    for v in &victims {
+        let h = proc_handle(&records(&state)[v]);
+        assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone, "{v}");
+    }
     for r in records(&state)
         .values()
-        .filter(|r| r.service && r.kind != ALLOCATE && r.id != victim)
+        .filter(|r| r.service && r.kind != ALLOCATE && !victims.contains(&r.id))
     {
         assert_eq!(
             later.status(&proc_handle(r)).await.expect("status"),
@@ -611,8 +654,8 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
         );
     }
 
-    // --resume: the cancelled step starts again in the same allocation; of the others only
-    // its dependents (its pair's router and what follows it) run again.
+    // --resume: the cancelled step's tasks start again in the same allocation; of the others
+    // only their dependents (their pairs' routers and what follows them) run again.
     let (report, decisions) = run_plan(
         &plan,
         Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
@@ -626,14 +669,24 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
         .filter(|(_, d)| matches!(d, Decision::Run(_)))
         .map(|(id, _)| id.as_str())
         .collect();
+    let units: BTreeSet<&str> = victims
+        .iter()
+        .filter_map(|v| v.split_once('[').and_then(|(_, r)| r.split_once(']')).map(|(u, _)| u))
+        .collect();
+    let mut expected: BTreeSet<String> = victims.clone();
+    for u in &units {
+        for t in ["router", "register", "health-probe"] {
+            expected.insert(format!("{t}[{u}]"));
+        }
+    }
     assert_eq!(
         rerun,
-        BTreeSet::from([victim, "router[1]", "register[1]", "health-probe[1]"]),
+        expected.iter().map(String::as_str).collect::<BTreeSet<_>>(),
         "{decisions:?}"
     );
     let after = step_ids(&state);
     for (id, s) in &before {
-        if id == victim || id == "router[1]" {
+        if victims.contains(id) || id.starts_with("router[") {
             assert_ne!(&after[id], s, "{id} was started again");
         } else {
             assert_eq!(&after[id], s, "{id} must keep its step");
@@ -772,7 +825,7 @@ async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_
         .iter()
         .filter(|t| !matches!(t.command, Cmd::Builtin { .. }))
         .count();
-    assert_eq!(steps.len(), commands, "{steps:?}");
+    assert_eq!(cluster.live_tasks(), commands, "a task runs twice: {steps:?}");
     assert_eq!(cluster.jobs().len(), 1);
     assert!(down(&state).await.failures.is_empty());
     assert!(cluster.jobs().is_empty());
@@ -864,7 +917,7 @@ async fn steps_carry_the_site_options_and_outlive_the_backend_that_started_them(
     );
     let plan = small_plan(2, 8765, &oneshot);
     let config = json!({
-        "slurm_conf": cluster.conf,
+        "slurm_conf": cluster.conf, "agent": AGENT,
         "partition": "gpu",
         "time": "10:00",
         "gpus_per_node": 2,
@@ -998,7 +1051,7 @@ async fn more_nodes_than_the_partition_has_fails_with_slurms_reason() {
     let state = cluster.dir().join("state");
     // `small` has two nodes; the plan needs four.
     let plan = small_plan(4, 8766, "true");
-    let config = json!({ "slurm_conf": cluster.conf, "partition": "small" });
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "partition": "small" });
     let began = Instant::now();
     let (report, _) = run_plan(
         &plan,
@@ -1034,7 +1087,7 @@ async fn resume_refuses_once_the_allocation_has_ended() {
     };
     let state = cluster.dir().join("state");
     let plan = small_plan(2, 8767, "true");
-    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms" });
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms" });
     let (report, _) = run_plan(
         &plan,
         Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
@@ -1188,7 +1241,7 @@ async fn a_run_killed_while_its_job_is_queued_is_cancelled_by_down_and_adopted_b
     };
     let blocker = blocker(&cluster);
     let bin = cluster.counting_bin_dir();
-    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms", "bin_dir": bin });
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms", "bin_dir": bin });
 
     // Killed while the job waits; then `down`: the job leaves the queue.
     let cl = &cluster;
@@ -1273,7 +1326,7 @@ async fn down_cancels_a_job_submitted_but_never_written_down() {
         ),
     )
     .expect("write");
-    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms", "bin_dir": bin });
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms", "bin_dir": bin });
     let state = cluster.dir().join("state");
     let mut run = small_driver(&cluster, &state, 8773, &config);
     let job = common::wait_for("the submission", Duration::from_secs(60), || {
@@ -1352,7 +1405,7 @@ async fn down_ends_every_process_of_a_step_whose_leader_has_exited() {
         )),
         true,
     ));
-    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms" });
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms" });
     let (report, _) = run_plan(
         &plan,
         Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),
@@ -1583,7 +1636,8 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
         assert_eq!(&recorded[task], step, "{task} was started a second time");
     }
 
-    // scancel an engine step: status says so (exit 1), --resume restarts it.
+    // scancel an engine step (the decode ranks'): status says so (exit 1), --resume
+    // restarts its tasks and keeps the others.
     let step = step_ids(&state)["decode[1].rank[0]"].clone();
     cluster.slurm("scancel", &[&step]);
     common::wait_until("the step to end", Duration::from_secs(30), || {
@@ -1623,7 +1677,7 @@ fn cli_disaggregated_run_kill_resume_scancel_status_down() {
     assert!(
         out.stdout
             .lines()
-            .any(|l| l.starts_with("keep") && l.contains("decode[0].rank[0]")),
+            .any(|l| l.starts_with("keep") && l.contains("prefill[0].rank[0]")),
         "{}",
         out.stdout
     );
@@ -1677,9 +1731,16 @@ fn watch_restarts_a_cancelled_engine_step_inside_the_allocation() {
     let step = step_ids(&state)[victim].clone();
     cluster.slurm("scancel", &[&step]);
     let heal_log = || std::fs::read_to_string(state.join("logs/heal.log")).unwrap_or_default();
-    common::wait_until("the step to be restarted", Duration::from_secs(120), || {
-        heal_log().contains(&format!("restarted `{victim}`"))
-    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !heal_log().contains(&format!("restarted `{victim}`")) {
+        assert!(
+            Instant::now() < deadline,
+            "`{victim}` was not restarted in 120 s; heal log:\n{}\nwatch:\n{}",
+            heal_log(),
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let again = step_ids(&state)[victim].clone();
     assert_ne!(again, step, "a new step");
     assert!(cluster.steps().iter().any(|(id, _, _)| *id == again));
@@ -2045,7 +2106,7 @@ async fn a_step_starts_in_its_tasks_dir_and_keeps_its_files_in_the_run_dir() {
         .expect("check");
     check.command = shell("pwd >out");
     check.dir = Some(work.display().to_string());
-    let config = json!({ "slurm_conf": cluster.conf, "poll": "200ms" });
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms" });
     let (report, _) = run_plan(
         &plan,
         Arc::new(SlurmBackend::from_config(&config, &state).expect("config")),

@@ -138,6 +138,13 @@ Examples:
     /// Site plugins: `plugin test NAME` runs the conformance scenario against a backend.
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// The agent of a SLURM allocation: run by the allocation's batch script on its first
+    /// node, it starts the deployment's job steps (docs/slurm.md).
+    #[command(hide = true)]
+    SlurmAgent {
+        /// The agent's directory: `<state dir>/slurm/agent`.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -99,6 +99,16 @@ fn color_stderr() -> bool {
 }
 
 async fn dispatch(cli: &Cli) -> R<i32> {
+    if let Cmd::SlurmAgent { dir } = &cli.command {
+        // On a node of the allocation: no site, no recipe, only the agent's directory.
+        return match prl_flow_slurm::agent::serve(dir).await {
+            Ok(()) => Ok(0),
+            Err(e) => {
+                eprintln!("prl-flow slurm-agent: {e}");
+                Ok(1)
+            }
+        };
+    }
     let session = Session::from_site_flag(cli.site.as_deref())?;
     match &cli.command {
         Cmd::Run(a) => run(cli, a).await,
@@ -165,6 +175,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
             Ok(0)
         }
         Cmd::Import(ImportCmd::PrimeRl { file }) => import_prime_rl(file),
+        Cmd::SlurmAgent { .. } => Ok(0),
         Cmd::Plugins => {
             out(&crate::registry::report::plugins_text(session.registry()).await);
             Ok(0)

@@ -34,6 +34,7 @@ mod config_error;
 mod handle;
 mod logs;
 pub mod preflight;
+pub mod shell;
 mod teardown;
 
 pub use config_error::ConfigError;

@@ -13,7 +13,7 @@ use crate::handles::{alloc_handle, read_job_file, seal, AllocHandle};
 use crate::slurm::{self, JobInfo};
 use crate::templates::HolderVars;
 use crate::{
-    write_atomic, AddressMode, SlurmBackend, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE,
+    write_atomic, AddressMode, SlurmBackend, AGENT_SUBDIR, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE,
     STATE_SUBDIR,
 };
 
@@ -26,6 +26,23 @@ impl SlurmBackend {
 
     pub(crate) fn job_file(&self) -> Result<PathBuf, BackendError> {
         Ok(self.state_dir()?.join(STATE_SUBDIR).join(JOB_FILE))
+    }
+
+    /// `<state dir>/slurm/agent/`: where the allocation's agent takes requests.
+    pub(crate) fn agent_dir(&self) -> Result<PathBuf, BackendError> {
+        Ok(self.state_dir()?.join(STATE_SUBDIR).join(AGENT_SUBDIR))
+    }
+
+    /// The program the agent runs as: the configured one, else this one.
+    fn agent_program(&self) -> Result<PathBuf, BackendError> {
+        match &self.config.agent {
+            Some(p) => Ok(std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            None => std::env::current_exe().map_err(|e| {
+                BackendError::new(format!(
+                    "cannot tell which program this is, to run it as the allocation's agent ({e}); set `[backend] agent`"
+                ))
+            }),
+        }
     }
 
     /// The deployment's name for messages and the job name: the state dir's name.
@@ -45,6 +62,10 @@ impl SlurmBackend {
         std::fs::create_dir_all(&dir)?;
         let c = &self.config;
         let deployment = self.deployment();
+        let agent_dir = self.agent_dir()?;
+        let agent_program = self.agent_program()?;
+        let agent_dir_s = agent_dir.to_string_lossy().into_owned();
+        let agent_program_s = agent_program.to_string_lossy().into_owned();
         let script = self
             .templates
             .holder(&HolderVars {
@@ -58,6 +79,8 @@ impl SlurmBackend {
                 gpus_per_node: c.gpus_per_node.unwrap_or(0),
                 exclusive: c.exclusive,
                 sbatch_lines: &c.sbatch_lines,
+                agent_program: &agent_program_s,
+                agent_dir: &agent_dir_s,
             })
             .map_err(BackendError::new)?;
         let job_name = c
@@ -103,6 +126,10 @@ impl SlurmBackend {
             self.cluster.scancel(&strays, None).await?;
         }
         std::fs::write(&path, &script)?;
+        // A new job, a new agent: nothing of an earlier job's requests is for it.
+        let _ = std::fs::remove_dir_all(&agent_dir);
+        std::fs::create_dir_all(agent_dir.join(crate::agent::INBOX))?;
+        std::fs::create_dir_all(agent_dir.join(crate::agent::WORK))?;
         // Where the job goes, on file before it exists: `down` finds it with no recipe.
         let cluster = serde_json::to_vec(&self.cluster)
             .map_err(|e| BackendError::new(format!("cannot write the cluster file: {e}")))?;

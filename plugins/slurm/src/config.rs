@@ -24,6 +24,7 @@
 //! step_timeout = "5m"           # a step that has not started by then fails
 //! poll = "500ms"                # how often a step nobody started here is looked at
 //! shell = "sh"                  # the shell that runs the prologue in front of each command
+//! agent = "/shared/bin/prl-flow" # the prl-flow program on the nodes (default: this one)
 //! ```
 
 use std::path::PathBuf;
@@ -70,6 +71,9 @@ pub struct SlurmConfig {
     pub step_timeout: Duration,
     pub poll: Duration,
     pub shell: String,
+    /// The prl-flow program the allocation's agent runs as, on the nodes; `None`: the
+    /// program running now, at the same path.
+    pub agent: Option<PathBuf>,
 }
 
 impl Default for SlurmConfig {
@@ -94,6 +98,7 @@ impl Default for SlurmConfig {
             step_timeout: Duration::from_secs(300),
             poll: Duration::from_millis(500),
             shell: "sh".into(),
+            agent: None,
         }
     }
 }
@@ -120,6 +125,7 @@ pub const FIELDS: &[&str] = &[
     "step_timeout",
     "poll",
     "shell",
+    "agent",
 ];
 
 impl SlurmConfig {
@@ -176,6 +182,7 @@ impl SlurmConfig {
         c.slurm_conf = r.string("slurm_conf").map(PathBuf::from);
         c.bin_dir = r.string("bin_dir").map(PathBuf::from);
         c.templates = r.string("templates").map(PathBuf::from);
+        c.agent = r.string("agent").map(PathBuf::from);
         if let Some(s) = r.word("shell") {
             c.shell = s;
         }

@@ -33,6 +33,18 @@ pub(crate) struct StepHandle {
     pub(crate) status_file: Option<PathBuf>,
     #[serde(default)]
     pub(crate) slurm: Cluster,
+    /// How many tasks the step carries (one task of a step of many is stopped alone, not
+    /// with `scancel` of the step).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub(crate) tasks: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// The payload of a SLURM allocation's handle.
@@ -97,6 +109,12 @@ pub(crate) fn read_step_file(path: &Path) -> Option<(String, String)> {
         return None;
     }
     Some((step, w.next().unwrap_or("").to_string()))
+}
+
+/// The pid a step file names (its third field): the task's dispatcher on its node.
+pub(crate) fn step_file_pid(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// The attempt a step file names (its fourth field).

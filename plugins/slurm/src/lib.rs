@@ -72,10 +72,12 @@
 //! This crate knows SLURM and the backend API; it must not know recipes, plans or the
 //! journal's format beyond the handles it wrote itself.
 
+pub mod agent;
 mod allocation;
 mod cancel;
 pub mod config;
 mod handles;
+mod launch;
 mod preflight;
 pub mod slurm;
 mod steps;
@@ -84,7 +86,7 @@ mod wrapper;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -94,7 +96,6 @@ use prl_flow_backend::{
 };
 pub(crate) use prl_flow_engine::fs::write_atomic;
 use prl_flow_local::WithLocal;
-use tokio::sync::watch;
 
 pub use config::{AddressMode, SlurmConfig};
 pub use handles::step_name;
@@ -117,25 +118,25 @@ const CLUSTER_FILE: &str = "cluster.json";
 /// `<state dir>/slurm/holder.sbatch`: the holder script. SLURM keeps its path as the job's
 /// command, so a job this state dir submitted is found by it even when its id was lost.
 const HOLDER_SCRIPT: &str = "holder.sbatch";
+/// `<state dir>/slurm/agent/`: the allocation's agent's inbox and records (`agent.rs`).
+const AGENT_SUBDIR: &str = "agent";
 /// How often a starting step's file, or a stopping step, is looked at.
 const FAST_POLL: Duration = Duration::from_millis(20);
 /// How long `release` and `down` wait for SLURM to end what they cancelled: its own
 /// `KillWait` (30 s by default) and some.
 const END_WAIT: Duration = Duration::from_secs(120);
 
-type ExitWatch = watch::Receiver<Option<ProcState>>;
-
 pub struct SlurmBackend {
     config: SlurmConfig,
     cluster: Cluster,
     state_dir: Option<PathBuf>,
-    templates: Templates,
+    templates: Arc<Templates>,
+    /// Collects spawns into steps for the agent.
+    launcher: launch::Launcher,
     /// The allocation this process allocated or found alive: where spawns go.
     alloc: Mutex<Option<AllocHandle>>,
     /// Set when a recorded allocation was found ended: why a resume cannot go on.
     ended: Mutex<Option<String>>,
-    /// Exit watches of the `srun`s this process started, by step id.
-    children: Mutex<HashMap<String, ExitWatch>>,
     /// When this process saw each step start: an older `squeue` answer cannot know it.
     started: Mutex<HashMap<String, Instant>>,
     tables: tokio::sync::Mutex<HashMap<(Cluster, String), StepTable>>,
@@ -219,14 +220,21 @@ impl SlurmBackend {
         state_dir: Option<PathBuf>,
         templates: Templates,
     ) -> Self {
+        let templates = Arc::new(templates);
+        let launcher = launch::Launcher::new(launch::LaunchConfig {
+            templates: templates.clone(),
+            shell: config.shell.clone(),
+            prologue: config.prologue.clone(),
+            srun_args: config.srun_args.clone(),
+        });
         Self {
             config,
             cluster,
             state_dir,
             templates,
+            launcher,
             alloc: Mutex::new(None),
             ended: Mutex::new(None),
-            children: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
             tables: tokio::sync::Mutex::new(HashMap::new()),
         }

@@ -1,6 +1,8 @@
-//! Tasks as job steps: starting one with `srun` (and knowing it once its wrapper names it),
-//! checking steps with one `squeue` per job for many callers, waiting, stopping one step,
-//! and finding a step whose handle never reached the journal.
+//! Tasks as job steps: starting one through the allocation's agent (and knowing it once
+//! its dispatcher names it), checking steps with one `squeue` per job for many callers,
+//! waiting, stopping one task (a step of its own with `scancel`, one task of a shared step by
+//! signalling its command on its node), and finding a step whose handle never reached the
+//! journal.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,16 +10,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prl_flow_backend::{BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK};
-use tokio::sync::{oneshot, watch};
 
 use crate::handles::{
-    ended_state, parse_step, read_job_file, read_step_file, seal, step_file_attempt, step_name,
-    StepHandle,
+    ended_state, parse_step, read_job_file, read_status, read_step_file, seal, step_file_attempt,
+    step_file_pid, step_name, StepHandle,
 };
+use crate::launch::{read_request_file, Posted, Queued};
 use crate::slurm::Cluster;
-use crate::templates::SrunVars;
-use crate::wrapper::wrap;
-use crate::{ExitWatch, SlurmBackend, FAST_POLL, STATUS_FILE, STEP_FILE};
+use crate::wrapper::write_task_file;
+use crate::{SlurmBackend, FAST_POLL, STATUS_FILE, STEP_FILE};
+
+/// How long a request may wait for an agent that does not beat before the spawn fails.
+const AGENT_SILENCE: Duration = Duration::from_secs(30);
 
 /// Running steps of a job, as one `squeue` answered, and when it was asked.
 pub(crate) struct StepTable {
@@ -26,10 +30,6 @@ pub(crate) struct StepTable {
 }
 
 impl SlurmBackend {
-    pub(crate) fn child(&self, step: &str) -> Option<ExitWatch> {
-        self.children.lock().ok()?.get(step).cloned()
-    }
-
     pub(crate) fn started_at(&self, step: &str) -> Option<Instant> {
         self.started.lock().ok()?.get(step).copied()
     }
@@ -63,19 +63,14 @@ impl SlurmBackend {
         Ok(steps)
     }
 
-    /// How a step stands. `fresh`: from a `squeue` asked now, not a cached answer.
+    /// How a task stands. `fresh`: from a `squeue` asked now, not a cached answer. A task
+    /// whose step runs has ended when its dispatcher wrote its exit status (the step goes on
+    /// while other tasks of it run).
     pub(crate) async fn step_state(
         &self,
         h: &StepHandle,
         fresh: bool,
     ) -> Result<ProcState, BackendError> {
-        if let Some(rx) = self.child(&h.step) {
-            let ended = rx.borrow().clone();
-            return Ok(match ended {
-                Some(srun) => ended_state(h, Some(srun)),
-                None => ProcState::Running,
-            });
-        }
         let not_before = if fresh {
             Some(Instant::now())
         } else {
@@ -83,7 +78,10 @@ impl SlurmBackend {
         };
         let steps = self.steps_of(&h.slurm, &h.job, not_before).await?;
         if steps.contains_key(&h.step) {
-            Ok(ProcState::Running)
+            match h.status_file.as_deref().and_then(read_status) {
+                Some(code) => Ok(ProcState::Exited(Some(code))),
+                None => Ok(ProcState::Running),
+            }
         } else {
             Ok(ended_state(h, None))
         }
@@ -123,119 +121,62 @@ impl SlurmBackend {
             );
         }
         let step_file = spec.run_dir.join(STEP_FILE);
-        let _ = std::fs::remove_file(&step_file);
-        let status_file = (!spec.service).then(|| spec.run_dir.join(STATUS_FILE));
-        if let Some(f) = &status_file {
+        let status_file = spec.run_dir.join(STATUS_FILE);
+        for f in [&step_file, &status_file] {
             let _ = std::fs::remove_file(f);
         }
+        write_task_file(spec)?;
+        let agent_dir = self.agent_dir()?;
+        let posted = self
+            .launcher
+            .launch(
+                &alloc,
+                &agent_dir,
+                Queued::new(spec, &host),
+            )
+            .await?;
 
-        let name = step_name(&spec.task);
-        let run_dir = spec.run_dir.to_string_lossy().into_owned();
-        let log_path = spec.log.to_string_lossy().into_owned();
-        let mut argv = self
-            .templates
-            .srun(&SrunVars {
-                job_id: &alloc.job,
-                host: &host,
-                step_name: &name,
-                run_dir: &run_dir,
-                log: &log_path,
-                cpus_per_task: alloc.cpus_per_node,
-                service: spec.service,
-                srun_args: &self.config.srun_args,
-            })
-            .map_err(BackendError::new)?;
-        argv.extend(wrap(
-            &self.config.shell,
-            self.config.prologue.as_deref(),
-            &spec.argv,
-            &spec.run_dir,
-            spec.cwd.as_deref(),
-            spec.service,
-            spec.attempt,
-        ));
-        tracing::debug!(
-            "{}: {}",
-            spec.task,
-            shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default()
-        );
-        // The GPU slice goes under another name; the wrapper applies it after SLURM's own.
-        let env = spec.env.iter().map(|(k, v)| match k.as_str() {
-            "CUDA_VISIBLE_DEVICES" => (crate::wrapper::GPU_SLICE_VAR, v.as_str()),
-            k => (k, v.as_str()),
-        });
-        let mut cmd = alloc.slurm.command(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(env)
-            .current_dir(&spec.run_dir)
-            // srun's own messages (`srun: error: ...`) go to the task's log too.
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C at prl-flow's terminal is prl-flow's to
-            // handle, and the step must outlive prl-flow.
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| BackendError::new(format!("cannot start `{}`: {e}", argv[0])))?;
-        let (tx, mut exit) = watch::channel(None);
-        let (kill_tx, kill_rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                s = child.wait() => s,
-                // Only a sent kill: the sender is dropped (an `Err` here) once the step runs.
-                Ok(()) = kill_rx => {
-                    let _ = child.start_kill();
-                    child.wait().await
-                }
-            };
-            let state = match status {
-                Ok(s) => ProcState::Exited(s.code()),
-                Err(_) => ProcState::Gone,
-            };
-            let _ = tx.send(Some(state));
-        });
-
-        // The step is ours once its wrapper names it.
+        // The step is ours once its dispatcher names it (with this attempt).
         let began = Instant::now();
         let step = loop {
-            if let Some((step, _)) = read_step_file(&step_file) {
-                break step;
-            }
-            let ended = exit.borrow_and_update().clone();
-            if let Some(state) = ended {
-                // A one-shot may have come and gone between two looks.
+            if step_file_attempt(&step_file) == Some(spec.attempt) {
                 if let Some((step, _)) = read_step_file(&step_file) {
                     break step;
                 }
-                let how = match state {
-                    ProcState::Exited(Some(c)) => format!("exited with status {c}"),
-                    _ => "was killed".into(),
-                };
-                return Err(BackendError::new(format!(
-                    "srun {how} before the step started (job {}, node {host}): {}",
-                    alloc.job,
-                    log_tail_of(&spec.log, 5).replace('\n', "; ")
-                )));
+            }
+            if posted.exit_file.exists() {
+                // A one-shot may have come and gone between two looks.
+                if step_file_attempt(&step_file) == Some(spec.attempt) {
+                    continue;
+                }
+                return Err(self.never_started(spec, &alloc.job, &host, &posted));
             }
             if began.elapsed() > self.config.step_timeout {
-                let _ = kill_tx.send(());
                 return Err(BackendError::new(format!(
-                    "the step did not start within {} (job {}, node {host}; `[backend] step_timeout`): {}",
+                    "the step did not start within {} (job {}, node {host}; `[backend] step_timeout`){}: {}",
                     humantime::format_duration(self.config.step_timeout),
                     alloc.job,
-                    log_tail_of(&spec.log, 5).replace('\n', "; ")
+                    agent_note(&agent_dir),
+                    log_tail_of(&posted.out, 5).replace('\n', "; ")
                 )));
             }
-            tokio::select! {
-                () = tokio::time::sleep(FAST_POLL) => {}
-                _ = exit.changed() => {}
+            if began.elapsed() > AGENT_SILENCE
+                && crate::agent::heartbeat(&agent_dir).map_or(true, |(_, _, age)| age > AGENT_SILENCE)
+            {
+                return Err(BackendError::new(format!(
+                    "the allocation's agent is not running (job {}){}: see {}",
+                    alloc.job,
+                    agent_note(&agent_dir),
+                    alloc
+                        .log
+                        .as_deref()
+                        .map(|l| l.display().to_string())
+                        .unwrap_or_else(|| "the holder job's log".into())
+                )));
             }
+            tokio::time::sleep(FAST_POLL).await;
         };
         let job = step.split('.').next().unwrap_or(&alloc.job).to_string();
-        if let Ok(mut c) = self.children.lock() {
-            c.insert(step.clone(), exit);
-        }
         if let Ok(mut s) = self.started.lock() {
             s.insert(step.clone(), Instant::now());
         }
@@ -244,26 +185,19 @@ impl SlurmBackend {
             step,
             node: Some(node.clone()),
             host,
-            name,
+            name: step_name(&spec.task),
             service: spec.service,
             log: spec.log.clone(),
             run_dir: spec.run_dir.clone(),
-            status_file,
+            status_file: Some(status_file),
             slurm: alloc.slurm.clone(),
+            tasks: posted.tasks,
         };
         seal(&h)
     }
 
     pub(crate) async fn wait_step(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
         let h = parse_step(handle)?;
-        if let Some(mut rx) = self.child(&h.step) {
-            let srun = rx
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| BackendError::new("lost track of srun"))?
-                .clone();
-            return Ok(ended_state(&h, srun));
-        }
         loop {
             match self.step_state(&h, false).await? {
                 ProcState::Running => tokio::time::sleep(self.config.poll).await,
@@ -278,6 +212,9 @@ impl SlurmBackend {
         grace: Duration,
     ) -> Result<(), BackendError> {
         let h = parse_step(handle)?;
+        if h.tasks > 1 {
+            return self.stop_task_of_step(&h, grace).await;
+        }
         // The step is signalled whatever its first look says: its leader may be gone while
         // other processes of the step still run (an engine's workers), and SLURM's signal
         // reaches every process of the step. Signalling a step that has ended is harmless.
@@ -291,7 +228,7 @@ impl SlurmBackend {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if self.step_state(&h, true).await? != ProcState::Running {
+            if !self.step_listed(&h).await? {
                 return Ok(());
             }
         }
@@ -299,7 +236,7 @@ impl SlurmBackend {
             .scancel(std::slice::from_ref(&h.step), Some("KILL"))
             .await?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.step_state(&h, true).await? == ProcState::Running {
+        while self.step_listed(&h).await? {
             if Instant::now() > deadline {
                 return Err(BackendError::new(format!(
                     "step {} did not end after SIGKILL",
@@ -309,6 +246,109 @@ impl SlurmBackend {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
+    }
+
+    /// Whether the step is still listed by a `squeue` asked now.
+    async fn step_listed(&self, h: &StepHandle) -> Result<bool, BackendError> {
+        Ok(self
+            .steps_of(&h.slurm, &h.job, Some(Instant::now()))
+            .await?
+            .contains_key(&h.step))
+    }
+
+    /// Stops one task of a step that carries others: its command (the dispatcher's
+    /// children) gets SIGTERM on its node, then, after `grace`, it and everything it
+    /// started get SIGKILL; the dispatcher writes the exit status. Each signal is a short
+    /// step of its own (`kill` on the node).
+    async fn stop_task_of_step(&self, h: &StepHandle, grace: Duration) -> Result<(), BackendError> {
+        let ended = |h: &StepHandle| h.status_file.as_deref().and_then(read_status).is_some();
+        if ended(h) || !self.step_listed(h).await? {
+            return Ok(());
+        }
+        let Some(pid) = step_file_pid(&h.run_dir.join(STEP_FILE)) else {
+            return Err(BackendError::new(format!(
+                "task `{}` of step {}: its step file names no process",
+                h.name, h.step
+            )));
+        };
+        self.signal_task(h, pid, "TERM").await?;
+        tracing::info!("task `{}` of step {} signalled", h.name, h.step);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ended(h) || !self.step_listed(h).await? {
+                return Ok(());
+            }
+        }
+        self.signal_task(h, pid, "KILL").await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ended(h) && self.step_listed(h).await? {
+            if Instant::now() > deadline {
+                return Err(BackendError::new(format!(
+                    "task `{}` of step {} did not end after SIGKILL",
+                    h.name, h.step
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the command of the task whose dispatcher is `pid` on the task's
+    /// node: TERM to its children (the command), KILL to all its descendants.
+    async fn signal_task(&self, h: &StepHandle, pid: u32, signal: &str) -> Result<(), BackendError> {
+        const SCRIPT: &str = r#"sig=$1 top=$2
+tree() { for c in $(pgrep -P "$1"); do echo "$c"; tree "$c"; done; }
+if [ "$sig" = TERM ]; then pids=$(pgrep -P "$top"); else pids=$(tree "$top"); fi
+[ -z "$pids" ] || kill -"$sig" $pids 2>/dev/null
+exit 0"#;
+        let args: Vec<String> = [
+            format!("--jobid={}", h.job),
+            "--overlap".into(),
+            format!("--nodelist={}", h.host),
+            "--nodes=1".into(),
+            "--ntasks=1".into(),
+            format!("--job-name=pf-signal:{}", h.name.trim_start_matches("pf:")),
+            "--input=none".into(),
+            "sh".into(),
+            "-c".into(),
+            SCRIPT.into(),
+            "prl-flow-signal".into(),
+            signal.into(),
+            pid.to_string(),
+        ]
+        .into_iter()
+        .collect();
+        let (ok, _, err) = h.slurm.output("srun", &args).await?;
+        if !ok {
+            return Err(BackendError::new(format!(
+                "cannot signal task `{}` of step {} on {}: {}",
+                h.name,
+                h.step,
+                h.host,
+                err.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why a task's step never started: the `srun`'s own words, and the task's log.
+    fn never_started(&self, spec: &SpawnSpec, job: &str, host: &str, posted: &Posted) -> BackendError {
+        let how = std::fs::read_to_string(&posted.exit_file).unwrap_or_default();
+        let how = match how.trim() {
+            "lost" => "was lost by the allocation's agent (it restarted while taking it)".to_string(),
+            "gone" => "ended unseen".to_string(),
+            s if s.starts_with("signal") => format!("was killed ({s})"),
+            s => format!("exited with status {s}"),
+        };
+        let mut words = log_tail_of(&posted.out, 5);
+        if words.trim().is_empty() {
+            words = log_tail_of(&spec.log, 5);
+        }
+        BackendError::new(format!(
+            "srun {how} before the step started (job {job}, node {host}): {}",
+            words.replace('\n', "; ")
+        ))
     }
 
     pub(crate) async fn recover_step(
@@ -327,13 +367,37 @@ impl SlurmBackend {
             .unwrap_or_else(|| self.cluster.clone());
         let name = step_name(&spec.task);
         let step_file = spec.run_dir.join(STEP_FILE);
-        // The wrapper's file, if this attempt wrote it (it names its attempt; another is an
-        // earlier attempt's).
-        let from_file = (step_file_attempt(&step_file) == Some(spec.attempt))
-            .then(|| read_step_file(&step_file))
-            .flatten();
-        // Else a step of ours by name that runs in the allocation (its wrapper had not
-        // written the file yet).
+        let request = read_request_file(&spec.run_dir).filter(|r| r.attempt == spec.attempt);
+        let tasks = request.as_ref().map_or(1, |r| r.tasks);
+        let read_own = || {
+            (step_file_attempt(&step_file) == Some(spec.attempt))
+                .then(|| read_step_file(&step_file))
+                .flatten()
+        };
+        // The dispatcher's file, if this attempt wrote it (it names its attempt; another is
+        // an earlier attempt's). A step requested for this attempt whose task has not
+        // started yet (its task file is still there) may still start: it is waited for,
+        // never started twice.
+        let mut from_file = read_own();
+        if from_file.is_none() {
+            if let (Some(r), Ok(agent_dir)) = (&request, self.agent_dir()) {
+                let exit = agent_dir.join(crate::agent::WORK).join(format!("{}.exit", r.id));
+                let task_file = spec.run_dir.join(crate::wrapper::TASK_FILE);
+                let began = Instant::now();
+                while from_file.is_none()
+                    && task_file.exists()
+                    && !exit.exists()
+                    && began.elapsed() < self.config.step_timeout
+                {
+                    tokio::time::sleep(FAST_POLL).await;
+                    from_file = read_own();
+                }
+                from_file = from_file.or_else(read_own);
+            }
+        }
+        let name = request.as_ref().map_or(name, |r| r.step_name.clone());
+        // Else a step of ours by name that runs in the allocation (a step of this task
+        // alone whose dispatcher had not written the file yet).
         let found = match from_file {
             Some(f) => Some(f),
             None => {
@@ -367,14 +431,26 @@ impl SlurmBackend {
             step,
             node: Some(node.clone()),
             host,
-            name,
+            name: step_name(&spec.task),
             service: spec.service,
             log: spec.log.clone(),
             run_dir: spec.run_dir.clone(),
-            status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
+            status_file: Some(spec.run_dir.join(STATUS_FILE)),
             slurm: cluster,
+            tasks,
         };
         seal(&h).map(Some)
+    }
+}
+
+/// Where the agent stands, for a message: `; the agent (pid P on H) last beat N s ago`.
+fn agent_note(agent_dir: &Path) -> String {
+    match crate::agent::heartbeat(agent_dir) {
+        Some((pid, host, age)) => format!(
+            "; the allocation's agent (pid {pid} on {host}) last said it was alive {} s ago",
+            age.as_secs()
+        ),
+        None => "; the allocation's agent never said it was alive".into(),
     }
 }
 

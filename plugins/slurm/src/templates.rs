@@ -39,17 +39,26 @@ pub struct HolderVars<'a> {
     pub gpus_per_node: u32,
     pub exclusive: bool,
     pub sbatch_lines: &'a [String],
+    /// The prl-flow program the allocation's agent runs as, and the agent's directory.
+    pub agent_program: &'a str,
+    pub agent_dir: &'a str,
 }
 
 /// What the srun line of a step is rendered with.
 #[derive(Debug, Clone, Serialize)]
 pub struct SrunVars<'a> {
     pub job_id: &'a str,
+    /// SLURM's names of the step's nodes, comma separated.
     pub host: &'a str,
+    pub nodes: usize,
+    pub ntasks: usize,
+    pub ntasks_per_node: usize,
     pub step_name: &'a str,
     pub run_dir: &'a str,
     pub log: &'a str,
     pub cpus_per_task: u32,
+    /// More tasks on a node than it has CPUs.
+    pub overcommit: bool,
     pub service: bool,
     pub srun_args: &'a [String],
 }
@@ -107,14 +116,20 @@ impl Templates {
             gpus_per_node: 8,
             exclusive: true,
             sbatch_lines: &lines,
+            agent_program: "/bin/prl-flow",
+            agent_dir: "/s/slurm/agent",
         })?;
         self.srun(&SrunVars {
             job_id: "1",
-            host: "n1",
+            host: "n1,n2",
+            nodes: 2,
+            ntasks: 4,
+            ntasks_per_node: 2,
             step_name: "pf:t",
             run_dir: "/r",
             log: "/l",
             cpus_per_task: 1,
+            overcommit: true,
             service: true,
             srun_args: &lines,
         })?;
@@ -182,6 +197,8 @@ mod tests {
             gpus_per_node: 8,
             exclusive: true,
             sbatch_lines: lines,
+            agent_program: "/opt/prl flow/prl-flow",
+            agent_dir: "/state/slurm/agent",
         }
     }
 
@@ -204,6 +221,10 @@ mod tests {
             ]
         );
         assert!(s.starts_with("#!/bin/sh\n"), "{s}");
+        assert!(
+            s.contains("'/opt/prl flow/prl-flow' slurm-agent /state/slurm/agent"),
+            "the agent, quoted: {s}"
+        );
         assert!(s.trim_end().ends_with("exec sleep infinity"), "{s}");
     }
 
@@ -214,11 +235,15 @@ mod tests {
         let argv = t
             .srun(&SrunVars {
                 job_id: "12",
-                host: "n3",
-                step_name: "pf:decode_0_.node_2_",
-                run_dir: "/state dir/run/x",
-                log: "/state dir/logs/x.log",
-                cpus_per_task: 16,
+                host: "n3,n4",
+                nodes: 2,
+                ntasks: 4,
+                ntasks_per_node: 2,
+                step_name: "pf:decode_0_.rank_0_+3",
+                run_dir: "/state dir/slurm/agent",
+                log: "/state dir/slurm/agent/work/1.out",
+                cpus_per_task: 8,
+                overcommit: false,
                 service: true,
                 srun_args: &extra,
             })
@@ -229,14 +254,16 @@ mod tests {
                 "srun",
                 "--jobid=12",
                 "--overlap",
-                "--nodelist=n3",
-                "--nodes=1",
-                "--ntasks=1",
-                "--cpus-per-task=16",
-                "--job-name=pf:decode_0_.node_2_",
-                "--chdir=/state dir/run/x",
+                "--nodelist=n3,n4",
+                "--nodes=2",
+                "--ntasks=4",
+                "--ntasks-per-node=2",
+                "--cpus-per-task=8",
+                "--kill-on-bad-exit=0",
+                "--job-name=pf:decode_0_.rank_0_+3",
+                "--chdir=/state dir/slurm/agent",
                 "--input=none",
-                "--output=/state dir/logs/x.log",
+                "--output=/state dir/slurm/agent/work/1.out",
                 "--open-mode=append",
                 "--mpi=none",
                 "--comment=a b",
@@ -258,10 +285,14 @@ mod tests {
             .srun(&SrunVars {
                 job_id: "7",
                 host: "n1",
+                nodes: 1,
+                ntasks: 1,
+                ntasks_per_node: 1,
                 step_name: "s",
                 run_dir: "/r",
                 log: "/l",
                 cpus_per_task: 1,
+                overcommit: false,
                 service: false,
                 srun_args: &[],
             })

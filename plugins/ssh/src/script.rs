@@ -242,14 +242,7 @@ impl Default for Script {
     }
 }
 
-/// One word for the remote shell. Text with a NUL byte cannot be passed to a program at all.
-pub fn quote(s: &str) -> Result<String, BackendError> {
-    shlex::try_quote(s).map(|c| c.into_owned()).map_err(|_| {
-        BackendError::new(format!(
-            "cannot pass text with a NUL byte to a remote shell: {s:?}"
-        ))
-    })
-}
+pub use prl_flow_backend::shell::{env_file, is_env_name, quote};
 
 /// What to start, for [`spawn`].
 pub struct Start<'a> {
@@ -330,31 +323,6 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
     }
     sc.line(SPAWN_AFTER);
     Ok(sc.text().to_string())
-}
-
-/// The environment file's text: one `export NAME=VALUE` line per variable, each value
-/// quoted. Names must be portable shell names (letters, digits, `_`, not starting with a
-/// digit), which [`is_env_name`] checks before a spawn.
-fn env_file(env: &std::collections::BTreeMap<String, String>) -> Result<String, BackendError> {
-    let mut text = String::new();
-    for (k, v) in env {
-        if !is_env_name(k) {
-            return Err(BackendError::new(format!(
-                "`{k}` cannot be set on a host: names of environment variables there are letters, digits and `_`"
-            )));
-        }
-        text.push_str(&format!("export {k}={}\n", quote(v)?));
-    }
-    Ok(text)
-}
-
-/// A name a POSIX shell can export: letters, digits and `_`, not starting with a digit.
-pub fn is_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Identity of a process on the host, quoted for a script.
