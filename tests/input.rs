@@ -218,6 +218,8 @@ fn the_holder_script_keeps_the_deployment_name_one_word() {
                 gpus_per_node: 0,
                 exclusive: false,
                 sbatch_lines: &[],
+                agent_program: &name,
+                agent_dir: &name,
             })
             .expect("render");
         sb.write("holder.sh", &script);
@@ -231,7 +233,9 @@ fn the_holder_script_keeps_the_deployment_name_one_word() {
         assert!(out.status.success(), "{name:?}: {out:?}\n{script}");
         assert_eq!(
             stdout,
-            format!("holding 2 node(s) for prl-flow deployment `{name}`: n[1-2]\n"),
+            format!(
+                "holding 2 node(s) for prl-flow deployment `{name}`: n[1-2]\nprl-flow: {name} is gone: holding the allocation without an agent\n"
+            ),
             "{script}"
         );
         assert!(!marker.exists(), "{name:?} ran a command:\n{script}");

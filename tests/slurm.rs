@@ -106,23 +106,48 @@ impl TestCluster {
             return None;
         }
         let k = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let pid = std::process::id();
+        let net = free_subnet(50, std::process::id(), k);
+        let c = Self::start(4, gpus, &net, None)?;
+        if !c.netns {
+            common::prerequisite(
+                false,
+                "network namespaces (the nodes share one; Mooncake tests are SKIPPED)",
+                "run as root with iproute2 installed, in a container with CAP_NET_ADMIN",
+            );
+        }
+        Some(c)
+    }
+
+    /// `nodes` nodes on loopback addresses of a /16 of their own (`127.A.*`): a big cluster
+    /// without namespaces (no Mooncake on it), for the scale test.
+    fn big(nodes: usize) -> Option<TestCluster> {
+        if !have_slurm() {
+            return None;
+        }
+        let net = common::claim_first("net", (200..=254).map(|a| format!("127.{a}")), |_| true);
+        Self::start(nodes, 0, &net, Some(false))
+    }
+
+    fn start(nodes: usize, gpus: u32, net: &str, netns: Option<bool>) -> Option<TestCluster> {
         // Claimed for the life of this process: no other test process gets them meanwhile.
         let tag = netns::claim_tag();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<String> = (0..4).map(|_| common::claim_port().to_string()).collect();
-        let out = Command::new("bash")
-            .arg(SCRIPT)
+        let ports: Vec<String> = (0..nodes).map(|_| common::claim_port().to_string()).collect();
+        let mut cmd = Command::new("bash");
+        cmd.arg(SCRIPT)
             .arg("start")
             .arg(dir.path())
+            .env("SLURM_NODES", nodes.to_string())
             .env("SLURM_TAG", &tag)
-            .env("SLURM_NET", free_subnet(50, pid, k))
+            .env("SLURM_NET", net)
             .env("SLURM_CTLD_PORT", common::claim_port().to_string())
             .env("SLURMD_PORTS", ports.join(","))
             .env("SLURM_GPUS", gpus.to_string())
-            .env_remove("SLURM_CONF")
-            .output()
-            .expect("run cluster.sh");
+            .env_remove("SLURM_CONF");
+        if let Some(n) = netns {
+            cmd.env("SLURM_NETNS", if n { "1" } else { "0" });
+        }
+        let out = cmd.output().expect("run cluster.sh");
         // Build the guard first: a failed start is cleaned up too.
         let mut c = TestCluster {
             conf: dir.path().join("slurm.conf"),
@@ -141,13 +166,6 @@ impl TestCluster {
             let w: Vec<&str> = l.split_whitespace().collect();
             c.nodes.push((w[0].to_string(), w[1].to_string()));
             c.netns = w[2] != "-";
-        }
-        if !c.netns {
-            common::prerequisite(
-                false,
-                "network namespaces (the nodes share one; Mooncake tests are SKIPPED)",
-                "run as root with iproute2 installed, in a container with CAP_NET_ADMIN",
-            );
         }
         Some(c)
     }
@@ -530,13 +548,20 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
     .map(|id| node_of(id))
     .collect();
     assert_eq!(engines.len(), 4, "each engine on its own node: {engines:?}");
-    for (id, name, node) in &steps {
-        let task = name.trim_start_matches("pf:");
-        let rec = records(&state)
-            .into_values()
-            .find(|r| prl_flow_slurm::step_name(&r.id) == *name)
-            .unwrap_or_else(|| panic!("step {id} `{task}` is not in the journal"));
-        assert_eq!(node, &handle_field(&state, &rec.id, "host"), "{id}");
+    // Every step carries tasks of the journal, each on one of the step's nodes.
+    let recorded = step_ids(&state);
+    for (id, name, nodes) in &steps {
+        let hosts = cluster.slurm("scontrol", &["show", "hostnames", nodes]);
+        let tasks: Vec<&String> = recorded
+            .iter()
+            .filter(|(_, s)| *s == id)
+            .map(|(t, _)| t)
+            .collect();
+        assert!(!tasks.is_empty(), "step {id} `{name}` is not in the journal");
+        for t in tasks {
+            let host = handle_field(&state, t, "host");
+            assert!(hosts.lines().any(|h| h == host), "{t} on {host}, step {id} on {nodes}");
+        }
     }
     // Mooncake: the master on the head node, a client on every node, each engine with its
     // own MOONCAKE_CONFIG_PATH pointing at them over TCP.
@@ -1718,21 +1743,26 @@ fn watch_restarts_a_cancelled_engine_step_inside_the_allocation() {
     )
     .expect_code(0);
     let err = cluster.dir().join("watch.stderr");
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+    let mut watch = Child(Command::new(env!("CARGO_BIN_EXE_prl-flow"))
         .args(["watch", f, "--state-dir"])
         .arg(&state)
         .env("PRL_FLOW_ROUTER", &router)
         .current_dir(cluster.dir())
         .stderr(std::fs::File::create(&err).expect("stderr file"))
         .spawn()
-        .expect("watch");
+        .expect("watch"));
     let jobs = cluster.jobs();
     let victim = "decode[1].rank[0]";
     let step = step_ids(&state)[victim].clone();
     cluster.slurm("scancel", &[&step]);
     let heal_log = || std::fs::read_to_string(state.join("logs/heal.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !heal_log().contains(&format!("restarted `{victim}`")) {
+    let restarted = || {
+        heal_log()
+            .lines()
+            .any(|l| l.contains("restarted `") && l.contains(&format!("`{victim}`")))
+    };
+    while !restarted() {
         assert!(
             Instant::now() < deadline,
             "`{victim}` was not restarted in 120 s; heal log:\n{}\nwatch:\n{}",
@@ -1747,9 +1777,9 @@ fn watch_restarts_a_cancelled_engine_step_inside_the_allocation() {
     assert_eq!(cluster.jobs(), jobs, "inside the same allocation");
     prl(&cluster, &router, &["status", f]).expect_code(0);
     let _ = Command::new("kill")
-        .args(["-INT", &watch.id().to_string()])
+        .args(["-INT", &watch.0.id().to_string()])
         .status();
-    let _ = watch.wait();
+    let _ = watch.0.wait();
     prl(&cluster, &router, &["down", f]).expect_code(0);
     assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
 }
@@ -2124,4 +2154,203 @@ async fn a_step_starts_in_its_tasks_dir_and_keeps_its_files_in_the_run_dir() {
     );
     assert!(run_dir.join("slurm-step").exists() && !run_dir.join("out").exists());
     down(&state).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// At scale: 256 nodes.
+
+/// A process of this machine, as `/proc` shows it.
+struct Proc {
+    pid: u32,
+    comm: String,
+    cmdline: String,
+    /// Whether it runs under a slurmd (on a node), not on the submitting machine.
+    on_node: bool,
+}
+
+/// Every process whose environment names this cluster's config (what prl-flow and SLURM
+/// started for it), without SLURM's own daemons.
+fn processes_of(cluster: &TestCluster) -> Vec<Proc> {
+    let conf = format!("SLURM_CONF={}", cluster.conf.display());
+    let read = |pid: &str, f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    let parent = |pid: &str| -> Option<String> {
+        let stat = String::from_utf8_lossy(&read(pid, "stat")).into_owned();
+        stat.rsplit(')').next()?.split_whitespace().nth(1).map(String::from)
+    };
+    let comm = |pid: &str| String::from_utf8_lossy(&read(pid, "comm")).trim().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        let Ok(n) = pid.parse::<u32>() else { continue };
+        let env = read(&pid, "environ");
+        if !env.split(|b| *b == 0).any(|v| v == conf.as_bytes()) {
+            continue;
+        }
+        let c = comm(&pid);
+        if matches!(c.as_str(), "slurmd" | "slurmctld" | "slurmstepd" | "munged") {
+            continue;
+        }
+        let mut on_node = false;
+        let mut p = parent(&pid);
+        while let Some(pp) = p.filter(|pp| pp != "0" && pp != "1") {
+            if matches!(comm(&pp).as_str(), "slurmstepd" | "slurmd") {
+                on_node = true;
+                break;
+            }
+            p = parent(&pp);
+        }
+        let cmdline = String::from_utf8_lossy(&read(&pid, "cmdline")).replace('\0', " ");
+        out.push(Proc { pid: n, comm: c, cmdline, on_node });
+    }
+    out
+}
+
+/// Completions through the router at `url`, each with a session id of its own (so the
+/// consistent hash spreads them over the workers): how many were answered with 200.
+async fn completions(url: &str, model: &str, n: usize) -> usize {
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let mut ok = 0;
+    for i in 0..n {
+        let r = c
+            .post(format!("{url}/v1/completions"))
+            .header("X-Session-ID", format!("s{i}"))
+            .json(&json!({ "model": model, "prompt": "hi", "max_tokens": 4 }))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status().as_u16() == 200) {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+fn prl_long(cluster: &TestCluster, router: &Path, args: &[&str]) -> (common::Out, f64) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prl-flow"));
+    c.args(args)
+        .arg("--state-dir")
+        .arg(cluster.dir().join("state"))
+        .arg("--no-progress")
+        .env("PRL_FLOW_ROUTER", router)
+        .current_dir(cluster.dir());
+    let began = Instant::now();
+    let out = common::output_within(c, Duration::from_secs(600));
+    (out, began.elapsed().as_secs_f64())
+}
+
+/// A scale recipe on this cluster: `deployment` is the `[inference.deployment]` body.
+fn scale_recipe(cluster: &TestCluster, name: &str, model: &str, parallel: &str, deployment: &str) -> PathBuf {
+    let text = format!(
+        "name = \"{name}\"\n[inference]\nmodel = \"{model}\"\n[inference.parallel]\n{parallel}\n\
+         [inference.deployment]\n{deployment}\ngpus_per_node = 1\nrouter_port = 8000\nbackend_port = 8100\n\
+         [backend]\ntype = \"slurm\"\nslurm_conf = \"{}\"\npoll = \"500ms\"\n",
+        cluster.conf.display()
+    );
+    let path = cluster.dir().join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("recipe");
+    path
+}
+
+/// One bring-up at scale, as a user runs it: `run` (returns with everything up), then what
+/// the submitting machine holds, the steps, completions, `kill -9` of the agent and of every
+/// prl-flow process, completions again, a resume that keeps every step, and `down`.
+async fn scale_round(cluster: &TestCluster, router: &Path, recipe: &Path, model: &str) {
+    let f = recipe.to_str().expect("path");
+    let r = router.to_str().expect("path");
+    let (out, took) = prl_long(cluster, router, &["run", f, "--engine", "mock", "--router", r]);
+    out.expect_code(0);
+    let plan_tasks = records(&cluster.dir().join("state"))
+        .values()
+        .filter(|r| r.handle.as_ref().is_some_and(|h| h["backend"] == "slurm") && r.kind != ALLOCATE)
+        .count();
+    let steps = cluster.steps();
+    let procs = processes_of(cluster);
+    let here: Vec<&Proc> = procs.iter().filter(|p| !p.on_node).collect();
+    let sruns = procs.iter().filter(|p| p.comm == "srun").count();
+    eprintln!(
+        "{f}: up in {took:.1} s; {plan_tasks} tasks in {} steps; {sruns} srun processes; {} of ours on the submitting machine",
+        steps.len(),
+        here.len()
+    );
+    assert!(
+        here.is_empty(),
+        "nothing of the deployment on the submitting machine: {:?}",
+        here.iter().map(|p| (p.pid, &p.cmdline)).collect::<Vec<_>>()
+    );
+    // A step per role: the engines of all replicas share one or two.
+    assert!(steps.len() <= 4, "steps grow with groups, not nodes: {steps:?}");
+    assert_eq!(sruns, steps.len(), "one srun per step, on the agent's node");
+    assert_eq!(cluster.live_tasks(), plan_tasks, "every task once");
+
+    let url = format!("http://{}:8000", cluster.nodes[0].1);
+    assert_eq!(completions(&url, model, 8).await, 8, "completions through the router");
+
+    // kill -9 of every prl-flow process (the agent on the first node; nothing else of ours
+    // runs): the deployment goes on serving, and the holder starts another agent.
+    let state = cluster.dir().join("state");
+    let agent_dir = state.join("slurm/agent");
+    let beat = || std::fs::read_to_string(agent_dir.join("heartbeat")).unwrap_or_default();
+    let old_pid = beat().split_whitespace().next().unwrap_or("").to_string();
+    let killed: Vec<u32> = processes_of(cluster)
+        .iter()
+        .filter(|p| p.cmdline.contains("prl-flow ") || p.cmdline.contains("/prl-flow "))
+        .map(|p| p.pid)
+        .collect();
+    assert!(!killed.is_empty(), "the agent runs");
+    for pid in &killed {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    assert_eq!(completions(&url, model, 8).await, 8, "serving without any prl-flow");
+    common::wait_until("a new agent", Duration::from_secs(60), || {
+        let pid = beat().split_whitespace().next().unwrap_or("").to_string();
+        !pid.is_empty() && pid != old_pid
+    });
+
+    // Resume: every step kept, nothing started again.
+    let before = step_ids(&state);
+    let (out, took) = prl_long(cluster, router, &["run", f, "--engine", "mock", "--router", r, "--resume"]);
+    out.expect_code(0);
+    assert_eq!(step_ids(&state), before, "the resume kept every step");
+    let (st, st_took) = prl_long(cluster, router, &["status", f]);
+    st.expect_code(0);
+
+    let (out, down_took) = prl_long(cluster, router, &["down", f]);
+    out.expect_code(0);
+    eprintln!("{f}: resume {took:.2} s, status {st_took:.2} s, down {down_took:.2} s");
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+    assert!(cluster.steps().is_empty());
+    let left: Vec<String> = processes_of(cluster).into_iter().map(|p| p.cmdline).collect();
+    assert!(left.is_empty(), "down left {left:?}");
+}
+
+/// 256 nodes: a multi_node deployment of 256 engines and a disaggregated one of 64 nodes,
+/// through the real router, each killed (every prl-flow process), resumed and taken down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_256_nodes_the_login_node_holds_nothing_and_steps_follow_groups() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::big(256) else {
+        return;
+    };
+    let Some(router) = common::router_or_skip() else {
+        return;
+    };
+    let mn = scale_recipe(
+        &cluster,
+        "scale-mn",
+        "Qwen/Qwen3-0.6B",
+        "tp = 1\ndp = 1",
+        "type = \"multi_node\"\nnum_nodes = 256",
+    );
+    scale_round(&cluster, &router, &mn, "Qwen/Qwen3-0.6B").await;
+    let pd = scale_recipe(
+        &cluster,
+        "scale-pd",
+        "Qwen/Qwen3-30B-A3B",
+        "tp = 1",
+        "type = \"disaggregated\"\nnum_prefill_nodes = 32\nnum_decode_nodes = 32",
+    );
+    scale_round(&cluster, &router, &pd, "Qwen/Qwen3-30B-A3B").await;
 }
