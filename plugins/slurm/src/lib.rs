@@ -17,39 +17,50 @@
 //! `scontrol show node` their addresses (`NodeAddr`, or the node names with
 //! `address = "hostname"`), which fill the plan's `${host:nodeK}` placeholders.
 //!
-//! **Tasks are job steps** (template `slurm/srun.argv.j2`):
-//! `srun --jobid=J --overlap --nodelist=HOST -N1 -n1 --cpus-per-task=C --job-name=pf:TASK
-//! --chdir=RUN_DIR --output=LOG --open-mode=append sh -c WRAPPER RUN_DIR ARGV...`.
-//! `--overlap` lets the steps share the allocation's CPUs and GPUs (without it the second
-//! step on a node would queue behind the first); `--output` makes slurmstepd write the log on
-//! the node, so it keeps flowing whatever happens to the `srun` process. The wrapper first
-//! writes `JOB.STEP NODE PID` to `RUN_DIR/slurm-step` (so the step id is known the moment
-//! the step runs, and a prl-flow killed right after starting it finds it again: see
-//! [`Backend::recover`]), then runs the site's prologue (module loads, a venv), then
-//! `exec`s the command (a service) or runs it under a trap that leaves its exit status in
-//! `RUN_DIR/exit-status` (a one-shot: with no accounting database that is the only record
-//! of how it ended once its `srun` is gone). [`Backend::spawn`] returns when the step
-//! file names the step; the handle records job, step, node and the cluster's `SLURM_CONF`.
+//! **The agent** (`agent.rs`): the holder script runs `prl-flow slurm-agent DIR` on the
+//! allocation's first node (and starts it again should it exit). It starts every step, so
+//! no `srun` lives on the machine `prl-flow run` was typed on: the submitting side writes a
+//! request (an `srun` command line) into the agent's inbox in the state dir, which both sides
+//! see on the shared file system, and the agent runs it in a process group of its own. A
+//! logout, a reboot or a `kill -9` of every prl-flow on the submitting machine leaves the
+//! deployment serving; an agent that dies loses nothing either (the steps are SLURM's; the
+//! next agent adopts their `srun`s).
 //!
+//! **Tasks share steps** (`launch.rs`, template `slurm/srun.argv.j2`): spawns that arrive
+//! together are collected for a moment, and the tasks of one role (`decode` of
+//! `decode[1].rank[0]`) with the same program go into one step: `srun --jobid=J --overlap
+//! --nodelist=HOSTS -N n -n t --ntasks-per-node=k ... sh -c DISPATCHER LIST`. One step, one
+//! `srun` and one step-creation RPC per role instead of one per node. The dispatcher
+//! (`wrapper.rs`) finds its task in the list by node and local task id, takes the task's
+//! command and environment from the `.task` file in its run dir (written by the submitting
+//! side, mode 0600, removed before the command starts: no value is ever on a command line),
+//! sends its output to the task's log, writes `JOB.STEP NODE PID ATTEMPT` to
+//! `RUN_DIR/slurm-step` (so the step id is known the moment the task runs, and a prl-flow
+//! killed right after requesting it finds it again: see [`Backend::recover`]), runs the
+//! site's prologue, and runs the command, leaving its exit status in `RUN_DIR/exit-status`
+//! when it ends (so one task of a step can end while the others run). [`Backend::spawn`]
+//! returns when the step file names the step; the handle records job, step, node, the
+//! step's number of tasks and the cluster's `SLURM_CONF`. A task started again alone (a
+//! restart) is a step of its own.
+
 //! **The preflight** ([`Backend::preflight`], `preflight.rs`): right after the allocation,
 //! one step across its nodes (`srun --overlap --ntasks-per-node=1`) runs the prologue and
 //! looks each node's programs up on its `PATH`, so a missing `vllm` fails the run before
 //! any step of the plan starts.
 //!
 //! **A step's life is tied to its `srun`**: SLURM cancels a step whose `srun` is killed.
-//! So each `srun` starts in a process group of its own with its output in files, and
-//! nothing of prl-flow stops it: when prl-flow exits (or is killed with `kill -9`) the
-//! `srun` processes go on, and so do the steps. That is what lets `run` return with the
-//! deployment up, and `--resume` reattach.
+//! That is why the agent, not the submitting prl-flow, runs them.
 //!
 //! **Checking** ([`Backend::status`]): `squeue -s -j J` lists the running steps of the job.
 //! One answer serves every step of the job for a moment (a few hundred ms, single-flight),
 //! so a resume checking a thousand steps asks slurmctld a handful of times, not a thousand.
-//! A step that is not listed has ended: its exit status file (one-shots) says how, else it
-//! is gone. For a step started by this process, the exit of its `srun` says it first.
+//! A task whose step is listed runs unless its dispatcher wrote its exit status; a step that
+//! is not listed has ended: the exit status file says how, else the task is gone.
 //!
-//! **Stopping** ([`Backend::stop`]): `scancel --signal=TERM J.S`, the grace period, then
-//! `--signal=KILL`. [`Backend::release`]: `scancel J`, which ends every step with the job
+//! **Stopping** ([`Backend::stop`]): a task alone in its step: `scancel --signal=TERM J.S`,
+//! the grace period, then `--signal=KILL`. One task of a shared step: a short step on its
+//! node signals the task's command (TERM to the dispatcher's children, then KILL to all its
+//! descendants), and the dispatcher records the exit. [`Backend::release`]: `scancel J`, which ends every step with the job
 //! (SLURM sends SIGTERM, then SIGKILL after its `KillWait`). All `scancel` calls go through
 //! slurmctld (`--ctld`). [`Backend::teardown`] takes down what a journal records with one
 //! `scancel` per job, never one per step, and cancels a job whole when its allocation is
