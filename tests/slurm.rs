@@ -132,7 +132,9 @@ impl TestCluster {
         // Claimed for the life of this process: no other test process gets them meanwhile.
         let tag = netns::claim_tag();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<String> = (0..nodes).map(|_| common::claim_port().to_string()).collect();
+        let ports: Vec<String> = (0..nodes)
+            .map(|_| common::claim_port().to_string())
+            .collect();
         let mut cmd = Command::new("bash");
         cmd.arg(SCRIPT)
             .arg("start")
@@ -557,10 +559,16 @@ async fn disaggregated_recipe_comes_up_on_four_nodes_and_down_leaves_nothing() {
             .filter(|(_, s)| *s == id)
             .map(|(t, _)| t)
             .collect();
-        assert!(!tasks.is_empty(), "step {id} `{name}` is not in the journal");
+        assert!(
+            !tasks.is_empty(),
+            "step {id} `{name}` is not in the journal"
+        );
         for t in tasks {
             let host = handle_field(&state, t, "host");
-            assert!(hosts.lines().any(|h| h == host), "{t} on {host}, step {id} on {nodes}");
+            assert!(
+                hosts.lines().any(|h| h == host),
+                "{t} on {host}, step {id} on {nodes}"
+            );
         }
     }
     // Mooncake: the master on the head node, a client on every node, each engine with its
@@ -653,7 +661,10 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
         .filter(|(_, s)| **s == step)
         .map(|(id, _)| id.clone())
         .collect();
-    assert!(victims.len() > 1, "the decode ranks share a step: {before:?}");
+    assert!(
+        victims.len() > 1,
+        "the decode ranks share a step: {before:?}"
+    );
     cluster.slurm("scancel", &[&step]);
     eventually("the step to end", Duration::from_secs(30), || async {
         (!cluster.steps().iter().any(|(id, _, _)| *id == step)).then_some(())
@@ -665,7 +676,11 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
     let later = SlurmBackend::from_handle(&h).expect("from handle");
     for v in &victims {
         let h = proc_handle(&records(&state)[v]);
-        assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone, "{v}");
+        assert_eq!(
+            later.status(&h).await.expect("status"),
+            ProcState::Gone,
+            "{v}"
+        );
     }
     for r in records(&state)
         .values()
@@ -696,7 +711,11 @@ async fn a_step_cancelled_with_scancel_shows_in_status_and_resume_restarts_only_
         .collect();
     let units: BTreeSet<&str> = victims
         .iter()
-        .filter_map(|v| v.split_once('[').and_then(|(_, r)| r.split_once(']')).map(|(u, _)| u))
+        .filter_map(|v| {
+            v.split_once('[')
+                .and_then(|(_, r)| r.split_once(']'))
+                .map(|(u, _)| u)
+        })
         .collect();
     let mut expected: BTreeSet<String> = victims.clone();
     for u in &units {
@@ -850,7 +869,11 @@ async fn kill_9_mid_run_then_resume_adopts_what_became_ready_and_starts_nothing_
         .iter()
         .filter(|t| !matches!(t.command, Cmd::Builtin { .. }))
         .count();
-    assert_eq!(cluster.live_tasks(), commands, "a task runs twice: {steps:?}");
+    assert_eq!(
+        cluster.live_tasks(),
+        commands,
+        "a task runs twice: {steps:?}"
+    );
     assert_eq!(cluster.jobs().len(), 1);
     assert!(down(&state).await.failures.is_empty());
     assert!(cluster.jobs().is_empty());
@@ -1266,7 +1289,8 @@ async fn a_run_killed_while_its_job_is_queued_is_cancelled_by_down_and_adopted_b
     };
     let blocker = blocker(&cluster);
     let bin = cluster.counting_bin_dir();
-    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms", "bin_dir": bin });
+    let config =
+        json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms", "bin_dir": bin });
 
     // Killed while the job waits; then `down`: the job leaves the queue.
     let cl = &cluster;
@@ -1351,7 +1375,8 @@ async fn down_cancels_a_job_submitted_but_never_written_down() {
         ),
     )
     .expect("write");
-    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms", "bin_dir": bin });
+    let config =
+        json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms", "bin_dir": bin });
     let state = cluster.dir().join("state");
     let mut run = small_driver(&cluster, &state, 8773, &config);
     let job = common::wait_for("the submission", Duration::from_secs(60), || {
@@ -1743,14 +1768,16 @@ fn watch_restarts_a_cancelled_engine_step_inside_the_allocation() {
     )
     .expect_code(0);
     let err = cluster.dir().join("watch.stderr");
-    let mut watch = Child(Command::new(env!("CARGO_BIN_EXE_prl-flow"))
-        .args(["watch", f, "--state-dir"])
-        .arg(&state)
-        .env("PRL_FLOW_ROUTER", &router)
-        .current_dir(cluster.dir())
-        .stderr(std::fs::File::create(&err).expect("stderr file"))
-        .spawn()
-        .expect("watch"));
+    let mut watch = Child(
+        Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+            .args(["watch", f, "--state-dir"])
+            .arg(&state)
+            .env("PRL_FLOW_ROUTER", &router)
+            .current_dir(cluster.dir())
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("watch"),
+    );
     let jobs = cluster.jobs();
     let victim = "decode[1].rank[0]";
     let step = step_ids(&state)[victim].clone();
@@ -2156,6 +2183,93 @@ async fn a_step_starts_in_its_tasks_dir_and_keeps_its_files_in_the_run_dir() {
     down(&state).await;
 }
 
+/// Tasks spawned together share a step; one of them stops alone (the others run on, the step
+/// stays) and starts again as a step of its own, inside the allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_task_of_a_shared_step_stops_and_starts_again_alone() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    let config = json!({ "slurm_conf": cluster.conf, "agent": AGENT, "poll": "200ms" });
+    let backend = SlurmBackend::from_config(&config, &state).expect("config");
+    let nodes: Vec<String> = (0..2).map(|k| format!("node{k}")).collect();
+    let alloc = backend.allocate(&nodes).await.expect("allocate");
+    let base = prl_flow_engine::journal::now_ms();
+    let spec = |i: usize, attempt: u64| SpawnSpec {
+        task: format!("svc[{i}]"),
+        node: Some(format!("node{}", i % 2)),
+        argv: [
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 0.2; done",
+        ]
+        .map(String::from)
+        .to_vec(),
+        run_dir: state.join("run").join(format!("svc{i}")),
+        log: state.join("logs").join(format!("svc{i}.log")),
+        service: true,
+        attempt,
+        ..Default::default()
+    };
+    // Two a node: one step (nodes with different numbers of tasks would make two).
+    let specs = [0, 1, 2, 3].map(|i| spec(i, base + i as u64));
+    let (a, b, c, d) = tokio::join!(
+        backend.spawn(&specs[0]),
+        backend.spawn(&specs[1]),
+        backend.spawn(&specs[2]),
+        backend.spawn(&specs[3]),
+    );
+    let handles = [a, b, c, d].map(|h| h.expect("spawn"));
+    let step = handles[0].payload["step"].clone();
+    for h in &handles {
+        assert_eq!(h.payload["step"], step, "one step for the four: {h}");
+        assert_eq!(h.payload["tasks"], 4, "{h}");
+        assert_eq!(backend.status(h).await.expect("status"), ProcState::Running);
+    }
+    assert_eq!(cluster.steps().len(), 1, "{:?}", cluster.steps());
+
+    backend
+        .stop(&handles[1], Duration::from_secs(5))
+        .await
+        .expect("stop one task");
+    assert!(
+        matches!(
+            backend.status(&handles[1]).await.expect("status"),
+            ProcState::Exited(_)
+        ),
+        "the stopped task has ended"
+    );
+    for h in [&handles[0], &handles[2], &handles[3]] {
+        assert_eq!(
+            backend.status(h).await.expect("status"),
+            ProcState::Running,
+            "{h}"
+        );
+    }
+    assert_eq!(cluster.steps().len(), 1, "the step goes on");
+
+    let again = backend
+        .spawn(&spec(1, base + 10))
+        .await
+        .expect("start it again");
+    assert_ne!(again.payload["step"], step, "a step of its own");
+    assert!(again.payload.get("tasks").is_none(), "alone: {again}");
+    assert_eq!(
+        backend.status(&again).await.expect("status"),
+        ProcState::Running
+    );
+    assert_eq!(cluster.steps().len(), 2);
+    assert_eq!(
+        cluster.live_tasks(),
+        5,
+        "four in the shared step (one ended), one alone"
+    );
+    backend.release(&alloc).await.expect("release");
+    assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
 // ---------------------------------------------------------------------------------------
 // At scale: 256 nodes.
 
@@ -2175,11 +2289,22 @@ fn processes_of(cluster: &TestCluster) -> Vec<Proc> {
     let read = |pid: &str, f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
     let parent = |pid: &str| -> Option<String> {
         let stat = String::from_utf8_lossy(&read(pid, "stat")).into_owned();
-        stat.rsplit(')').next()?.split_whitespace().nth(1).map(String::from)
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)
+            .map(String::from)
     };
-    let comm = |pid: &str| String::from_utf8_lossy(&read(pid, "comm")).trim().to_string();
+    let comm = |pid: &str| {
+        String::from_utf8_lossy(&read(pid, "comm"))
+            .trim()
+            .to_string()
+    };
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+    for e in std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+    {
         let pid = e.file_name().to_string_lossy().into_owned();
         let Ok(n) = pid.parse::<u32>() else { continue };
         let env = read(&pid, "environ");
@@ -2203,7 +2328,12 @@ fn processes_of(cluster: &TestCluster) -> Vec<Proc> {
             p = parent(&pp);
         }
         let cmdline = String::from_utf8_lossy(&read(&pid, "cmdline")).replace('\0', " ");
-        out.push(Proc { pid: n, comm: c, cmdline, on_node });
+        out.push(Proc {
+            pid: n,
+            comm: c,
+            cmdline,
+            on_node,
+        });
     }
     out
 }
@@ -2231,7 +2361,12 @@ async fn completions(url: &str, model: &str, n: usize) -> usize {
     ok
 }
 
-fn prl_long(cluster: &TestCluster, state: &Path, router: &Path, args: &[&str]) -> (common::Out, f64) {
+fn prl_long(
+    cluster: &TestCluster,
+    state: &Path,
+    router: &Path,
+    args: &[&str],
+) -> (common::Out, f64) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_prl-flow"));
     c.args(args)
         .arg("--state-dir")
@@ -2245,7 +2380,13 @@ fn prl_long(cluster: &TestCluster, state: &Path, router: &Path, args: &[&str]) -
 }
 
 /// A scale recipe on this cluster: `deployment` is the `[inference.deployment]` body.
-fn scale_recipe(cluster: &TestCluster, name: &str, model: &str, parallel: &str, deployment: &str) -> PathBuf {
+fn scale_recipe(
+    cluster: &TestCluster,
+    name: &str,
+    model: &str,
+    parallel: &str,
+    deployment: &str,
+) -> PathBuf {
     let text = format!(
         "name = \"{name}\"\n[inference]\nmodel = \"{model}\"\n[inference.parallel]\n{parallel}\n\
          [inference.deployment]\n{deployment}\ngpus_per_node = 1\nrouter_port = 8000\nbackend_port = 8100\n\
@@ -2264,11 +2405,18 @@ async fn scale_round(cluster: &TestCluster, router: &Path, recipe: &Path, model:
     let f = recipe.to_str().expect("path");
     let r = router.to_str().expect("path");
     let state = recipe.with_extension("state");
-    let (out, took) = prl_long(cluster, &state, router, &["run", f, "--engine", "mock", "--router", r]);
+    let (out, took) = prl_long(
+        cluster,
+        &state,
+        router,
+        &["run", f, "--engine", "mock", "--router", r],
+    );
     out.expect_code(0);
     let plan_tasks = records(&state)
         .values()
-        .filter(|r| r.handle.as_ref().is_some_and(|h| h["backend"] == "slurm") && r.kind != ALLOCATE)
+        .filter(|r| {
+            r.handle.as_ref().is_some_and(|h| h["backend"] == "slurm") && r.kind != ALLOCATE
+        })
         .count();
     let steps = cluster.steps();
     let procs = processes_of(cluster);
@@ -2285,13 +2433,23 @@ async fn scale_round(cluster: &TestCluster, router: &Path, recipe: &Path, model:
         here.iter().map(|p| (p.pid, &p.cmdline)).collect::<Vec<_>>()
     );
     // A step per role: the engines of all replicas share one or two.
-    assert!(steps.len() <= 4, "steps grow with groups, not nodes: {steps:?}");
+    assert!(
+        steps.len() <= 4,
+        "steps grow with groups, not nodes: {steps:?}"
+    );
     // An srun is two processes (it forks a helper).
-    assert!(sruns <= 2 * steps.len(), "one srun per step, on the agent's node");
+    assert!(
+        sruns <= 2 * steps.len(),
+        "one srun per step, on the agent's node"
+    );
     assert_eq!(cluster.live_tasks(), plan_tasks, "every task once");
 
     let url = format!("http://{}:8000", cluster.nodes[0].1);
-    assert_eq!(completions(&url, model, 8).await, 8, "completions through the router");
+    assert_eq!(
+        completions(&url, model, 8).await,
+        8,
+        "completions through the router"
+    );
 
     // kill -9 of every prl-flow process (the agent on the first node; nothing else of ours
     // runs): the deployment goes on serving, and the holder starts another agent.
@@ -2307,7 +2465,11 @@ async fn scale_round(cluster: &TestCluster, router: &Path, recipe: &Path, model:
     for pid in &killed {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
-    assert_eq!(completions(&url, model, 8).await, 8, "serving without any prl-flow");
+    assert_eq!(
+        completions(&url, model, 8).await,
+        8,
+        "serving without any prl-flow"
+    );
     common::wait_until("a new agent", Duration::from_secs(60), || {
         let pid = beat().split_whitespace().next().unwrap_or("").to_string();
         !pid.is_empty() && pid != old_pid
@@ -2331,7 +2493,10 @@ async fn scale_round(cluster: &TestCluster, router: &Path, recipe: &Path, model:
     eprintln!("{f}: resume {took:.2} s, status {st_took:.2} s, down {down_took:.2} s");
     assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
     assert!(cluster.steps().is_empty());
-    let left: Vec<String> = processes_of(cluster).into_iter().map(|p| p.cmdline).collect();
+    let left: Vec<String> = processes_of(cluster)
+        .into_iter()
+        .map(|p| p.cmdline)
+        .collect();
     assert!(left.is_empty(), "down left {left:?}");
 }
 

@@ -9,9 +9,11 @@ use crate::BackendError;
 
 /// One word for a POSIX shell. Text with a NUL byte cannot be passed to a program at all.
 pub fn quote(s: &str) -> Result<String, BackendError> {
-    shlex::try_quote(s)
-        .map(|c| c.into_owned())
-        .map_err(|_| BackendError::new(format!("cannot pass text with a NUL byte to a shell: {s:?}")))
+    shlex::try_quote(s).map(|c| c.into_owned()).map_err(|_| {
+        BackendError::new(format!(
+            "cannot pass text with a NUL byte to a shell: {s:?}"
+        ))
+    })
 }
 
 /// The environment file's text: one `export NAME=VALUE` line per variable, each value

@@ -23,7 +23,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,11 +34,16 @@ use crate::write_atomic;
 pub(crate) const INBOX: &str = "inbox";
 pub(crate) const WORK: &str = "work";
 pub(crate) const HEARTBEAT: &str = "heartbeat";
+/// Written by `prl-flow down` before it signals the steps: the agent takes no more requests,
+/// waits for its `srun`s to end, and exits; so does the holder script.
+pub(crate) const STOP: &str = "stop";
 
 /// How often the agent looks at its inbox.
 const INBOX_POLL: Duration = Duration::from_millis(20);
 /// How often it says it is alive.
 const BEAT: Duration = Duration::from_secs(1);
+/// How long it waits, once told to stop, for its `srun`s to end.
+const DRAIN: Duration = Duration::from_secs(60);
 
 /// An `srun` to start: its argv (the first word the program), variables to add to the
 /// agent's environment, and the file its output goes to.
@@ -48,7 +55,11 @@ pub(crate) struct Request {
     pub(crate) out: PathBuf,
 }
 
-/// Runs the agent on `dir` until the directory is removed (or the job ends, which kills it).
+/// Runs the agent on `dir` until the directory is removed, or its `stop` file appears or
+/// SIGTERM comes. Told to stop, it takes no more requests and returns once every `srun` it
+/// watches has ended (`prl-flow down` writes the file, then signals the steps), so that the
+/// job ends after its steps, not before them: SLURM ends a job whose steps are still winding
+/// down much more slowly.
 pub async fn serve(dir: &Path) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!(
@@ -67,7 +78,10 @@ pub async fn serve(dir: &Path) -> Result<(), String> {
         std::process::id(),
         dir.display()
     );
-    adopt(&work);
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    adopt(&work, &live);
     let beat = {
         let path = dir.join(HEARTBEAT);
         tokio::spawn(async move {
@@ -84,18 +98,40 @@ pub async fn serve(dir: &Path) -> Result<(), String> {
         if !dir.exists() {
             break Ok(());
         }
+        if dir.join(STOP).exists() {
+            drain(&live).await;
+            break Ok(());
+        }
         match take(&inbox, &work) {
             Ok(taken) => {
                 for (id, req) in taken {
-                    start(&work, &id, req);
+                    start(&work, &id, req, &live);
                 }
             }
             Err(e) => break Err(e),
         }
-        tokio::time::sleep(INBOX_POLL).await;
+        tokio::select! {
+            () = tokio::time::sleep(INBOX_POLL) => {}
+            _ = term.recv() => {
+                drain(&live).await;
+                break Ok(());
+            }
+        }
     };
     beat.abort();
     result
+}
+
+/// Waits (up to [`DRAIN`]) until no `srun` the agent watches runs.
+async fn drain(live: &AtomicUsize) {
+    let began = Instant::now();
+    while live.load(Ordering::SeqCst) > 0 && began.elapsed() < DRAIN {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "prl-flow slurm-agent: stopped ({} srun(s) still running)",
+        live.load(Ordering::SeqCst)
+    );
 }
 
 /// Moves every request of the inbox to `work/`, oldest first.
@@ -133,7 +169,7 @@ fn take(inbox: &Path, work: &Path) -> Result<Vec<(String, Request)>, String> {
 
 /// Starts one request's `srun` in a process group of its own (it must outlive this agent),
 /// and writes its exit file when it ends.
-fn start(work: &Path, id: &str, req: Request) {
+fn start(work: &Path, id: &str, req: Request, live: &Arc<AtomicUsize>) {
     let exit_file = work.join(format!("{id}.exit"));
     let Some(program) = req.argv.first() else {
         let _ = write_atomic(&exit_file, b"lost\n");
@@ -169,15 +205,24 @@ fn start(work: &Path, id: &str, req: Request) {
     }
     cmd.envs(&req.env)
         .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().map(Into::into).unwrap_or_else(|_| std::process::Stdio::null()))
+        .stdout(
+            out.try_clone()
+                .map(Into::into)
+                .unwrap_or_else(|_| std::process::Stdio::null()),
+        )
         .stderr(out)
         .process_group(0)
         .kill_on_drop(false);
     match cmd.spawn() {
         Ok(mut child) => {
             if let Some(pid) = child.id() {
-                let _ = write_atomic(&work.join(format!("{id}.pid")), format!("{pid}\n").as_bytes());
+                let _ = write_atomic(
+                    &work.join(format!("{id}.pid")),
+                    format!("{pid}\n").as_bytes(),
+                );
             }
+            live.fetch_add(1, Ordering::SeqCst);
+            let live = live.clone();
             tokio::spawn(async move {
                 let how = match child.wait().await {
                     Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
@@ -188,6 +233,7 @@ fn start(work: &Path, id: &str, req: Request) {
                     Err(_) => "gone".into(),
                 };
                 let _ = write_atomic(&exit_file, format!("{how}\n").as_bytes());
+                live.fetch_sub(1, Ordering::SeqCst);
             });
         }
         Err(e) => {
@@ -199,7 +245,7 @@ fn start(work: &Path, id: &str, req: Request) {
 
 /// An earlier agent's requests: an `srun` still running is watched until it ends; one
 /// taken but never started (or whose pid is unknown) is reported lost.
-fn adopt(work: &Path) {
+fn adopt(work: &Path, live: &Arc<AtomicUsize>) {
     let Ok(rd) = std::fs::read_dir(work) else {
         return;
     };
@@ -218,11 +264,14 @@ fn adopt(work: &Path) {
         match pid {
             Some(pid) if is_srun(pid) => {
                 eprintln!("prl-flow slurm-agent: adopting request {id} (srun pid {pid})");
+                live.fetch_add(1, Ordering::SeqCst);
+                let live = live.clone();
                 tokio::spawn(async move {
                     while is_srun(pid) {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     let _ = write_atomic(&exit_file, b"gone\n");
+                    live.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             _ => {
@@ -238,8 +287,11 @@ fn is_srun(pid: u32) -> bool {
         c.split(|b| *b == 0)
             .next()
             .is_some_and(|p| p.rsplit(|b| *b == b'/').next() == Some(b"srun"))
-    }) && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+    }) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
 }
 
 pub(crate) fn now_ms() -> u128 {
@@ -283,7 +335,11 @@ mod tests {
         };
         let out = dir.path().join("out.log");
         let req = Request {
-            argv: vec!["sh".into(), "-c".into(), "echo \"$GREETING\"; exit 3".into()],
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"$GREETING\"; exit 3".into(),
+            ],
             env: [("GREETING".to_string(), "hello".to_string())].into(),
             out: out.clone(),
         };
@@ -311,11 +367,16 @@ mod tests {
         server.abort();
 
         // Taken, never started: lost, not started again.
-        std::fs::write(d.join(WORK).join("2-b.json"), serde_json::to_vec(&req).expect("json"))
-            .expect("taken");
-        adopt(&d.join(WORK));
+        std::fs::write(
+            d.join(WORK).join("2-b.json"),
+            serde_json::to_vec(&req).expect("json"),
+        )
+        .expect("taken");
+        adopt(&d.join(WORK), &Arc::new(AtomicUsize::new(0)));
         assert_eq!(
-            std::fs::read_to_string(d.join(WORK).join("2-b.exit")).expect("exit").trim(),
+            std::fs::read_to_string(d.join(WORK).join("2-b.exit"))
+                .expect("exit")
+                .trim(),
             "lost"
         );
         assert_eq!(std::fs::read_to_string(&out).expect("out"), "hello\n");

@@ -13,7 +13,7 @@ use crate::handles::{alloc_handle, read_job_file, seal, AllocHandle};
 use crate::slurm::{self, JobInfo};
 use crate::templates::HolderVars;
 use crate::{
-    write_atomic, AddressMode, SlurmBackend, AGENT_SUBDIR, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE,
+    write_atomic, AddressMode, SlurmBackend, AGENT_SUBDIR, CLUSTER_FILE, HOLDER_SCRIPT, JOB_FILE,
     STATE_SUBDIR,
 };
 
@@ -309,17 +309,18 @@ impl SlurmBackend {
                 .is_some_and(|i| i.is_alive() || i.is_pending() || i.state == "COMPLETING")
         };
         if alive(&a.slurm.job(&a.job).await?) {
-            a.slurm.scancel(std::slice::from_ref(&a.job), None).await?;
-            let deadline = Instant::now() + END_WAIT;
-            while alive(&a.slurm.job(&a.job).await?) {
-                if Instant::now() > deadline {
-                    return Err(BackendError::new(format!(
-                        "job {} did not end within {} s of its scancel",
-                        a.job,
-                        END_WAIT.as_secs()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            let agent_dir = self.agent_dir().ok();
+            if let Some(e) = crate::cancel::cancel_job(
+                &a.slurm,
+                &a.job,
+                &[],
+                true,
+                Duration::from_secs(10),
+                agent_dir.as_deref(),
+            )
+            .await
+            {
+                return Err(BackendError::new(format!("releasing job {}: {e}", a.job)));
             }
         }
         if self.current_alloc().is_some_and(|c| c.job == a.job) {

@@ -148,8 +148,9 @@ impl Launcher {
                 post_batch(&config, &alloc, &agent_dir, items);
             });
         }
-        rx.await
-            .map_err(|_| BackendError::new("the step launcher went away before the step was requested"))?
+        rx.await.map_err(|_| {
+            BackendError::new("the step launcher went away before the step was requested")
+        })?
     }
 }
 
@@ -216,11 +217,11 @@ fn post_step(
     let work = agent_dir.join(WORK);
     let list = work.join(format!("{id}.list"));
     let out = work.join(format!("{id}.out"));
-    let text = task_list(
-        hosts
-            .iter()
-            .flat_map(|(h, qs)| qs.iter().enumerate().map(move |(i, q)| (h.as_str(), i, q.run_dir.as_path()))),
-    );
+    let text = task_list(hosts.iter().flat_map(|(h, qs)| {
+        qs.iter()
+            .enumerate()
+            .map(move |(i, q)| (h.as_str(), i, q.run_dir.as_path()))
+    }));
     std::fs::create_dir_all(&work)?;
     write_atomic(&list, text.as_bytes())?;
     let first = &hosts[0].1[0].task;
@@ -255,7 +256,10 @@ fn post_step(
     argv.push(list.to_string_lossy().into_owned());
     let mut env = BTreeMap::new();
     if let Some(conf) = &alloc.slurm.conf {
-        env.insert("SLURM_CONF".to_string(), conf.to_string_lossy().into_owned());
+        env.insert(
+            "SLURM_CONF".to_string(),
+            conf.to_string_lossy().into_owned(),
+        );
     }
     tracing::debug!(
         "step {name} ({tasks} task(s) on {} node(s)): {}",
@@ -270,7 +274,11 @@ fn post_step(
             )?;
         }
     }
-    let req = Request { argv, env, out: out.clone() };
+    let req = Request {
+        argv,
+        env,
+        out: out.clone(),
+    };
     let bytes = serde_json::to_vec(&req)
         .map_err(|e| BackendError::new(format!("cannot write a step request: {e}")))?;
     std::fs::create_dir_all(agent_dir.join(INBOX))?;
@@ -306,7 +314,11 @@ mod tests {
     use super::*;
     use crate::slurm::Cluster;
 
-    fn queued(task: &str, host: &str, dir: &Path) -> (Queued, oneshot::Receiver<Result<Posted, BackendError>>) {
+    fn queued(
+        task: &str,
+        host: &str,
+        dir: &Path,
+    ) -> (Queued, oneshot::Receiver<Result<Posted, BackendError>>) {
         let (tx, rx) = oneshot::channel();
         let run_dir = dir.join("run").join(task);
         std::fs::create_dir_all(&run_dir).expect("run dir");
@@ -373,7 +385,10 @@ mod tests {
         inbox.sort();
         assert_eq!(inbox.len(), 3, "{inbox:?}");
         assert_eq!(posted["engine[0].rank[0]"].tasks, 4);
-        assert_eq!(posted["engine[0].rank[0]"].exit_file, posted["engine[1].rank[1]"].exit_file);
+        assert_eq!(
+            posted["engine[0].rank[0]"].exit_file,
+            posted["engine[1].rank[1]"].exit_file
+        );
         assert_eq!(posted["engine[2].rank[0]"].tasks, 1);
         assert_eq!(posted["mooncake-client.node[0]"].tasks, 1);
         let id = posted["engine[0].rank[0]"]
@@ -382,7 +397,8 @@ mod tests {
             .expect("id")
             .to_string_lossy()
             .into_owned();
-        let list = std::fs::read_to_string(agent.join(WORK).join(format!("{id}.list"))).expect("list");
+        let list =
+            std::fs::read_to_string(agent.join(WORK).join(format!("{id}.list"))).expect("list");
         let run = dir.path().join("run");
         assert_eq!(
             list,
@@ -395,8 +411,19 @@ mod tests {
             &std::fs::read(agent.join(INBOX).join(format!("{id}.json"))).expect("request"),
         )
         .expect("json");
-        for flag in ["--nodelist=n1,n2", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--cpus-per-task=2", "--job-name=pf:engine_0_.rank_0_+3"] {
-            assert!(req.argv.iter().any(|a| a == flag), "{flag} not in {:?}", req.argv);
+        for flag in [
+            "--nodelist=n1,n2",
+            "--nodes=2",
+            "--ntasks=4",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=2",
+            "--job-name=pf:engine_0_.rank_0_+3",
+        ] {
+            assert!(
+                req.argv.iter().any(|a| a == flag),
+                "{flag} not in {:?}",
+                req.argv
+            );
         }
         let r = read_request_file(&run.join("engine[1].rank[1]")).expect("request file");
         assert_eq!((r.attempt, r.id.as_str(), r.tasks), (5, id.as_str(), 4));

@@ -129,11 +129,7 @@ impl SlurmBackend {
         let agent_dir = self.agent_dir()?;
         let posted = self
             .launcher
-            .launch(
-                &alloc,
-                &agent_dir,
-                Queued::new(spec, &host),
-            )
+            .launch(&alloc, &agent_dir, Queued::new(spec, &host))
             .await?;
 
         // The step is ours once its dispatcher names it (with this attempt).
@@ -161,7 +157,8 @@ impl SlurmBackend {
                 )));
             }
             if began.elapsed() > AGENT_SILENCE
-                && crate::agent::heartbeat(&agent_dir).map_or(true, |(_, _, age)| age > AGENT_SILENCE)
+                && crate::agent::heartbeat(&agent_dir)
+                    .map_or(true, |(_, _, age)| age > AGENT_SILENCE)
             {
                 return Err(BackendError::new(format!(
                     "the allocation's agent is not running (job {}){}: see {}",
@@ -296,7 +293,12 @@ impl SlurmBackend {
 
     /// Sends `signal` to the command of the task whose dispatcher is `pid` on the task's
     /// node: TERM to its children (the command), KILL to all its descendants.
-    async fn signal_task(&self, h: &StepHandle, pid: u32, signal: &str) -> Result<(), BackendError> {
+    async fn signal_task(
+        &self,
+        h: &StepHandle,
+        pid: u32,
+        signal: &str,
+    ) -> Result<(), BackendError> {
         const SCRIPT: &str = r#"sig=$1 top=$2
 tree() { for c in $(pgrep -P "$1"); do echo "$c"; tree "$c"; done; }
 if [ "$sig" = TERM ]; then pids=$(pgrep -P "$top"); else pids=$(tree "$top"); fi
@@ -333,10 +335,18 @@ exit 0"#;
     }
 
     /// Why a task's step never started: the `srun`'s own words, and the task's log.
-    fn never_started(&self, spec: &SpawnSpec, job: &str, host: &str, posted: &Posted) -> BackendError {
+    fn never_started(
+        &self,
+        spec: &SpawnSpec,
+        job: &str,
+        host: &str,
+        posted: &Posted,
+    ) -> BackendError {
         let how = std::fs::read_to_string(&posted.exit_file).unwrap_or_default();
         let how = match how.trim() {
-            "lost" => "was lost by the allocation's agent (it restarted while taking it)".to_string(),
+            "lost" => {
+                "was lost by the allocation's agent (it restarted while taking it)".to_string()
+            }
             "gone" => "ended unseen".to_string(),
             s if s.starts_with("signal") => format!("was killed ({s})"),
             s => format!("exited with status {s}"),
@@ -381,7 +391,9 @@ exit 0"#;
         let mut from_file = read_own();
         if from_file.is_none() {
             if let (Some(r), Ok(agent_dir)) = (&request, self.agent_dir()) {
-                let exit = agent_dir.join(crate::agent::WORK).join(format!("{}.exit", r.id));
+                let exit = agent_dir
+                    .join(crate::agent::WORK)
+                    .join(format!("{}.exit", r.id));
                 let task_file = spec.run_dir.join(crate::wrapper::TASK_FILE);
                 let began = Instant::now();
                 while from_file.is_none()

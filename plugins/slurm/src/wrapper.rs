@@ -168,11 +168,18 @@ mod tests {
     }
 
     /// Runs the dispatcher as SLURM would, outside SLURM: node `?`, local task 0.
-    fn dispatch(prologue: Option<&str>, tasks: &[&Path], env: &[(&str, &str)]) -> std::process::Output {
+    fn dispatch(
+        prologue: Option<&str>,
+        tasks: &[&Path],
+        env: &[(&str, &str)],
+    ) -> std::process::Output {
         let list_dir = tempfile::tempdir().expect("tempdir");
         let list = list_dir.path().join("list");
-        std::fs::write(&list, task_list(tasks.iter().enumerate().map(|(i, p)| ("n9", i, *p))))
-            .expect("list");
+        std::fs::write(
+            &list,
+            task_list(tasks.iter().enumerate().map(|(i, p)| ("n9", i, *p))),
+        )
+        .expect("list");
         // This node's line is the last: the others are other nodes'.
         let mut text = std::fs::read_to_string(&list).expect("list");
         text.push_str(&format!("? 0 {}\n", tasks[0].display()));
@@ -266,17 +273,35 @@ mod tests {
     fn the_gpu_slice_is_applied_after_slurm_set_the_steps_gpus() {
         let dir = tempfile::tempdir().expect("tempdir");
         let rd = dir.path().to_path_buf();
-        let argv = ["sh", "-c", "echo \"$CUDA_VISIBLE_DEVICES ${PRL_FLOW_GPU_SLICE:-gone}\""];
+        let argv = [
+            "sh",
+            "-c",
+            "echo \"$CUDA_VISIBLE_DEVICES ${PRL_FLOW_GPU_SLICE:-gone}\"",
+        ];
         let run = |slice: Option<&str>, slurm: &[(&str, &str)]| {
             let _ = std::fs::remove_file(rd.join("log"));
-            let env: Vec<(&str, &str)> = slice.map(|s| ("CUDA_VISIBLE_DEVICES", s)).into_iter().collect();
+            let env: Vec<(&str, &str)> = slice
+                .map(|s| ("CUDA_VISIBLE_DEVICES", s))
+                .into_iter()
+                .collect();
             write_task_file(&spec(&rd, &argv, &env)).expect("task file");
             let out = dispatch(None, &[&rd], slurm);
-            (out.status.code(), std::fs::read_to_string(rd.join("log")).unwrap_or_default())
+            (
+                out.status.code(),
+                std::fs::read_to_string(rd.join("log")).unwrap_or_default(),
+            )
         };
-        assert_eq!(run(Some("2,3"), &[("CUDA_VISIBLE_DEVICES", "4,5,6,7")]).1.trim(), "6,7 gone");
+        assert_eq!(
+            run(Some("2,3"), &[("CUDA_VISIBLE_DEVICES", "4,5,6,7")])
+                .1
+                .trim(),
+            "6,7 gone"
+        );
         assert_eq!(run(Some("2,3"), &[]).1.trim(), "2,3 gone");
-        assert_eq!(run(None, &[("CUDA_VISIBLE_DEVICES", "4,5")]).1.trim(), "4,5 gone");
+        assert_eq!(
+            run(None, &[("CUDA_VISIBLE_DEVICES", "4,5")]).1.trim(),
+            "4,5 gone"
+        );
         let (code, log) = run(Some("2"), &[("CUDA_VISIBLE_DEVICES", "0,1")]);
         assert_eq!(code, Some(1));
         assert!(log.contains("GPU 2 is not among them"), "{log}");
