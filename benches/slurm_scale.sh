@@ -90,7 +90,8 @@ EOF
     python3 benches/slurm_scale/procs.py "$SLURM_CONF" --sample "$dir/samples" --until-file "$dir/stop-sampling" &
     sampler=$!
     t0=$(now)
-    prl run "$dir/mn.toml" --engine mock --router "$ROUTER" >"$dir/run.log" 2>&1
+    prl run "$dir/mn.toml" --engine mock --router "$ROUTER" >"$dir/run.log" 2>&1 ||
+        { echo "run failed: $dir/run.log" >&2; exit 1; }
     t1=$(now)
     touch "$dir/stop-sampling"
     wait "$sampler"
@@ -98,9 +99,11 @@ EOF
     read -r crit _wall < <(python3 benches/slurm_scale/crit.py "$dir/plan.json" "$state")
     read -r p_here p_here_rss _ _ _ < <(peak "$dir/samples")
     read -r a_here a_here_rss a_node a_node_rss a_sruns < <(python3 benches/slurm_scale/procs.py "$SLURM_CONF")
-    s0=$(now); prl status "$dir/mn.toml" >/dev/null; s1=$(now)
-    r0=$(now); prl run "$dir/mn.toml" --engine mock --router "$ROUTER" --resume >/dev/null 2>&1; r1=$(now)
-    d0=$(now); prl down "$dir/mn.toml" >/dev/null; d1=$(now)
+    s0=$(now); prl status "$dir/mn.toml" >"$dir/status.log" 2>&1 || { echo "status failed: $dir/status.log" >&2; exit 1; }; s1=$(now)
+    r0=$(now); prl run "$dir/mn.toml" --engine mock --router "$ROUTER" --resume >"$dir/resume.log" 2>&1 ||
+        { echo "resume failed: $dir/resume.log" >&2; exit 1; }; r1=$(now)
+    d0=$(now); prl down "$dir/mn.toml" >"$dir/down.log" 2>&1 || { echo "down failed: $dir/down.log" >&2; exit 1; }; d1=$(now)
+    [ -z "$(squeue -h -o %i)" ] || { echo "down left jobs: $(squeue -h)" >&2; exit 1; }
     printf '| %d | prl-flow | %s s | %s s | %d / %d MB | %d / %d MB | %d / %d MB | %d | %d (%d) | %s s | %s s | %s s |\n' \
         "$N" "$(secs "$t0" "$t1")" "$crit" "$p_here" $((p_here_rss / 1024)) "$a_here" $((a_here_rss / 1024)) \
         "$a_node" $((a_node_rss / 1024)) "$a_sruns" "$rpc_all" "$rpc_steps" \

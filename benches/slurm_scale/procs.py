@@ -47,8 +47,9 @@ def snapshot(conf):
     here = [0, 0]
     node = [0, 0]
     sruns = 0
+    me = str(os.getpid())
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or pid == me:
             continue
         if needle not in read(pid, "environ").split(b"\0"):
             continue

@@ -207,15 +207,15 @@ pub(crate) async fn cancel_job(
         // (A plain `scancel J` ends the batch step while the steps still wind down, and
         // SLURM then waits seconds for `srun`s that are gone.) A plain `scancel` for a job
         // still there after the grace period, or when there is no agent to tell.
-        let told = agent_dir.is_some_and(|d| {
-            d.is_dir() && crate::write_atomic(&d.join(crate::agent::STOP), b"down\n").is_ok()
-        });
+        let running = matches!(cluster.job(job).await, Ok(Some(i)) if i.is_alive());
+        let told = running
+            && agent_dir.is_some_and(|d| {
+                d.is_dir() && crate::write_atomic(&d.join(crate::agent::STOP), b"down\n").is_ok()
+            });
         if told {
-            error = cluster
-                .scancel(&job_list, Some("TERM"))
-                .await
-                .err()
-                .map(|e| e.message);
+            // A job without steps has nothing to signal (scancel then fails): the agent,
+            // told, ends the job by itself.
+            let _ = cluster.scancel(&job_list, Some("TERM")).await;
             let deadline = Instant::now() + grace;
             while job_running(cluster, job).await && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
