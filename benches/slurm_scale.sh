@@ -6,6 +6,8 @@
 #
 #   benches/slurm_scale.sh                 N = 64 128 256
 #   benches/slurm_scale.sh 64              one size
+#   PROBE=1s benches/slurm_scale.sh         prl-flow's probe interval (default 100ms, the
+#                                          peer's polling interval; 1s is the recipe default)
 #
 # Per N, for prl-flow:
 #   - bring-up wall time (`prl-flow run`, from the command to its return, the deployment
@@ -31,6 +33,8 @@ MOCK=${MOCK:-$ROOT/target/release/prl-flow-mock-engine}
 ROUTER=${PRL_FLOW_ROUTER:-${XDG_CACHE_HOME:-$HOME/.cache}/prl-flow/router-0.1.17/bin/vllm-router}
 OUT=$ROOT/target/bench-slurm-scale
 NET=${BENCH_NET:-127.198}
+# prl-flow's readiness probes every PROBE; the peer polls every 0.1 s.
+PROBE=${PROBE:-100ms}
 CTLD_PORT=${BENCH_CTLD_PORT:-24400}
 for f in "$PRL" "$MOCK" "$ROUTER"; do
     [ -x "$f" ] || { echo "missing $f (cargo build --release --workspace; ./dev test installs the router)" >&2; exit 2; }
@@ -52,7 +56,7 @@ peak() { # peak here_count here_rss node_count node_rss sruns of a sample file
     awk '{ for (i = 1; i <= 5; i++) if ($i > m[i]) m[i] = $i } END { printf "%d %d %d %d %d\n", m[1], m[2], m[3], m[4], m[5] }' "$1"
 }
 
-printf '| nodes | side | bring-up | critical path | here: peak procs / RSS | here after | nodes side: procs / RSS | sruns | RPCs (step creates) | status | no-op resume | down |\n'
+printf '| nodes | side | bring-up | critical path (allocate + engines + router) | here: peak procs / RSS | here after | nodes side: procs / RSS | sruns | RPCs (step creates) | status | no-op resume | down |\n'
 printf '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n'
 for N in $SIZES; do
     dir=$OUT/n$N
@@ -76,6 +80,7 @@ num_nodes = $N
 gpus_per_node = 1
 router_port = 8000
 backend_port = 8100
+probe_interval = "$PROBE"
 [backend]
 type = "slurm"
 poll = "500ms"
@@ -96,7 +101,7 @@ EOF
     touch "$dir/stop-sampling"
     wait "$sampler"
     read -r rpc_all rpc_steps < <(rpcs)
-    read -r crit _wall < <(python3 benches/slurm_scale/crit.py "$dir/plan.json" "$state")
+    read -r crit _wall s_alloc s_eng s_router < <(python3 benches/slurm_scale/crit.py "$dir/plan.json" "$state")
     read -r p_here p_here_rss _ _ _ < <(peak "$dir/samples")
     read -r a_here a_here_rss a_node a_node_rss a_sruns < <(python3 benches/slurm_scale/procs.py "$SLURM_CONF")
     s0=$(now); prl status "$dir/mn.toml" >"$dir/status.log" 2>&1 || { echo "status failed: $dir/status.log" >&2; exit 1; }; s1=$(now)
@@ -104,8 +109,8 @@ EOF
         { echo "resume failed: $dir/resume.log" >&2; exit 1; }; r1=$(now)
     d0=$(now); prl down "$dir/mn.toml" >"$dir/down.log" 2>&1 || { echo "down failed: $dir/down.log" >&2; exit 1; }; d1=$(now)
     [ -z "$(squeue -h -o %i)" ] || { echo "down left jobs: $(squeue -h)" >&2; exit 1; }
-    printf '| %d | prl-flow | %s s | %s s | %d / %d MB | %d / %d MB | %d / %d MB | %d | %d (%d) | %s s | %s s | %s s |\n' \
-        "$N" "$(secs "$t0" "$t1")" "$crit" "$p_here" $((p_here_rss / 1024)) "$a_here" $((a_here_rss / 1024)) \
+    printf '| %d | prl-flow | %s s | %s s (%s + %s + %s) | %d / %d MB | %d / %d MB | %d / %d MB | %d | %d (%d) | %s s | %s s | %s s |\n' \
+        "$N" "$(secs "$t0" "$t1")" "$crit" "$s_alloc" "$s_eng" "$s_router" "$p_here" $((p_here_rss / 1024)) "$a_here" $((a_here_rss / 1024)) \
         "$a_node" $((a_node_rss / 1024)) "$a_sruns" "$rpc_all" "$rpc_steps" \
         "$(secs "$s0" "$s1")" "$(secs "$r0" "$r1")" "$(secs "$d0" "$d1")"
 

@@ -3,7 +3,10 @@
 task counted with its own time (journal: started_ms → finished_ms), against the run's wall
 time (first start → last finish).
 
-    crit.py PLAN_JSON STATE_DIR    prints: critical_path_s wall_s
+    crit.py PLAN_JSON STATE_DIR    prints: critical_path_s wall_s allocate_s engines_s router_s
+
+allocate: the allocation (sbatch, the wait, the node list, the preflight step); engines: from
+the first engine's start to the last one's readiness; router: its start to its readiness.
 """
 import json
 import os
@@ -42,4 +45,9 @@ def crit(t):
 
 starts = [r["started_ms"] for r in records.values() if r.get("started_ms")]
 ends = [r["finished_ms"] for r in records.values() if r.get("finished_ms")]
-print(f"{max(crit(t) for t in needs):.2f} {(max(ends) - min(starts)) / 1000:.2f}")
+eng = [r for k, r in records.items() if k.startswith(("engine[", "prefill[", "decode["))]
+span = (max(r["finished_ms"] for r in eng) - min(r["started_ms"] for r in eng)) / 1000
+print(
+    f"{max(crit(t) for t in needs):.2f} {(max(ends) - min(starts)) / 1000:.2f} "
+    f"{own.get('allocate', 0):.2f} {span:.2f} {own.get('router', 0):.2f}"
+)
