@@ -2197,16 +2197,18 @@ async fn one_task_of_a_shared_step_stops_and_starts_again_alone() {
     let nodes: Vec<String> = (0..2).map(|k| format!("node{k}")).collect();
     let alloc = backend.allocate(&nodes).await.expect("allocate");
     let base = prl_flow_engine::journal::now_ms();
+    let secret = format!("hf_secret{base}");
     let spec = |i: usize, attempt: u64| SpawnSpec {
         task: format!("svc[{i}]"),
         node: Some(format!("node{}", i % 2)),
         argv: [
             "sh",
             "-c",
-            "trap 'exit 0' TERM; while :; do sleep 0.2; done",
+            "echo \"token of ${#HF_TOKEN} chars\"; trap 'exit 0' TERM; while :; do sleep 0.2; done",
         ]
         .map(String::from)
         .to_vec(),
+        env: [("HF_TOKEN".to_string(), secret.clone())].into(),
         run_dir: state.join("run").join(format!("svc{i}")),
         log: state.join("logs").join(format!("svc{i}.log")),
         service: true,
@@ -2229,6 +2231,15 @@ async fn one_task_of_a_shared_step_stops_and_starts_again_alone() {
         assert_eq!(backend.status(h).await.expect("status"), ProcState::Running);
     }
     assert_eq!(cluster.steps().len(), 1, "{:?}", cluster.steps());
+    // Each task got its env (its log says so), and no file holds the value: the task files
+    // that carried it are gone.
+    let log = std::fs::read_to_string(state.join("logs/svc3.log")).expect("log");
+    assert!(
+        log.contains(&format!("token of {} chars", secret.len())),
+        "{log}"
+    );
+    let holders = files_containing(cluster.dir(), &secret);
+    assert!(holders.is_empty(), "the secret is in {holders:?}");
 
     backend
         .stop(&handles[1], Duration::from_secs(5))
@@ -2268,6 +2279,60 @@ async fn one_task_of_a_shared_step_stops_and_starts_again_alone() {
     );
     backend.release(&alloc).await.expect("release");
     assert!(cluster.jobs().is_empty(), "{:?}", cluster.jobs());
+}
+
+/// An agent program the nodes cannot run fails the allocation at once, saying what to set,
+/// and the job is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_the_nodes_cannot_run_fails_the_allocation_at_once() {
+    let _turn = serial().await;
+    let Some(cluster) = TestCluster::up(0) else {
+        return;
+    };
+    let state = cluster.dir().join("state");
+    let missing = cluster.dir().join("no such dir/prl-flow");
+    let config = json!({ "slurm_conf": cluster.conf, "agent": missing, "poll": "200ms" });
+    let backend = SlurmBackend::from_config(&config, &state).expect("config");
+    let err = backend
+        .allocate(&["node0".to_string()])
+        .await
+        .expect_err("no agent, no allocation");
+    assert!(
+        err.message.contains("[backend] agent") && err.message.contains("did not start"),
+        "{}",
+        err.message
+    );
+    // The holder's words name the program that could not run.
+    assert!(err.message.contains("no such dir"), "{}", err.message);
+    eventually(
+        "the job to be cancelled",
+        Duration::from_secs(30),
+        || async { cluster.jobs().is_empty().then_some(()) },
+    )
+    .await;
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                todo.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------

@@ -49,7 +49,13 @@ mod tests {
         assert!(is_env_name("HF_TOKEN") && is_env_name("_x1"));
         assert!(!is_env_name("1X") && !is_env_name("A B") && !is_env_name(""));
         let env: BTreeMap<String, String> = [("A".to_string(), "it's $x".to_string())].into();
-        assert_eq!(env_file(&env).expect("env"), "export A='it'\"'\"'s $x'\n");
+        let text = env_file(&env).expect("env");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{text}printf %s \"$A\""))
+            .output()
+            .expect("sh");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $x", "{text}");
         let bad: BTreeMap<String, String> = [("A B".to_string(), "v".to_string())].into();
         assert!(env_file(&bad).is_err());
         assert!(quote("a\0b").is_err());

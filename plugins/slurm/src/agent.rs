@@ -194,15 +194,7 @@ fn start(work: &Path, id: &str, req: Request, live: &Arc<AtomicUsize>) {
     cmd.args(&req.argv[1..]);
     // The batch script's SLURM variables describe the batch step (one task, its CPUs): an
     // srun reading them would inherit that shape. Only the cluster's config path stays.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        let scrub = ["SLURM_", "SBATCH_", "SALLOC_", "SRUN_"]
-            .iter()
-            .any(|p| k.starts_with(p));
-        if scrub && k != "SLURM_CONF" {
-            cmd.env_remove(k.as_ref());
-        }
-    }
+    crate::slurm::scrub_env(&mut cmd);
     cmd.envs(&req.env)
         .stdin(std::process::Stdio::null())
         .stdout(

@@ -17,6 +17,9 @@ use crate::{
     STATE_SUBDIR,
 };
 
+/// How long the agent may take to say it is alive once the job runs.
+const AGENT_WAIT: Duration = Duration::from_secs(30);
+
 impl SlurmBackend {
     pub(crate) fn state_dir(&self) -> Result<&Path, BackendError> {
         self.state_dir.as_deref().ok_or_else(|| {
@@ -224,12 +227,38 @@ impl SlurmBackend {
         }
     }
 
+    /// Waits until the allocation's agent says it is alive; fails at once, with the holder
+    /// script's words, when it exits (a prl-flow the nodes cannot run).
+    async fn wait_agent(&self, job: &str) -> Result<(), BackendError> {
+        let dir = self.agent_dir()?;
+        let log = self.state_dir()?.join(STATE_SUBDIR).join("holder.log");
+        let began = Instant::now();
+        loop {
+            if crate::agent::heartbeat(&dir).is_some_and(|(_, _, age)| age < AGENT_WAIT) {
+                return Ok(());
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("the agent exited") || began.elapsed() > AGENT_WAIT {
+                return Err(BackendError::new(format!(
+                    "the allocation's agent (`{} slurm-agent`) did not start on the first node of job {job}; the job was cancelled. Set `[backend] agent` to a prl-flow the nodes can run. The holder's log ends with:\n{}",
+                    self.agent_program()?.display(),
+                    last_lines(&text, 5)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub(crate) async fn allocate_job(&self, nodes: &[String]) -> Result<Allocation, BackendError> {
         if let Some(why) = self.ended.lock().ok().and_then(|e| e.clone()) {
             return Err(BackendError::new(why));
         }
         let job = self.submit(nodes.len()).await?;
         let info = self.wait_running(&job, nodes.len()).await?;
+        if let Err(e) = self.wait_agent(&job).await {
+            let _ = self.cluster.scancel(std::slice::from_ref(&job), None).await;
+            return Err(e);
+        }
         let names = self.cluster.hostnames(&info.nodelist).await?;
         if names.len() < nodes.len() {
             let _ = self.cluster.scancel(std::slice::from_ref(&job), None).await;

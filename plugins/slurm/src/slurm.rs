@@ -61,6 +61,20 @@ impl JobInfo {
     }
 }
 
+/// Takes out of `c`'s environment every variable SLURM's commands read as options: inside
+/// a job those describe that job (its one batch task, its CPUs). `SLURM_CONF` stays.
+pub(crate) fn scrub_env(c: &mut tokio::process::Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let scrub = ["SLURM_", "SBATCH_", "SALLOC_", "SRUN_"]
+            .iter()
+            .any(|p| k.starts_with(p));
+        if scrub && k != "SLURM_CONF" {
+            c.env_remove(k.as_ref());
+        }
+    }
+}
+
 impl Cluster {
     pub fn program(&self, tool: &str) -> PathBuf {
         match &self.bin_dir {
@@ -72,15 +86,7 @@ impl Cluster {
     /// A command for `tool` with this cluster's environment.
     pub fn command(&self, tool: &str) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(self.program(tool));
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            let scrub = ["SLURM_", "SBATCH_", "SALLOC_", "SRUN_"]
-                .iter()
-                .any(|p| k.starts_with(p));
-            if scrub && k != "SLURM_CONF" {
-                c.env_remove(k.as_ref());
-            }
-        }
+        scrub_env(&mut c);
         if let Some(conf) = &self.conf {
             c.env("SLURM_CONF", conf);
         }

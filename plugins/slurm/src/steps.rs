@@ -126,6 +126,10 @@ impl SlurmBackend {
             let _ = std::fs::remove_file(f);
         }
         write_task_file(spec)?;
+        // The task file holds the environment: it never outlives this spawn. The dispatcher
+        // removes it when the task starts; a spawn that fails or is cancelled before then
+        // removes it here (and a step that starts later finds no task to run).
+        let _task_file = RemoveOnDrop(spec.run_dir.join(crate::wrapper::TASK_FILE));
         let agent_dir = self.agent_dir()?;
         let posted = self
             .launcher
@@ -452,6 +456,15 @@ exit 0"#;
             tasks,
         };
         seal(&h).map(Some)
+    }
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
