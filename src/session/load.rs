@@ -135,7 +135,10 @@ struct Head {
 }
 
 impl Head {
-    fn of(doc: &std::result::Result<toml_edit::ImDocument<String>, toml_edit::TomlError>, source: &str) -> Self {
+    fn of(
+        doc: &std::result::Result<toml_edit::ImDocument<String>, toml_edit::TomlError>,
+        source: &str,
+    ) -> Self {
         match doc {
             Ok(d) => Head {
                 recipe: d

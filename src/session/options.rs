@@ -552,7 +552,10 @@ mod tests {
         assert_eq!(name("name = \"a\"\n[[task]]\nid = \"x\"\n"), "a");
         assert_eq!(name("[[task]]\nname = \"b\"\n"), "flow");
         // A header-like line inside a top-level string: the prefix alone does not parse.
-        assert_eq!(name("x = \"\"\"\n[t]\n\"\"\"\nname = \"c\"\n[[task]]\n"), "c");
+        assert_eq!(
+            name("x = \"\"\"\n[t]\n\"\"\"\nname = \"c\"\n[[task]]\n"),
+            "c"
+        );
         assert_eq!(name("x = [\n[1],\n]\nname = \"d\"\n"), "d");
     }
 
