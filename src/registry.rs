@@ -73,7 +73,12 @@ impl Registry {
     /// derived for its backend): `flag` (`--backend`), else the recipe's `[backend] type`,
     /// else the site's backend, else `local`. `site`, as a flag or a type, names the site's.
     pub fn decide(&self, flag: Option<&str>, source: &str) -> Result<String, String> {
-        let named = match flag.map(str::to_string).or_else(|| recipe_backend(source)) {
+        self.decide_own(flag, recipe_backend(source))
+    }
+
+    /// [`Registry::decide`] with the file's own `[backend] type` (`own`) already read.
+    pub fn decide_own(&self, flag: Option<&str>, own: Option<String>) -> Result<String, String> {
+        let named = match flag.map(str::to_string).or(own) {
             Some(n) => n,
             None => match self.site().and_then(|s| s.backend.clone()) {
                 Some(b) => return Ok(b),
@@ -283,7 +288,11 @@ impl Registry {
 /// `--backend sim` over a recipe whose `[backend]` table was written for another backend:
 /// those fields are not the model's, whose knobs keep their defaults (docs/sim.md).
 pub fn simulated_over(plan: &mut Plan, decided: &str, source: &str) {
-    let own = recipe_backend(source);
+    simulated_over_own(plan, decided, recipe_backend(source));
+}
+
+/// [`simulated_over`] with the file's own `[backend] type` (`own`) already read.
+pub fn simulated_over_own(plan: &mut Plan, decided: &str, own: Option<String>) {
     if builtins::simulated(decided) && own.is_some_and(|o| !builtins::simulated(&o)) {
         plan.backend_config = Value::Null;
     }

@@ -96,11 +96,38 @@ pub struct Entry {
 
 /// Parses a workflow file into a plan named `default_name` (unless the file names itself).
 pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan, Problems> {
+    let doc = toml_edit::ImDocument::parse(source.to_string());
+    parse_doc(path, source, doc, default_name)
+}
+
+/// [`parse`] of a file whose text the caller parsed already (once per command: a 1 MB
+/// workflow takes longer to parse than the rest of a no-op resume).
+pub fn parse_doc(
+    path: &str,
+    source: Arc<String>,
+    doc: Result<toml_edit::ImDocument<String>, toml_edit::TomlError>,
+    default_name: &str,
+) -> Result<Plan, Problems> {
+    parse_doc_dirs(path, source, doc, default_name).map(|(plan, _)| plan)
+}
+
+/// [`parse_doc`], with the start dirs it looked up: each as written (joined to the file's
+/// directory as named) with the directory it led to. The same text named by the same path
+/// makes the same plan as long as each still leads there.
+pub fn parse_doc_dirs(
+    path: &str,
+    source: Arc<String>,
+    doc: Result<toml_edit::ImDocument<String>, toml_edit::TomlError>,
+    default_name: &str,
+) -> Result<(Plan, Vec<(std::path::PathBuf, String)>), Problems> {
     let mut problems = Problems::new(path, source.clone());
-    let file: WorkflowFile = match toml::from_str(&source) {
+    let read = doc
+        .map_err(toml_edit::de::Error::from)
+        .and_then(|d| WorkflowFile::deserialize(toml_edit::de::Deserializer::from(d)));
+    let file: WorkflowFile = match read {
         Ok(f) => f,
         Err(e) => {
-            problems.push(toml_problem(&e, TASK_FIELDS));
+            problems.push(problem_at(e.message(), e.span(), TASK_FIELDS));
             return Err(problems);
         }
     };
@@ -124,7 +151,7 @@ pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(Plan {
+    let plan = Plan {
         name: file
             .name
             .map(Spanned::into_inner)
@@ -136,7 +163,8 @@ pub fn parse(path: &str, source: Arc<String>, default_name: &str) -> Result<Plan
         endpoint: None,
         layout: None,
         restart: Default::default(),
-    })
+    };
+    Ok((plan, dirs.found()))
 }
 
 /// Checks the plan's name, which names its state dir (`.prl-flow/<name>/`): the `name`
@@ -178,8 +206,13 @@ pub fn check_name(written: Option<(&str, Range<usize>)>, default_name: &str, p: 
 /// Turns a toml/serde error into a problem at its place, with a suggestion for a misspelt
 /// field.
 pub fn toml_problem(e: &toml::de::Error, fields: &[&str]) -> Problem {
-    let msg = e.message().trim().to_string();
-    let mut p = Problem::new(msg.clone()).at(e.span()).label("here");
+    problem_at(e.message(), e.span(), fields)
+}
+
+/// [`toml_problem`] of an error's message and place.
+fn problem_at(message: &str, span: Option<Range<usize>>, fields: &[&str]) -> Problem {
+    let msg = message.trim().to_string();
+    let mut p = Problem::new(msg.clone()).at(span).label("here");
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(name) = rest.split('`').next() {
             let candidates: Vec<&str> = if msg.contains("expected one of") {

@@ -1568,3 +1568,143 @@ fn kill_9_then_resume_adopts_a_one_shot_running_in_the_workflows_directory() {
         "0\n"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A no-op resume: told from the stamp beside the journal while nothing changed
+
+/// Every file under a state dir but its lock (which each command takes), with its inode,
+/// time and size: what a command that writes nothing leaves as it was.
+fn state_files(st: &Path) -> std::collections::BTreeMap<std::path::PathBuf, (u64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &Path, out: &mut std::collections::BTreeMap<std::path::PathBuf, (u64, i64, u64)>) {
+        for e in std::fs::read_dir(dir).expect("read state dir").flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).expect("stat");
+            if m.is_dir() {
+                walk(&p, out);
+            }
+            if p.file_name() != Some(std::ffi::OsStr::new("lock")) {
+                let t = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+                out.insert(p, (m.ino(), t, m.len()));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(st, &mut out);
+    out
+}
+
+const ABC: &str = r#"
+[[task]]
+id = "a"
+run = 'echo a >> marks'
+
+[[task]]
+id = "b"
+run = 'echo b >> marks'
+needs = ["a"]
+
+[[task]]
+id = "c"
+run = 'echo c >> marks'
+"#;
+
+#[test]
+fn a_noop_resume_writes_nothing_and_any_change_takes_the_full_path() {
+    let sb = Sandbox::new();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "flow.toml", "--state-dir", "st", "--no-progress"];
+        args.extend_from_slice(extra);
+        sb.run(&args)
+    };
+    sb.write("flow.toml", ABC);
+    run(&[]).expect_code(0);
+    let st = sb.join("st");
+    assert!(
+        st.join("up-to-date.json").is_file(),
+        "no stamp after a run that ended ok"
+    );
+
+    // Nothing changed: every task kept, and not one file of the state dir rewritten (no
+    // task's run dir or log, not the journal, the options or the owner).
+    let before = state_files(&st);
+    let noop = run(&["--resume"]);
+    noop.expect_code(0);
+    assert!(
+        noop.stderr.contains("ok: 0 tasks done, 3 kept"),
+        "{}",
+        noop.stderr
+    );
+    assert_eq!(state_files(&st), before, "a no-op resume rewrote files");
+    assert_eq!(sb.lines("marks").len(), 3);
+
+    // The same size, another command: `b` runs again, and what needs it would too.
+    sb.write("flow.toml", &ABC.replace("echo b >>", "echo  b>>"));
+    let changed = run(&["--resume"]);
+    changed.expect_code(0);
+    assert_eq!(sb.count("marks", "b"), 2, "{}", changed.stderr);
+    assert_eq!(sb.count("marks", "a"), 1);
+    assert_eq!(sb.count("marks", "c"), 1);
+
+    // Another text with the same tasks (a comment): the full path, which runs nothing and
+    // writes its options again; then the stamp holds again.
+    sb.write(
+        "flow.toml",
+        &format!("# a comment\n{}", ABC.replace("echo b >>", "echo  b>>")),
+    );
+    let before = state_files(&st);
+    let comment = run(&["--resume"]);
+    comment.expect_code(0);
+    assert_ne!(
+        state_files(&st).get(&st.join("options.json")),
+        before.get(&st.join("options.json")),
+        "a changed file took the shortcut"
+    );
+    assert_eq!(sb.lines("marks").len(), 4);
+    let before = state_files(&st);
+    run(&["--resume"]).expect_code(0);
+    assert_eq!(state_files(&st), before);
+
+    // `--explain` explains each task: the full path.
+    let explained = run(&["--resume", "--explain"]);
+    explained.expect_code(0);
+    assert!(explained.stdout.contains("keep"), "{}", explained.stdout);
+}
+
+#[test]
+fn a_resume_after_a_killed_run_takes_the_full_path_even_with_the_old_file_back() {
+    let sb = Sandbox::new();
+    sb.write("flow.toml", ABC);
+    let args = ["run", "flow.toml", "--state-dir", "st", "--no-progress"];
+    sb.run(&args).expect_code(0);
+    let st = sb.join("st");
+    assert!(st.join("up-to-date.json").is_file());
+
+    // A new task that waits for `go`; the resume that starts it is killed.
+    let waits = format!(
+        "{ABC}\n[[task]]\nid = \"d\"\nrun = 'echo d >> starts; while [ ! -e go ]; do sleep 0.02; done; echo d >> marks'\n"
+    );
+    sb.write("flow.toml", &waits);
+    let mut resume = sb.spawn("killed", &[&args[..], &["--resume"]].concat());
+    wait_until("`d` to start", WAIT, || sb.count("starts", "d") == 1);
+    resume.kill9();
+    assert!(
+        !st.join("up-to-date.json").exists(),
+        "the stamp outlived a run that changed the state dir"
+    );
+
+    // The file as it was when the stamp was made: still the full path (the journal changed).
+    sb.write("flow.toml", ABC);
+    let before = state_files(&st);
+    let back = sb.run(&[&args[..], &["--resume"]].concat());
+    back.expect_code(0);
+    assert_ne!(
+        state_files(&st).get(&st.join("journal.json")),
+        before.get(&st.join("journal.json")),
+        "the resume after a kill took the shortcut:\n{}",
+        back.stderr
+    );
+    std::fs::write(sb.join("go"), "").expect("write go");
+    wait_until("`d` to end", WAIT, || sb.count("marks", "d") == 1);
+    assert_eq!(sb.lines("marks").len(), 4);
+}

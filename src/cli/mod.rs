@@ -6,6 +6,7 @@
 pub mod args;
 pub mod events;
 pub mod json;
+mod noop;
 pub mod progress;
 pub mod show;
 mod sim;
@@ -260,6 +261,9 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
         }
     };
     let last = session::options::resolve(&given, &dir, true);
+    if let Some(code) = noop::shortcut(cli, a, &dir, &last) {
+        return Ok(code);
+    }
     let resolved = if a.resume {
         last.clone()
     } else {
@@ -293,6 +297,7 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     if let Some(note) = note {
         eprintln!("{note}");
     }
+    prepared.hold_lock();
     if a.resume {
         let causes = session::options::Causes::of(&resolved, &session, &loaded).await;
         let ids: Vec<String> = prepared
@@ -373,7 +378,8 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     };
     let ran = prepared.execute(subs, token).await;
     signals.abort();
-    let ran = ran?;
+    let mut ran = ran?;
+    noop::record(&mut ran, &loaded, &resolved);
     if let Some(report) = ran.exec.backend.report() {
         result(&report);
     }

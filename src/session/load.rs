@@ -45,6 +45,9 @@ pub struct Loaded {
     pub path: PathBuf,
     pub source: Arc<String>,
     pub plan: Plan,
+    /// A workflow's start dirs, each as written (joined to the file's directory as named)
+    /// with the directory it led to; empty for a recipe.
+    pub start_dirs: Vec<(PathBuf, String)>,
 }
 
 impl Session {
@@ -60,11 +63,16 @@ impl Session {
             .unwrap_or_else(|| "run".into());
         let shown = path.display().to_string();
         let site = self.site();
+        // Parsed once: what decides the backend and the file's kind, then (for a workflow)
+        // the tasks, all come from this one document.
+        let doc = toml_edit::ImDocument::parse(source.to_string());
+        let head = Head::of(&doc, &source);
         let backend = self
             .registry()
-            .decide(a.backend.as_deref(), &source)
+            .decide_own(a.backend.as_deref(), head.backend.clone())
             .map_err(Error::Usage)?;
-        let mut plan = if crate::recipe::is_recipe(&source) {
+        let mut start_dirs = Vec::new();
+        let mut plan = if head.recipe {
             let opts = crate::recipe::Options {
                 backend: Some(backend.clone()),
                 templates: a
@@ -81,9 +89,12 @@ impl Session {
                 Error::Problems(p)
             })?
         } else {
-            crate::workflow::parse(&shown, source.clone(), &name).map_err(Error::Problems)?
+            let (plan, dirs) = crate::workflow::parse_doc_dirs(&shown, source.clone(), doc, &name)
+                .map_err(Error::Problems)?;
+            start_dirs = dirs;
+            plan
         };
-        crate::registry::simulated_over(&mut plan, &backend, &source);
+        crate::registry::simulated_over_own(&mut plan, &backend, head.backend);
         self.registry().settle(&mut plan, backend);
         self.registry()
             .check(&plan, path, &source)
@@ -93,6 +104,7 @@ impl Session {
             path: path.clone(),
             source,
             plan,
+            start_dirs,
         })
     }
 
@@ -111,6 +123,41 @@ impl Session {
         ));
         build_graph(&loaded.plan, &exec).map_err(|e| loaded.graph_problems(e))?;
         Ok(loaded)
+    }
+}
+
+/// What a load decides from a file before making its plan, read from its one parse.
+struct Head {
+    /// It has an `[inference]` table: a recipe.
+    recipe: bool,
+    /// Its own `[backend] type`.
+    backend: Option<String>,
+}
+
+impl Head {
+    fn of(
+        doc: &std::result::Result<toml_edit::ImDocument<String>, toml_edit::TomlError>,
+        source: &str,
+    ) -> Self {
+        match doc {
+            Ok(d) => Head {
+                recipe: d
+                    .as_table()
+                    .get("inference")
+                    .is_some_and(|i| i.is_table_like()),
+                backend: d
+                    .as_table()
+                    .get("backend")
+                    .and_then(|b| b.get("type"))
+                    .and_then(|t| t.as_str())
+                    .map(String::from),
+            },
+            // Bad TOML: whichever load runs reports where.
+            Err(_) => Head {
+                recipe: crate::recipe::is_recipe(source),
+                backend: None,
+            },
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`abort`]: `down` aborting a run that still holds the state dir.
 //! - [`identity`]: which file a state dir belongs to, and a file's default state dir.
 //! - [`options`]: the options a run was given, remembered for a resume and for hints.
+//! - [`noop`]: a resume with nothing to do, told from a stamp without loading anything.
 
 pub mod abort;
 pub mod down;
@@ -21,6 +22,7 @@ pub mod heal;
 pub mod identity;
 pub mod inspect;
 pub mod load;
+pub mod noop;
 pub mod options;
 pub mod run;
 mod salvage;

@@ -405,16 +405,38 @@ pub async fn plan_before(resolved: &Resolved, file: &Path) -> Option<Plan> {
 pub fn plan_name(file: &Path) -> Result<String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| Error::Usage(format!("error: cannot read `{}`: {e}", file.display())))?;
-    let written = toml::from_str::<toml::Table>(&text).ok().and_then(|t| {
+    let name_in = |t: toml::Table| {
         t.get("name")
             .and_then(|n| n.as_str())
             .map(|n| n.trim().to_string())
-    });
+    };
+    // A top-level `name` comes before the first table header, so only the text before it
+    // is parsed (the whole of a large workflow takes milliseconds). A prefix that does not
+    // parse alone (a header-like line inside a multi-line string or array) is not cut at a
+    // statement's end: then the whole file is parsed.
+    let head = top_level_text(&text);
+    let written = match toml::from_str::<toml::Table>(head) {
+        Ok(t) => name_in(t),
+        Err(_) => toml::from_str::<toml::Table>(&text).ok().and_then(name_in),
+    };
     Ok(written.filter(|n| !n.is_empty()).unwrap_or_else(|| {
         file.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "run".into())
     }))
+}
+
+/// The text before the first line that opens with `[` (a table header, where the top-level
+/// keys end), or all of it.
+fn top_level_text(text: &str) -> &str {
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('[') {
+            return &text[..at];
+        }
+        at += line.len();
+    }
+    text
 }
 
 /// The mock engine's program: `prl-flow-mock-engine` in the directory of this executable
@@ -517,6 +539,24 @@ mod tests {
             ["--engine: mock → real", "--backend: the recipe's → local"]
         );
         assert_eq!(recorded.args(), " --engine mock --router /r");
+    }
+
+    #[test]
+    fn a_plan_name_is_read_before_the_first_table_or_from_the_whole_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let f = tmp.path().join("flow.toml");
+        let name = |text: &str| {
+            std::fs::write(&f, text).expect("write");
+            plan_name(&f).expect("name")
+        };
+        assert_eq!(name("name = \"a\"\n[[task]]\nid = \"x\"\n"), "a");
+        assert_eq!(name("[[task]]\nname = \"b\"\n"), "flow");
+        // A header-like line inside a top-level string: the prefix alone does not parse.
+        assert_eq!(
+            name("x = \"\"\"\n[t]\n\"\"\"\nname = \"c\"\n[[task]]\n"),
+            "c"
+        );
+        assert_eq!(name("x = [\n[1],\n]\nname = \"d\"\n"), "d");
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub struct Prepared {
     journal: Arc<Journal>,
     previous: Option<BTreeMap<String, Record>>,
     options: RunOptions,
+    hold_lock: bool,
 }
 
 /// A run that ended.
@@ -58,6 +59,9 @@ pub struct Ran {
     pub report: Report,
     pub exec: Arc<Exec>,
     pub dir: PathBuf,
+    /// The state dir's lock, still held after the journal closed when the caller asked
+    /// ([`Prepared::hold_lock`]), for writing beside it; released when dropped.
+    pub lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Session {
@@ -104,6 +108,8 @@ pub async fn prepare(
     };
     let journal =
         Journal::open(dir, true, &holder).map_err(|e| PrepareError::Session(journal_error(e)))?;
+    // From here on the state dir may change: a no-op resume must take the full path.
+    super::noop::forget(dir);
     let mut previous = journal.records();
     recover_missing(backend.clone(), &journal, &mut previous).await;
     if !settings.resume {
@@ -178,6 +184,7 @@ pub async fn prepare(
         journal: Arc::new(journal),
         previous,
         options,
+        hold_lock: false,
     })
 }
 
@@ -185,6 +192,12 @@ impl Prepared {
     /// The journal, e.g. to flush it from a signal handler before exiting at once.
     pub fn journal(&self) -> Arc<Journal> {
         self.journal.clone()
+    }
+
+    /// Makes [`Prepared::execute`] keep the state dir's lock past the journal's close, in
+    /// [`Ran::lock`], until the caller drops it.
+    pub fn hold_lock(&mut self) {
+        self.hold_lock = true;
     }
 
     /// Each task's id with what it will do.
@@ -220,6 +233,11 @@ impl Prepared {
         .await;
         // Closed here, whoever else holds the journal (a signal handler): its errors are
         // this run's, and must not wait for a drop that may never come.
+        let lock = if self.hold_lock {
+            self.journal.keep_lock()
+        } else {
+            None
+        };
         let closed = self.journal.close();
         if let Some(why) = &report.broken {
             return Err(Error::Failed(broken_run(&self.dir, why)));
@@ -229,6 +247,7 @@ impl Prepared {
             report,
             exec: self.exec,
             dir: self.dir,
+            lock,
         })
     }
 }

@@ -13,6 +13,19 @@ use crate::diag::{Problem, Problems};
 #[derive(Default)]
 pub(super) struct StartDirs(HashMap<PathBuf, Result<String, String>>);
 
+impl StartDirs {
+    /// Each directory looked up, as written joined to the file's, with where it led.
+    pub(super) fn found(self) -> Vec<(PathBuf, String)> {
+        let mut v: Vec<(PathBuf, String)> = self
+            .0
+            .into_iter()
+            .filter_map(|(k, r)| Some((k, r.ok()?)))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
 /// Where an entry's command starts ([`TaskSpec::dir`]), from the file named in `problems`.
 ///
 /// Without a node: its `dir`, relative to the file's directory (an absolute path is taken

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::record::{now_ms, Record, Status};
-pub use store::{load, salvage, Damage, Salvaged};
+pub use store::{load, lock, salvage, Damage, Salvaged};
 pub use writer::Journal;
 
 /// The longest time a record written to the log may wait for its fsync.

@@ -139,7 +139,10 @@ pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 /// ms, more on a loaded machine).
 const DEAD_HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub(super) fn lock(dir: &Path, holder: &str) -> Result<nix::fcntl::Flock<File>, JournalError> {
+/// Takes the state dir's lock (`flock` of `DIR/lock`, naming `holder`) without opening the
+/// journal: for a command that only reads the state dir but must not race a run. Released
+/// when the returned file is dropped.
+pub fn lock(dir: &Path, holder: &str) -> Result<nix::fcntl::Flock<File>, JournalError> {
     let path = dir.join(LOCK);
     let io = |source| JournalError::Io {
         dir: dir.to_path_buf(),

@@ -161,6 +161,13 @@ impl Journal {
         Ok((journal, damage))
     }
 
+    /// Takes the state dir's lock out of the journal: [`Journal::close`] then leaves it held,
+    /// by the caller, until the returned file is dropped (to write beside the closed journal
+    /// before another run may open it). `None` once closed.
+    pub fn keep_lock(&self) -> Option<nix::fcntl::Flock<File>> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
