@@ -1,5 +1,6 @@
 //! The slurm backend against a real SLURM: a slurmctld and four slurmd started on this
-//! machine by `tests/support/slurm/cluster.sh`.
+//! machine by `tests/support/slurm/cluster.sh` (256 on loopback addresses for the scale test
+//! at the end, `at_256_nodes_the_login_node_holds_nothing_and_steps_follow_groups`).
 //!
 //! **One cluster per test, one test at a time.** Each test starts its own cluster (well
 //! under a second) and a [`TestCluster`] guard stops it when the test ends, passing or not:
