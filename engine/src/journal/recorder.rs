@@ -1,6 +1,6 @@
 //! The journal as a subscriber: it turns a run's events into records.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::Journal;
 use crate::event::{Decision, Event, Outcome, Subscriber};
@@ -29,10 +29,11 @@ impl Journal {
                 exit_code: None,
                 error: None,
             })
+            .map(Some)
             .collect();
         Arc::new(Recorder {
             journal: self.clone(),
-            info,
+            info: Mutex::new(info),
         })
     }
 }
@@ -40,12 +41,33 @@ impl Journal {
 /// Records a run's events in the journal.
 struct Recorder {
     journal: Arc<Journal>,
-    info: Vec<Record>,
+    /// Each task's fixed parts, taken (not copied) into the journal by its first start or
+    /// skip: afterwards the journal's record is the one copy.
+    info: Mutex<Vec<Option<Record>>>,
+}
+
+impl Recorder {
+    /// Task `index`'s record as a fresh start or skip makes it: its fixed parts, nothing
+    /// of an earlier attempt.
+    fn fresh(&self, index: usize, id: &str) -> Option<Record> {
+        let taken = self.info.lock().unwrap_or_else(|e| e.into_inner())[index].take();
+        let mut r = taken.or_else(|| self.journal.get(id))?;
+        r.status = Status::Running;
+        r.handle = None;
+        r.finished_ms = None;
+        r.exit_code = None;
+        r.error = None;
+        Some(r)
+    }
 }
 
 impl Subscriber for Recorder {
     fn broken(&self) -> Option<String> {
         self.journal.failure()
+    }
+
+    fn commit(&self) {
+        self.journal.write_queued();
     }
 
     fn on_event(&self, event: &Event) {
@@ -61,27 +83,33 @@ impl Subscriber for Recorder {
             }
             Event::Started {
                 index,
+                id,
                 attempt,
                 adopted,
                 at_ms,
-                ..
             } => {
-                let mut r = self.info[*index].clone();
-                if *adopted {
-                    if let Some(old) = self.journal.get(&r.id) {
-                        r = Record {
-                            status: Status::Running,
-                            ..old
+                let old = if *adopted { self.journal.get(id) } else { None };
+                let r = match old {
+                    Some(old) => Record {
+                        status: Status::Running,
+                        ..old
+                    },
+                    None => {
+                        let Some(mut r) = self.fresh(*index, id) else {
+                            return;
                         };
+                        if !*adopted {
+                            r.seq = self.journal.take_seq();
+                            r.attempts = *attempt;
+                            r.started_ms = Some(*at_ms);
+                        }
+                        r
                     }
-                } else {
-                    r.seq = self.journal.take_seq();
-                    r.attempts = *attempt;
-                    r.started_ms = Some(*at_ms);
-                }
-                // On file before the task can start a process: if it cannot be written, the
+                };
+                // Queued here, and on file at the scheduler's next `commit`, which comes
+                // before the task can start a process: if it cannot be written, the
                 // journal is broken and the scheduler does not start the task.
-                self.journal.put_now(r);
+                self.journal.put(r);
             }
             Event::Spawned { id, handle, .. } => {
                 // On file at once: `down` and `status` from another shell must see it.
@@ -98,10 +126,11 @@ impl Subscriber for Recorder {
             } => {
                 if *outcome == Outcome::Skipped {
                     // Nothing ran: keep an earlier record (a resume may still use it).
-                    if self.journal.get(id).is_none() {
-                        let mut r = self.info[*index].clone();
-                        r.status = Status::Skipped;
-                        self.journal.put(r);
+                    if !self.journal.contains(id) {
+                        if let Some(mut r) = self.fresh(*index, id) {
+                            r.status = Status::Skipped;
+                            self.journal.put(r);
+                        }
                     }
                     return;
                 }

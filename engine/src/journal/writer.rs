@@ -31,12 +31,17 @@ struct Inner {
     changed: bool,
 }
 
+/// Appends `r` to `buf` as one line.
+fn line(buf: &mut Vec<u8>, r: &Record) {
+    if serde_json::to_writer(&mut *buf, r).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
 impl Inner {
     fn queue(&mut self, r: &Record) {
         self.changed = true;
-        if serde_json::to_writer(&mut self.buf, r).is_ok() {
-            self.buf.push(b'\n');
-        }
+        line(&mut self.buf, r);
     }
     fn write(&mut self) {
         if self.buf.is_empty() {
@@ -199,6 +204,17 @@ impl Journal {
         self.inner().records.get(id).cloned()
     }
 
+    /// Whether a record of `id` exists.
+    pub fn contains(&self, id: &str) -> bool {
+        self.inner().records.contains_key(id)
+    }
+
+    /// Writes what is queued at once (one `write` for all of it): for records that must be
+    /// on file before the caller goes on.
+    pub fn write_queued(&self) {
+        self.inner().write();
+    }
+
     /// Records `record` (it replaces the earlier one of its id). It reaches the file with
     /// the next write, within [`SYNC_EVERY`].
     pub fn put(&self, record: Record) {
@@ -219,23 +235,25 @@ impl Journal {
     /// Changes a record in place, if it exists.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Record)) {
         let mut g = self.inner();
+        let g = &mut *g;
         let Some(r) = g.records.get_mut(id) else {
             return;
         };
         f(r);
-        let r = r.clone();
-        g.queue(&r);
+        g.changed = true;
+        line(&mut g.buf, r);
     }
 
     /// Like [`Journal::update`], and writes at once.
     pub fn update_now(&self, id: &str, f: impl FnOnce(&mut Record)) {
         let mut g = self.inner();
+        let g = &mut *g;
         let Some(r) = g.records.get_mut(id) else {
             return;
         };
         f(r);
-        let r = r.clone();
-        g.queue(&r);
+        g.changed = true;
+        line(&mut g.buf, r);
         g.write();
     }
 

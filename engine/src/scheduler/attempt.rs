@@ -36,6 +36,21 @@ pub(super) fn start(
     abort: Cancel,
     keep: bool,
 ) -> TaskFuture {
+    // The first attempt's start is announced now, before the future runs, so that the
+    // scheduler commits the starts of a whole batch at once (one journal write) before
+    // any of them runs. Not when an earlier run's leftover must be stopped first: its
+    // record must keep naming it until then.
+    let first_at = (adopt || prior.is_none()).then(|| {
+        let at_ms = crate::record::now_ms();
+        sink.emit(&Event::Started {
+            index,
+            id: id.clone(),
+            attempt: 1,
+            adopted: adopt,
+            at_ms,
+        });
+        at_ms
+    });
     Box::pin(async move {
         let began = Instant::now();
         let policy = task.policy();
@@ -48,14 +63,21 @@ pub(super) fn start(
         }
         let mut attempt = 1;
         loop {
-            let at_ms = crate::record::now_ms();
-            sink.emit(&Event::Started {
-                index,
-                id: id.clone(),
-                attempt,
-                adopted: adopt && attempt == 1,
-                at_ms,
-            });
+            let at_ms = match first_at {
+                Some(at_ms) if attempt == 1 => at_ms,
+                _ => {
+                    let at_ms = crate::record::now_ms();
+                    sink.emit(&Event::Started {
+                        index,
+                        id: id.clone(),
+                        attempt,
+                        adopted: adopt && attempt == 1,
+                        at_ms,
+                    });
+                    sink.commit();
+                    at_ms
+                }
+            };
             // The start could not be recorded (the journal cannot be written): it is not
             // made, since no later prl-flow could find what it would start.
             if let Some(why) = sink.broken() {
