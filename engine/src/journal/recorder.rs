@@ -1,39 +1,19 @@
 //! The journal as a subscriber: it turns a run's events into records.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::Journal;
 use crate::event::{Decision, Event, Outcome, Subscriber};
 use crate::graph::Graph;
 use crate::record::{now_ms, Record, Status};
+use crate::task::Task;
 
 impl Journal {
     /// A subscriber that records a run of `graph` in this journal.
     pub fn recorder(self: &Arc<Self>, graph: &Graph) -> Arc<dyn Subscriber> {
-        let info = graph
-            .tasks()
-            .iter()
-            .map(|t| Record {
-                id: t.id().to_string(),
-                status: Status::Running,
-                fingerprint: t.fingerprint(),
-                kind: t.kind().to_string(),
-                service: t.is_service(),
-                needs: t.needs().to_vec(),
-                handle: None,
-                meta: t.meta(),
-                seq: 0,
-                attempts: 0,
-                started_ms: None,
-                finished_ms: None,
-                exit_code: None,
-                error: None,
-            })
-            .map(Some)
-            .collect();
         Arc::new(Recorder {
             journal: self.clone(),
-            info: Mutex::new(info),
+            tasks: graph.tasks().to_vec(),
         })
     }
 }
@@ -41,23 +21,32 @@ impl Journal {
 /// Records a run's events in the journal.
 struct Recorder {
     journal: Arc<Journal>,
-    /// Each task's fixed parts, taken (not copied) into the journal by its first start or
-    /// skip: afterwards the journal's record is the one copy.
-    info: Mutex<Vec<Option<Record>>>,
+    /// The graph's tasks: a record is made from its task when the task starts or is
+    /// skipped, so the journal's record is the one copy of it in memory.
+    tasks: Vec<Arc<dyn Task>>,
 }
 
 impl Recorder {
     /// Task `index`'s record as a fresh start or skip makes it: its fixed parts, nothing
     /// of an earlier attempt.
-    fn fresh(&self, index: usize, id: &str) -> Option<Record> {
-        let taken = self.info.lock().unwrap_or_else(|e| e.into_inner())[index].take();
-        let mut r = taken.or_else(|| self.journal.get(id))?;
-        r.status = Status::Running;
-        r.handle = None;
-        r.finished_ms = None;
-        r.exit_code = None;
-        r.error = None;
-        Some(r)
+    fn fresh(&self, index: usize) -> Record {
+        let t = &self.tasks[index];
+        Record {
+            id: t.id().to_string(),
+            status: Status::Running,
+            fingerprint: t.fingerprint(),
+            kind: t.kind().to_string(),
+            service: t.is_service(),
+            needs: t.needs().to_vec(),
+            handle: None,
+            meta: t.meta(),
+            seq: 0,
+            attempts: 0,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            error: None,
+        }
     }
 }
 
@@ -95,9 +84,7 @@ impl Subscriber for Recorder {
                         ..old
                     },
                     None => {
-                        let Some(mut r) = self.fresh(*index, id) else {
-                            return;
-                        };
+                        let mut r = self.fresh(*index);
                         if !*adopted {
                             r.seq = self.journal.take_seq();
                             r.attempts = *attempt;
@@ -127,10 +114,9 @@ impl Subscriber for Recorder {
                 if *outcome == Outcome::Skipped {
                     // Nothing ran: keep an earlier record (a resume may still use it).
                     if !self.journal.contains(id) {
-                        if let Some(mut r) = self.fresh(*index, id) {
-                            r.status = Status::Skipped;
-                            self.journal.put(r);
-                        }
+                        let mut r = self.fresh(*index);
+                        r.status = Status::Skipped;
+                        self.journal.put(r);
                     }
                     return;
                 }

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::store::{load, lock, salvage, to_json, Damage, Snapshot, SnapshotRef};
+use super::store::{load, lock, salvage, to_json, write_json, Damage, Snapshot, SnapshotRef};
 use super::{JournalError, LOG, SNAPSHOT, SYNC_EVERY};
-use crate::fs::write_atomic;
+use crate::fs::{write_atomic, write_atomic_with};
 use crate::record::{now_ms, Record, Status};
 
 /// What the journal holds while open: the records, and lines not yet written.
@@ -126,7 +126,7 @@ impl Journal {
                 version: 1,
                 records: &records,
             };
-            write_atomic(&dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+            write_atomic_with(&dir.join(SNAPSHOT), |w| write_json(w, &snapshot)).map_err(io)?;
         }
         // The snapshot now holds everything: start the log empty, in append mode so that
         // every write lands at its end (also after a reset truncates it).
@@ -340,7 +340,9 @@ impl Journal {
             };
             // With every append on file, only the snapshot is missing: nothing is lost.
             let log_whole = g.error.is_none();
-            closed = write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(|e| {
+            // Streamed: 100,000 records would be tens of MB of JSON in memory.
+            let path = self.dir.join(SNAPSHOT);
+            closed = write_atomic_with(&path, |w| write_json(w, &snapshot)).map_err(|e| {
                 if log_whole {
                     format!(
                         "{SNAPSHOT}: {e} (every record is on file in {LOG}: `status`, \
