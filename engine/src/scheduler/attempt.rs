@@ -120,7 +120,9 @@ pub(super) fn start(
                         std::future::pending().await
                     }
                 };
+                // `biased`: no random draw per poll, and the work's own end comes first.
                 tokio::select! {
+                    biased;
                     r = &mut work => (r, None),
                     () = deadline => { stop.fire(); (work.await, Some(Outcome::TimedOut)) }
                     () = cancel.cancelled() => { stop.fire(); (work.await, Some(Outcome::Cancelled)) }
