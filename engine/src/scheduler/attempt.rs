@@ -11,7 +11,9 @@ use crate::event::{Event, Outcome, Sink};
 use crate::record::{Handle, TaskError};
 use crate::task::{Cancel, CancelSource, Done, Task, TaskContext};
 
-pub(super) type TaskFuture = Pin<Box<dyn Future<Output = Finish> + Send>>;
+/// A task's turn, borrowing the task from the graph for the run (no reference count to
+/// touch per start).
+pub(super) type TaskFuture<'g> = Pin<Box<dyn Future<Output = Finish> + Send + 'g>>;
 
 pub(super) struct Finish {
     pub(super) index: usize,
@@ -25,8 +27,8 @@ pub(super) struct Finish {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn start(
-    task: Arc<dyn Task>,
+pub(super) fn start<'g>(
+    task: &'g dyn Task,
     index: usize,
     id: Arc<str>,
     adopt: bool,
@@ -35,7 +37,7 @@ pub(super) fn start(
     cancel: Cancel,
     abort: Cancel,
     keep: bool,
-) -> TaskFuture {
+) -> TaskFuture<'g> {
     // The first attempt's start is announced now, before the future runs, so that the
     // scheduler commits the starts of a whole batch at once (one journal write) before
     // any of them runs. Not when an earlier run's leftover must be stopped first: its

@@ -113,7 +113,7 @@ pub async fn run(
                     .and_then(|p| p.get(graph.task(i).id()))
                     .and_then(|r| r.handle.clone());
                 in_flight.push(start(
-                    graph.task(i).clone(),
+                    &**graph.task(i),
                     i,
                     ids[i].clone(),
                     decisions[i] == Decision::Adopt,
