@@ -163,6 +163,10 @@ pub trait Subscriber: Send + Sync {
     fn broken(&self) -> Option<String> {
         None
     }
+    /// Makes what the events so far promised durable enough to act on: the journal writes
+    /// the records it queued. The scheduler calls it after the `Started` events of a batch
+    /// of tasks and before any of those tasks runs, so that a batch costs one write.
+    fn commit(&self) {}
 }
 
 impl<F: Fn(&Event) + Send + Sync> Subscriber for F {
@@ -192,6 +196,16 @@ impl Sink {
     pub fn emit(&self, event: &Event) {
         for s in self.subscribers.iter() {
             s.on_event(event);
+            if s.broken().is_some() {
+                self.broken.send_replace(true);
+            }
+        }
+    }
+    /// [Commits](Subscriber::commit) every subscriber; then [`Sink::broken`] says whether
+    /// one failed to.
+    pub fn commit(&self) {
+        for s in self.subscribers.iter() {
+            s.commit();
             if s.broken().is_some() {
                 self.broken.send_replace(true);
             }

@@ -9,12 +9,24 @@ use std::path::{Path, PathBuf};
 /// dir is written and fsynced, renamed over `path`, and the dir is fsynced. The dir must
 /// exist.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Like [`write_atomic`], with the contents written by `write` through a buffer, so that a
+/// large file never needs to be whole in memory.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let (tmp, mut file) = temp_beside(dir, path)?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    let (tmp, file) = temp_beside(dir, path)?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+    let written = write(&mut out)
+        .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+        .and_then(|file| file.sync_all());
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

@@ -14,7 +14,9 @@
 //! once when they must be on file before the caller goes on (a task about to start a
 //! process: a `kill -9` right after the fork must not leave a journal that never heard of
 //! it), or within [`SYNC_EVERY`] from a background thread, which also calls `fsync` at most
-//! that often. A `write` reaches the kernel at once, so a `kill -9` of prl-flow loses only
+//! that often. The starts of a batch of tasks are one such write: the scheduler
+//! [commits](crate::Subscriber::commit) them after the batch and before any of its tasks
+//! runs. A `write` reaches the kernel at once, so a `kill -9` of prl-flow loses only
 //! what was still queued: never a start or a handle (both are written at once), only a later
 //! update such as a task's end, which the next command learns again from the process (see
 //! docs/architecture.md). A crash of the machine can lose the last moments.

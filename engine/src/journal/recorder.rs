@@ -6,33 +6,14 @@ use super::Journal;
 use crate::event::{Decision, Event, Outcome, Subscriber};
 use crate::graph::Graph;
 use crate::record::{now_ms, Record, Status};
+use crate::task::Task;
 
 impl Journal {
     /// A subscriber that records a run of `graph` in this journal.
     pub fn recorder(self: &Arc<Self>, graph: &Graph) -> Arc<dyn Subscriber> {
-        let info = graph
-            .tasks()
-            .iter()
-            .map(|t| Record {
-                id: t.id().to_string(),
-                status: Status::Running,
-                fingerprint: t.fingerprint(),
-                kind: t.kind().to_string(),
-                service: t.is_service(),
-                needs: t.needs().to_vec(),
-                handle: None,
-                meta: t.meta(),
-                seq: 0,
-                attempts: 0,
-                started_ms: None,
-                finished_ms: None,
-                exit_code: None,
-                error: None,
-            })
-            .collect();
         Arc::new(Recorder {
             journal: self.clone(),
-            info,
+            tasks: graph.tasks().to_vec(),
         })
     }
 }
@@ -40,12 +21,42 @@ impl Journal {
 /// Records a run's events in the journal.
 struct Recorder {
     journal: Arc<Journal>,
-    info: Vec<Record>,
+    /// The graph's tasks: a record is made from its task when the task starts or is
+    /// skipped, so the journal's record is the one copy of it in memory.
+    tasks: Vec<Arc<dyn Task>>,
+}
+
+impl Recorder {
+    /// Task `index`'s record as a fresh start or skip makes it: its fixed parts, nothing
+    /// of an earlier attempt.
+    fn fresh(&self, index: usize) -> Record {
+        let t = &self.tasks[index];
+        Record {
+            id: t.id().to_string(),
+            status: Status::Running,
+            fingerprint: t.fingerprint(),
+            kind: t.kind().to_string(),
+            service: t.is_service(),
+            needs: t.needs().to_vec(),
+            handle: None,
+            meta: t.meta(),
+            seq: 0,
+            attempts: 0,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            error: None,
+        }
+    }
 }
 
 impl Subscriber for Recorder {
     fn broken(&self) -> Option<String> {
         self.journal.failure()
+    }
+
+    fn commit(&self) {
+        self.journal.write_queued();
     }
 
     fn on_event(&self, event: &Event) {
@@ -61,27 +72,31 @@ impl Subscriber for Recorder {
             }
             Event::Started {
                 index,
+                id,
                 attempt,
                 adopted,
                 at_ms,
-                ..
             } => {
-                let mut r = self.info[*index].clone();
-                if *adopted {
-                    if let Some(old) = self.journal.get(&r.id) {
-                        r = Record {
-                            status: Status::Running,
-                            ..old
-                        };
+                let old = if *adopted { self.journal.get(id) } else { None };
+                let r = match old {
+                    Some(old) => Record {
+                        status: Status::Running,
+                        ..old
+                    },
+                    None => {
+                        let mut r = self.fresh(*index);
+                        if !*adopted {
+                            r.seq = self.journal.take_seq();
+                            r.attempts = *attempt;
+                            r.started_ms = Some(*at_ms);
+                        }
+                        r
                     }
-                } else {
-                    r.seq = self.journal.take_seq();
-                    r.attempts = *attempt;
-                    r.started_ms = Some(*at_ms);
-                }
-                // On file before the task can start a process: if it cannot be written, the
+                };
+                // Queued here, and on file at the scheduler's next `commit`, which comes
+                // before the task can start a process: if it cannot be written, the
                 // journal is broken and the scheduler does not start the task.
-                self.journal.put_now(r);
+                self.journal.put(r);
             }
             Event::Spawned { id, handle, .. } => {
                 // On file at once: `down` and `status` from another shell must see it.
@@ -98,8 +113,8 @@ impl Subscriber for Recorder {
             } => {
                 if *outcome == Outcome::Skipped {
                     // Nothing ran: keep an earlier record (a resume may still use it).
-                    if self.journal.get(id).is_none() {
-                        let mut r = self.info[*index].clone();
+                    if !self.journal.contains(id) {
+                        let mut r = self.fresh(*index);
                         r.status = Status::Skipped;
                         self.journal.put(r);
                     }

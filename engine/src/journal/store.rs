@@ -128,6 +128,12 @@ fn read_if_there(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// Writes `v` as [`to_json`] makes it, straight to `w`.
+pub(super) fn write_json<T: Serialize>(w: &mut dyn std::io::Write, v: &T) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *w, v)?;
+    w.write_all(b"\n")
+}
+
 pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
     bytes.push(b'\n');

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::store::{load, lock, salvage, to_json, Damage, Snapshot, SnapshotRef};
+use super::store::{load, lock, salvage, to_json, write_json, Damage, Snapshot, SnapshotRef};
 use super::{JournalError, LOG, SNAPSHOT, SYNC_EVERY};
-use crate::fs::write_atomic;
+use crate::fs::{write_atomic, write_atomic_with};
 use crate::record::{now_ms, Record, Status};
 
 /// What the journal holds while open: the records, and lines not yet written.
@@ -31,12 +31,17 @@ struct Inner {
     changed: bool,
 }
 
+/// Appends `r` to `buf` as one line.
+fn line(buf: &mut Vec<u8>, r: &Record) {
+    if serde_json::to_writer(&mut *buf, r).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
 impl Inner {
     fn queue(&mut self, r: &Record) {
         self.changed = true;
-        if serde_json::to_writer(&mut self.buf, r).is_ok() {
-            self.buf.push(b'\n');
-        }
+        line(&mut self.buf, r);
     }
     fn write(&mut self) {
         if self.buf.is_empty() {
@@ -121,7 +126,7 @@ impl Journal {
                 version: 1,
                 records: &records,
             };
-            write_atomic(&dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(io)?;
+            write_atomic_with(&dir.join(SNAPSHOT), |w| write_json(w, &snapshot)).map_err(io)?;
         }
         // The snapshot now holds everything: start the log empty, in append mode so that
         // every write lands at its end (also after a reset truncates it).
@@ -199,6 +204,17 @@ impl Journal {
         self.inner().records.get(id).cloned()
     }
 
+    /// Whether a record of `id` exists.
+    pub fn contains(&self, id: &str) -> bool {
+        self.inner().records.contains_key(id)
+    }
+
+    /// Writes what is queued at once (one `write` for all of it): for records that must be
+    /// on file before the caller goes on.
+    pub fn write_queued(&self) {
+        self.inner().write();
+    }
+
     /// Records `record` (it replaces the earlier one of its id). It reaches the file with
     /// the next write, within [`SYNC_EVERY`].
     pub fn put(&self, record: Record) {
@@ -219,23 +235,25 @@ impl Journal {
     /// Changes a record in place, if it exists.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Record)) {
         let mut g = self.inner();
+        let g = &mut *g;
         let Some(r) = g.records.get_mut(id) else {
             return;
         };
         f(r);
-        let r = r.clone();
-        g.queue(&r);
+        g.changed = true;
+        line(&mut g.buf, r);
     }
 
     /// Like [`Journal::update`], and writes at once.
     pub fn update_now(&self, id: &str, f: impl FnOnce(&mut Record)) {
         let mut g = self.inner();
+        let g = &mut *g;
         let Some(r) = g.records.get_mut(id) else {
             return;
         };
         f(r);
-        let r = r.clone();
-        g.queue(&r);
+        g.changed = true;
+        line(&mut g.buf, r);
         g.write();
     }
 
@@ -322,7 +340,9 @@ impl Journal {
             };
             // With every append on file, only the snapshot is missing: nothing is lost.
             let log_whole = g.error.is_none();
-            closed = write_atomic(&self.dir.join(SNAPSHOT), &to_json(&snapshot)).map_err(|e| {
+            // Streamed: 100,000 records would be tens of MB of JSON in memory.
+            let path = self.dir.join(SNAPSHOT);
+            closed = write_atomic_with(&path, |w| write_json(w, &snapshot)).map_err(|e| {
                 if log_whole {
                     format!(
                         "{SNAPSHOT}: {e} (every record is on file in {LOG}: `status`, \

@@ -11,7 +11,9 @@ use crate::event::{Event, Outcome, Sink};
 use crate::record::{Handle, TaskError};
 use crate::task::{Cancel, CancelSource, Done, Task, TaskContext};
 
-pub(super) type TaskFuture = Pin<Box<dyn Future<Output = Finish> + Send>>;
+/// A task's turn, borrowing the task from the graph for the run (no reference count to
+/// touch per start).
+pub(super) type TaskFuture<'g> = Pin<Box<dyn Future<Output = Finish> + Send + 'g>>;
 
 pub(super) struct Finish {
     pub(super) index: usize,
@@ -25,8 +27,8 @@ pub(super) struct Finish {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn start(
-    task: Arc<dyn Task>,
+pub(super) fn start<'g>(
+    task: &'g dyn Task,
     index: usize,
     id: Arc<str>,
     adopt: bool,
@@ -35,7 +37,22 @@ pub(super) fn start(
     cancel: Cancel,
     abort: Cancel,
     keep: bool,
-) -> TaskFuture {
+) -> TaskFuture<'g> {
+    // The first attempt's start is announced now, before the future runs, so that the
+    // scheduler commits the starts of a whole batch at once (one journal write) before
+    // any of them runs. Not when an earlier run's leftover must be stopped first: its
+    // record must keep naming it until then.
+    let first_at = (adopt || prior.is_none()).then(|| {
+        let at_ms = crate::record::now_ms();
+        sink.emit(&Event::Started {
+            index,
+            id: id.clone(),
+            attempt: 1,
+            adopted: adopt,
+            at_ms,
+        });
+        at_ms
+    });
     Box::pin(async move {
         let began = Instant::now();
         let policy = task.policy();
@@ -48,14 +65,21 @@ pub(super) fn start(
         }
         let mut attempt = 1;
         loop {
-            let at_ms = crate::record::now_ms();
-            sink.emit(&Event::Started {
-                index,
-                id: id.clone(),
-                attempt,
-                adopted: adopt && attempt == 1,
-                at_ms,
-            });
+            let at_ms = match first_at {
+                Some(at_ms) if attempt == 1 => at_ms,
+                _ => {
+                    let at_ms = crate::record::now_ms();
+                    sink.emit(&Event::Started {
+                        index,
+                        id: id.clone(),
+                        attempt,
+                        adopted: adopt && attempt == 1,
+                        at_ms,
+                    });
+                    sink.commit();
+                    at_ms
+                }
+            };
             // The start could not be recorded (the journal cannot be written): it is not
             // made, since no later prl-flow could find what it would start.
             if let Some(why) = sink.broken() {
@@ -98,7 +122,9 @@ pub(super) fn start(
                         std::future::pending().await
                     }
                 };
+                // `biased`: no random draw per poll, and the work's own end comes first.
                 tokio::select! {
+                    biased;
                     r = &mut work => (r, None),
                     () = deadline => { stop.fire(); (work.await, Some(Outcome::TimedOut)) }
                     () = cancel.cancelled() => { stop.fire(); (work.await, Some(Outcome::Cancelled)) }

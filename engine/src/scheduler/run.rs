@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 
 use super::attempt::{start, TaskFuture};
 use super::{Report, RunOptions};
@@ -82,6 +83,8 @@ pub async fn run(
     let mut broken: Option<String> = None;
     let mut finish_order: Vec<usize> = Vec::new();
     let mut in_flight: FuturesUnordered<TaskFuture> = FuturesUnordered::new();
+    // A task that has finished already, taken in before more start.
+    let mut next: Option<super::attempt::Finish> = None;
     let jobs = options.jobs.max(1);
     let mut cancel_wait: Pin<Box<dyn Future<Output = ()> + Send>> = {
         let c = cancel.clone();
@@ -99,7 +102,9 @@ pub async fn run(
             sink.emit(&Event::Cancelling);
         }
         note_broken(&sink, &mut broken, &halt);
-        if !aborted && !cancelled && broken.is_none() {
+        // Start more only once every finished task is taken in (`next`), so that a batch of
+        // starts is as large as can be: its `Started` events are committed at once.
+        if next.is_none() && !aborted && !cancelled && broken.is_none() {
             while in_flight.len() < jobs {
                 let Some(i) = ready.pop_front() else { break };
                 state[i] = State::Running;
@@ -108,7 +113,7 @@ pub async fn run(
                     .and_then(|p| p.get(graph.task(i).id()))
                     .and_then(|r| r.handle.clone());
                 in_flight.push(start(
-                    graph.task(i).clone(),
+                    &**graph.task(i),
                     i,
                     ids[i].clone(),
                     decisions[i] == Decision::Adopt,
@@ -119,15 +124,19 @@ pub async fn run(
                     options.keep,
                 ));
             }
+            // Before any of the batch runs: their starts are on file (or the journal is
+            // broken, and each of them sees that before doing anything).
+            sink.commit();
         }
-        if in_flight.is_empty() {
-            break;
-        }
-        let fin = tokio::select! {
-            biased;
-            Some(f) = in_flight.next() => f,
-            () = &mut cancel_wait, if !cancelled => continue,
-            () = &mut broken_wait, if broken.is_none() => continue,
+        let fin = match next.take() {
+            Some(f) => f,
+            None if in_flight.is_empty() => break,
+            None => tokio::select! {
+                biased;
+                Some(f) = in_flight.next() => f,
+                () = &mut cancel_wait, if !cancelled => continue,
+                () = &mut broken_wait, if broken.is_none() => continue,
+            },
         };
         // Its start may be what broke the journal: then that, not its failure, stops the run.
         note_broken(&sink, &mut broken, &halt);
@@ -206,6 +215,7 @@ pub async fn run(
                 }
             }
         }
+        next = in_flight.next().now_or_never().flatten();
     }
 
     // Anything that never got to start.

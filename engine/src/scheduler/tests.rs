@@ -475,3 +475,73 @@ async fn a_broken_subscriber_stops_the_run_before_the_unrecorded_start() {
         "svc was stopped"
     );
 }
+
+/// Notes in the tasks' trace each start it hears of and each commit.
+struct Committer {
+    trace: Trace,
+}
+
+impl crate::event::Subscriber for Committer {
+    fn on_event(&self, event: &crate::event::Event) {
+        if let crate::event::Event::Started { id, attempt, .. } = event {
+            self.trace
+                .lock()
+                .expect("trace")
+                .push(format!("started:{id}#{attempt}"));
+        }
+    }
+    fn commit(&self) {
+        self.trace.lock().expect("trace").push("commit".into());
+    }
+}
+
+#[tokio::test]
+async fn every_start_is_committed_before_its_task_runs() {
+    let s = setup(vec![
+        FakeTask::new("a", &[]),
+        FakeTask::new("b", &[]),
+        FakeTask::new("c", &["a", "b"]),
+        // Retried once: the second attempt's start is committed too.
+        FakeTask::new("d", &["a"])
+            .behaviour(Behaviour::FailTimes(1))
+            .policy(Policy {
+                retries: 1,
+                ..Policy::default()
+            }),
+        FakeTask::new("e", &["c", "d"]),
+    ]);
+    let sink = Sink::new(vec![Arc::new(Committer {
+        trace: s.trace.clone(),
+    })]);
+    let d = decide(&s.graph, None).await;
+    let r = run(
+        &s.graph,
+        &d,
+        None,
+        &RunOptions::default(),
+        sink,
+        Cancel::never(),
+    )
+    .await;
+    assert!(r.ok(), "{:?}", r.summary);
+    let trace = s.trace.lock().expect("trace").clone();
+    // Each run of a task (`start:ID`, noted by the task itself) comes after its start was
+    // announced and after a commit that followed that announcement.
+    let mut runs = 0;
+    for (at, e) in trace.iter().enumerate() {
+        let Some(id) = e.strip_prefix("start:") else {
+            continue;
+        };
+        runs += 1;
+        let n = trace[..at].iter().filter(|x| *x == e).count() + 1;
+        let started = trace[..at]
+            .iter()
+            .rposition(|x| *x == format!("started:{id}#{n}"))
+            .unwrap_or_else(|| panic!("run {n} of `{id}` was never announced: {trace:?}"));
+        assert!(
+            trace[started..at].iter().any(|x| x == "commit"),
+            "run {n} of `{id}` began before its start was committed: {trace:?}"
+        );
+    }
+    assert_eq!(runs, 6, "{trace:?}");
+}
