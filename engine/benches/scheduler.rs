@@ -25,67 +25,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use prl_flow_engine::{
-    decide, run, Cancel, Done, Graph, GraphBuilder, Journal, RunOptions, Sink, Task, TaskContext,
-    TaskError,
-};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use prl_flow_engine::{decide, run, Cancel, Graph, Journal, RunOptions, Sink};
 
-const LAYERS: usize = 100;
-const WIDTH: usize = 1000;
-const TASKS: usize = LAYERS * WIDTH;
-const SEED: u64 = 0x5eed_da65;
-
-/// A task whose `run` returns at once.
-struct Noop {
-    id: String,
-    needs: Vec<String>,
-}
-
-#[async_trait]
-impl Task for Noop {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn needs(&self) -> &[String] {
-        &self.needs
-    }
-    fn fingerprint(&self) -> String {
-        String::new()
-    }
-    async fn run(&self, _cx: &TaskContext) -> Result<Done, TaskError> {
-        Ok(Done::default())
-    }
-}
-
-fn layered_graph() -> Graph {
-    let mut rng = StdRng::seed_from_u64(SEED);
-    let mut b = GraphBuilder::with_capacity(TASKS);
-    for layer in 0..LAYERS {
-        for k in 0..WIDTH {
-            let needs = if layer == 0 {
-                Vec::new()
-            } else {
-                let a = rng.gen_range(0..WIDTH);
-                let mut c = rng.gen_range(0..WIDTH - 1);
-                if c >= a {
-                    c += 1;
-                }
-                vec![format!("l{}_{a}", layer - 1), format!("l{}_{c}", layer - 1)]
-            };
-            b.add(Arc::new(Noop {
-                id: format!("l{layer}_{k}"),
-                needs,
-            }));
-        }
-    }
-    b.seal()
-        .map_err(|e| format!("{e:?}"))
-        .expect("the bench graph seals")
-}
+#[path = "support/layered.rs"]
+mod layered;
+use layered::{layered_graph, TASKS};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

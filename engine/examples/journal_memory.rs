@@ -10,38 +10,11 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use prl_flow_engine::{
-    decide, run, Cancel, Done, GraphBuilder, Journal, RunOptions, Sink, Task, TaskContext,
-    TaskError,
-};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use prl_flow_engine::{decide, run, Cancel, Journal, RunOptions, Sink};
 
-const LAYERS: usize = 100;
-const WIDTH: usize = 1000;
-const TASKS: usize = LAYERS * WIDTH;
-
-struct Noop {
-    id: String,
-    needs: Vec<String>,
-}
-
-#[async_trait]
-impl Task for Noop {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn needs(&self) -> &[String] {
-        &self.needs
-    }
-    fn fingerprint(&self) -> String {
-        String::new()
-    }
-    async fn run(&self, _cx: &TaskContext) -> Result<Done, TaskError> {
-        Ok(Done::default())
-    }
-}
+#[path = "../benches/support/layered.rs"]
+mod layered;
+use layered::{layered_graph, TASKS};
 
 /// VmRSS and VmHWM of this process, in bytes.
 fn memory() -> (u64, u64) {
@@ -59,27 +32,7 @@ fn memory() -> (u64, u64) {
 
 fn main() {
     let start = memory();
-    let mut rng = StdRng::seed_from_u64(0x5eed_da65);
-    let mut b = GraphBuilder::with_capacity(TASKS);
-    for layer in 0..LAYERS {
-        for k in 0..WIDTH {
-            let needs = if layer == 0 {
-                Vec::new()
-            } else {
-                let a = rng.gen_range(0..WIDTH);
-                let mut c = rng.gen_range(0..WIDTH - 1);
-                if c >= a {
-                    c += 1;
-                }
-                vec![format!("l{}_{a}", layer - 1), format!("l{}_{c}", layer - 1)]
-            };
-            b.add(Arc::new(Noop {
-                id: format!("l{layer}_{k}"),
-                needs,
-            }));
-        }
-    }
-    let graph = b.seal().map_err(|e| format!("{e:?}")).expect("seals");
+    let graph = layered_graph();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
