@@ -333,11 +333,7 @@ impl SlurmBackend {
         let Some(a) = alloc_handle(&allocation.handle) else {
             return Ok(());
         };
-        let alive = |i: &Option<JobInfo>| {
-            i.as_ref()
-                .is_some_and(|i| i.is_alive() || i.is_pending() || i.state == "COMPLETING")
-        };
-        if alive(&a.slurm.job(&a.job).await?) {
+        if a.slurm.job(&a.job).await?.is_some_and(|i| i.is_present()) {
             let agent_dir = self.agent_dir().ok();
             if let Some(e) = crate::cancel::cancel_job(
                 &a.slurm,

@@ -13,7 +13,7 @@ use prl_flow_backend::{Backend, Held, Recorded, Stopped};
 use prl_flow_local::LocalBackend;
 
 use crate::handles::{alloc_handle, parse_step, read_job_file, StepHandle};
-use crate::slurm::Cluster;
+use crate::slurm::{Cluster, JobInfo};
 use crate::{SlurmBackend, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE, STATE_SUBDIR};
 
 /// What to cancel of one job: the allocation (the job whole), or some of its steps.
@@ -265,8 +265,7 @@ pub(crate) async fn cancel_job(
                 .collect(),
             Err(e) => vec![e.message],
         };
-        let job_left = whole
-            && !matches!(cluster.job(job).await, Ok(i) if !i.as_ref().is_some_and(|i| i.is_alive() || i.is_pending() || i.state == "COMPLETING"));
+        let job_left = whole && job_running(cluster, job).await;
         if !job_left && steps_left.is_empty() {
             still.clear();
             break;
@@ -286,7 +285,7 @@ pub(crate) async fn cancel_job(
 
 /// Whether SLURM still runs (or will run) `job`; a failed query counts as running.
 pub(crate) async fn job_running(cluster: &Cluster, job: &str) -> bool {
-    !matches!(cluster.job(job).await, Ok(i) if !i.as_ref().is_some_and(|i| i.is_alive() || i.is_pending() || i.state == "COMPLETING"))
+    !matches!(cluster.job(job).await, Ok(i) if !i.as_ref().is_some_and(JobInfo::is_present))
 }
 
 #[cfg(test)]

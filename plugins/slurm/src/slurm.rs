@@ -59,6 +59,11 @@ impl JobInfo {
     pub fn is_pending(&self) -> bool {
         matches!(self.state.as_str(), "PENDING" | "REQUEUED" | "REQUEUE_HOLD")
     }
+
+    /// Not over yet: running, pending, or still ending its steps (`COMPLETING`).
+    pub fn is_present(&self) -> bool {
+        self.is_alive() || self.is_pending() || self.state == "COMPLETING"
+    }
 }
 
 /// Takes out of `c`'s environment every variable SLURM's commands read as options: inside
