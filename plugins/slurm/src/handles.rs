@@ -99,8 +99,21 @@ pub(crate) fn read_job_file(path: &Path) -> Option<(String, String)> {
     Some((w.next()?.to_string(), w.next().unwrap_or("").to_string()))
 }
 
-/// The step file: (`JOB.STEP`, node).
-pub(crate) fn read_step_file(path: &Path) -> Option<(String, String)> {
+/// What a task's dispatcher writes to its step file: `JOB.STEP NODE PID ATTEMPT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StepFile {
+    /// `JOB.STEP`.
+    pub(crate) step: String,
+    /// SLURM's name of the node.
+    pub(crate) node: String,
+    /// The dispatcher's pid on its node.
+    pub(crate) pid: Option<u32>,
+    /// The spawn's attempt.
+    pub(crate) attempt: Option<u64>,
+}
+
+/// The step file, read once; `None` unless it names a step (`JOB.STEP`, both numbers).
+pub(crate) fn read_step_file(path: &Path) -> Option<StepFile> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut w = text.split_whitespace();
     let step = w.next()?.to_string();
@@ -108,19 +121,17 @@ pub(crate) fn read_step_file(path: &Path) -> Option<(String, String)> {
     if job.is_empty() || s.is_empty() || !s.chars().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    Some((step, w.next().unwrap_or("").to_string()))
+    Some(StepFile {
+        node: w.next().unwrap_or("").to_string(),
+        pid: w.next().and_then(|p| p.parse().ok()),
+        attempt: w.next().and_then(|a| a.parse().ok()),
+        step,
+    })
 }
 
-/// The pid a step file names (its third field): the task's dispatcher on its node.
-pub(crate) fn step_file_pid(path: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// The attempt a step file names (its fourth field).
-pub(crate) fn step_file_attempt(path: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.split_whitespace().nth(3)?.parse().ok()
+/// The step file if the spawn of `attempt` wrote it (another attempt's is an earlier one's).
+pub(crate) fn step_file_of(path: &Path, attempt: u64) -> Option<StepFile> {
+    read_step_file(path).filter(|f| f.attempt == Some(attempt))
 }
 
 /// A step's name: `pf:` and the task id, with what SLURM or a shell might mangle replaced.
@@ -158,8 +169,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join(STEP_FILE);
         std::fs::write(&f, "12.3 n2 4242 1700000000123\n").expect("write");
-        assert_eq!(read_step_file(&f), Some(("12.3".into(), "n2".into())));
-        assert_eq!(step_file_attempt(&f), Some(1_700_000_000_123));
+        assert_eq!(
+            read_step_file(&f),
+            Some(StepFile {
+                step: "12.3".into(),
+                node: "n2".into(),
+                pid: Some(4242),
+                attempt: Some(1_700_000_000_123)
+            })
+        );
+        assert!(step_file_of(&f, 1_700_000_000_123).is_some());
+        assert_eq!(step_file_of(&f, 1_700_000_000_124), None);
         std::fs::write(&f, "12. n2 1\n").expect("write");
         assert_eq!(read_step_file(&f), None);
         std::fs::write(&f, "12.batch n2 1\n").expect("write");

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use prl_flow_backend::{BackendError, ProcHandle, ProcState, SpawnSpec, LOG_MARK};
 
 use crate::handles::{
-    ended_state, parse_step, read_job_file, read_status, read_step_file, seal, step_file_attempt,
-    step_file_pid, step_name, StepHandle,
+    ended_state, parse_step, read_job_file, read_status, read_step_file, seal, step_file_of,
+    step_name, StepHandle,
 };
 use crate::launch::{read_request_file, Posted, Queued};
 use crate::slurm::Cluster;
@@ -139,17 +139,15 @@ impl SlurmBackend {
         // The step is ours once its dispatcher names it (with this attempt).
         let began = Instant::now();
         let step = loop {
-            if step_file_attempt(&step_file) == Some(spec.attempt) {
-                if let Some((step, _)) = read_step_file(&step_file) {
-                    break step;
-                }
+            if let Some(f) = step_file_of(&step_file, spec.attempt) {
+                break f.step;
             }
             if posted.exit_file.exists() {
                 // A one-shot may have come and gone between two looks.
-                if step_file_attempt(&step_file) == Some(spec.attempt) {
-                    continue;
+                match step_file_of(&step_file, spec.attempt) {
+                    Some(f) => break f.step,
+                    None => return Err(self.never_started(spec, &alloc.job, &host, &posted)),
                 }
-                return Err(self.never_started(spec, &alloc.job, &host, &posted));
             }
             if began.elapsed() > self.config.step_timeout {
                 return Err(BackendError::new(format!(
@@ -266,9 +264,13 @@ impl SlurmBackend {
         if ended(h) || !self.step_listed(h).await? {
             return Ok(());
         }
-        let Some(pid) = step_file_pid(&h.run_dir.join(STEP_FILE)) else {
+        // The file may be a later attempt's by now: only this step's dispatcher is signalled.
+        let pid = read_step_file(&h.run_dir.join(STEP_FILE))
+            .filter(|f| f.step == h.step)
+            .and_then(|f| f.pid);
+        let Some(pid) = pid else {
             return Err(BackendError::new(format!(
-                "task `{}` of step {}: its step file names no process",
+                "task `{}` of step {}: its step file names no process of that step",
                 h.name, h.step
             )));
         };
@@ -383,11 +385,7 @@ exit 0"#;
         let step_file = spec.run_dir.join(STEP_FILE);
         let request = read_request_file(&spec.run_dir).filter(|r| r.attempt == spec.attempt);
         let tasks = request.as_ref().map_or(1, |r| r.tasks);
-        let read_own = || {
-            (step_file_attempt(&step_file) == Some(spec.attempt))
-                .then(|| read_step_file(&step_file))
-                .flatten()
-        };
+        let read_own = || step_file_of(&step_file, spec.attempt).map(|f| (f.step, f.node));
         // The dispatcher's file, if this attempt wrote it (it names its attempt; another is
         // an earlier attempt's). A step requested for this attempt whose task has not
         // started yet (its task file is still there) may still start: it is waited for,
