@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prl_flow_local::procfs;
 use serde::{Deserialize, Serialize};
 
 use crate::write_atomic;
@@ -273,17 +274,12 @@ fn adopt(work: &Path, live: &Arc<AtomicUsize>) {
     }
 }
 
-/// Whether `pid` is an `srun` (a reused pid is some other program's).
+/// Whether `pid` is an `srun` that has not ended (a reused pid is some other program's).
 fn is_srun(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-        c.split(|b| *b == 0)
-            .next()
-            .is_some_and(|p| p.rsplit(|b| *b == b'/').next() == Some(b"srun"))
-    }) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    })
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    procfs::comm(pid).as_deref() == Some("srun") && procfs::stat(pid).is_some_and(|s| !s.is_dead())
 }
 
 pub(crate) fn now_ms() -> u128 {
