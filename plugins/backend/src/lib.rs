@@ -299,10 +299,29 @@ pub trait Backend: Send + Sync {
     ) -> Result<(String, u64), BackendError>;
 }
 
+/// A run dir made ready for a process: its log, open for appending.
+pub struct RunDir {
+    pub log: std::fs::File,
+    /// The run dir did not exist before: no file of an earlier attempt is in it.
+    pub fresh: bool,
+}
+
 /// For a process started on a file system this machine sees: creates the run dir, places
 /// the spec's files in it, and opens the log for appending (its directory created too).
-pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<std::fs::File, BackendError> {
-    std::fs::create_dir_all(&spec.run_dir)?;
+///
+/// The common case costs one `mkdir` and one `open`: a parent is created only when the
+/// first try says it is missing.
+pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<RunDir, BackendError> {
+    use std::io::ErrorKind;
+    let fresh = match std::fs::create_dir(&spec.run_dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && spec.run_dir.is_dir() => false,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::create_dir_all(&spec.run_dir)?;
+            true
+        }
+        Err(e) => return Err(e.into()),
+    };
     for (rel, content) in &spec.files {
         let path = spec.run_dir.join(rel);
         if let Some(parent) = path.parent() {
@@ -310,12 +329,19 @@ pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<std::fs::File, BackendError> 
         }
         std::fs::write(&path, content)?;
     }
-    if let Some(parent) = spec.log.parent() {
-        std::fs::create_dir_all(parent)?;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+    };
+    let log = match open() {
+        Err(e) if e.kind() == ErrorKind::NotFound => match spec.log.parent() {
+            Some(parent) => std::fs::create_dir_all(parent).and_then(|()| open()),
+            None => Err(e),
+        },
+        other => other,
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.log)
-        .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))
+    .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))?;
+    Ok(RunDir { log, fresh })
 }

@@ -63,6 +63,10 @@ const STATUS_FILE: &str = "exit-status";
 /// for the attempt's only if this variable in `/proc/PID/environ` says so.
 pub const ATTEMPT_ENV: &str = "PRL_FLOW_ATTEMPT";
 
+/// The shell of the wrapper, by its full path as make's and ninja's: looking `sh` up on a
+/// long `PATH` costs a failed `execve` per entry before it, on every spawn.
+const SHELL: &str = "/bin/sh";
+
 /// How often to look at a process that is not our child.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -120,30 +124,37 @@ impl LocalBackend {
     }
 
     /// Signals every process of the attempt's group: SIGTERM, then SIGKILL after `grace`,
-    /// until none is left.
+    /// until none is left. A process that joins the group meanwhile (forked after a look
+    /// at `/proc`) gets its SIGTERM at the next look, not only the SIGKILL at the end.
     async fn stop_group(&self, h: &Handle, grace: Duration) -> Result<(), BackendError> {
         // Every process of the attempt's group, whether or not its leader still lives: a
         // crashed server's workers must not be left holding their GPUs and ports.
-        let signal_all = |sig| {
+        let mut termed = std::collections::HashSet::new();
+        let mut term_new = || {
             let left = h.members();
             for pid in &left {
-                let _ = kill(Pid::from_raw(*pid), sig);
+                if termed.insert(*pid) {
+                    let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+                }
             }
             left
         };
-        if signal_all(Signal::SIGTERM).is_empty() {
+        if term_new().is_empty() {
             return Ok(());
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
-            if h.members().is_empty() {
+            if term_new().is_empty() {
                 return Ok(());
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let left = signal_all(Signal::SIGKILL);
+            let left = h.members();
+            for pid in &left {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
             if left.is_empty() {
                 return Ok(());
             }
@@ -308,16 +319,8 @@ impl Backend for LocalBackend {
                 spec.task
             )));
         }
-        if let Some(cwd) = &spec.cwd {
-            if !cwd.is_dir() {
-                return Err(BackendError::new(format!(
-                    "task `{}` is to start in `{}`, which is not a directory",
-                    spec.task,
-                    cwd.display()
-                )));
-            }
-        }
-        let log = prl_flow_backend::prepare_run_dir(spec)?;
+        let run_dir = prl_flow_backend::prepare_run_dir(spec)?;
+        let log = run_dir.log;
         let log_err = log.try_clone()?;
         {
             use std::io::Write as _;
@@ -327,11 +330,13 @@ impl Backend for LocalBackend {
 
         // The child writes its own pid before anything else, so that a prl-flow killed
         // between the fork and its journal write can still find it (see `recover`).
-        let pid_file = spec.run_dir.join(PID_FILE);
-        let _ = std::fs::remove_file(&pid_file);
+        // An earlier attempt's files go first (a run dir made just now has none).
         let status_file = (!spec.service).then(|| spec.run_dir.join(STATUS_FILE));
-        if let Some(f) = &status_file {
-            let _ = std::fs::remove_file(f);
+        if !run_dir.fresh {
+            let _ = std::fs::remove_file(spec.run_dir.join(PID_FILE));
+            if let Some(f) = &status_file {
+                let _ = std::fs::remove_file(f);
+            }
         }
         let argv = wrap(&spec.argv, &spec.run_dir, spec.service, spec.attempt);
         let mut cmd = tokio::process::Command::new(&argv[0]);
@@ -345,9 +350,15 @@ impl Backend for LocalBackend {
             .stderr(log_err)
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| BackendError::new(format!("cannot start `{}`: {e}", spec.argv[0])))?;
+        let mut child = cmd.spawn().map_err(|e| match &spec.cwd {
+            // The start dir is not looked at before each spawn; a spawn that fails says why.
+            Some(cwd) if !cwd.is_dir() => BackendError::new(format!(
+                "task `{}` is to start in `{}`, which is not a directory",
+                spec.task,
+                cwd.display()
+            )),
+            _ => BackendError::new(format!("cannot start `{}`: {e}", spec.argv[0])),
+        })?;
         let pid = child
             .id()
             .ok_or_else(|| BackendError::new("the process ended before it had a pid"))?
@@ -528,7 +539,7 @@ fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<Str
         }
         (false, _) => format!("{pid}; trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT; \"$@\""),
     };
-    let mut v = vec!["sh".to_string(), "-c".to_string(), script, run_dir];
+    let mut v = vec![SHELL.to_string(), "-c".to_string(), script, run_dir];
     match (service, argv) {
         (false, [sh, c, _]) if sh == "sh" && c == "-c" => {}
         _ => v.extend(argv.iter().cloned()),

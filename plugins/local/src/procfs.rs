@@ -28,16 +28,39 @@ impl Stat {
 }
 
 pub fn stat(pid: i32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // One `read` into a buffer on the stack: the line is a few hundred bytes, and this runs
+    // once per spawn and once per process in every scan of a group.
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    parse_stat(&buf[..len])
+}
+
+/// The fields of a `/proc/PID/stat` line.
+fn parse_stat(line: &[u8]) -> Option<Stat> {
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let close = line.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(line.get(close + 2..)?).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    // Fields 3 (state), 5, 6 and 22 overall are indices 0, 2, 3 and 19 after the name.
+    let state = fields.next()?.chars().next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    let sid = fields.next()?.parse().ok()?;
+    let start = fields.nth(15)?.parse().ok()?;
     Some(Stat {
-        state: fields.first()?.chars().next()?,
-        // Fields 5, 6 and 22 overall are indices 2, 3 and 19 after the state (field 3).
-        pgrp: fields.get(2)?.parse().ok()?,
-        sid: fields.get(3)?.parse().ok()?,
-        start: fields.get(19)?.parse().ok()?,
+        state,
+        pgrp,
+        sid,
+        start,
     })
 }
 
@@ -182,6 +205,15 @@ mod tests {
         assert!(s.start > 0);
         assert_eq!(s.pgrp, nix::unistd::getpgrp().as_raw());
         assert_eq!(s.sid, nix::unistd::getsid(None).expect("sid").as_raw());
+    }
+
+    #[test]
+    fn a_command_name_with_spaces_and_parentheses_does_not_shift_the_fields() {
+        let line =
+            b"4242 (a) b (c) S 1 4240 4239 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 0 0\n";
+        let s = parse_stat(line).expect("parsed");
+        assert_eq!((s.state, s.pgrp, s.sid, s.start), ('S', 4240, 4239, 987654));
+        assert!(parse_stat(b"4242 (a) S 1 2").is_none());
     }
 
     #[test]

@@ -45,6 +45,30 @@ async fn oneshot_exit_status_is_recorded_and_readable_without_the_child() {
 }
 
 #[tokio::test]
+async fn a_later_attempt_in_the_same_run_dir_never_reads_the_earlier_ones_exit_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let first = spec(dir.path(), &["sh", "-c", "exit 3"], false);
+    let h = b.spawn(&first).await.expect("spawn");
+    assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
+    assert!(dir.path().join("run/exit-status").exists());
+    // The second attempt is killed before it can write a status of its own: what a later
+    // prl-flow reads of it must not be the first attempt's 3.
+    let mut second = spec(dir.path(), &["sh", "-c", "sleep 30"], false);
+    second.attempt += 1;
+    let h = b.spawn(&second).await.expect("spawn again");
+    b.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    let later = LocalBackend::new();
+    assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone);
+    let found = later
+        .recover(&second)
+        .await
+        .expect("recover")
+        .expect("found");
+    assert_eq!(later.status(&found).await.expect("status"), ProcState::Gone);
+}
+
+#[tokio::test]
 async fn a_process_starts_in_its_cwd_and_leaves_its_files_in_the_run_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path().join("work");
@@ -319,4 +343,45 @@ async fn a_one_shot_pid_reused_by_a_stranger_is_never_adopted() {
     assert!(procfs::stat(me as i32).is_some_and(|s| !s.is_dead()));
     std::fs::write(s.run_dir.join(STATUS_FILE), "0\n").expect("status");
     assert_eq!(b.status(&h).await, Ok(ProcState::Exited(Some(0))));
+}
+
+/// A process that joins the group after `stop` first looked is asked to end too (SIGTERM),
+/// not only killed when the grace period is over.
+#[tokio::test]
+async fn a_process_forked_while_stopping_gets_sigterm_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    // The late child inherits SIGTERM blocked, sets its handler, then unblocks: a SIGTERM
+    // sent to it at any moment after its birth reaches the handler.
+    let late = format!(
+        "import signal, time\n\
+         signal.signal(signal.SIGTERM, lambda *_: (open('{d}/late-term', 'w').close(), exit(0)))\n\
+         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])\n\
+         time.sleep(60)\n"
+    );
+    let first = format!(
+        "import os, signal, subprocess, sys, time\n\
+         def on_term(*_):\n\
+         \x20   signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])\n\
+         \x20   subprocess.Popen([sys.executable, '-c', {late:?}])\n\
+         \x20   os._exit(0)\n\
+         signal.signal(signal.SIGTERM, on_term)\n\
+         open('{d}/ready', 'w').close()\n\
+         time.sleep(60)\n"
+    );
+    let b = LocalBackend::new();
+    let h = b
+        .spawn(&spec(dir.path(), &["python3", "-c", &first], false))
+        .await
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path().join("ready").exists() {
+        assert!(Instant::now() < deadline, "python3 never got ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.stop(&h, Duration::from_secs(10)).await.expect("stop");
+    assert!(
+        dir.path().join("late-term").exists(),
+        "the process forked during the stop never got SIGTERM"
+    );
 }

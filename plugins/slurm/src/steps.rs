@@ -110,7 +110,7 @@ impl SlurmBackend {
             ))
         })?;
 
-        let log = prl_flow_backend::prepare_run_dir(spec)?;
+        let log = prl_flow_backend::prepare_run_dir(spec)?.log;
         {
             use std::io::Write as _;
             let mut l = &log;
