@@ -32,13 +32,15 @@ fn simulated(a: &RunArgs) -> bool {
     a.resume && dir.is_some_and(|d| prl_flow_sim::World::lives_in(Path::new(&d)))
 }
 
-/// The runtime of an invocation: a paused single-thread one for a simulated run, else the
-/// multi-thread one.
+/// The runtime of an invocation. `run` gets one thread: its scheduler is one future anyway,
+/// and a child's exit then reaches it without a hand-off between threads (measured:
+/// docs/benchmarks.md, "Against ninja"); a simulated run's clock is paused as well. The
+/// other commands get the multi-thread one.
 pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
     match &cli.command {
-        Cmd::Run(a) if simulated(a) => tokio::runtime::Builder::new_current_thread()
+        Cmd::Run(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .start_paused(true)
+            .start_paused(simulated(a))
             .build(),
         _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -325,7 +325,7 @@ impl Backend for LocalBackend {
         {
             use std::io::Write as _;
             let mut l = &log;
-            let _ = writeln!(l, "{LOG_MARK}`{}` starts ──", spec.task);
+            let _ = l.write_all(format!("{LOG_MARK}`{}` starts ──\n", spec.task).as_bytes());
         }
 
         // The child writes its own pid before anything else, so that a prl-flow killed
