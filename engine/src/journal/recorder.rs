@@ -1,5 +1,6 @@
 //! The journal as a subscriber: it turns a run's events into records.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::Journal;
@@ -14,6 +15,7 @@ impl Journal {
         Arc::new(Recorder {
             journal: self.clone(),
             tasks: graph.tasks().to_vec(),
+            slots: (0..graph.len()).map(|_| AtomicU32::new(NO_SLOT)).collect(),
         })
     }
 }
@@ -24,9 +26,34 @@ struct Recorder {
     /// The graph's tasks: a record is made from its task when the task starts or is
     /// skipped, so the journal's record is the one copy of it in memory.
     tasks: Vec<Arc<dyn Task>>,
+    /// Where the journal keeps each task's record, once this run put it there
+    /// ([`Journal::put_slot`]): its later updates need no lookup by id.
+    slots: Vec<AtomicU32>,
 }
 
+/// No slot known: the record is looked up by id.
+const NO_SLOT: u32 = u32::MAX;
+
 impl Recorder {
+    fn slot(&self, index: usize) -> Option<usize> {
+        let s = self.slots.get(index)?.load(Ordering::Relaxed);
+        (s != NO_SLOT).then_some(s as usize)
+    }
+
+    fn put(&self, index: usize, r: Record) {
+        let slot = self.journal.put_slot(r);
+        if let Some(s) = self.slots.get(index) {
+            s.store(u32::try_from(slot).unwrap_or(NO_SLOT), Ordering::Relaxed);
+        }
+    }
+
+    fn update(&self, index: usize, id: &str, f: impl FnOnce(&mut Record)) {
+        match self.slot(index) {
+            Some(slot) => self.journal.update_slot(slot, id, f),
+            None => self.journal.update(id, f),
+        }
+    }
+
     /// Task `index`'s record as a fresh start or skip makes it: its fixed parts, nothing
     /// of an earlier attempt.
     fn fresh(&self, index: usize) -> Record {
@@ -96,12 +123,15 @@ impl Subscriber for Recorder {
                 // Queued here, and on file at the scheduler's next `commit`, which comes
                 // before the task can start a process: if it cannot be written, the
                 // journal is broken and the scheduler does not start the task.
-                self.journal.put(r);
+                self.put(*index, r);
             }
-            Event::Spawned { id, handle, .. } => {
+            Event::Spawned { index, id, handle } => {
                 // On file at once: `down` and `status` from another shell must see it.
-                self.journal
-                    .update_now(id, |r| r.handle = Some(handle.clone()));
+                let set = |r: &mut Record| r.handle = Some(handle.clone());
+                match self.slot(*index) {
+                    Some(slot) => self.journal.update_now_slot(slot, id, set),
+                    None => self.journal.update_now(id, set),
+                }
             }
             Event::Finished {
                 index,
@@ -116,11 +146,11 @@ impl Subscriber for Recorder {
                     if !self.journal.contains(id) {
                         let mut r = self.fresh(*index);
                         r.status = Status::Skipped;
-                        self.journal.put(r);
+                        self.put(*index, r);
                     }
                     return;
                 }
-                self.journal.update(id, |r| {
+                self.update(*index, id, |r| {
                     r.status = (*outcome).into();
                     r.finished_ms = Some(now_ms());
                     if let Some(h) = handle {
@@ -133,8 +163,8 @@ impl Subscriber for Recorder {
                     }
                 });
             }
-            Event::Undone { id, error, .. } => {
-                self.journal.update(id, |r| {
+            Event::Undone { index, id, error } => {
+                self.update(*index, id, |r| {
                     // A service that failed, timed out or was cancelled keeps saying so
                     // (`status`, and `--resume --explain`); only one that was up, and was
                     // really stopped, is `stopped` (one that could not be stopped may still

@@ -6,16 +6,28 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use super::{JournalError, LOCK, LOG, SNAPSHOT};
 use crate::record::Record;
 
-/// The snapshot as written: borrows the records instead of cloning them.
+/// The snapshot as written: borrows the records instead of cloning them, and writes them
+/// in the order of their ids (as a `BTreeMap` would), whatever order they are kept in.
 #[derive(Serialize)]
 pub(super) struct SnapshotRef<'a> {
     pub(super) version: u32,
-    pub(super) records: &'a BTreeMap<String, Record>,
+    #[serde(serialize_with = "by_id")]
+    pub(super) records: &'a IndexMap<String, Record>,
+}
+
+fn by_id<S: serde::Serializer>(
+    records: &&IndexMap<String, Record>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut sorted: Vec<(&String, &Record)> = records.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    s.collect_map(sorted)
 }
 
 #[derive(Serialize, Deserialize)]

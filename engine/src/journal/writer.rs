@@ -2,6 +2,8 @@
 //! background thread that writes and fsyncs it (group commit).
 
 use std::collections::BTreeMap;
+
+use indexmap::IndexMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,9 @@ use crate::record::{now_ms, Record, Status};
 
 /// What the journal holds while open: the records, and lines not yet written.
 struct Inner {
-    records: BTreeMap<String, Record>,
+    /// By id, in the order they were first put: a record keeps its place (its slot) until
+    /// the journal is reset, so a recorder can reach it again without a lookup by id.
+    records: IndexMap<String, Record>,
     log: File,
     /// Lines waiting for the next write.
     buf: Vec<u8>,
@@ -120,6 +124,7 @@ impl Journal {
                 (s.records, s.damage)
             }
         };
+        let records: IndexMap<String, Record> = records.into_iter().collect();
         let next_seq = records.values().map(|r| r.seq + 1).max().unwrap_or(0);
         if !current {
             let snapshot = SnapshotRef {
@@ -197,7 +202,11 @@ impl Journal {
 
     /// The records as they stand now.
     pub fn records(&self) -> BTreeMap<String, Record> {
-        self.inner().records.clone()
+        let g = self.inner();
+        g.records
+            .iter()
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
     }
 
     pub fn get(&self, id: &str) -> Option<Record> {
@@ -218,43 +227,67 @@ impl Journal {
     /// Records `record` (it replaces the earlier one of its id). It reaches the file with
     /// the next write, within [`SYNC_EVERY`].
     pub fn put(&self, record: Record) {
+        self.put_slot(record);
+    }
+
+    /// Like [`Journal::put`], and says where the record is kept: its slot, for
+    /// [`Journal::update_slot`] and [`Journal::update_now_slot`].
+    pub fn put_slot(&self, record: Record) -> usize {
         let mut g = self.inner();
         g.queue(&record);
-        g.records.insert(record.id.clone(), record);
+        match g.records.get_index_of(record.id.as_str()) {
+            Some(slot) => {
+                g.records[slot] = record;
+                slot
+            }
+            None => g.records.insert_full(record.id.clone(), record).0,
+        }
     }
 
     /// Records `record` and writes it (with everything queued before it) at once: for what
     /// must be on file before the caller goes on, such as a task about to start a process.
     pub fn put_now(&self, record: Record) {
-        let mut g = self.inner();
-        g.queue(&record);
-        g.records.insert(record.id.clone(), record);
-        g.write();
+        self.put_slot(record);
+        self.inner().write();
     }
 
     /// Changes a record in place, if it exists.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Record)) {
-        let mut g = self.inner();
-        let g = &mut *g;
-        let Some(r) = g.records.get_mut(id) else {
-            return;
-        };
-        f(r);
-        g.changed = true;
-        line(&mut g.buf, r);
+        self.change(None, id, f, false);
     }
 
     /// Like [`Journal::update`], and writes at once.
     pub fn update_now(&self, id: &str, f: impl FnOnce(&mut Record)) {
+        self.change(None, id, f, true);
+    }
+
+    /// Like [`Journal::update`], for a record whose slot [`Journal::put_slot`] gave: no
+    /// lookup by id. A slot that no longer holds `id` (the journal was reset since) is
+    /// looked up by id instead.
+    pub fn update_slot(&self, slot: usize, id: &str, f: impl FnOnce(&mut Record)) {
+        self.change(Some(slot), id, f, false);
+    }
+
+    /// Like [`Journal::update_slot`], and writes at once.
+    pub fn update_now_slot(&self, slot: usize, id: &str, f: impl FnOnce(&mut Record)) {
+        self.change(Some(slot), id, f, true);
+    }
+
+    fn change(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record), now: bool) {
         let mut g = self.inner();
         let g = &mut *g;
-        let Some(r) = g.records.get_mut(id) else {
+        let at = slot
+            .filter(|&i| g.records.get_index(i).is_some_and(|(k, _)| k == id))
+            .or_else(|| g.records.get_index_of(id));
+        let Some((_, r)) = at.and_then(|i| g.records.get_index_mut(i)) else {
             return;
         };
         f(r);
         g.changed = true;
         line(&mut g.buf, r);
-        g.write();
+        if now {
+            g.write();
+        }
     }
 
     /// Forgets every record (a fresh run): the snapshot and the log are emptied.
@@ -463,6 +496,38 @@ mod tests {
         assert_eq!(r["a"].status, Status::Done);
         assert_eq!(r["b"].status, Status::Failed);
         assert!(!r.contains_key("c"));
+    }
+
+    #[test]
+    fn a_slot_reaches_its_record_until_a_reset_and_the_snapshot_stays_in_id_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(dir.path(), false, "t").expect("open");
+        let b = j.put_slot(rec("b", Status::Running));
+        let a = j.put_slot(rec("a", Status::Running));
+        // Put again, a record keeps its slot.
+        assert_eq!(j.put_slot(rec("b", Status::Running)), b);
+        j.update_slot(b, "b", |r| r.status = Status::Done);
+        j.update_now_slot(a, "a", |r| r.status = Status::Failed);
+        assert_eq!(j.get("b").map(|r| r.status), Some(Status::Done));
+        assert_eq!(j.get("a").map(|r| r.status), Some(Status::Failed));
+        // A slot given for another id never changes that other record.
+        j.update_slot(a, "b", |r| r.status = Status::Skipped);
+        assert_eq!(j.get("a").map(|r| r.status), Some(Status::Failed));
+        assert_eq!(j.get("b").map(|r| r.status), Some(Status::Skipped));
+        // After a reset the old slots hold other records, or none.
+        j.reset();
+        let c = j.put_slot(rec("c", Status::Running));
+        assert_eq!(c, 0);
+        j.update_slot(b, "b", |r| r.status = Status::Done);
+        j.update_slot(a, "a", |r| r.status = Status::Done);
+        assert_eq!(j.get("c").map(|r| r.status), Some(Status::Running));
+        assert!(!j.contains("a") && !j.contains("b"));
+        j.put(rec("b", Status::Done));
+        j.put(rec("a", Status::Done));
+        j.close().expect("close");
+        let text = std::fs::read_to_string(dir.path().join(SNAPSHOT)).expect("snapshot");
+        let at = |id: &str| text.find(&format!("\"{id}\": {{")).expect(id);
+        assert!(at("a") < at("b") && at("b") < at("c"), "{text}");
     }
 
     #[test]
