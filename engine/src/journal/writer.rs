@@ -2,13 +2,13 @@
 //! background thread that writes and fsyncs it (group commit).
 
 use std::collections::BTreeMap;
-
-use indexmap::IndexMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+
+use indexmap::IndexMap;
 
 use super::store::{load, lock, salvage, to_json, write_json, Damage, Snapshot, SnapshotRef};
 use super::{JournalError, LOG, SNAPSHOT, SYNC_EVERY};
