@@ -18,8 +18,9 @@
 //!   exactly (file times are too coarse for that: a file's mtime can read a few ms *before*
 //!   the moment the journal recorded as the attempt's start). A service also writes its
 //!   start time and session; a one-shot, whose shell costs count in a DAG of thousands,
-//!   writes only `PID ATTEMPT` and carries its attempt in its environment
-//!   ([`ATTEMPT_ENV`]): whatever holds that pid later is ours only if it carries the same;
+//!   writes only `PID ATTEMPT`: whatever holds that pid later is ours only if it is that
+//!   attempt's shell (its command line names the attempt and the run dir) or a program it
+//!   `exec`d (which inherits the attempt the shell exported, [`ATTEMPT_ENV`]);
 //! - a one-shot runs under a tiny `sh` trap that writes its exit status to a file when it
 //!   ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the next
 //!   `--resume` reads the file (or sees it still running and waits) instead of running it
@@ -58,9 +59,10 @@ const PID_FILE: &str = "pid";
 
 const STATUS_FILE: &str = "exit-status";
 
-/// The environment variable that names a one-shot's attempt: `ATTEMPT TASK`. A pid file of
-/// a one-shot holds no start time; [`LocalBackend::recover`] takes the process at its pid
-/// for the attempt's only if this variable in `/proc/PID/environ` says so.
+/// The environment variable that names a one-shot's attempt: `ATTEMPT TASK`, exported by
+/// its wrapper shell for what it runs. A pid file of a one-shot holds no start time;
+/// [`LocalBackend::recover`] takes the process at its pid for the attempt's only if it is
+/// the attempt's shell, or carries this variable (the shell `exec`d a program).
 pub const ATTEMPT_ENV: &str = "PRL_FLOW_ATTEMPT";
 
 /// The shell of the wrapper, by its full path as make's and ninja's: looking `sh` up on a
@@ -95,6 +97,14 @@ pub struct LocalBackend {
     /// Exit states of the children this process started, by pid, with their start times: a
     /// handle of another process that got the same pid later is not theirs.
     children: Mutex<HashMap<i32, (u64, ExitWatch)>>,
+    /// Whether a child's start time read off the clock matched `/proc` (checked once).
+    clock_agrees: std::sync::OnceLock<bool>,
+}
+
+/// This process's session id.
+fn own_sid() -> i32 {
+    static SID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *SID.get_or_init(|| nix::unistd::getsid(None).map_or(0, |s| s.as_raw()))
 }
 
 impl LocalBackend {
@@ -114,6 +124,26 @@ impl LocalBackend {
 
     fn wrap(h: &Handle) -> Result<ProcHandle, BackendError> {
         ProcHandle::new(NAME, ProcHandle::VERSION, h)
+    }
+
+    /// The start time and session of child `pid`, spawned between the clock readings
+    /// `before` and `after` ([`procfs::boot_ticks`]). When both fall in one clock tick, the
+    /// child's start time is that tick, and its session is this process's (a child gets a
+    /// group of its own, not a session): no read of its `/proc/PID/stat`, which also slows
+    /// the child's `exec`, under way at this moment. Else, and until one such reading has been
+    /// checked against `/proc` in this process, `/proc` says.
+    fn start_of(&self, pid: i32, before: Option<u64>, after: Option<u64>) -> (u64, Option<i32>) {
+        let tick = before.filter(|&b| Some(b) == after);
+        if let (Some(tick), Some(&true)) = (tick, self.clock_agrees.get()) {
+            return (tick, Some(own_sid()));
+        }
+        let st = procfs::stat(pid);
+        if let (Some(tick), Some(st)) = (tick, st) {
+            let _ = self
+                .clock_agrees
+                .set(st.start == tick && st.sid == own_sid());
+        }
+        (st.map_or(0, |s| s.start), st.map(|s| s.sid))
     }
 
     fn child(&self, h: &Handle) -> Option<ExitWatch> {
@@ -338,18 +368,19 @@ impl Backend for LocalBackend {
                 let _ = std::fs::remove_file(f);
             }
         }
-        let argv = wrap(&spec.argv, &spec.run_dir, spec.service, spec.attempt);
+        let argv = wrap(spec)?;
         let mut cmd = tokio::process::Command::new(&argv[0]);
+        // No variable of prl-flow's own here: a spawn that changes no variable hands the
+        // child this process's environment as it is, where any change makes the standard
+        // library copy the whole of it first (a one-shot's shell exports its attempt).
         cmd.args(&argv[1..]).envs(&spec.env);
-        if !spec.service {
-            cmd.env(ATTEMPT_ENV, attempt_token(spec));
-        }
         cmd.current_dir(spec.start_dir())
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .process_group(0)
             .kill_on_drop(false);
+        let before = procfs::boot_ticks();
         let mut child = cmd.spawn().map_err(|e| match &spec.cwd {
             // The start dir is not looked at before each spawn; a spawn that fails says why.
             Some(cwd) if !cwd.is_dir() => BackendError::new(format!(
@@ -363,10 +394,10 @@ impl Backend for LocalBackend {
             .id()
             .ok_or_else(|| BackendError::new("the process ended before it had a pid"))?
             as i32;
-        let st = procfs::stat(pid);
+        let (start, sid) = self.start_of(pid, before, procfs::boot_ticks());
         let (tx, rx) = watch::channel(None);
         if let Ok(mut m) = self.children.lock() {
-            m.insert(pid, (st.map_or(0, |s| s.start), rx));
+            m.insert(pid, (start, rx));
         }
         tokio::spawn(async move {
             let state = match child.wait().await {
@@ -380,8 +411,8 @@ impl Backend for LocalBackend {
             node: spec.node.clone(),
             log: spec.log.clone(),
             status_file,
-            start: st.map_or(0, |s| s.start),
-            sid: st.map(|s| s.sid),
+            start,
+            sid,
         };
         Self::wrap(&h)
     }
@@ -433,13 +464,13 @@ impl Backend for LocalBackend {
         }
         // A service wrote its own start time: whatever holds the pid now is ours only if it
         // started then (never the start time of whoever holds a reused pid). A one-shot
-        // wrote none: what holds the pid is ours only if it carries the attempt's token,
-        // and then `/proc` gives its start time; else no process is ours (start time 0
+        // wrote none: what holds the pid is ours only if it is the attempt's shell or what
+        // that shell `exec`d, and then `/proc` gives its start time; else no process is ours (start time 0
         // and no session match nothing) and its exit-status file says how it ended.
         let (start, sid) = match (f.start, f.sid) {
             (Some(start), Some(sid)) => (start, Some(sid)),
             _ => match procfs::stat(f.pid) {
-                Some(st) if carries(f.pid, &attempt_token(spec)) => (st.start, Some(st.sid)),
+                Some(st) if is_attempt(f.pid, spec) => (st.start, Some(st.sid)),
                 _ => (0, None),
             },
         };
@@ -504,34 +535,62 @@ fn attempt_token(spec: &SpawnSpec) -> String {
     format!("{} {}", spec.attempt, spec.task)
 }
 
-/// Whether process `pid` was started with `ATTEMPT_ENV=token` (its environment as it was
-/// handed to it; unreadable counts as no).
-fn carries(pid: i32, token: &str) -> bool {
+/// Whether process `pid` is the one-shot `spec`'s attempt: its wrapper shell (the command
+/// line [`wrap`] gave it: this attempt's first line, this run dir), or a program that
+/// replaced the shell by `exec` and so inherited [`ATTEMPT_ENV`] from it. Unreadable counts
+/// as no.
+fn is_attempt(pid: i32, spec: &SpawnSpec) -> bool {
+    let Ok(prelude) = oneshot_prelude(spec) else {
+        return false;
+    };
+    let run_dir = spec.run_dir.to_string_lossy();
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+        let mut args = cmdline.split(|b| *b == 0);
+        let (_sh, c, script, dir) = (args.next(), args.next(), args.next(), args.next());
+        if c == Some(b"-c".as_slice())
+            && script.is_some_and(|s| s.starts_with(prelude.as_bytes()))
+            && dir == Some(run_dir.as_bytes())
+        {
+            return true;
+        }
+    }
     let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
         return false;
     };
-    let want = format!("{ATTEMPT_ENV}={token}");
+    let want = format!("{ATTEMPT_ENV}={}", attempt_token(spec));
     env.split(|b| *b == 0).any(|v| v == want.as_bytes())
+}
+
+/// The first line of a one-shot's wrapper: its pid and attempt to `RUN_DIR/pid`, and its
+/// attempt exported for what it runs.
+fn oneshot_prelude(spec: &SpawnSpec) -> Result<String, BackendError> {
+    Ok(format!(
+        "echo \"$$ {}\" > \"$0/{PID_FILE}\"; export {ATTEMPT_ENV}={}",
+        spec.attempt,
+        prl_flow_backend::shell::quote(&attempt_token(spec))?
+    ))
 }
 
 /// Runs `argv` under `sh`, which first writes its pid and `attempt` to `RUN_DIR/pid`; a
 /// service adds its start time and session (fields 22 and 6 of `/proc/$$/stat`, read by the
 /// shell itself: `sh`'s command name holds no space, so the fields split plainly). A
 /// one-shot skips that read (a shell's `read` takes a byte a system call: about 300 of
-/// them, more than the rest of a small task's shell) and leaves its exit status in
-/// `RUN_DIR/exit-status` when it ends (not when it is killed: then there is no status,
-/// which is the truth); a service `exec`s, keeping the pid.
-fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<String> {
+/// them, more than the rest of a small task's shell), exports [`ATTEMPT_ENV`] for what it
+/// runs, and leaves its exit status in `RUN_DIR/exit-status` when it ends (not when it is
+/// killed: then there is no status, which is the truth); a service `exec`s, keeping the pid.
+fn wrap(spec: &SpawnSpec) -> Result<Vec<String>, BackendError> {
+    let (argv, service) = (&spec.argv, spec.service);
     let pid = if service {
         format!(
             "_prl_flow_pid() {{ echo \"$1 $2 ${{24}} ${{8}}\"; }}; read -r _s < /proc/$$/stat; \
-             _prl_flow_pid $$ {attempt} $_s > \"$0/{PID_FILE}\""
+             _prl_flow_pid $$ {} $_s > \"$0/{PID_FILE}\"",
+            spec.attempt
         )
     } else {
-        format!("echo \"$$ {attempt}\" > \"$0/{PID_FILE}\"")
+        oneshot_prelude(spec)?
     };
-    let run_dir = run_dir.to_string_lossy().into_owned();
-    let script = match (service, argv) {
+    let run_dir = spec.run_dir.to_string_lossy().into_owned();
+    let script = match (service, argv.as_slice()) {
         (true, _) => format!("{pid}; exec \"$@\""),
         // A shell command line: one shell, with the trap in front.
         (false, [sh, c, script]) if sh == "sh" && c == "-c" => {
@@ -540,11 +599,11 @@ fn wrap(argv: &[String], run_dir: &Path, service: bool, attempt: u64) -> Vec<Str
         (false, _) => format!("{pid}; trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT; \"$@\""),
     };
     let mut v = vec![SHELL.to_string(), "-c".to_string(), script, run_dir];
-    match (service, argv) {
+    match (service, argv.as_slice()) {
         (false, [sh, c, _]) if sh == "sh" && c == "-c" => {}
         _ => v.extend(argv.iter().cloned()),
     }
-    v
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -45,6 +45,17 @@ pub fn stat(pid: i32) -> Option<Stat> {
     parse_stat(&buf[..len])
 }
 
+/// The clock of the start times in `/proc/PID/stat` (field 22), read now: clock ticks of
+/// `CLOCK_BOOTTIME` (the kernel stamps a new process with that clock, and `/proc` divides it
+/// by the tick's length, 1/100 s on Linux; [`stat`] is the authority that a caller checks
+/// this against before relying on it).
+pub fn boot_ticks() -> Option<u64> {
+    const TICK_NS: u128 = 1_000_000_000 / 100;
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let ns = u128::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u128::try_from(t.tv_nsec()).ok()?;
+    u64::try_from(ns / TICK_NS).ok()
+}
+
 /// The fields of a `/proc/PID/stat` line.
 fn parse_stat(line: &[u8]) -> Option<Stat> {
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.

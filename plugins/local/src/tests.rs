@@ -290,7 +290,7 @@ async fn a_handle_of_another_backend_is_refused() {
 /// a later prl-flow finds the running process by the attempt it carries in its environment,
 /// and an attempt that never got to its spawn does not take it.
 #[tokio::test]
-async fn recover_finds_a_one_shot_by_the_attempt_in_its_environment() {
+async fn recover_finds_a_one_shot_by_its_wrapper_shells_command_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = LocalBackend::new();
     let s = spec(dir.path(), &["sleep", "30"], false);
@@ -323,6 +323,47 @@ async fn recover_finds_a_one_shot_by_the_attempt_in_its_environment() {
         ..s.clone()
     };
     assert_eq!(later.recover(&other).await, Ok(None));
+    b.stop(&h, Duration::from_secs(5)).await.expect("stop");
+}
+
+/// A one-shot whose command `exec`s a program in place of the wrapper shell: the program
+/// holds the pid and no longer the shell's command line, but the attempt the shell exported.
+#[tokio::test]
+async fn recover_finds_a_one_shot_that_execd_by_the_attempt_in_its_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    let s = spec(dir.path(), &["sh", "-c", "exec sleep 30"], false);
+    let h = b.spawn(&s).await.expect("spawn");
+    let pid = h.open::<Handle>("local").expect("local").pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs::comm(pid).as_deref() != Some("sleep") {
+        assert!(Instant::now() < deadline, "the shell never became sleep");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let later = LocalBackend::new();
+    let found = later
+        .recover(&s)
+        .await
+        .expect("recover")
+        .expect("the exec'd program is this attempt's");
+    assert_eq!(found.open::<Handle>("local").expect("local").pid, pid);
+    assert_eq!(later.status(&found).await, Ok(ProcState::Running));
+    // Named by a pid file of another attempt, the same process is not that attempt's.
+    let other = SpawnSpec {
+        attempt: s.attempt + 1,
+        ..s.clone()
+    };
+    std::fs::write(
+        s.run_dir.join(PID_FILE),
+        format!("{pid} {}\n", other.attempt),
+    )
+    .expect("pid");
+    let not_it = later
+        .recover(&other)
+        .await
+        .expect("recover")
+        .expect("a handle");
+    assert_eq!(later.status(&not_it).await, Ok(ProcState::Gone));
     b.stop(&h, Duration::from_secs(5)).await.expect("stop");
 }
 
@@ -384,4 +425,23 @@ async fn a_process_forked_while_stopping_gets_sigterm_too() {
         dir.path().join("late-term").exists(),
         "the process forked during the stop never got SIGTERM"
     );
+}
+
+/// A child's start time taken off the clock (no `/proc` read at the spawn) is the one
+/// `/proc` gives, for every child: a wrong one would make the child a stranger to `status`.
+#[tokio::test]
+async fn a_childs_start_time_and_session_are_those_proc_gives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = LocalBackend::new();
+    for i in 0..200 {
+        let mut s = spec(dir.path(), &["sleep", "30"], true);
+        s.run_dir = dir.path().join(format!("run{i}"));
+        let h = b.spawn(&s).await.expect("spawn");
+        let got = h.open::<Handle>("local").expect("local");
+        let st = procfs::stat(got.pid).expect("stat");
+        assert_eq!((got.start, got.sid), (st.start, Some(st.sid)), "child {i}");
+        assert_eq!(b.status(&h).await, Ok(ProcState::Running));
+        b.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    }
+    assert_eq!(b.clock_agrees.get(), Some(&true));
 }
