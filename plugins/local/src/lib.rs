@@ -465,8 +465,9 @@ impl Backend for LocalBackend {
         // A service wrote its own start time: whatever holds the pid now is ours only if it
         // started then (never the start time of whoever holds a reused pid). A one-shot
         // wrote none: what holds the pid is ours only if it is the attempt's shell or what
-        // that shell `exec`d, and then `/proc` gives its start time; else no process is ours (start time 0
-        // and no session match nothing) and its exit-status file says how it ended.
+        // that shell `exec`d, and then `/proc` gives its start time; else no process is
+        // ours (start time 0 and no session match nothing) and its exit-status file says
+        // how it ended.
         let (start, sid) = match (f.start, f.sid) {
             (Some(start), Some(sid)) => (start, Some(sid)),
             _ => match procfs::stat(f.pid) {
