@@ -47,13 +47,6 @@ impl Recorder {
         }
     }
 
-    fn update(&self, index: usize, id: &str, f: impl FnOnce(&mut Record)) {
-        match self.slot(index) {
-            Some(slot) => self.journal.update_slot(slot, id, f),
-            None => self.journal.update(id, f),
-        }
-    }
-
     /// Task `index`'s record as a fresh start or skip makes it: its fixed parts, nothing
     /// of an earlier attempt.
     fn fresh(&self, index: usize) -> Record {
@@ -127,11 +120,9 @@ impl Subscriber for Recorder {
             }
             Event::Spawned { index, id, handle } => {
                 // On file at once: `down` and `status` from another shell must see it.
-                let set = |r: &mut Record| r.handle = Some(handle.clone());
-                match self.slot(*index) {
-                    Some(slot) => self.journal.update_now_slot(slot, id, set),
-                    None => self.journal.update_now(id, set),
-                }
+                self.journal.update_now_at(self.slot(*index), id, |r| {
+                    r.handle = Some(handle.clone());
+                });
             }
             Event::Finished {
                 index,
@@ -150,7 +141,7 @@ impl Subscriber for Recorder {
                     }
                     return;
                 }
-                self.update(*index, id, |r| {
+                self.journal.update_at(self.slot(*index), id, |r| {
                     r.status = (*outcome).into();
                     r.finished_ms = Some(now_ms());
                     if let Some(h) = handle {
@@ -164,7 +155,7 @@ impl Subscriber for Recorder {
                 });
             }
             Event::Undone { index, id, error } => {
-                self.update(*index, id, |r| {
+                self.journal.update_at(self.slot(*index), id, |r| {
                     // A service that failed, timed out or was cancelled keeps saying so
                     // (`status`, and `--resume --explain`); only one that was up, and was
                     // really stopped, is `stopped` (one that could not be stopped may still

@@ -231,7 +231,7 @@ impl Journal {
     }
 
     /// Like [`Journal::put`], and says where the record is kept: its slot, for
-    /// [`Journal::update_slot`] and [`Journal::update_now_slot`].
+    /// [`Journal::update_at`] and [`Journal::update_now_at`].
     pub fn put_slot(&self, record: Record) -> usize {
         let mut g = self.inner();
         g.queue(&record);
@@ -261,16 +261,16 @@ impl Journal {
         self.change(None, id, f, true);
     }
 
-    /// Like [`Journal::update`], for a record whose slot [`Journal::put_slot`] gave: no
-    /// lookup by id. A slot that no longer holds `id` (the journal was reset since) is
-    /// looked up by id instead.
-    pub fn update_slot(&self, slot: usize, id: &str, f: impl FnOnce(&mut Record)) {
-        self.change(Some(slot), id, f, false);
+    /// Like [`Journal::update`], with the record's slot if [`Journal::put_slot`] gave one:
+    /// then no lookup by id. A slot that no longer holds `id` (the journal was reset since)
+    /// is looked up by id instead.
+    pub fn update_at(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record)) {
+        self.change(slot, id, f, false);
     }
 
-    /// Like [`Journal::update_slot`], and writes at once.
-    pub fn update_now_slot(&self, slot: usize, id: &str, f: impl FnOnce(&mut Record)) {
-        self.change(Some(slot), id, f, true);
+    /// Like [`Journal::update_at`], and writes at once.
+    pub fn update_now_at(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record)) {
+        self.change(slot, id, f, true);
     }
 
     fn change(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record), now: bool) {
@@ -506,20 +506,20 @@ mod tests {
         let a = j.put_slot(rec("a", Status::Running));
         // Put again, a record keeps its slot.
         assert_eq!(j.put_slot(rec("b", Status::Running)), b);
-        j.update_slot(b, "b", |r| r.status = Status::Done);
-        j.update_now_slot(a, "a", |r| r.status = Status::Failed);
+        j.update_at(Some(b), "b", |r| r.status = Status::Done);
+        j.update_now_at(Some(a), "a", |r| r.status = Status::Failed);
         assert_eq!(j.get("b").map(|r| r.status), Some(Status::Done));
         assert_eq!(j.get("a").map(|r| r.status), Some(Status::Failed));
         // A slot given for another id never changes that other record.
-        j.update_slot(a, "b", |r| r.status = Status::Skipped);
+        j.update_at(Some(a), "b", |r| r.status = Status::Skipped);
         assert_eq!(j.get("a").map(|r| r.status), Some(Status::Failed));
         assert_eq!(j.get("b").map(|r| r.status), Some(Status::Skipped));
         // After a reset the old slots hold other records, or none.
         j.reset();
         let c = j.put_slot(rec("c", Status::Running));
         assert_eq!(c, 0);
-        j.update_slot(b, "b", |r| r.status = Status::Done);
-        j.update_slot(a, "a", |r| r.status = Status::Done);
+        j.update_at(Some(b), "b", |r| r.status = Status::Done);
+        j.update_at(Some(a), "a", |r| r.status = Status::Done);
         assert_eq!(j.get("c").map(|r| r.status), Some(Status::Running));
         assert!(!j.contains("a") && !j.contains("b"));
         j.put(rec("b", Status::Done));
