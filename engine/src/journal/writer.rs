@@ -47,6 +47,12 @@ impl Inner {
         self.changed = true;
         line(&mut self.buf, r);
     }
+    /// Queues `record` and keeps it: in place of the earlier record of its id, which keeps
+    /// its slot, or at the end. Returns the slot.
+    fn put(&mut self, record: Record) -> usize {
+        self.queue(&record);
+        self.records.insert_full(record.id.clone(), record).0
+    }
     fn write(&mut self) {
         if self.buf.is_empty() {
             return;
@@ -233,22 +239,15 @@ impl Journal {
     /// Like [`Journal::put`], and says where the record is kept: its slot, for
     /// [`Journal::update_at`] and [`Journal::update_now_at`].
     pub fn put_slot(&self, record: Record) -> usize {
-        let mut g = self.inner();
-        g.queue(&record);
-        match g.records.get_index_of(record.id.as_str()) {
-            Some(slot) => {
-                g.records[slot] = record;
-                slot
-            }
-            None => g.records.insert_full(record.id.clone(), record).0,
-        }
+        self.inner().put(record)
     }
 
     /// Records `record` and writes it (with everything queued before it) at once: for what
     /// must be on file before the caller goes on, such as a task about to start a process.
     pub fn put_now(&self, record: Record) {
-        self.put_slot(record);
-        self.inner().write();
+        let mut g = self.inner();
+        g.put(record);
+        g.write();
     }
 
     /// Changes a record in place, if it exists.
