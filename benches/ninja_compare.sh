@@ -10,8 +10,12 @@
 # else on the machine hits both alike:
 #   full-*   a full run from clean (ninja: no stamps, no .ninja_log/.ninja_deps; prl-flow: no
 #            stamps, a fresh --state-dir), at each -j;
-#   floor    the bare process-spawn floor: 10,000 `sh -c '/bin/true && touch floor/ID'`
+#   floor    the bare process-spawn floor: 10,000 `/bin/sh -c '/bin/true && touch floor/ID'`
 #            through `xargs -P2` (no scheduler at all);
+#   floor-wrapped  the same with the shell script prl-flow's local backend wraps a one-shot
+#            in (its pid to RUN_DIR/pid, its attempt exported, a trap that writes the exit
+#            status to RUN_DIR/exit-status; the run dirs made beforehand, untimed): what the
+#            wrapper costs inside the child, with no scheduler at all;
 #   noop-*   the no-op rerun: ninja with everything up to date; `prl-flow run --resume` with
 #            every task recorded as done.
 # and once, before the rounds, what the files prl-flow keeps per task (a run dir, a log
@@ -137,7 +141,16 @@ for j in $jobs_list; do
 done
 full_names+=("floor-xargs-P2")
 full_prepare+=("rm -rf floor && mkdir floor")
-full_cmds+=("seq $tasks | xargs -P2 -I{} sh -c '/bin/true && touch floor/{}'")
+full_cmds+=("seq $tasks | xargs -P2 -I{} /bin/sh -c '/bin/true && touch floor/{}'")
+# The wrapper's script as `plugins/local/src/wrapper.rs` writes it for a one-shot whose
+# command is a shell line; `$0` is the run dir. In a file, to keep the quoting readable.
+cat >"$full/floor-wrapped.sh" <<'SH'
+seq "$1" | xargs -P2 -I{} /bin/sh -c 'echo "$$ 1" > "$0/pid"; export PRL_FLOW_ATTEMPT='"'"'1 {}'"'"'; trap '"'"'echo $? > "$0/exit-status"'"'"' EXIT
+/bin/true && touch floor/{}' "run/{}"
+SH
+full_names+=("floor-wrapped-xargs-P2")
+full_prepare+=("rm -rf floor run && mkdir floor run && (cd run && seq $tasks | xargs mkdir)")
+full_cmds+=("sh floor-wrapped.sh $tasks")
 
 # No shell around these (hyperfine -N): a shell's start-up is not small next to a no-op.
 noop_names=("noop-ninja" "noop-prl-flow-resume")
