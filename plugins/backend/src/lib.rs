@@ -35,6 +35,7 @@ mod handle;
 mod logs;
 pub mod preflight;
 pub mod shell;
+pub mod table;
 mod teardown;
 
 pub use config_error::ConfigError;

@@ -22,6 +22,7 @@
 
 use std::time::Duration;
 
+use prl_flow_backend::table::TableReader;
 pub use prl_flow_backend::ConfigError;
 use prl_flow_engine::text::closest;
 use serde_json::Value;
@@ -105,11 +106,8 @@ impl SimConfig {
             }
         }
         let mut c = SimConfig::default();
-        let mut r = Reader {
-            table,
-            errors: &mut errors,
-        };
-        if let Some(s) = r.seed("seed") {
+        let mut r = TableReader::new(table, &mut errors);
+        if let Some(s) = r.whole("seed") {
             c.seed = s;
         }
         for (key, slot) in [
@@ -145,61 +143,6 @@ impl SimConfig {
             Ok(c)
         } else {
             Err(errors)
-        }
-    }
-}
-
-struct Reader<'a> {
-    table: &'a serde_json::Map<String, Value>,
-    errors: &'a mut Vec<ConfigError>,
-}
-
-impl Reader<'_> {
-    fn seed(&mut self, key: &str) -> Option<u64> {
-        let v = self.table.get(key)?;
-        let n = v.as_u64();
-        if n.is_none() {
-            self.errors.push(ConfigError::new(
-                key,
-                format!("`{v}` is not a whole number ≥ 0"),
-            ));
-        }
-        n
-    }
-
-    fn number(&mut self, key: &str, min: f64, max: f64) -> Option<f64> {
-        let v = self.table.get(key)?;
-        match v.as_f64() {
-            Some(n) if (min..=max).contains(&n) => Some(n),
-            _ => {
-                self.errors.push(ConfigError::new(
-                    key,
-                    format!("`{v}` is not a number from {min} to {max}"),
-                ));
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, key: &str) -> Option<Duration> {
-        let v = self.table.get(key)?;
-        let parsed = v.as_str().map(|s| humantime::parse_duration(s.trim()));
-        match parsed {
-            Some(Ok(d)) => Some(d),
-            Some(Err(e)) => {
-                self.errors.push(
-                    ConfigError::new(key, format!("{v} is not a duration: {e}"))
-                        .help("write it like `90s`, `5m` or `1h 30m`"),
-                );
-                None
-            }
-            None => {
-                self.errors.push(
-                    ConfigError::new(key, format!("must be a duration as a string, not {v}"))
-                        .help("write it like `90s`, `5m` or `1h 30m`"),
-                );
-                None
-            }
         }
     }
 }

@@ -30,6 +30,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use prl_flow_backend::table::{kind, TableReader};
 pub use prl_flow_backend::ConfigError;
 use prl_flow_engine::text::closest;
 use serde::{Deserialize, Serialize};
@@ -154,16 +155,13 @@ impl SlurmConfig {
             }
         }
         let mut c = SlurmConfig::default();
-        let mut r = Reader {
-            table,
-            errors: &mut errors,
-        };
-        c.partition = r.word("partition");
-        c.account = r.word("account");
-        c.qos = r.word("qos");
-        c.time = r.word("time");
-        c.constraint = r.word("constraint");
-        c.job_name = r.word("job_name");
+        let mut r = TableReader::new(table, &mut errors);
+        c.partition = word(&mut r, "partition");
+        c.account = word(&mut r, "account");
+        c.qos = word(&mut r, "qos");
+        c.time = word(&mut r, "time");
+        c.constraint = word(&mut r, "constraint");
+        c.job_name = word(&mut r, "job_name");
         c.gpus_per_node = r.count("gpus_per_node");
         c.exclusive = r.boolean("exclusive").unwrap_or(false);
         c.sbatch_lines = r
@@ -183,14 +181,14 @@ impl SlurmConfig {
         c.bin_dir = r.string("bin_dir").map(PathBuf::from);
         c.templates = r.string("templates").map(PathBuf::from);
         c.agent = r.string("agent").map(PathBuf::from);
-        if let Some(s) = r.word("shell") {
+        if let Some(s) = word(&mut r, "shell") {
             c.shell = s;
         }
         if let Some(a) = r.string("address") {
             match a.as_str() {
                 "node_addr" => c.address = AddressMode::NodeAddr,
                 "hostname" => c.address = AddressMode::Hostname,
-                other => r.errors.push(
+                other => r.error(
                     ConfigError::new("address", format!("`{other}` is not an address mode"))
                         .help("`node_addr` (SLURM's NodeAddr of each node) or `hostname`"),
                 ),
@@ -222,129 +220,22 @@ impl SlurmConfig {
     }
 }
 
-struct Reader<'a> {
-    table: &'a serde_json::Map<String, Value>,
-    errors: &'a mut Vec<ConfigError>,
-}
-
-impl Reader<'_> {
-    fn string(&mut self, key: &str) -> Option<String> {
-        match self.table.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            other => {
-                self.errors.push(ConfigError::new(
-                    key,
-                    format!("must be a string, not {}", kind(other)),
-                ));
-                None
-            }
-        }
+/// A string that goes into an `#SBATCH` line or a command line as one word: sbatch
+/// splits those lines at white space, so a value with a space would become two options.
+fn word(r: &mut TableReader<'_>, key: &str) -> Option<String> {
+    let s = r.string(key)?;
+    if s.trim().is_empty() {
+        r.error(ConfigError::new(key, "is empty").help("leave it out instead"));
+        return None;
     }
-
-    /// A string that goes into an `#SBATCH` line or a command line as one word: sbatch
-    /// splits those lines at white space, so a value with a space would become two options.
-    fn word(&mut self, key: &str) -> Option<String> {
-        let s = self.string(key)?;
-        if s.trim().is_empty() {
-            self.errors
-                .push(ConfigError::new(key, "is empty").help("leave it out instead"));
-            return None;
-        }
-        if s.chars().any(char::is_whitespace) {
-            self.errors.push(ConfigError::new(
-                key,
-                format!("`{s}` holds white space, which SLURM would split into two options"),
-            ));
-            return None;
-        }
-        Some(s)
+    if s.chars().any(char::is_whitespace) {
+        r.error(ConfigError::new(
+            key,
+            format!("`{s}` holds white space, which SLURM would split into two options"),
+        ));
+        return None;
     }
-
-    fn count(&mut self, key: &str) -> Option<u32> {
-        match self.table.get(key)? {
-            Value::Number(n) => match n.as_u64().and_then(|v| u32::try_from(v).ok()) {
-                Some(v) => Some(v),
-                None => {
-                    self.errors
-                        .push(ConfigError::new(key, format!("`{n}` is not a count")));
-                    None
-                }
-            },
-            other => {
-                self.errors.push(ConfigError::new(
-                    key,
-                    format!("must be a whole number, not {}", kind(other)),
-                ));
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, key: &str) -> Option<bool> {
-        match self.table.get(key)? {
-            Value::Bool(b) => Some(*b),
-            other => {
-                self.errors.push(ConfigError::new(
-                    key,
-                    format!("must be `true` or `false`, not {}", kind(other)),
-                ));
-                None
-            }
-        }
-    }
-
-    fn list(&mut self, key: &str) -> Vec<String> {
-        let Some(v) = self.table.get(key) else {
-            return Vec::new();
-        };
-        let Value::Array(items) = v else {
-            self.errors.push(ConfigError::new(
-                key,
-                format!("must be a list of strings, not {}", kind(v)),
-            ));
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            match item {
-                Value::String(s) if s.contains('\n') => self.errors.push(ConfigError::new(
-                    format!("{key}[{i}]"),
-                    "holds a line break",
-                )),
-                Value::String(s) => out.push(s.clone()),
-                other => self.errors.push(ConfigError::new(
-                    format!("{key}[{i}]"),
-                    format!("must be a string, not {}", kind(other)),
-                )),
-            }
-        }
-        out
-    }
-
-    fn duration(&mut self, key: &str) -> Option<Duration> {
-        let s = self.string(key)?;
-        match humantime::parse_duration(s.trim()) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.errors.push(
-                    ConfigError::new(key, format!("`{s}` is not a duration: {e}"))
-                        .help("write it like `90s`, `5m` or `1h 30m`"),
-                );
-                None
-            }
-        }
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "nothing",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a table",
-    }
+    Some(s)
 }
 
 #[cfg(test)]
