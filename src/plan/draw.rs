@@ -138,6 +138,15 @@ fn dot(plan: &Plan) -> String {
             dot_style(&t.kind, is_service(t))
         );
     }
+    for (a, b) in edges(plan) {
+        let _ = writeln!(out, "  \"{}\" -> \"{}\";", dot_escape(a), dot_escape(b));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// Every dependency as (from, to), sorted, each once.
+fn edges(plan: &Plan) -> Vec<(&str, &str)> {
     let mut edges: Vec<(&str, &str)> = plan
         .tasks
         .iter()
@@ -145,11 +154,7 @@ fn dot(plan: &Plan) -> String {
         .collect();
     edges.sort_unstable();
     edges.dedup();
-    for (a, b) in edges {
-        let _ = writeln!(out, "  \"{}\" -> \"{}\";", dot_escape(a), dot_escape(b));
-    }
-    out.push_str("}\n");
-    out
+    edges
 }
 
 fn mermaid(plan: &Plan) -> String {
@@ -169,14 +174,7 @@ fn mermaid(plan: &Plan) -> String {
         };
         let _ = writeln!(out, "  t{i}{open}\"{label}\"{close}");
     }
-    let mut edges: Vec<(&str, &str)> = plan
-        .tasks
-        .iter()
-        .flat_map(|t| t.needs.iter().map(move |d| (d.as_str(), t.id.as_str())))
-        .collect();
-    edges.sort_unstable();
-    edges.dedup();
-    for (a, b) in edges {
+    for (a, b) in edges(plan) {
         if let (Some(a), Some(b)) = (ids.get(a), ids.get(b)) {
             let _ = writeln!(out, "  {a} --> {b}");
         }
