@@ -133,12 +133,19 @@ impl Registry {
             },
             Err(e) => e,
         };
-        let at = source.find("[backend]").map(|i| i..i + "[backend]".len());
+        let table = source.find("[backend]").map(|i| i..i + "[backend]".len());
         let mut p = Problems::new(path.display().to_string(), source.clone());
         for e in errors {
+            let (at, label) = match backend_field_span(source, &e.field) {
+                Some(at) => (Some(at), "here".to_string()),
+                None => (
+                    table.clone(),
+                    format!("the {} backend's table", plan.backend),
+                ),
+            };
             let mut q = Problem::new(format!("`backend.{}`: {}", e.field, e.message))
-                .at(at.clone())
-                .label(format!("the {} backend's table", plan.backend));
+                .at(at)
+                .label(label);
             if let Some(h) = e.help {
                 q = q.help(h);
             }
@@ -308,6 +315,41 @@ fn backend_type_span(source: &str) -> Option<std::ops::Range<usize>> {
         .span()
 }
 
+/// Where field `field` of the `[backend]` table is written, as a backend names it in a
+/// [`ConfigError`] (`poll`, `hosts[2]`, `options.User`): its value, or the value of the
+/// nearest enclosing field that is written; `None` for the table as a whole or a field
+/// that is not in the file (a site's default).
+fn backend_field_span(source: &str, field: &str) -> Option<std::ops::Range<usize>> {
+    if field.is_empty() {
+        return None;
+    }
+    let doc = toml_edit::ImDocument::parse(source).ok()?;
+    let mut item = doc.as_table().get("backend")?;
+    let mut found = None;
+    for part in field.split('.') {
+        let (key, indices) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        item = match item.as_table_like().and_then(|t| t.get(key)) {
+            Some(next) => next,
+            None => break,
+        };
+        found = item.span().or(found);
+        for index in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
+            let Some(v) = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| item.as_array()?.get(i))
+            else {
+                return found;
+            };
+            found = v.span().or(found);
+        }
+    }
+    found
+}
+
 /// A file's own `[backend] type`, if it names one.
 fn recipe_backend(source: &str) -> Option<String> {
     let table = toml::from_str::<toml::Table>(source).ok()?;
@@ -376,6 +418,40 @@ mod tests {
         assert_eq!(
             Registry::default().decide(None, workflow),
             Ok("local".into())
+        );
+    }
+
+    #[test]
+    fn a_backend_field_is_placed_at_its_own_value() {
+        let source = "name = \"x\"\n\n[backend]\ntype = \"ssh\"\nhosts = [\"a\", 7]\npoll = 5\n\n[backend.options]\nUser = 1\n";
+        let at = |field: &str| backend_field_span(source, field).map(|s| &source[s]);
+        assert_eq!(at("poll"), Some("5"));
+        assert_eq!(at("hosts[1]"), Some("7"));
+        assert_eq!(at("hosts"), Some("[\"a\", 7]"));
+        // An index past the end, or a field not written: the nearest one that is.
+        assert_eq!(at("hosts[9]"), Some("[\"a\", 7]"));
+        assert_eq!(at("options.User"), Some("1"));
+        assert_eq!(at("nonesuch"), None);
+        assert_eq!(at(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_bad_builtin_backend_field_is_reported_at_its_line() {
+        let source = Arc::new(
+            "name = \"x\"\n\n[backend]\ntype = \"sim\"\nseed = 3\nengine_startup = 5\n".to_string(),
+        );
+        let p = plan(
+            "sim",
+            serde_json::json!({"type": "sim", "seed": 3, "engine_startup": 5}),
+        );
+        let e = Registry::default()
+            .check(&p, Path::new("r.toml"), &source)
+            .await
+            .expect_err("a number is not a duration");
+        let text = e.render(false);
+        assert!(
+            text.contains("r.toml:6:18: `backend.engine_startup`: must be a duration as a string"),
+            "{text}"
         );
     }
 
