@@ -440,6 +440,24 @@ needs = ["health-probe"]
     assert_eq!(task("smoke").kind, "custom");
 }
 
+#[test]
+fn a_custom_tasks_unknown_need_is_never_said_to_be_the_task_itself() {
+    let src = r#"
+[inference]
+model = "m"
+
+[[task]]
+id = "warmup"
+run = "true"
+needs = ["warmupp"]
+"#;
+    let out = load_str(src, &Options::default())
+        .expect_err("an unknown need")
+        .render(false);
+    assert!(out.contains("task `warmup` needs `warmupp`"), "{out}");
+    assert!(!out.contains("did you mean `warmup`?"), "{out}");
+}
+
 const PD_UNITS: &str = r#"
 [inference]
 model = "m"

@@ -118,7 +118,12 @@ impl GraphBuilder {
                             .cloned()
                             .flatten()
                             .or_else(|| self.origins[i].span.clone()),
-                        suggestion: text::closest(need, index.keys().copied()).map(str::to_string),
+                        // Never the task itself: a task that needs itself is a cycle.
+                        suggestion: text::closest(
+                            need,
+                            index.keys().copied().filter(|k| *k != t.id()),
+                        )
+                        .map(str::to_string),
                     }),
                 }
             }
@@ -254,6 +259,28 @@ mod tests {
         assert!(matches!(&err[0], GraphError::Duplicate { id, .. } if id == "a"));
         assert!(
             matches!(&err[1], GraphError::UnknownDependency { missing, .. } if missing == "compile")
+        );
+    }
+
+    #[test]
+    fn never_suggests_that_a_task_needs_itself() {
+        let err = build(&[("a", &["c"])]).err().expect("errors");
+        assert!(
+            matches!(
+                &err[0],
+                GraphError::UnknownDependency {
+                    suggestion: None,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = build(&[("ab", &["ac"]), ("ad", &[])])
+            .err()
+            .expect("errors");
+        assert!(
+            matches!(&err[0], GraphError::UnknownDependency { suggestion: Some(s), .. } if s == "ad"),
+            "{err:?}"
         );
     }
 

@@ -238,7 +238,9 @@ pub fn add(
                    why: String,
                    span: Option<Range<usize>>| {
         let names = all_names();
-        let help = match super::doc::near(name, names.iter().map(String::as_str)) {
+        // Never the task itself: a task that needs itself is a cycle.
+        let others = names.iter().map(String::as_str).filter(|n| *n != id);
+        let help = match super::doc::near(name, others) {
             Some(s) if why.is_empty() => format!("did you mean `{s}`?"),
             _ => "name a task id (`engine[0].rank[0]`), a kind (`engine`, `prefill`, `decode`, `router`, ...) or another `[[task]]` id".to_string(),
         };
