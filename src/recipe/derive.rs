@@ -14,7 +14,7 @@ use super::deployment::{
     OffloadKind, Replica, ReplicaRole, Router, Shape, DEFAULT_GPU_MEMORY_UTILIZATION,
     MOONCAKE_CONFIG_FILE,
 };
-use super::schema::VllmExtra;
+use super::extra::VllmExtra;
 use crate::plan::host_ref;
 
 /// What the derivation starts from: the recipe's values, checked, each default filled in.

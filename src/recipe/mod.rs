@@ -35,6 +35,7 @@ pub mod custom;
 pub mod deployment;
 pub mod derive;
 pub mod doc;
+pub mod extra;
 pub mod flags;
 pub mod kinds;
 pub mod layout;
