@@ -7,18 +7,19 @@
 use std::time::Duration;
 
 use super::deployment::{
-    LoadBalancing, Mooncake, Offload, OffloadKind, Replica, ReplicaRole, Shape,
-    DEFAULT_BACKEND_PORT, DEFAULT_DP_RPC_PORT, DEFAULT_GPUS_PER_NODE, DEFAULT_LAUNCHER,
-    DEFAULT_MOONCAKE_CLIENT_PORT, DEFAULT_MOONCAKE_MASTER_PORT, DEFAULT_MOONCAKE_METADATA_PORT,
-    DEFAULT_MOONCAKE_METRICS_PORT, DEFAULT_NIXL_PORT, DEFAULT_READY_TIMEOUT,
-    DEFAULT_ROUTER_LAUNCHER, DEFAULT_ROUTER_LOG_LEVEL, DEFAULT_ROUTER_METRICS_PORT,
-    DEFAULT_ROUTER_PORT, MAX_GPUS_PER_NODE, MAX_NODES,
+    LoadBalancing, Offload, OffloadKind, Replica, ReplicaRole, Shape, DEFAULT_BACKEND_PORT,
+    DEFAULT_DP_RPC_PORT, DEFAULT_GPUS_PER_NODE, DEFAULT_LAUNCHER, DEFAULT_NIXL_PORT,
+    DEFAULT_READY_TIMEOUT, DEFAULT_ROUTER_LAUNCHER, DEFAULT_ROUTER_LOG_LEVEL,
+    DEFAULT_ROUTER_METRICS_PORT, DEFAULT_ROUTER_PORT, MAX_GPUS_PER_NODE, MAX_NODES,
 };
 use super::derive::{split, DeploymentSettings, PortBases};
 use super::managed::{managed_dest, managed_env};
 use super::ports;
-use super::schema::{DeploymentSection, InferenceSection, OffloadSection, Recipe, F};
+use super::schema::{DeploymentSection, InferenceSection, Recipe, F};
 use crate::diag::{Problem, Problems};
+use offload::{mooncake, offload};
+
+mod offload;
 
 /// Checks every rule; the settings when all hold (`None` when anything is wrong: the
 /// problems are in `p`).
@@ -368,65 +369,6 @@ fn check_wide_ep(inf: &InferenceSection, k: u64, tp: u64, dp: u64, gpus: u64, p:
     }
 }
 
-/// KV offload: a CPU tier, Mooncake only on SLURM, prefix caching on. The offload when
-/// every rule holds.
-fn offload(inf: &InferenceSection, backend: &str, p: &mut Problems) -> Option<Offload> {
-    let raw = inf.offload.as_ref()?;
-    let kind = match raw.kind.get().map(|k| k.v.as_str()) {
-        Some("native") => OffloadKind::Native,
-        Some("mooncake") => OffloadKind::Mooncake,
-        _ => return None,
-    };
-    let mut ok = true;
-    if !raw.has_cpu {
-        ok = false;
-        p.push(
-            Problem::new("`kv_cache_offload` has no `cpu` tier: both vLLM's offload and Mooncake stage KV blocks through CPU memory, and a disk tier sits under it")
-                .at(Some(raw.disk_path.span_or(&raw.span)))
-                .label("disk only")
-                .help("add a CPU tier, e.g. `cpu = { num_bytes = 107374182400 }`"),
-        );
-    }
-    // `sim` models a SLURM cluster.
-    if kind == OffloadKind::Mooncake && !matches!(backend, "slurm" | "sim") {
-        ok = false;
-        p.push(
-            Problem::new(format!(
-                "Mooncake offload runs on the `slurm` backend only (its store needs RDMA between allocated nodes), and this recipe's backend is `{backend}`"
-            ))
-            .at(Some(raw.kind.span_or(&raw.span)))
-            .label("mooncake")
-            .help("use `type = \"native\"` (vLLM's own CPU offload) here, or `[backend] type = \"slurm\"`"),
-        );
-    }
-    if inf.enable_prefix_caching.or(true) == Some(false) {
-        ok = false;
-        p.push(
-            Problem::new("KV offload turns prefix caching on (offloaded blocks are found again by their prefix), and `enable_prefix_caching` is false")
-                .at(Some(inf.enable_prefix_caching.span_or(&inf.span)))
-                .label("contradicts kv_cache_offload")
-                .help("drop `enable_prefix_caching = false`, or drop `[inference.kv_cache_offload]`"),
-        );
-    }
-    let cpu_bytes = raw.cpu_bytes.get().map(|b| b.v);
-    let disk = match &raw.disk_path {
-        F::Set(s) => Some(s.v.clone()),
-        F::Bad => {
-            ok = false;
-            None
-        }
-        F::Absent => None,
-    };
-    match (ok, cpu_bytes) {
-        (true, Some(cpu_bytes)) => Some(Offload {
-            kind,
-            cpu_bytes,
-            disk,
-        }),
-        _ => None,
-    }
-}
-
 /// Features that exclude or need one another.
 fn check_features(inf: &InferenceSection, p: &mut Problems) {
     if inf.enable_return_routed_experts.or(false) == Some(true) && inf.offload.is_some() {
@@ -594,19 +536,6 @@ fn values<'a>(
         prefill_env: strings(&d.prefill_env),
         decode_env: strings(&d.decode_env),
         vllm_extra: &inf.vllm_extra,
-    })
-}
-
-/// The Mooncake store's settings; `None` when one of them was already reported wrong.
-fn mooncake(raw: &OffloadSection) -> Option<Mooncake> {
-    Some(Mooncake {
-        node: 0,
-        master_port: raw.master_port.or(DEFAULT_MOONCAKE_MASTER_PORT)?,
-        metrics_port: raw.master_metrics_port.or(DEFAULT_MOONCAKE_METRICS_PORT)?,
-        metadata_port: raw.metadata_port.or(DEFAULT_MOONCAKE_METADATA_PORT)?,
-        client_port: raw.client_port.or(DEFAULT_MOONCAKE_CLIENT_PORT)?,
-        protocol: raw.protocol.or("rdma".to_string())?,
-        device_name: raw.device_name.or(String::new())?,
     })
 }
 
