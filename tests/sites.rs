@@ -145,8 +145,9 @@ fn an_ssh_recipe_needing_more_nodes_than_hosts_is_refused_at_validate() {
     let out = sb.run(&["validate", "r.toml"]);
     out.expect_code(2);
     assert!(
-        out.stderr.contains("r.toml:10:1")
-            && out.stderr.contains("needs 3 nodes but 2 hosts are given"),
+        out.stderr.contains(
+            "r.toml:12:9: `backend.hosts`: the recipe needs 3 nodes but 2 hosts are given"
+        ),
         "{}",
         out.stderr
     );
