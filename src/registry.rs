@@ -134,9 +134,10 @@ impl Registry {
             Err(e) => e,
         };
         let table = source.find("[backend]").map(|i| i..i + "[backend]".len());
+        let doc = toml_edit::ImDocument::parse(source.as_str()).ok();
         let mut p = Problems::new(path.display().to_string(), source.clone());
         for e in errors {
-            let (at, label) = match backend_field_span(source, &e.field) {
+            let (at, label) = match doc.as_ref().and_then(|d| backend_field_span(d, &e.field)) {
                 Some(at) => (Some(at), "here".to_string()),
                 None => (
                     table.clone(),
@@ -315,15 +316,17 @@ fn backend_type_span(source: &str) -> Option<std::ops::Range<usize>> {
         .span()
 }
 
-/// Where field `field` of the `[backend]` table is written, as a backend names it in a
+/// Where field `field` of the `[backend]` table of `doc` is written, as a backend names it in a
 /// [`ConfigError`] (`poll`, `hosts[2]`, `options.User`): its value, or the value of the
 /// nearest enclosing field that is written; `None` for the table as a whole or a field
 /// that is not in the file (a site's default).
-fn backend_field_span(source: &str, field: &str) -> Option<std::ops::Range<usize>> {
+fn backend_field_span(
+    doc: &toml_edit::ImDocument<&str>,
+    field: &str,
+) -> Option<std::ops::Range<usize>> {
     if field.is_empty() {
         return None;
     }
-    let doc = toml_edit::ImDocument::parse(source).ok()?;
     let mut item = doc.as_table().get("backend")?;
     let mut found = None;
     for part in field.split('.') {
@@ -424,7 +427,8 @@ mod tests {
     #[test]
     fn a_backend_field_is_placed_at_its_own_value() {
         let source = "name = \"x\"\n\n[backend]\ntype = \"ssh\"\nhosts = [\"a\", 7]\npoll = 5\n\n[backend.options]\nUser = 1\n";
-        let at = |field: &str| backend_field_span(source, field).map(|s| &source[s]);
+        let doc = toml_edit::ImDocument::parse(source).expect("parses");
+        let at = |field: &str| backend_field_span(&doc, field).map(|s| &source[s]);
         assert_eq!(at("poll"), Some("5"));
         assert_eq!(at("hosts[1]"), Some("7"));
         assert_eq!(at("hosts"), Some("[\"a\", 7]"));
