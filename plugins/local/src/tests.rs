@@ -57,6 +57,18 @@ async fn a_later_attempt_in_the_same_run_dir_never_reads_the_earlier_ones_exit_s
     let mut second = spec(dir.path(), &["sh", "-c", "sleep 30"], false);
     second.attempt += 1;
     let h = b.spawn(&second).await.expect("spawn again");
+    // Stopped once its shell has written its pid (a shell stopped before that left no trace
+    // of the attempt, and there would be nothing to recover).
+    let pid_file = dir.path().join("run/pid");
+    let mine = format!(" {}", second.attempt);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim_end().ends_with(&mine)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second attempt never wrote its pid"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     b.stop(&h, Duration::from_secs(5)).await.expect("stop");
     let later = LocalBackend::new();
     assert_eq!(later.status(&h).await.expect("status"), ProcState::Gone);
