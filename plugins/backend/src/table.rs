@@ -21,6 +21,28 @@ impl<'a> TableReader<'a> {
         Self { table, errors }
     }
 
+    /// Notes every field of the table that is not one of `fields` (the backend's, `type`
+    /// first), with the likeliest of them as a help when `suggest` finds one (the
+    /// project's "did you mean", which lives above this crate) or else the list of them.
+    pub fn unknown_fields<'f>(
+        &mut self,
+        backend: &str,
+        fields: &[&'f str],
+        suggest: impl Fn(&str, &[&'f str]) -> Option<&'f str>,
+    ) {
+        for key in self.table.keys() {
+            if fields.contains(&key.as_str()) {
+                continue;
+            }
+            let e = ConfigError::new(key, format!("is not a field of the {backend} backend"));
+            let listed: Vec<&str> = fields.iter().copied().filter(|f| *f != "type").collect();
+            self.errors.push(match suggest(key, fields) {
+                Some(s) => e.help(format!("did you mean `{s}`?")),
+                None => e.help(format!("fields: {}", listed.join(", "))),
+            });
+        }
+    }
+
     /// A field as written, for what the readers below do not cover.
     pub fn get(&self, key: &str) -> Option<&'a Value> {
         self.table.get(key)
@@ -214,5 +236,25 @@ mod tests {
             "must be a duration as a string, not a number"
         );
         assert!(errors[5].help.is_some());
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_a_suggestion_or_the_list() {
+        let Value::Object(table) =
+            serde_json::json!({ "type": "x", "sede": 1, "zzz": 2, "seed": 3 })
+        else {
+            unreachable!()
+        };
+        let mut errors = Vec::new();
+        let fields = ["type", "seed", "rate"];
+        TableReader::new(&table, &mut errors).unknown_fields("x", &fields, |k, f| {
+            f.iter().copied().find(|c| c.starts_with(&k[..1]))
+        });
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].field, "sede");
+        assert_eq!(errors[0].message, "is not a field of the x backend");
+        assert_eq!(errors[0].help.as_deref(), Some("did you mean `seed`?"));
+        assert_eq!(errors[1].field, "zzz");
+        assert_eq!(errors[1].help.as_deref(), Some("fields: seed, rate"));
     }
 }

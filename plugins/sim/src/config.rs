@@ -96,17 +96,9 @@ impl SimConfig {
             _ => return Err(vec![ConfigError::new("", "must be a table")]),
         };
         let mut errors = Vec::new();
-        for key in table.keys() {
-            if !FIELDS.contains(&key.as_str()) {
-                let e = ConfigError::new(key, "is not a field of the sim backend");
-                errors.push(match closest(key, FIELDS.iter().copied()) {
-                    Some(s) => e.help(format!("did you mean `{s}`?")),
-                    None => e.help(format!("fields: {}", FIELDS[1..].join(", "))),
-                });
-            }
-        }
         let mut c = SimConfig::default();
         let mut r = TableReader::new(table, &mut errors);
+        r.unknown_fields("sim", FIELDS, |k, f| closest(k, f.iter().copied()));
         if let Some(s) = r.whole("seed") {
             c.seed = s;
         }

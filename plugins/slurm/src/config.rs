@@ -144,18 +144,9 @@ impl SlurmConfig {
                 )])
             }
         };
-        for key in table.keys() {
-            if !FIELDS.contains(&key.as_str()) {
-                let mut e = ConfigError::new(key, "is not a field of the slurm backend");
-                e = match closest(key, FIELDS.iter().copied()) {
-                    Some(s) => e.help(format!("did you mean `{s}`?")),
-                    None => e.help(format!("fields: {}", FIELDS[1..].join(", "))),
-                };
-                errors.push(e);
-            }
-        }
         let mut c = SlurmConfig::default();
         let mut r = TableReader::new(table, &mut errors);
+        r.unknown_fields("slurm", FIELDS, |k, f| closest(k, f.iter().copied()));
         c.partition = word(&mut r, "partition");
         c.account = word(&mut r, "account");
         c.qos = word(&mut r, "qos");

@@ -103,16 +103,11 @@ impl SshConfig {
                 )]);
             }
         };
-        for key in table.keys() {
-            if !FIELDS.contains(&key.as_str()) {
-                let mut e = ConfigError::new(key.clone(), "not a field of the ssh backend");
-                e = match closest(key, FIELDS.iter().copied()) {
-                    Some(s) => e.help(format!("did you mean `{s}`?")),
-                    None => e.help(format!("fields: {}", FIELDS.join(", "))),
-                };
-                errs.push(e);
-            }
-        }
+        prl_flow_backend::table::TableReader::new(table, &mut errs).unknown_fields(
+            "ssh",
+            FIELDS,
+            |k, f| closest(k, f.iter().copied()),
+        );
         let resolve = |p: &str| -> PathBuf {
             let p = PathBuf::from(p);
             match base_dir {
