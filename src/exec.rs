@@ -191,8 +191,11 @@ impl Exec {
             }
             Probe::Log { regex } => {
                 let re = regex::Regex::new(regex).map_err(|e| e.to_string())?;
+                // Only this attempt's lines: a restarted service's log still holds what the
+                // attempt before it printed, its ready line too.
                 let text = std::fs::read_to_string(log).unwrap_or_default();
-                if text.lines().any(|l| re.is_match(l)) {
+                let ours = prl_flow_backend::since_last_mark(&text);
+                if ours.lines().any(|l| re.is_match(l)) {
                     Ok(())
                 } else {
                     Err(format!("no line of the log matches /{regex}/ yet"))

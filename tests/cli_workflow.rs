@@ -1039,6 +1039,40 @@ fn service_that_never_becomes_ready_fails_at_its_ready_timeout_and_is_stopped() 
     wait_gone("the unready service", pid);
 }
 
+/// A log probe reads the attempt's own lines: a service started again whose new process
+/// never prints its ready line is not ready because the old one printed it.
+#[test]
+fn a_restarted_service_is_not_ready_on_its_previous_attempts_log_line() {
+    let sb = Sandbox::new();
+    sb.write(
+        "s.toml",
+        r#"
+[[task]]
+id = "s"
+service = true
+run = 'if [ -e "$WORK/again" ]; then echo "second attempt"; else touch "$WORK/again"; echo up; fi; exec sleep 300'
+ready = { log = "^up$", interval = "20ms", ready_timeout = "2s" }
+"#,
+    );
+    sb.run(&["run", "s.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let first = pid_of(&sb.join("st"), "s").expect("s's pid");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill s");
+    wait_gone("the first attempt", first);
+    let out = sb.run(&["run", "s.toml", "--state-dir", "st", "--resume"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("`s` was not ready after 2s"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("second attempt"), "{}", out.stderr);
+    let second = pid_of(&sb.join("st"), "s").expect("s's second pid");
+    assert_ne!(second, first);
+    wait_gone("the unready second attempt", second);
+    assert_nothing_runs(&sb);
+}
+
 #[test]
 fn task_over_its_timeout_is_stopped() {
     let sb = Sandbox::new();
@@ -1106,24 +1140,28 @@ fn help_of_every_subcommand_shows_an_example() {
 // 10. what the docs promise: teardown order, attach, logs -f, status -v, timeouts,
 //     start_period, retries of a service
 
-/// Three services in a chain; each notes in `$WORK/stops` when SIGTERM reaches it.
+/// Three services in a chain; each notes in `$WORK/stops` when SIGTERM reaches it, and is
+/// ready once its trap is set (a service stopped before that would die without a note).
 const CHAIN: &str = r#"
 [[task]]
 id = "a"
 service = true
-run = 'trap "echo a >> \"$WORK/stops\"; exit 0" TERM; while :; do sleep 0.05; done'
+run = 'trap "echo a >> \"$WORK/stops\"; exit 0" TERM; echo armed; while :; do sleep 0.05; done'
+ready = { log = "^armed$", interval = "20ms" }
 
 [[task]]
 id = "b"
 service = true
 needs = ["a"]
-run = 'trap "echo b >> \"$WORK/stops\"; exit 0" TERM; while :; do sleep 0.05; done'
+run = 'trap "echo b >> \"$WORK/stops\"; exit 0" TERM; echo armed; while :; do sleep 0.05; done'
+ready = { log = "^armed$", interval = "20ms" }
 
 [[task]]
 id = "c"
 service = true
 needs = ["b"]
-run = 'trap "echo c >> \"$WORK/stops\"; exit 0" TERM; while :; do sleep 0.05; done'
+run = 'trap "echo c >> \"$WORK/stops\"; exit 0" TERM; echo armed; while :; do sleep 0.05; done'
+ready = { log = "^armed$", interval = "20ms" }
 "#;
 
 fn chain() -> Sandbox {

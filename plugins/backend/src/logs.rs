@@ -41,8 +41,6 @@ pub fn tail_bytes(path: &Path, max: u64) -> Result<String, BackendError> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// Reads a file from `offset`: (text, offset after it). An offset past the end (the file
-/// was truncated or replaced) reads from the start; a missing file is empty.
 /// The last `lines` lines of the last attempt in a log file (its last 64 KiB, from the last
 /// [`LOG_MARK`] line on): what a failure quotes. A missing file is an empty log.
 pub fn tail_lines(path: &Path, lines: usize) -> Result<String, BackendError> {
@@ -50,6 +48,8 @@ pub fn tail_lines(path: &Path, lines: usize) -> Result<String, BackendError> {
     Ok(last_lines(since_last_mark(&text), lines))
 }
 
+/// Reads a file from `offset`: (text, offset after it). An offset past the end (the file
+/// was truncated or replaced) reads from the start; a missing file is empty.
 pub fn read_from(path: &Path, offset: u64) -> Result<(String, u64), BackendError> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
