@@ -271,13 +271,14 @@ impl Hosts {
         self.pids(k).into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Waits (up to 5 s: sessions being closed take a moment) until host `k` runs nothing
-    /// but sshd, and says what it still runs otherwise.
+    /// Waits (up to [`common::WAIT`]: sessions being closed take a moment, longer on a
+    /// loaded machine) until host `k` runs nothing but sshd, and says what it still runs
+    /// otherwise.
     fn settle(&self, k: usize) -> Vec<String> {
         let began = Instant::now();
         loop {
             let p = self.processes(k);
-            if p.is_empty() || began.elapsed() > Duration::from_secs(5) {
+            if p.is_empty() || began.elapsed() > common::WAIT {
                 return p;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -294,7 +295,7 @@ impl Hosts {
                 .filter(|(p, _)| *p != pid)
                 .map(|(_, c)| c)
                 .collect();
-            if p.is_empty() || began.elapsed() > Duration::from_secs(5) {
+            if p.is_empty() || began.elapsed() > common::WAIT {
                 return p;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -1399,17 +1400,18 @@ async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_dupli
         let tag = hosts.tag.clone();
         let dir = state.clone();
         tokio::spawn(async move {
-            // Cut once the engine of host 2 has started and the sidecar is up.
+            // Cut once the engine of host 2 has started (it loads for 5 s) and the sidecar
+            // and the other two engines are up (what the resume is to keep).
             let began = Instant::now();
             while began.elapsed() < Duration::from_secs(60) {
                 let records = prl_flow_engine::journal::load(&dir).unwrap_or_default();
                 let engine = records
                     .get("engine2")
                     .is_some_and(|r| r.status == Status::Running && r.handle.is_some());
-                let sidecar = records
-                    .get("sidecar2")
-                    .is_some_and(|r| r.status == Status::Done);
-                if engine && sidecar {
+                let up = ["sidecar2", "engine0", "engine1"]
+                    .iter()
+                    .all(|id| records.get(*id).is_some_and(|r| r.status == Status::Done));
+                if engine && up {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -205,8 +205,14 @@ async fn ports_are_told_free_taken_ours_or_someone_elses() {
     // 127.0.0.1; `elsewhere` on 127.0.0.2 only, which leaves that port free on 127.0.0.1.
     let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = stranger.local_addr().expect("addr").port();
-    let other_node = std::net::TcpListener::bind("127.0.0.2:0").expect("bind");
-    let elsewhere = other_node.local_addr().expect("addr").port();
+    // (A port free on 127.0.0.2 may be held on 127.0.0.1 by someone else: one that is not.)
+    let (other_node, elsewhere) = loop {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            break (l, port);
+        }
+    };
     let found = b
         .ports_taken(None, "127.0.0.1", &[taken, elsewhere])
         .await
