@@ -191,9 +191,18 @@ impl Exec {
             }
             Probe::Log { regex } => {
                 let re = regex::Regex::new(regex).map_err(|e| e.to_string())?;
-                // Only this attempt's lines: a restarted service's log still holds what the
-                // attempt before it printed, its ready line too.
-                let text = std::fs::read_to_string(log).unwrap_or_default();
+                // The log where the process writes it (on its host, for a remote backend),
+                // and only this attempt's lines: a restarted service's log still holds
+                // what the attempt before it printed, its ready line too.
+                let text = match handle {
+                    Some(h) => self
+                        .backend
+                        .read_log(h, 0)
+                        .await
+                        .map(|(text, _)| text)
+                        .map_err(|e| format!("cannot read the log: {e}"))?,
+                    None => std::fs::read_to_string(log).unwrap_or_default(),
+                };
                 let ours = prl_flow_backend::since_last_mark(&text);
                 if ours.lines().any(|l| re.is_match(l)) {
                     Ok(())

@@ -1357,6 +1357,79 @@ fn errors(r: &Report) -> String {
         .join("\n")
 }
 
+/// A `log` probe reads the log where the process writes it, on its host, and only the
+/// attempt's own lines: a service started again whose new process never prints its ready
+/// line is not ready because the old one printed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_probe_reads_the_log_on_the_host_and_of_the_attempt_alone() {
+    let Some(hosts) = Hosts::up(1) else { return };
+    let state = hosts.dir().join("state");
+    let again = shlex::try_quote(path(&hosts.dir().join("again")))
+        .expect("quote")
+        .into_owned();
+    let mut s = task(
+        "s",
+        "custom",
+        &[ALLOCATE],
+        Some("node0"),
+        Cmd::Argv {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "if [ -e {again} ]; then echo 'second attempt'; \
+                     else touch {again}; echo up; fi; exec sleep 300"
+                ),
+            ],
+        },
+    );
+    s.service = true;
+    let mut ready = Readiness::new(Probe::Log {
+        regex: "^up$".into(),
+    });
+    ready.interval = Duration::from_millis(50);
+    ready.ready_timeout = Some(Duration::from_secs(3));
+    s.ready = Some(ready);
+    let allocate = task(
+        ALLOCATE,
+        ALLOCATE,
+        &[],
+        None,
+        Cmd::Builtin {
+            action: Action::Allocate,
+            args: Value::Null,
+        },
+    );
+    let plan = Plan {
+        name: "log_probe".into(),
+        backend: "ssh".into(),
+        nodes: vec!["node0".into()],
+        tasks: vec![allocate, s],
+        ..Default::default()
+    };
+    let backend: Arc<dyn Backend> = Arc::new(hosts.backend(&state));
+    let report = run_plan(&plan, backend.clone(), &state, false, false, None).await;
+    assert!(report.ok(), "{}", errors(&report));
+    let first = recorded(&state, "s")["payload"]["pid"]
+        .as_i64()
+        .expect("pid") as i32;
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill s");
+    let report = run_plan(&plan, backend, &state, true, false, None).await;
+    let msg = errors(&report);
+    assert!(!report.ok(), "ready on the first attempt's line");
+    assert!(msg.contains("`s` on node0"), "{msg}");
+    assert!(msg.contains("was not ready after 3s"), "{msg}");
+    // What the failure quotes is the second attempt's log alone.
+    assert!(msg.contains("second attempt"), "{msg}");
+    assert!(!msg.contains("\n    up"), "{msg}");
+    down(&state).await;
+    assert_eq!(hosts.settle(0), Vec::<String>::new(), "host after down");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_node_on_three_hosts_survives_a_cut_link_and_resumes_without_duplicates() {
     let Some(router) = router_program() else {

@@ -436,6 +436,7 @@ impl Backend for SshBackend {
         let cwd = spec.cwd.as_ref().map(|c| c.to_string_lossy().into_owned());
         let start = |watch: bool| {
             script::spawn(&script::Start {
+                task: &spec.task,
                 base: &self.remote_base,
                 name: &name,
                 log_name: &log_name,
@@ -532,7 +533,7 @@ impl Backend for SshBackend {
             .run_raw(&script::tail_log(&h.log, 64 * 1024)?, OP_LIMIT)
             .await?;
         let (_, body) = script::split_log(&reply).unwrap_or_default();
-        Ok(last_lines(body, lines))
+        Ok(last_lines(prl_flow_backend::since_last_mark(body), lines))
     }
 
     async fn read_log(

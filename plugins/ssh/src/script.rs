@@ -26,7 +26,7 @@
 pub mod ports;
 pub mod preflight;
 
-use prl_flow_backend::{BackendError, ProcState};
+use prl_flow_backend::{BackendError, ProcState, LOG_MARK};
 
 /// Functions every script starts with. They set variables rather than print, and read
 /// files with `read` rather than `cat`: a fork costs about a millisecond on a small host, and
@@ -246,6 +246,8 @@ pub use prl_flow_backend::shell::{env_file, is_env_name, quote};
 
 /// What to start, for [`spawn`].
 pub struct Start<'a> {
+    /// The task's id, for the line that marks the attempt's start in its log.
+    pub task: &'a str,
     pub base: &'a str,
     pub name: &'a str,
     pub log_name: &'a str,
@@ -308,6 +310,12 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
         words.push(quote(a)?);
     }
     sc.line(SPAWN_BEFORE);
+    // The attempt's first line in the log: what a failure quotes and a `log` probe reads
+    // starts after it.
+    sc.line(&format!(
+        "printf '%s\\n' {} >>\"$lf\"",
+        quote(&format!("{LOG_MARK}`{}` starts ──", s.task))?
+    ));
     // The run dir keeps the pid, exit-status and environment files (their paths are
     // absolute); only the command starts elsewhere.
     sc.line("if [ -n \"$cwd\" ]; then cd \"$cwd\" || { say error \"cannot enter $cwd, where the task is to start\"; exit 3; }; fi");
@@ -438,6 +446,7 @@ mod tests {
         let files: BTreeMap<String, String> =
             [("conf/a b.json".to_string(), "{\"k\": '$(id)'}".to_string())].into();
         let text = spawn(&Start {
+            task: "t",
             base: ".prl-flow/remote/x y",
             name: "t",
             log_name: "t.log",
