@@ -23,6 +23,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod dir;
+mod ports;
 
 use crate::diag::{did_you_mean, Problem, Problems};
 use crate::plan::{
@@ -31,8 +32,8 @@ use crate::plan::{
 
 /// The fields of a `[[task]]` entry, for messages and suggestions.
 pub const TASK_FIELDS: &[&str] = &[
-    "id", "run", "argv", "dir", "needs", "before", "node", "env", "service", "ready", "timeout",
-    "retries", "backoff",
+    "id", "run", "argv", "dir", "needs", "before", "node", "env", "service", "ready", "ports",
+    "timeout", "retries", "backoff",
 ];
 const READY_FIELDS: &[&str] = &[
     "http",
@@ -70,6 +71,7 @@ pub struct TaskEntry {
     #[serde(default)]
     pub service: bool,
     pub ready: Option<Spanned<ReadyEntry>>,
+    pub ports: Option<Spanned<Vec<u16>>>,
     pub timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub retries: u32,
@@ -442,6 +444,7 @@ fn entry_to_spec_in(
             }
         }
     };
+    let (ports, port_fields) = ports::own_ports(e, &id, ready.as_ref(), problems);
     if problems.len() > before {
         return None;
     }
@@ -455,8 +458,8 @@ fn entry_to_spec_in(
             dir,
             env: e.env.clone(),
             files: Vec::new(),
-            ports: Vec::new(),
-            port_fields: Default::default(),
+            ports,
+            port_fields,
             service: e.service,
             ready,
             timeout,

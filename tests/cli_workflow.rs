@@ -1039,6 +1039,79 @@ fn service_that_never_becomes_ready_fails_at_its_ready_timeout_and_is_stopped() 
     wait_gone("the unready service", pid);
 }
 
+/// A workflow service whose probe reaches its own node on `port`, ready within 3 s.
+fn probed_service(port: u16, ports: &str) -> String {
+    format!(
+        r#"
+[[task]]
+id = "svc"
+service = true
+run = 'exec sleep 300'
+ready = {{ tcp = "127.0.0.1:{port}", interval = "20ms", ready_timeout = "3s" }}
+{ports}
+"#
+    )
+}
+
+/// A workflow service's probe counts only when its own process answers: the port its probe
+/// reaches on its node must be free before the start and held by the service once the
+/// probe passes; `ports = []` turns both checks off.
+#[test]
+fn a_workflow_probe_answered_by_another_process_does_not_make_a_service_ready() {
+    let me = format!("pid {}", std::process::id());
+    // Taken before the start: nothing starts.
+    let sb = Sandbox::new();
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = stranger.local_addr().expect("addr").port();
+    sb.write("w.toml", &probed_service(port, ""));
+    let out = sb.run(&["run", "w.toml", "--state-dir", "st"]);
+    out.expect_code(1);
+    let want =
+        format!("port {port} is already in use (set by `ready.tcp` of task `svc`), held by {me}");
+    assert!(
+        out.stderr.contains(&want),
+        "no `{want}` in:\n{}",
+        out.stderr
+    );
+    assert_eq!(pid_of(&sb.join("st"), "svc"), None, "svc was started");
+    assert_nothing_runs(&sb);
+
+    // Taken after the start, while the service loads: the probe passes, the run fails
+    // naming who answered, ours is stopped and the stranger left alone.
+    let sb = Sandbox::new();
+    let port = common::free_port();
+    sb.write("w.toml", &probed_service(port, ""));
+    let mut run = sb.spawn(
+        "run",
+        &["--no-progress", "run", "w.toml", "--state-dir", "st"],
+    );
+    wait_until("svc to start", WAIT, || {
+        pid_of(&sb.join("st"), "svc").is_some()
+    });
+    let late = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let out = run.wait(COMMAND_DEADLINE);
+    out.expect_code(1);
+    let want = format!("`svc` is not what answers on port {port}: {me}");
+    assert!(
+        out.stderr.contains(&want),
+        "no `{want}` in:\n{}",
+        out.stderr
+    );
+    assert_eq!(status_of(&sb.join("st"), "svc").as_deref(), Some("failed"));
+    assert_nothing_runs(&sb);
+    drop(late);
+
+    // `ports = []`: the port is not the service's to check, and the probe's answer counts.
+    let sb = Sandbox::new();
+    sb.write("w.toml", &probed_service(port, "ports = []"));
+    let _held = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    sb.run(&["run", "w.toml", "--state-dir", "st"])
+        .expect_code(0);
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+    assert_nothing_runs(&sb);
+    drop(stranger);
+}
+
 /// A log probe reads the attempt's own lines: a service started again whose new process
 /// never prints its ready line is not ready because the old one printed it.
 #[test]
