@@ -1020,6 +1020,43 @@ fn service_that_exits_before_ready_fails_at_once_with_its_log() {
     );
 }
 
+/// A service whose leader exits before it is ready leaves nothing of its process group
+/// behind, even when a retry follows (whose record would no longer name the first attempt).
+#[test]
+fn a_service_that_exits_before_ready_leaves_nothing_of_its_group_across_retries() {
+    let sb = Sandbox::new();
+    let port = common::free_port();
+    sb.write(
+        "w.toml",
+        &format!(
+            r#"
+[[task]]
+id = "svc"
+service = true
+retries = 1
+backoff = "10ms"
+run = 'sleep 300 & echo "left $!" >> "$WORK/left"; exit 1'
+ready = {{ tcp = "127.0.0.1:{port}", interval = "20ms", ready_timeout = "60s" }}
+"#
+        ),
+    );
+    let out = sb.run(&["run", "w.toml", "--state-dir", "st"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr
+            .contains("`svc` exited with status 1 before it was ready"),
+        "{}",
+        out.stderr
+    );
+    let left = sb.lines("left");
+    assert_eq!(left.len(), 2, "two attempts: {left:?}");
+    for l in &left {
+        let pid: i32 = l.trim_start_matches("left ").parse().expect("pid");
+        wait_gone("what an attempt left in its group", pid);
+    }
+    assert_nothing_runs(&sb);
+}
+
 #[test]
 fn service_that_never_becomes_ready_fails_at_its_ready_timeout_and_is_stopped() {
     let sb = Sandbox::new();

@@ -131,6 +131,9 @@ impl SpecTask {
                         Ok(_) => "is gone".to_string(),
                         Err(e) => format!("could not be watched: {e}"),
                     };
+                    // What its leader left behind in its group goes with it: a retry must
+                    // not run beside it, and no later record would name it.
+                    let _ = self.exec.backend.stop(handle, self.exec.grace).await;
                     return Err(self.failure(handle, format!("{how} before it was ready")).await);
                 }
                 () = cx.cancel.cancelled() => None,
