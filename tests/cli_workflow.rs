@@ -1057,6 +1057,64 @@ ready = {{ tcp = "127.0.0.1:{port}", interval = "20ms", ready_timeout = "60s" }}
     assert_nothing_runs(&sb);
 }
 
+/// A service that was ready and hangs (alive, no longer answering) is not "up": `status`
+/// says so and exits 1, and a resume waits for it to be ready again rather than keeping it.
+#[test]
+fn a_hung_service_is_not_up_and_a_resume_does_not_keep_it() {
+    let sb = Sandbox::new();
+    let port = common::free_port();
+    sb.write(
+        "w.toml",
+        &format!(
+            r#"
+[[task]]
+id = "web"
+service = true
+run = 'exec python3 -m http.server {port} --bind 127.0.0.1'
+ready = {{ http = "http://127.0.0.1:{port}/", interval = "50ms", timeout = "300ms", ready_timeout = "2s" }}
+"#
+        ),
+    );
+    sb.run(&["run", "w.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let pid = pid_of(&sb.join("st"), "web").expect("web's pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).expect("stop web");
+    let status = sb.run(&["status", "--state-dir", "st"]);
+    status.expect_code(1);
+    assert!(
+        status.stdout.contains("no longer answers"),
+        "{}",
+        status.stdout
+    );
+    let again = sb.run(&[
+        "run",
+        "w.toml",
+        "--state-dir",
+        "st",
+        "--resume",
+        "--explain",
+    ]);
+    again.expect_code(1);
+    assert!(
+        again
+            .stdout
+            .lines()
+            .any(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == ["adopt", "web"]),
+        "{}",
+        again.stdout
+    );
+    assert!(
+        again.stderr.contains("`web` was not ready after 2s"),
+        "{}",
+        again.stderr
+    );
+    // The hung process was stopped with the failure (its SIGTERM reached it, stopped as it
+    // was: a SIGCONT follows every SIGTERM).
+    wait_gone("the hung service", pid);
+    assert_eq!(status_of(&sb.join("st"), "web").as_deref(), Some("failed"));
+    assert_nothing_runs(&sb);
+}
+
 #[test]
 fn service_that_never_becomes_ready_fails_at_its_ready_timeout_and_is_stopped() {
     let sb = Sandbox::new();

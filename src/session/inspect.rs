@@ -411,6 +411,11 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
                         .await
                     {
                         Ok(()) => (Liveness::Up, Some(format!("ready, {pid}{on}"))),
+                        // It was ready once: a service that no longer answers is not up.
+                        Err(e) if r.status == Status::Done => (
+                            Liveness::Down,
+                            Some(format!("runs ({pid}{on}) but no longer answers: {e}")),
+                        ),
                         Err(e) => (Liveness::Up, Some(format!("not ready: {e}"))),
                     }
                 }

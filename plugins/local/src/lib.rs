@@ -159,6 +159,9 @@ impl LocalBackend {
             for pid in &left {
                 if termed.insert(*pid) {
                     let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+                    // A stopped process (SIGSTOP, a debugger's) acts on its SIGTERM only
+                    // once it runs again.
+                    let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
                 }
             }
             left

@@ -96,12 +96,14 @@ group_of() {
 	members "$1" "$2"
 }
 # Stops the group of pid $1 (start $2, boot $3), whether or not its leader still runs:
-# SIGTERM, up to $4 tenths of a second, SIGKILL. Says what it found running (`found`), sets
+# SIGTERM (and SIGCONT: a stopped process acts on it only once it runs), up to $4 tenths of
+# a second, SIGKILL. Says what it found running (`found`), sets
 # n_ to how many and stopped_ to none, term, kill or stuck.
 stop_group() {
 	group_of "$1" "$2" "$3"
 	[ "$n_" -gt 0 ] || { stopped_=none; return 0; }
 	kill -s TERM -- "-$1" 2>/dev/null
+	kill -s CONT -- "-$1" 2>/dev/null
 	i_=0
 	while kill -s 0 -- "-$1" 2>/dev/null && [ "$i_" -lt "$4" ]; do sleep 0.1; i_=$((i_ + 1)); done
 	kill -s 0 -- "-$1" 2>/dev/null || { stopped_=term; return 0; }
