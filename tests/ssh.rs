@@ -1423,7 +1423,15 @@ async fn a_log_probe_reads_the_log_on_the_host_and_of_the_attempt_alone() {
     assert!(!report.ok(), "ready on the first attempt's line");
     assert!(msg.contains("`s` on node0"), "{msg}");
     assert!(msg.contains("was not ready after 3s"), "{msg}");
-    // What the failure quotes is the second attempt's log alone.
+    // What the failure quotes is the second attempt's log alone, named where it is: on
+    // the host.
+    let h = recorded(&state, "s");
+    let at = format!(
+        "last lines of {}:{}:",
+        h["payload"]["host"].as_str().expect("host"),
+        h["payload"]["log"].as_str().expect("log")
+    );
+    assert!(msg.contains(&at), "no `{at}` in: {msg}");
     assert!(msg.contains("second attempt"), "{msg}");
     assert!(!msg.contains("\n    up"), "{msg}");
     down(&state).await;

@@ -89,18 +89,24 @@ impl SpecTask {
     }
 
     async fn failure(&self, handle: &ProcHandle, what: String) -> TaskError {
-        let tail = self
+        let tail = self.exec.backend.log_tail(handle, LOG_LINES).await;
+        let log = self
             .exec
             .backend
-            .log_tail(handle, LOG_LINES)
-            .await
-            .unwrap_or_default();
-        let log = self.exec.log_path(&self.spec.id);
+            .log_location(handle)
+            .unwrap_or_else(|| self.exec.log_path(&self.spec.id).display().to_string());
         let mut msg = format!("`{}`{} {what}", self.spec.id, self.where_());
+        let tail = match tail {
+            Ok(t) => t,
+            Err(e) => {
+                msg.push_str(&format!("\n  its log ({log}) could not be read: {e}"));
+                return TaskError::new(msg);
+            }
+        };
         if tail.trim().is_empty() {
-            msg.push_str(&format!("\n  its log ({}) is empty", log.display()));
+            msg.push_str(&format!("\n  its log ({log}) is empty"));
         } else {
-            msg.push_str(&format!("\n  last lines of {}:", log.display()));
+            msg.push_str(&format!("\n  last lines of {log}:"));
             for l in tail.lines() {
                 msg.push_str("\n    ");
                 msg.push_str(l);

@@ -282,6 +282,12 @@ pub trait Backend: Send + Sync {
         String::new()
     }
 
+    /// Where the process's log is, for messages, when it is not the spawn's `log` on this
+    /// machine (`host:path` of a log kept on a remote host); `None`: it is that file.
+    fn log_location(&self, _handle: &ProcHandle) -> Option<String> {
+        None
+    }
+
     /// Finds the process that the spawn of `spec` (its attempt: [`SpawnSpec::attempt`])
     /// started, when its handle never reached the journal (prl-flow was killed between the
     /// fork and the journal write). `None`: that attempt started nothing.

@@ -179,6 +179,13 @@ impl<B: Backend> Backend for WithLocal<B> {
         self.remote.describe(handle)
     }
 
+    fn log_location(&self, handle: &ProcHandle) -> Option<String> {
+        if is_local(handle) {
+            return self.local.log_location(handle);
+        }
+        self.remote.log_location(handle)
+    }
+
     async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         match spec.node {
             None => self.local.recover(spec).await,

@@ -254,6 +254,12 @@ impl Backend for SshBackend {
             .unwrap_or_default()
     }
 
+    fn log_location(&self, handle: &ProcHandle) -> Option<String> {
+        parse(handle)
+            .ok()
+            .map(|h| format!("{}:{}", h.conn.host, h.log))
+    }
+
     /// A host for every node of the plan.
     async fn check(&self, nodes: &[String]) -> Result<(), Vec<ConfigError>> {
         match &self.config {
