@@ -951,19 +951,7 @@ async fn stop_and_down_end_a_group_whose_leader_is_gone() {
         name: "orphans".into(),
         backend: "ssh".into(),
         nodes: vec!["node0".into()],
-        tasks: vec![
-            task(
-                ALLOCATE,
-                ALLOCATE,
-                &[],
-                None,
-                Cmd::Builtin {
-                    action: Action::Allocate,
-                    args: Value::Null,
-                },
-            ),
-            t,
-        ],
+        tasks: vec![allocate_task(), t],
         ..Default::default()
     };
     let report = run_plan(
@@ -1175,6 +1163,20 @@ fn task(id: &str, kind: &str, needs: &[&str], node: Option<&str>, command: Cmd) 
     }
 }
 
+/// The plan's `allocate` task.
+fn allocate_task() -> TaskSpec {
+    task(
+        ALLOCATE,
+        ALLOCATE,
+        &[],
+        None,
+        Cmd::Builtin {
+            action: Action::Allocate,
+            args: Value::Null,
+        },
+    )
+}
+
 fn http_ready(url: String) -> Option<Readiness> {
     let mut r = Readiness::new(Probe::Http { url });
     r.interval = Duration::from_millis(100);
@@ -1190,16 +1192,7 @@ fn multi_node_plan(nodes: usize, router: &Path, slow: &[(usize, &str)]) -> Plan 
         .to_string_lossy()
         .into_owned();
     let node_names: Vec<String> = (0..nodes).map(|k| format!("node{k}")).collect();
-    let mut tasks = vec![task(
-        ALLOCATE,
-        ALLOCATE,
-        &[],
-        None,
-        Cmd::Builtin {
-            action: Action::Allocate,
-            args: Value::Null,
-        },
-    )];
+    let mut tasks = vec![allocate_task()];
     let mut engines = Vec::new();
     for (k, node) in node_names.iter().enumerate() {
         let host = format!("${{host:{node}}}");
@@ -1390,16 +1383,7 @@ async fn a_log_probe_reads_the_log_on_the_host_and_of_the_attempt_alone() {
     ready.interval = Duration::from_millis(50);
     ready.ready_timeout = Some(Duration::from_secs(3));
     s.ready = Some(ready);
-    let allocate = task(
-        ALLOCATE,
-        ALLOCATE,
-        &[],
-        None,
-        Cmd::Builtin {
-            action: Action::Allocate,
-            args: Value::Null,
-        },
-    );
+    let allocate = allocate_task();
     let plan = Plan {
         name: "log_probe".into(),
         backend: "ssh".into(),
@@ -2007,16 +1991,7 @@ impl Drop for CpuMeter {
 fn fanout_plan(n: usize, allocate: bool) -> Plan {
     let mut tasks = Vec::new();
     if allocate {
-        tasks.push(task(
-            ALLOCATE,
-            ALLOCATE,
-            &[],
-            None,
-            Cmd::Builtin {
-                action: Action::Allocate,
-                args: Value::Null,
-            },
-        ));
+        tasks.push(allocate_task());
     }
     let needs: &[&str] = if allocate { &[ALLOCATE] } else { &[] };
     for k in 0..n {

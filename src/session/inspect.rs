@@ -411,10 +411,11 @@ async fn liveness(exec: &Exec, r: &Record) -> (Liveness, Option<String>) {
                         .await
                     {
                         Ok(()) => (Liveness::Up, Some(format!("ready, {pid}{on}"))),
-                        // It was ready once: a service that no longer answers is not up.
+                        // It was ready once: a service that is no longer ready (hung, or
+                        // a router that lost its workers) is not up.
                         Err(e) if r.status == Status::Done => (
                             Liveness::Down,
-                            Some(format!("runs ({pid}{on}) but no longer answers: {e}")),
+                            Some(format!("runs ({pid}{on}) but is no longer ready: {e}")),
                         ),
                         Err(e) => (Liveness::Up, Some(format!("not ready: {e}"))),
                     }

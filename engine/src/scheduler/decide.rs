@@ -76,9 +76,6 @@ pub async fn decide(graph: &Graph, previous: Option<&BTreeMap<String, Record>>) 
                 }
                 Status::Done => match checks[i].take() {
                     Some(Check::Invalid(why)) => Decision::Run(Reason::NoLongerAlive(why)),
-                    // Alive but no longer ready (a hung server): kept only once it is
-                    // ready again, within its own time limits; else it fails as a start would.
-                    Some(Check::InFlight) => Decision::Adopt,
                     _ => Decision::Keep,
                 },
                 Status::Running => match checks[i].take() {

@@ -377,7 +377,6 @@ async fn resume_decisions_say_why() {
         FakeTask::new("child", &["failed"]),
         FakeTask::new("new", &[]),
         FakeTask::new("inflight", &[]).check(Check::InFlight),
-        FakeTask::new("hung", &[]).service().check(Check::InFlight),
     ]);
     let prev: BTreeMap<String, Record> = [
         record("ok", Status::Done, "1"),
@@ -386,7 +385,6 @@ async fn resume_decisions_say_why() {
         record("failed", Status::Failed, "1"),
         record("child", Status::Done, "1"),
         record("inflight", Status::Running, "1"),
-        record("hung", Status::Done, "1"),
     ]
     .into_iter()
     .map(|r| (r.id.clone(), r))
@@ -402,8 +400,6 @@ async fn resume_decisions_say_why() {
     assert_eq!(d[4], Decision::Run(Reason::UpstreamReRan("failed".into())));
     assert_eq!(d[5], Decision::Run(Reason::NeverRan));
     assert_eq!(d[6], Decision::Adopt);
-    // Done, alive, but not ready now: waited for, not kept as it is.
-    assert_eq!(d[7], Decision::Adopt);
     let r = run(
         &s.graph,
         &d,
