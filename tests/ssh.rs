@@ -563,7 +563,11 @@ async fn processes_on_real_hosts_start_report_and_stop() {
         t.contains("hello; rm -rf /").then_some(t)
     })
     .await;
-    assert_eq!(text, format!("{tricky}\nhello; rm -rf /\n"));
+    // The log as the process wrote it, after the line that marks its attempt's start.
+    assert_eq!(
+        text,
+        format!("── prl-flow: `svc` starts ──\n{tricky}\nhello; rm -rf /\n")
+    );
     let (_, end) = later.read_log(&h, 0).await.expect("log");
     let (more, end2) = later.read_log(&h, end).await.expect("log from offset");
     assert_eq!((more.as_str(), end2), ("", end));
