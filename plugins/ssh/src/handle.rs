@@ -4,6 +4,20 @@
 //! time, boot id) and its files; an [`AllocHandle`] maps nodes to hosts. Both are JSON in
 //! the journal, so their shape does not change. Also here: the remote base dir's name and
 //! the checks a spawn spec passes before any script is written.
+//!
+//! The payload of a process's handle:
+//!
+//! ```json
+//! { "host": "10.0.0.12", "user": "root", "port": 22, "node": "node1",
+//!   "pid": 4242, "start": 1234567, "boot_id": "6c1e...", "service": true,
+//!   "run_dir": "/root/.prl-flow/remote/multi_node-1a2b3c4d/run/engine1",
+//!   "log": "/root/.prl-flow/remote/multi_node-1a2b3c4d/logs/engine1.log",
+//!   "status_file": "/root/.prl-flow/remote/multi_node-1a2b3c4d/run/engine1/exit-status",
+//!   "ssh": { "config": "/etc/prl-flow/ssh_config" } }
+//! ```
+//!
+//! `ssh` holds the recipe's non-default ssh settings, so a later prl-flow reaches the host
+//! exactly as the run did.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};

@@ -43,20 +43,9 @@
 //! `allocate`, looks every program a host runs up on its `PATH` in one round trip per host
 //! ([`script::preflight`]).
 //!
-//! **Handles** are JSON the journal keeps; the payload of a process's:
-//!
-//! ```json
-//! { "host": "10.0.0.12", "user": "root", "port": 22, "node": "node1",
-//!   "pid": 4242, "start": 1234567, "boot_id": "6c1e...", "service": true,
-//!   "run_dir": "/root/.prl-flow/remote/multi_node-1a2b3c4d/run/engine1",
-//!   "log": "/root/.prl-flow/remote/multi_node-1a2b3c4d/logs/engine1.log",
-//!   "status_file": "/root/.prl-flow/remote/multi_node-1a2b3c4d/run/engine1/exit-status",
-//!   "ssh": { "config": "/etc/prl-flow/ssh_config" } }
-//! ```
-//!
-//! `ssh` holds the recipe's non-default ssh settings, so [`SshBackend::from_handles`] (what
-//! `status`, `down` and `logs` use, with no recipe at hand) reaches the host exactly as the
-//! run did.
+//! **Handles** are JSON the journal keeps (`handle.rs` shows one), enough for
+//! [`SshBackend::from_handles`] (what `status`, `down` and `logs` use, with no recipe at
+//! hand) to reach the host exactly as the run did.
 //!
 //! **Failures.** An unreachable host fails its tasks with the host named and ssh's own
 //! message. A connection that drops does not touch remote processes (they are in sessions
