@@ -12,22 +12,7 @@ impl SpecTask {
     /// The port a probe reaches, when it is one this task says it listens on: only then can
     /// the answer be checked against the process that was started.
     fn probed_port(&self, probe: &Probe) -> Option<(String, u16)> {
-        let (host, port) = match probe {
-            Probe::Http { url } => {
-                let url = reqwest::Url::parse(&self.exec.resolve(url)).ok()?;
-                (url.host_str()?.to_string(), url.port_or_known_default()?)
-            }
-            Probe::Tcp { addr } => {
-                let addr = self.exec.resolve(addr);
-                let (host, port) = addr.rsplit_once(':')?;
-                (host.to_string(), port.parse().ok()?)
-            }
-            Probe::Log { .. } => return None,
-        };
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let (host, port) = probe.endpoint(|t| self.exec.resolve(t))?;
         self.spec.ports.contains(&port).then_some((host, port))
     }
 

@@ -348,6 +348,26 @@ impl Probe {
             Probe::Log { regex } => format!("log /{regex}/"),
         }
     }
+
+    /// The host (without IPv6 brackets) and port an `http` or `tcp` probe reaches, its
+    /// text passed through `resolve` first (the run's `${host:NODE}` addresses); `None` for
+    /// a `log` probe or an address that does not parse.
+    pub fn endpoint(&self, resolve: impl Fn(&str) -> String) -> Option<(String, u16)> {
+        let (host, port) = match self {
+            Probe::Http { url } => {
+                let url = reqwest::Url::parse(&resolve(url)).ok()?;
+                (url.host_str()?.to_string(), url.port_or_known_default()?)
+            }
+            Probe::Tcp { addr } => {
+                let addr = resolve(addr);
+                let (host, port) = addr.rsplit_once(':')?;
+                (host.to_string(), port.parse().ok()?)
+            }
+            Probe::Log { .. } => return None,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Some((host.to_string(), port))
+    }
 }
 
 impl TaskSpec {

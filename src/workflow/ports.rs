@@ -58,33 +58,23 @@ pub(super) fn own_ports(
 /// of who listens there.
 fn probed_own_port(probe: &Probe, node: Option<&str>) -> Option<(u16, &'static str)> {
     const OWN: &str = "own-node.invalid";
-    let lookup = |n: &str| {
-        Some(
-            if Some(n) == node {
-                OWN
-            } else {
-                "other-node.invalid"
-            }
-            .to_string(),
-        )
-    };
-    let (host, port, field) = match probe {
-        Probe::Http { url } => {
-            let url = reqwest::Url::parse(&crate::plan::resolve_hosts(url, &lookup)).ok()?;
-            (
-                url.host_str()?.to_string(),
-                url.port_or_known_default()?,
-                "ready.http",
-            )
-        }
-        Probe::Tcp { addr } => {
-            let addr = crate::plan::resolve_hosts(addr, &lookup);
-            let (host, port) = addr.rsplit_once(':')?;
-            (host.to_string(), port.parse().ok()?, "ready.tcp")
-        }
+    let field = match probe {
+        Probe::Http { .. } => "ready.http",
+        Probe::Tcp { .. } => "ready.tcp",
         Probe::Log { .. } => return None,
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (host, port) = probe.endpoint(|t| {
+        crate::plan::resolve_hosts(t, &|n| {
+            Some(
+                if Some(n) == node {
+                    OWN
+                } else {
+                    "other-node.invalid"
+                }
+                .to_string(),
+            )
+        })
+    })?;
     let own = match node {
         Some(_) => host == OWN,
         None => {
