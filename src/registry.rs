@@ -107,7 +107,8 @@ impl Registry {
 
     /// Checks the plan's `[backend]` table with its backend, before anything starts: every
     /// problem at once, each at its field's value when the file writes it, else at the
-    /// table's header (e.g. a recipe that needs more nodes than there are ssh hosts). A plugin's table is its own business: it is checked when it starts.
+    /// table's header (e.g. a recipe that needs more nodes than there are ssh hosts). A
+    /// plugin's table is its own business: it is checked when it starts.
     pub async fn check(
         &self,
         plan: &Plan,

@@ -35,10 +35,13 @@ impl<'a> TableReader<'a> {
                 continue;
             }
             let e = ConfigError::new(key, format!("is not a field of the {backend} backend"));
-            let listed: Vec<&str> = fields.iter().copied().filter(|f| *f != "type").collect();
             self.errors.push(match suggest(key, fields) {
                 Some(s) => e.help(format!("did you mean `{s}`?")),
-                None => e.help(format!("fields: {}", listed.join(", "))),
+                None => {
+                    let listed: Vec<&str> =
+                        fields.iter().copied().filter(|f| *f != "type").collect();
+                    e.help(format!("fields: {}", listed.join(", ")))
+                }
             });
         }
     }
