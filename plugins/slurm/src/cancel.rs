@@ -90,7 +90,15 @@ impl SlurmBackend {
             }
         }
         if let Some(dir) = state_dir {
-            let (cluster, jobs) = self.unrecorded_jobs(dir).await;
+            let (cluster, jobs, unknown) = self.unrecorded_jobs(dir).await;
+            // `down` must not say all is gone when it could not look.
+            if let Some(why) = unknown {
+                out.push(Stopped {
+                    id: "(the jobs this state dir submitted)".to_string(),
+                    was_running: false,
+                    error: Some(why),
+                });
+            }
             for job in jobs {
                 if let std::collections::btree_map::Entry::Vacant(slot) =
                     groups.entry(job_key(&cluster, &job))
@@ -156,31 +164,46 @@ impl SlurmBackend {
     /// recorded them, and the cluster they went to (from the state dir's cluster file, else
     /// this backend's): the one its job file names, and any job of this user whose command
     /// is the state dir's holder script (its id was lost: prl-flow was killed between
-    /// `sbatch` and writing it down).
-    async fn unrecorded_jobs(&self, dir: &Path) -> (Cluster, Vec<String>) {
+    /// `sbatch` and writing it down). The job file's job is among them unless SLURM says it
+    /// has ended (cancelling what has ended is harmless); when SLURM could not list this
+    /// user's jobs, the third part says so: jobs may then be left that nothing names.
+    async fn unrecorded_jobs(&self, dir: &Path) -> (Cluster, Vec<String>, Option<String>) {
         let sub = dir.join(STATE_SUBDIR);
         let cluster = std::fs::read(sub.join(CLUSTER_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice::<Cluster>(&b).ok())
             .unwrap_or_else(|| self.cluster.clone());
         let mut jobs = Vec::new();
+        let mut unknown = None;
         if let Some((job, _)) = read_job_file(&sub.join(JOB_FILE)) {
-            if let Ok(Some(info)) = cluster.job(&job).await {
-                if info.is_pending() || info.is_alive() {
-                    jobs.push(job);
-                }
+            match cluster.job(&job).await {
+                Ok(Some(info)) if !(info.is_pending() || info.is_alive()) => {}
+                Ok(None) => {}
+                _ => jobs.push(job),
             }
         }
         let script = sub.join(HOLDER_SCRIPT);
         if script.exists() {
             let script = std::path::absolute(&script).unwrap_or(script);
-            for job in cluster.jobs_of_script(&script).await.unwrap_or_default() {
-                if !jobs.contains(&job) {
-                    jobs.push(job);
+            match cluster.jobs_of_script(&script).await {
+                Ok(found) => {
+                    for job in found {
+                        if !jobs.contains(&job) {
+                            jobs.push(job);
+                        }
+                    }
+                }
+                Err(e) => {
+                    unknown = Some(format!(
+                        "could not list the jobs submitted from `{}`, so any that were never \
+                         recorded may still pend or run (check `squeue --me`): {}",
+                        dir.display(),
+                        e.message
+                    ))
                 }
             }
         }
-        (cluster, jobs)
+        (cluster, jobs, unknown)
     }
 }
 
@@ -322,6 +345,42 @@ mod tests {
             id: id.into(),
             held: Held::Process(h),
         }
+    }
+
+    #[tokio::test]
+    async fn down_says_so_when_slurm_cannot_list_the_jobs_a_state_dir_submitted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = fake_cluster(dir.path());
+        // This user's jobs cannot be listed (slurmctld unreachable); other queries answer.
+        let squeue = dir.path().join("squeue");
+        std::fs::write(
+            &squeue,
+            "#!/bin/sh\ncase \"$*\" in *--me*) echo 'slurm_load_jobs error: Unable to contact \
+             slurm controller' >&2; exit 1;; esac\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&squeue, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let state = dir.path().join("state");
+        let sub = state.join(STATE_SUBDIR);
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        std::fs::write(sub.join(HOLDER_SCRIPT), "#!/bin/sh\n").expect("write");
+        std::fs::write(
+            sub.join(CLUSTER_FILE),
+            serde_json::to_vec(&cluster).expect("json"),
+        )
+        .expect("write");
+
+        let b = SlurmBackend::for_handles();
+        let done = b.teardown(&[], Duration::from_secs(1), Some(&state)).await;
+        let errors: Vec<&str> = done.iter().filter_map(|s| s.error.as_deref()).collect();
+        assert_eq!(errors.len(), 1, "{done:?}");
+        assert!(
+            errors[0].contains("could not list the jobs")
+                && errors[0].contains("Unable to contact slurm controller"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[tokio::test]
