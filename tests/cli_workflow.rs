@@ -1383,6 +1383,40 @@ fn attach_restarts_a_dead_service_and_ctrl_c_leaves_nothing() {
     assert_nothing_runs(&sb);
 }
 
+/// A restart that fails leaves the service down, and the healer tries again (within the
+/// budget) rather than forgetting it.
+#[test]
+fn attach_tries_again_after_a_failed_restart() {
+    let sb = Sandbox::new();
+    sb.write(
+        "chain.toml",
+        &CHAIN.replacen(
+            "run = 'trap \"echo b",
+            "run = '[ -f \"$WORK/broken\" ] && exit 3; trap \"echo b",
+            1,
+        ),
+    );
+    let text = std::fs::read_to_string(sb.join("chain.toml")).expect("read");
+    assert!(text.contains("broken"), "{text}");
+    let mut run = attached(&sb);
+    sb.write("broken", "");
+    let b = pid_of(&sb.join("st"), "b").expect("b's pid");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(b), Signal::SIGKILL).expect("kill b");
+    wait_until("the restart of `b` to fail", WAIT, || {
+        run.stderr_text().contains("heal: the restart failed")
+    });
+    assert!(!run.stderr_text().contains("heal: restarted `b`"));
+    std::fs::remove_file(sb.join("broken")).expect("rm");
+    wait_until("`b` restarted after all", WAIT, || {
+        run.stderr_text().contains("heal: restarted `b`")
+    });
+    let again = pid_of(&sb.join("st"), "b").expect("b's new pid");
+    assert!(alive(again));
+    run.signal(Signal::SIGINT);
+    run.wait(COMMAND_DEADLINE).expect_code(0);
+    assert_nothing_runs(&sb);
+}
+
 /// `run --attach` ends by itself when `down` runs elsewhere.
 #[test]
 fn attach_ends_when_down_runs_elsewhere() {

@@ -136,6 +136,44 @@ fn a_fresh_run_refuses_while_a_killed_runs_one_shot_still_runs() {
     assert_eq!(sb.count("marks", "started"), 2);
 }
 
+/// A one-shot recorded as cancelled whose stop did not reach it (its host did not answer,
+/// say) may still run: a fresh run is refused over it, and `down` stops it.
+#[test]
+fn a_one_shot_recorded_cancelled_that_still_runs_is_not_forgotten() {
+    let sb = Sandbox::new();
+    let st = sb.track_state_dir("st");
+    sb.write(
+        "wf.toml",
+        "[[task]]\nid = \"once\"\n\
+         run = \"echo started >> \\\"$WORK/marks\\\"; while :; do sleep 0.05; done\"\n",
+    );
+    let mut first = sb.spawn("first", &["run", "wf.toml", "--state-dir", "st"]);
+    let pid = common::wait_for("the one-shot's handle in the journal", WAIT, || {
+        pid_of(&st, "once")
+    });
+    wait_until("the one-shot's start mark", WAIT, || {
+        sb.count("marks", "started") == 1
+    });
+    first.kill9();
+    // What a run whose stop failed leaves: the record says cancelled, the process runs.
+    let journal = prl_flow_engine::Journal::open(&st, true, "test").expect("journal");
+    journal.update("once", |r| r.status = prl_flow_engine::Status::Cancelled);
+    journal.close().expect("close");
+    assert!(alive(pid));
+
+    let out = sb.run(&["run", "wf.toml", "--state-dir", "st"]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("once"), "{}", out.stderr);
+    assert_eq!(sb.count("marks", "started"), 1, "the one-shot ran twice");
+    let out = sb.run(&["down", "--state-dir", "st"]);
+    out.expect_code(0);
+    assert!(
+        !alive(pid) && common::group_members(pid).is_empty(),
+        "down left the one-shot running: {}",
+        out.stderr
+    );
+}
+
 /// A workflow whose service `web` keeps running after the run, and the state dir it ran in.
 fn live_service(sb: &Sandbox) -> (PathBuf, i32) {
     let st = sb.track_state_dir("st");

@@ -41,6 +41,8 @@ pub struct FakeTask {
     pub trace: Option<Trace>,
     pub runs: AtomicU32,
     pub undos: AtomicU32,
+    /// Its `undo` fails (a host that does not answer).
+    pub undo_fails: bool,
 }
 
 impl FakeTask {
@@ -58,7 +60,13 @@ impl FakeTask {
             trace: None,
             runs: AtomicU32::new(0),
             undos: AtomicU32::new(0),
+            undo_fails: false,
         }
+    }
+    /// Its `undo` fails.
+    pub fn undo_fails(mut self) -> Self {
+        self.undo_fails = true;
+        self
     }
     pub fn behaviour(mut self, b: Behaviour) -> Self {
         self.behaviour = b;
@@ -172,6 +180,9 @@ impl Task for FakeTask {
     async fn undo(&self, _handle: &Handle) -> Result<(), TaskError> {
         self.undos.fetch_add(1, Ordering::SeqCst);
         self.note("undo");
+        if self.undo_fails {
+            return Err(TaskError::new(format!("cannot reach {}", self.id)));
+        }
         Ok(())
     }
 }

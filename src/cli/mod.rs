@@ -388,7 +388,7 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
     let s = &ran.report.summary;
     if ran.report.cancelled {
         let by = by.lock().map(|b| b.clone()).unwrap_or_default();
-        eprintln!("{}", show::cancelled_line(s, &by, a.keep, &file));
+        eprintln!("{}", show::cancelled_line(&ran.report, &by, a.keep, &file));
         return Ok(130);
     }
     if ran.report.ok() {

@@ -264,10 +264,18 @@ pub fn ok_line(s: &Summary) -> String {
 
 /// The one line a cancelled run ends with: why it stopped, the counts, and what it left.
 /// `by` is the signal's name, or who sent it (`prl-flow down`).
-pub fn cancelled_line(s: &Summary, by: &str, keep: bool, file: &str) -> String {
+pub fn cancelled_line(report: &Report, by: &str, keep: bool, file: &str) -> String {
+    let s = &report.summary;
     let took = prl_flow_engine::fmt_duration(std::time::Duration::from_millis(s.elapsed_ms));
     let left = if keep {
         format!("services it started are left running (--keep); `prl-flow down {file}` stops them")
+    } else if !report.unstopped.is_empty() {
+        let ids: Vec<&str> = report.unstopped.iter().map(|(id, _)| id.as_str()).collect();
+        format!(
+            "{} could not be stopped and may still run: {}; `prl-flow down {file}` tries again",
+            count(ids.len(), "service"),
+            ids.join(", ")
+        )
     } else {
         "everything it started is stopped".to_string()
     };
@@ -317,6 +325,13 @@ pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str, rerun: &str
         let _ = writeln!(
             msg,
             "services were left running (--keep); `prl-flow down {file}` stops them"
+        );
+    }
+    for (id, why) in &report.unstopped {
+        let _ = writeln!(
+            msg,
+            "error: `{id}` could not be stopped and may still run: {why}\n  \
+             help: `prl-flow down {file}` tries again"
         );
     }
     msg.push_str(&format!(

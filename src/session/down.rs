@@ -95,7 +95,9 @@ impl Session {
         let mut groups: Vec<(String, Arc<dyn Backend>, Vec<Recorded>)> = Vec::new();
         for r in records {
             let Some(h) = &r.handle else { continue };
-            if r.status == Status::Stopped || !(r.service || r.status == Status::Running) {
+            // A one-shot that ran to its end has ended; one that failed, timed out or was
+            // cancelled was stopped then, unless that stop failed: it is looked at again.
+            if r.status == Status::Stopped || (!r.service && r.status == Status::Done) {
                 continue;
             }
             let held = match Held::from_json(h) {
@@ -135,7 +137,12 @@ impl Session {
                 if s.was_running && process {
                     report.stopped += 1;
                 }
+                // A one-shot that had ended keeps its record's word on how.
+                let ended_one_shot = journal
+                    .get(&s.id)
+                    .is_some_and(|r| !r.service && r.status != Status::Running);
                 match s.error {
+                    None if ended_one_shot && !s.was_running => {}
                     None => {
                         journal.update(&s.id, |rec| rec.status = Status::Stopped);
                         if s.was_running && process {

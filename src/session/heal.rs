@@ -129,17 +129,24 @@ fn interval_of(plan: &Plan) -> Duration {
         .max(Duration::from_millis(100))
 }
 
-/// Services recorded as up whose process is not running.
+/// Services recorded as up whose process is not running, and those whose last restart
+/// failed: they are still down, and each look counts against the restart budget.
 async fn dead_services(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
     let mut dead = Vec::new();
     for r in records.values() {
-        if !r.service || is_allocation(r) || r.status != Status::Done {
+        if !r.service || is_allocation(r) {
             continue;
         }
-        if let Some(h) = proc_handle(r) {
-            if !matches!(backend.status(&h).await, Ok(ProcState::Running)) {
-                dead.push(r.id.clone());
+        match r.status {
+            Status::Failed | Status::TimedOut => dead.push(r.id.clone()),
+            Status::Done => {
+                if let Some(h) = proc_handle(r) {
+                    if !matches!(backend.status(&h).await, Ok(ProcState::Running)) {
+                        dead.push(r.id.clone());
+                    }
+                }
             }
+            _ => {}
         }
     }
     dead

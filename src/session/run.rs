@@ -319,24 +319,30 @@ pub(crate) async fn recover_missing(
     }
 }
 
-/// What an earlier run left that still runs, by id: services alive, and one-shots still in
-/// flight (a killed run's; a fresh run would start them a second time while they run).
+/// What an earlier run left that still runs, by id: services alive, one-shots still in
+/// flight (a killed run's; a fresh run would start them a second time while they run), and
+/// what the backend cannot say of.
 async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
     let mut live = Vec::new();
     for r in records.values() {
-        let may_run = if r.service {
-            matches!(r.status, Status::Done | Status::Running)
-        } else {
-            r.status == Status::Running
-        };
+        // What failed, timed out or was cancelled is stopped then, but a stop that could
+        // not reach it leaves it recorded so; a one-shot that ran to its end has ended.
+        let may_run = r.status != Status::Stopped && (r.service || r.status != Status::Done);
         if may_run && !is_allocation(r) {
             if let Some(h) = super::proc_handle(r) {
-                if matches!(backend.status(&h).await, Ok(ProcState::Running)) {
-                    live.push(if r.service {
+                // A backend that cannot tell (a host that does not answer) is no proof that
+                // nothing runs: a fresh run would forget what may still be there.
+                match backend.status(&h).await {
+                    Ok(ProcState::Running) => live.push(if r.service {
                         r.id.clone()
                     } else {
                         format!("{} (a one-shot, still running)", r.id)
-                    });
+                    }),
+                    Ok(_) => {}
+                    Err(e) => live.push(format!(
+                        "{} (cannot tell whether it still runs: {})",
+                        r.id, e.message
+                    )),
                 }
             }
         }

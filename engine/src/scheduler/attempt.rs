@@ -57,10 +57,25 @@ pub(super) fn start<'g>(
         let began = Instant::now();
         let policy = task.policy();
         let service = task.is_service();
-        // A re-run replaces what an earlier run left behind: stop that first.
+        // A re-run replaces what an earlier run left behind: stop that first. What cannot
+        // be stopped may still run, so nothing is started beside it; its record (not
+        // started again) keeps naming it.
         if !adopt {
             if let Some(h) = &prior {
-                let _ = task.undo(h).await;
+                if let Err(e) = task.undo(h).await {
+                    return Finish {
+                        index,
+                        outcome: Outcome::Failed,
+                        done: None,
+                        error: Some(TaskError::new(format!(
+                            "what an earlier run started of `{id}` could not be stopped, so \
+                             nothing was started beside it: {}",
+                            e.message
+                        ))),
+                        duration: began.elapsed(),
+                        left: false,
+                    };
+                }
             }
         }
         let mut attempt = 1;

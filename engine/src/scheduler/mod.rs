@@ -76,6 +76,9 @@ pub struct Report {
     /// The run stopped because a subscriber could not keep up its promise (the journal
     /// could not be written), and why.
     pub broken: Option<String>,
+    /// Services the teardown of a failed or cancelled run could not stop: `(id, why)`. They
+    /// may still run; their records keep their handles.
+    pub unstopped: Vec<(String, String)>,
 }
 
 impl Report {

@@ -237,6 +237,7 @@ pub async fn run(
     // A broken journal may not hold these services' handles: `--keep` would leave them
     // where no later prl-flow finds them, so they are stopped whatever `keep` says.
     let failed = !summary.ok() || cancelled || broken.is_some();
+    let mut unstopped = Vec::new();
     if failed && (!options.keep || broken.is_some()) {
         for &i in finish_order.iter().rev() {
             let task = graph.task(i);
@@ -245,6 +246,9 @@ pub async fn run(
             }
             if let Some(h) = handles[i].take() {
                 let error = task.undo(&h).await.err().map(|e| e.message);
+                if let Some(why) = &error {
+                    unstopped.push((ids[i].to_string(), why.clone()));
+                }
                 sink.emit(&Event::Undone {
                     index: i,
                     id: ids[i].clone(),
@@ -264,6 +268,7 @@ pub async fn run(
         errors,
         cancelled,
         broken,
+        unstopped,
     }
 }
 

@@ -545,3 +545,60 @@ async fn every_start_is_committed_before_its_task_runs() {
     }
     assert_eq!(runs, 6, "{trace:?}");
 }
+
+/// A re-run first stops what the earlier run left; when that stop fails, what it left may
+/// still run, and the task is not started a second time beside it.
+#[tokio::test]
+async fn a_rerun_whose_leftover_cannot_be_stopped_starts_nothing_beside_it() {
+    let s = setup(vec![
+        FakeTask::new("engine", &[])
+            .check(Check::Invalid("no longer ready".into()))
+            .service()
+            .undo_fails(),
+        FakeTask::new("after", &["engine"]),
+    ]);
+    let mut engine = record("engine", Status::Done, "1");
+    engine.service = true;
+    engine.handle = Some(serde_json::json!({ "fake": "engine" }));
+    let prev: BTreeMap<String, Record> = [(engine.id.clone(), engine)].into_iter().collect();
+    let d = decide(&s.graph, Some(&prev)).await;
+    let r = run(
+        &s.graph,
+        &d,
+        Some(&prev),
+        &RunOptions::default(),
+        Sink::none(),
+        Cancel::never(),
+    )
+    .await;
+    assert_eq!(s.tasks[0].undos.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        s.tasks[0].runs.load(Ordering::SeqCst),
+        0,
+        "started beside it"
+    );
+    assert_eq!(r.outcomes[0], Some(Outcome::Failed));
+    let why = &r.errors[0].as_ref().expect("an error").message;
+    assert!(
+        why.contains("could not be stopped") && why.contains("cannot reach engine"),
+        "{why}"
+    );
+}
+
+/// A failed run's teardown that cannot stop a service says so in the report, which the
+/// command line turns into what is left running.
+#[tokio::test]
+async fn a_service_the_teardown_cannot_stop_is_in_the_report() {
+    let s = setup(vec![
+        FakeTask::new("db", &[]).service().undo_fails(),
+        FakeTask::new("web", &["db"]).service(),
+        FakeTask::new("bad", &["web"]).behaviour(Behaviour::Fail),
+    ]);
+    let r = go(&s, RunOptions::default()).await;
+    assert!(!r.ok());
+    assert_eq!(
+        r.unstopped,
+        [("db".to_string(), "cannot reach db".to_string())]
+    );
+    assert_eq!(s.tasks[1].undos.load(Ordering::SeqCst), 1);
+}
