@@ -656,6 +656,41 @@ fn down_stops_what_is_left_of_a_group_whose_leader_died() {
     assert!(!alive(worker), "the worker still runs after down");
 }
 
+/// A fresh run forgets the earlier run's journal: what is left of a service whose leader
+/// died is stopped first, or no later `down` could find it.
+#[test]
+fn a_fresh_run_stops_what_is_left_of_a_group_whose_leader_died() {
+    let sb = Sandbox::new();
+    sb.write(
+        "orphan.toml",
+        "[[task]]\nid = \"server\"\nservice = true\n\
+         run = \"sleep 4032 & echo $! > worker.pid; exec sleep 0.2\"\n",
+    );
+    let st = sb.join("st");
+    sb.run(&["run", "orphan.toml", "--state-dir", "st"])
+        .expect_code(0);
+    let leader = pid_of(&st, "server").expect("the service's pid is recorded");
+    let worker_pid = sb.join("worker.pid");
+    let worker: i32 = wait_for("the worker's pid", WAIT, || {
+        std::fs::read_to_string(&worker_pid)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    });
+    wait_until("the leader to end", WAIT, || !alive(leader));
+    assert!(alive(worker), "the worker must outlive its leader");
+    std::fs::remove_file(&worker_pid).expect("rm");
+
+    sb.run(&["run", "orphan.toml", "--state-dir", "st"])
+        .expect_code(0);
+    assert!(
+        !alive(worker),
+        "the earlier run's worker still runs, and no journal names it"
+    );
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. live services: refuse a fresh run, status, resume after a death, logs, down
 

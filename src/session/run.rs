@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use prl_flow_backend::{Backend, ProcState, SpawnSpec};
+use prl_flow_backend::{Backend, Held, ProcState, Recorded, SpawnSpec};
 use prl_flow_engine::{
     decide, Cancel, Decision, Graph, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
 };
@@ -113,7 +113,10 @@ pub async fn prepare(
     let mut previous = journal.records();
     recover_missing(backend.clone(), &journal, &mut previous).await;
     if !settings.resume {
-        let live = live_work(backend.as_ref(), &previous).await;
+        let mut live = live_work(backend.as_ref(), &previous).await;
+        if live.is_empty() {
+            live = stop_leftovers(backend.as_ref(), &previous).await;
+        }
         if !live.is_empty() {
             return Err(PrepareError::Session(Error::LiveServices {
                 dir: dir.to_path_buf(),
@@ -317,6 +320,42 @@ pub(crate) async fn recover_missing(
             journal.update_now(&r.id, |rec| rec.handle = Some(h.into()));
         }
     }
+}
+
+/// Stops what is left of the earlier run's services whose leaders have ended (a crashed
+/// server's workers), which a fresh run would otherwise forget with the journal: one
+/// teardown, last started first, as `down` does (on SLURM, one `scancel` per job). What
+/// could not be stopped, by id with why, for the refusal.
+async fn stop_leftovers(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
+    let mut services: Vec<&Record> = records
+        .values()
+        .filter(|r| r.service && r.status != Status::Stopped && !is_allocation(r))
+        .collect();
+    services.sort_by_key(|r| std::cmp::Reverse(r.seq));
+    let items: Vec<Recorded> = services
+        .into_iter()
+        .filter_map(|r| {
+            Some(Recorded {
+                id: r.id.clone(),
+                held: Held::Process(super::proc_handle(r)?),
+            })
+        })
+        .collect();
+    if items.is_empty() {
+        return Vec::new();
+    }
+    backend
+        .teardown(&items, crate::exec::STOP_GRACE, None)
+        .await
+        .into_iter()
+        .filter_map(|s| {
+            let why = s.error?;
+            Some(format!(
+                "{} (what is left of it could not be stopped: {why})",
+                s.id
+            ))
+        })
+        .collect()
 }
 
 /// What an earlier run left that still runs, by id: services alive, one-shots still in
