@@ -1469,6 +1469,31 @@ fn attach_ends_when_down_runs_elsewhere() {
     assert_nothing_runs(&sb);
 }
 
+/// `down` elsewhere takes a while (each service takes 0.3 s to end): the attached run sees
+/// the first services end while `down` still runs, and must not bring them back once `down`
+/// is done.
+#[test]
+fn attach_does_not_restart_what_a_slow_down_elsewhere_stopped() {
+    let sb = Sandbox::new();
+    sb.write(
+        "chain.toml",
+        &CHAIN.replace("trap \"echo", "trap \"sleep 0.3; echo"),
+    );
+    let mut run = attached(&sb);
+    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+    let out = run.wait(COMMAND_DEADLINE);
+    out.expect_code(0);
+    assert!(
+        out.stderr
+            .contains("the deployment was stopped by `prl-flow down`"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("heal: restarted"), "{}", out.stderr);
+    assert_eq!(sb.lines("stops"), ["c", "b", "a"]);
+    assert_nothing_runs(&sb);
+}
+
 /// `logs -f` prints what a task appends, as it comes, and ends when the task ends.
 #[test]
 fn logs_follow_prints_what_is_appended_and_ends_with_the_task() {

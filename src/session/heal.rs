@@ -271,6 +271,22 @@ impl Session {
                 () = &mut stop => return WatchEnd::Signalled,
                 () = tokio::time::sleep(wait) => {}
             }
+            // A `down` elsewhere (whose stops may be what looked like deaths) is not undone:
+            // what it stopped is not restarted, and once all is stopped the watch ends.
+            if let Ok(now) = journal::load(dir) {
+                let stopped = |id: &str| now.get(id).is_some_and(|r| r.status == Status::Stopped);
+                if now
+                    .values()
+                    .filter(|r| r.service && !is_allocation(r) && r.handle.is_some())
+                    .all(|r| r.status == Status::Stopped)
+                {
+                    return WatchEnd::StoppedElsewhere;
+                }
+                restart.retain(|id| !stopped(id));
+                if restart.is_empty() {
+                    continue;
+                }
+            }
             let settings = RunSettings {
                 state_dir: Some(dir.to_path_buf()),
                 resume: true,
