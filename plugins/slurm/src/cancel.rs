@@ -211,8 +211,9 @@ impl SlurmBackend {
 /// of it: `whole` is, with the allocation's agent told to stop (its `stop` file in
 /// `agent_dir`), one `scancel --signal=TERM J` (and a plain `scancel J` if the job is still
 /// there after `grace`), else one `scancel J`; else one `scancel --signal=TERM` for the steps, up to
-/// `grace` for them to end, and one `--signal=KILL` for those still there. `None` when all
-/// of it has ended; else what went wrong (an unanswered query counts as "still there").
+/// `grace` for them to end, and one `--signal=KILL` for those still there. `None` when SLURM
+/// shows none of it (a failed `scancel` of what had ended is no failure); else what is left
+/// and what went wrong (an unanswered query counts as "still there").
 pub(crate) async fn cancel_job(
     cluster: &Cluster,
     job: &str,
@@ -303,7 +304,15 @@ pub(crate) async fn cancel_job(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    error.or_else(|| (!still.is_empty()).then_some(still))
+    // SLURM's word on what is left decides: `scancel --quiet` of a job or step that has
+    // ended fails without a message, and cancelling what has ended is no failure.
+    if still.is_empty() {
+        return None;
+    }
+    Some(match error {
+        Some(e) => format!("{e}; {still}"),
+        None => still,
+    })
 }
 
 /// Whether SLURM still runs (or will run) `job`; a failed query counts as running.
@@ -345,6 +354,28 @@ mod tests {
             id: id.into(),
             held: Held::Process(h),
         }
+    }
+
+    /// `scancel --quiet` of a step that has ended fails without a word; SLURM shows nothing
+    /// left of it, so the stop went well.
+    #[tokio::test]
+    async fn a_failed_scancel_of_what_has_ended_is_no_failure() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = fake_cluster(dir.path());
+        let scancel = dir.path().join("scancel");
+        std::fs::write(&scancel, "#!/bin/sh\nexit 1\n").expect("write");
+        std::fs::set_permissions(&scancel, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let b = SlurmBackend::for_handles();
+        let done = b
+            .teardown(
+                &[step(&cluster, "a", "12", "12.1")],
+                Duration::from_secs(1),
+                None,
+            )
+            .await;
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].error, None, "{done:?}");
     }
 
     #[tokio::test]
