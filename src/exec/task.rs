@@ -259,17 +259,25 @@ impl Task for SpecTask {
             backoff: self.spec.backoff.unwrap_or(Policy::default().backoff),
         }
     }
+    /// What `status`, `down` and a resume read of a record besides its handle: the node,
+    /// the readiness probe, and an allocation's backend. Only what the task has: a one-shot
+    /// of a workflow keeps an empty map, which costs no allocation per record.
     fn meta(&self) -> serde_json::Value {
-        let mut meta = serde_json::json!({
-            "node": self.spec.node,
-            "log": self.exec.log_path(&self.spec.id),
-            "ready": self.spec.ready,
-        });
+        let mut meta = serde_json::Map::new();
+        if let Some(node) = &self.spec.node {
+            meta.insert("node".into(), node.clone().into());
+        }
+        if let Some(ready) = &self.spec.ready {
+            meta.insert(
+                "ready".into(),
+                serde_json::to_value(ready).unwrap_or_default(),
+            );
+        }
         // An allocation in flight has no handle yet: `down` learns its backend from here.
         if self.action().is_some_and(|a| a.held()) {
-            meta["backend"] = self.exec.backend.name().into();
+            meta.insert("backend".into(), self.exec.backend.name().into());
         }
-        meta
+        meta.into()
     }
 
     async fn run(&self, cx: &TaskContext) -> Result<Done, TaskError> {

@@ -155,9 +155,13 @@ pub async fn run(
         state[i] = State::Finished;
         outcomes[i] = Some(fin.outcome);
         let handle = fin.done.as_ref().and_then(|d| d.handle.clone());
-        handles[i] = handle
-            .clone()
-            .or_else(|| fin.error.as_ref().and_then(|e| e.handle.clone()));
+        // Only a service is undone at teardown: a one-shot's handle goes to the journal
+        // alone, not also into this table for the rest of the run.
+        if graph.task(i).is_service() {
+            handles[i] = handle
+                .clone()
+                .or_else(|| fin.error.as_ref().and_then(|e| e.handle.clone()));
+        }
         sink.emit(&Event::Finished {
             index: i,
             id: ids[i].clone(),
