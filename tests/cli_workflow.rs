@@ -622,20 +622,20 @@ fn ctrl_c_with_keep_leaves_the_service_up_until_down() {
     wait_gone("the service's group", server);
 }
 
-/// A service whose leader died and left a process of its group behind (a crashed server's
-/// workers that still hold their GPUs): `down` finds it, says so, and stops it.
-#[test]
-fn down_stops_what_is_left_of_a_group_whose_leader_died() {
-    let sb = Sandbox::new();
+/// `orphan.toml` run in `sb`: its service `server` leaves a process of its group behind
+/// (`sleep SECONDS`) and ends. Returns the leader's pid, once it has ended, and the
+/// worker's, still running.
+fn orphaned_worker(sb: &Sandbox, seconds: u32) -> (i32, i32) {
     sb.write(
         "orphan.toml",
-        "[[task]]\nid = \"server\"\nservice = true\n\
-         run = \"sleep 4031 & echo $! > worker.pid; exec sleep 0.2\"\n",
+        &format!(
+            "[[task]]\nid = \"server\"\nservice = true\n\
+             run = \"sleep {seconds} & echo $! > worker.pid; exec sleep 0.2\"\n"
+        ),
     );
-    let st = sb.join("st");
     sb.run(&["run", "orphan.toml", "--state-dir", "st"])
         .expect_code(0);
-    let leader = pid_of(&st, "server").expect("the service's pid is recorded");
+    let leader = pid_of(&sb.join("st"), "server").expect("the service's pid is recorded");
     let worker_pid = sb.join("worker.pid");
     let worker: i32 = wait_for("the worker's pid", WAIT, || {
         std::fs::read_to_string(&worker_pid)
@@ -646,6 +646,16 @@ fn down_stops_what_is_left_of_a_group_whose_leader_died() {
     });
     wait_until("the leader to end", WAIT, || !alive(leader));
     assert!(alive(worker), "the worker must outlive its leader");
+    std::fs::remove_file(&worker_pid).expect("rm");
+    (leader, worker)
+}
+
+/// A service whose leader died and left a process of its group behind (a crashed server's
+/// workers that still hold their GPUs): `down` finds it, says so, and stops it.
+#[test]
+fn down_stops_what_is_left_of_a_group_whose_leader_died() {
+    let sb = Sandbox::new();
+    let (leader, worker) = orphaned_worker(&sb, 4031);
     assert_eq!(group_members(leader), [worker]);
 
     let down = sb.run(&["down", "--state-dir", "st"]);
@@ -661,26 +671,7 @@ fn down_stops_what_is_left_of_a_group_whose_leader_died() {
 #[test]
 fn a_fresh_run_stops_what_is_left_of_a_group_whose_leader_died() {
     let sb = Sandbox::new();
-    sb.write(
-        "orphan.toml",
-        "[[task]]\nid = \"server\"\nservice = true\n\
-         run = \"sleep 4032 & echo $! > worker.pid; exec sleep 0.2\"\n",
-    );
-    let st = sb.join("st");
-    sb.run(&["run", "orphan.toml", "--state-dir", "st"])
-        .expect_code(0);
-    let leader = pid_of(&st, "server").expect("the service's pid is recorded");
-    let worker_pid = sb.join("worker.pid");
-    let worker: i32 = wait_for("the worker's pid", WAIT, || {
-        std::fs::read_to_string(&worker_pid)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    });
-    wait_until("the leader to end", WAIT, || !alive(leader));
-    assert!(alive(worker), "the worker must outlive its leader");
-    std::fs::remove_file(&worker_pid).expect("rm");
+    let (_, worker) = orphaned_worker(&sb, 4032);
 
     sb.run(&["run", "orphan.toml", "--state-dir", "st"])
         .expect_code(0);
@@ -1452,11 +1443,10 @@ fn attach_tries_again_after_a_failed_restart() {
     assert_nothing_runs(&sb);
 }
 
-/// `run --attach` ends by itself when `down` runs elsewhere.
-#[test]
-fn attach_ends_when_down_runs_elsewhere() {
-    let sb = chain();
-    let mut run = attached(&sb);
+/// `run chain.toml --attach` in `sb`, then `down` from elsewhere: the attached run ends by
+/// itself, saying why, and nothing is left. Returns what the attached run printed.
+fn down_elsewhere_ends_the_attached_run(sb: &Sandbox) -> String {
+    let mut run = attached(sb);
     sb.run(&["down", "--state-dir", "st"]).expect_code(0);
     let out = run.wait(COMMAND_DEADLINE);
     out.expect_code(0);
@@ -1466,7 +1456,14 @@ fn attach_ends_when_down_runs_elsewhere() {
         "{}",
         out.stderr
     );
-    assert_nothing_runs(&sb);
+    assert_nothing_runs(sb);
+    out.stderr
+}
+
+/// `run --attach` ends by itself when `down` runs elsewhere.
+#[test]
+fn attach_ends_when_down_runs_elsewhere() {
+    down_elsewhere_ends_the_attached_run(&chain());
 }
 
 /// `down` elsewhere takes a while (each service takes 0.3 s to end): the attached run sees
@@ -1479,19 +1476,9 @@ fn attach_does_not_restart_what_a_slow_down_elsewhere_stopped() {
         "chain.toml",
         &CHAIN.replace("trap \"echo", "trap \"sleep 0.3; echo"),
     );
-    let mut run = attached(&sb);
-    sb.run(&["down", "--state-dir", "st"]).expect_code(0);
-    let out = run.wait(COMMAND_DEADLINE);
-    out.expect_code(0);
-    assert!(
-        out.stderr
-            .contains("the deployment was stopped by `prl-flow down`"),
-        "{}",
-        out.stderr
-    );
-    assert!(!out.stderr.contains("heal: restarted"), "{}", out.stderr);
+    let stderr = down_elsewhere_ends_the_attached_run(&sb);
+    assert!(!stderr.contains("heal: restarted"), "{stderr}");
     assert_eq!(sb.lines("stops"), ["c", "b", "a"]);
-    assert_nothing_runs(&sb);
 }
 
 /// `logs -f` prints what a task appends, as it comes, and ends when the task ends.

@@ -101,9 +101,9 @@ fn a_journal_that_cannot_be_written_stops_the_run_and_leaves_nothing_running() {
     assert!(temps.is_empty(), "temp files left: {temps:?}");
 }
 
-#[test]
-fn a_fresh_run_refuses_while_a_killed_runs_one_shot_still_runs() {
-    let sb = Sandbox::new();
+/// `wf.toml`'s one-shot `once` (it runs until `$WORK/release` exists) started by a run that
+/// is then killed with `kill -9`: the state dir `st` and the one-shot's pid, still running.
+fn one_shot_of_a_killed_run(sb: &Sandbox) -> (PathBuf, i32) {
     let st = sb.track_state_dir("st");
     sb.write(
         "wf.toml",
@@ -118,6 +118,13 @@ fn a_fresh_run_refuses_while_a_killed_runs_one_shot_still_runs() {
         sb.count("marks", "started") == 1
     });
     first.kill9();
+    (st, pid)
+}
+
+#[test]
+fn a_fresh_run_refuses_while_a_killed_runs_one_shot_still_runs() {
+    let sb = Sandbox::new();
+    let (_, pid) = one_shot_of_a_killed_run(&sb);
 
     let out = sb.run(&["run", "wf.toml", "--state-dir", "st"]);
     out.expect_code(2);
@@ -141,20 +148,7 @@ fn a_fresh_run_refuses_while_a_killed_runs_one_shot_still_runs() {
 #[test]
 fn a_one_shot_recorded_cancelled_that_still_runs_is_not_forgotten() {
     let sb = Sandbox::new();
-    let st = sb.track_state_dir("st");
-    sb.write(
-        "wf.toml",
-        "[[task]]\nid = \"once\"\n\
-         run = \"echo started >> \\\"$WORK/marks\\\"; while :; do sleep 0.05; done\"\n",
-    );
-    let mut first = sb.spawn("first", &["run", "wf.toml", "--state-dir", "st"]);
-    let pid = common::wait_for("the one-shot's handle in the journal", WAIT, || {
-        pid_of(&st, "once")
-    });
-    wait_until("the one-shot's start mark", WAIT, || {
-        sb.count("marks", "started") == 1
-    });
-    first.kill9();
+    let (st, pid) = one_shot_of_a_killed_run(&sb);
     // What a run whose stop failed leaves: the record says cancelled, the process runs.
     let journal = prl_flow_engine::Journal::open(&st, true, "test").expect("journal");
     journal.update("once", |r| r.status = prl_flow_engine::Status::Cancelled);

@@ -199,7 +199,12 @@ impl SpecTask {
     }
 
     /// Waits for a one-shot to end; stops it if the task is cancelled.
-    async fn wait_exit(&self, handle: &ProcHandle, cx: &TaskContext) -> Result<Done, TaskError> {
+    async fn wait_exit(
+        &self,
+        handle: &ProcHandle,
+        recorded: Handle,
+        cx: &TaskContext,
+    ) -> Result<Done, TaskError> {
         let state = tokio::select! {
             s = self.exec.backend.wait(handle) => s,
             () = cx.cancel.cancelled() => {
@@ -210,7 +215,7 @@ impl SpecTask {
         };
         match state {
             Ok(ProcState::Exited(Some(0))) => Ok(Done {
-                handle: Some(handle.clone().into()),
+                handle: Some(recorded),
             }),
             Ok(ProcState::Exited(code)) => {
                 let what = match code {
@@ -304,7 +309,9 @@ impl Task for SpecTask {
                 self.where_()
             ))
         })?;
-        cx.started(handle.clone().into());
+        // Made into the journal's form once: a clone for the start, the value for the end.
+        let recorded: Handle = handle.clone().into();
+        cx.started(recorded.clone());
         if self.spec.service {
             match self.wait_ready(&handle, cx).await {
                 Ok(()) => Ok(Done {
@@ -313,7 +320,7 @@ impl Task for SpecTask {
                 Err(e) => Err(e.with_handle(Some(handle.into()))),
             }
         } else {
-            self.wait_exit(&handle, cx).await
+            self.wait_exit(&handle, recorded, cx).await
         }
     }
 
@@ -381,7 +388,7 @@ impl Task for SpecTask {
                 handle: Some(handle.clone()),
             })
         } else {
-            self.wait_exit(&h, cx).await
+            self.wait_exit(&h, handle.clone(), cx).await
         }
     }
 

@@ -39,6 +39,19 @@ async fn go(s: &Setup, opts: RunOptions) -> Report {
     run(&s.graph, &d, None, &opts, Sink::none(), Cancel::never()).await
 }
 
+/// A resume with `decisions` over the records `prev`, with the default options.
+async fn resume(s: &Setup, decisions: &[Decision], prev: &BTreeMap<String, Record>) -> Report {
+    run(
+        &s.graph,
+        decisions,
+        Some(prev),
+        &RunOptions::default(),
+        Sink::none(),
+        Cancel::never(),
+    )
+    .await
+}
+
 fn find(trace: &Trace, what: &str) -> Option<usize> {
     trace.lock().expect("trace").iter().position(|e| e == what)
 }
@@ -320,15 +333,7 @@ async fn an_edge_says_whether_a_rerun_upstream_reruns_downstream() {
     );
     assert_eq!(d[4], Decision::Keep, "nothing reaches past a kept task");
     // And the run: the engine and what its edges re-run run; the kept ones wait for nothing.
-    let r = run(
-        &s.graph,
-        &d,
-        Some(&prev),
-        &RunOptions::default(),
-        Sink::none(),
-        Cancel::never(),
-    )
-    .await;
+    let r = resume(&s, &d, &prev).await;
     assert!(r.ok());
     let runs: Vec<u32> = s
         .tasks
@@ -400,15 +405,7 @@ async fn resume_decisions_say_why() {
     assert_eq!(d[4], Decision::Run(Reason::UpstreamReRan("failed".into())));
     assert_eq!(d[5], Decision::Run(Reason::NeverRan));
     assert_eq!(d[6], Decision::Adopt);
-    let r = run(
-        &s.graph,
-        &d,
-        Some(&prev),
-        &RunOptions::default(),
-        Sink::none(),
-        Cancel::never(),
-    )
-    .await;
+    let r = resume(&s, &d, &prev).await;
     assert!(r.ok());
     assert_eq!(r.summary.kept, 1);
     assert_eq!(s.tasks[0].runs.load(Ordering::SeqCst), 0);
@@ -562,15 +559,7 @@ async fn a_rerun_whose_leftover_cannot_be_stopped_starts_nothing_beside_it() {
     engine.handle = Some(serde_json::json!({ "fake": "engine" }));
     let prev: BTreeMap<String, Record> = [(engine.id.clone(), engine)].into_iter().collect();
     let d = decide(&s.graph, Some(&prev)).await;
-    let r = run(
-        &s.graph,
-        &d,
-        Some(&prev),
-        &RunOptions::default(),
-        Sink::none(),
-        Cancel::never(),
-    )
-    .await;
+    let r = resume(&s, &d, &prev).await;
     assert_eq!(s.tasks[0].undos.load(Ordering::SeqCst), 1);
     assert_eq!(
         s.tasks[0].runs.load(Ordering::SeqCst),

@@ -63,7 +63,8 @@ impl ProcHandle {
                 Self::VERSION
             )));
         }
-        serde_json::from_value(self.payload.clone()).map_err(|e| {
+        // From the borrowed value: no copy of the payload per read.
+        T::deserialize(&self.payload).map_err(|e| {
             BackendError::new(format!(
                 "unreadable handle of backend `{backend}` ({e}): {}",
                 self.payload
@@ -89,7 +90,7 @@ impl TryFrom<&serde_json::Value> for ProcHandle {
     type Error = BackendError;
 
     fn try_from(v: &serde_json::Value) -> Result<Self, BackendError> {
-        serde_json::from_value(v.clone())
+        Self::deserialize(v)
             .map_err(|e| BackendError::new(format!("not a process handle ({e}): {v}")))
     }
 }
