@@ -23,6 +23,10 @@ pub struct TaskError {
     /// The process's exit code, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// Its process was to be stopped and could not be: it may still run (a run's summary
+    /// must not say everything is stopped).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub still_running: bool,
 }
 
 impl TaskError {
@@ -31,7 +35,17 @@ impl TaskError {
             message: message.into(),
             handle: None,
             exit_code: None,
+            still_running: false,
         }
+    }
+    /// Says that its process could not be stopped, and why: it may still run.
+    pub fn still_running(mut self, why: impl std::fmt::Display) -> Self {
+        self.message = format!(
+            "{}\n  it could not be stopped and may still run: {why}",
+            self.message
+        );
+        self.still_running = true;
+        self
     }
     pub fn with_exit_code(mut self, code: Option<i32>) -> Self {
         self.exit_code = code;

@@ -242,13 +242,19 @@ pub fn status_table(rows: &[TaskRow]) -> String {
 /// The refusal of a fresh run on a state dir with live services. `file` is what `down`
 /// takes, `rerun` what `run` takes (the file with the options to run it with).
 pub fn live_services(dir: &Path, ids: &[String], file: &str, rerun: &str) -> String {
-    format!(
-        "error: `{}` has {} live service{} from an earlier run: {}\n  help: `prl-flow run {rerun} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops them first",
+    let mut msg = format!(
+        "error: `{}` has work from an earlier run that still runs or may: {}\n  help: `prl-flow run {rerun} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops it first",
         dir.display(),
-        ids.len(),
-        if ids.len() == 1 { "" } else { "s" },
         ids.join(", ")
-    )
+    );
+    if ids.iter().any(|i| i.contains(crate::session::run::UNSURE)) {
+        msg.push_str(&format!(
+            "\n        a host that does not answer must answer again first; if it is gone for good, \
+             pass another `--state-dir` (`{}` keeps what it knew of the run)",
+            dir.display()
+        ));
+    }
+    msg
 }
 
 /// The closing line of a run that went well.
@@ -327,11 +333,26 @@ pub fn failure(plan: &Plan, report: &Report, keep: bool, file: &str, rerun: &str
             "services were left running (--keep); `prl-flow down {file}` stops them"
         );
     }
-    for (id, why) in &report.unstopped {
+    if !report.unstopped.is_empty() {
+        for (id, why) in &report.unstopped {
+            // A task's own error, above, already says why its stop failed.
+            let said = plan
+                .tasks
+                .iter()
+                .zip(&report.errors)
+                .any(|(t, e)| t.id == *id && e.as_ref().is_some_and(|e| e.still_running));
+            if !said {
+                let _ = writeln!(
+                    msg,
+                    "error: `{id}` could not be stopped and may still run: {why}"
+                );
+            }
+        }
+        let ids: Vec<&str> = report.unstopped.iter().map(|(id, _)| id.as_str()).collect();
         let _ = writeln!(
             msg,
-            "error: `{id}` could not be stopped and may still run: {why}\n  \
-             help: `prl-flow down {file}` tries again"
+            "  help: {} may still run; `prl-flow down {file}` tries again",
+            ids.join(", ")
         );
     }
     msg.push_str(&format!(

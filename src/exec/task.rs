@@ -18,6 +18,15 @@ use super::{Exec, LOG_LINES};
 use crate::actions::Perform;
 use crate::plan::{Command, Edge, TaskSpec};
 
+/// `err`, or, when the stop that went with it failed, `err` saying that its process may
+/// still run (and the run's summary names it).
+fn unless_stopped(err: TaskError, stop: Result<(), prl_flow_backend::BackendError>) -> TaskError {
+    match stop {
+        Ok(()) => err,
+        Err(e) => err.still_running(e),
+    }
+}
+
 /// One task spec of the plan, as the engine runs it.
 pub struct SpecTask {
     pub(super) spec: TaskSpec,
@@ -139,8 +148,9 @@ impl SpecTask {
                     };
                     // What its leader left behind in its group goes with it: a retry must
                     // not run beside it, and no later record would name it.
-                    let _ = self.exec.backend.stop(handle, self.exec.grace).await;
-                    return Err(self.failure(handle, format!("{how} before it was ready")).await);
+                    let stop = self.exec.backend.stop(handle, self.exec.grace).await;
+                    let e = self.failure(handle, format!("{how} before it was ready")).await;
+                    return Err(unless_stopped(e, stop));
                 }
                 () = cx.cancel.cancelled() => None,
             };
@@ -152,8 +162,8 @@ impl SpecTask {
                     }
                     Err(Foreign::NobodyYet(why)) => why,
                     Err(Foreign::Other(why)) => {
-                        let _ = self.exec.backend.stop(handle, self.exec.grace).await;
-                        return Err(self.failure(handle, why).await);
+                        let stop = self.exec.backend.stop(handle, self.exec.grace).await;
+                        return Err(unless_stopped(self.failure(handle, why).await, stop));
                     }
                 },
                 Some(Err(e)) => {
@@ -169,8 +179,8 @@ impl SpecTask {
             let waited = began.elapsed();
             if let Some(limit) = ready.ready_timeout {
                 if waited >= limit {
-                    let _ = self.exec.backend.stop(handle, self.exec.grace).await;
-                    return Err(self
+                    let stop = self.exec.backend.stop(handle, self.exec.grace).await;
+                    let e = self
                         .failure(
                             handle,
                             format!(
@@ -178,7 +188,8 @@ impl SpecTask {
                                 crate::plan::format_duration(limit)
                             ),
                         )
-                        .await);
+                        .await;
+                    return Err(unless_stopped(e, stop));
                 }
             }
             if waited >= ready.start_period {
@@ -194,8 +205,11 @@ impl SpecTask {
     }
 
     async fn stopped(&self, handle: &ProcHandle, why: &str) -> TaskError {
-        let _ = self.exec.backend.stop(handle, self.exec.grace).await;
-        TaskError::new(format!("`{}`{} {why}", self.spec.id, self.where_()))
+        let stop = self.exec.backend.stop(handle, self.exec.grace).await;
+        unless_stopped(
+            TaskError::new(format!("`{}`{} {why}", self.spec.id, self.where_())),
+            stop,
+        )
     }
 
     /// Waits for a one-shot to end; stops it if the task is cancelled.
@@ -208,9 +222,9 @@ impl SpecTask {
         let state = tokio::select! {
             s = self.exec.backend.wait(handle) => s,
             () = cx.cancel.cancelled() => {
-                let _ = self.exec.backend.stop(handle, self.exec.grace).await;
-                return Err(TaskError::new(format!("`{}` was stopped", self.spec.id))
-                    .with_handle(Some(handle.clone().into())));
+                let stop = self.exec.backend.stop(handle, self.exec.grace).await;
+                let e = TaskError::new(format!("`{}` was stopped", self.spec.id));
+                return Err(unless_stopped(e, stop).with_handle(Some(handle.clone().into())));
             }
         };
         match state {

@@ -129,16 +129,23 @@ fn interval_of(plan: &Plan) -> Duration {
         .max(Duration::from_millis(100))
 }
 
-/// Services recorded as up whose process is not running, and those whose last restart
-/// failed: they are still down, and each look counts against the restart budget.
-async fn dead_services(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
+/// Services recorded as up whose process is not running, and those in `retrying` (whose
+/// restart by this healer failed): they are still down, and each look counts against the
+/// restart budget. A service that had failed before the healer began is not its to restart.
+async fn dead_services(
+    backend: &dyn Backend,
+    records: &BTreeMap<String, Record>,
+    retrying: &BTreeSet<String>,
+) -> Vec<String> {
     let mut dead = Vec::new();
     for r in records.values() {
         if !r.service || is_allocation(r) {
             continue;
         }
         match r.status {
-            Status::Failed | Status::TimedOut => dead.push(r.id.clone()),
+            Status::Failed | Status::TimedOut if retrying.contains(&r.id) => {
+                dead.push(r.id.clone())
+            }
             Status::Done => {
                 if let Some(h) = proc_handle(r) {
                     if !matches!(backend.status(&h).await, Ok(ProcState::Running)) {
@@ -150,6 +157,15 @@ async fn dead_services(backend: &dyn Backend, records: &BTreeMap<String, Record>
         }
     }
     dead
+}
+
+/// Whether every service the journal records as started is stopped: `down` ran elsewhere.
+fn all_stopped(records: &BTreeMap<String, Record>) -> bool {
+    let mut services = records
+        .values()
+        .filter(|r| r.service && !is_allocation(r) && r.handle.is_some())
+        .peekable();
+    services.peek().is_some() && services.all(|r| r.status == Status::Stopped)
 }
 
 impl Session {
@@ -177,6 +193,8 @@ impl Session {
             .unwrap_or_default();
         let mut deaths: BTreeMap<String, VecDeque<Instant>> = BTreeMap::new();
         let mut given_up: BTreeSet<String> = BTreeSet::new();
+        // Services whose restart by this healer failed: looked at again, within the budget.
+        let mut retrying: BTreeSet<String> = BTreeSet::new();
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -186,14 +204,10 @@ impl Session {
             let Ok(records) = journal::load(dir) else {
                 continue;
             };
-            let services: Vec<&Record> = records
-                .values()
-                .filter(|r| r.service && !is_allocation(r) && r.handle.is_some())
-                .collect();
-            if !services.is_empty() && services.iter().all(|r| r.status == Status::Stopped) {
+            if all_stopped(&records) {
                 return WatchEnd::StoppedElsewhere;
             }
-            let dead: Vec<String> = dead_services(backend, &records)
+            let dead: Vec<String> = dead_services(backend, &records, &retrying)
                 .await
                 .into_iter()
                 .filter(|id| !given_up.contains(id))
@@ -274,15 +288,10 @@ impl Session {
             // A `down` elsewhere (whose stops may be what looked like deaths) is not undone:
             // what it stopped is not restarted, and once all is stopped the watch ends.
             if let Ok(now) = journal::load(dir) {
-                let stopped = |id: &str| now.get(id).is_some_and(|r| r.status == Status::Stopped);
-                if now
-                    .values()
-                    .filter(|r| r.service && !is_allocation(r) && r.handle.is_some())
-                    .all(|r| r.status == Status::Stopped)
-                {
+                if all_stopped(&now) {
                     return WatchEnd::StoppedElsewhere;
                 }
-                restart.retain(|id| !stopped(id));
+                restart.retain(|id| !now.get(id).is_some_and(|r| r.status == Status::Stopped));
                 if restart.is_empty() {
                     continue;
                 }
@@ -300,6 +309,7 @@ impl Session {
                 Ok(p) => p,
                 Err(e) => {
                     on(HealEvent::RestartFailed(error_text(&e)));
+                    retrying.extend(restart);
                     continue;
                 }
             };
@@ -307,8 +317,14 @@ impl Session {
                 .execute(subs(), prl_flow_engine::Cancel::never())
                 .await
             {
-                Ok(ran) if ran.report.ok() => on(HealEvent::Restarted(restart)),
+                Ok(ran) if ran.report.ok() => {
+                    for id in &restart {
+                        retrying.remove(id);
+                    }
+                    on(HealEvent::Restarted(restart))
+                }
                 Ok(ran) => {
+                    retrying.extend(restart.iter().cloned());
                     let why: Vec<String> = ran
                         .report
                         .errors
@@ -318,7 +334,10 @@ impl Session {
                         .collect();
                     on(HealEvent::RestartFailed(why.join("; ")))
                 }
-                Err(e) => on(HealEvent::RestartFailed(error_text(&e))),
+                Err(e) => {
+                    retrying.extend(restart.iter().cloned());
+                    on(HealEvent::RestartFailed(error_text(&e)))
+                }
             }
         }
     }
@@ -330,5 +349,52 @@ fn error_text(e: &super::Error) -> String {
         super::Error::Usage(m) | super::Error::Failed(m) => m.lines().next().unwrap_or("").into(),
         super::Error::Problems(p) => p.render(false),
         super::Error::LiveServices { ids, .. } => format!("still running: {}", ids.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(id: &str, status: Status) -> (String, Record) {
+        let mut r = prl_flow_engine::testing::record(id, status, "1");
+        r.service = true;
+        (id.to_string(), r)
+    }
+
+    /// A service that had failed before the healer began (a failed run, torn down) is not
+    /// restarted: `watch` must not bring back a deployment that is down. One whose restart
+    /// by this healer failed is looked at again.
+    #[tokio::test]
+    async fn only_a_failed_restart_of_its_own_counts_as_dead() {
+        let backend = prl_flow_local::LocalBackend::new();
+        let records: BTreeMap<String, Record> = [
+            service("failed-before", Status::Failed),
+            service("restart-failed", Status::Failed),
+            service("stopped", Status::Stopped),
+        ]
+        .into_iter()
+        .collect();
+        let retrying: BTreeSet<String> = ["restart-failed".to_string()].into();
+        assert_eq!(
+            dead_services(&backend, &records, &retrying).await,
+            ["restart-failed"]
+        );
+        assert!(dead_services(&backend, &records, &BTreeSet::new())
+            .await
+            .is_empty());
+    }
+
+    /// "Stopped elsewhere" needs something stopped: a journal whose services have no
+    /// handle (a restart that failed before its spawn) is not a `down`.
+    #[test]
+    fn all_stopped_needs_a_stopped_service() {
+        let mut records: BTreeMap<String, Record> =
+            [service("web", Status::Failed)].into_iter().collect();
+        assert!(!all_stopped(&records));
+        let web = records.get_mut("web").expect("web");
+        web.status = Status::Stopped;
+        web.handle = Some(serde_json::json!({}));
+        assert!(all_stopped(&records));
     }
 }

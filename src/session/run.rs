@@ -351,12 +351,16 @@ async fn stop_leftovers(backend: &dyn Backend, records: &BTreeMap<String, Record
         .filter_map(|s| {
             let why = s.error?;
             Some(format!(
-                "{} (what is left of it could not be stopped: {why})",
+                "{} ({UNSURE} stop what is left of it: {why})",
                 s.id
             ))
         })
         .collect()
 }
+
+/// What a refusal's entry says of a process whose state the backend could not learn, or
+/// whose leftovers it could not stop.
+pub const UNSURE: &str = "its backend could not";
 
 /// What an earlier run left that still runs, by id: services alive, one-shots still in
 /// flight (a killed run's; a fresh run would start them a second time while they run), and
@@ -379,7 +383,7 @@ async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) ->
                     }),
                     Ok(_) => {}
                     Err(e) => live.push(format!(
-                        "{} (cannot tell whether it still runs: {})",
+                        "{} ({UNSURE} tell whether it still runs: {})",
                         r.id, e.message
                     )),
                 }

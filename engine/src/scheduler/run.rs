@@ -262,6 +262,15 @@ pub async fn run(
         }
     }
 
+    // What a task itself could not stop (a one-shot cancelled or timed out, a service
+    // that failed while loading) may still run too.
+    for (i, e) in errors.iter().enumerate() {
+        if let Some(e) = e.as_ref().filter(|e| e.still_running) {
+            if !unstopped.iter().any(|(id, _)| **id == *ids[i]) {
+                unstopped.push((ids[i].to_string(), e.message.clone()));
+            }
+        }
+    }
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
     sink.emit(&Event::RunFinished {
         summary: summary.clone(),

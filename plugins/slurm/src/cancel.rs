@@ -376,6 +376,13 @@ mod tests {
             .await;
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].error, None, "{done:?}");
+        // And one step alone, as a re-run stops what an earlier run left.
+        let Held::Process(h) = &step(&cluster, "a", "12", "12.1").held else {
+            unreachable!()
+        };
+        b.stop(h, Duration::from_secs(1))
+            .await
+            .expect("a step that has ended is stopped");
     }
 
     #[tokio::test]

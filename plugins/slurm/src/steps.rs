@@ -218,9 +218,18 @@ impl SlurmBackend {
         // other processes of the step still run (an engine's workers), and SLURM's signal
         // reaches every process of the step. Signalling a step that has ended is harmless.
         let was = self.step_state(&h, true).await?;
-        h.slurm
+        // `scancel --quiet` of a step that has ended fails without a word: SLURM's listing
+        // decides.
+        if let Err(e) = h
+            .slurm
             .scancel(std::slice::from_ref(&h.step), Some("TERM"))
-            .await?;
+            .await
+        {
+            if self.step_listed(&h).await? {
+                return Err(e);
+            }
+            return Ok(());
+        }
         if was == ProcState::Running {
             tracing::info!("step {} (`{}`) was running: signalled", h.step, h.name);
         }
@@ -231,9 +240,16 @@ impl SlurmBackend {
                 return Ok(());
             }
         }
-        h.slurm
+        if let Err(e) = h
+            .slurm
             .scancel(std::slice::from_ref(&h.step), Some("KILL"))
-            .await?;
+            .await
+        {
+            if self.step_listed(&h).await? {
+                return Err(e);
+            }
+            return Ok(());
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.step_listed(&h).await? {
             if Instant::now() > deadline {
