@@ -279,7 +279,7 @@ pub fn cancelled_line(report: &Report, by: &str, keep: bool, file: &str) -> Stri
         let ids: Vec<&str> = report.unstopped.iter().map(|(id, _)| id.as_str()).collect();
         format!(
             "{} could not be stopped and may still run: {}; `prl-flow down {file}` tries again",
-            count(ids.len(), "service"),
+            count(ids.len(), "task"),
             ids.join(", ")
         )
     } else {

@@ -76,8 +76,10 @@ pub struct Report {
     /// The run stopped because a subscriber could not keep up its promise (the journal
     /// could not be written), and why.
     pub broken: Option<String>,
-    /// Services the teardown of a failed or cancelled run could not stop: `(id, why)`. They
-    /// may still run; their records keep their handles.
+    /// What could not be stopped, `(id, why)`: services the teardown of a failed or
+    /// cancelled run could not stop, and tasks whose own stop failed (a one-shot cancelled
+    /// or timed out, a service that failed while loading). They may still run; their
+    /// records keep their handles.
     pub unstopped: Vec<(String, String)>,
 }
 
