@@ -1251,6 +1251,26 @@ needs = ["{GAP_SERVICE}"]
     }
 }
 
+/// `status` finds the process as `down` would, and says it is up: not `-`, as if nothing
+/// had started. It only reads: the journal still has no handle.
+#[test]
+fn status_shows_a_service_whose_handle_never_reached_the_journal_as_up() {
+    let g = Gap::new();
+    let out = g.sb.run(&["status", "--state-dir", "st"]);
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(GAP_SERVICE))
+        .unwrap_or_else(|| panic!("no row for `{GAP_SERVICE}`:\n{}", out.stdout))
+        .to_string();
+    assert!(
+        row.contains(" up ") && row.contains(&format!("pid {}", g.pid)),
+        "{row}\n{}",
+        out.stderr
+    );
+    assert!(records(&g.st())[GAP_SERVICE]["handle"].is_null());
+}
+
 #[test]
 fn down_stops_a_service_whose_handle_never_reached_the_journal() {
     let g = Gap::new();

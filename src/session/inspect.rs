@@ -162,6 +162,23 @@ impl Session {
         exec.prime(&records);
         let mut out = Vec::new();
         for r in rows {
+            // A start whose handle never reached the journal (prl-flow was killed in
+            // between) is found as `down` and `run` find it, without writing it down: `status`
+            // only reads.
+            let recovered = match super::run::recovery_spec(&exec, r) {
+                Some(spec) => exec.backend.recover(&spec).await.ok().flatten(),
+                None => None,
+            };
+            let with_handle;
+            let r = match recovered {
+                Some(h) => {
+                    let mut c = r.clone();
+                    c.handle = Some(h.into());
+                    with_handle = c;
+                    &with_handle
+                }
+                None => r,
+            };
             let (live, detail) = liveness(&exec, r).await;
             let detail = detail
                 .or_else(|| {

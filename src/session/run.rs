@@ -282,12 +282,37 @@ fn broken_run(dir: &Path, why: &str) -> String {
     )
 }
 
+/// What to ask the backend's `recover` for a record of a start without a handle (`None`
+/// for any other record): the attempt's run dir and log, as its spawn had them. Such a
+/// record is left `running` when prl-flow was killed between a start and its record, and
+/// ended (failed, timed out, cancelled) when the backend's answer to the start was lost.
+pub(crate) fn recovery_spec(paths: &Exec, r: &Record) -> Option<SpawnSpec> {
+    let started = matches!(
+        r.status,
+        Status::Running | Status::Failed | Status::TimedOut | Status::Cancelled
+    ) && r.started_ms.is_some();
+    if !started || r.handle.is_some() || Action::of_kind(&r.kind).is_some() {
+        return None;
+    }
+    Some(SpawnSpec {
+        task: r.id.clone(),
+        node: r
+            .meta
+            .get("node")
+            .and_then(|n| n.as_str())
+            .map(String::from),
+        run_dir: paths.run_dir(&r.id),
+        log: paths.log_path(&r.id),
+        service: r.service,
+        attempt: r.started_ms.unwrap_or(0),
+        ..Default::default()
+    })
+}
+
 /// Fills in the handles of records of a start without one from what the backend finds of
-/// that attempt (its run dir, or a plugin asked by the attempt's id), and records them, so
-/// that nothing started is invisible to a fresh run's check for live services, to `down`,
-/// or to `status`. Such a record is left `running` when prl-flow was killed between a start
-/// and its record, and ended (failed, timed out, cancelled) when the backend's answer to the
-/// start was lost.
+/// that attempt ([`recovery_spec`]: its run dir, or a plugin asked by the attempt's id), and
+/// records them, so that nothing started is invisible to a fresh run's check for live
+/// services, to `down`, or to `status`.
 pub(crate) async fn recover_missing(
     backend: Arc<dyn Backend>,
     journal: &Journal,
@@ -295,25 +320,8 @@ pub(crate) async fn recover_missing(
 ) {
     let paths = Exec::new(backend.clone(), journal.dir(), Vec::new());
     for r in records.values_mut() {
-        let started = matches!(
-            r.status,
-            Status::Running | Status::Failed | Status::TimedOut | Status::Cancelled
-        ) && r.started_ms.is_some();
-        if !started || r.handle.is_some() || Action::of_kind(&r.kind).is_some() {
+        let Some(spec) = recovery_spec(&paths, r) else {
             continue;
-        }
-        let spec = SpawnSpec {
-            task: r.id.clone(),
-            node: r
-                .meta
-                .get("node")
-                .and_then(|n| n.as_str())
-                .map(String::from),
-            run_dir: paths.run_dir(&r.id),
-            log: paths.log_path(&r.id),
-            service: r.service,
-            attempt: r.started_ms.unwrap_or(0),
-            ..Default::default()
         };
         if let Ok(Some(h)) = backend.recover(&spec).await {
             r.handle = Some(h.clone().into());
