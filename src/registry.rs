@@ -282,12 +282,20 @@ impl Registry {
         }
     }
 
-    /// The backend of a journal: that of its first record with a handle (local when none).
+    /// The backend of a journal: that of its allocation when it has one (its handle tells
+    /// a backend the most: which host each node is), else of its first record with a
+    /// handle (local when none).
     pub fn for_records<'a>(
         &self,
-        mut records: impl Iterator<Item = &'a Record>,
+        records: impl Iterator<Item = &'a Record>,
     ) -> Result<Arc<dyn Backend>, String> {
-        match records.find(|r| r.handle.is_some()) {
+        let with_handle: Vec<&Record> = records.filter(|r| r.handle.is_some()).collect();
+        let allocation = with_handle.iter().find(|r| {
+            r.handle
+                .as_ref()
+                .is_some_and(|h| matches!(Held::from_json(h), Ok(Held::Allocation(_))))
+        });
+        match allocation.or(with_handle.first()) {
             Some(r) => self.for_record(r),
             None => self.for_handles(builtins::LOCAL, None),
         }

@@ -2203,3 +2203,59 @@ async fn a_process_starts_in_its_cwd_on_the_host_and_keeps_its_files_in_the_run_
     let e = b.spawn(&once).await.expect_err("no such dir on the host");
     assert!(e.message.contains("missing"), "{e}");
 }
+
+/// prl-flow killed between an engine's spawn on its host and the journal write of its
+/// handle: the record says `running` with no handle. `status` finds the engine on its host
+/// from the run dir's `.proc` (through the allocation's handle: which host, which remote
+/// dir), and `down` stops it there.
+#[test]
+fn cli_status_and_down_find_an_engine_whose_handle_never_reached_the_journal() {
+    let Some(router) = router_program() else {
+        return;
+    };
+    let Some(hosts) = Hosts::up(1) else { return };
+    let base = common::free_port_block(3);
+    let file = one_node_recipe(&hosts, base, "");
+    let state = hosts.dir().join("state");
+    let prl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_prl-flow"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("PRL_FLOW_ROUTER", &router)
+            .output()
+            .expect("prl-flow");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let f = path(&file);
+    let (code, _, err) = prl(&["run", f, "--engine", "mock", "--router", path(&router)]);
+    assert_eq!(code, Some(0), "{err}");
+    hosts.assert_one_engine_each();
+
+    // The gap: the engine's handle is not in the journal.
+    let engine = "engine[0].rank[0]";
+    let journal = prl_flow_engine::Journal::open(&state, true, "test").expect("journal");
+    assert!(journal.get(engine).is_some_and(|r| r.handle.is_some()));
+    journal.update(engine, |r| {
+        r.handle = None;
+        r.status = Status::Running;
+    });
+    journal.close().expect("close");
+
+    let (code, out, err) = prl(&["status", f]);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(engine))
+        .unwrap_or_else(|| panic!("no row for `{engine}` ({code:?}):\n{out}\n{err}"))
+        .to_string();
+    assert!(row.contains(" up "), "{row}\n{err}");
+
+    let (code, _, err) = prl(&["down", f]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("stopped {engine}")), "{err}");
+    assert_eq!(hosts.settle(0), Vec::<String>::new(), "host 0 after down");
+}

@@ -43,7 +43,10 @@ pub fn make(
 /// handle says which cluster, its `SLURM_CONF`, it belongs to). `None`: not a built-in name.
 pub fn for_handles(name: &str, handle: Option<&ProcHandle>) -> Option<Arc<dyn Backend>> {
     Some(match name {
-        "ssh" => Arc::new(prl_flow_ssh::SshBackend::from_handles()),
+        "ssh" => Arc::new(handle.map_or_else(
+            prl_flow_ssh::SshBackend::from_handles,
+            prl_flow_ssh::SshBackend::from_handle,
+        )),
         "slurm" => Arc::new(
             handle
                 .and_then(|h| prl_flow_slurm::SlurmBackend::from_handle(h).ok())

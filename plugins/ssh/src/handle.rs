@@ -77,6 +77,10 @@ pub(crate) enum Watch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct AllocHandle {
     pub(crate) nodes: BTreeMap<String, Conn>,
+    /// The remote base dir of the state dir (absent in older handles): with the nodes, what
+    /// a backend made from this handle needs to find a start that no handle names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) base: Option<String>,
 }
 
 /// Reads a handle from the journal.

@@ -33,7 +33,9 @@
 //! exit status in a file for whoever looks next. Status, stop (SIGTERM to the group, a grace
 //! period, SIGKILL; also when the group's leader has ended and left others behind) and
 //! waiting are small scripts of their own, keyed by that identity, so a later prl-flow
-//! reattaches from the journal alone. Environment values reach the host inside the spawn
+//! reattaches from the journal alone. The spawn script also keeps that identity and the
+//! spawn's attempt in the run dir's `.proc`, where `recover` finds a start whose answer
+//! never reached the journal (the allocation's handle names the hosts and the remote base). Environment values reach the host inside the spawn
 //! script, on stdin, and the process through a file only the user can read: never through a
 //! command line.
 //!
@@ -62,6 +64,7 @@ mod handle;
 pub mod hosts;
 mod process;
 pub mod script;
+mod spawn;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -78,9 +81,7 @@ use prl_flow_local::WithLocal;
 use tokio::sync::watch;
 
 pub use config::SshConfig;
-use handle::{
-    check_spec, last_name, parse, parse_spawned, state_key, wrap, AllocHandle, Handle, Watch, NAME,
-};
+use handle::{parse, state_key, wrap, AllocHandle, Watch, NAME};
 pub use hosts::HostSpec;
 pub use prl_flow_backend::ConfigError;
 use transport::{Conn, Link, Links, Settings};
@@ -149,14 +150,30 @@ impl SshBackend {
     /// A backend that can only look after processes recorded in handles (status, stop,
     /// logs, release): for `status`, `down` and `logs`, which have the journal but no recipe.
     pub fn from_handles() -> WithLocal<Self> {
-        WithLocal::new(Self {
+        WithLocal::new(Self::unconfigured())
+    }
+
+    fn unconfigured() -> Self {
+        Self {
             config: None,
             settings: Settings::default(),
             remote_base: String::new(),
             links: Links::default(),
             nodes: Mutex::new(BTreeMap::new()),
             watches: Mutex::new(HashMap::new()),
-        })
+        }
+    }
+
+    /// A backend for what a journal records, primed from one of its handles: an
+    /// allocation's gives the nodes' hosts and the remote base dir, so that `recover` can
+    /// find a start whose handle never reached the journal.
+    pub fn from_handle(handle: &ProcHandle) -> WithLocal<Self> {
+        let mut b = Self::unconfigured();
+        if let Ok(a) = handle.open::<AllocHandle>(NAME) {
+            b.remote_base = a.base.unwrap_or_default();
+            b.nodes = Mutex::new(a.nodes);
+        }
+        WithLocal::new(b)
     }
 
     /// Runs a port script on the host of `link` and reads its answer.
@@ -310,7 +327,10 @@ impl Backend for SshBackend {
         }
         Ok(Allocation {
             hosts,
-            handle: wrap(&AllocHandle { nodes: conns })?,
+            handle: wrap(&AllocHandle {
+                nodes: conns,
+                base: Some(self.remote_base.clone()),
+            })?,
         })
     }
 
@@ -417,73 +437,7 @@ impl Backend for SshBackend {
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<ProcHandle, BackendError> {
-        let Some(node) = &spec.node else {
-            return Err(BackendError::new(format!(
-                "task `{}` has no node: the ssh backend runs tasks on hosts",
-                spec.task
-            )));
-        };
-        check_spec(spec)?;
-        let conn = self.conn_for(node)?;
-        let link = self.link(&conn)?;
-        let name = last_name(&spec.run_dir, "run dir")?;
-        let log_name = last_name(&spec.log, "log")?;
-        let cwd = spec.cwd.as_ref().map(|c| c.to_string_lossy().into_owned());
-        let start = |watch: bool| {
-            script::spawn(&script::Start {
-                task: &spec.task,
-                base: &self.remote_base,
-                name: &name,
-                log_name: &log_name,
-                argv: &spec.argv,
-                env: &spec.env,
-                files: &spec.files,
-                cwd: cwd.as_deref(),
-                service: spec.service,
-                watch,
-            })
-        };
-        let mut words = None;
-        if !spec.service {
-            words = self.spawn_watched(&link, &start(true)?).await?;
-        }
-        let words = match words {
-            Some(w) => w,
-            None => {
-                let reply = link
-                    .run(&start(false)?, link.conn.ssh.dead_after() + OP_LIMIT)
-                    .await?;
-                reply
-                    .get("spawned")
-                    .map(|w| w.iter().map(|s| s.to_string()).collect())
-                    .ok_or_else(|| {
-                        BackendError::new(format!(
-                            "host `{}`: the spawn script did not answer",
-                            link.label
-                        ))
-                    })?
-            }
-        };
-        let (pid, start, boot_id, base) = parse_spawned(&words).ok_or_else(|| {
-            BackendError::new(format!(
-                "host `{}`: cannot read the spawn answer `{}`",
-                link.label,
-                words.join(" ")
-            ))
-        })?;
-        let run_dir = format!("{base}/run/{name}");
-        let h = Handle {
-            conn,
-            node: Some(node.clone()),
-            pid,
-            start,
-            boot_id,
-            service: spec.service,
-            status_file: format!("{run_dir}/exit-status"),
-            log: format!("{base}/logs/{log_name}"),
-            run_dir,
-        };
-        wrap(&h)
+        self.spawn_on_host(spec).await
     }
 
     async fn status(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
@@ -519,6 +473,11 @@ impl Backend for SshBackend {
         self.stop_group(&h, grace)
             .await
             .map(|found| !found.is_empty())
+    }
+
+    /// See [`SshBackend::recover_on_host`].
+    async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
+        self.recover_on_host(spec).await
     }
 
     async fn log_tail(&self, handle: &ProcHandle, lines: usize) -> Result<String, BackendError> {

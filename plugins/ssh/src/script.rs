@@ -150,7 +150,7 @@ boot_id
 boot=$boot_
 # A process of this task that no journal records (its spawn's answer was lost with the
 # connection) must not run twice.
-if [ -s "$rd/.proc" ] && read -r opid ostart oboot <"$rd/.proc"; then
+if [ -s "$rd/.proc" ] && read -r opid ostart oboot _ <"$rd/.proc"; then
 	stop_group "$opid" "$ostart" "$oboot" 50
 	if [ "$stopped_" != none ]; then
 		echo "prl-flow: stopped an earlier instance (process group $opid) that no run recorded" >>"$lf"
@@ -187,7 +187,7 @@ else
 fi
 start=0
 if proc_start "$pid"; then start=$start_; fi
-echo "$pid $start $boot" >"$rd/.proc"
+echo "$pid $start $boot $attempt" >"$rd/.proc"
 say spawned "$pid" "$start" "$boot" "$base"
 [ "$watch" = 1 ] || exit 0
 if [ -n "$bg" ]; then
@@ -207,6 +207,25 @@ else
 	say state "$st_"
 fi
 "#;
+
+/// Finds what the spawn of `attempt` left in the run dir `name` under `base`: says `spawned
+/// PID START BOOT BASE` as the spawn would have when its `.proc` names that attempt, and
+/// nothing otherwise (whether the process still runs is for a status script to say, by that
+/// identity).
+pub fn recover(base: &str, name: &str, attempt: u64) -> Result<String, BackendError> {
+    let mut sc = Script::new();
+    sc.set("base", base)?
+        .set("name", name)?
+        .set("attempt", &attempt.to_string())?;
+    sc.line(
+        r#"cd "$base" 2>/dev/null || exit 0
+base=$PWD
+if [ -s "run/$name/.proc" ] && read -r pid start boot att _ <"run/$name/.proc" && [ "$att" = "$attempt" ]; then
+	say spawned "$pid" "$start" "$boot" "$base"
+fi"#,
+    );
+    Ok(sc.text().to_string())
+}
 
 /// A script under construction: the prelude, then quoted assignments and body lines.
 pub struct Script {
@@ -260,6 +279,9 @@ pub struct Start<'a> {
     pub cwd: Option<&'a str>,
     pub service: bool,
     pub watch: bool,
+    /// The spawn's attempt, kept beside the process's identity in the run dir's `.proc`,
+    /// where [`recover`] looks for it.
+    pub attempt: u64,
 }
 
 /// The spawn script.
@@ -270,6 +292,7 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
         .set("logname", s.log_name)?
         .set("service", if s.service { "1" } else { "0" })?
         .set("watch", if s.watch { "1" } else { "0" })?
+        .set("attempt", &s.attempt.to_string())?
         .set("envtext", &env_file(s.env)?)?
         .set("cwd", s.cwd.unwrap_or(""))?;
 
@@ -458,6 +481,7 @@ mod tests {
             cwd: Some("/srv/a b"),
             service: true,
             watch: false,
+            attempt: 7,
         })
         .expect("script");
         assert!(text.contains("base='.prl-flow/remote/x y'"), "{text}");
