@@ -133,13 +133,14 @@ impl Session {
         }
         for (_, backend, items) in groups {
             for s in backend.teardown(&items, STOP_GRACE, Some(dir)).await {
-                let process = journal.get(&s.id).is_some_and(|r| !is_allocation(&r));
+                let record = journal.get(&s.id);
+                let process = record.as_ref().is_some_and(|r| !is_allocation(r));
                 if s.was_running && process {
                     report.stopped += 1;
                 }
                 // A one-shot that had ended keeps its record's word on how.
-                let ended_one_shot = journal
-                    .get(&s.id)
+                let ended_one_shot = record
+                    .as_ref()
                     .is_some_and(|r| !r.service && r.status != Status::Running);
                 match s.error {
                     None if ended_one_shot && !s.was_running => {}

@@ -59,7 +59,7 @@ impl SshBackend {
             }
         };
         let label = link.label.clone();
-        spawned(conn, spec, &words).unwrap_or_else(|| {
+        spawned(conn, spec, (&name, &log_name), &words).unwrap_or_else(|| {
             Err(BackendError::new(format!(
                 "host `{label}`: cannot read the spawn answer `{}`",
                 words.join(" ")
@@ -86,26 +86,27 @@ impl SshBackend {
         };
         let link = self.link(&conn)?;
         let name = last_name(&spec.run_dir, "run dir")?;
+        let log_name = last_name(&spec.log, "log")?;
         let script = script::recover(&self.remote_base, &name, spec.attempt)?;
         let reply = link.run(&script, OP_LIMIT).await?;
         let Some(words) = reply.get("spawned") else {
             return Ok(None);
         };
         let words: Vec<String> = words.iter().map(|s| s.to_string()).collect();
-        spawned(conn, spec, &words).transpose()
+        spawned(conn, spec, (&name, &log_name), &words).transpose()
     }
 }
 
 /// The handle of what the spawn of `spec` started on the host of `conn`, from the words of
-/// a `spawned PID START BOOT BASE` answer; `None` when they cannot be read.
+/// a `spawned PID START BOOT BASE` answer (`names`: the run dir's and the log's, as the
+/// scripts had them); `None` when they cannot be read.
 fn spawned(
     conn: Conn,
     spec: &SpawnSpec,
+    (name, log_name): (&str, &str),
     words: &[String],
 ) -> Option<Result<ProcHandle, BackendError>> {
     let (pid, start, boot_id, base) = parse_spawned(words)?;
-    let name = last_name(&spec.run_dir, "run dir").ok()?;
-    let log_name = last_name(&spec.log, "log").ok()?;
     let run_dir = format!("{base}/run/{name}");
     Some(wrap(&Handle {
         conn,
