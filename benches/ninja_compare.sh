@@ -13,13 +13,13 @@
 #   floor    the bare process-spawn floor: 10,000 `/bin/sh -c '/bin/true && touch floor/ID'`
 #            through `xargs -P2` (no scheduler at all);
 #   floor-wrapped  the same with the shell script prl-flow's local backend wraps a one-shot
-#            in (its pid to RUN_DIR/pid, its attempt exported, a trap that writes the exit
-#            status to RUN_DIR/exit-status; the run dirs made beforehand, untimed): what the
-#            wrapper costs inside the child, with no scheduler at all;
+#            in (its pid and attempt to its pid file `run/ID.pid`, its attempt exported, a
+#            trap that appends the exit status to that file): what the wrapper costs inside
+#            the child, with no scheduler at all;
 #   noop-*   the no-op rerun: ninja with everything up to date; `prl-flow run --resume` with
 #            every task recorded as done.
-# and once, before the rounds, what the files prl-flow keeps per task (a run dir, a log
-# file, an exit-status file) cost on this file system, with no scheduler involved.
+# and once, before the rounds, what the files prl-flow keeps per task of a workflow (a log
+# file, a pid file) cost on this file system, with no scheduler involved.
 #
 # Uses hyperfine when present (apt-get install -y hyperfine), else a plain timing loop;
 # ninja is required (apt-get install -y ninja-build). prl-flow is the release binary
@@ -98,9 +98,9 @@ python3 "$here/gen_dag.py" "$noop/prl-flow" --layers 10 --width "$width" >/dev/n
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$results/machine.txt"
 
-# What prl-flow's per-task files cost here, apart from any scheduler: a run dir, a log
-# files in one directory, and exit-status files, created from fresh and again right after
-# an `rm -rf` of the same (as between the full runs below).
+# What prl-flow's per-task files cost here, apart from any scheduler: log files and pid
+# files, each in one directory, created from fresh and again right after an `rm -rf` of the
+# same (as between the full runs below).
 python3 - "$work/fsprobe" "$tasks" <<'EOF' | tee "$results/files.txt"
 import os, shutil, sys, time
 base, n = sys.argv[1], int(sys.argv[2])
@@ -112,9 +112,8 @@ def each(label, f):
 for when in ("fresh", "after rm -rf"):
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(f"{base}/run"); os.makedirs(f"{base}/logs")
-    each(f"mkdir run/ID ({when})", lambda i: os.mkdir(f"{base}/run/{i}"))
     each(f"create logs/ID.log ({when})", lambda i: open(f"{base}/logs/{i}.log", "a").close())
-    each(f"create run/ID/exit-status ({when})", lambda i: open(f"{base}/run/{i}/exit-status", "w").close())
+    each(f"create run/ID.pid ({when})", lambda i: open(f"{base}/run/{i}.pid", "w").close())
 shutil.rmtree(base)
 EOF
 
@@ -143,13 +142,13 @@ full_names+=("floor-xargs-P2")
 full_prepare+=("rm -rf floor && mkdir floor")
 full_cmds+=("seq $tasks | xargs -P2 -I{} /bin/sh -c '/bin/true && touch floor/{}'")
 # The wrapper's script as `plugins/local/src/wrapper.rs` writes it for a one-shot whose
-# command is a shell line; `$0` is the run dir. In a file, to keep the quoting readable.
+# command is a shell line; `$0` is its pid file. In a file, to keep the quoting readable.
 cat >"$full/floor-wrapped.sh" <<'SH'
-seq "$1" | xargs -P2 -I{} /bin/sh -c 'echo "$$ 1" > "$0/pid"; export PRL_FLOW_ATTEMPT='"'"'1 {}'"'"'; trap '"'"'echo $? > "$0/exit-status"'"'"' EXIT
-/bin/true && touch floor/{}' "run/{}"
+seq "$1" | xargs -P2 -I{} /bin/sh -c 'echo "$$ 1" > "$0"; export PRL_FLOW_ATTEMPT='"'"'1 {}'"'"'; trap '"'"'echo $? >> "$0"'"'"' EXIT
+/bin/true && touch floor/{}' "run/{}.pid"
 SH
 full_names+=("floor-wrapped-xargs-P2")
-full_prepare+=("rm -rf floor run && mkdir floor run && (cd run && seq $tasks | xargs mkdir)")
+full_prepare+=("rm -rf floor run && mkdir floor run")
 full_cmds+=("sh floor-wrapped.sh $tasks")
 
 # No shell around these (hyperfine -N): a shell's start-up is not small next to a no-op.

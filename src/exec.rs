@@ -145,9 +145,9 @@ impl Exec {
     }
 
     pub fn log_path(&self, id: &str) -> PathBuf {
-        self.state_dir
-            .join("logs")
-            .join(format!("{}.log", file_name(id)))
+        let mut name = file_name(id);
+        name.push_str(".log");
+        self.state_dir.join("logs").join(name)
     }
 
     pub fn run_dir(&self, id: &str) -> PathBuf {

@@ -265,7 +265,7 @@ fn spawned_without_handle(st: &Path) -> Vec<String> {
         .filter(|(id, r)| {
             r["status"] == "running"
                 && r.get("handle").is_none()
-                && st.join("run").join(id).exists()
+                && st.join("run").join(format!("{id}.pid")).exists()
         })
         .map(|(id, _)| id)
         .collect()
@@ -283,8 +283,10 @@ fn thirty_is_quiet(st: &Path) -> bool {
     let spawned_are_recorded = std::fs::read_dir(st.join("run"))
         .map(|rd| {
             rd.flatten().all(|e| {
-                let id = e.file_name().to_string_lossy().into_owned();
-                recs.get(&id).is_some_and(|r| r.get("handle").is_some())
+                // A one-shot's pid file, or the run dir of a task given files.
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.strip_suffix(".pid").unwrap_or(&name);
+                recs.get(id).is_some_and(|r| r.get("handle").is_some())
             })
         })
         .unwrap_or(false);
@@ -1692,11 +1694,13 @@ fn tasks_run_in_the_workflows_directory_or_their_dir_and_keep_their_files_in_the
     let sub = std::fs::canonicalize(sb.join("proj/sub")).expect("canonical");
     assert_eq!(Path::new(read("proj/sub/where.txt").trim()), sub);
     assert!(!sb.join("output.txt").exists() && !sb.join("st/run/build/output.txt").exists());
-    // The pid and exit-status files stay in each task's run dir under the state dir.
+    // Each task's pid and exit status stay in its pid file under the state dir; a task that
+    // starts elsewhere and is given no files has no run dir.
     for id in ["build", "deeper"] {
-        let run = sb.join("st/run").join(id);
-        assert!(run.join("pid").is_file(), "{id}: no pid file");
-        assert_eq!(read(&format!("st/run/{id}/exit-status")), "0\n", "{id}");
+        let proc_file = read(&format!("st/run/{id}.pid"));
+        assert_eq!(proc_file.lines().nth(1), Some("0"), "{id}: {proc_file:?}");
+        assert_eq!(proc_file.lines().count(), 2, "{id}: {proc_file:?}");
+        assert!(!sb.join("st/run").join(id).exists(), "{id}: a run dir");
     }
     // Nothing changed: a resume from another directory keeps both.
     let st = sb.join("st").display().to_string();
@@ -1799,7 +1803,7 @@ fn kill_9_then_resume_adopts_a_one_shot_running_in_the_workflows_directory() {
     );
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("its cwd");
     assert_eq!(cwd, std::fs::canonicalize(sb.join("proj")).expect("proj"));
-    assert!(sb.join("st/run/long/pid").is_file());
+    assert!(sb.join("st/run/long.pid").is_file());
 
     let mut resume = sb.spawn(
         "resume",
@@ -1824,10 +1828,8 @@ fn kill_9_then_resume_adopts_a_one_shot_running_in_the_workflows_directory() {
         "the adopted process is kept"
     );
     assert!(sb.join("proj/result").is_file());
-    assert_eq!(
-        std::fs::read_to_string(st.join("run/long/exit-status")).expect("exit status"),
-        "0\n"
-    );
+    let proc_file = std::fs::read_to_string(st.join("run/long.pid")).expect("pid file");
+    assert_eq!(proc_file.lines().nth(1), Some("0"), "{proc_file:?}");
 }
 
 // ---------------------------------------------------------------------------------------

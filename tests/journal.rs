@@ -76,7 +76,7 @@ fn a_journal_that_cannot_be_written_stops_the_run_and_leaves_nothing_running() {
     assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains("state dir `st`"), "{err}");
     // The failure came mid-run: something had started.
-    assert!(sb.join("st/run/fill").is_dir(), "{err}");
+    assert!(sb.join("st/run/fill.pid").is_file(), "{err}");
     // Nothing the run started runs, as the OS sees it.
     let left = processes_under(&st);
     assert!(left.is_empty(), "still running: {left:?}\n{err}");
@@ -86,9 +86,11 @@ fn a_journal_that_cannot_be_written_stops_the_run_and_leaves_nothing_running() {
         .expect("run dirs")
         .flatten()
     {
-        let id = e.file_name().to_string_lossy().into_owned();
+        // A service's run dir, or a one-shot's proc file beside its own.
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = name.strip_suffix(".pid").unwrap_or(&name);
         assert!(
-            recorded.contains_key(&id),
+            recorded.contains_key(id),
             "`{id}` started but the journal never heard of it\n{err}"
         );
     }
@@ -215,6 +217,26 @@ fn down_recovers(sb: &Sandbox, st: &Path, pid: i32, damaged_file: &str) {
     assert!(st.join(format!("{damaged_file}.damaged")).is_file());
     sb.run(&["status", "--state-dir", "st"]).expect_code(0);
     sb.run(&["down", "--state-dir", "st"]).expect_code(0);
+}
+
+/// A one-shot keeps its proc file beside its run dir (`run/ID.pid`): `down` on a journal
+/// that no longer names it finds it there, and stops it.
+#[test]
+fn down_finds_a_one_shot_that_a_damaged_journal_no_longer_names_by_its_proc_file() {
+    let sb = Sandbox::new();
+    let (st, pid) = one_shot_of_a_killed_run(&sb);
+    assert!(st.join("run/once.pid").is_file());
+    assert!(
+        !st.join("run/once").exists(),
+        "a workflow one-shot needs no run dir"
+    );
+    // The killed run's records are in the log: make its only line unreadable.
+    std::fs::write(st.join("journal.log"), b"\xff not a record\n").expect("damage");
+    let out = sb.run(&["down", "--state-dir", "st"]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("damaged"), "{}", out.stderr);
+    assert!(out.stderr.contains("stopped once"), "{}", out.stderr);
+    assert!(!alive(pid) && common::group_members(pid).is_empty());
 }
 
 #[test]

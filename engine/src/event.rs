@@ -91,6 +91,10 @@ pub enum Event {
         index: usize,
         id: Arc<str>,
         handle: Handle,
+        /// What started it finds it again from the start alone, should the handle be lost
+        /// ([`TaskContext::started_findable`](crate::TaskContext::started_findable)): the
+        /// journal writes the handle with its next batch, not at once.
+        findable: bool,
     },
     Output {
         id: Arc<str>,

@@ -146,12 +146,25 @@ impl TaskContext {
         });
     }
     /// Records a handle as soon as a process exists, before the task is done, so that a
-    /// run killed now still knows what it started.
+    /// run killed now still knows what it started: written at once.
     pub fn started(&self, handle: Handle) {
+        self.spawned(handle, false);
+    }
+
+    /// Like [`TaskContext::started`], for a process that the task finds again from its start
+    /// alone (its `recover`, by the attempt): the handle goes to the journal with the next
+    /// batch of records (within [`SYNC_EVERY`](crate::journal::SYNC_EVERY)) instead of with
+    /// a write of its own.
+    pub fn started_findable(&self, handle: Handle) {
+        self.spawned(handle, true);
+    }
+
+    fn spawned(&self, handle: Handle, findable: bool) {
         self.sink.emit(&Event::Spawned {
             index: self.index,
             id: self.id.clone(),
             handle,
+            findable,
         });
     }
     /// For tests and tools that drive a task outside a run.

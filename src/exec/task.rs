@@ -212,11 +212,12 @@ impl SpecTask {
         )
     }
 
-    /// Waits for a one-shot to end; stops it if the task is cancelled.
+    /// Waits for a one-shot to end; stops it if the task is cancelled. `recorded`: the
+    /// handle for its `Done`, unless the journal has it already (`TaskContext::started`).
     async fn wait_exit(
         &self,
         handle: &ProcHandle,
-        recorded: Handle,
+        recorded: Option<Handle>,
         cx: &TaskContext,
     ) -> Result<Done, TaskError> {
         let state = tokio::select! {
@@ -228,9 +229,7 @@ impl SpecTask {
             }
         };
         match state {
-            Ok(ProcState::Exited(Some(0))) => Ok(Done {
-                handle: Some(recorded),
-            }),
+            Ok(ProcState::Exited(Some(0))) => Ok(Done { handle: recorded }),
             Ok(ProcState::Exited(code)) => {
                 let what = match code {
                     Some(c) => format!("exited with status {c}"),
@@ -323,9 +322,12 @@ impl Task for SpecTask {
                 self.where_()
             ))
         })?;
-        // Made into the journal's form once: a clone for the start, the value for the end.
-        let recorded: Handle = handle.clone().into();
-        cx.started(recorded.clone());
+        // Recorded now; a one-shot's end then adds nothing to it (no second copy).
+        if self.exec.backend.finds_unrecorded(&spec) {
+            cx.started_findable(handle.clone().into());
+        } else {
+            cx.started(handle.clone().into());
+        }
         if self.spec.service {
             match self.wait_ready(&handle, cx).await {
                 Ok(()) => Ok(Done {
@@ -334,7 +336,7 @@ impl Task for SpecTask {
                 Err(e) => Err(e.with_handle(Some(handle.into()))),
             }
         } else {
-            self.wait_exit(&handle, recorded, cx).await
+            self.wait_exit(&handle, None, cx).await
         }
     }
 
@@ -402,7 +404,7 @@ impl Task for SpecTask {
                 handle: Some(handle.clone()),
             })
         } else {
-            self.wait_exit(&h, handle.clone(), cx).await
+            self.wait_exit(&h, Some(handle.clone()), cx).await
         }
     }
 

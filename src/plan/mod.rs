@@ -299,7 +299,13 @@ impl TaskSpec {
     pub fn fingerprint(&self) -> String {
         let bytes = serde_json::to_vec(self).unwrap_or_default();
         let digest = Sha256::digest(&bytes);
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(16);
+        for b in &digest[..8] {
+            hex.push(HEX[usize::from(b >> 4)] as char);
+            hex.push(HEX[usize::from(b & 15)] as char);
+        }
+        hex
     }
 
     /// The command as one line for people (`plan` output), secrets shown.

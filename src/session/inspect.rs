@@ -151,34 +151,11 @@ impl Session {
 
     /// Every task the journal of `dir` records, in the order they started, each checked live.
     pub async fn status(&self, dir: &Path) -> Result<Vec<TaskRow>> {
-        let records = read_records(dir)?;
+        let (records, exec) = self.records_found(dir).await?;
         let mut rows: Vec<&Record> = records.values().collect();
         rows.sort_by_key(|r| (r.started_ms.is_none(), r.seq, r.id.clone()));
-        let backend = self
-            .registry()
-            .for_records(rows.iter().copied())
-            .map_err(Error::Usage)?;
-        let exec = Exec::new(backend, dir, Vec::new());
-        exec.prime(&records);
         let mut out = Vec::new();
         for r in rows {
-            // A start whose handle never reached the journal (prl-flow was killed in
-            // between) is found as `down` and `run` find it, without writing it down: `status`
-            // only reads.
-            let recovered = match super::run::recovery_spec(&exec, r) {
-                Some(spec) => exec.backend.recover(&spec).await.ok().flatten(),
-                None => None,
-            };
-            let with_handle;
-            let r = match recovered {
-                Some(h) => {
-                    let mut c = r.clone();
-                    c.handle = Some(h.into());
-                    with_handle = c;
-                    &with_handle
-                }
-                None => r,
-            };
             let (live, detail) = liveness(&exec, r).await;
             let detail = detail
                 .or_else(|| {
@@ -194,6 +171,27 @@ impl Session {
             });
         }
         Ok(out)
+    }
+
+    /// The records of `dir`, with the handle of each start that is not on file (prl-flow
+    /// was killed in between, or the journal has not yet written it) found as `down` and
+    /// `run` find it, without writing it down: the commands that only read see what runs.
+    async fn records_found(&self, dir: &Path) -> Result<(BTreeMap<String, Record>, Exec)> {
+        let mut records = read_records(dir)?;
+        let backend = self
+            .registry()
+            .for_records(records.values())
+            .map_err(Error::Usage)?;
+        let exec = Exec::new(backend, dir, Vec::new());
+        exec.prime(&records);
+        for r in records.values_mut() {
+            if let Some(spec) = super::run::recovery_spec(&exec, r) {
+                if let Ok(Some(h)) = exec.backend.recover(&spec).await {
+                    r.handle = Some(h.into());
+                }
+            }
+        }
+        Ok((records, exec))
     }
 
     /// What `run --resume` of `loaded` would do now with the journal of `dir`, per task in
@@ -229,7 +227,7 @@ impl Session {
         out: &mut (dyn FnMut(&str) + Send),
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
-        let records = read_records(dir)?;
+        let (records, _) = self.records_found(dir).await?;
         let Some(r) = records.get(task) else {
             return Err(unknown_task(task, dir, &records));
         };
@@ -277,7 +275,7 @@ impl Session {
         out: &mut (dyn FnMut(&str) + Send),
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
-        let records = read_records(dir)?;
+        let (records, _) = self.records_found(dir).await?;
         let mut with_log: Vec<&Record> = records
             .values()
             .filter(|r| r.handle.is_some() && !is_allocation(r))

@@ -1,7 +1,8 @@
-//! `down` on a damaged journal: what the journal no longer names may still run. Each run dir
-//! of the state dir is looked at for a local process's pid file (whose first words are
-//! `PID ATTEMPT`; the local backend's processes write it before anything else, and the
-//! backend's `recover` checks the rest), and every other built-in backend is asked to take
+//! `down` on a damaged journal: what the journal no longer names may still run. The run dirs
+//! of the state dir are looked at for a local process's proc file (a service's `RUN_DIR/pid`,
+//! a one-shot's `RUN_DIR.pid`, whose first words are `PID ATTEMPT`; the local backend's
+//! processes write it before anything else, and the backend's `recover` checks the rest),
+//! and every other built-in backend is asked to take
 //! down what the state dir started (SLURM: the job its job file names). What cannot be known
 //! is said, with how to recover.
 
@@ -14,7 +15,7 @@ use super::{DownReport, Session};
 use crate::exec::STOP_GRACE;
 use crate::registry::builtins::{BUILTINS, LOCAL};
 
-/// Stops the local processes whose pid files lie in the run dirs of `dir` and that still
+/// Stops the local processes whose proc files lie in the run dirs of `dir` and that still
 /// run (after the records' teardown, only those the damaged part named), and cancels a
 /// SLURM job the state dir submitted.
 pub(super) async fn stop_unrecorded(
@@ -24,19 +25,23 @@ pub(super) async fn stop_unrecorded(
     on_stop: &mut (dyn FnMut(&str) + Send),
 ) {
     if let Ok(local) = session.registry().for_handles(LOCAL, None) {
-        let run = dir.join("run");
-        let mut dirs: Vec<_> = std::fs::read_dir(&run)
+        // As the run made them: a one-shot's shell is told its proc file's absolute path.
+        let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let run = abs.join("run");
+        let mut entries: Vec<_> = std::fs::read_dir(&run)
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
-        dirs.sort();
-        for run_dir in dirs {
-            let Some(name) = run_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-            else {
+        entries.sort();
+        for entry in entries {
+            let Some(file) = entry.file_name().map(|n| n.to_string_lossy().into_owned()) else {
                 continue;
             };
-            let Some((_, attempt)) = std::fs::read_to_string(run_dir.join("pid"))
+            // A one-shot's proc file beside its run dir, or a service's in it.
+            let (name, run_dir, proc_file, service) = match file.strip_suffix(".pid") {
+                Some(name) => (name.to_string(), run.join(name), entry.clone(), false),
+                None => (file.clone(), entry.clone(), entry.join("pid"), true),
+            };
+            let Some((_, attempt)) = std::fs::read_to_string(&proc_file)
                 .ok()
                 .and_then(|t| pid_file(&t))
             else {
@@ -49,8 +54,9 @@ pub(super) async fn stop_unrecorded(
             let spec = SpawnSpec {
                 task: name.clone(),
                 run_dir: run_dir.clone(),
-                log: dir.join("logs").join(format!("{name}.log")),
+                log: abs.join("logs").join(format!("{name}.log")),
                 attempt,
+                service,
                 ..SpawnSpec::default()
             };
             let Ok(Some(h)) = local.recover(&spec).await else {

@@ -1,6 +1,6 @@
 //! Where a workflow task's command starts: the directory of its file, as make, ninja and
-//! compose do, or the entry's `dir`. Its pid and exit-status files stay in its run dir under
-//! the state dir whatever it is; only the process's working directory moves.
+//! compose do, or the entry's `dir`. Its pid file (with its exit status) stays under the
+//! state dir whatever it is; only the process's working directory moves.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -424,10 +424,23 @@ pub fn records(state_dir: &Path) -> BTreeMap<String, Value> {
     }
     if let Ok(text) = std::fs::read_to_string(state_dir.join("journal.log")) {
         for line in text.lines() {
-            if let Ok(r) = serde_json::from_str::<Value>(line) {
-                if let Some(id) = r.get("id").and_then(Value::as_str) {
-                    out.insert(id.to_string(), r.clone());
+            let Ok(Value::Object(mut r)) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            // A change (`{"set":ID,...}`) sets its fields of the record put before it
+            // (`null` clears one).
+            if let Some(Value::String(id)) = r.remove("set") {
+                if let Some(Value::Object(rec)) = out.get_mut(&id) {
+                    for (k, v) in r {
+                        if v.is_null() {
+                            rec.remove(&k);
+                        } else {
+                            rec.insert(k, v);
+                        }
+                    }
                 }
+            } else if let Some(id) = r.get("id").and_then(Value::as_str) {
+                out.insert(id.to_string(), Value::Object(r));
             }
         }
     }

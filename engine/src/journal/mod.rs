@@ -2,12 +2,14 @@
 //! report status, or tear down.
 //!
 //! On disk, a state dir holds:
-//! - `journal.json`: a snapshot of every record, replaced atomically (temp file, fsync,
-//!   rename) when a run opens and closes the journal;
-//! - `journal.log`: records appended during a run, one JSON object a line; the last line for
-//!   an id wins. A torn last line (the machine died mid-write) is ignored on load; any other
-//!   line that does not parse makes the journal damaged ([`load`] names its line number),
-//!   and [`salvage`] reads what is left of a damaged one;
+//! - `journal.json`: a snapshot of every record (one a line), replaced atomically (temp
+//!   file, fsync, rename) when a run opens and closes the journal;
+//! - `journal.log`: records appended during a run, one JSON object a line: a task's whole
+//!   record when it starts, then short changes of it (`{"set":"ID",...}`: its handle, its
+//!   end); the last word for an id wins. A torn last line (the machine died mid-write) is
+//!   ignored on load; any other line that does not parse, or a change of an id with no
+//!   record before it, makes the journal damaged ([`load`] names its line number), and
+//!   [`salvage`] reads what is left of a damaged one;
 //! - `lock`: held with `flock` for the whole run, and naming its holder.
 //!
 //! Group commit: records queue up in memory and go to the file in one `write`, either at
@@ -17,9 +19,11 @@
 //! that often. The starts of a batch of tasks are one such write: the scheduler
 //! [commits](crate::Subscriber::commit) them after the batch and before any of its tasks
 //! runs. A `write` reaches the kernel at once, so a `kill -9` of prl-flow loses only
-//! what was still queued: never a start or a handle (both are written at once), only a later
-//! update such as a task's end, which the next command learns again from the process (see
-//! docs/architecture.md). A crash of the machine can lose the last moments.
+//! what was still queued: never a start, nor a handle that only the journal knows (written
+//! at once); a handle whose task finds its process again from the start alone (a local
+//! process, by its pid file) goes with the next batch, and a later update such as a task's
+//! end, which the next command learns again from the process (see docs/architecture.md). A
+//! crash of the machine can lose the last moments.
 //!
 //! A write that fails makes the journal *failed* ([`Journal::failure`]): nothing more is
 //! appended, and a run stops at once (the journal's recorder is then

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::Journal;
 use crate::event::{Decision, Event, Outcome, Subscriber};
 use crate::graph::Graph;
-use crate::record::{now_ms, Record, Status};
+use crate::record::{Record, Status};
 use crate::task::Task;
 
 impl Journal {
@@ -118,11 +118,17 @@ impl Subscriber for Recorder {
                 // journal is broken and the scheduler does not start the task.
                 self.put(*index, r);
             }
-            Event::Spawned { index, id, handle } => {
-                // On file at once: `down` and `status` from another shell must see it.
-                self.journal.update_now_at(self.slot(*index), id, |r| {
-                    r.handle = Some(handle.clone());
-                });
+            Event::Spawned {
+                index,
+                id,
+                handle,
+                findable,
+            } => {
+                // On file at once, so that `down` and `status` from another shell see it,
+                // unless they find the process without it (as a resume does): then with the
+                // next batch.
+                self.journal
+                    .set_handle_at(self.slot(*index), id, handle.clone(), !*findable);
             }
             Event::Finished {
                 index,
@@ -141,18 +147,19 @@ impl Subscriber for Recorder {
                     }
                     return;
                 }
-                self.journal.update_at(self.slot(*index), id, |r| {
-                    r.status = (*outcome).into();
-                    r.finished_ms = Some(now_ms());
-                    if let Some(h) = handle {
-                        r.handle = Some(h.clone());
-                    }
-                    r.exit_code = error.as_ref().and_then(|e| e.exit_code);
-                    r.error = error.as_ref().map(|e| e.message.clone());
-                    if let Some(h) = error.as_ref().and_then(|e| e.handle.clone()) {
-                        r.handle = Some(h);
-                    }
-                });
+                // A failure's handle (a service stopped, or left with `--keep`) wins.
+                let handle = error
+                    .as_ref()
+                    .and_then(|e| e.handle.as_ref())
+                    .or(handle.as_ref());
+                self.journal.finish_at(
+                    self.slot(*index),
+                    id,
+                    (*outcome).into(),
+                    handle.cloned(),
+                    error.as_ref().and_then(|e| e.exit_code),
+                    error.as_ref().map(|e| e.message.as_str()),
+                );
             }
             Event::Undone { index, id, error } => {
                 self.journal.update_at(self.slot(*index), id, |r| {

@@ -10,27 +10,107 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use super::{JournalError, LOCK, LOG, SNAPSHOT};
-use crate::record::Record;
+use crate::record::{Handle, Record, Status};
 
 /// The snapshot as written: borrows the records instead of cloning them, and writes them
 /// in the order of their ids (as a `BTreeMap` would), whatever order they are kept in.
-#[derive(Serialize)]
 pub(super) struct SnapshotRef<'a> {
-    pub(super) version: u32,
-    #[serde(serialize_with = "by_id")]
     pub(super) records: &'a IndexMap<String, Record>,
 }
 
-fn by_id<S: serde::Serializer>(
-    records: &&IndexMap<String, Record>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    let mut sorted: Vec<(&String, &Record)> = records.iter().collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    s.collect_map(sorted)
+impl SnapshotRef<'_> {
+    /// Writes the snapshot as compact JSON, one record a line: `{"version":1,"records":{`,
+    /// then `"ID":{...}` lines, then `}}`.
+    pub(super) fn write(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        let mut sorted: Vec<(&String, &Record)> = self.records.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        w.write_all(b"{\"version\":1,\"records\":{")?;
+        let mut buf = Vec::with_capacity(1024);
+        for (i, (id, r)) in sorted.into_iter().enumerate() {
+            buf.clear();
+            buf.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
+            serde_json::to_writer(&mut buf, id)?;
+            buf.push(b':');
+            serde_json::to_writer(&mut buf, r)?;
+            w.write_all(&buf)?;
+        }
+        w.write_all(b"\n}}\n")
+    }
+
+    pub(super) fn to_vec(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let _ = self.write(&mut bytes);
+        bytes
+    }
 }
 
-#[derive(Serialize, Deserialize)]
+/// A line of the log that changes some fields of a record put before it (or kept in the
+/// snapshot): `{"set":"ID",...}`, the fields a task's handle or end sets. Much shorter than
+/// the whole record, which is written when the task starts.
+#[derive(Serialize)]
+pub(super) struct SetRef<'a> {
+    pub(super) set: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) handle: Option<&'a Handle>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) finished_ms: Option<u64>,
+    /// `null` clears the field; absent leaves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) exit_code: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) error: Option<Option<&'a str>>,
+}
+
+/// [`SetRef`] as read back.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Set {
+    set: String,
+    #[serde(default)]
+    status: Option<Status>,
+    #[serde(default)]
+    handle: Option<Handle>,
+    #[serde(default)]
+    finished_ms: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    exit_code: Option<Option<i32>>,
+    #[serde(default, deserialize_with = "present")]
+    error: Option<Option<String>>,
+}
+
+/// A field that is there, `null` or not: `Some` (absent is `None`, by `default`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+impl Set {
+    fn apply(self, r: &mut Record) {
+        if let Some(s) = self.status {
+            r.status = s;
+        }
+        if self.handle.is_some() {
+            r.handle = self.handle;
+        }
+        if self.finished_ms.is_some() {
+            r.finished_ms = self.finished_ms;
+        }
+        if let Some(c) = self.exit_code {
+            r.exit_code = c;
+        }
+        if let Some(e) = self.error {
+            r.error = e;
+        }
+    }
+}
+
+/// The start of a [`SetRef`] line, which tells it from a whole record's.
+const SET: &[u8] = b"{\"set\":";
+
+#[derive(Deserialize)]
 pub(super) struct Snapshot {
     pub(super) version: u32,
     pub(super) records: BTreeMap<String, Record>,
@@ -90,7 +170,14 @@ pub fn salvage(dir: &Path) -> Result<Salvaged, JournalError> {
             .map_err(|e| format!("not UTF-8 text ({e})"))
             .and_then(|t| serde_json::from_str::<Snapshot>(t).map_err(|e| e.to_string()));
         match parsed {
-            Ok(s) => out.records = s.records,
+            Ok(s) if s.version == 1 => out.records = s.records,
+            Ok(s) => out.damage.push(Damage {
+                path: snap.clone(),
+                what: format!(
+                    "version {} of the snapshot's format; this prl-flow reads version 1",
+                    s.version
+                ),
+            }),
             Err(what) => out.damage.push(Damage {
                 path: snap.clone(),
                 what,
@@ -106,26 +193,32 @@ pub fn salvage(dir: &Path) -> Result<Salvaged, JournalError> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match parse_line(line) {
-                Ok(r) => {
-                    out.records.insert(r.id.clone(), r);
-                }
-                Err(e) => out.damage.push(Damage {
+            if let Err(e) = take_line(line, &mut out.records) {
+                out.damage.push(Damage {
                     path: log.clone(),
                     what: format!("line {}: {e}", i + 1),
-                }),
+                });
             }
         }
-        if let Ok(r) = parse_line(torn) {
-            out.records.insert(r.id.clone(), r);
-        }
+        let _ = take_line(torn, &mut out.records);
     }
     Ok(out)
 }
 
-fn parse_line(line: &[u8]) -> Result<Record, String> {
+/// Puts the record of a log line in `records`, or applies the change it makes.
+fn take_line(line: &[u8], records: &mut BTreeMap<String, Record>) -> Result<(), String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 text ({e})"))?;
-    serde_json::from_str(text).map_err(|e| format!("not a record ({e})"))
+    if line.starts_with(SET) {
+        let set: Set = serde_json::from_str(text).map_err(|e| format!("not a change ({e})"))?;
+        let r = records
+            .get_mut(&set.set)
+            .ok_or_else(|| format!("a change of `{}`, which has no record before it", set.set))?;
+        set.apply(r);
+        return Ok(());
+    }
+    let r: Record = serde_json::from_str(text).map_err(|e| format!("not a record ({e})"))?;
+    records.insert(r.id.clone(), r);
+    Ok(())
 }
 
 fn read_if_there(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
@@ -138,18 +231,6 @@ fn read_if_there(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// Writes `v` as [`to_json`] makes it, straight to `w`.
-pub(super) fn write_json<T: Serialize>(w: &mut dyn std::io::Write, v: &T) -> std::io::Result<()> {
-    serde_json::to_writer_pretty(&mut *w, v)?;
-    w.write_all(b"\n")
-}
-
-pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
-    bytes.push(b'\n');
-    bytes
 }
 
 /// How long a lock whose holder has died may still be held: a process the holder was

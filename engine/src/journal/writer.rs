@@ -10,10 +10,10 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use indexmap::IndexMap;
 
-use super::store::{load, lock, salvage, to_json, write_json, Damage, Snapshot, SnapshotRef};
+use super::store::{load, lock, salvage, Damage, SetRef, SnapshotRef};
 use super::{JournalError, LOG, SNAPSHOT, SYNC_EVERY};
 use crate::fs::{write_atomic, write_atomic_with};
-use crate::record::{now_ms, Record, Status};
+use crate::record::{now_ms, Handle, Record, Status};
 
 /// What the journal holds while open: the records, and lines not yet written.
 struct Inner {
@@ -38,6 +38,13 @@ struct Inner {
 /// Appends `r` to `buf` as one line.
 fn line(buf: &mut Vec<u8>, r: &Record) {
     if serde_json::to_writer(&mut *buf, r).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
+/// Appends a change to `buf` as one line.
+fn set_line(buf: &mut Vec<u8>, s: &SetRef<'_>) {
+    if serde_json::to_writer(&mut *buf, s).is_ok() {
         buf.push(b'\n');
     }
 }
@@ -133,11 +140,8 @@ impl Journal {
         let records: IndexMap<String, Record> = records.into_iter().collect();
         let next_seq = records.values().map(|r| r.seq + 1).max().unwrap_or(0);
         if !current {
-            let snapshot = SnapshotRef {
-                version: 1,
-                records: &records,
-            };
-            write_atomic_with(&dir.join(SNAPSHOT), |w| write_json(w, &snapshot)).map_err(io)?;
+            let snapshot = SnapshotRef { records: &records };
+            write_atomic_with(&dir.join(SNAPSHOT), |w| snapshot.write(w)).map_err(io)?;
         }
         // The snapshot now holds everything: start the log empty, in append mode so that
         // every write lands at its end (also after a reset truncates it).
@@ -275,10 +279,7 @@ impl Journal {
     fn change(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record), now: bool) {
         let mut g = self.inner();
         let g = &mut *g;
-        let at = slot
-            .filter(|&i| g.records.get_index(i).is_some_and(|(k, _)| k == id))
-            .or_else(|| g.records.get_index_of(id));
-        let Some((_, r)) = at.and_then(|i| g.records.get_index_mut(i)) else {
+        let Some(r) = Self::find(&mut g.records, slot, id) else {
             return;
         };
         f(r);
@@ -287,6 +288,81 @@ impl Journal {
         if now {
             g.write();
         }
+    }
+
+    /// Sets the handle of the record of `id` (at `slot`, as [`Journal::update_at`] finds
+    /// it): a short line, written at once if `now`, else with the next write.
+    pub fn set_handle_at(&self, slot: Option<usize>, id: &str, handle: Handle, now: bool) {
+        let mut g = self.inner();
+        let g = &mut *g;
+        let Some(r) = Self::find(&mut g.records, slot, id) else {
+            return;
+        };
+        let handle = &*r.handle.insert(handle);
+        g.changed = true;
+        set_line(
+            &mut g.buf,
+            &SetRef {
+                set: id,
+                status: None,
+                handle: Some(handle),
+                finished_ms: None,
+                exit_code: None,
+                error: None,
+            },
+        );
+        if now {
+            g.write();
+        }
+    }
+
+    /// Records the end of the task of `id`: its status, when, its exit code and error, and
+    /// a handle if it brings one (else the record keeps the one it has). Queued as a short
+    /// line, as [`Journal::update_at`] queues.
+    pub fn finish_at(
+        &self,
+        slot: Option<usize>,
+        id: &str,
+        status: Status,
+        handle: Option<Handle>,
+        exit_code: Option<i32>,
+        error: Option<&str>,
+    ) {
+        let mut g = self.inner();
+        let g = &mut *g;
+        let Some(r) = Self::find(&mut g.records, slot, id) else {
+            return;
+        };
+        let finished_ms = now_ms();
+        r.status = status;
+        r.finished_ms = Some(finished_ms);
+        r.exit_code = exit_code;
+        r.error = error.map(str::to_string);
+        let handle = handle.map(|h| &*r.handle.insert(h));
+        g.changed = true;
+        set_line(
+            &mut g.buf,
+            &SetRef {
+                set: id,
+                status: Some(status),
+                handle,
+                finished_ms: Some(finished_ms),
+                exit_code: Some(exit_code),
+                error: Some(error),
+            },
+        );
+    }
+
+    /// The record of `id`: at `slot` if it still holds `id`, else looked up by id.
+    fn find<'r>(
+        records: &'r mut IndexMap<String, Record>,
+        slot: Option<usize>,
+        id: &str,
+    ) -> Option<&'r mut Record> {
+        let at = slot
+            .filter(|&i| records.get_index(i).is_some_and(|(k, _)| k == id))
+            .or_else(|| records.get_index_of(id))?;
+        records.get_index_mut(at).map(|(_, r)| r)
     }
 
     /// Forgets every record (a fresh run): the snapshot and the log are emptied.
@@ -301,10 +377,10 @@ impl Journal {
         let cleared = g.log.set_len(0).and_then(|()| {
             write_atomic(
                 &self.dir.join(SNAPSHOT),
-                &to_json(&Snapshot {
-                    version: 1,
-                    records: BTreeMap::new(),
-                }),
+                &SnapshotRef {
+                    records: &IndexMap::new(),
+                }
+                .to_vec(),
             )
         });
         if let Err(e) = cleared {
@@ -367,14 +443,13 @@ impl Journal {
         let mut closed = Ok(());
         if g.changed {
             let snapshot = SnapshotRef {
-                version: 1,
                 records: &g.records,
             };
             // With every append on file, only the snapshot is missing: nothing is lost.
             let log_whole = g.error.is_none();
             // Streamed: 100,000 records would be tens of MB of JSON in memory.
             let path = self.dir.join(SNAPSHOT);
-            closed = write_atomic_with(&path, |w| write_json(w, &snapshot)).map_err(|e| {
+            closed = write_atomic_with(&path, |w| snapshot.write(w)).map_err(|e| {
                 if log_whole {
                     format!(
                         "{SNAPSHOT}: {e} (every record is on file in {LOG}: `status`, \
@@ -497,6 +572,66 @@ mod tests {
         assert!(!r.contains_key("c"));
     }
 
+    /// A handle and an end are short lines that name the record they change; replayed over
+    /// the record put before them (in the log, or kept in the snapshot), they leave it as it
+    /// was in memory, and `null` clears an earlier error.
+    #[test]
+    fn changes_are_short_lines_that_replay_over_their_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let j = Journal::open(dir.path(), false, "t").expect("open");
+            let mut kept = rec("kept", Status::Failed);
+            kept.error = Some("it failed".into());
+            kept.exit_code = Some(3);
+            j.put(kept);
+            j.close().expect("close");
+        }
+        let j = Journal::open(dir.path(), true, "t").expect("reopen");
+        let a = j.put_slot(rec("a", Status::Running));
+        let h = serde_json::json!({"backend": "local", "version": 1, "payload": {"pid": 7}});
+        // A handle its task finds again without it waits for the next write.
+        j.set_handle_at(Some(a), "a", h.clone(), false);
+        let log = || std::fs::read_to_string(dir.path().join(LOG)).expect("log");
+        assert!(!log().contains("\"set\""), "{}", log());
+        j.set_handle_at(Some(a), "a", h.clone(), true);
+        assert_eq!(log().matches("\"handle\"").count(), 2, "{}", log());
+        j.finish_at(Some(a), "a", Status::Failed, None, Some(2), Some("exit 2"));
+        j.finish_at(None, "kept", Status::Done, Some(h.clone()), None, None);
+        j.finish_at(None, "nobody", Status::Done, None, None, None);
+        j.flush();
+        let log = log();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 5, "{log}");
+        assert!(lines[1].starts_with("{\"set\":\"a\",\"handle\":"), "{log}");
+        assert!(!lines[3].contains("fingerprint"), "{log}");
+        let in_memory = j.records();
+        std::mem::forget(j);
+        let replayed = load(dir.path()).expect("load");
+        assert_eq!(replayed, in_memory);
+        assert_eq!(replayed["a"].handle, Some(h.clone()));
+        assert_eq!(replayed["a"].exit_code, Some(2));
+        assert_eq!(replayed["kept"].status, Status::Done);
+        assert_eq!(replayed["kept"].error, None);
+        assert_eq!(replayed["kept"].exit_code, None);
+        assert_eq!(replayed["kept"].handle, Some(h));
+        // A change of a task with no record before it is damage, named by its line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(LOG))
+            .expect("log");
+        f.write_all(b"{\"set\":\"ghost\",\"status\":\"done\"}\n")
+            .expect("write");
+        match load(dir.path()) {
+            Err(JournalError::Corrupt { message, .. }) => {
+                assert!(
+                    message.contains("line 6") && message.contains("`ghost`"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected damage, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_slot_reaches_its_record_until_a_reset_and_the_snapshot_stays_in_id_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -525,7 +660,8 @@ mod tests {
         j.put(rec("a", Status::Done));
         j.close().expect("close");
         let text = std::fs::read_to_string(dir.path().join(SNAPSHOT)).expect("snapshot");
-        let at = |id: &str| text.find(&format!("\"{id}\": {{")).expect(id);
+        // One record a line.
+        let at = |id: &str| text.find(&format!("\n\"{id}\":{{\"id\"")).expect(id);
         assert!(at("a") < at("b") && at("b") < at("c"), "{text}");
     }
 

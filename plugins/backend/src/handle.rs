@@ -81,7 +81,12 @@ impl ProcHandle {
 /// The handle as the journal keeps it.
 impl From<ProcHandle> for serde_json::Value {
     fn from(h: ProcHandle) -> Self {
-        serde_json::json!({ "backend": h.backend, "version": h.version, "payload": h.payload })
+        // Built in place (no serializer, no copy of the strings): one per spawn.
+        let mut m = serde_json::Map::new();
+        m.insert("backend".into(), h.backend.into());
+        m.insert("version".into(), h.version.into());
+        m.insert("payload".into(), h.payload);
+        m.into()
     }
 }
 

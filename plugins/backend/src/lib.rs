@@ -288,6 +288,14 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Whether [`Backend::recover`] finds whatever the spawn of `spec` started from the spawn
+    /// alone, exactly (its attempt), so that the handle may reach the journal with the next
+    /// batch of records rather than with a write of its own: a `kill -9` in between leaves a
+    /// start with no handle, which `recover` makes good. `false` unless the backend is sure.
+    fn finds_unrecorded(&self, _spec: &SpawnSpec) -> bool {
+        false
+    }
+
     /// Finds the process that the spawn of `spec` (its attempt: [`SpawnSpec::attempt`])
     /// started, when its handle never reached the journal (prl-flow was killed between the
     /// fork and the journal write). `None`: that attempt started nothing.
@@ -336,19 +344,26 @@ pub fn prepare_run_dir(spec: &SpawnSpec) -> Result<RunDir, BackendError> {
         }
         std::fs::write(&path, content)?;
     }
+    Ok(RunDir {
+        log: open_log(spec)?,
+        fresh,
+    })
+}
+
+/// Opens the log of `spec` for appending, creating it (and its directory) if need be.
+pub fn open_log(spec: &SpawnSpec) -> Result<std::fs::File, BackendError> {
     let open = || {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&spec.log)
     };
-    let log = match open() {
-        Err(e) if e.kind() == ErrorKind::NotFound => match spec.log.parent() {
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match spec.log.parent() {
             Some(parent) => std::fs::create_dir_all(parent).and_then(|()| open()),
             None => Err(e),
         },
         other => other,
     }
-    .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))?;
-    Ok(RunDir { log, fresh })
+    .map_err(|e| BackendError::new(format!("cannot open log `{}`: {e}", spec.log.display())))
 }

@@ -7,24 +7,27 @@
 //! - each starts in its own process group, so a Ctrl-C at the terminal reaches prl-flow
 //!   alone, which then decides what to stop; stopping signals the whole group (SIGTERM, a
 //!   grace period, SIGKILL);
-//! - each starts in its spawn spec's `cwd` when it names one, else in its run dir; the
-//!   files below stay in the run dir either way;
+//! - each starts in its spawn spec's `cwd` when it names one, else in its run dir, which is
+//!   made only when the process starts there, is a service or is given files;
 //! - stdout and stderr go to the task's log file;
 //! - a handle records the pid *and* the process's start time from `/proc/PID/stat`, so a
 //!   reused pid is never taken for ours;
 //! - the process writes its pid, and the attempt it belongs to (the spawn spec's `attempt`),
-//!   to `RUN_DIR/pid` before anything else, so a prl-flow killed between the fork and its
-//!   journal write can still find it, and a later one tells it from an earlier attempt's
-//!   exactly (file times are too coarse for that: a file's mtime can read a few ms *before*
-//!   the moment the journal recorded as the attempt's start). A service also writes its
-//!   start time and session; a one-shot, whose shell costs count in a DAG of thousands,
-//!   writes only `PID ATTEMPT`: whatever holds that pid later is ours only if it is that
-//!   attempt's shell (its command line names the attempt and the run dir) or a program it
-//!   `exec`d (which inherits the attempt the shell exported, [`ATTEMPT_ENV`]);
-//! - a one-shot runs under a tiny `sh` trap that writes its exit status to a file when it
-//!   ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the next
-//!   `--resume` reads the file (or sees it still running and waits) instead of running it
-//!   a second time.
+//!   to its proc file before anything else (a service's `RUN_DIR/pid`, a one-shot's
+//!   `RUN_DIR.pid`), so a prl-flow killed between the fork and its journal write can still
+//!   find it, and a later one tells it from an earlier attempt's exactly (file times are too
+//!   coarse for that: a file's mtime can read a few ms *before* the moment the journal
+//!   recorded as the attempt's start). A service also writes its start time and session; a
+//!   one-shot, whose shell costs count in a DAG of thousands, writes only `PID ATTEMPT`:
+//!   whatever holds that pid later is ours only if it is that attempt's shell (its command
+//!   line names the attempt and the proc file) or a program it `exec`d (which inherits the
+//!   attempt the shell exported, [`ATTEMPT_ENV`]);
+//! - a one-shot runs under a tiny `sh` trap that appends its exit status to its proc file
+//!   when it ends. If prl-flow is killed while a one-shot runs, the one-shot goes on; the
+//!   next `--resume` reads the file (or sees it still running and waits) instead of running
+//!   it a second time;
+//! - the children are reaped by whoever asks about them first after they end (`wait` wakes
+//!   on each `SIGCHLD`): no task, channel or pidfd per child.
 //!
 //! [`WithLocal`] puts this backend beside a remote one: what has no node (a task that runs
 //! where prl-flow runs) goes here, the rest to the remote backend.
@@ -37,7 +40,7 @@ mod with_local;
 mod wrapper;
 
 pub use with_local::WithLocal;
-use wrapper::{is_attempt, wrap, PidFile, PID_FILE, STATUS_FILE};
+use wrapper::{is_attempt, needs_run_dir, proc_file, wrap, PidFile};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,7 +55,6 @@ use prl_flow_backend::{
     Program, SpawnSpec, LOG_MARK,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 /// The backend's name, in its handles.
 const NAME: &str = "local";
@@ -83,16 +85,23 @@ struct Handle {
     sid: Option<i32>,
 }
 
-/// Resolves to how a child ended, once it has.
-type ExitWatch = watch::Receiver<Option<ProcState>>;
+/// A child this process started: its start time (a handle of another process that got
+/// the same pid later is not its), and how it ended once it was reaped.
+struct Child {
+    start: u64,
+    ended: Option<ProcState>,
+}
 
 #[derive(Default)]
 pub struct LocalBackend {
-    /// Exit states of the children this process started, by pid, with their start times: a
-    /// handle of another process that got the same pid later is not theirs.
-    children: Mutex<HashMap<i32, (u64, ExitWatch)>>,
+    /// The children this process started, by pid. Each is reaped by whoever first asks
+    /// after it ended (`wait`, `status`, `stop`): no task, channel or pidfd per child.
+    children: Mutex<HashMap<i32, Child>>,
     /// Whether a child's start time read off the clock matched `/proc` (checked once).
     clock_agrees: std::sync::OnceLock<bool>,
+    /// The directory of run dirs that was last made sure of, for one-shots that need no run
+    /// dir but keep their proc file there.
+    run_parent: Mutex<Option<PathBuf>>,
 }
 
 /// This process's session id.
@@ -112,12 +121,39 @@ impl LocalBackend {
         format!("127.0.{}.{}", (i >> 8) & 0xff, i & 0xff)
     }
 
+    /// Makes sure the directory that holds the run dir of `spec` exists (the one-shot's proc
+    /// file goes there): made once, not looked at on every spawn.
+    fn run_parent(&self, spec: &SpawnSpec) -> Result<(), BackendError> {
+        let Some(parent) = spec.run_dir.parent() else {
+            return Ok(());
+        };
+        let mut made = self
+            .run_parent
+            .lock()
+            .map_err(|_| BackendError::new("the run dirs' directory lock is poisoned"))?;
+        if made.as_deref() != Some(parent) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                BackendError::new(format!("cannot make `{}`: {e}", parent.display()))
+            })?;
+            *made = Some(parent.to_path_buf());
+        }
+        Ok(())
+    }
+
     fn parse(handle: &ProcHandle) -> Result<Handle, BackendError> {
         handle.open(NAME)
     }
 
     fn wrap(h: &Handle) -> Result<ProcHandle, BackendError> {
-        ProcHandle::new(NAME, ProcHandle::VERSION, h)
+        match h.payload() {
+            Some(payload) => Ok(ProcHandle {
+                backend: NAME.into(),
+                version: ProcHandle::VERSION,
+                payload,
+            }),
+            // A path that is not UTF-8: the serializer says so.
+            None => ProcHandle::new(NAME, ProcHandle::VERSION, h),
+        }
     }
 
     /// The start time and session of child `pid`, spawned between the clock readings
@@ -140,10 +176,41 @@ impl LocalBackend {
         (st.map_or(0, |s| s.start), st.map(|s| s.sid))
     }
 
-    fn child(&self, h: &Handle) -> Option<ExitWatch> {
-        match self.children.lock().ok()?.get(&h.pid) {
-            Some((start, rx)) if *start == h.start => Some(rx.clone()),
-            _ => None,
+    /// For a child of this process: `Some(None)` while it runs, `Some(Some(how))` once it
+    /// ended (reaped now, if it had not been). `None`: not a child of ours.
+    fn reap(&self, h: &Handle) -> Option<Option<ProcState>> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let mut children = self.children.lock().ok()?;
+        let child = children.get_mut(&h.pid).filter(|c| c.start == h.start)?;
+        if child.ended.is_none() {
+            child.ended = match waitpid(Pid::from_raw(h.pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => Some(ProcState::Exited(Some(code))),
+                Ok(WaitStatus::Signaled(..)) => Some(ProcState::Exited(None)),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => None,
+                // Reaped by someone else, or not a child after all.
+                Err(_) => Some(ProcState::Gone),
+            };
+        }
+        Some(child.ended.clone())
+    }
+
+    /// Waits until a child of this process ends, woken by each `SIGCHLD` (the stream is
+    /// made before the first look, so an end in between is not missed). `None`: not a
+    /// child of ours.
+    async fn wait_child(&self, h: &Handle) -> Option<ProcState> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigchld = signal(SignalKind::child()).ok();
+        loop {
+            if let Some(state) = self.reap(h)? {
+                return Some(state);
+            }
+            match &mut sigchld {
+                Some(s) => {
+                    s.recv().await;
+                }
+                // No signal driver in this runtime: look again a little later.
+                None => tokio::time::sleep(POLL).await,
+            }
         }
     }
 
@@ -196,15 +263,12 @@ impl LocalBackend {
     }
 
     fn state_of(&self, h: &Handle) -> ProcState {
-        if let Some(rx) = self.child(h) {
-            if let Some(s) = rx.borrow().clone() {
-                return s;
-            }
-            return ProcState::Running;
+        if let Some(ended) = self.reap(h) {
+            return ended.unwrap_or(ProcState::Running);
         }
         match procfs::stat(h.pid) {
             Some(st) if st.start == h.start && !st.is_dead() => ProcState::Running,
-            _ => match h.status_file.as_deref().and_then(read_status) {
+            _ => match h.status_file.as_deref().and_then(|f| read_status(f, h.pid)) {
                 Some(code) => ProcState::Exited(Some(code)),
                 None => ProcState::Gone,
             },
@@ -213,6 +277,25 @@ impl LocalBackend {
 }
 
 impl Handle {
+    /// The payload of its [`ProcHandle`], as serializing it gives, built in place (one per
+    /// spawn). `None` for a path that is not UTF-8.
+    fn payload(&self) -> Option<serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("pid".into(), self.pid.into());
+        m.insert("start".into(), self.start.into());
+        if let Some(node) = &self.node {
+            m.insert("node".into(), node.clone().into());
+        }
+        m.insert("log".into(), self.log.to_str()?.into());
+        if let Some(f) = &self.status_file {
+            m.insert("status_file".into(), f.to_str()?.into());
+        }
+        if let Some(sid) = self.sid {
+            m.insert("sid".into(), sid.into());
+        }
+        Some(m.into())
+    }
+
     /// The live processes of the attempt's group, leader or not: the leader may have died
     /// and left workers behind (a crashed server's engine workers).
     ///
@@ -237,8 +320,33 @@ impl Handle {
     }
 }
 
-fn read_status(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+/// `/dev/null` for a child's stdin: opened once, a copy of its descriptor per spawn (no
+/// path lookup per spawn).
+fn dev_null() -> Result<std::fs::File, BackendError> {
+    static NULL: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    let null = match NULL.get() {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open("/dev/null")?;
+            NULL.get_or_init(|| f)
+        }
+    };
+    Ok(null.try_clone()?)
+}
+
+/// How the one-shot `pid` ended, from its proc file: `PID ATTEMPT` and, once it ended, its
+/// exit status on the next line. A file that names another pid (a later attempt that had
+/// not yet rewritten it) says nothing of `pid`. An `exit-status` file of an earlier
+/// version of this backend holds the status alone.
+fn read_status(path: &Path, pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    let first = lines.next()?.trim();
+    match first.split_once(' ') {
+        Some((p, _)) if p.parse() == Ok(pid) => lines.next()?.trim().parse().ok(),
+        Some(_) => None,
+        None => first.parse().ok(),
+    }
 }
 
 #[async_trait]
@@ -346,39 +454,54 @@ impl Backend for LocalBackend {
                 spec.task
             )));
         }
-        let run_dir = prl_flow_backend::prepare_run_dir(spec)?;
-        let log = run_dir.log;
+        let (log, fresh) = if needs_run_dir(spec) {
+            let made = prl_flow_backend::prepare_run_dir(spec)?;
+            (made.log, made.fresh)
+        } else {
+            self.run_parent(spec)?;
+            (prl_flow_backend::open_log(spec)?, true)
+        };
         let log_err = log.try_clone()?;
         {
             use std::io::Write as _;
             let mut l = &log;
-            let _ = l.write_all(format!("{LOG_MARK}`{}` starts ──\n", spec.task).as_bytes());
+            let mut line = Vec::with_capacity(LOG_MARK.len() + spec.task.len() + 16);
+            line.extend_from_slice(LOG_MARK.as_bytes());
+            line.push(b'`');
+            line.extend_from_slice(spec.task.as_bytes());
+            line.extend_from_slice("` starts ──\n".as_bytes());
+            let _ = l.write_all(&line);
         }
 
         // The child writes its own pid before anything else, so that a prl-flow killed
-        // between the fork and its journal write can still find it (see `recover`).
-        // An earlier attempt's files go first (a run dir made just now has none).
-        let status_file = (!spec.service).then(|| spec.run_dir.join(STATUS_FILE));
-        if !run_dir.fresh {
-            let _ = std::fs::remove_file(spec.run_dir.join(PID_FILE));
-            if let Some(f) = &status_file {
-                let _ = std::fs::remove_file(f);
-            }
+        // between the fork and its journal write can still find it (see `recover`). A
+        // service's earlier attempt's file goes first (a run dir made just now has none); a
+        // one-shot's shell rewrites its file, and whatever it holds until then names
+        // another process ([`read_status`]).
+        let status_file = (!spec.service).then(|| proc_file(spec));
+        if spec.service && !fresh {
+            let _ = std::fs::remove_file(proc_file(spec));
         }
         let argv = wrap(spec)?;
-        let mut cmd = tokio::process::Command::new(&argv[0]);
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = std::process::Command::new(&argv[0]);
         // No variable of prl-flow's own here: a spawn that changes no variable hands the
         // child this process's environment as it is, where any change makes the standard
         // library copy the whole of it first (a one-shot's shell exports its attempt).
         cmd.args(&argv[1..]).envs(&spec.env);
         cmd.current_dir(spec.start_dir())
-            .stdin(std::process::Stdio::null())
+            .stdin(dev_null()?)
             .stdout(log)
             .stderr(log_err)
-            .process_group(0)
-            .kill_on_drop(false);
+            .process_group(0);
+        // Held across the spawn: a reap elsewhere (another thread of the runtime) finds the
+        // child in the table as soon as it can have ended.
+        let mut children = self
+            .children
+            .lock()
+            .map_err(|_| BackendError::new("the table of children is poisoned"))?;
         let before = procfs::boot_ticks();
-        let mut child = cmd.spawn().map_err(|e| match &spec.cwd {
+        let child = cmd.spawn().map_err(|e| match &spec.cwd {
             // The start dir is not looked at before each spawn; a spawn that fails says why.
             Some(cwd) if !cwd.is_dir() => BackendError::new(format!(
                 "task `{}` is to start in `{}`, which is not a directory",
@@ -387,22 +510,10 @@ impl Backend for LocalBackend {
             )),
             _ => BackendError::new(format!("cannot start `{}`: {e}", spec.argv[0])),
         })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| BackendError::new("the process ended before it had a pid"))?
-            as i32;
+        let pid = child.id() as i32;
         let (start, sid) = self.start_of(pid, before, procfs::boot_ticks());
-        let (tx, rx) = watch::channel(None);
-        if let Ok(mut m) = self.children.lock() {
-            m.insert(pid, (start, rx));
-        }
-        tokio::spawn(async move {
-            let state = match child.wait().await {
-                Ok(s) => ProcState::Exited(s.code()),
-                Err(_) => ProcState::Gone,
-            };
-            let _ = tx.send(Some(state));
-        });
+        children.insert(pid, Child { start, ended: None });
+        drop(children);
         let h = Handle {
             pid,
             node: spec.node.clone(),
@@ -420,12 +531,8 @@ impl Backend for LocalBackend {
 
     async fn wait(&self, handle: &ProcHandle) -> Result<ProcState, BackendError> {
         let h = Self::parse(handle)?;
-        if let Some(mut rx) = self.child(&h) {
-            let s = rx
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| BackendError::new("lost track of the process"))?;
-            return Ok(s.clone().unwrap_or(ProcState::Gone));
+        if let Some(state) = self.wait_child(&h).await {
+            return Ok(state);
         }
         loop {
             match self.state_of(&h) {
@@ -438,17 +545,19 @@ impl Backend for LocalBackend {
     async fn stop(&self, handle: &ProcHandle, grace: Duration) -> Result<(), BackendError> {
         let h = Self::parse(handle)?;
         self.stop_group(&h, grace).await?;
-        // A child of ours is seen to end by its waiter task; until that task has run, the
-        // process is a zombie and `status` would still say running. Wait for it, briefly.
-        if let Some(mut rx) = self.child(&h) {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
-        }
+        // A child of ours that ended is a zombie until reaped: reap it (briefly waiting for
+        // its end), so that `status` does not still say running.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.wait_child(&h)).await;
         Ok(())
     }
 
+    /// Every process writes its pid and attempt to its proc file before anything else.
+    fn finds_unrecorded(&self, _spec: &SpawnSpec) -> bool {
+        true
+    }
+
     async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
-        let pid_file = spec.run_dir.join(PID_FILE);
+        let pid_file = proc_file(spec);
         let Some(f) = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|t| PidFile::parse(&t))
@@ -477,7 +586,7 @@ impl Backend for LocalBackend {
             start,
             node: spec.node.clone(),
             log: spec.log.clone(),
-            status_file: (!spec.service).then(|| spec.run_dir.join(STATUS_FILE)),
+            status_file: (!spec.service).then(|| proc_file(spec)),
             sid,
         };
         Self::wrap(&h).map(Some)

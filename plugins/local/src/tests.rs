@@ -1,6 +1,7 @@
 //! The local backend's tests, on real processes of this machine.
 
 use super::*;
+use crate::wrapper::PID_FILE;
 use prl_flow_backend::{Held, Recorded};
 
 fn spec(dir: &Path, argv: &[&str], service: bool) -> SpawnSpec {
@@ -15,6 +16,33 @@ fn spec(dir: &Path, argv: &[&str], service: bool) -> SpawnSpec {
         log: dir.join("t.log"),
         service,
         attempt: 1_700_000_000_123,
+    }
+}
+
+/// The handle built in place per spawn is the one serializing gives, with or without its
+/// optional parts.
+#[test]
+fn a_handle_built_in_place_is_the_serialized_one() {
+    let full = Handle {
+        pid: 42,
+        start: 7,
+        node: Some("node0".into()),
+        log: "/s/logs/t.log".into(),
+        status_file: Some("/s/run/t.pid".into()),
+        sid: Some(3),
+    };
+    let bare = Handle {
+        node: None,
+        status_file: None,
+        sid: None,
+        ..full.clone()
+    };
+    for h in [full, bare] {
+        assert_eq!(h.payload(), Some(serde_json::to_value(&h).expect("json")));
+        assert_eq!(
+            LocalBackend::wrap(&h).expect("wrap"),
+            ProcHandle::new(NAME, ProcHandle::VERSION, &h).expect("new")
+        );
     }
 }
 
@@ -51,7 +79,7 @@ async fn a_later_attempt_in_the_same_run_dir_never_reads_the_earlier_ones_exit_s
     let first = spec(dir.path(), &["sh", "-c", "exit 3"], false);
     let h = b.spawn(&first).await.expect("spawn");
     assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(3)));
-    assert!(dir.path().join("run/exit-status").exists());
+    assert!(std::fs::read_to_string(proc_file(&first)).is_ok_and(|t| t.ends_with("\n3\n")));
     // The second attempt is killed before it can write a status of its own: what a later
     // prl-flow reads of it must not be the first attempt's 3.
     let mut second = spec(dir.path(), &["sh", "-c", "sleep 30"], false);
@@ -59,10 +87,10 @@ async fn a_later_attempt_in_the_same_run_dir_never_reads_the_earlier_ones_exit_s
     let h = b.spawn(&second).await.expect("spawn again");
     // Stopped once its shell has written its pid (a shell stopped before that left no trace
     // of the attempt, and there would be nothing to recover).
-    let pid_file = dir.path().join("run/pid");
-    let mine = format!(" {}", second.attempt);
+    let pid_file = proc_file(&second);
+    let mine = format!(" {}\n", second.attempt);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim_end().ends_with(&mine)) {
+    while !std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with(&mine)) {
         assert!(
             std::time::Instant::now() < deadline,
             "the second attempt never wrote its pid"
@@ -92,10 +120,26 @@ async fn a_process_starts_in_its_cwd_and_leaves_its_files_in_the_run_dir() {
     assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(4)));
     let out = std::fs::read_to_string(work.join("out")).expect("out");
     assert_eq!(Path::new(out.trim()), work);
-    for kept in ["pid", "exit-status", "conf/a.json"] {
-        assert!(dir.path().join("run").join(kept).exists(), "{kept}");
-    }
+    assert!(dir.path().join("run/conf/a.json").exists());
+    let pid = h.open::<Handle>("local").expect("local").pid;
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("run.pid")).expect("proc file"),
+        format!("{pid} {}\n4\n", s.attempt)
+    );
     assert!(!dir.path().join("run/out").exists());
+    // Given no files, a one-shot that starts elsewhere makes no run dir at all.
+    s.files.clear();
+    s.run_dir = dir.path().join("runs/t");
+    let h = b.spawn(&s).await.expect("spawn");
+    assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(4)));
+    assert!(!s.run_dir.exists());
+    assert!(
+        std::fs::read_to_string(dir.path().join("runs/t.pid")).is_ok_and(|t| t.ends_with("\n4\n"))
+    );
+    assert_eq!(
+        LocalBackend::new().status(&h).await,
+        Ok(ProcState::Exited(Some(4)))
+    );
     s.cwd = Some(dir.path().join("missing"));
     let e = b.spawn(&s).await.expect_err("no such dir");
     assert!(e.message.contains("not a directory"), "{e}");
@@ -319,7 +363,7 @@ async fn recover_finds_a_one_shot_by_its_wrapper_shells_command_line() {
     let b = LocalBackend::new();
     let s = spec(dir.path(), &["sleep", "30"], false);
     let h = b.spawn(&s).await.expect("spawn");
-    let pid_file = s.run_dir.join(PID_FILE);
+    let pid_file = proc_file(&s);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&pid_file).map_or(true, |t| !t.ends_with('\n')) {
         assert!(std::time::Instant::now() < deadline, "no pid file");
@@ -377,11 +421,7 @@ async fn recover_finds_a_one_shot_that_execd_by_the_attempt_in_its_environment()
         attempt: s.attempt + 1,
         ..s.clone()
     };
-    std::fs::write(
-        s.run_dir.join(PID_FILE),
-        format!("{pid} {}\n", other.attempt),
-    )
-    .expect("pid");
+    std::fs::write(proc_file(&s), format!("{pid} {}\n", other.attempt)).expect("pid");
     let not_it = later
         .recover(&other)
         .await
@@ -392,22 +432,24 @@ async fn recover_finds_a_one_shot_that_execd_by_the_attempt_in_its_environment()
 }
 
 /// A one-shot's pid file whose pid now belongs to a stranger (this test process, which
-/// carries no attempt): the stranger is never taken for it, nor signalled; the exit-status
-/// file, once there, says how the attempt ended.
+/// carries no attempt): the stranger is never taken for it, nor signalled; the exit status,
+/// once there, says how the attempt ended.
 #[tokio::test]
 async fn a_one_shot_pid_reused_by_a_stranger_is_never_adopted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = spec(dir.path(), &["true"], false);
-    std::fs::create_dir_all(&s.run_dir).expect("run dir");
     let me = std::process::id();
-    std::fs::write(s.run_dir.join(PID_FILE), format!("{me} {}\n", s.attempt)).expect("pid");
+    std::fs::write(proc_file(&s), format!("{me} {}\n", s.attempt)).expect("pid");
     let b = LocalBackend::new();
     let h = b.recover(&s).await.expect("recover").expect("a handle");
     assert_eq!(b.status(&h).await, Ok(ProcState::Gone));
     b.stop(&h, Duration::from_millis(100)).await.expect("stop");
     assert!(procfs::stat(me as i32).is_some_and(|s| !s.is_dead()));
-    std::fs::write(s.run_dir.join(STATUS_FILE), "0\n").expect("status");
+    std::fs::write(proc_file(&s), format!("{me} {}\n0\n", s.attempt)).expect("status");
     assert_eq!(b.status(&h).await, Ok(ProcState::Exited(Some(0))));
+    // A proc file that a later attempt rewrote says nothing of this one.
+    std::fs::write(proc_file(&s), format!("{} {}\n5\n", me + 1, s.attempt + 1)).expect("later");
+    assert_eq!(b.status(&h).await, Ok(ProcState::Gone));
 }
 
 /// A process that joins the group after `stop` first looked is asked to end too (SIGTERM),

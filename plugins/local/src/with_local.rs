@@ -186,6 +186,13 @@ impl<B: Backend> Backend for WithLocal<B> {
         self.remote.log_location(handle)
     }
 
+    fn finds_unrecorded(&self, spec: &SpawnSpec) -> bool {
+        match spec.node {
+            None => self.local.finds_unrecorded(spec),
+            Some(_) => self.remote.finds_unrecorded(spec),
+        }
+    }
+
     async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         match spec.node {
             None => self.local.recover(spec).await,

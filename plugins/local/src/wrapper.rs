@@ -1,6 +1,8 @@
 //! The shell every local process starts under, and how a later prl-flow tells that process
-//! again: what the shell writes to `RUN_DIR/pid` and `RUN_DIR/exit-status`, and the checks
-//! that take the process at a recorded pid for an attempt's.
+//! again: what the shell writes to its proc file ([`proc_file`]), and the checks that take
+//! the process at a recorded pid for an attempt's.
+
+use std::path::PathBuf;
 
 use prl_flow_backend::{BackendError, SpawnSpec};
 
@@ -8,14 +10,33 @@ use super::ATTEMPT_ENV;
 
 pub(crate) const PID_FILE: &str = "pid";
 
-pub(crate) const STATUS_FILE: &str = "exit-status";
+/// Where the process of `spec` writes `PID ATTEMPT` before anything else: a service in its
+/// run dir (`RUN_DIR/pid`, with its start time and session), a one-shot beside its run dir
+/// (`RUN_DIR.pid`), where its shell also appends its exit status when it ends. So a one-shot
+/// that starts elsewhere (a workflow's, in the workflow's directory) and is given no files
+/// needs no run dir: one directory fewer to make per task.
+pub(crate) fn proc_file(spec: &SpawnSpec) -> PathBuf {
+    if spec.service {
+        return spec.run_dir.join(PID_FILE);
+    }
+    let mut p = spec.run_dir.clone().into_os_string();
+    p.push(".pid");
+    p.into()
+}
+
+/// Whether the spawn of `spec` makes its run dir: a service's pid file is there; a one-shot
+/// starts there unless it has a `cwd`, and its files are written there.
+pub(crate) fn needs_run_dir(spec: &SpawnSpec) -> bool {
+    spec.service || spec.cwd.is_none() || !spec.files.is_empty()
+}
 
 /// The shell of the wrapper, by its full path as make's and ninja's: looking `sh` up on a
 /// long `PATH` costs a failed `execve` per entry before it, on every spawn.
 const SHELL: &str = "/bin/sh";
 
-/// What a process writes to `RUN_DIR/pid` first thing: `PID ATTEMPT START SID` (a service),
-/// or `PID ATTEMPT` (a one-shot, whose process [`is_attempt`] recognises instead).
+/// The first line of a proc file: `PID ATTEMPT START SID` (a service), or `PID ATTEMPT` (a
+/// one-shot, whose process [`is_attempt`] recognises instead; its exit status follows on a
+/// line of its own once it ended).
 pub(crate) struct PidFile {
     pub(crate) pid: i32,
     pub(crate) attempt: u64,
@@ -26,7 +47,7 @@ pub(crate) struct PidFile {
 
 impl PidFile {
     pub(crate) fn parse(text: &str) -> Option<Self> {
-        let mut w = text.split_whitespace();
+        let mut w = text.lines().next()?.split_whitespace();
         let pid = w.next()?.parse().ok()?;
         let attempt = w.next()?.parse().ok()?;
         let (start, sid) = match (w.next(), w.next()) {
@@ -46,24 +67,28 @@ impl PidFile {
 /// The value of [`ATTEMPT_ENV`] for a spawn: its attempt and its task (two tasks may start
 /// in the same millisecond).
 fn attempt_token(spec: &SpawnSpec) -> String {
-    format!("{} {}", spec.attempt, spec.task)
+    let mut t = spec.attempt.to_string();
+    t.push(' ');
+    t.push_str(&spec.task);
+    t
 }
 
 /// Whether process `pid` is the one-shot `spec`'s attempt: its wrapper shell (the command
-/// line [`wrap`] gave it: this attempt's first line, this run dir), or a program that
+/// line [`wrap`] gave it: this attempt's first line, this proc file), or a program that
 /// replaced the shell by `exec` and so inherited [`ATTEMPT_ENV`] from it. Unreadable counts
 /// as no.
 pub(crate) fn is_attempt(pid: i32, spec: &SpawnSpec) -> bool {
     let Ok(prelude) = oneshot_prelude(spec) else {
         return false;
     };
-    let run_dir = spec.run_dir.to_string_lossy();
+    let file = proc_file(spec);
+    let file = file.to_string_lossy();
     if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
         let mut args = cmdline.split(|b| *b == 0);
-        let (_sh, c, script, dir) = (args.next(), args.next(), args.next(), args.next());
+        let (_sh, c, script, zero) = (args.next(), args.next(), args.next(), args.next());
         if c == Some(b"-c".as_slice())
             && script.is_some_and(|s| s.starts_with(prelude.as_bytes()))
-            && dir == Some(run_dir.as_bytes())
+            && zero == Some(file.as_bytes())
         {
             return true;
         }
@@ -75,23 +100,30 @@ pub(crate) fn is_attempt(pid: i32, spec: &SpawnSpec) -> bool {
     env.split(|b| *b == 0).any(|v| v == want.as_bytes())
 }
 
-/// The first line of a one-shot's wrapper: its pid and attempt to `RUN_DIR/pid`, and its
-/// attempt exported for what it runs.
+/// The first line of a one-shot's wrapper: its pid and attempt to its proc file (`$0`), and
+/// its attempt exported for what it runs. Pieced together rather than formatted: it is made
+/// for every spawn.
 fn oneshot_prelude(spec: &SpawnSpec) -> Result<String, BackendError> {
-    Ok(format!(
-        "echo \"$$ {}\" > \"$0/{PID_FILE}\"; export {ATTEMPT_ENV}={}",
-        spec.attempt,
-        prl_flow_backend::shell::quote(&attempt_token(spec))?
-    ))
+    let attempt = spec.attempt.to_string();
+    let token = prl_flow_backend::shell::quote(&attempt_token(spec))?;
+    let mut s = String::with_capacity(48 + 2 * attempt.len() + token.len());
+    s.push_str("echo \"$$ ");
+    s.push_str(&attempt);
+    s.push_str("\" > \"$0\"; export ");
+    s.push_str(ATTEMPT_ENV);
+    s.push('=');
+    s.push_str(&token);
+    Ok(s)
 }
 
-/// Runs `argv` under `sh`, which first writes its pid and `attempt` to `RUN_DIR/pid`; a
+/// Runs `argv` under `sh`, which first writes its pid and `attempt` to its [`proc_file`]
+/// (`$0` of the shell: the run dir of a service, the file itself for a one-shot); a
 /// service adds its start time and session (fields 22 and 6 of `/proc/$$/stat`, read by the
 /// shell itself: `sh`'s command name holds no space, so the fields split plainly). A
 /// one-shot skips that read (a shell's `read` takes a byte a system call: about 300 of
 /// them, more than the rest of a small task's shell), exports [`ATTEMPT_ENV`] for what it
-/// runs, and leaves its exit status in `RUN_DIR/exit-status` when it ends (not when it is
-/// killed: then there is no status, which is the truth); a service `exec`s, keeping the pid.
+/// runs, and appends its exit status to the same file when it ends (not when it is killed:
+/// then there is no status, which is the truth); a service `exec`s, keeping the pid.
 pub(crate) fn wrap(spec: &SpawnSpec) -> Result<Vec<String>, BackendError> {
     let (argv, service) = (&spec.argv, spec.service);
     let pid = if service {
@@ -103,16 +135,28 @@ pub(crate) fn wrap(spec: &SpawnSpec) -> Result<Vec<String>, BackendError> {
     } else {
         oneshot_prelude(spec)?
     };
-    let run_dir = spec.run_dir.to_string_lossy().into_owned();
-    let script = match (service, argv.as_slice()) {
-        (true, _) => format!("{pid}; exec \"$@\""),
-        // A shell command line: one shell, with the trap in front.
-        (false, [sh, c, script]) if sh == "sh" && c == "-c" => {
-            format!("{pid}; trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT\n{script}")
-        }
-        (false, _) => format!("{pid}; trap 'echo $? > \"$0/{STATUS_FILE}\"' EXIT; \"$@\""),
+    let zero = if service {
+        spec.run_dir.to_string_lossy().into_owned()
+    } else {
+        proc_file(spec).to_string_lossy().into_owned()
     };
-    let mut v = vec![SHELL.to_string(), "-c".to_string(), script, run_dir];
+    const TRAP: &str = "; trap 'echo $? >> \"$0\"' EXIT";
+    let mut script = pid;
+    match (service, argv.as_slice()) {
+        (true, _) => script.push_str("; exec \"$@\""),
+        // A shell command line: one shell, with the trap in front.
+        (false, [sh, c, line]) if sh == "sh" && c == "-c" => {
+            script.reserve(TRAP.len() + 1 + line.len());
+            script.push_str(TRAP);
+            script.push('\n');
+            script.push_str(line);
+        }
+        (false, _) => {
+            script.push_str(TRAP);
+            script.push_str("; \"$@\"");
+        }
+    }
+    let mut v = vec![SHELL.to_string(), "-c".to_string(), script, zero];
     match (service, argv.as_slice()) {
         (false, [sh, c, _]) if sh == "sh" && c == "-c" => {}
         _ => v.extend(argv.iter().cloned()),
