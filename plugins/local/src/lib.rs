@@ -34,16 +34,18 @@
 //!
 //! This crate must not know recipes, plans, the journal, or any other backend.
 
+mod handle;
 pub mod path;
 pub mod procfs;
 mod with_local;
 mod wrapper;
 
+use handle::{read_status, Handle};
 pub use with_local::WithLocal;
 use wrapper::{is_attempt, needs_run_dir, proc_file, wrap, PidFile};
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -54,7 +56,6 @@ use prl_flow_backend::{
     Allocation, Backend, BackendError, Listener, Missing, PortHolder, ProcHandle, ProcState,
     Program, SpawnSpec, LOG_MARK,
 };
-use serde::{Deserialize, Serialize};
 
 /// The backend's name, in its handles.
 const NAME: &str = "local";
@@ -67,23 +68,6 @@ pub const ATTEMPT_ENV: &str = "PRL_FLOW_ATTEMPT";
 
 /// How often to look at a process that is not our child.
 const POLL: Duration = Duration::from_millis(20);
-
-/// The payload of a local process's [`ProcHandle`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Handle {
-    pid: i32,
-    /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
-    start: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    node: Option<String>,
-    log: PathBuf,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    status_file: Option<PathBuf>,
-    /// The session the process started in (absent in older handles): what is left of its
-    /// group after its leader died is ours only in that session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sid: Option<i32>,
-}
 
 /// A child this process started: its start time (a handle of another process that got
 /// the same pid later is not its), and how it ended once it was reaped.
@@ -276,50 +260,6 @@ impl LocalBackend {
     }
 }
 
-impl Handle {
-    /// The payload of its [`ProcHandle`], as serializing it gives, built in place (one per
-    /// spawn). `None` for a path that is not UTF-8.
-    fn payload(&self) -> Option<serde_json::Value> {
-        let mut m = serde_json::Map::new();
-        m.insert("pid".into(), self.pid.into());
-        m.insert("start".into(), self.start.into());
-        if let Some(node) = &self.node {
-            m.insert("node".into(), node.clone().into());
-        }
-        m.insert("log".into(), self.log.to_str()?.into());
-        if let Some(f) = &self.status_file {
-            m.insert("status_file".into(), f.to_str()?.into());
-        }
-        if let Some(sid) = self.sid {
-            m.insert("sid".into(), sid.into());
-        }
-        Some(m.into())
-    }
-
-    /// The live processes of the attempt's group, leader or not: the leader may have died
-    /// and left workers behind (a crashed server's engine workers).
-    ///
-    /// What keeps strangers out: while the leader lives, the group is ours only if the
-    /// leader's start time is the recorded one. Linux hands out no pid that is still a group
-    /// id, so while any member lives nobody else can have made a group of that id; once the
-    /// leader is gone, a member counts only if it started after the leader and in the
-    /// leader's session. (A group of that id made by another process of the same session,
-    /// after every process of ours ended and the pid came round again, would pass: that is
-    /// the one case this cannot tell.)
-    fn members(&self) -> Vec<i32> {
-        let group = procfs::group(self.pid);
-        match group.iter().find(|(pid, _)| *pid == self.pid) {
-            Some((_, leader)) if leader.start != self.start => Vec::new(),
-            Some(_) => group.into_iter().map(|(pid, _)| pid).collect(),
-            None => group
-                .into_iter()
-                .filter(|(_, s)| s.start >= self.start && self.sid.is_some_and(|sid| s.sid == sid))
-                .map(|(pid, _)| pid)
-                .collect(),
-        }
-    }
-}
-
 /// `/dev/null` for a child's stdin: opened once, a copy of its descriptor per spawn (no
 /// path lookup per spawn).
 fn dev_null() -> Result<std::fs::File, BackendError> {
@@ -332,21 +272,6 @@ fn dev_null() -> Result<std::fs::File, BackendError> {
         }
     };
     Ok(null.try_clone()?)
-}
-
-/// How the one-shot `pid` ended, from its proc file: `PID ATTEMPT` and, once it ended, its
-/// exit status on the next line. A file that names another pid (a later attempt that had
-/// not yet rewritten it) says nothing of `pid`. An `exit-status` file of an earlier
-/// version of this backend holds the status alone.
-fn read_status(path: &Path, pid: i32) -> Option<i32> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut lines = text.lines();
-    let first = lines.next()?.trim();
-    match first.split_once(' ') {
-        Some((p, _)) if p.parse() == Ok(pid) => lines.next()?.trim().parse().ok(),
-        Some(_) => None,
-        None => first.parse().ok(),
-    }
 }
 
 #[async_trait]

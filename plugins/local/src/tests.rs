@@ -3,6 +3,7 @@
 use super::*;
 use crate::wrapper::PID_FILE;
 use prl_flow_backend::{Held, Recorded};
+use std::path::Path;
 
 fn spec(dir: &Path, argv: &[&str], service: bool) -> SpawnSpec {
     SpawnSpec {
