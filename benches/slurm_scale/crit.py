@@ -25,6 +25,12 @@ if os.path.exists(log):
             r = json.loads(line)
         except ValueError:
             continue
+        # A change line (`{"set": ID, ...}`) sets its fields of the record put before it.
+        if "set" in r:
+            rec = records.get(r.pop("set"))
+            if rec is not None:
+                rec.update(r)
+            continue
         rid = r.get("id") or r.get("record", {}).get("id")
         if rid:
             records[rid] = r.get("record", r)
