@@ -12,7 +12,7 @@ use prl_flow_backend::{ProcState, SpawnSpec};
 use prl_flow_engine::journal::Damage;
 
 use super::{DownReport, Session};
-use crate::exec::STOP_GRACE;
+use crate::exec::{Exec, STOP_GRACE};
 use crate::registry::builtins::{BUILTINS, LOCAL};
 
 /// Stops the local processes whose proc files lie in the run dirs of `dir` and that still
@@ -25,9 +25,10 @@ pub(super) async fn stop_unrecorded(
     on_stop: &mut (dyn FnMut(&str) + Send),
 ) {
     if let Ok(local) = session.registry().for_handles(LOCAL, None) {
-        // As the run made them: a one-shot's shell is told its proc file's absolute path.
-        let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        let run = abs.join("run");
+        // The paths as the run made them (absolute: a one-shot's shell is told its proc
+        // file's absolute path), as `recovery_spec` has them.
+        let paths = Exec::new(local.clone(), dir, Vec::new());
+        let run = paths.state_dir.join("run");
         let mut entries: Vec<_> = std::fs::read_dir(&run)
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -38,7 +39,7 @@ pub(super) async fn stop_unrecorded(
             };
             // A one-shot's proc file beside its run dir, or a service's in it.
             let (name, run_dir, proc_file, service) = match file.strip_suffix(".pid") {
-                Some(name) => (name.to_string(), run.join(name), entry.clone(), false),
+                Some(name) => (name.to_string(), paths.run_dir(name), entry.clone(), false),
                 None => (file.clone(), entry.clone(), entry.join("pid"), true),
             };
             let Some((_, attempt)) = std::fs::read_to_string(&proc_file)
@@ -54,7 +55,7 @@ pub(super) async fn stop_unrecorded(
             let spec = SpawnSpec {
                 task: name.clone(),
                 run_dir: run_dir.clone(),
-                log: abs.join("logs").join(format!("{name}.log")),
+                log: paths.log_path(&name),
                 attempt,
                 service,
                 ..SpawnSpec::default()
