@@ -35,16 +35,9 @@ struct Inner {
     changed: bool,
 }
 
-/// Appends `r` to `buf` as one line.
-fn line(buf: &mut Vec<u8>, r: &Record) {
-    if serde_json::to_writer(&mut *buf, r).is_ok() {
-        buf.push(b'\n');
-    }
-}
-
-/// Appends a change to `buf` as one line.
-fn set_line(buf: &mut Vec<u8>, s: &SetRef<'_>) {
-    if serde_json::to_writer(&mut *buf, s).is_ok() {
+/// Appends `v` (a whole record, or a change of one) to `buf` as one line.
+fn line(buf: &mut Vec<u8>, v: &impl serde::Serialize) {
+    if serde_json::to_writer(&mut *buf, v).is_ok() {
         buf.push(b'\n');
     }
 }
@@ -300,7 +293,7 @@ impl Journal {
         };
         let handle = &*r.handle.insert(handle);
         g.changed = true;
-        set_line(
+        line(
             &mut g.buf,
             &SetRef {
                 set: id,
@@ -340,7 +333,7 @@ impl Journal {
         r.error = error.map(str::to_string);
         let handle = handle.map(|h| &*r.handle.insert(h));
         g.changed = true;
-        set_line(
+        line(
             &mut g.buf,
             &SetRef {
                 set: id,
