@@ -40,7 +40,9 @@ mod teardown;
 
 pub use config_error::ConfigError;
 pub use handle::ProcHandle;
-pub use logs::{last_lines, read_from, since_last_mark, tail_bytes, tail_lines, LOG_MARK};
+pub use logs::{
+    last_lines, read_from, since_last_mark, start_line, tail_bytes, tail_lines, LOG_MARK,
+};
 pub use teardown::{teardown_each, Held, Recorded, Stopped};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

@@ -9,6 +9,17 @@ use crate::BackendError;
 /// process, so that a failure quotes only the lines of the last attempt.
 pub const LOG_MARK: &str = "── prl-flow: ";
 
+/// The [`LOG_MARK`] line a backend writes when it starts the process of `task` (without its
+/// newline).
+pub fn start_line(task: &str) -> String {
+    let mut line = String::with_capacity(LOG_MARK.len() + task.len() + 16);
+    line.push_str(LOG_MARK);
+    line.push('`');
+    line.push_str(task);
+    line.push_str("` starts ──");
+    line
+}
+
 /// The part of a log written since the last [`LOG_MARK`] line.
 pub fn since_last_mark(text: &str) -> &str {
     match text.rfind(LOG_MARK) {

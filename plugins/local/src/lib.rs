@@ -54,7 +54,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use prl_flow_backend::{
     Allocation, Backend, BackendError, Listener, Missing, PortHolder, ProcHandle, ProcState,
-    Program, SpawnSpec, LOG_MARK,
+    Program, SpawnSpec,
 };
 
 /// The backend's name, in its handles.
@@ -390,12 +390,9 @@ impl Backend for LocalBackend {
         {
             use std::io::Write as _;
             let mut l = &log;
-            let mut line = Vec::with_capacity(LOG_MARK.len() + spec.task.len() + 16);
-            line.extend_from_slice(LOG_MARK.as_bytes());
-            line.push(b'`');
-            line.extend_from_slice(spec.task.as_bytes());
-            line.extend_from_slice("` starts ──\n".as_bytes());
-            let _ = l.write_all(&line);
+            let mut line = prl_flow_backend::start_line(&spec.task);
+            line.push('\n');
+            let _ = l.write_all(line.as_bytes());
         }
 
         // The child writes its own pid before anything else, so that a prl-flow killed

@@ -26,7 +26,7 @@
 pub mod ports;
 pub mod preflight;
 
-use prl_flow_backend::{BackendError, ProcState, LOG_MARK};
+use prl_flow_backend::{start_line, BackendError, ProcState};
 
 /// Functions every script starts with. They set variables rather than print, and read
 /// files with `read` rather than `cat`: a fork costs about a millisecond on a small host, and
@@ -339,7 +339,7 @@ pub fn spawn(s: &Start<'_>) -> Result<String, BackendError> {
     // starts after it.
     sc.line(&format!(
         "printf '%s\\n' {} >>\"$lf\"",
-        quote(&format!("{LOG_MARK}`{}` starts ──", s.task))?
+        quote(&start_line(s.task))?
     ));
     // The run dir keeps the pid, exit-status and environment files (their paths are
     // absolute); only the command starts elsewhere.
