@@ -218,16 +218,7 @@ impl SlurmBackend {
         // other processes of the step still run (an engine's workers), and SLURM's signal
         // reaches every process of the step. Signalling a step that has ended is harmless.
         let was = self.step_state(&h, true).await?;
-        // `scancel --quiet` of a step that has ended fails without a word: SLURM's listing
-        // decides.
-        if let Err(e) = h
-            .slurm
-            .scancel(std::slice::from_ref(&h.step), Some("TERM"))
-            .await
-        {
-            if self.step_listed(&h).await? {
-                return Err(e);
-            }
+        if !self.signal_step(&h, "TERM").await? {
             return Ok(());
         }
         if was == ProcState::Running {
@@ -240,14 +231,7 @@ impl SlurmBackend {
                 return Ok(());
             }
         }
-        if let Err(e) = h
-            .slurm
-            .scancel(std::slice::from_ref(&h.step), Some("KILL"))
-            .await
-        {
-            if self.step_listed(&h).await? {
-                return Err(e);
-            }
+        if !self.signal_step(&h, "KILL").await? {
             return Ok(());
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -261,6 +245,21 @@ impl SlurmBackend {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
+    }
+
+    /// Sends `signal` to the step: `Ok(true)` once sent, `Ok(false)` when it could not be
+    /// because the step has ended. `scancel --quiet` of a step that has ended fails without
+    /// a word, so SLURM's listing decides which a failure was.
+    async fn signal_step(&self, h: &StepHandle, signal: &str) -> Result<bool, BackendError> {
+        match h
+            .slurm
+            .scancel(std::slice::from_ref(&h.step), Some(signal))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if self.step_listed(h).await? => Err(e),
+            Err(_) => Ok(false),
+        }
     }
 
     /// Whether the step is still listed by a `squeue` asked now.
