@@ -158,10 +158,7 @@ impl Journal {
         let syncer = {
             let inner = inner.clone();
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("journal".into())
-                .spawn(move || sync_loop(&inner, &stop))
-                .map_err(io)?
+            spawn_without_signals("journal", move || sync_loop(&inner, &stop)).map_err(io)?
         };
         let journal = Self {
             dir: dir.to_path_buf(),
@@ -535,3 +532,35 @@ fn sync_loop(inner: &Mutex<Inner>, stop: &(Mutex<bool>, Condvar)) {
 #[cfg(test)]
 #[path = "writer_tests.rs"]
 mod tests;
+
+/// Starts a thread in which the signals a process gets from outside (`SIGCHLD`, `SIGINT`,
+/// `SIGTERM`...) are blocked from its first instruction, so that the kernel hands them to a
+/// thread that waits for them: a `SIGCHLD` that landed here would wake this thread, which
+/// would then have to wake the runtime's thread in turn, a second wake-up between a child's
+/// exit and the next start. The signals of a fault in the thread's own code stay unblocked.
+/// (A new thread inherits the mask of the one that starts it: blocked around the spawn.)
+fn spawn_without_signals<F>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::all();
+    for fault in [
+        Signal::SIGSEGV,
+        Signal::SIGBUS,
+        Signal::SIGFPE,
+        Signal::SIGILL,
+        Signal::SIGTRAP,
+        Signal::SIGSYS,
+        Signal::SIGABRT,
+    ] {
+        set.remove(fault);
+    }
+    let mut before = SigSet::empty();
+    let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut before)).is_ok();
+    let thread = std::thread::Builder::new().name(name.into()).spawn(f);
+    if blocked {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    }
+    thread
+}

@@ -176,3 +176,64 @@ fn close_writes_a_snapshot_and_empties_the_log() {
     let j = Journal::open(dir.path(), false, "t").expect("fresh");
     assert!(j.records().is_empty());
 }
+
+/// The journal's thread leaves a child's `SIGCHLD` (and `SIGINT`, `SIGTERM`) to the thread
+/// that waits for it, and keeps the signals of its own faults; the thread that opened the
+/// journal keeps its own mask.
+#[test]
+fn the_journal_thread_leaves_outside_signals_to_the_waiting_thread() {
+    fn blocked(status: &str) -> u64 {
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .expect("SigBlk");
+        u64::from_str_radix(hex.trim(), 16).expect("hex")
+    }
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    let own_before = blocked(&std::fs::read_to_string("/proc/thread-self/status").expect("status"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let j = Journal::open(dir.path(), false, "test").expect("open");
+    let own_after = blocked(&std::fs::read_to_string("/proc/thread-self/status").expect("status"));
+    assert_eq!(own_before, own_after, "the opening thread's mask is its own again");
+    // The thread names itself once it runs: looked for until it has.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut journal_threads = 0;
+    while journal_threads == 0 && std::time::Instant::now() < deadline {
+        journal_threads = check_journal_threads(blocked, bit);
+        std::thread::yield_now();
+    }
+    assert!(journal_threads >= 1, "the open journal has its thread");
+    j.close().expect("close");
+}
+
+/// Checks the mask of every thread named `journal` in this process; how many there are.
+fn check_journal_threads(blocked: fn(&str) -> u64, bit: impl Fn(i32) -> u64) -> usize {
+    let mut journal_threads = 0;
+    for task in std::fs::read_dir("/proc/self/task").expect("tasks") {
+        let Ok(task) = task.map(|t| t.path()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() != "journal" {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        let mask = blocked(&status);
+        journal_threads += 1;
+        for sig in [libc_sig::CHLD, libc_sig::INT, libc_sig::TERM] {
+            assert_ne!(mask & bit(sig), 0, "signal {sig} blocked in {}", task.display());
+        }
+        assert_eq!(mask & bit(libc_sig::SEGV), 0, "SIGSEGV left to the thread");
+    }
+    journal_threads
+}
+
+/// Signal numbers on Linux.
+mod libc_sig {
+    pub const INT: i32 = 2;
+    pub const SEGV: i32 = 11;
+    pub const TERM: i32 = 15;
+    pub const CHLD: i32 = 17;
+}
