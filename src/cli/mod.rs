@@ -413,6 +413,9 @@ async fn run(cli: &Cli, a: &RunArgs) -> R<i32> {
         if plan.tasks.iter().any(|t| t.service) {
             eprintln!("services keep running; stop them with `prl-flow down {file}`");
         }
+        // The process ends next: what the run and its plan hold goes with it.
+        ran.leave();
+        std::mem::forget(loaded);
         return Ok(0);
     }
     Err(Error::Failed(show::failure(
