@@ -1,12 +1,13 @@
-//! Executing a plan: each [`TaskSpec`] becomes an engine [`Task`] bound to a backend.
+//! Executing a plan: each [`TaskSpec`](crate::plan::TaskSpec) becomes an engine
+//! [`Task`](prl_flow_engine::Task) bound to a backend.
 //!
 //! A spec's command runs through the backend (`spawn`, then `wait` for a one-shot or the
-//! readiness probe for a service). A built-in action (a value of [`Action`]) runs in
-//! prl-flow itself, through its [`Perform`] implementation; this module knows no action's
-//! work.
+//! readiness probe for a service). A built-in action (a value of [`Action`]) runs in prl-flow
+//! itself, through its [`Perform`](crate::actions::Perform) implementation; this module knows
+//! no action's work.
 //!
 //! Node addresses are not known when a plan is made (a SLURM allocation names them). Specs
-//! carry `${host:nodeK}` placeholders; [`Exec::hosts`] fills them in at the last moment,
+//! carry `${host:nodeK}` placeholders; `Exec::hosts` fills them in at the last moment,
 //! from the `allocate` task's result, or on resume from its journal record. Before
 //! `allocate` is done, [`preflight`] checks the nodes for the plan's programs and ports.
 

@@ -4,7 +4,7 @@
 //!
 //! Users: the recipe checker (`vllm_extra` keys become flags), the mock engine (it parses
 //! `vllm serve` arguments as vLLM does) and the tests (every rendered argv is checked, see
-//! [`check`], feature `testing`). This crate knows flag spellings, value kinds, types and
+//! `check`, feature `testing`). This crate knows flag spellings, value kinds, types and
 //! choices; it must not know recipes, TOML, deployments or how argparse reports errors.
 
 mod line;

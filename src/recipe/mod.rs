@@ -17,10 +17,10 @@
 //!    (counts divide, `tp × dp` fits a node, offload constraints, what the launcher
 //!    manages, port ranges), all reported at once; what passes is a set of checked
 //!    settings.
-//! 3. **Derive** ([`derive`] into [`deployment`]): every derived value, computed once:
-//!    replicas, per-node DP ranks, ports, KV connector configs, env, router layout. Plain
-//!    functions, testable without I/O. The derived ports are then checked for clashes on
-//!    a node.
+//! 3. **Derive** ([`derive`](mod@derive) into [`deployment`]): every derived value, computed
+//!    once: replicas, per-node DP ranks, ports, KV connector configs, env, router layout.
+//!    Plain functions, testable without I/O. The derived ports are then checked for clashes
+//!    on a node.
 //! 4. **Render** ([`render`]): minijinja templates (embedded; a site may override any of
 //!    them by file name) turn each engine, router and Mooncake process into an argv; the
 //!    task specs get env, files, ports, readiness probes and dependencies.

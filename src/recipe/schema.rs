@@ -1,9 +1,9 @@
 //! The recipe as written: every field with its place, nothing derived yet.
 //!
-//! [`read`] walks the document with [`doc::Table`] cursors, so each problem of type, range,
-//! enum value or spelling is reported at its field and reading goes on. A field is
-//! [`F::Absent`] (use the default), [`F::Bad`] (already reported: checks that need it are
-//! skipped, so one mistake does not cause a cascade) or [`F::Set`].
+//! [`read`] walks the document with [`doc::Table`](super::doc::Table) cursors, so each problem
+//! of type, range, enum value or spelling is reported at its field and reading goes on. A
+//! field is [`F::Absent`] (use the default), [`F::Bad`] (already reported: checks that need it
+//! are skipped, so one mistake does not cause a cascade) or [`F::Set`].
 
 use std::ops::Range;
 use std::time::Duration;

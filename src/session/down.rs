@@ -2,7 +2,7 @@
 //! stopped, last started first, and allocations are released. The backends come from the
 //! records' handles, so `down` needs neither the recipe nor the site file, and works from
 //! another shell or machine; a bring-up still under way there is aborted first
-//! ([`abort`](super::abort)). [`Session::watch`] stays with a deployment that is up and takes
+//! ([`abort`]). [`Session::heal`] stays with a deployment that is up and takes
 //! it down when asked.
 
 use std::collections::BTreeSet;
@@ -27,7 +27,7 @@ pub struct DownReport {
     pub failures: Vec<String>,
 }
 
-/// How [`Session::watch`] ended.
+/// How [`Session::heal`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchEnd {
     /// `down` was run elsewhere: everything is stopped already.

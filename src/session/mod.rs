@@ -8,9 +8,9 @@
 //!   backend decided once, from the flags, the site file and the recipe.
 //! - [`Session::prepare`] opens the state dir and decides what runs; [`Prepared::execute`]
 //!   runs it ([`run`]).
-//! - [`Session::status`], [`Session::down`], [`Session::logs`] and [`Session::watch`] work
-//!   from the journal alone ([`inspect`], [`down`]); [`Session::list`] finds every state
-//!   dir under `.prl-flow/`.
+//! - [`Session::status`], [`Session::down`] and [`Session::logs`] work from the journal
+//!   alone ([`inspect`], [`down`]); [`Session::list`] finds every state dir under
+//!   `.prl-flow/`; [`Session::heal`] keeps a deployment that is up healthy ([`heal`]).
 //! - [`abort`]: `down` aborting a run that still holds the state dir.
 //! - [`identity`]: which file a state dir belongs to, and a file's default state dir.
 //! - [`options`]: the options a run was given, remembered for a resume and for hints.

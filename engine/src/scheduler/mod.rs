@@ -18,9 +18,9 @@
 //!   left running as they are (their records stay `running`, so a resume adopts them).
 //! - **cancel**: a signal arrived. Nothing new starts, and every running task is told to stop.
 //!
-//! Telling a task to stop fires its [`Cancel`]; the scheduler then goes on awaiting the task,
-//! which forwards the signal to its process and returns when the process is gone. A future
-//! is never simply dropped while its child runs. Timeouts work the same way.
+//! Telling a task to stop fires its [`Cancel`](crate::Cancel); the scheduler then goes on
+//! awaiting the task, which forwards the signal to its process and returns when the process is
+//! gone. A future is never simply dropped while its child runs. Timeouts work the same way.
 //!
 //! A third way: a subscriber that must hear every event is [broken](crate::Subscriber::broken)
 //! (the journal cannot be written). Then the run acts as if cancelled: nothing new starts (a

@@ -24,8 +24,9 @@ enum State {
     Finished,
 }
 
-/// Runs `graph`. `decisions` comes from [`decide`]; `previous` gives the handles of earlier
-/// results that a re-run must undo first. `cancel` is fired on Ctrl-C or SIGTERM.
+/// Runs `graph`. `decisions` comes from [`decide`](crate::decide); `previous` gives the
+/// handles of earlier results that a re-run must undo first. `cancel` is fired on Ctrl-C or
+/// SIGTERM.
 pub async fn run(
     graph: &Graph,
     decisions: &[Decision],

@@ -9,7 +9,7 @@
 //! the submitting side hands it each `srun` to start through files in `DIR`, the state dir's
 //! `slurm/agent/`, which both sides see on the cluster's shared file system:
 //!
-//! - `inbox/ID.json`: a [`Request`], written whole (a rename) by the submitting side;
+//! - `inbox/ID.json`: a `Request`, written whole (a rename) by the submitting side;
 //! - `work/ID.json`: the request once the agent took it; `work/ID.pid` the pid of its `srun`;
 //!   `work/ID.exit` how that `srun` ended (its status, `signal N`, or `gone`/`lost` for one a
 //!   previous agent started);

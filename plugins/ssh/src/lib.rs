@@ -475,7 +475,7 @@ impl Backend for SshBackend {
             .map(|found| !found.is_empty())
     }
 
-    /// See [`SshBackend::recover_on_host`].
+    /// See `SshBackend::recover_on_host`.
     async fn recover(&self, spec: &SpawnSpec) -> Result<Option<ProcHandle>, BackendError> {
         self.recover_on_host(spec).await
     }

@@ -6,7 +6,7 @@
 //! (`[deployment.router] port/policy`, `prefill_nodes_per_replica`, `prefill_env_vars`,
 //! the RL `[deployment] num_infer_nodes/num_infer_replicas`). Where prime-rl's default
 //! differs from prl-flow's, the recipe states prime-rl's value. This module lays out the
-//! deployment and the SLURM backend; [`engine`] maps the engine's own settings.
+//! deployment and the SLURM backend; `engine` maps the engine's own settings.
 //! docs/import.md has the table of what maps to what.
 
 mod engine;
