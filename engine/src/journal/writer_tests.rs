@@ -194,7 +194,10 @@ fn the_journal_thread_leaves_outside_signals_to_the_waiting_thread() {
     let dir = tempfile::tempdir().expect("tempdir");
     let j = Journal::open(dir.path(), false, "test").expect("open");
     let own_after = blocked(&std::fs::read_to_string("/proc/thread-self/status").expect("status"));
-    assert_eq!(own_before, own_after, "the opening thread's mask is its own again");
+    assert_eq!(
+        own_before, own_after,
+        "the opening thread's mask is its own again"
+    );
     // The thread names itself once it runs: looked for until it has.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut journal_threads = 0;
@@ -223,7 +226,12 @@ fn check_journal_threads(blocked: fn(&str) -> u64, bit: impl Fn(i32) -> u64) -> 
         let mask = blocked(&status);
         journal_threads += 1;
         for sig in [libc_sig::CHLD, libc_sig::INT, libc_sig::TERM] {
-            assert_ne!(mask & bit(sig), 0, "signal {sig} blocked in {}", task.display());
+            assert_ne!(
+                mask & bit(sig),
+                0,
+                "signal {sig} blocked in {}",
+                task.display()
+            );
         }
         assert_eq!(mask & bit(libc_sig::SEGV), 0, "SIGSEGV left to the thread");
     }
