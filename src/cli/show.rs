@@ -8,7 +8,7 @@ use prl_flow_engine::{Decision, Report, Summary};
 
 use crate::diag::count;
 use crate::plan::{self, Plan};
-use crate::session::{Listed, TaskRow};
+use crate::session::{Listed, Live, TaskRow};
 
 /// The plan as JSON. The values of secret-looking env keys and flags are `***` unless
 /// `show_secrets` ([`plan::is_secret`]).
@@ -241,13 +241,13 @@ pub fn status_table(rows: &[TaskRow]) -> String {
 
 /// The refusal of a fresh run on a state dir with live services. `file` is what `down`
 /// takes, `rerun` what `run` takes (the file with the options to run it with).
-pub fn live_services(dir: &Path, ids: &[String], file: &str, rerun: &str) -> String {
+pub fn live_services(dir: &Path, ids: &[Live], file: &str, rerun: &str) -> String {
     let mut msg = format!(
         "error: `{}` has work from an earlier run that still runs or may: {}\n  help: `prl-flow run {rerun} --resume` keeps what is still valid and runs the rest;\n        `prl-flow down {file}` stops it first",
         dir.display(),
-        ids.join(", ")
+        Live::joined(ids)
     );
-    if ids.iter().any(|i| i.contains(crate::session::run::UNSURE)) {
+    if ids.iter().any(|i| i.unsure) {
         msg.push_str(&format!(
             "\n        a host that does not answer must answer again first; if it is gone for good, \
              pass another `--state-dir` (`{}` keeps what it knew of the run)",
@@ -420,4 +420,34 @@ pub fn list_table(listed: &[Listed]) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(entry: &str, unsure: bool) -> Live {
+        Live {
+            entry: entry.into(),
+            unsure,
+        }
+    }
+
+    /// The way on without an unreachable host is offered when an entry is unsure, whatever
+    /// the entries' words: a task's id is no flag.
+    #[test]
+    fn a_refusal_offers_another_state_dir_only_when_the_backend_could_not_tell() {
+        let dir = Path::new("/s");
+        let alive = [live("its backend could not", false), live("router", false)];
+        let msg = live_services(dir, &alive, "f.toml", "f.toml");
+        assert!(
+            msg.contains("still runs or may: its backend could not, router"),
+            "{msg}"
+        );
+        assert!(!msg.contains("gone for good"), "{msg}");
+        let unsure = [live("engine (no answer)", true)];
+        let msg = live_services(dir, &unsure, "f.toml", "f.toml");
+        assert!(msg.contains("gone for good"), "{msg}");
+        assert!(msg.contains("another `--state-dir`"), "{msg}");
+    }
 }

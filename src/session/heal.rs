@@ -348,7 +348,9 @@ fn error_text(e: &super::Error) -> String {
     match e {
         super::Error::Usage(m) | super::Error::Failed(m) => m.lines().next().unwrap_or("").into(),
         super::Error::Problems(p) => p.render(false),
-        super::Error::LiveServices { ids, .. } => format!("still running: {}", ids.join(", ")),
+        super::Error::LiveServices { ids, .. } => {
+            format!("still running: {}", super::Live::joined(ids))
+        }
     }
 }
 

@@ -50,9 +50,29 @@ pub enum Error {
     Problems(Problems),
     /// The state dir still has work of an earlier run that may still run: live services,
     /// or one-shots still in flight (a fresh run would start them twice). Exit code 2.
-    LiveServices { dir: PathBuf, ids: Vec<String> },
+    LiveServices { dir: PathBuf, ids: Vec<Live> },
     /// Something was tried and failed: a message. Exit code 1.
     Failed(String),
+}
+
+/// An entry of [`Error::LiveServices`]: work of an earlier run that still runs, or may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    /// How the refusal names it: its id, with what is known of it.
+    pub entry: String,
+    /// Its backend could not say whether it still runs, or could not stop what is left of
+    /// it (a host that does not answer): the refusal says how to go on without that host.
+    pub unsure: bool,
+}
+
+impl Live {
+    /// The entries' names, for one line.
+    pub fn joined(live: &[Live]) -> String {
+        live.iter()
+            .map(|l| l.entry.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

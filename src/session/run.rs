@@ -16,7 +16,9 @@ use prl_flow_engine::{
     decide, Cancel, Decision, Graph, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
 };
 
-use super::{default_state_dir, is_allocation, journal_error, Error, Loaded, Result, Session};
+use super::{
+    default_state_dir, is_allocation, journal_error, Error, Live, Loaded, Result, Session,
+};
 use crate::actions::Action;
 use crate::exec::{build_graph, Exec};
 use crate::plan::Plan;
@@ -363,7 +365,7 @@ pub(crate) async fn recover_missing(
 /// server's workers), which a fresh run would otherwise forget with the journal: one
 /// teardown, last started first, as `down` does (on SLURM, one `scancel` per job). What
 /// could not be stopped, by id with why, for the refusal.
-async fn stop_leftovers(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
+async fn stop_leftovers(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<Live> {
     let mut services: Vec<&Record> = records
         .values()
         .filter(|r| r.service && r.status != Status::Stopped && !is_allocation(r))
@@ -387,22 +389,21 @@ async fn stop_leftovers(backend: &dyn Backend, records: &BTreeMap<String, Record
         .into_iter()
         .filter_map(|s| {
             let why = s.error?;
-            Some(format!(
-                "{} ({UNSURE} stop what is left of it: {why})",
-                s.id
-            ))
+            Some(Live {
+                entry: format!(
+                    "{} (its backend could not stop what is left of it: {why})",
+                    s.id
+                ),
+                unsure: true,
+            })
         })
         .collect()
 }
 
-/// What a refusal's entry says of a process whose state the backend could not learn, or
-/// whose leftovers it could not stop.
-pub const UNSURE: &str = "its backend could not";
-
 /// What an earlier run left that still runs, by id: services alive, one-shots still in
 /// flight (a killed run's; a fresh run would start them a second time while they run), and
 /// what the backend cannot say of.
-async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<String> {
+async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<Live> {
     let mut live = Vec::new();
     for r in records.values() {
         // What failed, timed out or was cancelled is stopped then, but a stop that could
@@ -413,16 +414,22 @@ async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) ->
                 // A backend that cannot tell (a host that does not answer) is no proof that
                 // nothing runs: a fresh run would forget what may still be there.
                 match backend.status(&h).await {
-                    Ok(ProcState::Running) => live.push(if r.service {
-                        r.id.clone()
-                    } else {
-                        format!("{} (a one-shot, still running)", r.id)
+                    Ok(ProcState::Running) => live.push(Live {
+                        entry: if r.service {
+                            r.id.clone()
+                        } else {
+                            format!("{} (a one-shot, still running)", r.id)
+                        },
+                        unsure: false,
                     }),
                     Ok(_) => {}
-                    Err(e) => live.push(format!(
-                        "{} ({UNSURE} tell whether it still runs: {})",
-                        r.id, e.message
-                    )),
+                    Err(e) => live.push(Live {
+                        entry: format!(
+                            "{} (its backend could not tell whether it still runs: {})",
+                            r.id, e.message
+                        ),
+                        unsure: true,
+                    }),
                 }
             }
         }
