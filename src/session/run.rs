@@ -81,7 +81,7 @@ struct Spent {
 impl Ran {
     /// Ends this value without freeing what the run used, for a caller that exits right
     /// after: the many small allocations of a large run (its tasks, its records) take longer
-    /// to free one by one (15–20 ms at 10,000 tasks) than the exit takes to drop them all.
+    /// to free one by one (about 20 ms at 10,000 tasks) than the exit takes to drop them all.
     /// The state dir's lock is released first, as a drop would.
     pub fn leave(mut self) {
         drop(self.lock.take());
