@@ -400,47 +400,60 @@ async fn stop_leftovers(backend: &dyn Backend, records: &BTreeMap<String, Record
         .collect()
 }
 
+/// How many records [`live_work`] asks the backend about at once: each ask of a remote
+/// backend is a round trip, and a state dir may hold many failed one-shots.
+const LIVE_ASKS: usize = 16;
+
 /// What an earlier run left that still runs, by id: services alive, one-shots still in
 /// flight (a killed run's; a fresh run would start them a second time while they run), and
-/// what the backend cannot say of.
+/// what the backend cannot say of. The records are asked about [`LIVE_ASKS`] at a time, and
+/// named in their order.
 async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<Live> {
-    let mut live = Vec::new();
-    for r in records.values() {
+    use futures::StreamExt as _;
+    let asks = records.values().filter_map(|r| {
         // What failed, timed out or was cancelled is stopped then, but a stop that could
         // not reach it leaves it recorded so; a one-shot that ran to its end has ended.
         let may_run = r.status != Status::Stopped && (r.service || r.status != Status::Done);
-        if may_run && !is_allocation(r) {
-            if let Some(h) = super::proc_handle(r) {
-                // A backend that cannot tell (a host that does not answer) is no proof that
-                // nothing runs: a fresh run would forget what may still be there.
-                match backend.status(&h).await {
-                    Ok(ProcState::Running) => live.push(Live {
-                        entry: if r.service {
-                            r.id.clone()
-                        } else {
-                            format!("{} (a one-shot, still running)", r.id)
-                        },
-                        unsure: false,
-                    }),
-                    Ok(_) => {}
-                    Err(e) => live.push(Live {
-                        entry: format!(
-                            "{} (its backend could not tell whether it still runs: {})",
-                            r.id, e.message
-                        ),
-                        unsure: true,
-                    }),
-                }
-            }
+        if !may_run || is_allocation(r) {
+            return None;
         }
-    }
-    live
+        let h = super::proc_handle(r)?;
+        Some(async move {
+            // A backend that cannot tell (a host that does not answer) is no proof that
+            // nothing runs: a fresh run would forget what may still be there.
+            match backend.status(&h).await {
+                Ok(ProcState::Running) => Some(Live {
+                    entry: if r.service {
+                        r.id.clone()
+                    } else {
+                        format!("{} (a one-shot, still running)", r.id)
+                    },
+                    unsure: false,
+                }),
+                Ok(_) => None,
+                Err(e) => Some(Live {
+                    entry: format!(
+                        "{} (its backend could not tell whether it still runs: {})",
+                        r.id, e.message
+                    ),
+                    unsure: true,
+                }),
+            }
+        })
+    });
+    futures::stream::iter(asks)
+        .buffered(LIVE_ASKS)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::{Command, TaskSpec};
+    use prl_flow_backend::{Allocation, BackendError, ProcHandle};
+    use std::time::Duration;
 
     /// A run left to the exit ([`Ran::leave`]) still gives the state dir's lock back: what
     /// it holds is not freed, but another run in this process may take the state dir.
@@ -476,5 +489,81 @@ mod tests {
         );
         ran.leave();
         prl_flow_engine::journal::lock(dir.path(), "other").expect("released by leave");
+    }
+
+    /// A backend whose every `status` waits until two are asked at once.
+    struct Together(tokio::sync::Barrier);
+
+    #[async_trait::async_trait]
+    impl Backend for Together {
+        fn name(&self) -> &str {
+            "together"
+        }
+        async fn allocate(&self, _: &[String]) -> std::result::Result<Allocation, BackendError> {
+            Err(BackendError::new("no"))
+        }
+        async fn release(&self, _: &Allocation) -> std::result::Result<(), BackendError> {
+            Ok(())
+        }
+        async fn spawn(&self, _: &SpawnSpec) -> std::result::Result<ProcHandle, BackendError> {
+            Err(BackendError::new("no"))
+        }
+        async fn status(&self, h: &ProcHandle) -> std::result::Result<ProcState, BackendError> {
+            self.0.wait().await;
+            match h.open::<String>("together")?.as_str() {
+                "a" => Ok(ProcState::Running),
+                _ => Err(BackendError::new("no answer")),
+            }
+        }
+        async fn wait(&self, _: &ProcHandle) -> std::result::Result<ProcState, BackendError> {
+            Ok(ProcState::Gone)
+        }
+        async fn stop(&self, _: &ProcHandle, _: Duration) -> std::result::Result<(), BackendError> {
+            Ok(())
+        }
+        async fn log_tail(
+            &self,
+            _: &ProcHandle,
+            _: usize,
+        ) -> std::result::Result<String, BackendError> {
+            Ok(String::new())
+        }
+        async fn read_log(
+            &self,
+            _: &ProcHandle,
+            o: u64,
+        ) -> std::result::Result<(String, u64), BackendError> {
+            Ok((String::new(), o))
+        }
+    }
+
+    /// The failed one-shots of an earlier run are asked about together, not one round trip
+    /// after the other, and named in their order with what their backend said.
+    #[tokio::test]
+    async fn a_fresh_run_asks_about_an_earlier_runs_work_together() {
+        let mut records = BTreeMap::new();
+        for id in ["a", "b"] {
+            let mut r = prl_flow_engine::testing::record(id, Status::Failed, "f");
+            let h = ProcHandle::new("together", ProcHandle::VERSION, &id).expect("handle");
+            r.handle = Some(h.into());
+            records.insert(id.to_string(), r);
+        }
+        let backend = Together(tokio::sync::Barrier::new(2));
+        let live = tokio::time::timeout(Duration::from_secs(30), live_work(&backend, &records))
+            .await
+            .expect("the two were asked at once: asked one after the other, neither answers");
+        assert_eq!(
+            live,
+            vec![
+                Live {
+                    entry: "a (a one-shot, still running)".into(),
+                    unsure: false,
+                },
+                Live {
+                    entry: "b (its backend could not tell whether it still runs: no answer)".into(),
+                    unsure: true,
+                },
+            ]
+        );
     }
 }
