@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use prl_flow_backend::{Backend, Held, ProcState, Recorded, SpawnSpec};
+use prl_flow_backend::{Backend, Held, ProcHandle, ProcState, Recorded, SpawnSpec};
 use prl_flow_engine::{
     decide, Cancel, Decision, Graph, Journal, Record, Report, RunOptions, Sink, Status, Subscriber,
 };
@@ -406,23 +406,27 @@ const LIVE_ASKS: usize = 16;
 
 /// What an earlier run left that still runs, by id: services alive, one-shots still in
 /// flight (a killed run's; a fresh run would start them a second time while they run), and
-/// what the backend cannot say of. The records are asked about [`LIVE_ASKS`] at a time, and
+/// what the backend cannot say of. The records are asked about [`LIVE_ASKS`] at once, and
 /// named in their order.
 async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) -> Vec<Live> {
-    use futures::StreamExt as _;
-    let asks = records.values().filter_map(|r| {
-        // What failed, timed out or was cancelled is stopped then, but a stop that could
-        // not reach it leaves it recorded so; a one-shot that ran to its end has ended.
-        let may_run = r.status != Status::Stopped && (r.service || r.status != Status::Done);
-        if !may_run || is_allocation(r) {
-            return None;
-        }
-        let h = super::proc_handle(r)?;
-        Some(async move {
+    let asked: Vec<(&Record, ProcHandle)> = records
+        .values()
+        .filter(|r| {
+            // What failed, timed out or was cancelled is stopped then, but a stop that could
+            // not reach it leaves it recorded so; a one-shot that ran to its end has ended.
+            let may_run = r.status != Status::Stopped && (r.service || r.status != Status::Done);
+            may_run && !is_allocation(r)
+        })
+        .filter_map(|r| Some((r, super::proc_handle(r)?)))
+        .collect();
+    let mut live = Vec::new();
+    for some in asked.chunks(LIVE_ASKS) {
+        let states = futures::future::join_all(some.iter().map(|(_, h)| backend.status(h))).await;
+        for ((r, _), state) in some.iter().zip(states) {
             // A backend that cannot tell (a host that does not answer) is no proof that
             // nothing runs: a fresh run would forget what may still be there.
-            match backend.status(&h).await {
-                Ok(ProcState::Running) => Some(Live {
+            match state {
+                Ok(ProcState::Running) => live.push(Live {
                     entry: if r.service {
                         r.id.clone()
                     } else {
@@ -430,8 +434,8 @@ async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) ->
                     },
                     unsure: false,
                 }),
-                Ok(_) => None,
-                Err(e) => Some(Live {
+                Ok(_) => {}
+                Err(e) => live.push(Live {
                     entry: format!(
                         "{} (its backend could not tell whether it still runs: {})",
                         r.id, e.message
@@ -439,20 +443,16 @@ async fn live_work(backend: &dyn Backend, records: &BTreeMap<String, Record>) ->
                     unsure: true,
                 }),
             }
-        })
-    });
-    futures::stream::iter(asks)
-        .buffered(LIVE_ASKS)
-        .filter_map(std::future::ready)
-        .collect()
-        .await
+        }
+    }
+    live
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::{Command, TaskSpec};
-    use prl_flow_backend::{Allocation, BackendError, ProcHandle};
+    use prl_flow_backend::{Allocation, BackendError};
     use std::time::Duration;
 
     /// A run left to the exit ([`Ran::leave`]) still gives the state dir's lock back: what
