@@ -16,6 +16,10 @@ use crate::handles::{alloc_handle, parse_step, read_job_file, StepHandle};
 use crate::slurm::{Cluster, JobInfo};
 use crate::{SlurmBackend, CLUSTER_FILE, END_WAIT, HOLDER_SCRIPT, JOB_FILE, STATE_SUBDIR};
 
+/// How long `down` waits for a SLURM that answers no query (slurmctld down or cut off)
+/// before it says what may still run: its word on what ended cannot come.
+const UNANSWERED: Duration = Duration::from_secs(10);
+
 /// What to cancel of one job: the allocation (the job whole), or some of its steps.
 #[derive(Default)]
 struct Group {
@@ -213,7 +217,8 @@ impl SlurmBackend {
 /// there after `grace`), else one `scancel J`; else one `scancel --signal=TERM` for the steps, up to
 /// `grace` for them to end, and one `--signal=KILL` for those still there. `None` when SLURM
 /// shows none of it (a failed `scancel` of what had ended is no failure); else what is left
-/// and what went wrong (an unanswered query counts as "still there").
+/// and what went wrong (an unanswered query counts as "still there", and a SLURM that has
+/// answered none for [`UNANSWERED`] ends the wait).
 pub(crate) async fn cancel_job(
     cluster: &Cluster,
     job: &str,
@@ -279,15 +284,37 @@ pub(crate) async fn cancel_job(
         }
     }
     let deadline = Instant::now() + grace + END_WAIT;
+    // Since when SLURM has answered no query: waiting for its word is for a controller that
+    // answers; one that does not is said so after UNANSWERED rather than after END_WAIT.
+    let mut unanswered: Option<Instant> = None;
     let mut still = String::new();
     loop {
         let steps_left: Vec<String> = match cluster.steps(&job_list).await {
-            Ok(now) => steps
-                .iter()
-                .filter(|s| now.contains_key(*s))
-                .cloned()
-                .collect(),
-            Err(e) => vec![e.message],
+            Ok(now) => {
+                unanswered = None;
+                steps
+                    .iter()
+                    .filter(|s| now.contains_key(*s))
+                    .cloned()
+                    .collect()
+            }
+            Err(e) => {
+                let since = *unanswered.get_or_insert_with(Instant::now);
+                if since.elapsed() >= UNANSWERED {
+                    let what = if whole {
+                        format!("job {job}")
+                    } else {
+                        format!("steps {}", steps.join(", "))
+                    };
+                    still = format!(
+                        "SLURM has not answered for {} s ({}); {what} may still run",
+                        UNANSWERED.as_secs(),
+                        e.message
+                    );
+                    break;
+                }
+                vec![e.message]
+            }
         };
         let job_left = whole && job_running(cluster, job).await;
         if !job_left && steps_left.is_empty() {
@@ -383,6 +410,46 @@ mod tests {
         b.stop(h, Duration::from_secs(1))
             .await
             .expect("a step that has ended is stopped");
+    }
+
+    /// With slurmctld down, nothing it was told can be confirmed: `down` says so once SLURM
+    /// has answered nothing for a while, not after the wait for a job's end (grace + 120 s).
+    #[tokio::test]
+    async fn a_cancel_that_slurm_never_answers_is_said_to_have_left_what_may_still_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = fake_cluster(dir.path());
+        for tool in ["scancel", "squeue"] {
+            let p = dir.path().join(tool);
+            std::fs::write(
+                &p,
+                "#!/bin/sh\necho 'error: Unable to contact slurm controller (connect failure)' \
+                 >&2\nexit 1\n",
+            )
+            .expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let steps = ["12.1".to_string(), "12.2".to_string()];
+        let left = tokio::time::timeout(
+            END_WAIT / 2,
+            cancel_job(
+                &cluster,
+                "12",
+                &steps,
+                false,
+                Duration::from_millis(100),
+                None,
+            ),
+        )
+        .await
+        .expect("given up on an unanswering SLURM before the wait for a job's end")
+        .expect("what may still run is said");
+        assert!(
+            left.contains("SLURM has not answered for 10 s")
+                && left.contains("Unable to contact slurm controller")
+                && left.contains("steps 12.1, 12.2 may still run"),
+            "{left}"
+        );
     }
 
     #[tokio::test]
