@@ -26,7 +26,9 @@
 # (cargo build --release), or $PRL_FLOW. Progress output is off on both sides (ninja
 # --quiet; prl-flow --no-progress -q), so that neither pays for a terminal.
 #
-# Results: a table on stdout, and the raw hyperfine JSON under WORK/results/.
+# Results: a table on stdout (each measure's median, min, max and CPU; then each round's
+# full-run ratio prl-flow/ninja at each -j, and their median), and the raw hyperfine JSON
+# under WORK/results/.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -235,5 +237,26 @@ for name, row in rows.items():
     t = row["times"]
     cpu = f"{statistics.mean(row['cpu']):.2f}" if row["cpu"] else "-"
     print(f"| {name} | {len(t)} | {statistics.median(t):.3f} | {min(t):.3f} | {max(t):.3f} | {cpu} |")
+
+# Each round's full runs ran one right after the other: the ratio within a round cancels
+# the machine's drift between rounds, which is larger than the gap being measured.
+ratios = {}
+rounds = glob.glob(f"{results}/full-[0-9]*.json")
+for path in sorted(rounds, key=lambda p: int(p.rsplit("-", 1)[1].removesuffix(".json"))):
+    with open(path) as f:
+        times = {r["command"]: statistics.median(r["times"]) for r in json.load(f)["results"]}
+    for name, t in times.items():
+        if name.startswith("full-prl-flow-j"):
+            j = name.removeprefix("full-prl-flow-j")
+            ninja = times.get(f"full-ninja-j{j}")
+            if ninja:
+                ratios.setdefault(j, []).append(t / ninja)
+if ratios:
+    print()
+    print("| full run, prl-flow / ninja | per round | median of the rounds |")
+    print("|---|---|---:|")
+    for j, r in ratios.items():
+        each = ", ".join(f"{x:.3f}" for x in r)
+        print(f"| -j{j} | {each} | {statistics.median(r):.3f}× |")
 EOF
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$results/machine.txt"
