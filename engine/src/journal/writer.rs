@@ -231,7 +231,7 @@ impl Journal {
     }
 
     /// Like [`Journal::put`], and says where the record is kept: its slot, for
-    /// [`Journal::update_at`] and [`Journal::update_now_at`].
+    /// [`Journal::update_at`], [`Journal::set_handle_at`] and [`Journal::finish_at`].
     pub fn put_slot(&self, record: Record) -> usize {
         self.inner().put(record)
     }
@@ -259,11 +259,6 @@ impl Journal {
     /// is looked up by id instead.
     pub fn update_at(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record)) {
         self.change(slot, id, f, false);
-    }
-
-    /// Like [`Journal::update_at`], and writes at once.
-    pub fn update_now_at(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record)) {
-        self.change(slot, id, f, true);
     }
 
     fn change(&self, slot: Option<usize>, id: &str, f: impl FnOnce(&mut Record), now: bool) {

@@ -100,7 +100,7 @@ fn a_slot_reaches_its_record_until_a_reset_and_the_snapshot_stays_in_id_order() 
     // Put again, a record keeps its slot.
     assert_eq!(j.put_slot(rec("b", Status::Running)), b);
     j.update_at(Some(b), "b", |r| r.status = Status::Done);
-    j.update_now_at(Some(a), "a", |r| r.status = Status::Failed);
+    j.update_at(Some(a), "a", |r| r.status = Status::Failed);
     assert_eq!(j.get("b").map(|r| r.status), Some(Status::Done));
     assert_eq!(j.get("a").map(|r| r.status), Some(Status::Failed));
     // A slot given for another id never changes that other record.
