@@ -10,6 +10,7 @@ use std::path::Path;
 
 use prl_flow_backend::{ProcState, SpawnSpec};
 use prl_flow_engine::journal::Damage;
+use prl_flow_local::PidFile;
 
 use super::{DownReport, Session};
 use crate::exec::{Exec, STOP_GRACE};
@@ -42,9 +43,10 @@ pub(super) async fn stop_unrecorded(
                 Some(name) => (name.to_string(), paths.run_dir(name), entry.clone(), false),
                 None => (file.clone(), entry.clone(), entry.join("pid"), true),
             };
-            let Some((_, attempt)) = std::fs::read_to_string(&proc_file)
+            let Some(attempt) = std::fs::read_to_string(&proc_file)
                 .ok()
-                .and_then(|t| pid_file(&t))
+                .and_then(|t| PidFile::parse(&t))
+                .map(|p| p.attempt)
             else {
                 continue;
             };
@@ -87,12 +89,6 @@ pub(super) async fn stop_unrecorded(
             }
         }
     }
-}
-
-/// The first words of a local process's pid file: `PID ATTEMPT`.
-fn pid_file(text: &str) -> Option<(i32, u64)> {
-    let mut w = text.split_whitespace();
-    Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
 }
 
 /// What `down` says of a damaged journal: what was wrong, what it did, how to go on.

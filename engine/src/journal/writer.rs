@@ -236,14 +236,6 @@ impl Journal {
         self.inner().put(record)
     }
 
-    /// Records `record` and writes it (with everything queued before it) at once: for what
-    /// must be on file before the caller goes on, such as a task about to start a process.
-    pub fn put_now(&self, record: Record) {
-        let mut g = self.inner();
-        g.put(record);
-        g.write();
-    }
-
     /// Changes a record in place, if it exists.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Record)) {
         self.change(None, id, f, false);

@@ -42,7 +42,8 @@ mod wrapper;
 
 use handle::{read_status, Handle};
 pub use with_local::WithLocal;
-use wrapper::{is_attempt, needs_run_dir, proc_file, wrap, PidFile};
+pub use wrapper::PidFile;
+use wrapper::{is_attempt, needs_run_dir, proc_file, wrap};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -37,16 +37,17 @@ const SHELL: &str = "/bin/sh";
 /// The first line of a proc file: `PID ATTEMPT START SID` (a service), or `PID ATTEMPT` (a
 /// one-shot, whose process [`is_attempt`] recognises instead; its exit status follows on a
 /// line of its own once it ended).
-pub(crate) struct PidFile {
-    pub(crate) pid: i32,
-    pub(crate) attempt: u64,
+pub struct PidFile {
+    pub pid: i32,
+    pub attempt: u64,
     /// Its start time in clock ticks since boot, as `/proc/PID/stat` says.
-    pub(crate) start: Option<u64>,
-    pub(crate) sid: Option<i32>,
+    pub start: Option<u64>,
+    pub sid: Option<i32>,
 }
 
 impl PidFile {
-    pub(crate) fn parse(text: &str) -> Option<Self> {
+    /// The first line of a proc file's `text`; `None` if it is not one.
+    pub fn parse(text: &str) -> Option<Self> {
         let mut w = text.lines().next()?.split_whitespace();
         let pid = w.next()?.parse().ok()?;
         let attempt = w.next()?.parse().ok()?;
