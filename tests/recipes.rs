@@ -505,6 +505,31 @@ fn pd_units_get_a_router_each_listing_only_their_ranks() {
         }
         let needs: Vec<&String> = r.needs.iter().filter(|n| n.as_str() != ALLOCATE).collect();
         assert_eq!(needs.len(), 8, "{needs:?}");
+        // Its registration names each of those ranks by its URL, and no other unit's.
+        let reg = plan
+            .tasks
+            .iter()
+            .find(|t| t.id == format!("register[{u}]"))
+            .expect("a register task per unit");
+        let Command::Builtin { args, .. } = &reg.command else {
+            panic!("register is built in: {:?}", reg.command)
+        };
+        let workers = args["worker_tasks"].as_object().expect("worker_tasks");
+        let mut named: Vec<&str> = workers.values().filter_map(|v| v.as_str()).collect();
+        named.sort_unstable();
+        let mut ranks: Vec<&str> = needs.iter().map(|n| n.as_str()).collect();
+        ranks.sort_unstable();
+        assert_eq!(named, ranks, "register[{u}]: {workers:?}");
+        assert!(
+            workers.keys().all(|k| a.contains(k.as_str())),
+            "register[{u}]'s URLs are its router's: {workers:?} / {a}"
+        );
+        let mut rneeds: Vec<&str> = reg.needs.iter().map(String::as_str).collect();
+        rneeds.sort_unstable();
+        let mut want = ranks.clone();
+        want.push(r.id.as_str());
+        want.sort_unstable();
+        assert_eq!(rneeds, want, "register[{u}] needs its router and its ranks");
     }
     assert_ne!(
         routers[0].ports, routers[1].ports,

@@ -61,7 +61,7 @@ pub enum Shape {
 }
 
 /// What a replica's engines do: everything, or one side of a P/D pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReplicaRole {
     Engine,
     Prefill,

@@ -4,7 +4,7 @@
 //! first, and a port base that would run past 65535 yields only the ports that fit (the
 //! validation says so).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::json;
@@ -385,13 +385,19 @@ pub fn kv_transfer_config(
 /// the unit's first node, else one for all replicas on `node0`.
 pub fn router_sets(replicas: &[Replica]) -> Vec<(usize, Vec<&Replica>)> {
     let mut sets: Vec<(usize, Vec<&Replica>)> = Vec::new();
+    // Each unit's set, by unit: in the order the units first appear.
+    let mut of_unit: HashMap<usize, usize> = HashMap::new();
     for r in replicas {
-        match sets.iter_mut().find(|(_, rs)| rs[0].unit == r.unit) {
-            Some((node, rs)) => {
+        match of_unit.get(&r.unit) {
+            Some(&i) => {
+                let (node, rs) = &mut sets[i];
                 *node = (*node).min(r.nodes[0]);
                 rs.push(r);
             }
-            None => sets.push((r.nodes[0], vec![r])),
+            None => {
+                of_unit.insert(r.unit, sets.len());
+                sets.push((r.nodes[0], vec![r]));
+            }
         }
     }
     if sets.is_empty() {
@@ -408,6 +414,12 @@ fn routers(s: &DeploymentSettings<'_>, engines: &[EngineProcess]) -> Vec<Router>
     let pd = s.shape == Shape::Disaggregated;
     let base = s.ports.router_metrics;
     let metrics_ports = (0..=u16::MAX).map_while(|i| base.checked_add(i));
+    // The engines of each replica, by role and number, in the engines' order: a router's are
+    // gathered from its replicas, not picked out of every engine of the deployment.
+    let mut of_replica: HashMap<(ReplicaRole, usize), Vec<usize>> = HashMap::new();
+    for (i, e) in engines.iter().enumerate() {
+        of_replica.entry((e.role, e.replica)).or_default().push(i);
+    }
     sets.into_iter()
         .zip(metrics_ports)
         .enumerate()
@@ -417,12 +429,18 @@ fn routers(s: &DeploymentSettings<'_>, engines: &[EngineProcess]) -> Vec<Router>
             } else {
                 String::new()
             };
-            let mine =
-                |e: &&EngineProcess| rs.iter().any(|r| r.role == e.role && r.index == e.replica);
+            let mut mine: Vec<usize> = rs
+                .iter()
+                .filter_map(|r| of_replica.get(&(r.role, r.index)))
+                .flatten()
+                .copied()
+                .collect();
+            // In the engines' order, each once (a replica may be listed twice).
+            mine.sort_unstable();
+            mine.dedup();
+            let mine: Vec<&EngineProcess> = mine.into_iter().map(|i| &engines[i]).collect();
             let urls = |role: Option<ReplicaRole>| -> Vec<String> {
-                engines
-                    .iter()
-                    .filter(mine)
+                mine.iter()
                     .filter(|e| !e.headless && role.map_or(true, |r| r == e.role))
                     .map(|e| url(e.node, e.port))
                     .collect()
@@ -438,7 +456,7 @@ fn routers(s: &DeploymentSettings<'_>, engines: &[EngineProcess]) -> Vec<Router>
                 workers: if pd { Vec::new() } else { urls(None) },
                 prefill: urls(Some(ReplicaRole::Prefill)),
                 decode: urls(Some(ReplicaRole::Decode)),
-                engines: engines.iter().filter(mine).map(|e| e.id.clone()).collect(),
+                engines: mine.iter().map(|e| e.id.clone()).collect(),
             }
         })
         .collect()

@@ -45,6 +45,7 @@ pub mod render;
 pub mod schema;
 pub mod validate;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -216,8 +217,14 @@ pub fn checked_deployment(recipe: &Recipe, backend: &str, p: &mut Problems) -> O
 /// Notes on each task the recipe field that set each of its ports.
 fn name_port_fields(tasks: &mut [TaskSpec], dep: &Deployment, inf: &schema::InferenceSection) {
     let uses = ports::port_uses(dep, &inf.deployment, inf.offload.as_ref());
+    // By task: one look-up per task, not a pass over every use (a deployment of 10,000
+    // nodes has tens of thousands of each).
+    let mut by_task: HashMap<&str, Vec<&ports::PortUse>> = HashMap::new();
+    for u in &uses {
+        by_task.entry(u.task.as_str()).or_default().push(u);
+    }
     for t in tasks {
-        for u in uses.iter().filter(|u| u.task == t.id) {
+        for u in by_task.get(t.id.as_str()).into_iter().flatten() {
             let table = match u.field {
                 "master_port" | "master_metrics_port" | "metadata_port" | "client_port" => {
                     "[inference.offload]"

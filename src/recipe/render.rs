@@ -7,6 +7,7 @@
 //! line is trimmed and blank lines are dropped, so templates can be laid out freely and an
 //! argument may hold spaces (JSON does) but no line break.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -267,15 +268,20 @@ pub fn tasks(
             out.push(task);
         }
     }
+    // Each router's engines by id: a look-up per engine of the router, not a pass over every
+    // engine of the deployment per router.
+    let engines: HashMap<&str, &EngineProcess> =
+        dep.engines.iter().map(|e| (e.id.as_str(), e)).collect();
     for r in &dep.routers {
         // It needs the engines too: an engine that a resume restarts is announced again to
         // a router that stayed up (regular mode), or checked in a restarted one (P/D).
         let mut needs = vec![r.id.clone()];
         needs.extend(r.engines.iter().cloned());
-        let tasks: serde_json::Map<String, serde_json::Value> = dep
+        let tasks: serde_json::Map<String, serde_json::Value> = r
             .engines
             .iter()
-            .filter(|e| r.engines.contains(&e.id) && !e.headless)
+            .filter_map(|id| engines.get(id.as_str()))
+            .filter(|e| !e.headless)
             .map(|e| (url(e.node, e.port), json!(e.id)))
             .collect();
         out.push(TaskSpec {
