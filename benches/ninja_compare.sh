@@ -26,9 +26,10 @@
 # (cargo build --release), or $PRL_FLOW. Progress output is off on both sides (ninja
 # --quiet; prl-flow --no-progress -q), so that neither pays for a terminal.
 #
-# Results: a table on stdout (each measure's median, min, max and CPU; then each round's
-# full-run ratio prl-flow/ninja at each -j, and their median), and the raw hyperfine JSON
-# under WORK/results/.
+# Results: a table on stdout (each measure's median, min, max and CPU; then, within each
+# round, the full-run ratio prl-flow/ninja at each -j, the floors against ninja at -j2 and
+# prl-flow against the wrapped floor, with their medians over the rounds), and the raw
+# hyperfine JSON under WORK/results/.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -250,13 +251,24 @@ for path in sorted(rounds, key=lambda p: int(p.rsplit("-", 1)[1].removesuffix(".
             j = name.removeprefix("full-prl-flow-j")
             ninja = times.get(f"full-ninja-j{j}")
             if ninja:
-                ratios.setdefault(j, []).append(t / ninja)
+                ratios.setdefault(f"prl-flow / ninja, -j{j}", []).append(t / ninja)
+    # The floors against ninja at -j2, and prl-flow against the wrapped floor: what the
+    # wrapper alone costs with no scheduler at all, and what prl-flow adds to it.
+    pairs = [
+        ("floor-xargs-P2", "full-ninja-j2"),
+        ("floor-wrapped-xargs-P2", "full-ninja-j2"),
+        ("floor-wrapped-xargs-P2", "floor-xargs-P2"),
+        ("full-prl-flow-j2", "floor-wrapped-xargs-P2"),
+    ]
+    for a, b in pairs:
+        if a in times and b in times:
+            ratios.setdefault(f"{a} / {b}", []).append(times[a] / times[b])
 if ratios:
     print()
-    print("| full run, prl-flow / ninja | per round | median of the rounds |")
+    print("| within each round | per round | median of the rounds |")
     print("|---|---|---:|")
-    for j, r in ratios.items():
+    for what, r in ratios.items():
         each = ", ".join(f"{x:.3f}" for x in r)
-        print(f"| -j{j} | {each} | {statistics.median(r):.3f}× |")
+        print(f"| {what} | {each} | {statistics.median(r):.3f}× |")
 EOF
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$results/machine.txt"
