@@ -35,8 +35,8 @@ pub(crate) fn needs_run_dir(spec: &SpawnSpec) -> bool {
 const SHELL: &str = "/bin/sh";
 
 /// The first line of a proc file: `PID ATTEMPT START SID` (a service), or `PID ATTEMPT` (a
-/// one-shot, whose process [`is_attempt`] recognises instead; its exit status follows on a
-/// line of its own once it ended).
+/// one-shot, whose process the backend recognises by its command line or environment
+/// instead; its exit status follows on a line of its own once it ended).
 pub struct PidFile {
     pub pid: i32,
     pub attempt: u64,
