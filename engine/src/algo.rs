@@ -79,30 +79,42 @@ pub fn stages(deps: &[Vec<usize>]) -> Vec<usize> {
 
 /// Each node's edges without those another of its edges already implies (the transitive
 /// reduction of a DAG): `a` needs `b` and `c`, and `c` needs `b`, so `a → b` goes. Order
-/// within each list is kept. Ancestor sets are bitsets built in topological order.
+/// within each list is kept. A node on a cycle, or needing one, implies nothing.
+///
+/// For each node, one walk from what its needs need marks what they reach; a need that is
+/// marked is implied. The walk goes no lower than the lowest stage among the node's needs
+/// (a node that reaches another has a higher stage), so in a layered graph it stops at
+/// once. Memory is linear in the nodes, time in the parts walked.
 pub fn reduced(deps: &[Vec<usize>]) -> Vec<Vec<usize>> {
     let n = deps.len();
-    let words = n.div_ceil(64);
-    let mut anc: Vec<Vec<u64>> = vec![vec![0; words]; n];
-    for &i in &topo(deps) {
-        let mut set = vec![0u64; words];
-        for &d in &deps[i] {
-            set[d / 64] |= 1 << (d % 64);
-            for (w, a) in set.iter_mut().zip(&anc[d]) {
-                *w |= a;
-            }
-        }
-        anc[i] = set;
+    let order = topo(deps);
+    let stage = stages_in(deps, &order);
+    let mut ordered = vec![false; n];
+    for &i in &order {
+        ordered[i] = true;
     }
+    // The walk that last marked each node (no clearing between walks).
+    let mut seen = vec![usize::MAX; n];
+    let mut stack = Vec::new();
     deps.iter()
-        .map(|ds| {
-            ds.iter()
-                .copied()
-                .filter(|&d| {
-                    !ds.iter()
-                        .any(|&o| o != d && anc[o][d / 64] & (1 << (d % 64)) != 0)
-                })
-                .collect()
+        .enumerate()
+        .map(|(walk, ds)| {
+            let Some(low) = ds.iter().map(|&d| stage[d]).min() else {
+                return Vec::new();
+            };
+            // Outside the topological order, a need's ancestors are not known: it implies
+            // nothing (a node in the order needs only nodes in the order).
+            for &o in ds.iter().filter(|&&o| ordered[o]) {
+                stack.extend(deps[o].iter().copied());
+            }
+            while let Some(x) = stack.pop() {
+                if seen[x] == walk || stage[x] < low {
+                    continue;
+                }
+                seen[x] = walk;
+                stack.extend(deps[x].iter().copied());
+            }
+            ds.iter().copied().filter(|&d| seen[d] != walk).collect()
         })
         .collect()
 }
@@ -184,6 +196,64 @@ mod tests {
         // Nothing implied: nothing dropped.
         let deps = vec![vec![], vec![], vec![0, 1]];
         assert_eq!(reduced(&deps), deps);
+    }
+
+    /// The reduction as ancestor bitsets compute it, built in topological order: memory
+    /// quadratic in the nodes, so only an oracle here.
+    fn reduced_by_bitsets(deps: &[Vec<usize>]) -> Vec<Vec<usize>> {
+        let n = deps.len();
+        let words = n.div_ceil(64);
+        let mut anc: Vec<Vec<u64>> = vec![vec![0; words]; n];
+        for &i in &topo(deps) {
+            let mut set = vec![0u64; words];
+            for &d in &deps[i] {
+                set[d / 64] |= 1 << (d % 64);
+                for (w, a) in set.iter_mut().zip(&anc[d]) {
+                    *w |= a;
+                }
+            }
+            anc[i] = set;
+        }
+        deps.iter()
+            .map(|ds| {
+                ds.iter()
+                    .copied()
+                    .filter(|&d| {
+                        !ds.iter()
+                            .any(|&o| o != d && anc[o][d / 64] & (1 << (d % 64)) != 0)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// On any graph, cycles and repeated needs included, the walks drop exactly the
+        /// edges the ancestor sets do.
+        #[test]
+        fn reduction_agrees_with_ancestor_sets(
+            deps in proptest::collection::vec(
+                proptest::collection::vec(0usize..40, 0..6), 1..40)
+        ) {
+            let n = deps.len();
+            let deps: Vec<Vec<usize>> =
+                deps.into_iter().map(|d| d.into_iter().map(|j| j % n).collect()).collect();
+            proptest::prop_assert_eq!(reduced(&deps), reduced_by_bitsets(&deps));
+        }
+
+        /// The same on DAGs, where every node needs only earlier ones.
+        #[test]
+        fn reduction_agrees_with_ancestor_sets_on_dags(
+            deps in proptest::collection::vec(
+                proptest::collection::vec(0usize..1000, 0..5), 1..60)
+        ) {
+            let deps: Vec<Vec<usize>> = deps
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| if i == 0 { Vec::new() } else { d.into_iter().map(|j| j % i).collect() })
+                .collect();
+            proptest::prop_assert_eq!(reduced(&deps), reduced_by_bitsets(&deps));
+        }
     }
 
     #[test]
