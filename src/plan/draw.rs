@@ -21,15 +21,71 @@ pub enum Format {
     Json,
 }
 
-/// Stage of every task: the length of its longest chain of needs (0 on a cycle; seal the
-/// graph first).
-fn stages(plan: &Plan) -> Vec<usize> {
-    let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
-    algo::stages(&deps)
+/// What a drawing shows of the plan: each task's id, kind, node and the needs drawn. Borrowed
+/// from the plan, so drawing a large plan copies none of its commands or environments.
+struct Drawn<'a> {
+    name: &'a str,
+    tasks: Vec<Node<'a>>,
 }
 
-fn is_service(t: &crate::plan::TaskSpec) -> bool {
-    t.service
+struct Node<'a> {
+    id: &'a str,
+    kind: &'a str,
+    service: bool,
+    node: Option<&'a str>,
+    needs: Vec<&'a str>,
+}
+
+impl<'a> Drawn<'a> {
+    /// The plan with every need (`all`), or with each task's needs reduced to those no other
+    /// need implies.
+    fn of(plan: &'a Plan, all: bool) -> Self {
+        let kept = (!all).then(|| {
+            let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
+            algo::reduced(&deps)
+        });
+        let tasks = plan
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Node {
+                id: &t.id,
+                kind: &t.kind,
+                service: t.service,
+                node: t.node.as_deref(),
+                needs: match &kept {
+                    Some(kept) => kept[i].iter().map(|&d| plan.tasks[d].id.as_str()).collect(),
+                    None => t.needs.iter().map(String::as_str).collect(),
+                },
+            })
+            .collect();
+        Self {
+            name: &plan.name,
+            tasks,
+        }
+    }
+
+    /// Stage of every task: the length of its longest chain of needs (0 on a cycle; seal
+    /// the graph first).
+    fn stages(&self) -> Vec<usize> {
+        let index: HashMap<&str, usize> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id, i))
+            .collect();
+        let deps: Vec<Vec<usize>> = self
+            .tasks
+            .iter()
+            .map(|t| {
+                t.needs
+                    .iter()
+                    .filter_map(|n| index.get(n).copied())
+                    .collect()
+            })
+            .collect();
+        algo::stages(&deps)
+    }
 }
 
 /// Draws the plan. Without `all_edges`, a need that another need already implies is left
@@ -37,11 +93,7 @@ fn is_service(t: &crate::plan::TaskSpec) -> bool {
 /// and the router needs the engines too, so `register` is drawn under the router only. JSON
 /// always lists every need.
 pub fn render(plan: &Plan, format: Format, all_edges: bool) -> String {
-    let drawn = if all_edges || format == Format::Json {
-        plan.clone()
-    } else {
-        reduced(plan)
-    };
+    let drawn = Drawn::of(plan, all_edges || format == Format::Json);
     match format {
         Format::Ascii => ascii(&drawn),
         Format::Dot => dot(&drawn),
@@ -50,20 +102,14 @@ pub fn render(plan: &Plan, format: Format, all_edges: bool) -> String {
     }
 }
 
-/// The plan with each task's needs reduced to those no other need implies.
-fn reduced(plan: &Plan) -> Plan {
-    let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
-    let keep = algo::reduced(&deps);
-    let mut out = plan.clone();
-    for (t, keep) in out.tasks.iter_mut().zip(keep) {
-        t.needs = keep.iter().map(|&d| plan.tasks[d].id.clone()).collect();
-    }
-    out
-}
-
-fn ascii(plan: &Plan) -> String {
-    let stage = stages(plan);
+fn ascii(plan: &Drawn<'_>) -> String {
+    let stage = plan.stages();
     let max = stage.iter().copied().max().unwrap_or(0);
+    // Each stage's tasks, in the plan's order: one pass, however many stages.
+    let mut by_stage: Vec<Vec<&Node<'_>>> = vec![Vec::new(); max + 1];
+    for (t, &s) in plan.tasks.iter().zip(&stage) {
+        by_stage[s].push(t);
+    }
     let width = plan
         .tasks
         .iter()
@@ -71,7 +117,7 @@ fn ascii(plan: &Plan) -> String {
         .max()
         .unwrap_or(0);
     let mut out = String::new();
-    let services = plan.tasks.iter().filter(|t| is_service(t)).count();
+    let services = plan.tasks.iter().filter(|t| t.service).count();
     let _ = writeln!(
         out,
         "{}: {} ({}), {}",
@@ -80,22 +126,16 @@ fn ascii(plan: &Plan) -> String {
         crate::diag::count(services, "service"),
         crate::diag::count(max + 1, "stage")
     );
-    for s in 0..=max {
+    for (s, tasks) in by_stage.iter().enumerate() {
         let _ = writeln!(out, "\nstage {s}");
-        for (i, t) in plan
-            .tasks
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| stage[*i] == s)
-        {
-            let _ = i;
-            let kind = if is_service(t) {
+        for t in tasks {
+            let kind = if t.service {
                 format!("{} (service)", t.kind)
             } else {
-                t.kind.clone()
+                t.kind.to_string()
             };
             let mut line = format!("  {:<width$}  {}", t.id, kind);
-            if let Some(n) = &t.node {
+            if let Some(n) = t.node {
                 line.push_str(&format!(" @{n}"));
             }
             if !t.needs.is_empty() {
@@ -120,22 +160,22 @@ fn dot_style(kind: &str, service: bool) -> &'static str {
     }
 }
 
-fn dot(plan: &Plan) -> String {
+fn dot(plan: &Drawn<'_>) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "digraph \"{}\" {{", dot_escape(&plan.name));
+    let _ = writeln!(out, "digraph \"{}\" {{", dot_escape(plan.name));
     let _ = writeln!(out, "  rankdir=LR;");
     let _ = writeln!(out, "  node [style=filled, fontname=\"Helvetica\"];");
     for t in &plan.tasks {
-        let label = match &t.node {
-            Some(n) => format!("{}\\n{} @{}", dot_escape(&t.id), t.kind, n),
-            None => format!("{}\\n{}", dot_escape(&t.id), t.kind),
+        let label = match t.node {
+            Some(n) => format!("{}\\n{} @{}", dot_escape(t.id), t.kind, n),
+            None => format!("{}\\n{}", dot_escape(t.id), t.kind),
         };
         let _ = writeln!(
             out,
             "  \"{}\" [label=\"{}\", {}];",
-            dot_escape(&t.id),
+            dot_escape(t.id),
             label,
-            dot_style(&t.kind, is_service(t))
+            dot_style(t.kind, t.service)
         );
     }
     for (a, b) in edges(plan) {
@@ -146,32 +186,28 @@ fn dot(plan: &Plan) -> String {
 }
 
 /// Every dependency as (from, to), sorted, each once.
-fn edges(plan: &Plan) -> Vec<(&str, &str)> {
+fn edges<'a>(plan: &Drawn<'a>) -> Vec<(&'a str, &'a str)> {
     let mut edges: Vec<(&str, &str)> = plan
         .tasks
         .iter()
-        .flat_map(|t| t.needs.iter().map(move |d| (d.as_str(), t.id.as_str())))
+        .flat_map(|t| t.needs.iter().map(move |&d| (d, t.id)))
         .collect();
     edges.sort_unstable();
     edges.dedup();
     edges
 }
 
-fn mermaid(plan: &Plan) -> String {
+fn mermaid(plan: &Drawn<'_>) -> String {
     let ids: HashMap<&str, String> = plan
         .tasks
         .iter()
         .enumerate()
-        .map(|(i, t)| (t.id.as_str(), format!("t{i}")))
+        .map(|(i, t)| (t.id, format!("t{i}")))
         .collect();
     let mut out = String::from("flowchart LR\n");
     for (i, t) in plan.tasks.iter().enumerate() {
         let label = format!("{}<br/>{}", t.id, t.kind).replace('"', "#quot;");
-        let (open, close) = if is_service(t) {
-            ("([", "])")
-        } else {
-            ("[", "]")
-        };
+        let (open, close) = if t.service { ("([", "])") } else { ("[", "]") };
         let _ = writeln!(out, "  t{i}{open}\"{label}\"{close}");
     }
     for (a, b) in edges(plan) {
@@ -182,8 +218,8 @@ fn mermaid(plan: &Plan) -> String {
     out
 }
 
-fn json(plan: &Plan) -> String {
-    let stage = stages(plan);
+fn json(plan: &Drawn<'_>) -> String {
+    let stage = plan.stages();
     let tasks: Vec<serde_json::Value> = plan
         .tasks
         .iter()
@@ -192,7 +228,7 @@ fn json(plan: &Plan) -> String {
             serde_json::json!({
                 "id": t.id,
                 "kind": t.kind,
-                "service": is_service(t),
+                "service": t.service,
                 "node": t.node,
                 "needs": t.needs,
                 "stage": stage[i],
