@@ -121,6 +121,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
                 a.format,
                 a.all_edges,
             ));
+            std::mem::forget(loaded); // the process ends next: not freed piece by piece
             Ok(0)
         }
         Cmd::Plan(a) => {
@@ -130,6 +131,7 @@ async fn dispatch(cli: &Cli) -> R<i32> {
                 PlanFormat::Json => out(&show::plan_json(&plan, a.show_secrets)),
                 PlanFormat::Text => out(&show::plan_text(&plan, a.show_secrets)),
             }
+            std::mem::forget(plan);
             Ok(0)
         }
         Cmd::Validate(a) => validate(&session, a).await,
