@@ -26,6 +26,9 @@ pub enum Format {
 struct Drawn<'a> {
     name: &'a str,
     tasks: Vec<Node<'a>>,
+    /// Every need of each task, by index: the stages come from these (leaving out implied
+    /// needs keeps every longest chain).
+    deps: Vec<Vec<usize>>,
 }
 
 struct Node<'a> {
@@ -40,10 +43,8 @@ impl<'a> Drawn<'a> {
     /// The plan with every need (`all`), or with each task's needs reduced to those no other
     /// need implies.
     fn of(plan: &'a Plan, all: bool) -> Self {
-        let kept = (!all).then(|| {
-            let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
-            algo::reduced(&deps)
-        });
+        let deps = algo::adjacency(&plan.tasks, |t| t.id.as_str(), |t| t.needs.as_slice());
+        let kept = (!all).then(|| algo::reduced(&deps));
         let tasks = plan
             .tasks
             .iter()
@@ -62,29 +63,14 @@ impl<'a> Drawn<'a> {
         Self {
             name: &plan.name,
             tasks,
+            deps,
         }
     }
 
     /// Stage of every task: the length of its longest chain of needs (0 on a cycle; seal
     /// the graph first).
     fn stages(&self) -> Vec<usize> {
-        let index: HashMap<&str, usize> = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id, i))
-            .collect();
-        let deps: Vec<Vec<usize>> = self
-            .tasks
-            .iter()
-            .map(|t| {
-                t.needs
-                    .iter()
-                    .filter_map(|n| index.get(n).copied())
-                    .collect()
-            })
-            .collect();
-        algo::stages(&deps)
+        algo::stages(&self.deps)
     }
 }
 
