@@ -10,8 +10,9 @@
 # else on the machine hits both alike:
 #   full-*   a full run from clean (ninja: no stamps, no .ninja_log/.ninja_deps; prl-flow: no
 #            stamps, a fresh --state-dir), at each -j;
-#   floor    the bare process-spawn floor: 10,000 `/bin/sh -c '/bin/true && touch floor/ID'`
-#            through `xargs -P2` (no scheduler at all);
+#   floor    the process-spawn floor: 10,000 `/bin/sh -c '/bin/true && touch floor/ID'`,
+#            2 at a time, by `spawn_floor.rs` (one thread, `posix_spawn`, `waitpid(-1)`; no
+#            graph, journal or log; built here with `rustc -O`);
 #   floor-wrapped  the same with the shell script prl-flow's local backend wraps a one-shot
 #            in (its pid and attempt to its pid file `run/ID.pid`, its attempt exported, a
 #            trap that appends the exit status to that file): what the wrapper costs inside
@@ -81,8 +82,12 @@ if ninja --help 2>&1 | grep -q -- '--quiet'; then
     ninja_quiet="--quiet"
 fi
 
+need rustc "it builds benches/spawn_floor.rs"
+
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
+floor=$work/spawn_floor
+rustc -O --edition 2021 "$here/spawn_floor.rs" -o "$floor"
 full=$work/full
 noop=$work/noop
 results=$work/results
@@ -141,18 +146,14 @@ for j in $jobs_list; do
     full_prepare+=("rm -rf stamps state && mkdir stamps")
     full_cmds+=("'$prl' run flow.toml -j$j --state-dir state --no-progress -q")
 done
-full_names+=("floor-xargs-P2")
+full_names+=("floor-spawn-j2")
 full_prepare+=("rm -rf floor && mkdir floor")
-full_cmds+=("seq $tasks | xargs -P2 -I{} /bin/sh -c '/bin/true && touch floor/{}'")
-# The wrapper's script as `plugins/local/src/wrapper.rs` writes it for a one-shot whose
-# command is a shell line; `$0` is its pid file. In a file, to keep the quoting readable.
-cat >"$full/floor-wrapped.sh" <<'SH'
-seq "$1" | xargs -P2 -I{} /bin/sh -c 'echo "$$ 1" > "$0"; export PRL_FLOW_ATTEMPT='"'"'1 {}'"'"'; trap '"'"'echo $? >> "$0"'"'"' EXIT
-/bin/true && touch floor/{}' "run/{}.pid"
-SH
-full_names+=("floor-wrapped-xargs-P2")
+full_cmds+=("'$floor' $tasks 2 floor")
+# With the wrapper's script as `plugins/local/src/wrapper.rs` writes it for a one-shot whose
+# command is a shell line (`$0` is its pid file).
+full_names+=("floor-spawn-wrapped-j2")
 full_prepare+=("rm -rf floor run && mkdir floor run")
-full_cmds+=("sh floor-wrapped.sh $tasks")
+full_cmds+=("'$floor' $tasks 2 floor --wrapped")
 
 # No shell around these (hyperfine -N): a shell's start-up is not small next to a no-op.
 noop_names=("noop-ninja" "noop-prl-flow-resume")
@@ -255,10 +256,10 @@ for path in sorted(rounds, key=lambda p: int(p.rsplit("-", 1)[1].removesuffix(".
     # The floors against ninja at -j2, and prl-flow against the wrapped floor: what the
     # wrapper alone costs with no scheduler at all, and what prl-flow adds to it.
     pairs = [
-        ("floor-xargs-P2", "full-ninja-j2"),
-        ("floor-wrapped-xargs-P2", "full-ninja-j2"),
-        ("floor-wrapped-xargs-P2", "floor-xargs-P2"),
-        ("full-prl-flow-j2", "floor-wrapped-xargs-P2"),
+        ("floor-spawn-j2", "full-ninja-j2"),
+        ("floor-spawn-wrapped-j2", "full-ninja-j2"),
+        ("floor-spawn-wrapped-j2", "floor-spawn-j2"),
+        ("full-prl-flow-j2", "floor-spawn-wrapped-j2"),
     ]
     for a, b in pairs:
         if a in times and b in times:

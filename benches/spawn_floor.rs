@@ -1,0 +1,84 @@
+//! The spawn floor for `ninja_compare.sh`: the least a scheduler can do to run N shell
+//! lines `J` at a time. One thread, `posix_spawn` through the standard library (as prl-flow
+//! and ninja spawn), `waitpid(-1)` for whichever child ends first; no graph, no journal, no
+//! log file, no output pipe. Built by the script with plain `rustc -O`, so it has no
+//! dependencies.
+//!
+//!   spawn_floor N J DIR [--wrapped] [--burn US]
+//!
+//! runs `/bin/sh -c '/bin/true && touch DIR/ID'` for ID in 0..N, in DIR's parent, `J` at a
+//! time; with `--wrapped`, under the script prl-flow's local backend wraps a one-shot in
+//! (its pid and attempt to `run/ID.pid`, its attempt exported, a trap that appends its exit
+//! status to that file), so the wrapper's cost shows with no scheduler at all; with
+//! `--burn US`, it also spins for US µs per task (half after each spawn, half before each
+//! wait), a stand-in for a scheduler's own work. At the end it prints its own CPU (user and
+//! system, without its children's) to stderr.
+
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+extern "C" {
+    fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
+    fn getrusage(who: i32, usage: *mut [i64; 18]) -> i32;
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 4 {
+        eprintln!("usage: spawn_floor N J DIR [--wrapped]");
+        std::process::exit(2);
+    }
+    let n: usize = args[1].parse().expect("N: a number of tasks");
+    let j: usize = args[2].parse().expect("J: how many at a time");
+    let dir = &args[3];
+    let rest = &args[4..];
+    let wrapped = rest.iter().any(|a| a == "--wrapped");
+    let burn = rest
+        .iter()
+        .position(|a| a == "--burn")
+        .and_then(|i| rest.get(i + 1))
+        .map(|us| Duration::from_micros(us.parse().expect("--burn US: microseconds")) / 2);
+    let spin = |d: Option<Duration>| {
+        if let Some(d) = d {
+            let t = Instant::now();
+            while t.elapsed() < d {
+                std::hint::spin_loop();
+            }
+        }
+    };
+    let (mut next, mut running) = (0, 0);
+    while next < n || running > 0 {
+        while running < j && next < n {
+            let line = format!("/bin/true && touch {dir}/{next}");
+            let mut cmd = Command::new("/bin/sh");
+            if wrapped {
+                cmd.arg("-c")
+                    .arg(format!(
+                        "echo \"$$ 1\" > \"$0\"; export PRL_FLOW_ATTEMPT='1 {next}'; \
+                         trap 'echo $? >> \"$0\"' EXIT\n{line}"
+                    ))
+                    .arg(format!("run/{next}.pid"));
+            } else {
+                cmd.arg("-c").arg(line);
+            }
+            cmd.stdin(Stdio::null()).process_group(0);
+            // Reaped below by `waitpid(-1)`, not through the `Child`.
+            cmd.spawn().expect("spawn /bin/sh");
+            next += 1;
+            running += 1;
+            spin(burn);
+        }
+        spin(burn);
+        let mut status = 0;
+        // SAFETY: a plain call with a pointer to a local.
+        if unsafe { waitpid(-1, &mut status, 0) } > 0 {
+            running -= 1;
+        }
+    }
+    let mut usage = [0i64; 18];
+    // SAFETY: `struct rusage` on 64-bit Linux is 18 longs; RUSAGE_SELF is 0.
+    unsafe { getrusage(0, &mut usage) };
+    let secs = |i: usize| usage[i] as f64 + usage[i + 1] as f64 / 1e6;
+    eprintln!("own CPU: user {:.3} s, system {:.3} s", secs(0), secs(2));
+}
