@@ -45,24 +45,12 @@ while [ $# -gt 0 ]; do
         *) echo "error: unknown argument \`$1\`" >&2; usage >&2; exit 2 ;;
     esac
 done
-needed="ninja python3"
-[ "$plain" = 1 ] || needed="perf $needed"
-for tool in $needed; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "error: \`$tool\` is not installed" >&2
-        exit 2
-    fi
-done
-if [ ! -x "$prl" ]; then
-    echo "error: no release binary at \`$prl\`; build it with \`cargo build --release\` (or set PRL_FLOW)" >&2
-    exit 2
+. "$here/dag_setup.sh"
+if [ "$plain" = 1 ]; then
+    dag_setup ninja python3
+else
+    dag_setup perf ninja python3
 fi
-
-rm -rf "$work"
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-python3 "$here/gen_dag.py" "$work/dag" --layers 10 --width "$width" >/dev/null
-cd "$work/dag"
 
 # One recorded run of `name` (the command name the kernel gives the tool's process).
 recorded() {

@@ -34,22 +34,8 @@ while [ $# -gt 0 ]; do
         *) echo "error: unknown argument \`$1\`" >&2; usage >&2; exit 2 ;;
     esac
 done
-for tool in perf ninja python3; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "error: \`$tool\` is not installed" >&2
-        exit 2
-    fi
-done
-if [ ! -x "$prl" ]; then
-    echo "error: no release binary at \`$prl\`; build it with \`cargo build --release\` (or set PRL_FLOW)" >&2
-    exit 2
-fi
-
-rm -rf "$work"
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-python3 "$here/gen_dag.py" "$work/dag" --layers 10 --width "$width" >/dev/null
-cd "$work/dag"
+. "$here/dag_setup.sh"
+dag_setup perf ninja python3
 
 # One traced run of `name` (the command's basename, as the kernel names its exec).
 traced() {
