@@ -11,13 +11,14 @@
 #            core, which was busy, and this core had nothing else to run;
 #   sleep    idle that began when the tool went to sleep otherwise (waiting for an exit);
 #   shell    idle that began when a child's shell blocked (waiting for its own child);
+#   other    idle that began after anything else (a child that ended, a kernel thread);
 #   tool     the tool's main thread: time running, and time runnable but waiting for a core.
 #
 #   benches/idle_split.sh [--rounds N] [--jobs J] [--width W] [--work DIR] [--plain]
 #
 # Recording costs CPU of its own and stretches the runs. With --plain nothing is recorded:
-# each run prints its wall time and the core time the machine spent idle and busy during it,
-# from /proc/stat (what perf's split cannot say, but undisturbed).
+# each run prints only its wall time and the core time the machine spent idle and busy
+# during it (from /proc/stat), without the split but undisturbed.
 #
 # Needs perf (Debian: linux-perf) with scheduler tracepoints readable (root, or
 # kernel.perf_event_paranoid <= -1), ninja and python3; prl-flow is the release binary

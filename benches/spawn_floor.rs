@@ -6,8 +6,8 @@
 //!
 //!   spawn_floor N J DIR [--wrapped] [--burn US]
 //!
-//! runs `/bin/sh -c '/bin/true && touch DIR/ID'` for ID in 0..N, in DIR's parent, `J` at a
-//! time; with `--wrapped`, under the script prl-flow's local backend wraps a one-shot in
+//! runs `/bin/sh -c '/bin/true && touch DIR/ID'` for ID in 0..N, in the current directory,
+//! `J` at a time; with `--wrapped`, under the script prl-flow's local backend wraps a one-shot in
 //! (its pid and attempt to `run/ID.pid`, its attempt exported, a trap that appends its exit
 //! status to that file), so the wrapper's cost shows with no scheduler at all; with
 //! `--burn US`, it also spins for US µs per task (half after each spawn, half before each
@@ -26,7 +26,7 @@ extern "C" {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
-        eprintln!("usage: spawn_floor N J DIR [--wrapped]");
+        eprintln!("usage: spawn_floor N J DIR [--wrapped] [--burn US]");
         std::process::exit(2);
     }
     let n: usize = args[1].parse().expect("N: a number of tasks");
