@@ -258,8 +258,11 @@ pub fn tasks(
     if let Some(m) = &dep.mooncake {
         mooncake_tasks(dep, m, t, p, &mut out);
     }
+    // A node's Mooncake client config, the same for every engine on the node: rendered once
+    // per node (`None`: it could not be, and that was reported once).
+    let mut node_configs: HashMap<usize, Option<String>> = HashMap::new();
     for e in &dep.engines {
-        if let Some(task) = engine_task(dep, e, t, launchers.engine, p) {
+        if let Some(task) = engine_task(dep, e, t, launchers.engine, &mut node_configs, p) {
             out.push(task);
         }
     }
@@ -335,6 +338,7 @@ fn engine_task(
     e: &EngineProcess,
     t: &TaskTemplates,
     launcher: &[String],
+    node_configs: &mut HashMap<usize, Option<String>>,
     p: &mut Problems,
 ) -> Option<TaskSpec> {
     let node = node_name(e.node);
@@ -385,13 +389,16 @@ fn engine_task(
     let mut files = Vec::new();
     if let Some(m) = &dep.mooncake {
         needs.push(format!("mooncake-client.node[{}]", e.node));
-        let mctx = mooncake_ctx(dep, m, e.node);
-        match t.text("mooncake_config.json.j2", &mctx) {
-            Ok(content) => files.push(FileSpec {
+        let config = node_configs.entry(e.node).or_insert_with(|| {
+            t.text("mooncake_config.json.j2", &mooncake_ctx(dep, m, e.node))
+                .map_err(|err| p.push(t.problem("mooncake_config.json.j2", &err)))
+                .ok()
+        });
+        if let Some(content) = config {
+            files.push(FileSpec {
                 path: MOONCAKE_CONFIG_FILE.into(),
-                content,
-            }),
-            Err(err) => p.push(t.problem("mooncake_config.json.j2", &err)),
+                content: content.clone(),
+            });
         }
     }
     // A headless node has no HTTP server: it is up once started, and its replica's head
