@@ -3,7 +3,7 @@
 //! prl-flow itself; its `recover`, `check` and `undo` for a resume, `status` and `down`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
 
@@ -30,14 +30,17 @@ fn unless_stopped(err: TaskError, stop: Result<(), prl_flow_backend::BackendErro
 /// One task spec of the plan, as the engine runs it.
 pub struct SpecTask {
     pub(super) spec: TaskSpec,
-    fingerprint: String,
+    /// Made when first asked for: a graph built only to be checked or drawn needs none (a
+    /// hash of the whole serialized spec is most of that work), and a run asks for all of
+    /// them before it starts ([`prepare`](crate::session::run::prepare)).
+    fingerprint: OnceLock<String>,
     pub(super) exec: Arc<Exec>,
 }
 
 impl SpecTask {
     pub fn new(spec: TaskSpec, exec: Arc<Exec>) -> Self {
         Self {
-            fingerprint: spec.fingerprint(),
+            fingerprint: OnceLock::new(),
             spec,
             exec,
         }
@@ -261,7 +264,9 @@ impl Task for SpecTask {
         self.spec.service || self.action().is_some_and(|a| a.held())
     }
     fn fingerprint(&self) -> String {
-        self.fingerprint.clone()
+        self.fingerprint
+            .get_or_init(|| self.spec.fingerprint())
+            .clone()
     }
     fn on_rerun_of(&self, upstream: &str) -> EdgeRule {
         match self.spec.edges.get(upstream) {

@@ -126,6 +126,10 @@ pub async fn prepare(
 ) -> std::result::Result<Prepared, PrepareError> {
     let exec = Arc::new(Exec::new(backend.clone(), dir, plan.nodes.clone()));
     let graph = build_graph(plan, &exec).map_err(PrepareError::Graph)?;
+    // Every task's fingerprint now, while nothing runs, rather than each at its start.
+    for task in graph.tasks() {
+        task.fingerprint();
+    }
     let holder = if settings.holder.is_empty() {
         format!("prl-flow run {}", plan.name)
     } else {
