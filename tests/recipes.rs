@@ -1048,3 +1048,50 @@ fn headless_in_vllm_extra_says_what_to_write_instead() {
         "{text}"
     );
 }
+
+/// Every engine on a node gets its node's Mooncake client config (the node's own host), and
+/// a config template that cannot be rendered is one problem per node, not one per engine.
+#[test]
+fn a_nodes_mooncake_config_is_the_same_for_its_engines_and_fails_once_per_node() {
+    let recipe = root().join("recipes/disaggregated.toml");
+    let plan = load_file(&recipe, &Options::default()).expect("plans");
+    let mut by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for t in plan
+        .tasks
+        .iter()
+        .filter(|t| t.kind == "prefill" || t.kind == "decode")
+    {
+        let file = t
+            .files
+            .iter()
+            .find(|f| f.path.ends_with(".json"))
+            .unwrap_or_else(|| panic!("{} has no Mooncake config", t.id));
+        let node = t.node.clone().expect("node");
+        by_node
+            .entry(node)
+            .or_default()
+            .insert(file.content.clone());
+    }
+    assert_eq!(by_node.len(), 4, "{by_node:?}");
+    for (node, configs) in &by_node {
+        assert_eq!(configs.len(), 1, "{node}: {configs:?}");
+    }
+    let distinct: BTreeSet<_> = by_node.values().flatten().collect();
+    assert_eq!(distinct.len(), 4, "each node has its own: {distinct:?}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("mooncake_config.json.j2"),
+        "{{ no_such_variable }}\n",
+    )
+    .expect("write");
+    let opts = Options {
+        templates: Some(dir.path().to_path_buf()),
+        ..Options::default()
+    };
+    let out = load_file(&recipe, &opts)
+        .expect_err("undefined variable")
+        .render(false);
+    let n = out.matches("template `mooncake_config.json.j2`").count();
+    assert_eq!(n, by_node.len(), "{out}");
+}
