@@ -79,6 +79,45 @@ fn graph_dot_is_accepted_by_graphviz() {
 // 2. bad input
 
 #[test]
+fn plan_and_graph_check_the_graph_as_a_run_does() {
+    // (fixture, what the message must say): the errors only the whole graph shows.
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "bad_duplicate_id.toml",
+            &[
+                "bad_duplicate_id.toml:10:1",
+                "task id `build` is declared twice",
+            ],
+        ),
+        (
+            "bad_unknown_dependency.toml",
+            &[
+                "bad_unknown_dependency.toml:8:10",
+                "task `test` needs `compiel`, which is not a task",
+                "did you mean `compile`?",
+            ],
+        ),
+        ("bad_cycle.toml", &["the tasks form a cycle: x → y → z → x"]),
+    ];
+    let sb = Sandbox::new();
+    for (fixture, says) in cases {
+        sb.fixture(fixture, fixture, &[]);
+        for command in ["plan", "graph"] {
+            let out = sb.run(&[command, fixture]);
+            out.expect_code(2);
+            assert!(out.stdout.is_empty(), "{command} {fixture}: {}", out.stdout);
+            for s in *says {
+                assert!(
+                    out.stderr.contains(s),
+                    "{command} {fixture}: no `{s}` in:\n{}",
+                    out.stderr
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_input_exits_2_starts_nothing_and_says_where() {
     // (fixture, what the message must say)
     let cases: &[(&str, &[&str])] = &[

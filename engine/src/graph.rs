@@ -87,74 +87,100 @@ impl GraphBuilder {
 
     /// Checks the graph and returns it sealed, or every error found.
     pub fn seal(self) -> Result<Graph, Vec<GraphError>> {
-        let n = self.tasks.len();
-        let mut errors = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
-        for (i, t) in self.tasks.iter().enumerate() {
-            if let Some(&first) = index.get(t.id()) {
-                errors.push(GraphError::Duplicate {
-                    id: t.id().to_string(),
-                    first: self.origins[first].span.clone(),
-                    second: self.origins[i].span.clone(),
-                });
-            } else {
-                index.insert(t.id(), i);
-            }
-        }
-        let mut deps: Vec<Vec<usize>> = Vec::with_capacity(n);
-        for (i, t) in self.tasks.iter().enumerate() {
-            let mut d = BTreeSet::new();
-            for (k, need) in t.needs().iter().enumerate() {
-                match index.get(need.as_str()) {
-                    Some(&j) => {
-                        d.insert(j);
-                    }
-                    None => errors.push(GraphError::UnknownDependency {
-                        task: t.id().to_string(),
-                        missing: need.clone(),
-                        span: self.origins[i]
-                            .need_spans
-                            .get(k)
-                            .cloned()
-                            .flatten()
-                            .or_else(|| self.origins[i].span.clone()),
-                        // Never the task itself: a task that needs itself is a cycle.
-                        suggestion: text::closest(
-                            need,
-                            index.keys().copied().filter(|k| *k != t.id()),
-                        )
-                        .map(str::to_string),
-                    }),
-                }
-            }
-            deps.push(d.into_iter().collect());
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let dependents = algo::dependents(&deps);
-        let topo = algo::topo_with(&deps, &dependents);
-        if topo.len() < n {
-            let cycle = algo::find_cycle(&deps).unwrap_or_default();
-            let ids: Vec<String> = cycle
-                .iter()
-                .map(|&i| self.tasks[i].id().to_string())
-                .collect();
-            return Err(vec![GraphError::Cycle {
-                span: cycle.first().and_then(|&i| self.origins[i].span.clone()),
-                cycle: ids,
-            }]);
-        }
-        let by_id = index.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let shape = check(
+            self.tasks.iter().map(|t| (t.id(), t.needs())),
+            &self.origins,
+        )?;
+        let by_id = shape
+            .index
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         Ok(Graph {
+            deps: shape.deps,
+            dependents: shape.dependents,
+            topo: shape.topo,
             tasks: self.tasks,
             origins: self.origins,
-            deps,
-            dependents,
-            topo,
             by_id,
         })
     }
+}
+
+/// What [`check`] finds of a set of tasks: each task's index by id, its dependencies and
+/// dependents by index (sorted), and a topological order that breaks ties by position.
+pub struct Shape<'a> {
+    pub index: HashMap<&'a str, usize>,
+    pub deps: Vec<Vec<usize>>,
+    pub dependents: Vec<Vec<usize>>,
+    pub topo: Vec<usize>,
+}
+
+/// The checks [`GraphBuilder::seal`] makes (duplicate ids, unknown dependencies, cycles),
+/// on each task's id and needs alone, with its origin at the same position: for a caller
+/// that only checks a set of tasks and need not build them.
+pub fn check<'a>(
+    tasks: impl ExactSizeIterator<Item = (&'a str, &'a [String])> + Clone,
+    origins: &[Origin],
+) -> Result<Shape<'a>, Vec<GraphError>> {
+    let n = tasks.len();
+    let mut errors = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
+    for (i, (id, _)) in tasks.clone().enumerate() {
+        if let Some(&first) = index.get(id) {
+            errors.push(GraphError::Duplicate {
+                id: id.to_string(),
+                first: origins[first].span.clone(),
+                second: origins[i].span.clone(),
+            });
+        } else {
+            index.insert(id, i);
+        }
+    }
+    let mut deps: Vec<Vec<usize>> = Vec::with_capacity(n);
+    for (i, (id, needs)) in tasks.clone().enumerate() {
+        let mut d = BTreeSet::new();
+        for (k, need) in needs.iter().enumerate() {
+            match index.get(need.as_str()) {
+                Some(&j) => {
+                    d.insert(j);
+                }
+                None => errors.push(GraphError::UnknownDependency {
+                    task: id.to_string(),
+                    missing: need.clone(),
+                    span: origins[i]
+                        .need_spans
+                        .get(k)
+                        .cloned()
+                        .flatten()
+                        .or_else(|| origins[i].span.clone()),
+                    // Never the task itself: a task that needs itself is a cycle.
+                    suggestion: text::closest(need, index.keys().copied().filter(|k| *k != id))
+                        .map(str::to_string),
+                }),
+            }
+        }
+        deps.push(d.into_iter().collect());
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let dependents = algo::dependents(&deps);
+    let topo = algo::topo_with(&deps, &dependents);
+    if topo.len() < n {
+        let cycle = algo::find_cycle(&deps).unwrap_or_default();
+        let ids: Vec<&str> = tasks.map(|(id, _)| id).collect();
+        return Err(vec![GraphError::Cycle {
+            span: cycle.first().and_then(|&i| origins[i].span.clone()),
+            cycle: cycle.iter().map(|&i| ids[i].to_string()).collect(),
+        }]);
+    }
+    Ok(Shape {
+        index,
+        deps,
+        dependents,
+        topo,
+    })
 }
 
 /// A checked, acyclic task graph: the only thing the scheduler runs.

@@ -5,14 +5,14 @@
 //! table before anything starts.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use prl_flow_engine::graph::{check, Origin};
 use prl_flow_engine::GraphError;
 
 use super::{Error, Result, Session};
 use crate::diag::{Problem, Problems};
-use crate::exec::{build_graph, Exec};
 use crate::plan::{resolve_hosts, Command, Plan, Probe};
 
 /// What to load, and how.
@@ -108,20 +108,24 @@ impl Session {
         })
     }
 
-    /// Loads and checks the graph too (duplicates, unknown needs, cycles), without running.
+    /// Loads and checks the graph too (duplicates, unknown needs, cycles), without running:
+    /// the checks a run's graph gets, on the tasks' ids and needs alone.
     pub async fn load_checked(&self, a: &LoadOptions) -> Result<Loaded> {
         let loaded = self.load(a).await?;
-        // Sealing the graph runs nothing: any backend will do.
-        let backend = self
-            .registry()
-            .for_handles(crate::registry::builtins::LOCAL, None)
-            .map_err(Error::Usage)?;
-        let exec = Arc::new(Exec::new(
-            backend,
-            Path::new("."),
-            loaded.plan.nodes.clone(),
-        ));
-        build_graph(&loaded.plan, &exec).map_err(|e| loaded.graph_problems(e))?;
+        let tasks = &loaded.plan.tasks;
+        let origins: Vec<Origin> = tasks
+            .iter()
+            .map(|t| Origin {
+                span: t.span.clone(),
+                need_spans: t.need_spans.clone(),
+            })
+            .collect();
+        if let Err(e) = check(
+            tasks.iter().map(|t| (t.id.as_str(), t.needs.as_slice())),
+            &origins,
+        ) {
+            return Err(loaded.graph_problems(e));
+        }
         Ok(loaded)
     }
 }
