@@ -78,29 +78,30 @@ fn graph_dot_is_accepted_by_graphviz() {
 // ---------------------------------------------------------------------------------------
 // 2. bad input
 
+/// Bad input that only the whole graph shows: (fixture, what the message must say).
+const GRAPH_ERRORS: &[(&str, &[&str])] = &[
+    (
+        "bad_duplicate_id.toml",
+        &[
+            "bad_duplicate_id.toml:10:1",
+            "task id `build` is declared twice",
+        ],
+    ),
+    (
+        "bad_unknown_dependency.toml",
+        &[
+            "bad_unknown_dependency.toml:8:10",
+            "task `test` needs `compiel`, which is not a task",
+            "did you mean `compile`?",
+        ],
+    ),
+    ("bad_cycle.toml", &["the tasks form a cycle: x → y → z → x"]),
+];
+
 #[test]
 fn plan_and_graph_check_the_graph_as_a_run_does() {
-    // (fixture, what the message must say): the errors only the whole graph shows.
-    let cases: &[(&str, &[&str])] = &[
-        (
-            "bad_duplicate_id.toml",
-            &[
-                "bad_duplicate_id.toml:10:1",
-                "task id `build` is declared twice",
-            ],
-        ),
-        (
-            "bad_unknown_dependency.toml",
-            &[
-                "bad_unknown_dependency.toml:8:10",
-                "task `test` needs `compiel`, which is not a task",
-                "did you mean `compile`?",
-            ],
-        ),
-        ("bad_cycle.toml", &["the tasks form a cycle: x → y → z → x"]),
-    ];
     let sb = Sandbox::new();
-    for (fixture, says) in cases {
+    for (fixture, says) in GRAPH_ERRORS {
         sb.fixture(fixture, fixture, &[]);
         for command in ["plan", "graph"] {
             let out = sb.run(&[command, fixture]);
@@ -119,24 +120,8 @@ fn plan_and_graph_check_the_graph_as_a_run_does() {
 
 #[test]
 fn bad_input_exits_2_starts_nothing_and_says_where() {
-    // (fixture, what the message must say)
+    // (fixture, what the message must say), after the graph's own errors
     let cases: &[(&str, &[&str])] = &[
-        (
-            "bad_duplicate_id.toml",
-            &[
-                "bad_duplicate_id.toml:10:1",
-                "task id `build` is declared twice",
-            ],
-        ),
-        (
-            "bad_unknown_dependency.toml",
-            &[
-                "bad_unknown_dependency.toml:8:10",
-                "task `test` needs `compiel`, which is not a task",
-                "did you mean `compile`?",
-            ],
-        ),
-        ("bad_cycle.toml", &["the tasks form a cycle: x → y → z → x"]),
         (
             "bad_unknown_field.toml",
             &[
@@ -170,7 +155,7 @@ fn bad_input_exits_2_starts_nothing_and_says_where() {
         ),
     ];
     let sb = Sandbox::new();
-    for (fixture, says) in cases {
+    for (fixture, says) in GRAPH_ERRORS.iter().chain(cases) {
         sb.fixture(fixture, fixture, &[]);
         let out = sb.run(&["run", fixture, "--state-dir", "st"]);
         out.expect_code(2);
