@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use prl_flow_backend::{Backend, ProcHandle};
-use prl_flow_engine::{GraphBuilder, GraphError, Origin, Record};
+use prl_flow_engine::{GraphBuilder, GraphError, Record};
 
 use crate::actions::{Action, Context};
 use crate::plan::{resolve_hosts, Plan, Probe, Readiness};
@@ -252,11 +252,10 @@ pub fn build_graph(
     let _ = exec.preflight.set(preflight::Preflight::of(plan));
     let mut b = GraphBuilder::with_capacity(plan.tasks.len());
     for spec in &plan.tasks {
-        let origin = Origin {
-            span: spec.span.clone(),
-            need_spans: spec.need_spans.clone(),
-        };
-        b.add_with_origin(Arc::new(SpecTask::new(spec.clone(), exec.clone())), origin);
+        b.add_with_origin(
+            Arc::new(SpecTask::new(spec.clone(), exec.clone())),
+            spec.origin(),
+        );
     }
     b.seal()
 }

@@ -295,6 +295,14 @@ pub struct FileSpec {
 }
 
 impl TaskSpec {
+    /// Where the task and each of its needs are written, for the graph's errors.
+    pub fn origin(&self) -> prl_flow_engine::Origin {
+        prl_flow_engine::Origin {
+            span: self.span.clone(),
+            need_spans: self.need_spans.clone(),
+        }
+    }
+
     /// A hash of everything that changes what the task does.
     pub fn fingerprint(&self) -> String {
         let bytes = serde_json::to_vec(self).unwrap_or_default();

@@ -13,7 +13,7 @@ use prl_flow_engine::GraphError;
 
 use super::{Error, Result, Session};
 use crate::diag::{Problem, Problems};
-use crate::plan::{resolve_hosts, Command, Plan, Probe};
+use crate::plan::{resolve_hosts, Command, Plan, Probe, TaskSpec};
 
 /// What to load, and how.
 #[derive(Debug, Clone, Default)]
@@ -113,13 +113,7 @@ impl Session {
     pub async fn load_checked(&self, a: &LoadOptions) -> Result<Loaded> {
         let loaded = self.load(a).await?;
         let tasks = &loaded.plan.tasks;
-        let origins: Vec<Origin> = tasks
-            .iter()
-            .map(|t| Origin {
-                span: t.span.clone(),
-                need_spans: t.need_spans.clone(),
-            })
-            .collect();
+        let origins: Vec<Origin> = tasks.iter().map(TaskSpec::origin).collect();
         if let Err(e) = check(
             tasks.iter().map(|t| (t.id.as_str(), t.needs.as_slice())),
             &origins,
