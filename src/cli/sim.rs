@@ -34,14 +34,22 @@ fn simulated(a: &RunArgs) -> bool {
 
 /// The runtime of an invocation. `run` gets one thread: its scheduler is one future anyway,
 /// and a child's exit then reaches it without a hand-off between threads (measured:
-/// docs/benchmarks.md, "Against ninja"); a simulated run's clock is paused as well. The
-/// other commands get the multi-thread one.
+/// docs/benchmarks.md, "Against ninja"); a simulated run's clock is paused as well. A real
+/// run's thread also asks for a short scheduler slice, so that it gets a core as soon as a
+/// child's end wakes it ([`prl_flow_local::slice`]). The other commands get the
+/// multi-thread one.
 pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
     match &cli.command {
-        Cmd::Run(a) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(simulated(a))
-            .build(),
+        Cmd::Run(a) => {
+            let simulated = simulated(a);
+            if !simulated {
+                prl_flow_local::slice::short_slice();
+            }
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(simulated)
+                .build()
+        }
         _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),

@@ -37,6 +37,7 @@
 mod handle;
 pub mod path;
 pub mod procfs;
+pub mod slice;
 mod with_local;
 mod wrapper;
 
