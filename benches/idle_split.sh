@@ -12,7 +12,10 @@
 #   sleep    idle that began when the tool went to sleep otherwise (waiting for an exit);
 #   shell    idle that began when a child's shell blocked (waiting for its own child);
 #   other    idle that began after anything else (a child that ended, a kernel thread);
-#   tool     the tool's main thread: time running, and time runnable but waiting for a core.
+#   tool     the tool's main thread: time running, and time runnable but waiting for a core;
+# and on a second line: the share of new children that the kernel started on the tool's own
+# core, and how long the tool waited for a core after a new child's `exec` woke it (the end
+# of `posix_spawn`), against its other wake-ups.
 #
 #   benches/idle_split.sh [--rounds N] [--jobs J] [--width W] [--work DIR] [--plain]
 #
@@ -69,7 +72,8 @@ name, wall = sys.argv[1], float(sys.argv[2])
 lines = []
 seen = collections.Counter()
 for line in sys.stdin:
-    m = re.match(r"\s*([\d.]+)\s+\[(\d+)\]\s+(\S+)\s+(.*)", line)
+    # The task is `comm[tid]` or `comm[tid/pid]`, and a comm may hold spaces.
+    m = re.match(r"\s*([\d.]+)\s+\[(\d+)\]\s+(.+?\[[\d/]+\])\s+(.*)", line)
     if not m:
         continue
     t, cpu, task, rest = float(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
@@ -113,6 +117,49 @@ print("%-9s wall %6.2f s  idle %5.0f ms (spawn %5.0f, sleep %5.0f, shell %5.0f, 
       % (name, wall, idle["all"], idle["spawn"], idle["sleep"], idle["shell"], idle["other"],
          running, waiting))
 ' "$name" "$(python3 -c "print(($t1 - $t0) / 1e9)")"
+    # Where the tool's new children start, and how long the tool then waits for a core
+    # when a new child's `exec` wakes it (the end of `posix_spawn`), against its other
+    # wake-ups (a child's end, mostly).
+    perf script -i "$work/sched.data" 2>/dev/null | python3 -c '
+import collections, re, sys
+name = sys.argv[1]
+pat = re.compile(r"\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(\w+):\s+(.*)")
+events = []
+spawners = collections.Counter()
+for line in sys.stdin:
+    m = pat.match(line)
+    if not m:
+        continue
+    comm, pid, cpu, t, ev, rest = m.groups()
+    fields = dict(re.findall(r"(\w+)=(\S+)", rest))
+    events.append((int(pid), int(cpu), float(t), ev, fields))
+    if ev == "sched_wakeup_new" and comm.startswith(name):
+        spawners[int(pid)] += 1
+if not spawners:
+    sys.exit("no spawn by %s found in the trace" % name)
+tool = spawners.most_common(1)[0][0]
+children, released = set(), set()
+same = spawns = 0
+pending = None
+waited = collections.defaultdict(lambda: [0, 0.0])
+for pid, cpu, t, ev, f in events:
+    if ev == "sched_wakeup_new" and pid == tool:
+        spawns += 1
+        same += int(f.get("target_cpu", -1)) == cpu
+        children.add(int(f["pid"]))
+    elif ev in ("sched_waking", "sched_wakeup") and int(f.get("pid", 0)) == tool:
+        kind = "exec" if pid in children and pid not in released else "other"
+        released.add(pid)
+        pending = (t, kind)
+    elif ev == "sched_switch" and int(f.get("next_pid", 0)) == tool and pending:
+        w = waited[pending[1]]
+        w[0] += 1
+        w[1] += t - pending[0]
+        pending = None
+e, o = waited["exec"], waited["other"]
+print("%-9s new children on its own core %4.1f%%; woken at a new child%s exec %5d times, waited %5.0f ms (%3.0f us each); other wake-ups waited %5.0f ms"
+      % ("", 100.0 * same / max(spawns, 1), chr(39) + "s", e[0], 1e3 * e[1], 1e6 * e[1] / max(e[0], 1), 1e3 * o[1]))
+' "$name"
     rm -f "$work/sched.data"
 }
 
