@@ -5,30 +5,7 @@
 mod common;
 
 use common::Sandbox;
-
-/// `se.slice` in the text of a `/proc/PID/sched` file.
-fn slice_in(text: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with("se.slice"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Whether this kernel keeps a thread's own slice (Linux 6.12 and later) and shows it.
-fn kernel_keeps_slices() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let shown = std::fs::read_to_string("/proc/thread-self/sched")
-        .ok()
-        .and_then(|t| slice_in(&t))
-        .is_some();
-    (major, minor) >= (6, 12) && shown
-}
+use prl_flow_local::slice::{kernel_keeps_slices, slice_in, slice_ns, SLICE_NS};
 
 #[test]
 fn a_run_takes_a_short_slice_and_its_tasks_keep_the_default() {
@@ -40,15 +17,12 @@ fn a_run_takes_a_short_slice_and_its_tasks_keep_the_default() {
         return;
     }
     // What a thread that asked for nothing gets here.
-    let default = std::thread::spawn(|| {
-        slice_in(&std::fs::read_to_string("/proc/thread-self/sched").expect("own sched"))
-    })
-    .join()
-    .expect("a thread")
-    .expect("a slice");
+    let default = std::thread::spawn(slice_ns)
+        .join()
+        .expect("a thread")
+        .expect("a slice");
     assert_ne!(
-        default,
-        prl_flow_local::slice::SLICE_NS,
+        default, SLICE_NS,
         "the system's default slice is the short one: this test could not tell them apart"
     );
 
@@ -71,7 +45,7 @@ fn a_run_takes_a_short_slice_and_its_tasks_keep_the_default() {
         let text = std::fs::read_to_string(sb.join(f)).expect("the task wrote it");
         slice_in(&text).unwrap_or_else(|| panic!("no se.slice in {f}:\n{text}"))
     };
-    assert_eq!(read("parent.txt"), prl_flow_local::slice::SLICE_NS);
+    assert_eq!(read("parent.txt"), SLICE_NS);
     assert_eq!(
         read("own.txt"),
         default,

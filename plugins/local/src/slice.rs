@@ -74,8 +74,13 @@ fn current() -> Option<SchedAttr> {
 /// The calling thread's slice, if the kernel says (`/proc/thread-self/sched`; with
 /// `CONFIG_SCHED_DEBUG`): for tests.
 pub fn slice_ns() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
-    text.lines()
+    slice_in(&std::fs::read_to_string("/proc/thread-self/sched").ok()?)
+}
+
+/// The slice (`se.slice`, in ns) in the text of a `/proc/PID/sched` file.
+pub fn slice_in(sched: &str) -> Option<u64> {
+    sched
+        .lines()
         .find(|l| l.starts_with("se.slice"))?
         .split(':')
         .nth(1)?
@@ -84,18 +89,19 @@ pub fn slice_ns() -> Option<u64> {
         .ok()
 }
 
+/// Whether this kernel keeps a thread's own slice (Linux 6.12 and later) and shows it in
+/// `/proc`: for tests, which can only look where it does.
+pub fn kernel_keeps_slices() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 12) && slice_ns().is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Whether this kernel keeps a slice asked for (6.12 and later) and shows it.
-    fn kernel_keeps_slices() -> bool {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut parts = release.split(|c: char| !c.is_ascii_digit());
-        let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        (major, minor) >= (6, 12) && slice_ns().is_some()
-    }
 
     /// The calling thread's nice value (`/proc/thread-self/stat`, field 19).
     fn nice() -> i32 {
