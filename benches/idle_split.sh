@@ -72,8 +72,8 @@ name, wall = sys.argv[1], float(sys.argv[2])
 lines = []
 seen = collections.Counter()
 for line in sys.stdin:
-    # The task is `comm[tid]` or `comm[tid/pid]`, and a comm may hold spaces.
-    m = re.match(r"\s*([\d.]+)\s+\[(\d+)\]\s+(.+?\[[\d/]+\])\s+(.*)", line)
+    # The task is `<idle>`, `comm[tid]` or `comm[tid/pid]`, and a comm may hold spaces.
+    m = re.match(r"\s*([\d.]+)\s+\[(\d+)\]\s+(<idle>|.+?\[[\d/]+\])\s+(.*)", line)
     if not m:
         continue
     t, cpu, task, rest = float(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
