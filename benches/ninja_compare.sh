@@ -17,6 +17,10 @@
 #            in (its pid and attempt to its pid file `run/ID.pid`, its attempt exported, a
 #            trap that appends the exit status to that file): what the wrapper costs inside
 #            the child, with no scheduler at all;
+#   floor-guaranteed-*  at each -j, the wrapped floor with a log file per task (`logs/ID.log`,
+#            opened by the spawner) and a journal of prl-flow's line sizes, each record
+#            written before its spawn: what prl-flow's promises about a one-shot cost at
+#            their least, with no engine around them;
 #   noop-*   the no-op rerun: ninja with everything up to date; `prl-flow run --resume` with
 #            every task recorded as done.
 # and once, before the rounds, what the files prl-flow keeps per task of a workflow (a log
@@ -29,7 +33,8 @@
 #
 # Results: a table on stdout (each measure's median, min, max and CPU; then, within each
 # round, the full-run ratio prl-flow/ninja at each -j, the floors against ninja at -j2 and
-# prl-flow against the wrapped floor, with their medians over the rounds), and the raw
+# prl-flow against the wrapped floor, the guaranteed floor against ninja and prl-flow
+# against it at each -j, with their medians over the rounds), and the raw
 # hyperfine JSON under WORK/results/.
 set -euo pipefail
 
@@ -154,6 +159,14 @@ full_cmds+=("'$floor' $tasks 2 floor")
 full_names+=("floor-spawn-wrapped-j2")
 full_prepare+=("rm -rf floor run && mkdir floor run")
 full_cmds+=("'$floor' $tasks 2 floor --wrapped")
+# The guaranteed floor at each -j: the wrapper, a log file per task and a journal written
+# ahead of each start, with no engine around them (what prl-flow promises of a one-shot,
+# at its least).
+for j in $jobs_list; do
+    full_names+=("floor-guaranteed-j$j")
+    full_prepare+=("rm -rf floor run logs journal.log && mkdir floor run logs")
+    full_cmds+=("'$floor' $tasks $j floor --wrapped --logged --journal journal.log")
+done
 
 # No shell around these (hyperfine -N): a shell's start-up is not small next to a no-op.
 noop_names=("noop-ninja" "noop-prl-flow-resume")
@@ -253,6 +266,13 @@ for path in sorted(rounds, key=lambda p: int(p.rsplit("-", 1)[1].removesuffix(".
             ninja = times.get(f"full-ninja-j{j}")
             if ninja:
                 ratios.setdefault(f"prl-flow / ninja, -j{j}", []).append(t / ninja)
+            # What the guarantees cost at their least, against ninja, and what prl-flow's
+            # engine adds to them.
+            floor = times.get(f"floor-guaranteed-j{j}")
+            if floor and ninja:
+                ratios.setdefault(f"floor-guaranteed / ninja, -j{j}", []).append(floor / ninja)
+            if floor:
+                ratios.setdefault(f"prl-flow / floor-guaranteed, -j{j}", []).append(t / floor)
     # The floors against ninja at -j2, and prl-flow against the wrapped floor: what the
     # wrapper alone costs with no scheduler at all, and what prl-flow adds to it.
     pairs = [
