@@ -40,22 +40,21 @@ fn main() {
     let rest = &args[4..];
     let wrapped = rest.iter().any(|a| a == "--wrapped");
     let logged = rest.iter().any(|a| a == "--logged");
-    let mut journal = rest
-        .iter()
-        .position(|a| a == "--journal")
-        .and_then(|i| rest.get(i + 1))
-        .map(|path| Journal {
-            file: std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .expect("--journal FILE: a file to append to"),
-            queued: String::new(),
-        });
-    let burn = rest
-        .iter()
-        .position(|a| a == "--burn")
-        .and_then(|i| rest.get(i + 1))
+    // The word after `flag`, for the flags that take one.
+    let value = |flag: &str| {
+        rest.iter()
+            .position(|a| a == flag)
+            .and_then(|i| rest.get(i + 1))
+    };
+    let mut journal = value("--journal").map(|path| Journal {
+        file: std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("--journal FILE: a file to append to"),
+        queued: String::new(),
+    });
+    let burn = value("--burn")
         .map(|us| Duration::from_micros(us.parse().expect("--burn US: microseconds")) / 2);
     let spin = |d: Option<Duration>| {
         if let Some(d) = d {
