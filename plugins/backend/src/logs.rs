@@ -6,8 +6,7 @@ use std::path::Path;
 use crate::BackendError;
 
 /// Backends write this at the start of a line of a task's log each time they start its
-/// process, so that a failure quotes only the lines of the last attempt. (The local backend
-/// leaves it out of a log that is still empty: all of it is then the attempt's.)
+/// process, so that a failure quotes only the lines of the last attempt.
 pub const LOG_MARK: &str = "── prl-flow: ";
 
 /// The [`LOG_MARK`] line a backend writes when it starts the process of `task` (without its

@@ -389,10 +389,7 @@ impl Backend for LocalBackend {
             (prl_flow_backend::open_log(spec)?, true)
         };
         let log_err = log.try_clone()?;
-        // The mark that starts an attempt's part of the log, where an earlier one wrote: in
-        // an empty log everything is this attempt's, and a new file gets neither the write
-        // nor the block (in a DAG of thousands, most logs stay empty).
-        if log.metadata().map_or(true, |m| m.len() > 0) {
+        {
             use std::io::Write as _;
             let mut l = &log;
             let mut line = prl_flow_backend::start_line(&spec.task);

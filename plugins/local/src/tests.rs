@@ -73,39 +73,6 @@ async fn oneshot_exit_status_is_recorded_and_readable_without_the_child() {
     );
 }
 
-/// A log starts with its first attempt's output: the mark that sets an attempt's part apart
-/// goes only where an earlier attempt wrote, and each attempt's tail is its own.
-#[tokio::test]
-async fn a_new_log_has_no_mark_and_each_attempt_quotes_only_its_own_lines() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = LocalBackend::new();
-    let mut s = spec(dir.path(), &["sh", "-c", "true"], false);
-    let run = |s: SpawnSpec| {
-        let b = &b;
-        async move {
-            let h = b.spawn(&s).await.expect("spawn");
-            assert_eq!(b.wait(&h).await.expect("wait"), ProcState::Exited(Some(0)));
-            h
-        }
-    };
-    // A silent first attempt leaves an empty log, and the next one still needs no mark.
-    run(s.clone()).await;
-    assert_eq!(std::fs::read_to_string(&s.log).expect("log"), "");
-    s.attempt += 1;
-    s.argv[2] = "echo first".into();
-    let h = run(s.clone()).await;
-    assert_eq!(std::fs::read_to_string(&s.log).expect("log"), "first\n");
-    assert_eq!(b.log_tail(&h, 5).await.expect("tail"), "first");
-    s.attempt += 1;
-    s.argv[2] = "echo second".into();
-    let h = run(s.clone()).await;
-    assert_eq!(
-        std::fs::read_to_string(&s.log).expect("log"),
-        format!("first\n{}\nsecond\n", prl_flow_backend::start_line("t"))
-    );
-    assert_eq!(b.log_tail(&h, 5).await.expect("tail"), "second");
-}
-
 #[tokio::test]
 async fn a_later_attempt_in_the_same_run_dir_never_reads_the_earlier_ones_exit_status() {
     let dir = tempfile::tempdir().expect("tempdir");
