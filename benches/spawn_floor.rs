@@ -11,7 +11,7 @@
 //! (its pid and attempt to `run/ID.pid`, its attempt exported, a trap that appends its exit
 //! status to that file), so the wrapper's cost shows with no scheduler at all; with
 //! `--logged`, with stdout and stderr to a log file of its own, `logs/ID.log`, opened here
-//! as prl-flow opens it; with `--journal FILE`, writing a journal of prl-flow's line sizes
+//! as prl-flow opens it (without the line that marks each start in it); with `--journal FILE`, writing a journal of prl-flow's line sizes
 //! to FILE, each task's record before its spawn. All three together are what prl-flow's
 //! promises about a one-shot cost (its log, its resume after `kill -9`, its record written
 //! ahead of its start) with no engine around them: the guaranteed floor. With `--burn US`,
