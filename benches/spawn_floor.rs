@@ -1,23 +1,27 @@
 //! The spawn floor for `ninja_compare.sh`: the least a scheduler can do to run N shell
 //! lines `J` at a time. One thread, `posix_spawn` through the standard library (as prl-flow
 //! and ninja spawn), `waitpid(-1)` for whichever child ends first; no graph and no output
-//! pipe, and unless asked no journal and no log file. Built by the script with plain `rustc -O`, so it has no
-//! dependencies.
+//! pipe, and unless asked no journal and no log file. Built by the script with plain
+//! `rustc -O`, so it has no dependencies.
 //!
 //!   spawn_floor N J DIR [--wrapped] [--logged] [--journal FILE] [--burn US]
 //!
 //! runs `/bin/sh -c '/bin/true && touch DIR/ID'` for ID in 0..N, in the current directory,
-//! `J` at a time; with `--wrapped`, under the script prl-flow's local backend wraps a one-shot in
-//! (its pid and attempt to `run/ID.pid`, its attempt exported, a trap that appends its exit
-//! status to that file), so the wrapper's cost shows with no scheduler at all; with
-//! `--logged`, with stdout and stderr to a log file of its own, `logs/ID.log`, opened here
-//! as prl-flow opens it (without the line that marks each start in it); with `--journal FILE`, writing a journal of prl-flow's line sizes
-//! to FILE, each task's record before its spawn. All three together are what prl-flow's
-//! promises about a one-shot cost (its log, its resume after `kill -9`, its record written
-//! ahead of its start) with no engine around them: the guaranteed floor. With `--burn US`,
-//! it also spins for US µs per task (half after each spawn, half before each wait), a
-//! stand-in for a scheduler's own work. At the end it prints its own CPU (user and system,
-//! without its children's) to stderr.
+//! `J` at a time. Options:
+//! - `--wrapped`: under the script prl-flow's local backend wraps a one-shot in (its pid and
+//!   attempt to `run/ID.pid`, its attempt exported, a trap that appends its exit status to
+//!   that file), so the wrapper's cost shows with no scheduler at all;
+//! - `--logged`: stdout and stderr to a log file of its own, `logs/ID.log`, opened here as
+//!   prl-flow opens it (without the line that marks each start in it);
+//! - `--journal FILE`: a journal of prl-flow's line sizes in FILE, each task's record
+//!   written before its spawn;
+//! - `--burn US`: spins for US µs per task (half after each spawn, half before each wait),
+//!   a stand-in for a scheduler's own work.
+//!
+//! The first three together are what prl-flow's promises about a one-shot cost (its log,
+//! its resume after `kill -9`, its record written ahead of its start) with no engine around
+//! them: the guaranteed floor. At the end it prints its own CPU (user and system, without
+//! its children's) to stderr.
 
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
