@@ -103,16 +103,9 @@ pub fn kernel_keeps_slices() -> bool {
 mod tests {
     use super::*;
 
-    /// The calling thread's nice value (`/proc/thread-self/stat`, field 19).
+    /// The calling thread's nice value, as `sched_getattr` gives it.
     fn nice() -> i32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("own stat");
-        let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
-        after_name
-            .split(' ')
-            .nth(16)
-            .expect("field 19")
-            .parse()
-            .expect("a nice value")
+        current().expect("the thread's scheduling attributes").nice
     }
 
     /// `renice -n N` of the calling thread alone; whether it took.
